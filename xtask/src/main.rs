@@ -1,8 +1,20 @@
 //! `cargo xtask`: project automation.
 //!
-//! * `cargo xtask ci` — the full test run (the README's test command; `.ci/run` calls it).
+//! * `cargo xtask ci` — the full test run (the README's test command; `.ci/run` calls it):
+//!   format check, clippy `-D warnings`, all tests, rustdoc `-D warnings`, then the rig.
+//! * `cargo xtask rig [--profile NAME]... [--accel auto|kvm|tcg] [--keep-artifacts]
+//!   [--timeout SECS] [--filter SUBSTRING]` — the QEMU conformance rig.
+//! * `cargo xtask hw-test [--config FILE] [--dry-run] [--nested] [--filter SUBSTRING]` — the
+//!   hardware tests on a lab host.
+
+mod apt;
+mod cpio;
+mod hwtest;
+mod qemu;
+mod rig;
 
 use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
@@ -16,29 +28,96 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+const USAGE: &str = "\
+usage: cargo xtask <command> [options]
+
+commands:
+  ci        format check, clippy -D warnings, all tests, docs -D warnings, the rig
+  rig       build a kernel, boot it under QEMU per machine profile, run hw-tests
+              --profile NAME     mock | vtd | amdvi (repeatable; default: all)
+              --accel MODE       auto (probe KVM, else TCG) | kvm | tcg   [auto]
+              --keep-artifacts   keep the initramfs, print QEMU command lines
+              --timeout SECS     wall-clock limit per profile             [600]
+              --filter TEXT      run only cases whose name contains TEXT
+  hw-test   run hw-tests on this lab host against the devices in a config file
+              --config FILE      lab configuration   [fixtures/lab.example.toml]
+              --dry-run          print what would run, run nothing
+              --nested           boot an L1 guest with the configured VF assigned and run
+                                 hw-tests inside it
+              --filter TEXT      run only cases whose name contains TEXT
+";
+
+fn value<'a>(it: &mut impl Iterator<Item = &'a String>, flag: &str) -> Result<&'a String> {
+    it.next().with_context(|| format!("{flag} needs a value"))
+}
+
 fn run() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("ci") => ci(),
-        Some("help") | Some("--help") | Some("-h") | None => {
+    let Some(cmd) = args.first() else {
+        print!("{USAGE}");
+        return Ok(());
+    };
+    let mut it = args[1..].iter();
+    match cmd.as_str() {
+        "ci" => {
+            if let Some(a) = it.next() {
+                bail!("ci takes no arguments (got {a:?})");
+            }
+            ci()
+        }
+        "rig" => rig::rig(&rig_options(&mut it)?),
+        "hw-test" => {
+            let mut o = hwtest::Options::default();
+            while let Some(a) = it.next() {
+                match a.as_str() {
+                    "--config" => o.config = value(&mut it, a)?.into(),
+                    "--dry-run" => o.dry_run = true,
+                    "--nested" => o.nested = true,
+                    "--filter" => o.filter = Some(value(&mut it, a)?.clone()),
+                    other => bail!("hw-test: unknown option {other:?}\n\n{USAGE}"),
+                }
+            }
+            hwtest::hw_test(&o)
+        }
+        "help" | "--help" | "-h" => {
             print!("{USAGE}");
             Ok(())
         }
-        Some(other) => bail!("unknown xtask command {other:?}\n\n{USAGE}"),
+        other => bail!("unknown xtask command {other:?}\n\n{USAGE}"),
     }
 }
 
-const USAGE: &str = "\
-usage: cargo xtask <command>
-
-commands:
-  ci     format check, clippy -D warnings, all tests, docs -D warnings
-";
+fn rig_options<'a>(it: &mut impl Iterator<Item = &'a String>) -> Result<rig::Options> {
+    let mut o = rig::Options {
+        profiles: Vec::new(),
+        accel: rig::AccelChoice::Auto,
+        keep_artifacts: false,
+        timeout: Duration::from_secs(600),
+        filter: None,
+    };
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--profile" => o.profiles.push(value(it, a)?.clone()),
+            "--accel" => o.accel = value(it, a)?.parse()?,
+            "--keep-artifacts" => o.keep_artifacts = true,
+            "--timeout" => {
+                let v = value(it, a)?;
+                o.timeout = Duration::from_secs(
+                    v.parse()
+                        .with_context(|| format!("--timeout {v:?} is not a number of seconds"))?,
+                )
+            }
+            "--filter" => o.filter = Some(value(it, a)?.clone()),
+            other => bail!("rig: unknown option {other:?}\n\n{USAGE}"),
+        }
+    }
+    Ok(o)
+}
 
 fn cargo(args: &[&str], envs: &[(&str, &str)]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(&cargo);
-    cmd.args(args);
+    cmd.current_dir(rig::workspace_root()).args(args);
     for (k, v) in envs {
         cmd.env(k, v);
     }
@@ -70,6 +149,8 @@ fn ci() -> Result<()> {
         &["doc", "--workspace", "--no-deps"],
         &[("RUSTDOCFLAGS", "-D warnings")],
     )?;
+    eprintln!("==> cargo xtask rig");
+    rig::rig(&rig_options(&mut [].iter())?)?;
     eprintln!("==> ci: all steps passed");
     Ok(())
 }

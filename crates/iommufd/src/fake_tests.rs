@@ -203,6 +203,11 @@ impl fake::Kernel for FakeIommufd {
                     .map(|(&s, &l)| (s, l))
                     .collect();
                 if hit.is_empty() {
+                    // iopt_unmap_all: unmapping everything from an empty IOAS succeeds.
+                    if iova == 0 && len == u64::MAX {
+                        a.length = 0;
+                        return Ok(0);
+                    }
                     return err(libc::ENOENT);
                 }
                 if hit.iter().any(|&(s, l)| s < iova || s + l - 1 > last) {
@@ -221,7 +226,12 @@ impl fake::Kernel for FakeIommufd {
                 let src = st
                     .areas(a.src_ioas_id)
                     .ok_or(io::Error::from_raw_os_error(libc::ENOENT))?;
-                if src.get(&a.src_iova) != Some(&a.length) {
+                // iopt_get_pages: any range fully inside one mapping.
+                let inside = src
+                    .range(..=a.src_iova)
+                    .next_back()
+                    .is_some_and(|(&s, &l)| a.src_iova + a.length <= s + l);
+                if !inside {
                     return err(libc::ENOENT);
                 }
                 let fixed = (a.flags & abi::IOMMU_IOAS_MAP_FIXED_IOVA != 0).then_some(a.dst_iova);
@@ -265,6 +275,9 @@ impl fake::Kernel for FakeIommufd {
                     abi::IOMMU_OPTION_RLIMIT_MODE => {
                         if a.object_id != 0 {
                             return err(libc::EOPNOTSUPP);
+                        }
+                        if a.op == abi::IOMMU_OPTION_OP_SET && !st.objs.is_empty() {
+                            return err(libc::EBUSY);
                         }
                         if a.op == abi::IOMMU_OPTION_OP_SET {
                             st.rlimit_process = a.val64 == 1;
@@ -529,8 +542,25 @@ fn map_unmap_copy_and_validation() {
         )
         .unwrap();
     assert_eq!(c, 0x20_0000);
+    // A sub-range of a mapping may be copied (as Linux 6.12 allows); an unmapped one may not.
+    let sub = other
+        .copy_from(
+            &ioas,
+            iova + PAGE,
+            PAGE,
+            Placement::Anywhere,
+            DmaAccess::READ,
+        )
+        .unwrap();
+    assert_eq!(other.unmap(sub, PAGE).unwrap(), PAGE);
     let e = other
-        .copy_from(&ioas, iova, PAGE, Placement::Anywhere, DmaAccess::READ)
+        .copy_from(
+            &ioas,
+            0x7000_0000,
+            PAGE,
+            Placement::Anywhere,
+            DmaAccess::READ,
+        )
         .unwrap_err();
     assert_eq!(e.reason(), Some(Reason::NotFound));
     // Unmap cannot split a mapping; it returns the bytes unmapped.
@@ -539,6 +569,11 @@ fn map_unmap_copy_and_validation() {
     assert_eq!(ioas.unmap(iova, 2 * PAGE).unwrap(), 2 * PAGE);
     assert_eq!(ioas.unmap_all().unwrap(), PAGE);
     assert_eq!(other.unmap_all().unwrap(), 2 * PAGE);
+    assert_eq!(
+        other.unmap_all().unwrap(),
+        0,
+        "unmap_all of an empty IOAS succeeds"
+    );
     // IOAS_MAP_FILE: 6.12 does not have it; probing says so.
     assert!(!ioas.supports_map_file().unwrap());
     let mf = fake::memfd();
@@ -591,12 +626,15 @@ fn iova_ranges_grow_on_emsgsize_and_allow_iovas_checks_order() {
 #[test]
 fn options_and_vfio_compat() {
     let (fd, _st, _g) = setup();
+    // RLIMIT_MODE changes only while the iommufd holds no objects.
+    fd.set_rlimit_per_process(true).unwrap();
+    assert!(fd.rlimit_per_process().unwrap());
     let ioas = fd.alloc_ioas().unwrap();
+    let e = fd.set_rlimit_per_process(false).unwrap_err();
+    assert_eq!(e.reason(), Some(Reason::Busy));
     assert!(ioas.huge_pages().unwrap());
     ioas.set_huge_pages(false).unwrap();
     assert!(!ioas.huge_pages().unwrap());
-    fd.set_rlimit_per_process(true).unwrap();
-    assert!(fd.rlimit_per_process().unwrap());
     assert!(fd.vfio_compat_ioas().is_err());
     fd.set_vfio_compat_ioas(&ioas).unwrap();
     assert_eq!(fd.vfio_compat_ioas().unwrap(), ioas.id());

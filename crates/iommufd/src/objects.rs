@@ -199,7 +199,8 @@ impl Iommufd {
     }
 
     /// `IOMMU_OPTION_RLIMIT_MODE` SET: `true` accounts pinned memory per process, `false` per
-    /// user (the default). Needs CAP_SYS_RESOURCE.
+    /// user (the default). Needs CAP_SYS_RESOURCE (EPERM), and only works while this iommufd
+    /// holds no objects (EBUSY otherwise: `iommufd_option_rlimit_mode`), so set it first.
     pub fn set_rlimit_per_process(&self, per_process: bool) -> Result<(), Error> {
         self.option(
             abi::IOMMU_OPTION_RLIMIT_MODE,
@@ -485,7 +486,8 @@ impl Ioas {
         self.unmap_raw(iova, length)
     }
 
-    /// Unmaps everything (the kernel's documented `0..U64_MAX` form); returns the bytes unmapped.
+    /// Unmaps everything (the kernel's documented `0..U64_MAX` form); returns the bytes unmapped,
+    /// 0 if nothing was mapped (`iopt_unmap_all` succeeds on an empty IOAS).
     pub fn unmap_all(&self) -> Result<u64, Error> {
         self.unmap_raw(0, u64::MAX)
     }
@@ -506,8 +508,9 @@ impl Ioas {
         Ok(arg.length)
     }
 
-    /// `IOMMU_IOAS_COPY`: maps into this IOAS the pages `src` maps at `[src_iova, +length)`
-    /// (which must exactly match one earlier map); returns the IOVA here.
+    /// `IOMMU_IOAS_COPY`: maps into this IOAS the pages `src` maps at `[src_iova, +length)`;
+    /// returns the IOVA here. iommufd.h says the source must exactly match an earlier map;
+    /// Linux 6.12 (`iopt_get_pages`) accepts any fully mapped sub-range, and ENOENT otherwise.
     pub fn copy_from(
         &self,
         src: &Ioas,

@@ -519,9 +519,25 @@ impl MigrationDevice for VfioDevice {
         MigrationState::try_from(st.device_state)
     }
 
+    /// One `MIG_DEVICE_STATE` SET.
+    ///
+    /// A request for PRE_COPY or PRE_COPY_P2P first reads the current state and refuses it
+    /// from STOP_COPY ([`Error::Blocked`]) without calling the kernel: Linux up to at least
+    /// 6.12.95 spins forever in `vfio_mig_get_next_state()` on that blocked arc, holding the
+    /// driver's state mutex (the skip loop never leaves ERROR; fixed upstream in 2026 by
+    /// "vfio: ... terminate the skip loop on the ERROR sentinel", Fixes: 4db52602a607).
     fn set_migration_state(&mut self, target: MigrationState) -> Result<Option<DataFile>, Error> {
         if target == MigrationState::Error {
             return Err(Error::ErrorNotRequestable);
+        }
+        if matches!(target, MigrationState::PreCopy | MigrationState::PreCopyP2p) {
+            let cur = self.migration_state()?;
+            if cur == MigrationState::StopCopy {
+                return Err(Error::Blocked {
+                    from: cur,
+                    to: target,
+                });
+            }
         }
         // SAFETY: MIG_DEVICE_STATE's payload is vfio_device_feature_mig_state.
         let st = unsafe {
@@ -1151,6 +1167,32 @@ mod tests {
         assert!(e.needs_reset());
         dev.reset().unwrap();
         assert_eq!(dev.migration_state().unwrap(), MigrationState::Running);
+    }
+
+    #[test]
+    fn stop_copy_to_pre_copy_never_reaches_the_kernel() {
+        let (k, calls) = FakeVfio::new(ALL);
+        let (mut dev, _g) = open_with(k);
+        let _data = dev.transition(MigrationState::StopCopy).unwrap().data;
+        calls.borrow_mut().clear();
+        for target in [MigrationState::PreCopy, MigrationState::PreCopyP2p] {
+            let e = dev.set_migration_state(target).unwrap_err();
+            assert!(
+                matches!(e, Error::Blocked { from: MigrationState::StopCopy, to } if to == target)
+            );
+        }
+        assert!(
+            calls.borrow().iter().all(|c| !c.starts_with("FEATURE 2 S")),
+            "no SET was issued: {:?}",
+            calls.borrow()
+        );
+        // From other states PRE_COPY requests go through.
+        dev.transition(MigrationState::Running).unwrap();
+        assert!(
+            dev.set_migration_state(MigrationState::PreCopy)
+                .unwrap()
+                .is_some()
+        );
     }
 
     #[test]

@@ -1,0 +1,114 @@
+//! The case runner: announces, runs (catching panics), and reports each case.
+
+use std::io::Write;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+/// The result of a case that did not fail.
+pub enum Outcome {
+    /// It passed.
+    Pass,
+    /// Its hardware or precondition is absent; the reason says which.
+    Skip(String),
+}
+
+/// Runs cases and counts results.
+pub struct Runner {
+    filter: Option<String>,
+    passed: usize,
+    failed: usize,
+    skipped: usize,
+}
+
+pub const TAG: &str = "[hw-tests]";
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{TAG} {line}");
+    let _ = out.flush();
+}
+
+impl Runner {
+    pub fn new(filter: Option<String>) -> Runner {
+        Runner {
+            filter,
+            passed: 0,
+            failed: 0,
+            skipped: 0,
+        }
+    }
+
+    /// Runs one case unless filtered out.
+    pub fn case(&mut self, name: &str, f: impl FnOnce() -> anyhow::Result<Outcome>) {
+        if self
+            .filter
+            .as_ref()
+            .is_some_and(|s| !name.contains(s.as_str()))
+        {
+            return;
+        }
+        say(&format!("run {name}"));
+        match catch_unwind(AssertUnwindSafe(f)) {
+            Ok(Ok(Outcome::Pass)) => {
+                self.passed += 1;
+                say(&format!("ok {name}"));
+            }
+            Ok(Ok(Outcome::Skip(why))) => {
+                self.skipped += 1;
+                say(&format!("skip {name}: {why}"));
+            }
+            Ok(Err(e)) => {
+                self.failed += 1;
+                say(&format!(
+                    "FAIL {name}: {}",
+                    format!("{e:#}").replace('\n', " | ")
+                ));
+            }
+            Err(panic) => {
+                self.failed += 1;
+                let msg = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "panic".into());
+                say(&format!("FAIL {name}: panicked: {msg}"));
+            }
+        }
+    }
+
+    /// Marks a case failed without running it (a prerequisite failed).
+    pub fn fail(&mut self, name: &str, why: &str) {
+        if self
+            .filter
+            .as_ref()
+            .is_some_and(|s| !name.contains(s.as_str()))
+        {
+            return;
+        }
+        self.failed += 1;
+        say(&format!("FAIL {name}: {why}"));
+    }
+
+    /// Prints the closing line; returns whether nothing failed.
+    pub fn finish(&self) -> bool {
+        if self.skipped > 0 {
+            say(&format!("{} skipped", self.skipped));
+        }
+        say(&format!("{} passed, {} failed", self.passed, self.failed));
+        self.failed == 0
+    }
+}
+
+/// `ensure!` with the actual values in the message.
+#[macro_export]
+macro_rules! check_eq {
+    ($a:expr, $b:expr $(, $($ctx:tt)+)?) => {{
+        let (a, b) = (&$a, &$b);
+        if a != b {
+            anyhow::bail!(
+                "{} = {:?}, expected {:?}{}",
+                stringify!($a), a, b,
+                { let _s = String::new(); $( let _s = format!(" ({})", format!($($ctx)+)); )? _s }
+            );
+        }
+    }};
+}

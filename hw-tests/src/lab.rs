@@ -1,0 +1,227 @@
+//! Lab-host cases (`hw-tests --lab CONFIG`): real HiSilicon ACC VFs (or any VFIO device) behind
+//! a dirty-capable IOMMU. Every case skips with the reason when its hardware is absent.
+
+use std::os::fd::AsFd;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail, ensure};
+use livemig_iommufd::{AutoDomains, DirtyBitmap, DmaAccess, Iommufd, Placement, VendorInfo};
+use livemig_vfio::{MigrationDevice, MigrationFlags, MigrationState, VfioDevice, data};
+
+pub use hw_tests::lab_config::{Device, LabConfig};
+
+use crate::check_eq;
+use crate::harness::{Outcome, Runner};
+use crate::util::{DmaBuf, vfio_to_io};
+
+fn skip(why: impl Into<String>) -> Result<Outcome> {
+    Ok(Outcome::Skip(why.into()))
+}
+
+fn sysfs(pci: &str) -> std::path::PathBuf {
+    Path::new("/sys/bus/pci/devices").join(pci)
+}
+
+/// Why `d` cannot be tested here, if it cannot.
+fn absent(d: &Device) -> Option<String> {
+    let pci = livemig_vfio::normalize_pci_address(&d.pci).ok()?;
+    let dir = sysfs(&pci);
+    if !dir.exists() {
+        return Some(format!("{pci} is not present on this host"));
+    }
+    let driver = std::fs::read_link(dir.join("driver"))
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+    match driver.as_deref() {
+        Some("vfio-pci") | Some("hisi_acc_vfio_pci") => None,
+        Some(other) => Some(format!("{pci} is bound to {other}, not a VFIO driver")),
+        None => Some(format!("{pci} is bound to no driver")),
+    }
+}
+
+fn iommu_class_prefix(expected: &str) -> Option<&'static str> {
+    match expected {
+        "intel-vtd" => Some("dmar"),
+        "amd-vi" => Some("ivhd"),
+        "arm-smmuv3" => Some("smmu3"),
+        _ => None,
+    }
+}
+
+pub fn run(r: &mut Runner, cfg: &LabConfig) {
+    r.case("lab.host_iommu", || {
+        let Ok(dir) = std::fs::read_dir("/sys/class/iommu") else {
+            return skip("no /sys/class/iommu: no IOMMU is enabled on this host");
+        };
+        let names: Vec<String> = dir
+            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect();
+        if names.is_empty() {
+            return skip("no IOMMU is enabled on this host");
+        }
+        if let Some(prefix) = iommu_class_prefix(&cfg.host.expected_iommu) {
+            ensure!(
+                names.iter().any(|n| n.starts_with(prefix)),
+                "expected a {} IOMMU ({prefix}*), found {names:?}",
+                cfg.host.expected_iommu
+            );
+        }
+        Ok(Outcome::Pass)
+    });
+
+    for d in &cfg.devices {
+        let n = &d.name;
+        r.case(&format!("lab.{n}.iommufd_bind_hw_info"), || {
+            if let Some(why) = absent(d) {
+                return skip(why);
+            }
+            let iommufd = Iommufd::open()?;
+            let dev = VfioDevice::open_pci(&d.pci)?;
+            let dev_id = dev.bind_iommufd(iommufd.as_fd())?;
+            let info = iommufd.hw_info(dev_id)?;
+            let ok = match (cfg.host.expected_iommu.as_str(), &info.vendor) {
+                ("intel-vtd", VendorInfo::IntelVtd { .. }) => true,
+                ("arm-smmuv3", VendorInfo::ArmSmmuV3 { .. }) => true,
+                // Kernels before 6.14 (SMMUv3) and the AMD driver before its hw_info report none.
+                ("arm-smmuv3" | "amd-vi", VendorInfo::None) => true,
+                ("amd-vi", VendorInfo::Amd { .. }) => true,
+                ("any", _) => true,
+                _ => false,
+            };
+            ensure!(
+                ok,
+                "expected {} hardware info, got {:?}",
+                cfg.host.expected_iommu,
+                info.vendor
+            );
+            if !info.dirty_tracking() {
+                if cfg.host.require_dirty_tracking {
+                    bail!("the IOMMU behind {} does not report dirty tracking", d.pci);
+                }
+                return skip(format!(
+                    "the IOMMU behind {} does not report dirty tracking",
+                    d.pci
+                ));
+            }
+            Ok(Outcome::Pass)
+        });
+
+        r.case(&format!("lab.{n}.iommu_dirty_tracking"), || {
+            if let Some(why) = absent(d) {
+                return skip(why);
+            }
+            dirty_tracking(d, cfg.host.require_dirty_tracking)
+        });
+
+        r.case(&format!("lab.{n}.migration_flags"), || {
+            if let Some(why) = absent(d) {
+                return skip(why);
+            }
+            if d.expect_flags.is_empty() {
+                return skip(format!("{} is not expected to migrate", d.name));
+            }
+            let iommufd = Iommufd::open()?;
+            let dev = VfioDevice::open_pci(&d.pci)?;
+            dev.bind_iommufd(iommufd.as_fd())?;
+            let mut want = MigrationFlags::empty();
+            for f in &d.expect_flags {
+                want |= MigrationFlags::from_name(f).context("flag name")?;
+            }
+            check_eq!(dev.migration_flags()?, want);
+            Ok(Outcome::Pass)
+        });
+
+        r.case(&format!("lab.{n}.save_restore"), || {
+            if let Some(why) = absent(d) {
+                return skip(why);
+            }
+            if d.expect_flags.is_empty() {
+                return skip(format!("{} is not expected to migrate", d.name));
+            }
+            let target = match &d.resume_into {
+                Some(t) => match cfg.device(t) {
+                    Some(td) => match absent(td) {
+                        Some(why) => return skip(format!("resume target: {why}")),
+                        None => Some(td),
+                    },
+                    None => bail!("resume_into {t:?} is not configured"),
+                },
+                None => None,
+            };
+            save_restore(d, target)
+        });
+    }
+}
+
+fn attach_auto(
+    iommufd: &Iommufd,
+    auto: &mut AutoDomains,
+    dev: &VfioDevice,
+) -> Result<livemig_iommufd::AutoDomain> {
+    let dev_id = dev.bind_iommufd(iommufd.as_fd())?;
+    let probed = iommufd.probe_device(dev_id);
+    Ok(auto.attach(&probed, |pt| dev.attach_pt(pt).map_err(vfio_to_io))?)
+}
+
+fn dirty_tracking(d: &Device, required: bool) -> Result<Outcome> {
+    let iommufd = Iommufd::open()?;
+    let dev = VfioDevice::open_pci(&d.pci)?;
+    let mut auto = AutoDomains::new(iommufd.alloc_ioas()?);
+    let chosen = attach_auto(&iommufd, &mut auto, &dev)?;
+    if !chosen.dirty_tracking {
+        if required {
+            bail!("no IOMMU dirty tracking for {}: {chosen}", d.pci);
+        }
+        return skip(format!("no IOMMU dirty tracking: {chosen}"));
+    }
+    let len = 64u64 << 20;
+    let buf = DmaBuf::new(len as usize)?;
+    let iova = 1u64 << 32;
+    // SAFETY: `buf` outlives the mapping (unmapped below); the device is idle and only ever
+    // sees it through this mapping.
+    unsafe {
+        auto.ioas().map_user(
+            buf.ptr(),
+            len,
+            Placement::Fixed(iova),
+            DmaAccess::READ | DmaAccess::WRITE,
+        )
+    }?;
+    auto.set_dirty_tracking(true)?;
+    let mut bm = DirtyBitmap::new(iova, len, 4096)?;
+    auto.read_dirty(iova, len, &mut bm, true)?;
+    // An idle device dirties nothing; the read must succeed and be clean.
+    check_eq!(bm.count(), 0, "dirty pages from an idle device");
+    auto.set_dirty_tracking(false)?;
+    auto.ioas().unmap_all()?;
+    dev.detach_pt()?;
+    Ok(Outcome::Pass)
+}
+
+fn save_restore(d: &Device, into: Option<&Device>) -> Result<Outcome> {
+    let iommufd = Iommufd::open()?;
+    let mut auto = AutoDomains::new(iommufd.alloc_ioas()?);
+    let mut src = VfioDevice::open_pci(&d.pci)?;
+    attach_auto(&iommufd, &mut auto, &src)?;
+    let t = src.transition(MigrationState::StopCopy)?;
+    let mut state = Vec::new();
+    let saved = data::save_stop_copy(
+        &mut t.data.context("STOP_COPY opened no data fd")?,
+        &mut state,
+    );
+    // Whatever happened, the source goes back to RUNNING: nothing is lost.
+    src.transition(MigrationState::Running)?;
+    saved?;
+    ensure!(!state.is_empty(), "empty device state");
+    if let Some(td) = into {
+        let mut dst = VfioDevice::open_pci(&td.pci)?;
+        attach_auto(&iommufd, &mut auto, &dst)?;
+        let mut input = dst
+            .transition(MigrationState::Resuming)?
+            .data
+            .context("no fd")?;
+        data::write_resuming(&mut input, &state)?;
+        dst.transition(MigrationState::Running)?;
+    }
+    Ok(Outcome::Pass)
+}
