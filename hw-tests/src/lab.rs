@@ -5,6 +5,7 @@ use std::os::fd::AsFd;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail, ensure};
+use livemig_iommu_pt::caps::{AmdCaps, SmmuCaps, VtdCaps};
 use livemig_iommufd::{AutoDomains, DirtyBitmap, DmaAccess, Iommufd, Placement, VendorInfo};
 use livemig_vfio::{MigrationDevice, MigrationFlags, MigrationState, VfioDevice, data};
 
@@ -94,6 +95,23 @@ pub fn run(r: &mut Runner, cfg: &LabConfig) {
                 cfg.host.expected_iommu,
                 info.vendor
             );
+            // Decode the vendor registers; the decoded verdict must agree with the kernel's.
+            let decoded = match &info.vendor {
+                VendorInfo::IntelVtd {
+                    cap_reg, ecap_reg, ..
+                } => Some(VtdCaps::from_regs(*cap_reg, *ecap_reg).dirty_support()),
+                VendorInfo::ArmSmmuV3 { idr, .. } => Some(SmmuCaps::from_idr(idr).dirty_support()),
+                VendorInfo::Amd { efr, .. } => Some(AmdCaps::from_efr(*efr).dirty_support()),
+                _ => None,
+            };
+            if let Some(support) = &decoded {
+                crate::trace!("{}: {support}", d.pci);
+                ensure!(
+                    support.supported() == info.dirty_tracking(),
+                    "decoded {support}, but the kernel says dirty tracking = {}",
+                    info.dirty_tracking()
+                );
+            }
             if !info.dirty_tracking() {
                 if cfg.host.require_dirty_tracking {
                     bail!("the IOMMU behind {} does not report dirty tracking", d.pci);

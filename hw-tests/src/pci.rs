@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
+use livemig_iommu_pt::caps::VtdCaps;
 use livemig_iommufd::{
     AutoDomains, DmaAccess, DomainPath, HwptFlags, Ioas, Iommufd, Placement, VendorInfo,
 };
@@ -257,6 +258,23 @@ pub fn run(r: &mut Runner, vendor: Vendor) {
                 ensure!(
                     *cap_reg != 0 && *ecap_reg != 0,
                     "VT-d registers read as zero"
+                );
+                // Decode them with livemig-iommu-pt's register map.
+                let caps = VtdCaps::from_regs(*cap_reg, *ecap_reg);
+                crate::trace!("{caps:?}");
+                ensure!(
+                    caps.caching_mode(),
+                    "intel-iommu runs with caching-mode=on, but CAP.CM decodes clear: {caps:?}"
+                );
+                ensure!(
+                    caps.address_widths().contains(&48),
+                    "CAP.SAGAW lacks 48-bit second-stage tables: {caps:?}"
+                );
+                let support = caps.dirty_support();
+                check_eq!(
+                    support.supported(),
+                    hw.dirty_tracking(),
+                    "decoded dirty support ({support}) vs the kernel's IOMMU_HW_CAP_DIRTY_TRACKING"
                 );
             }
             // Linux 6.12's AMD driver reports no vendor data (its hw_info came later).

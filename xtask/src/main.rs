@@ -1,7 +1,8 @@
 //! `cargo xtask`: project automation.
 //!
 //! * `cargo xtask ci` — the full test run (the README's test command; `.ci/run` calls it):
-//!   format check, clippy `-D warnings`, all tests, rustdoc `-D warnings`, then the rig.
+//!   format check, clippy `-D warnings` (all features), a `no_std` build of the `no_std`
+//!   crates, all tests (all features), rustdoc `-D warnings`, then the rig.
 //! * `cargo xtask rig [--profile NAME]... [--accel auto|kvm|tcg] [--keep-artifacts]
 //!   [--timeout SECS] [--filter SUBSTRING]` — the QEMU conformance rig.
 //! * `cargo xtask hw-test [--config FILE] [--dry-run] [--nested] [--filter SUBSTRING]` — the
@@ -138,15 +139,28 @@ fn ci() -> Result<()> {
             "clippy",
             "--workspace",
             "--all-targets",
+            "--all-features",
             "--",
             "-D",
             "warnings",
         ],
         &[],
     )?;
-    cargo(&["test", "--workspace"], &[])?;
+    // The no_std crates must keep building without std.
     cargo(
-        &["doc", "--workspace", "--no-deps"],
+        &[
+            "build",
+            "-p",
+            "livemig-stream",
+            "-p",
+            "livemig-iommu-pt",
+            "--no-default-features",
+        ],
+        &[],
+    )?;
+    cargo(&["test", "--workspace", "--all-features"], &[])?;
+    cargo(
+        &["doc", "--workspace", "--no-deps", "--all-features"],
         &[("RUSTDOCFLAGS", "-D warnings")],
     )?;
     eprintln!("==> cargo xtask rig");
