@@ -5,6 +5,9 @@ use std::os::fd::AsFd;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail, ensure};
+use livemig_hisi_qm::ids::PCI_VENDOR_ID_HUAWEI;
+use livemig_hisi_qm::regs::VfReg;
+use livemig_hisi_qm::{AccKind, Bar2, MappedVf, QmRegisters, StdDelay, VfQm};
 use livemig_iommu_pt::caps::{AmdCaps, SmmuCaps, VtdCaps};
 use livemig_iommufd::{AutoDomains, DirtyBitmap, DmaAccess, Iommufd, Placement, VendorInfo};
 use livemig_vfio::{MigrationDevice, MigrationFlags, MigrationState, VfioDevice, data};
@@ -121,6 +124,50 @@ pub fn run(r: &mut Runner, cfg: &LabConfig) {
                     d.pci
                 ));
             }
+            Ok(Outcome::Pass)
+        });
+
+        r.case(&format!("lab.{n}.qm_registers"), || {
+            if let Some(why) = absent(d) {
+                return skip(why);
+            }
+            let pci = livemig_vfio::normalize_pci_address(&d.pci)?;
+            let dir = sysfs(&pci);
+            let id = |f: &str| -> Result<u16> {
+                let s = std::fs::read_to_string(dir.join(f))?;
+                Ok(u16::from_str_radix(s.trim().trim_start_matches("0x"), 16)?)
+            };
+            let kind = match (id("vendor")?, id("device")?) {
+                (PCI_VENDOR_ID_HUAWEI, dev) => match AccKind::from_vf_device_id(dev) {
+                    Some(k) => k,
+                    None => return skip(format!("{pci}: {dev:#06x} is not a HiSilicon ACC VF")),
+                },
+                (v, _) => return skip(format!("{pci}: vendor {v:#06x} is not HiSilicon")),
+            };
+            let driver = std::fs::read_link(dir.join("driver"))
+                .ok()
+                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+            if driver.as_deref() == Some("hisi_acc_vfio_pci") {
+                return skip(
+                    "hisi_acc_vfio_pci hides BAR2's migration half and drives the QM itself; \
+                     bind the VF to vfio-pci for register-level bring-up",
+                );
+            }
+            let dev = VfioDevice::open_pci(&d.pci)?;
+            let bar2 = dev.region_info(2)?;
+            let len = usize::try_from(bar2.size)?;
+            let map = dev.map_region(&bar2, 0, len)?;
+            let regs = MappedVf::new(&map).context("BAR2 is smaller than the QM register map")?;
+            let state = regs.read(VfReg::VfState);
+            let mut qm = VfQm::new(&regs, StdDelay);
+            let vft = qm.vft()?;
+            crate::trace!("{pci} ({kind} VF): QM_VF_STATE {state:#x}, VFT {vft:?}");
+            ensure!(vft.num >= 1, "the VF owns no queues: {vft:?}");
+            let (guest, _migration) = Bar2::new(&regs, len).split();
+            ensure!(
+                guest.read(VfReg::EqcDw(0)).is_err() && guest.read(VfReg::VfState).is_ok(),
+                "the guest half of BAR2 must end before QM_EQC_DW0"
+            );
             Ok(Outcome::Pass)
         });
 

@@ -182,6 +182,60 @@ impl RegionInfo {
     }
 }
 
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if page > 0 { page as u64 } else { 4096 }
+}
+
+/// A mapping of (part of) a device region, unmapped on drop; it cannot outlive its device.
+///
+/// The memory is device memory (for BARs: registers): access it with volatile reads and writes
+/// of the width the device expects, never as ordinary memory.
+#[derive(Debug)]
+pub struct MappedRegion<'a> {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+    index: u32,
+    offset: u64,
+    _device: std::marker::PhantomData<&'a VfioDevice>,
+}
+
+impl MappedRegion<'_> {
+    /// Start of the mapping.
+    pub fn as_ptr(&self) -> std::ptr::NonNull<u8> {
+        self.ptr
+    }
+
+    /// Bytes mapped.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always `false`: a mapping is at least one page.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The region index.
+    pub fn region(&self) -> u32 {
+        self.index
+    }
+
+    /// Offset of the mapping within the region.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+}
+
+impl Drop for MappedRegion<'_> {
+    fn drop(&mut self) {
+        // SAFETY: `ptr..ptr + len` is the mapping `map_region` made; the borrow of `self` ends
+        // here, so nothing can use it any more.
+        unsafe { sys::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
 /// A VFIO device fd from the cdev interface.
 #[derive(Debug)]
 pub struct VfioDevice {
@@ -457,6 +511,48 @@ impl VfioDevice {
             }
         }
         Ok(())
+    }
+
+    /// Maps `len` bytes at `offset` within `region` (mmap of the device fd, shared, read and
+    /// write): how BAR registers are reached without a syscall per access. The region must report
+    /// `VFIO_REGION_INFO_FLAG_MMAP`; `offset` and `len` must be page-aligned and inside it. Drivers
+    /// may restrict mmap to parts of a region (sparse mmap areas); the kernel refuses the rest
+    /// with EINVAL, reported here as a failed [`Op::RegionMmap`].
+    pub fn map_region(
+        &self,
+        region: &RegionInfo,
+        offset: u64,
+        len: usize,
+    ) -> Result<MappedRegion<'_>, Error> {
+        let op = Op::RegionMmap;
+        if !region.mappable() {
+            return Err(Error::InvalidArgument {
+                op,
+                rule: format!("region {} cannot be mmapped", region.index),
+            });
+        }
+        let page = page_size();
+        if len == 0 || offset % page != 0 || len as u64 % page != 0 {
+            return Err(Error::InvalidArgument {
+                op,
+                rule: format!(
+                    "offset {offset:#x} and length {len:#x} must be non-zero multiples of the {page:#x}-byte page"
+                ),
+            });
+        }
+        let at = Self::check_region_access(region, offset, len, op)?;
+        let ptr = sys::mmap(self.fd.as_fd(), len, at).map_err(|e| Error::ioctl(op, e))?;
+        let ptr = std::ptr::NonNull::new(ptr.cast::<u8>()).ok_or(Error::InvalidArgument {
+            op,
+            rule: "mmap returned NULL".into(),
+        })?;
+        Ok(MappedRegion {
+            ptr,
+            len,
+            index: region.index,
+            offset,
+            _device: std::marker::PhantomData,
+        })
     }
 
     /// Whether the device supports migration at all (`VFIO_DEVICE_FEATURE_MIGRATION` probe).
@@ -935,7 +1031,14 @@ mod tests {
                     // SAFETY: the caller passes a vfio_region_info.
                     let r = unsafe { &mut *(arg as *mut abi::vfio_region_info) };
                     r.flags = abi::VFIO_REGION_INFO_FLAG_READ | abi::VFIO_REGION_INFO_FLAG_WRITE;
-                    r.size = if r.index == 0 { 256 } else { 0 };
+                    r.size = match r.index {
+                        0 => 256,
+                        2 => 0x10000,
+                        _ => 0,
+                    };
+                    if r.index == 2 {
+                        r.flags |= abi::VFIO_REGION_INFO_FLAG_MMAP;
+                    }
                     r.offset = u64::from(r.index) << 40;
                     Ok(0)
                 }
@@ -952,6 +1055,21 @@ mod tests {
         fn pwrite(&mut self, _fd: RawFd, buf: &[u8], offset: u64) -> std::io::Result<usize> {
             self.region[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
             Ok(buf.len())
+        }
+
+        fn mmap(&mut self, _fd: RawFd, len: usize, offset: u64) -> std::io::Result<()> {
+            // Like a sparse-mmap BAR2 of hisi_acc_vfio_pci: only the first half maps.
+            self.calls
+                .borrow_mut()
+                .push(format!("mmap {offset:#x}+{len:#x}"));
+            if offset < (2 << 40) || offset + len as u64 > (2 << 40) + 0x8000 {
+                return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+            }
+            Ok(())
+        }
+
+        fn munmap(&mut self, len: usize) {
+            self.calls.borrow_mut().push(format!("munmap {len:#x}"));
         }
     }
 
@@ -1228,6 +1346,34 @@ mod tests {
             "{e}"
         );
         dev.dma_logging_stop().unwrap();
+    }
+
+    #[test]
+    fn regions_map_within_bounds_and_unmap_on_drop() {
+        let (k, calls) = FakeVfio::new(ALL);
+        let (dev, _g) = open_with(k);
+        let bar2 = dev.region_info(2).unwrap();
+        assert!(bar2.mappable());
+        {
+            let m = dev.map_region(&bar2, 0, 0x8000).unwrap();
+            assert_eq!((m.len(), m.region(), m.offset()), (0x8000, 2, 0));
+            // SAFETY: the (fake, anonymous) mapping is 0x8000 bytes long and alive.
+            unsafe { m.as_ptr().as_ptr().add(0x300).write_volatile(7) };
+        }
+        let c = calls.borrow();
+        assert!(c.iter().any(|l| l == "mmap 0x20000000000+0x8000"), "{c:?}");
+        assert!(c.iter().any(|l| l == "munmap 0x8000"), "{c:?}");
+        drop(c);
+        let e = dev.map_region(&bar2, 0x8000, 0x8000).unwrap_err();
+        assert_eq!(e.to_string(), "region mmap failed");
+        assert_eq!(e.errno(), Some(libc::EINVAL));
+        let e = dev.map_region(&bar2, 0x100, 0x1000).unwrap_err();
+        assert!(e.to_string().contains("non-zero multiples of the"), "{e}");
+        let e = dev.map_region(&bar2, 0, 0x20000).unwrap_err();
+        assert!(e.to_string().contains("exceed region 2"), "{e}");
+        let bar0 = dev.region_info(0).unwrap();
+        let e = dev.map_region(&bar0, 0, 4096).unwrap_err();
+        assert_eq!(e.to_string(), "region mmap: region 0 cannot be mmapped");
     }
 
     #[test]

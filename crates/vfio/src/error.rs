@@ -91,6 +91,8 @@ pub enum Op {
     RegionRead,
     /// pwrite() of a device region.
     RegionWrite,
+    /// mmap() of a device region.
+    RegionMmap,
     /// read() of a migration data fd.
     DataRead,
     /// write() of a migration data fd.
@@ -117,6 +119,7 @@ impl fmt::Display for Op {
             Op::PrecopyInfo => f.write_str("VFIO_MIG_GET_PRECOPY_INFO"),
             Op::RegionRead => f.write_str("region read"),
             Op::RegionWrite => f.write_str("region write"),
+            Op::RegionMmap => f.write_str("region mmap"),
             Op::DataRead => f.write_str("migration data read"),
             Op::DataWrite => f.write_str("migration data write"),
         }

@@ -43,7 +43,8 @@ mod sys;
 
 pub use data::{DataChannel, DataFile, PrecopyInfo};
 pub use device::{
-    DeviceInfo, DeviceLocator, RegionInfo, VfioDevice, normalize_pci_address, normalize_uuid,
+    DeviceInfo, DeviceLocator, MappedRegion, RegionInfo, VfioDevice, normalize_pci_address,
+    normalize_uuid,
 };
 pub use dma_log::{DmaLogSession, DmaLogger, DmaRange};
 pub use error::{Access, Error, Feature, Op};

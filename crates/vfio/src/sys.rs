@@ -65,6 +65,35 @@ mod imp {
             Ok(n as usize)
         }
     }
+
+    /// A shared read/write mapping of `len` bytes of `fd` at `offset`.
+    pub(crate) fn mmap(fd: BorrowedFd<'_>, len: usize, offset: u64) -> io::Result<*mut c_void> {
+        let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: a new mapping chosen by the kernel (addr NULL) touches no existing memory;
+        // `fd` is open.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                off,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(p)
+        }
+    }
+
+    /// # Safety
+    /// `addr..addr + len` must be a mapping made by [`mmap`] that nothing uses any more.
+    pub(crate) unsafe fn munmap(addr: *mut c_void, len: usize) {
+        // SAFETY: the caller guarantees the range is an unused mapping of ours.
+        unsafe { libc::munmap(addr, len) };
+    }
 }
 
 #[cfg(test)]
@@ -94,9 +123,42 @@ mod imp {
     pub(crate) fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> io::Result<usize> {
         fake::with(|k| k.pwrite(fd.as_raw_fd(), buf, offset))
     }
+
+    pub(crate) fn mmap(fd: BorrowedFd<'_>, len: usize, offset: u64) -> io::Result<*mut c_void> {
+        fake::with(|k| k.mmap(fd.as_raw_fd(), len, offset))?;
+        // The fake kernel accepted the request: back it with anonymous memory.
+        // SAFETY: a new private anonymous mapping touches no existing memory.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(p)
+        }
+    }
+
+    /// # Safety
+    /// As the real `munmap`.
+    pub(crate) unsafe fn munmap(addr: *mut c_void, len: usize) {
+        fake::with(|k| {
+            k.munmap(len);
+            Ok(())
+        })
+        .ok();
+        // SAFETY: forwarded under the caller's guarantee.
+        unsafe { libc::munmap(addr, len) };
+    }
 }
 
-pub(crate) use imp::{ioctl, open, pread, pwrite};
+pub(crate) use imp::{ioctl, mmap, munmap, open, pread, pwrite};
 
 /// The test double: a fake kernel installed per test thread.
 #[cfg(test)]
@@ -123,6 +185,15 @@ pub(crate) mod fake {
         fn pwrite(&mut self, fd: RawFd, buf: &[u8], offset: u64) -> io::Result<usize> {
             let _ = (fd, buf, offset);
             Err(io::Error::from_raw_os_error(libc::ENOSYS))
+        }
+        /// Accept or refuse an mmap of the device fd (the memory is anonymous).
+        fn mmap(&mut self, fd: RawFd, len: usize, offset: u64) -> io::Result<()> {
+            let _ = (fd, len, offset);
+            Err(io::Error::from_raw_os_error(libc::ENOSYS))
+        }
+        /// A mapping of `len` bytes was released.
+        fn munmap(&mut self, len: usize) {
+            let _ = len;
         }
     }
 

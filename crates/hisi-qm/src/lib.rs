@@ -1,0 +1,64 @@
+//! HiSilicon ACC (SEC/HPRE/ZIP VF) queue-manager HAL for live migration.
+//!
+//! ```text
+//!   ids ── AccKind (0x19e5: SEC VF a256, HPRE VF a259, ZIP VF a251)
+//!   regs ─ QmVfRegisters (BAR2) / QmPfRegisters: register_structs! maps, VfReg / PfReg names
+//!   mailbox ─ 128-bit mailbox, V2 doorbells, SQC VFT             state ─ acc_vf_data:
+//!   access ── QmRegisters / PfRegisters, MmioVf / MmioPf,              RFC v2, V1, V2
+//!             Bar2::split -> GuestWindow | MigrationWindow
+//!   seq ───── VfQm / PfQm / AccVf: stop, save, check_match, load, start (bounded polls)
+//!   migration (feature "vfio") ── AccMigration: a livemig-vfio MigrationDevice
+//!   model (feature "model") ───── QmVfModel / QmPfModel, queues, DMA, faults, GuestDriver
+//! ```
+//!
+//! HiSilicon's ACC VFs have no dirty-page tracker of their own: they migrate only with IOMMU
+//! (SMMUv3 HTTU) dirty tracking. Their device state is small — the queue manager's interrupt
+//! masks, event-queue contexts and the bases of its queue-context tables, 176 bytes — and moves
+//! in `struct acc_vf_data`. The kernel's `hisi_acc_vfio_pci` driver is the reference for every
+//! sequence here; seed 003 (its RFC v2 and the review) for the design, including the 40-byte
+//! match block sent early so the destination can refuse an incompatible device before any state
+//! moves.
+//!
+//! # Example: decode a captured blob
+//! ```
+//! use livemig_hisi_qm::state::{AccVfData, Layout};
+//! # let blob = {
+//! #   let d = AccVfData { layout: Layout::V2, version: (1, 0), qp_num: 32, dev_id: 0xa256,
+//! #       que_iso_cfg: 1, qp_base: 64, vf_state: livemig_hisi_qm::state::VfQmState::Ready,
+//! #       regs: None, v1_fixup_applied: false };
+//! #   d.encode()
+//! # };
+//! let data = AccVfData::decode(&blob)?;
+//! assert_eq!(data.layout, Layout::V2);
+//! assert!(data.is_match_only()); // 40 bytes: the match block sent in PRE_COPY
+//! # Ok::<(), livemig_hisi_qm::state::StateError>(())
+//! ```
+//!
+//! Register maps and state layouts are `no_std` (without the default `std` feature).
+#![cfg_attr(not(any(feature = "std", test)), no_std)]
+#![deny(missing_docs)]
+
+extern crate alloc;
+
+pub mod access;
+mod error;
+pub mod ids;
+pub mod mailbox;
+#[cfg(feature = "vfio")]
+pub mod migration;
+#[cfg(feature = "model")]
+pub mod model;
+pub mod regs;
+pub mod seq;
+pub mod state;
+
+#[cfg(feature = "vfio")]
+pub use access::MappedVf;
+#[cfg(feature = "std")]
+pub use access::StdDelay;
+pub use access::{
+    Bar2, Delay, GuestWindow, MigrationWindow, MmioPf, MmioVf, NoDelay, PfRegisters, QmRegisters,
+};
+pub use error::Error;
+pub use ids::AccKind;
+pub use seq::{AccVf, LoadOutcome, PfQm, Timing, VfQm};

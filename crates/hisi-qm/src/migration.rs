@@ -1,0 +1,355 @@
+//! The VFIO migration v2 driver of an ACC VF, as a `livemig-vfio` [`MigrationDevice`].
+//!
+//! ```text
+//!   RUNNING ──> PRE_COPY      open the saving buffer with the 40-byte match block
+//!   PRE_COPY ─> STOP_COPY     stop (PAUSE_QM, interrupt states, cache write-back), save: 176 B
+//!   RUNNING ──> STOP          stop
+//!   STOP ─────> STOP_COPY     open the saving buffer, save
+//!   STOP_COPY > STOP          close the buffers
+//!   STOP ─────> RESUMING      open the resuming buffer; every write is checked against this
+//!                             VF (match block: magic, version, dev_id, qp_num, QUE_ISO_CFG)
+//!   RESUMING ─> STOP          decode, load (VF_STATE, registers, SQC_BT/CQC_BT, IFC init)
+//!   PRE_COPY ─> RUNNING       close the buffers
+//!   STOP ─────> RUNNING       start (IFC init, restart every queue)
+//!   flags: STOP_COPY | PRE_COPY (no P2P); a failed arc leaves the state where it was
+//! ```
+//!
+//! This follows `hisi_acc_vf_set_device_state` (Linux 6.12) arc for arc, including its data
+//! semantics: the saving buffer reads to EOF (0) at its current end, also in PRE_COPY where
+//! vfio.h would have ENOMSG; `VFIO_MIG_GET_PRECOPY_INFO` reports the unread part as
+//! `initial_bytes` and never dirty bytes; the resuming buffer refuses more than 176 bytes.
+
+use std::io::{self, Read, Write};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use livemig_vfio::fsm::{self, MigrationFlags, MigrationState};
+use livemig_vfio::{Access, DataChannel, Feature, MigrationDevice, Op, PrecopyInfo};
+
+use crate::access::{Delay, PfRegisters, QmRegisters};
+use crate::error::Error;
+use crate::seq::{AccVf, LoadOutcome};
+use crate::state::{ACC_VF_DATA_LEN, AccVfData, QM_MATCH_SIZE};
+
+/// A migration data buffer (the driver's `hisi_acc_vf_migration_file`).
+#[derive(Debug, Default)]
+struct Buffer {
+    bytes: Vec<u8>,
+    /// Valid bytes (`total_length`).
+    total: usize,
+    pos: usize,
+    disabled: bool,
+}
+
+struct Inner<R, P, D> {
+    dev: AccVf<R, P, D>,
+    state: MigrationState,
+    saving: Option<(u64, Buffer, AccVfData)>,
+    resuming: Option<(u64, Buffer)>,
+    match_done: bool,
+    next_id: u64,
+    last_load: Option<LoadOutcome>,
+}
+
+/// An ACC VF's migration driver over any register interfaces (the model, or MMIO on a lab
+/// host where the VF is bound to plain vfio-pci).
+pub struct AccMigration<R, P, D> {
+    inner: Arc<Mutex<Inner<R, P, D>>>,
+}
+
+/// A data session of [`AccMigration`] (the driver's migration file).
+pub struct AccData<R, P, D> {
+    inner: Arc<Mutex<Inner<R, P, D>>>,
+    id: u64,
+}
+
+impl<R, P, D> std::fmt::Debug for AccMigration<R, P, D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccMigration").finish_non_exhaustive()
+    }
+}
+
+impl<R, P, D> std::fmt::Debug for AccData<R, P, D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccData").field("id", &self.id).finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+const SET_STATE: Op = Op::Feature(Access::Set, Feature::MigDeviceState);
+
+fn arc_error(e: Error) -> livemig_vfio::Error {
+    livemig_vfio::Error::Ioctl {
+        op: SET_STATE,
+        source: io::Error::other(e),
+    }
+}
+
+fn data_error(e: Error) -> io::Error {
+    let kind = match e {
+        Error::TooLong { .. } => io::ErrorKind::OutOfMemory,
+        _ => io::ErrorKind::InvalidData,
+    };
+    io::Error::new(kind, e)
+}
+
+/// The migration flags of an ACC VF.
+pub fn acc_flags() -> MigrationFlags {
+    MigrationFlags::STOP_COPY | MigrationFlags::PRE_COPY
+}
+
+impl<R: QmRegisters, P: PfRegisters, D: Delay> AccMigration<R, P, D> {
+    /// A driver for `dev`, in RUNNING.
+    pub fn new(dev: AccVf<R, P, D>) -> Self {
+        AccMigration {
+            inner: Arc::new(Mutex::new(Inner {
+                dev,
+                state: MigrationState::Running,
+                saving: None,
+                resuming: None,
+                match_done: false,
+                next_id: 1,
+                last_load: None,
+            })),
+        }
+    }
+
+    /// What the last RESUMING → STOP did.
+    pub fn last_load(&self) -> Option<LoadOutcome> {
+        lock(&self.inner).last_load
+    }
+
+    /// Run `f` on the device (for tests and diagnostics).
+    pub fn with_device<T>(&self, f: impl FnOnce(&mut AccVf<R, P, D>) -> T) -> T {
+        f(&mut lock(&self.inner).dev)
+    }
+}
+
+impl<R: QmRegisters, P: PfRegisters, D: Delay> Inner<R, P, D> {
+    fn disable_fds(&mut self) {
+        self.saving = None;
+        self.resuming = None;
+    }
+
+    fn open_saving(&mut self) -> Result<u64, Error> {
+        let data = self.dev.match_data()?;
+        let id = self.next_id;
+        self.next_id += 1;
+        let bytes = data.encode();
+        let buf = Buffer {
+            total: bytes.len(),
+            bytes,
+            pos: 0,
+            disabled: false,
+        };
+        self.saving = Some((id, buf, data));
+        Ok(id)
+    }
+
+    fn save_into_saving(&mut self) -> Result<(), Error> {
+        let Some((_, buf, data)) = self.saving.as_mut() else {
+            return Ok(());
+        };
+        self.dev.save(data)?;
+        let bytes = data.encode();
+        buf.total = bytes.len();
+        buf.bytes = bytes;
+        Ok(())
+    }
+
+    /// One arc of `hisi_acc_vf_set_device_state`; returns a new session id if the arc opened one.
+    fn arc(&mut self, next: MigrationState) -> Result<Option<u64>, Error> {
+        use MigrationState as S;
+        let cur = self.state;
+        match (cur, next) {
+            (S::Running, S::PreCopy) => {
+                let id = self.open_saving()?;
+                // The PRE_COPY buffer holds only the match block.
+                if let Some((_, buf, _)) = self.saving.as_mut() {
+                    buf.total = QM_MATCH_SIZE;
+                }
+                Ok(Some(id))
+            }
+            (S::PreCopy, S::StopCopy) => {
+                self.dev.stop()?;
+                self.save_into_saving()?;
+                Ok(None)
+            }
+            (S::Running, S::Stop) => {
+                self.dev.stop()?;
+                Ok(None)
+            }
+            (S::Stop, S::StopCopy) => {
+                let id = self.open_saving()?;
+                if let Err(e) = self.save_into_saving() {
+                    self.saving = None;
+                    return Err(e);
+                }
+                Ok(Some(id))
+            }
+            (S::StopCopy, S::Stop) | (S::PreCopy, S::Running) => {
+                self.disable_fds();
+                Ok(None)
+            }
+            (S::Stop, S::Resuming) => {
+                let id = self.next_id;
+                self.next_id += 1;
+                self.match_done = false;
+                self.resuming = Some((id, Buffer::default()));
+                Ok(Some(id))
+            }
+            (S::Resuming, S::Stop) => {
+                let bytes = self
+                    .resuming
+                    .as_ref()
+                    .map(|(_, b)| b.bytes[..b.total].to_vec())
+                    .unwrap_or_default();
+                let data = AccVfData::decode(&bytes)?;
+                if !self.match_done {
+                    self.dev.check_match(&data)?;
+                    self.match_done = true;
+                }
+                self.last_load = Some(self.dev.load(&data)?);
+                self.disable_fds();
+                Ok(None)
+            }
+            (S::Stop, S::Running) => {
+                self.dev.start();
+                Ok(None)
+            }
+            (from, to) => Err(Error::NoArc {
+                from: from.name(),
+                to: to.name(),
+            }),
+        }
+    }
+}
+
+impl<R: QmRegisters, P: PfRegisters, D: Delay> MigrationDevice for AccMigration<R, P, D> {
+    type Data = AccData<R, P, D>;
+
+    fn migration_flags(&self) -> Result<MigrationFlags, livemig_vfio::Error> {
+        Ok(acc_flags())
+    }
+
+    fn migration_state(&self) -> Result<MigrationState, livemig_vfio::Error> {
+        Ok(lock(&self.inner).state)
+    }
+
+    fn set_migration_state(
+        &mut self,
+        target: MigrationState,
+    ) -> Result<Option<Self::Data>, livemig_vfio::Error> {
+        let mut g = lock(&self.inner);
+        let mut opened = None;
+        while g.state != target {
+            let next = fsm::next_step(g.state, target, acc_flags())?;
+            let id = g.arc(next).map_err(arc_error)?;
+            g.state = next;
+            if id.is_some() {
+                opened = id;
+            }
+        }
+        Ok(opened.map(|id| AccData {
+            inner: Arc::clone(&self.inner),
+            id,
+        }))
+    }
+
+    fn stop_copy_size(&self) -> Result<u64, livemig_vfio::Error> {
+        Ok(ACC_VF_DATA_LEN as u64)
+    }
+
+    fn reset(&mut self) -> Result<(), livemig_vfio::Error> {
+        // hisi_acc_vf_reset: not ready, RUNNING, buffers closed.
+        let mut g = lock(&self.inner);
+        g.dev.set_ready(false);
+        g.state = MigrationState::Running;
+        g.disable_fds();
+        Ok(())
+    }
+}
+
+impl<R: QmRegisters, P: PfRegisters, D: Delay> Read for AccData<R, P, D> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let mut g = lock(&self.inner);
+        let Some((id, buf, _)) = g.saving.as_mut() else {
+            return Err(io::Error::from(io::ErrorKind::NotConnected));
+        };
+        if *id != self.id || buf.disabled {
+            return Err(io::Error::from(io::ErrorKind::NotConnected));
+        }
+        if buf.pos > buf.total {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        let n = (buf.total - buf.pos).min(out.len());
+        out[..n].copy_from_slice(&buf.bytes[buf.pos..buf.pos + n]);
+        buf.pos += n;
+        Ok(n)
+    }
+}
+
+impl<R: QmRegisters, P: PfRegisters, D: Delay> Write for AccData<R, P, D> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let mut g = lock(&self.inner);
+        let g = &mut *g;
+        let Some((id, buf)) = g.resuming.as_mut() else {
+            return Err(io::Error::from(io::ErrorKind::NotConnected));
+        };
+        if *id != self.id || buf.disabled {
+            return Err(io::Error::from(io::ErrorKind::NotConnected));
+        }
+        let end = buf.pos + data.len();
+        if end > ACC_VF_DATA_LEN {
+            return Err(data_error(Error::TooLong {
+                len: end,
+                max: ACC_VF_DATA_LEN,
+            }));
+        }
+        buf.bytes.resize(end.max(buf.bytes.len()), 0);
+        buf.bytes[buf.pos..end].copy_from_slice(data);
+        buf.pos = end;
+        buf.total += data.len();
+        // vf_qm_check_match: once the match block is in, check it against this VF, once.
+        if buf.total >= QM_MATCH_SIZE && !g.match_done {
+            let head = buf.bytes[..QM_MATCH_SIZE].to_vec();
+            let checked = AccVfData::decode(&head)
+                .map_err(Error::from)
+                .and_then(|d| g.dev.check_match(&d));
+            match checked {
+                Ok(()) => g.match_done = true,
+                Err(e) => return Err(data_error(e)),
+            }
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<R: QmRegisters, P: PfRegisters, D: Delay> DataChannel for AccData<R, P, D> {
+    fn precopy_info(&mut self) -> Result<PrecopyInfo, livemig_vfio::Error> {
+        let g = lock(&self.inner);
+        let einval = || livemig_vfio::Error::Ioctl {
+            op: Op::PrecopyInfo,
+            source: io::Error::from(io::ErrorKind::InvalidInput),
+        };
+        if g.state != MigrationState::PreCopy {
+            return Err(einval());
+        }
+        let Some((id, buf, _)) = g.saving.as_ref() else {
+            return Err(einval());
+        };
+        if *id != self.id || buf.pos > buf.total {
+            return Err(einval());
+        }
+        Ok(PrecopyInfo {
+            initial_bytes: (buf.total - buf.pos) as u64,
+            dirty_bytes: 0,
+        })
+    }
+}

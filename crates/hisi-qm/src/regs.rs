@@ -1,0 +1,435 @@
+//! QM register maps: the VF's BAR2 window and the PF registers the migration path uses.
+//!
+//! ```text
+//!  VF BAR2 (64 KiB on Kunpeng 920; the first half is what the guest may map)
+//!  0x0000 ┬ 0x0004 QM_VF_AEQ_INT_MASK   0x000c QM_VF_EQ_INT_MASK
+//!         │ 0x0020 QM_IFC_INT_SOURCE_V  0x0024 QM_IFC_INT_MASK  0x0028 QM_IFC_INT_STATUS
+//!         │ 0x002c QM_IFC_INT_SET_V     0x0030 QM_QUE_ISO_CFG_V 0x0034 QM_PAGE_SIZE
+//!         │ 0x0060 QM_VF_STATE          0x0204 QM_CACHE_WB_START 0x0208 QM_CACHE_WB_DONE
+//!         │ 0x0300 mailbox (128 bit: w0|queue, DATA_ADDR_L, DATA_ADDR_H, rsvd)
+//!         │ 0x1000 SQ/CQ doorbell (64 bit)   0x2000 EQ/AEQ doorbell (64 bit)
+//!  0x8000 ┼ 0x8000 QM_EQC_DW0..6       0x8020 QM_AEQC_DW0..6      <- migration half
+//!  0xffff ┘
+//!  PF: 0x0030 QM_QUE_ISO_CFG_V, 0x100008 QM_ABNORMAL_INT_STATUS, 0x100054..0x10006c VFT_CFG
+//!      protocol, 0x301008 SEC / 0x301800 HPRE / 0x3010ac ZIP core interrupt status
+//! ```
+//!
+//! Offsets and names: Linux 6.12 `include/linux/hisi_acc_qm.h` (`QM_MB_CMD_SEND_BASE`,
+//! `QM_MB_CMD_DATA_ADDR_L/H`, `QM_DOORBELL_SQ_CQ_BASE_V2`, `QM_DOORBELL_EQ_AEQ_BASE_V2`,
+//! `QM_VF_STATE`) and `drivers/vfio/pci/hisilicon/hisi_acc_vfio_pci.h` (everything else). The maps
+//! are `register_structs!` with explicit offsets and reserved gaps; [`VfReg`] and [`PfReg`] name
+//! single registers for the [`QmRegisters`](crate::QmRegisters) interface, and take their offsets
+//! from the maps (`offset_of!`), so each offset is written once.
+
+use core::mem::offset_of;
+
+use tock_registers::register_structs;
+use tock_registers::registers::{ReadOnly, ReadWrite, WriteOnly};
+
+/// Bitfields of the QM registers.
+///
+/// The generated marker types and per-field constants carry no documentation of their own.
+#[allow(missing_docs)]
+pub mod fields {
+    use tock_registers::register_bitfields;
+
+    register_bitfields![u32,
+        /// `QM_VF_STATE` (0x60): bit 0 set while the VF is not ready (`qm_wait_dev_not_ready`).
+        pub VF_STATE [
+            /// 0 = `QM_READY`, 1 = `QM_NOT_READY` (`enum qm_vf_state`).
+            NOT_READY OFFSET(0) NUMBITS(1) []
+        ],
+        /// The first 32 bits of the mailbox at 0x300, as `hisi_qm_wait_mb_ready` reads them:
+        /// `w0` in the low half, `queue_num` in the high half (`struct qm_mailbox`).
+        pub MB_W0 [
+            /// Command (`QM_MB_CMD_*`).
+            CMD OFFSET(0) NUMBITS(8) [],
+            /// Completion status; non-zero means the command failed (`QM_MB_STATUS_MASK`).
+            STATUS OFFSET(9) NUMBITS(4) [],
+            /// Set by software to start a command, cleared by hardware when done
+            /// (`QM_MB_BUSY_SHIFT`).
+            BUSY OFFSET(13) NUMBITS(1) [],
+            /// 1 = read from hardware, 0 = write to hardware (`QM_MB_OP_SHIFT`).
+            OP OFFSET(14) NUMBITS(1) [],
+            /// Queue number.
+            QUEUE OFFSET(16) NUMBITS(16) []
+        ],
+        /// `QM_CACHE_WB_DONE` (0x208).
+        pub CACHE_WB_DONE [
+            /// Set when the write-back started by `QM_CACHE_WB_START` has finished.
+            DONE OFFSET(0) NUMBITS(1) []
+        ],
+        /// `QM_VFT_CFG_RDY` (PF 0x10006c).
+        pub VFT_CFG_RDY [
+            /// Set when the VFT configuration interface is idle / the last operation finished.
+            READY OFFSET(0) NUMBITS(1) []
+        ]
+    ];
+
+    register_bitfields![u64,
+        /// A V2 doorbell (`qm_db`): written as one 64-bit store.
+        pub DOORBELL [
+            /// Queue number.
+            QN OFFSET(0) NUMBITS(12) [],
+            /// `QM_DOORBELL_CMD_*` (`QM_DB_CMD_SHIFT_V2`).
+            CMD OFFSET(12) NUMBITS(4) [
+                Sq = 0,
+                Cq = 1,
+                Eq = 2,
+                Aeq = 3
+            ],
+            /// Random data (`QM_DB_RAND_SHIFT_V2`); the driver writes 0.
+            RAND OFFSET(16) NUMBITS(16) [],
+            /// Queue index (tail for SQ, head for CQ/EQ/AEQ) (`QM_DB_INDEX_SHIFT_V2`).
+            INDEX OFFSET(32) NUMBITS(16) [],
+            /// Priority (`QM_DB_PRIORITY_SHIFT_V2`); the migration driver restarts queues with 1.
+            PRIORITY OFFSET(48) NUMBITS(8) []
+        ],
+        /// An SQC VFT entry as the V2 mailbox (`QM_MB_CMD_SQC_VFT_V2`) and the PF `VFT_CFG_DATA`
+        /// registers return it (`qm_get_vft_v2`, `qm_set_vft_common`).
+        pub SQC_VFT [
+            /// First queue of the function (`QM_SQC_VFT_BASE_SHIFT_V2`, 16 bits).
+            BASE OFFSET(28) NUMBITS(16) [],
+            /// Entry valid (`QM_SQC_VFT_VALID`).
+            VALID OFFSET(44) NUMBITS(1) [],
+            /// Number of queues minus one (`QM_SQC_VFT_NUM_SHIFT_V2`, 10 bits).
+            NUM_MINUS_1 OFFSET(45) NUMBITS(10) []
+        ]
+    ];
+}
+
+register_structs! {
+    /// The QM registers of a VF's BAR2 that migration reads and writes.
+    pub QmVfRegisters {
+        (0x0000 => _reserved0),
+        /// `QM_VF_AEQ_INT_MASK`.
+        (0x0004 => pub qm_vf_aeq_int_mask: ReadWrite<u32>),
+        (0x0008 => _reserved1),
+        /// `QM_VF_EQ_INT_MASK`.
+        (0x000c => pub qm_vf_eq_int_mask: ReadWrite<u32>),
+        (0x0010 => _reserved2),
+        /// `QM_IFC_INT_SOURCE_V`: PF↔VF communication interrupt source.
+        (0x0020 => pub qm_ifc_int_source_v: ReadWrite<u32>),
+        /// `QM_IFC_INT_MASK`.
+        (0x0024 => pub qm_ifc_int_mask: ReadWrite<u32>),
+        /// `QM_IFC_INT_STATUS`.
+        (0x0028 => pub qm_ifc_int_status: ReadOnly<u32>),
+        /// `QM_IFC_INT_SET_V`.
+        (0x002c => pub qm_ifc_int_set_v: ReadWrite<u32>),
+        /// `QM_QUE_ISO_CFG_V`: queue isolation configuration.
+        (0x0030 => pub qm_que_iso_cfg_v: ReadWrite<u32>),
+        /// `QM_PAGE_SIZE`.
+        (0x0034 => pub qm_page_size: ReadWrite<u32>),
+        (0x0038 => _reserved3),
+        /// `QM_VF_STATE`.
+        (0x0060 => pub qm_vf_state: ReadWrite<u32, fields::VF_STATE::Register>),
+        (0x0064 => _reserved4),
+        /// `QM_CACHE_WB_START`: write 1 to write the SQC/CQC cache back to memory.
+        (0x0204 => pub qm_cache_wb_start: WriteOnly<u32>),
+        /// `QM_CACHE_WB_DONE`.
+        (0x0208 => pub qm_cache_wb_done: ReadOnly<u32, fields::CACHE_WB_DONE::Register>),
+        (0x020c => _reserved5),
+        /// `QM_MB_CMD_SEND_BASE`: mailbox word 0 (`w0` | `queue_num` << 16).
+        (0x0300 => pub qm_mb_cmd_send_base: ReadWrite<u32, fields::MB_W0::Register>),
+        /// `QM_MB_CMD_DATA_ADDR_L`: mailbox base address, low half (data out for reads).
+        (0x0304 => pub qm_mb_cmd_data_addr_l: ReadWrite<u32>),
+        /// `QM_MB_CMD_DATA_ADDR_H`: mailbox base address, high half.
+        (0x0308 => pub qm_mb_cmd_data_addr_h: ReadWrite<u32>),
+        /// Mailbox word 3 (reserved, written as 0).
+        (0x030c => pub qm_mb_rsvd: ReadWrite<u32>),
+        (0x0310 => _reserved6),
+        /// `QM_DOORBELL_SQ_CQ_BASE_V2`.
+        (0x1000 => pub qm_doorbell_sq_cq: WriteOnly<u64, fields::DOORBELL::Register>),
+        (0x1008 => _reserved7),
+        /// `QM_DOORBELL_EQ_AEQ_BASE_V2`.
+        (0x2000 => pub qm_doorbell_eq_aeq: WriteOnly<u64, fields::DOORBELL::Register>),
+        (0x2008 => _reserved8),
+        /// `QM_EQC_DW0` .. `QM_EQC_DW6` (event queue context; DW1/DW2 hold the EQE base).
+        (0x8000 => pub qm_eqc_dw: [ReadWrite<u32>; 7]),
+        (0x801c => _reserved9),
+        /// `QM_AEQC_DW0` .. `QM_AEQC_DW6` (asynchronous event queue context).
+        (0x8020 => pub qm_aeqc_dw: [ReadWrite<u32>; 7]),
+        (0x803c => @END),
+    }
+}
+
+register_structs! {
+    /// The PF registers migration reads (the PF is owned by the host's crypto driver).
+    pub QmPfRegisters {
+        (0x000000 => _reserved0),
+        /// `QM_QUE_ISO_CFG_V` of the PF.
+        (0x000030 => pub qm_que_iso_cfg_v: ReadOnly<u32>),
+        (0x000034 => _reserved1),
+        /// `QM_ABNORMAL_INT_STATUS` (RAS state).
+        (0x100008 => pub qm_abnormal_int_status: ReadOnly<u32>),
+        (0x10000c => _reserved2),
+        /// `QM_VFT_CFG_OP_ENABLE`.
+        (0x100054 => pub qm_vft_cfg_op_enable: ReadWrite<u32>),
+        /// `QM_VFT_CFG_OP_WR`: 1 = read the VFT, 0 = write it.
+        (0x100058 => pub qm_vft_cfg_op_wr: ReadWrite<u32>),
+        /// `QM_VFT_CFG_TYPE`: 0 = SQC VFT, 1 = CQC VFT, 2 = shaper.
+        (0x10005c => pub qm_vft_cfg_type: ReadWrite<u32>),
+        /// `QM_VFT_CFG`: the function number.
+        (0x100060 => pub qm_vft_cfg: ReadWrite<u32>),
+        /// `QM_VFT_CFG_DATA_L`.
+        (0x100064 => pub qm_vft_cfg_data_l: ReadWrite<u32>),
+        /// `QM_VFT_CFG_DATA_H`.
+        (0x100068 => pub qm_vft_cfg_data_h: ReadWrite<u32>),
+        /// `QM_VFT_CFG_RDY`.
+        (0x10006c => pub qm_vft_cfg_rdy: ReadWrite<u32, fields::VFT_CFG_RDY::Register>),
+        (0x100070 => _reserved3),
+        /// `SEC_CORE_INT_STATUS`.
+        (0x301008 => pub sec_core_int_status: ReadOnly<u32>),
+        (0x30100c => _reserved4),
+        /// `HZIP_CORE_INT_STATUS`.
+        (0x3010ac => pub hzip_core_int_status: ReadOnly<u32>),
+        (0x3010b0 => _reserved5),
+        /// `HPRE_HAC_INT_STATUS`.
+        (0x301800 => pub hpre_hac_int_status: ReadOnly<u32>),
+        (0x301804 => @END),
+    }
+}
+
+/// A 32-bit VF register the sequences use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum VfReg {
+    /// `QM_VF_AEQ_INT_MASK`.
+    AeqIntMask,
+    /// `QM_VF_EQ_INT_MASK`.
+    EqIntMask,
+    /// `QM_IFC_INT_SOURCE_V`.
+    IfcIntSourceV,
+    /// `QM_IFC_INT_MASK`.
+    IfcIntMask,
+    /// `QM_IFC_INT_STATUS`.
+    IfcIntStatus,
+    /// `QM_IFC_INT_SET_V`.
+    IfcIntSetV,
+    /// `QM_QUE_ISO_CFG_V`.
+    QueIsoCfgV,
+    /// `QM_PAGE_SIZE`.
+    PageSize,
+    /// `QM_VF_STATE`.
+    VfState,
+    /// `QM_CACHE_WB_START`.
+    CacheWbStart,
+    /// `QM_CACHE_WB_DONE`.
+    CacheWbDone,
+    /// `QM_MB_CMD_SEND_BASE` (mailbox word 0).
+    MbCmdSendBase,
+    /// `QM_MB_CMD_DATA_ADDR_L`.
+    MbDataAddrL,
+    /// `QM_MB_CMD_DATA_ADDR_H`.
+    MbDataAddrH,
+    /// `QM_EQC_DW0 + 4 * n`, n < 7.
+    EqcDw(u8),
+    /// `QM_AEQC_DW0 + 4 * n`, n < 7.
+    AeqcDw(u8),
+}
+
+impl VfReg {
+    /// Byte offset in BAR2, from [`QmVfRegisters`].
+    pub const fn offset(self) -> usize {
+        match self {
+            VfReg::AeqIntMask => offset_of!(QmVfRegisters, qm_vf_aeq_int_mask),
+            VfReg::EqIntMask => offset_of!(QmVfRegisters, qm_vf_eq_int_mask),
+            VfReg::IfcIntSourceV => offset_of!(QmVfRegisters, qm_ifc_int_source_v),
+            VfReg::IfcIntMask => offset_of!(QmVfRegisters, qm_ifc_int_mask),
+            VfReg::IfcIntStatus => offset_of!(QmVfRegisters, qm_ifc_int_status),
+            VfReg::IfcIntSetV => offset_of!(QmVfRegisters, qm_ifc_int_set_v),
+            VfReg::QueIsoCfgV => offset_of!(QmVfRegisters, qm_que_iso_cfg_v),
+            VfReg::PageSize => offset_of!(QmVfRegisters, qm_page_size),
+            VfReg::VfState => offset_of!(QmVfRegisters, qm_vf_state),
+            VfReg::CacheWbStart => offset_of!(QmVfRegisters, qm_cache_wb_start),
+            VfReg::CacheWbDone => offset_of!(QmVfRegisters, qm_cache_wb_done),
+            VfReg::MbCmdSendBase => offset_of!(QmVfRegisters, qm_mb_cmd_send_base),
+            VfReg::MbDataAddrL => offset_of!(QmVfRegisters, qm_mb_cmd_data_addr_l),
+            VfReg::MbDataAddrH => offset_of!(QmVfRegisters, qm_mb_cmd_data_addr_h),
+            VfReg::EqcDw(n) => offset_of!(QmVfRegisters, qm_eqc_dw) + 4 * (n as usize % 7),
+            VfReg::AeqcDw(n) => offset_of!(QmVfRegisters, qm_aeqc_dw) + 4 * (n as usize % 7),
+        }
+    }
+
+    /// The kernel's name for the register.
+    pub const fn name(self) -> &'static str {
+        match self {
+            VfReg::AeqIntMask => "QM_VF_AEQ_INT_MASK",
+            VfReg::EqIntMask => "QM_VF_EQ_INT_MASK",
+            VfReg::IfcIntSourceV => "QM_IFC_INT_SOURCE_V",
+            VfReg::IfcIntMask => "QM_IFC_INT_MASK",
+            VfReg::IfcIntStatus => "QM_IFC_INT_STATUS",
+            VfReg::IfcIntSetV => "QM_IFC_INT_SET_V",
+            VfReg::QueIsoCfgV => "QM_QUE_ISO_CFG_V",
+            VfReg::PageSize => "QM_PAGE_SIZE",
+            VfReg::VfState => "QM_VF_STATE",
+            VfReg::CacheWbStart => "QM_CACHE_WB_START",
+            VfReg::CacheWbDone => "QM_CACHE_WB_DONE",
+            VfReg::MbCmdSendBase => "QM_MB_CMD_SEND_BASE",
+            VfReg::MbDataAddrL => "QM_MB_CMD_DATA_ADDR_L",
+            VfReg::MbDataAddrH => "QM_MB_CMD_DATA_ADDR_H",
+            VfReg::EqcDw(_) => "QM_EQC_DW",
+            VfReg::AeqcDw(_) => "QM_AEQC_DW",
+        }
+    }
+
+    /// Every register [`VfReg::offset`] can name, for dumps.
+    pub const ALL: [VfReg; 28] = [
+        VfReg::AeqIntMask,
+        VfReg::EqIntMask,
+        VfReg::IfcIntSourceV,
+        VfReg::IfcIntMask,
+        VfReg::IfcIntStatus,
+        VfReg::IfcIntSetV,
+        VfReg::QueIsoCfgV,
+        VfReg::PageSize,
+        VfReg::VfState,
+        VfReg::CacheWbStart,
+        VfReg::CacheWbDone,
+        VfReg::MbCmdSendBase,
+        VfReg::MbDataAddrL,
+        VfReg::MbDataAddrH,
+        VfReg::EqcDw(0),
+        VfReg::EqcDw(1),
+        VfReg::EqcDw(2),
+        VfReg::EqcDw(3),
+        VfReg::EqcDw(4),
+        VfReg::EqcDw(5),
+        VfReg::EqcDw(6),
+        VfReg::AeqcDw(0),
+        VfReg::AeqcDw(1),
+        VfReg::AeqcDw(2),
+        VfReg::AeqcDw(3),
+        VfReg::AeqcDw(4),
+        VfReg::AeqcDw(5),
+        VfReg::AeqcDw(6),
+    ];
+}
+
+/// Offset of the mailbox (128 bits) in BAR2.
+pub const MAILBOX_OFFSET: usize = offset_of!(QmVfRegisters, qm_mb_cmd_send_base);
+/// Offset of the SQ/CQ doorbell in BAR2.
+pub const DOORBELL_SQ_CQ_OFFSET: usize = offset_of!(QmVfRegisters, qm_doorbell_sq_cq);
+/// Offset of the EQ/AEQ doorbell in BAR2.
+pub const DOORBELL_EQ_AEQ_OFFSET: usize = offset_of!(QmVfRegisters, qm_doorbell_eq_aeq);
+/// Bytes of BAR2 the register map covers.
+pub const VF_MAP_LEN: usize = core::mem::size_of::<QmVfRegisters>();
+/// Bytes of the PF register map.
+pub const PF_MAP_LEN: usize = core::mem::size_of::<QmPfRegisters>();
+
+/// A 32-bit PF register the migration path uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PfReg {
+    /// `QM_QUE_ISO_CFG_V`.
+    QueIsoCfgV,
+    /// `QM_ABNORMAL_INT_STATUS`.
+    AbnormalIntStatus,
+    /// `QM_VFT_CFG_OP_ENABLE`.
+    VftCfgOpEnable,
+    /// `QM_VFT_CFG_OP_WR`.
+    VftCfgOpWr,
+    /// `QM_VFT_CFG_TYPE`.
+    VftCfgType,
+    /// `QM_VFT_CFG`.
+    VftCfg,
+    /// `QM_VFT_CFG_DATA_L`.
+    VftCfgDataL,
+    /// `QM_VFT_CFG_DATA_H`.
+    VftCfgDataH,
+    /// `QM_VFT_CFG_RDY`.
+    VftCfgRdy,
+    /// `SEC_CORE_INT_STATUS`.
+    SecCoreIntStatus,
+    /// `HPRE_HAC_INT_STATUS`.
+    HpreHacIntStatus,
+    /// `HZIP_CORE_INT_STATUS`.
+    HzipCoreIntStatus,
+}
+
+impl PfReg {
+    /// Byte offset in the PF BAR, from [`QmPfRegisters`].
+    pub const fn offset(self) -> usize {
+        match self {
+            PfReg::QueIsoCfgV => offset_of!(QmPfRegisters, qm_que_iso_cfg_v),
+            PfReg::AbnormalIntStatus => offset_of!(QmPfRegisters, qm_abnormal_int_status),
+            PfReg::VftCfgOpEnable => offset_of!(QmPfRegisters, qm_vft_cfg_op_enable),
+            PfReg::VftCfgOpWr => offset_of!(QmPfRegisters, qm_vft_cfg_op_wr),
+            PfReg::VftCfgType => offset_of!(QmPfRegisters, qm_vft_cfg_type),
+            PfReg::VftCfg => offset_of!(QmPfRegisters, qm_vft_cfg),
+            PfReg::VftCfgDataL => offset_of!(QmPfRegisters, qm_vft_cfg_data_l),
+            PfReg::VftCfgDataH => offset_of!(QmPfRegisters, qm_vft_cfg_data_h),
+            PfReg::VftCfgRdy => offset_of!(QmPfRegisters, qm_vft_cfg_rdy),
+            PfReg::SecCoreIntStatus => offset_of!(QmPfRegisters, sec_core_int_status),
+            PfReg::HpreHacIntStatus => offset_of!(QmPfRegisters, hpre_hac_int_status),
+            PfReg::HzipCoreIntStatus => offset_of!(QmPfRegisters, hzip_core_int_status),
+        }
+    }
+
+    /// The kernel's name for the register.
+    pub const fn name(self) -> &'static str {
+        match self {
+            PfReg::QueIsoCfgV => "QM_QUE_ISO_CFG_V (PF)",
+            PfReg::AbnormalIntStatus => "QM_ABNORMAL_INT_STATUS",
+            PfReg::VftCfgOpEnable => "QM_VFT_CFG_OP_ENABLE",
+            PfReg::VftCfgOpWr => "QM_VFT_CFG_OP_WR",
+            PfReg::VftCfgType => "QM_VFT_CFG_TYPE",
+            PfReg::VftCfg => "QM_VFT_CFG",
+            PfReg::VftCfgDataL => "QM_VFT_CFG_DATA_L",
+            PfReg::VftCfgDataH => "QM_VFT_CFG_DATA_H",
+            PfReg::VftCfgRdy => "QM_VFT_CFG_RDY",
+            PfReg::SecCoreIntStatus => "SEC_CORE_INT_STATUS",
+            PfReg::HpreHacIntStatus => "HPRE_HAC_INT_STATUS",
+            PfReg::HzipCoreIntStatus => "HZIP_CORE_INT_STATUS",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_match_the_kernel_headers() {
+        for (reg, off) in [
+            (VfReg::AeqIntMask, 0x4),
+            (VfReg::EqIntMask, 0xc),
+            (VfReg::IfcIntSourceV, 0x20),
+            (VfReg::IfcIntMask, 0x24),
+            (VfReg::IfcIntStatus, 0x28),
+            (VfReg::IfcIntSetV, 0x2c),
+            (VfReg::QueIsoCfgV, 0x30),
+            (VfReg::PageSize, 0x34),
+            (VfReg::VfState, 0x60),
+            (VfReg::CacheWbStart, 0x204),
+            (VfReg::CacheWbDone, 0x208),
+            (VfReg::MbCmdSendBase, 0x300),
+            (VfReg::MbDataAddrL, 0x304),
+            (VfReg::MbDataAddrH, 0x308),
+            (VfReg::EqcDw(0), 0x8000),
+            (VfReg::EqcDw(6), 0x8018),
+            (VfReg::AeqcDw(0), 0x8020),
+            (VfReg::AeqcDw(6), 0x8038),
+        ] {
+            assert_eq!(reg.offset(), off, "{}", reg.name());
+        }
+        assert_eq!(DOORBELL_SQ_CQ_OFFSET, 0x1000);
+        assert_eq!(DOORBELL_EQ_AEQ_OFFSET, 0x2000);
+        // 0x803c rounded up to the 8-byte alignment of the doorbell registers.
+        assert_eq!(VF_MAP_LEN, 0x8040);
+        for (reg, off) in [
+            (PfReg::QueIsoCfgV, 0x30),
+            (PfReg::AbnormalIntStatus, 0x100008),
+            (PfReg::VftCfgOpEnable, 0x100054),
+            (PfReg::VftCfgOpWr, 0x100058),
+            (PfReg::VftCfgType, 0x10005c),
+            (PfReg::VftCfg, 0x100060),
+            (PfReg::VftCfgDataL, 0x100064),
+            (PfReg::VftCfgDataH, 0x100068),
+            (PfReg::VftCfgRdy, 0x10006c),
+            (PfReg::SecCoreIntStatus, 0x301008),
+            (PfReg::HpreHacIntStatus, 0x301800),
+            (PfReg::HzipCoreIntStatus, 0x3010ac),
+        ] {
+            assert_eq!(reg.offset(), off, "{}", reg.name());
+        }
+    }
+}

@@ -1,0 +1,480 @@
+//! Migration of an ACC VF between two device models through the VFIO v2 driver
+//! (`AccMigration`), with a guest driver keeping work in flight; fault injection on every step;
+//! corrupt streams; and the device's DMA going through livemig-iommu-pt's IOMMU model.
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+
+use livemig_hisi_qm::mailbox::{MbCmd, Vft};
+use livemig_hisi_qm::migration::AccMigration;
+use livemig_hisi_qm::model::{Dma, DmaError, Fault, FlatMemory, GuestDriver, QmPfModel, QmVfModel};
+use livemig_hisi_qm::seq::dump_registers;
+use livemig_hisi_qm::{AccKind, AccVf, LoadOutcome, NoDelay, PfQm, VfQm};
+use livemig_vfio::data::{save_precopy, save_stop_copy, write_resuming};
+use livemig_vfio::{MigrationDevice, MigrationState};
+
+const RAM: u64 = 0x1000_0000;
+const RAM_SIZE: usize = 8 << 20;
+const FUN: u32 = 1;
+const VFT: Vft = Vft { base: 64, num: 4 };
+
+type Mig = AccMigration<Arc<QmVfModel>, Arc<QmPfModel>, NoDelay>;
+
+struct Host {
+    mem: Arc<FlatMemory>,
+    pf: Arc<QmPfModel>,
+    vf: Arc<QmVfModel>,
+    mig: Mig,
+}
+
+fn host(kind: AccKind, iso: u32, vft: Vft) -> Host {
+    let mem = Arc::new(FlatMemory::new(RAM, RAM_SIZE));
+    let pf = QmPfModel::new(kind, iso);
+    let vf = pf.create_vf(FUN, vft, mem.clone() as Arc<dyn Dma>);
+    let dev = AccVf::new(
+        kind,
+        FUN,
+        VfQm::new(vf.clone(), NoDelay),
+        PfQm::new(pf.clone(), NoDelay),
+    );
+    Host {
+        mem,
+        pf,
+        vf,
+        mig: AccMigration::new(dev),
+    }
+}
+
+/// A guest with four queues, some jobs done and some still queued in the SQs.
+fn busy_guest(h: &Host) -> (GuestDriver<Arc<QmVfModel>>, u64, Vec<u16>) {
+    let mut g = GuestDriver::init(h.vf.clone(), h.mem.clone(), RAM, VFT.num, 64).unwrap();
+    let bufs = g.free_base();
+    // Source data for 64 jobs.
+    for j in 0..64u64 {
+        let src: Vec<u8> = (0..256)
+            .map(|i| (i as u8).wrapping_mul(j as u8 + 1))
+            .collect();
+        h.mem.write(bufs + j * 512, &src).unwrap();
+    }
+    let mut tags = Vec::new();
+    for j in 0..40u16 {
+        let q = j % VFT.num;
+        let off = u64::from(j) * 512;
+        assert!(g.submit(q, bufs + off, bufs + off + 256, 256, j).unwrap());
+        tags.push(j);
+    }
+    assert_eq!(h.vf.process(25), 25);
+    let mut done = Vec::new();
+    for q in 0..VFT.num {
+        done.extend(g.poll(q).unwrap().into_iter().map(|c| c.tag));
+    }
+    assert_eq!(done.len(), 25);
+    (g, bufs, done)
+}
+
+/// The VF's state registers (the mailbox words are a command interface: the match check's
+/// VFT query legitimately uses them).
+fn state_regs(vf: &QmVfModel) -> String {
+    dump_registers(vf)
+        .lines()
+        .filter(|l| !l.contains("QM_MB_CMD"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// An error and all its sources, joined.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(" / ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn check_results(mem: &FlatMemory, bufs: u64, tags: &[u16]) {
+    for &j in tags {
+        let off = u64::from(j) * 512;
+        let mut src = vec![0u8; 256];
+        let mut dst = vec![0u8; 256];
+        mem.read(bufs + off, &mut src).unwrap();
+        mem.read(bufs + off + 256, &mut dst).unwrap();
+        let want: Vec<u8> = src.iter().map(|b| b ^ 0x5a).collect();
+        assert_eq!(dst, want, "job {j}");
+    }
+}
+
+#[test]
+fn save_on_a_resume_on_b_keeps_the_queues_running() {
+    let mut a = host(AccKind::Sec, 1, VFT);
+    let mut b = host(AccKind::Sec, 1, VFT);
+    let (g, bufs, mut done) = busy_guest(&a);
+
+    // Source PRE_COPY: the match block goes first; the destination checks it in RESUMING.
+    let mut src = a
+        .mig
+        .transition(MigrationState::PreCopy)
+        .unwrap()
+        .data
+        .unwrap();
+    let mut dst = b
+        .mig
+        .transition(MigrationState::Resuming)
+        .unwrap()
+        .data
+        .unwrap();
+    let mut early = Vec::new();
+    let round = save_precopy(&mut src, &mut early, u64::MAX).unwrap();
+    assert_eq!((round.info.initial_bytes, round.bytes), (40, 40));
+    assert_eq!(early.len(), 40);
+    let again = save_precopy(&mut src, &mut early, u64::MAX).unwrap();
+    assert!(again.drained && again.bytes == 0, "{again:?}");
+    write_resuming(&mut dst, &early).unwrap();
+
+    // Stop and copy: the queues stop; the rest of the state follows.
+    a.mig.transition(MigrationState::StopCopy).unwrap();
+    assert!(a.vf.is_paused());
+    assert_eq!(a.vf.process(100), 0, "a paused VF does no work");
+    let mut rest = Vec::new();
+    save_stop_copy(&mut src, &mut rest).unwrap();
+    assert_eq!(early.len() + rest.len(), 176);
+    let saved = a.vf.migratable_state();
+    write_resuming(&mut dst, &rest).unwrap();
+    // Guest memory moves (with the queue contexts the cache write-back put there).
+    assert!(b.mem.restore(&a.mem.snapshot()));
+    b.mig.transition(MigrationState::Running).unwrap();
+    assert_eq!(b.mig.last_load(), Some(LoadOutcome::Loaded));
+
+    // Identical register state and contexts.
+    assert_eq!(b.vf.migratable_state(), saved);
+    insta::assert_snapshot!("destination_registers", dump_registers(&*b.vf));
+
+    // The guest carries on on B: the 15 queued jobs complete, new ones too.
+    let mut g = g.migrate_to(b.vf.clone(), b.mem.clone());
+    assert_eq!(b.vf.process(100), 15);
+    for q in 0..VFT.num {
+        done.extend(g.poll(q).unwrap().into_iter().map(|c| c.tag));
+    }
+    for j in 40..64u16 {
+        let off = u64::from(j) * 512;
+        assert!(
+            g.submit(j % VFT.num, bufs + off, bufs + off + 256, 256, j)
+                .unwrap()
+        );
+    }
+    assert_eq!(b.vf.process(100), 24);
+    for q in 0..VFT.num {
+        done.extend(g.poll(q).unwrap().into_iter().map(|c| c.tag));
+    }
+    done.sort_unstable();
+    assert_eq!(
+        done,
+        (0..64).collect::<Vec<u16>>(),
+        "every job completed exactly once"
+    );
+    check_results(&b.mem, bufs, &done);
+    assert_eq!(
+        g.events.len(),
+        64,
+        "one event per completion, across the migration"
+    );
+
+    // The source can be resumed too (a cancelled migration).
+    a.mig.transition(MigrationState::Running).unwrap();
+    assert!(!a.vf.is_paused());
+}
+
+#[test]
+fn a_vf_that_never_got_ready_sends_match_data_only() {
+    let mut a = host(AccKind::Hpre, 0, VFT);
+    let mut b = host(AccKind::Hpre, 0, VFT);
+    a.vf.set_not_ready(true);
+    let mut src = a
+        .mig
+        .transition(MigrationState::StopCopy)
+        .unwrap()
+        .data
+        .unwrap();
+    let mut blob = Vec::new();
+    save_stop_copy(&mut src, &mut blob).unwrap();
+    assert_eq!(blob.len(), 40);
+    let mut dst = b
+        .mig
+        .transition(MigrationState::Resuming)
+        .unwrap()
+        .data
+        .unwrap();
+    write_resuming(&mut dst, &blob).unwrap();
+    b.mig.transition(MigrationState::Stop).unwrap();
+    assert_eq!(b.mig.last_load(), Some(LoadOutcome::MatchOnly));
+}
+
+/// One source-side fault: the transition fails with an error naming the step, the state stays
+/// where it was (not ERROR), and once the fault is gone the VF still does work.
+fn source_fault(fault: Fault, on_pf: bool, expect: &str) {
+    let mut a = host(AccKind::Zip, 1, VFT);
+    let (mut g, bufs, _) = busy_guest(&a);
+    if on_pf {
+        a.pf.inject(fault);
+    } else {
+        a.vf.inject(fault);
+    }
+    let e = a.mig.transition(MigrationState::StopCopy).unwrap_err();
+    let msg = chain(&e);
+    assert!(msg.contains(expect), "{fault:?}: {msg}");
+    // A failed arc leaves the state where the last good arc put it (RUNNING -> STOP may have
+    // succeeded before STOP -> STOP_COPY failed), never ERROR; the VMM then goes back to
+    // RUNNING.
+    let left = a.mig.migration_state().unwrap();
+    assert!(
+        matches!(left, MigrationState::Running | MigrationState::Stop),
+        "{fault:?}: {left}"
+    );
+    a.vf.clear_faults();
+    a.pf.clear_faults();
+    a.mig.transition(MigrationState::Running).unwrap();
+    // The VF is runnable: nothing paused, queued work completes.
+    assert!(!a.vf.is_paused(), "{fault:?} left the VF paused");
+    let off = 50 * 512;
+    assert!(g.submit(0, bufs + off, bufs + off + 256, 256, 50).unwrap());
+    assert!(a.vf.process(100) >= 1, "{fault:?}: the VF does no work");
+}
+
+#[test]
+fn every_source_fault_is_reported_and_leaves_the_vf_running() {
+    source_fault(Fault::MailboxStuckBusy, false, "QM mailbox is busy");
+    source_fault(
+        Fault::MailboxError(MbCmd::PauseQm),
+        false,
+        "QM_MB_CMD_PAUSE_QM failed with mailbox status",
+    );
+    source_fault(
+        Fault::WritebackNeverDone,
+        false,
+        "QM_CACHE_WB_DONE did not become ready",
+    );
+    source_fault(
+        Fault::IfcIntStatusStuck,
+        false,
+        "QM_IFC_INT_STATUS stayed 0x1",
+    );
+    source_fault(Fault::IfcIntSetStuck, false, "QM_IFC_INT_SET_V stayed 0x1");
+    source_fault(
+        Fault::AbnormalIntStuck,
+        true,
+        "QM_ABNORMAL_INT_STATUS stayed",
+    );
+    source_fault(Fault::CoreIntStuck, true, "HZIP_CORE_INT_STATUS stayed 0x4");
+    source_fault(
+        Fault::VftCfgNeverReady,
+        true,
+        "QM_VFT_CFG_RDY did not become ready",
+    );
+    source_fault(
+        Fault::MailboxError(MbCmd::SqcBt),
+        false,
+        "QM_MB_CMD_SQC_BT failed with mailbox status",
+    );
+}
+
+/// Destination-side refusals: the stream is refused before any destination register is
+/// written, and the source goes back to RUNNING with its work intact.
+fn destination_refuses(b: &mut Host, expect: &str) {
+    let mut a = host(AccKind::Sec, 1, VFT);
+    let (mut g, bufs, _) = busy_guest(&a);
+    let mut src = a
+        .mig
+        .transition(MigrationState::StopCopy)
+        .unwrap()
+        .data
+        .unwrap();
+    let mut blob = Vec::new();
+    save_stop_copy(&mut src, &mut blob).unwrap();
+    let mut dst = b
+        .mig
+        .transition(MigrationState::Resuming)
+        .unwrap()
+        .data
+        .unwrap();
+    let untouched = state_regs(&b.vf);
+    let e = dst.write_all(&blob).unwrap_err();
+    assert!(chain(&e).contains(expect), "{}", chain(&e));
+    let e = b.mig.transition(MigrationState::Stop).unwrap_err();
+    assert_eq!(
+        b.mig.migration_state().unwrap(),
+        MigrationState::Resuming,
+        "{e}"
+    );
+    assert_eq!(
+        state_regs(&b.vf),
+        untouched,
+        "destination registers were written"
+    );
+    // The source resumes.
+    drop(src);
+    a.mig.transition(MigrationState::Running).unwrap();
+    let off = 50 * 512;
+    assert!(g.submit(1, bufs + off, bufs + off + 256, 256, 50).unwrap());
+    assert_eq!(a.vf.process(100), 16);
+}
+
+#[test]
+fn destination_refuses_a_different_device() {
+    destination_refuses(
+        &mut host(AccKind::Zip, 1, VFT),
+        "dev_id is 0xa256 in the stream, 0xa251 here",
+    );
+    destination_refuses(
+        &mut host(AccKind::Sec, 0, VFT),
+        "que_iso_cfg is 0x1 in the stream, 0x0 here",
+    );
+    destination_refuses(
+        &mut host(AccKind::Sec, 1, Vft { base: 0, num: 8 }),
+        "qp_num is 0x4 in the stream, 0x8 here",
+    );
+    let mut b = host(AccKind::Sec, 1, VFT);
+    b.vf.inject(Fault::VftMismatch);
+    destination_refuses(&mut b, "qp_num is 0x4 in the stream, 0x5 here");
+}
+
+#[test]
+fn corrupt_streams_are_refused_before_loading() {
+    let mut a = host(AccKind::Sec, 1, VFT);
+    let _ = busy_guest(&a);
+    let mut src = a
+        .mig
+        .transition(MigrationState::StopCopy)
+        .unwrap()
+        .data
+        .unwrap();
+    let mut blob = Vec::new();
+    src.read_to_end(&mut blob).unwrap();
+    assert_eq!(blob.len(), 176);
+    for (i, why) in [
+        (0, "unknown acc_vf_data magic"),
+        (29, "not compatible with driver version"),
+        (36, "reserved field qm_rsv_state"),
+        (150, "eqe_dma is"),
+    ] {
+        let mut b = host(AccKind::Sec, 1, VFT);
+        let mut bad = blob.clone();
+        bad[i] ^= 0x40;
+        let mut dst = b
+            .mig
+            .transition(MigrationState::Resuming)
+            .unwrap()
+            .data
+            .unwrap();
+        let untouched = state_regs(&b.vf);
+        let w = dst.write_all(&bad);
+        let r = b.mig.transition(MigrationState::Stop);
+        let err = match (w, r) {
+            (Err(e), _) => chain(&e),
+            (Ok(()), Err(e)) => chain(&e),
+            (Ok(()), Ok(_)) => panic!("byte {i}: corrupt stream accepted"),
+        };
+        assert!(err.contains(why), "byte {i}: {err}");
+        assert_eq!(state_regs(&b.vf), untouched, "byte {i}");
+    }
+    // Too long: the driver's ENOMEM.
+    let mut b = host(AccKind::Sec, 1, VFT);
+    let mut dst = b
+        .mig
+        .transition(MigrationState::Resuming)
+        .unwrap()
+        .data
+        .unwrap();
+    let mut long = blob.clone();
+    long.push(0);
+    let e = dst.write_all(&long).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::OutOfMemory, "{e}");
+    // Nothing written at all: RESUMING -> STOP fails.
+    let mut b = host(AccKind::Sec, 1, VFT);
+    b.mig.transition(MigrationState::Resuming).unwrap();
+    assert!(b.mig.transition(MigrationState::Stop).is_err());
+}
+
+/// The VF's DMA goes through livemig-iommu-pt's IOMMU model: the pages its completions and
+/// results land in show up in the IOMMU's dirty bitmap.
+#[test]
+fn device_writes_dirty_pages_through_the_iommu_model() {
+    use livemig_iommu_pt::config::VtdPasidEntry;
+    use livemig_iommu_pt::format::VtdSecondStage;
+    use livemig_iommu_pt::model::{
+        DeviceContext, DevicePort, DmaPort, GuestRam, Iommu, ModelOptions,
+    };
+    use livemig_iommu_pt::{DirtyBits, HarvestOptions, PageTable, Perm, TableArena};
+
+    struct ViaIommu(DevicePort<VtdSecondStage, Arc<TableArena>>);
+    impl Dma for ViaIommu {
+        fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+            self.0
+                .dma_read(iova, buf)
+                .map_err(|_| DmaError { iova, write: false })
+        }
+        fn write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
+            self.0
+                .dma_write(iova, data)
+                .map_err(|_| DmaError { iova, write: true })
+        }
+    }
+    // The guest's view of its own memory (the CPU bypasses the IOMMU).
+    struct Cpu(Arc<GuestRam>);
+    impl Dma for Cpu {
+        fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+            livemig_iommu_pt::model::DataMem::read(&*self.0, iova, buf)
+                .then_some(())
+                .ok_or(DmaError { iova, write: false })
+        }
+        fn write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
+            livemig_iommu_pt::model::DataMem::write(&*self.0, iova, data)
+                .then_some(())
+                .ok_or(DmaError { iova, write: true })
+        }
+    }
+
+    let arena = Arc::new(TableArena::new(0x4000_0000, 512).unwrap());
+    let ram = Arc::new(GuestRam::new(RAM, RAM_SIZE as u64));
+    let fmt = VtdSecondStage::new(48, 46).unwrap();
+    let mut pt = PageTable::new(fmt, arena.clone()).unwrap();
+    pt.map(RAM, RAM, RAM_SIZE as u64, Perm::RW).unwrap();
+    pt.split(RAM, RAM_SIZE as u64, 4096, &mut |_: u64, _: u64| {})
+        .unwrap();
+    let iommu = Arc::new(Iommu::new(fmt, arena, ram.clone(), ModelOptions::default()));
+    let ctx = VtdPasidEntry::second_stage(pt.root(), 48, 1).with_dirty_tracking(true);
+    iommu.attach(9, DeviceContext::Vtd(ctx)).unwrap();
+
+    let cpu: Arc<dyn Dma> = Arc::new(Cpu(ram.clone()));
+    let vf = QmVfModel::new(AccKind::Sec, VFT, Arc::new(ViaIommu(iommu.port(9))));
+    let mut g = GuestDriver::init(vf.clone(), cpu.clone(), RAM, VFT.num, 16).unwrap();
+    let mut bits = DirtyBits::new(RAM, RAM_SIZE as u64, 4096).unwrap();
+    pt.read_and_clear_dirty(
+        RAM,
+        RAM_SIZE as u64,
+        &mut bits,
+        HarvestOptions::default(),
+        &mut &*iommu,
+    )
+    .unwrap();
+    let bufs = g.free_base() + 0x10_0000;
+    cpu.write(bufs, &[7u8; 256]).unwrap();
+    assert!(g.submit(2, bufs, bufs + 0x3000, 256, 1).unwrap());
+    assert_eq!(vf.process(10), 1);
+    assert_eq!(g.poll(2).unwrap().len(), 1);
+    bits.clear();
+    pt.read_and_clear_dirty(
+        RAM,
+        RAM_SIZE as u64,
+        &mut bits,
+        HarvestOptions::default(),
+        &mut &*iommu,
+    )
+    .unwrap();
+    let dirty: Vec<u64> = bits.iter().collect();
+    let cq = g.queues()[2].cq_base & !0xfff;
+    assert!(dirty.contains(&(bufs + 0x3000)), "result page: {dirty:x?}");
+    assert!(dirty.contains(&cq), "completion queue page: {dirty:x?}");
+    assert!(!dirty.contains(&bufs), "the source page was only read");
+}
