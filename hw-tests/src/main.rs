@@ -18,6 +18,7 @@ mod mock;
 mod mtty;
 mod pci;
 mod util;
+mod viommu_cases;
 
 use anyhow::{Context, Result, bail};
 
@@ -39,6 +40,7 @@ fn run_plan(plan: &Plan, runner: &mut Runner) -> Result<()> {
         Plan::Profile(p) => match p.as_str() {
             "mock" => {
                 iommufd_cases::run(runner);
+                viommu_cases::run(runner);
                 mtty::run(runner);
             }
             "vtd" => pci::run(runner, pci::Vendor::IntelVtd),
@@ -69,7 +71,9 @@ fn parse_args(args: &[String]) -> Result<(Plan, Option<String>)> {
             "--lab" => plan = Some(Plan::Lab(it.next().context("--lab needs a path")?.clone())),
             "--filter" => filter = Some(it.next().context("--filter needs a substring")?.clone()),
             "--list-profiles" => {
-                println!("mock\tiommufd selftest mock IOMMU + mtty mdev migration");
+                println!(
+                    "mock\tiommufd selftest mock IOMMU (+ virtio-iommu listener) + mtty mdev migration"
+                );
                 println!("vtd\temulated Intel VT-d + edu behind vfio-pci");
                 println!("amdvi\temulated AMD-Vi + edu behind vfio-pci");
                 std::process::exit(0);

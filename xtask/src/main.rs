@@ -146,7 +146,7 @@ fn ci() -> Result<()> {
         ],
         &[],
     )?;
-    // The no_std crates must keep building without std.
+    // The no_std crates must keep building without std, and livemig-viommu without iommufd.
     cargo(
         &[
             "build",
@@ -154,6 +154,8 @@ fn ci() -> Result<()> {
             "livemig-stream",
             "-p",
             "livemig-iommu-pt",
+            "-p",
+            "livemig-viommu",
             "--no-default-features",
         ],
         &[],

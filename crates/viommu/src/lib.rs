@@ -1,0 +1,42 @@
+//! A virtio-iommu device backend for VFIO endpoints, and the vIOMMU-aware migration policy.
+//!
+//! ```text
+//!  guest driver ──virtqueue──> VirtioIommu::handle ──> domains / mappings (the model)
+//!                                   │                        │
+//!                                   │ MapListener per VFIO   └─> ViommuView ──> MigrationPolicy
+//!                                   v endpoint                                  MigrationGuard
+//!                          IommufdListener (IOAS map/unmap;       (block / cancel / allow)
+//!                          read-dirty-then-unmap while tracking)
+//!  pagesize::Negotiation: page_size_mask = AND of the host IOMMUs' masks, hotplug rules
+//! ```
+//!
+//! A VMM that gives its guest a virtio-iommu with an assigned device must mirror every guest
+//! MAP/UNMAP into the host IOMMU (seed 004), agree on a granule the host can honour, and
+//! decide whether migration may run while the guest can change mappings (seed 002) — without
+//! losing dirty pages when the guest unmaps during migration. The wire format and device rules
+//! are virtio 1.3 §5.13 (`include/uapi/linux/virtio_iommu.h` for the values).
+//!
+//! # Example
+//! ```
+//! use livemig_viommu::device::{DeviceConfig, VirtioIommu};
+//! use livemig_viommu::listener::RecordingListener;
+//! use livemig_viommu::proto::{Request, Status, MAP_F_READ, MAP_F_WRITE};
+//!
+//! let mut dev = VirtioIommu::new(DeviceConfig::default()).unwrap();
+//! dev.add_endpoint(8, Some(Box::new(RecordingListener::default())), vec![]).unwrap();
+//! let attach = Request::Attach { domain: 1, endpoint: 8, flags: 0, reserved: [0; 4] };
+//! assert_eq!(dev.request(&attach), Status::Ok);
+//! let map = Request::Map {
+//!     domain: 1, virt_start: 0x10000, virt_end: 0x1ffff, phys_start: 0x8000_0000,
+//!     flags: MAP_F_READ | MAP_F_WRITE,
+//! };
+//! assert_eq!(dev.request(&map), Status::Ok);
+//! assert_eq!(dev.mappings(1).len(), 1);
+//! ```
+#![deny(missing_docs)]
+
+pub mod device;
+pub mod listener;
+pub mod pagesize;
+pub mod policy;
+pub mod proto;
