@@ -11,6 +11,7 @@
 //! `[hw-tests] skip NAME: why` (each announced first by `[hw-tests] run NAME`, so a hang shows
 //! where), and last `[hw-tests] N passed, N failed`.
 
+mod cli_cases;
 mod harness;
 mod iommufd_cases;
 mod lab;
@@ -42,6 +43,7 @@ fn run_plan(plan: &Plan, runner: &mut Runner) -> Result<()> {
                 iommufd_cases::run(runner);
                 viommu_cases::run(runner);
                 mtty::run(runner);
+                cli_cases::run(runner);
             }
             "vtd" => pci::run(runner, pci::Vendor::IntelVtd),
             "amdvi" => pci::run(runner, pci::Vendor::AmdVi),

@@ -226,7 +226,8 @@ pub fn kernel(rig: &Path) -> Result<PathBuf> {
     Ok(cached)
 }
 
-/// Builds hw-tests as a static binary (glibc with crt-static: no new rustup target needed).
+/// Builds hw-tests and the `livemig` CLI as static binaries (glibc with crt-static: no new
+/// rustup target needed); returns hw-tests' path ([`livemig_static`] has the other).
 pub fn hw_tests_static() -> Result<PathBuf> {
     let triple = "x86_64-unknown-linux-gnu";
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -241,6 +242,10 @@ pub fn hw_tests_static() -> Result<PathBuf> {
             "hw-tests",
             "--bin",
             "hw-tests",
+            "-p",
+            "livemig",
+            "--bin",
+            "livemig",
             "--target",
             triple,
         ])
@@ -250,15 +255,25 @@ pub fn hw_tests_static() -> Result<PathBuf> {
     if !status.success() {
         bail!("building hw-tests failed ({status})");
     }
-    let bin = target_dir().join(triple).join("release").join("hw-tests");
-    let bytes = std::fs::read(&bin).with_context(|| format!("read {}", bin.display()))?;
-    if has_interp(&bytes) {
-        bail!(
-            "{} is dynamically linked (PT_INTERP present)",
-            bin.display()
-        );
+    for name in ["hw-tests", "livemig"] {
+        let bin = target_dir().join(triple).join("release").join(name);
+        let bytes = std::fs::read(&bin).with_context(|| format!("read {}", bin.display()))?;
+        if has_interp(&bytes) {
+            bail!(
+                "{} is dynamically linked (PT_INTERP present)",
+                bin.display()
+            );
+        }
     }
-    Ok(bin)
+    Ok(target_dir().join(triple).join("release").join("hw-tests"))
+}
+
+/// The static `livemig` binary [`hw_tests_static`] built.
+pub fn livemig_static() -> PathBuf {
+    target_dir()
+        .join("x86_64-unknown-linux-gnu")
+        .join("release")
+        .join("livemig")
 }
 
 /// Whether an ELF64 file has a PT_INTERP program header (a dynamic loader).
@@ -276,16 +291,24 @@ pub fn has_interp(elf: &[u8]) -> bool {
 }
 
 /// The initramfs: `/init` (hw-tests), `/dev/console` for its output, mount points, and any
-/// extra files (`(path, contents)`).
+/// extra files (`(path, contents)`; those under `bin/` are executable).
 pub fn initramfs(init: &[u8], extra: &[(&str, &[u8])]) -> Vec<u8> {
     let mut c = Cpio::default();
-    for d in ["dev", "proc", "sys", "tmp"] {
+    for d in ["bin", "dev", "proc", "sys", "tmp"] {
         c.dir(d);
     }
     c.char_dev("dev/console", 5, 1);
     c.file("init", 0o755, init);
     for (path, data) in extra {
-        c.file(path, 0o644, data);
+        c.file(
+            path,
+            if path.starts_with("bin/") {
+                0o755
+            } else {
+                0o644
+            },
+            data,
+        );
     }
     c.finish()
 }
@@ -414,8 +437,9 @@ pub fn rig(opts: &Options) -> Result<()> {
     std::fs::create_dir_all(&logs)?;
     let kernel = kernel(&rig)?;
     let init = std::fs::read(hw_tests_static()?)?;
+    let cli = std::fs::read(livemig_static())?;
     let initrd = rig.join("initramfs.cpio");
-    std::fs::write(&initrd, initramfs(&init, &[]))?;
+    std::fs::write(&initrd, initramfs(&init, &[("bin/livemig", &cli)]))?;
 
     let accel = match opts.accel {
         AccelChoice::Tcg => Accel::Tcg,

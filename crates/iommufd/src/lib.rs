@@ -42,6 +42,8 @@ mod bitmap;
 mod error;
 mod hw_info;
 mod objects;
+#[cfg(feature = "selftest")]
+pub mod selftest;
 mod sys;
 
 pub use auto::{AutoDomain, AutoDomains, DomainPath};

@@ -115,6 +115,20 @@ impl<W: Write> Writer<W> {
         })
     }
 
+    /// The underlying writer (for example to flush a transport's buffer before waiting for the
+    /// peer; writing to it directly would corrupt the stream).
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.w
+    }
+
+    /// Flushes the underlying writer.
+    pub fn flush(&mut self) -> Result<(), Error> {
+        let at = self.bytes;
+        self.w
+            .flush()
+            .map_err(|e| Error::at(at, None, ErrorKind::Io(e)))
+    }
+
     /// Bytes written so far.
     pub fn bytes_written(&self) -> u64 {
         self.bytes

@@ -187,6 +187,11 @@ impl MigrationGuard {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The policy the guard enforces.
+    pub fn policy(&self) -> MigrationPolicy {
+        self.policy
+    }
+
     /// Start a migration, unless something blocks it.
     pub fn begin(&self, view: &ViommuView) -> Result<(), Vec<Blocker>> {
         let blockers = self.policy.blockers(view);

@@ -1,0 +1,193 @@
+//! Page bitmaps over guest-physical address space.
+
+/// One bit per page of `[0, pages * page_size)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageBitmap {
+    page_shift: u32,
+    pages: u64,
+    words: Vec<u64>,
+}
+
+impl PageBitmap {
+    /// An empty bitmap of `pages` pages of `page_size` (a power of two) bytes.
+    pub fn new(pages: u64, page_size: u64) -> PageBitmap {
+        assert!(
+            page_size.is_power_of_two(),
+            "page size must be a power of two"
+        );
+        PageBitmap {
+            page_shift: page_size.trailing_zeros(),
+            pages,
+            words: vec![0; usize::try_from(pages.div_ceil(64)).expect("bitmap fits memory")],
+        }
+    }
+
+    /// The page size.
+    pub fn page_size(&self) -> u64 {
+        1 << self.page_shift
+    }
+
+    /// Pages covered.
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    /// The words (bit `i % 64` of word `i / 64` is page `i`).
+    pub fn words(&self) -> &[u64] {
+        &self.words
+    }
+
+    /// The words, for trackers that fill them directly.
+    pub fn words_mut(&mut self) -> &mut [u64] {
+        &mut self.words
+    }
+
+    /// Marks page `page`; returns whether it was clear. Out-of-range pages are ignored.
+    pub fn set(&mut self, page: u64) -> bool {
+        if page >= self.pages {
+            return false;
+        }
+        let (w, b) = ((page / 64) as usize, page % 64);
+        let was = self.words[w] & (1 << b) == 0;
+        self.words[w] |= 1 << b;
+        was
+    }
+
+    /// Whether page `page` is marked.
+    pub fn get(&self, page: u64) -> bool {
+        page < self.pages && self.words[(page / 64) as usize] & (1 << (page % 64)) != 0
+    }
+
+    /// Marks every page intersecting `[addr, addr + len)`, clipped to the bitmap.
+    pub fn set_bytes(&mut self, addr: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = addr >> self.page_shift;
+        let last =
+            (addr.saturating_add(len - 1) >> self.page_shift).min(self.pages.saturating_sub(1));
+        if first > last || first >= self.pages {
+            return;
+        }
+        let (fw, lw) = ((first / 64) as usize, (last / 64) as usize);
+        let lo = !0u64 << (first % 64);
+        let hi = !0u64 >> (63 - last % 64);
+        if fw == lw {
+            self.words[fw] |= lo & hi;
+        } else {
+            self.words[fw] |= lo;
+            self.words[fw + 1..lw].fill(!0);
+            self.words[lw] |= hi;
+        }
+    }
+
+    /// Marks every page.
+    pub fn set_all(&mut self) {
+        self.words.fill(!0);
+        let tail = self.pages % 64;
+        if tail != 0 {
+            if let Some(w) = self.words.last_mut() {
+                *w = (1u64 << tail) - 1;
+            }
+        }
+    }
+
+    /// ORs `other` (same geometry) into this bitmap.
+    pub fn union(&mut self, other: &PageBitmap) {
+        for (a, b) in self.words.iter_mut().zip(&other.words) {
+            *a |= b;
+        }
+    }
+
+    /// Clears every page.
+    pub fn clear(&mut self) {
+        self.words.fill(0);
+    }
+
+    /// Marked pages.
+    pub fn count(&self) -> u64 {
+        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// Runs of consecutive marked pages as `(first page, count)`, in order.
+    pub fn runs(&self) -> Runs<'_> {
+        Runs {
+            words: &self.words,
+            pages: self.pages,
+            at: 0,
+        }
+    }
+}
+
+/// Iterator over runs of marked pages; see [`PageBitmap::runs`].
+#[derive(Debug)]
+pub struct Runs<'a> {
+    words: &'a [u64],
+    pages: u64,
+    at: u64,
+}
+
+impl Iterator for Runs<'_> {
+    type Item = (u64, u64);
+
+    fn next(&mut self) -> Option<(u64, u64)> {
+        // Find the first set bit at or after `at`.
+        let mut p = self.at;
+        loop {
+            if p >= self.pages {
+                self.at = p;
+                return None;
+            }
+            let w = self.words[(p / 64) as usize] >> (p % 64);
+            if w == 0 {
+                p = (p / 64 + 1) * 64;
+                continue;
+            }
+            p += u64::from(w.trailing_zeros());
+            break;
+        }
+        let start = p;
+        // Find the first clear bit after it.
+        loop {
+            if p >= self.pages {
+                break;
+            }
+            let w = !self.words[(p / 64) as usize] >> (p % 64);
+            if w == 0 {
+                p = (p / 64 + 1) * 64;
+                continue;
+            }
+            p += u64::from(w.trailing_zeros());
+            break;
+        }
+        let end = p.min(self.pages);
+        self.at = end;
+        Some((start, end - start))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_and_ranges() {
+        let mut b = PageBitmap::new(200, 4096);
+        b.set_bytes(4096 * 3, 4096 * 2 + 1);
+        b.set(63);
+        b.set(64);
+        b.set(199);
+        assert_eq!(
+            b.runs().collect::<Vec<_>>(),
+            vec![(3, 3), (63, 2), (199, 1)]
+        );
+        assert_eq!(b.count(), 6);
+        b.set_all();
+        assert_eq!(b.count(), 200);
+        assert_eq!(b.runs().collect::<Vec<_>>(), vec![(0, 200)]);
+        b.clear();
+        b.set_bytes(0, 200 * 4096 + 12345);
+        assert_eq!(b.count(), 200, "clipped to the bitmap");
+        assert!(!b.set(500));
+    }
+}

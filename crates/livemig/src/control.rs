@@ -1,0 +1,132 @@
+//! The return path: small framed messages from the destination to the source.
+//!
+//! ```text
+//! frame   "LMRP" | type u8 | length u32 LE | payload[length]   (length <= 64 KiB)
+//! type 1  CompatOk                 payload empty
+//! type 2  CompatRefused            payload: UTF-8 reasons
+//! type 3  Resumed                  payload: u64 LE microseconds the destination spent loading
+//! type 4  Failed                   payload: UTF-8 error (phase and what)
+//! ```
+//!
+//! Frames are validated before anything is allocated: magic, known type, length bound, exact
+//! payload size for fixed payloads, valid UTF-8.
+
+use std::io::{self, Read, Write};
+
+const MAGIC: &[u8; 4] = b"LMRP";
+const MAX_PAYLOAD: u32 = 64 << 10;
+
+/// A return-path message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// The destination accepts the compatibility descriptors; the source may send state.
+    CompatOk,
+    /// The destination refuses; nothing was changed on either side.
+    CompatRefused(String),
+    /// The destination loaded everything and its devices are RUNNING.
+    Resumed {
+        /// Microseconds from End to RUNNING on the destination.
+        load_us: u64,
+    },
+    /// The destination failed and discarded what it received.
+    Failed(String),
+}
+
+impl Message {
+    /// Writes the frame and flushes.
+    pub fn write_to<W: Write + ?Sized>(&self, w: &mut W) -> io::Result<()> {
+        let (ty, payload): (u8, Vec<u8>) = match self {
+            Message::CompatOk => (1, Vec::new()),
+            Message::CompatRefused(r) => (2, truncate(r)),
+            Message::Resumed { load_us } => (3, load_us.to_le_bytes().to_vec()),
+            Message::Failed(r) => (4, truncate(r)),
+        };
+        let mut frame = Vec::with_capacity(9 + payload.len());
+        frame.extend_from_slice(MAGIC);
+        frame.push(ty);
+        frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        frame.extend_from_slice(&payload);
+        w.write_all(&frame)?;
+        w.flush()
+    }
+
+    /// Reads one frame. A clean end of input before a frame starts is `UnexpectedEof`.
+    pub fn read_from<R: Read + ?Sized>(r: &mut R) -> io::Result<Message> {
+        let mut h = [0u8; 9];
+        r.read_exact(&mut h)?;
+        if &h[..4] != MAGIC {
+            return Err(bad(format!(
+                "return path: bad magic {:02x?} (expected \"LMRP\")",
+                &h[..4]
+            )));
+        }
+        let ty = h[4];
+        let len = u32::from_le_bytes([h[5], h[6], h[7], h[8]]);
+        if len > MAX_PAYLOAD {
+            return Err(bad(format!(
+                "return path: message type {ty} claims {len} bytes (limit {MAX_PAYLOAD})"
+            )));
+        }
+        let mut payload = vec![0u8; len as usize];
+        r.read_exact(&mut payload)?;
+        let text = |p: Vec<u8>| {
+            String::from_utf8(p)
+                .map_err(|_| bad(format!("return path: message type {ty} is not UTF-8")))
+        };
+        match ty {
+            1 if len == 0 => Ok(Message::CompatOk),
+            2 => Ok(Message::CompatRefused(text(payload)?)),
+            3 if len == 8 => Ok(Message::Resumed {
+                load_us: u64::from_le_bytes(payload.try_into().expect("8 bytes")),
+            }),
+            4 => Ok(Message::Failed(text(payload)?)),
+            1 | 3 => Err(bad(format!(
+                "return path: message type {ty} with a {len}-byte payload"
+            ))),
+            other => Err(bad(format!("return path: unknown message type {other}"))),
+        }
+    }
+}
+
+fn truncate(s: &str) -> Vec<u8> {
+    let mut end = s.len().min(MAX_PAYLOAD as usize);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.as_bytes()[..end].to_vec()
+}
+
+fn bad(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_hostile_frames() {
+        for m in [
+            Message::CompatOk,
+            Message::CompatRefused("device 0: identity differs".into()),
+            Message::Resumed { load_us: 1234 },
+            Message::Failed("resume: device 1".into()),
+        ] {
+            let mut b = Vec::new();
+            m.write_to(&mut b).unwrap();
+            assert_eq!(Message::read_from(&mut b.as_slice()).unwrap(), m);
+            // Every truncation is an error, never a panic.
+            for cut in 0..b.len() {
+                assert!(Message::read_from(&mut &b[..cut]).is_err());
+            }
+        }
+        let e = Message::read_from(&mut &b"LMRP\x07\0\0\0\0"[..]).unwrap_err();
+        assert!(e.to_string().contains("unknown message type 7"), "{e}");
+        let e = Message::read_from(&mut &b"LMRP\x02\xff\xff\xff\xff"[..]).unwrap_err();
+        assert!(e.to_string().contains("claims"), "{e}");
+        let e = Message::read_from(&mut &b"XXXX\x01\0\0\0\0"[..]).unwrap_err();
+        assert!(e.to_string().contains("bad magic"), "{e}");
+        let e = Message::read_from(&mut &b"LMRP\x03\x01\0\0\0\0"[..]).unwrap_err();
+        assert!(e.to_string().contains("1-byte payload"), "{e}");
+    }
+}

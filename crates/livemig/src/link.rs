@@ -1,0 +1,384 @@
+//! Transports: the [`DataSink`] trait the source writes the stream to, an in-process link with
+//! bandwidth and latency ([`pipe`]), TCP, pacing for TCP ([`Paced`]), and a cut switch for
+//! failure injection ([`Cut`]).
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::time::{Duration, Instant};
+
+/// Where the source writes the migration stream. `close` ends the stream for the reader (a
+/// reader checks that nothing follows End, so the sink must be closed after it).
+pub trait DataSink: Write + Send {
+    /// Ends the data direction (TCP: shutdown of the write half).
+    fn close(&mut self) -> io::Result<()>;
+}
+
+impl DataSink for TcpStream {
+    fn close(&mut self) -> io::Result<()> {
+        self.flush()?;
+        self.shutdown(Shutdown::Write)
+    }
+}
+
+impl DataSink for Vec<u8> {
+    fn close(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl DataSink for std::fs::File {
+    fn close(&mut self) -> io::Result<()> {
+        self.flush()
+    }
+}
+
+impl<T: DataSink + ?Sized> DataSink for Box<T> {
+    fn close(&mut self) -> io::Result<()> {
+        (**self).close()
+    }
+}
+
+/// Bandwidth and latency of a link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkConfig {
+    /// Bytes per second; 0 = unlimited.
+    pub bandwidth: u64,
+    /// One-way latency.
+    pub latency: Duration,
+}
+
+/// A switch that cuts links when thrown (failure injection). Clones share the switch.
+#[derive(Debug, Clone, Default)]
+pub struct Cut(Arc<AtomicBool>);
+
+impl Cut {
+    /// A switch not thrown.
+    pub fn new() -> Cut {
+        Cut::default()
+    }
+    /// Cuts every link using this switch.
+    pub fn cut(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    /// Whether it was thrown.
+    pub fn is_cut(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+fn dropped() -> io::Error {
+    io::Error::new(io::ErrorKind::ConnectionReset, "link dropped")
+}
+
+/// Serialisation pacing: when a burst of `len` bytes may be considered sent.
+#[derive(Debug)]
+struct Pacer {
+    bandwidth: u64,
+    free_at: Instant,
+}
+
+impl Pacer {
+    fn new(bandwidth: u64) -> Pacer {
+        Pacer {
+            bandwidth,
+            free_at: Instant::now(),
+        }
+    }
+
+    /// Sleeps until `len` more bytes have left at the configured rate; returns when they have.
+    fn pace(&mut self, len: usize) -> Instant {
+        let now = Instant::now();
+        if self.bandwidth == 0 {
+            return now;
+        }
+        let start = self.free_at.max(now);
+        let nanos =
+            (len as u128 * 1_000_000_000 / u128::from(self.bandwidth)).min(u128::from(u64::MAX));
+        self.free_at = start + Duration::from_nanos(nanos as u64);
+        let now = Instant::now();
+        if self.free_at > now {
+            std::thread::sleep(self.free_at - now);
+        }
+        self.free_at
+    }
+}
+
+enum Frame {
+    Data(Instant, Vec<u8>),
+    Close,
+}
+
+const BURST: usize = 64 << 10;
+
+/// The writing end of an in-process link.
+pub struct LinkWriter {
+    tx: Option<SyncSender<Frame>>,
+    buf: Vec<u8>,
+    pacer: Pacer,
+    latency: Duration,
+    cut: Cut,
+}
+
+impl std::fmt::Debug for LinkWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkWriter")
+            .field("buffered", &self.buf.len())
+            .field("bandwidth", &self.pacer.bandwidth)
+            .field("latency", &self.latency)
+            .finish()
+    }
+}
+
+/// The reading end of an in-process link.
+pub struct LinkReader {
+    rx: Receiver<Frame>,
+    cur: Vec<u8>,
+    pos: usize,
+    closed: bool,
+    cut: Cut,
+}
+
+impl std::fmt::Debug for LinkReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkReader")
+            .field("closed", &self.closed)
+            .finish()
+    }
+}
+
+/// An in-process one-way link: bytes written to the writer arrive at the reader no earlier
+/// than `latency` after they were sent, and leave no faster than `bandwidth`. Writes block when
+/// about 4 MiB are in flight. Throwing `cut` drops the link: the writer gets `BrokenPipe`, the
+/// reader `ConnectionReset`.
+pub fn pipe(cfg: LinkConfig, cut: Cut) -> (LinkWriter, LinkReader) {
+    let (tx, rx) = std::sync::mpsc::sync_channel(64);
+    (
+        LinkWriter {
+            tx: Some(tx),
+            buf: Vec::with_capacity(BURST),
+            pacer: Pacer::new(cfg.bandwidth),
+            latency: cfg.latency,
+            cut: cut.clone(),
+        },
+        LinkReader {
+            rx,
+            cur: Vec::new(),
+            pos: 0,
+            closed: false,
+            cut,
+        },
+    )
+}
+
+impl LinkWriter {
+    fn send(&mut self, frame: Frame) -> io::Result<()> {
+        let mut frame = frame;
+        loop {
+            if self.cut.is_cut() {
+                self.tx = None;
+                return Err(io::Error::new(io::ErrorKind::BrokenPipe, "link dropped"));
+            }
+            let Some(tx) = self.tx.as_ref() else {
+                return Err(io::Error::new(io::ErrorKind::BrokenPipe, "link closed"));
+            };
+            match tx.try_send(frame) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Full(f)) => {
+                    frame = f;
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    self.tx = None;
+                    return Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "link: reader gone",
+                    ));
+                }
+            }
+        }
+    }
+
+    fn push(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let sent = self.pacer.pace(self.buf.len());
+        let data = std::mem::replace(&mut self.buf, Vec::with_capacity(BURST));
+        self.send(Frame::Data(sent + self.latency, data))
+    }
+}
+
+impl Write for LinkWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.cut.is_cut() {
+            self.tx = None;
+            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "link dropped"));
+        }
+        let n = buf.len().min(BURST - self.buf.len());
+        self.buf.extend_from_slice(&buf[..n]);
+        if self.buf.len() >= BURST {
+            self.push()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.push()
+    }
+}
+
+impl DataSink for LinkWriter {
+    fn close(&mut self) -> io::Result<()> {
+        self.push()?;
+        self.send(Frame::Close)?;
+        self.tx = None;
+        Ok(())
+    }
+}
+
+impl Read for LinkReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        loop {
+            if self.cut.is_cut() {
+                return Err(dropped());
+            }
+            if self.pos < self.cur.len() {
+                let n = out.len().min(self.cur.len() - self.pos);
+                out[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+                self.pos += n;
+                return Ok(n);
+            }
+            if self.closed || out.is_empty() {
+                return Ok(0);
+            }
+            match self.rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(Frame::Data(at, data)) => {
+                    let now = Instant::now();
+                    if at > now {
+                        std::thread::sleep(at - now);
+                    }
+                    self.cur = data;
+                    self.pos = 0;
+                }
+                Ok(Frame::Close) => self.closed = true,
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Err(dropped()),
+            }
+        }
+    }
+}
+
+/// A [`DataSink`] paced to a bandwidth (for TCP links that should behave like a slower
+/// network), optionally cut by a [`Cut`].
+#[derive(Debug)]
+pub struct Paced<W> {
+    inner: W,
+    pacer: Pacer,
+    cut: Cut,
+}
+
+impl<W: DataSink> Paced<W> {
+    /// Paces `inner` to `bandwidth` bytes/s (0 = unlimited).
+    pub fn new(inner: W, bandwidth: u64, cut: Cut) -> Paced<W> {
+        Paced {
+            inner,
+            pacer: Pacer::new(bandwidth),
+            cut,
+        }
+    }
+}
+
+impl<W: DataSink> Write for Paced<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.cut.is_cut() {
+            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "link dropped"));
+        }
+        let n = buf.len().min(BURST);
+        self.pacer.pace(n);
+        self.inner.write(&buf[..n])
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<W: DataSink> DataSink for Paced<W> {
+    fn close(&mut self) -> io::Result<()> {
+        if self.cut.is_cut() {
+            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "link dropped"));
+        }
+        self.inner.close()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pipe_delivers_in_order_with_latency_and_bandwidth() {
+        let (mut w, mut r) = pipe(
+            LinkConfig {
+                bandwidth: 10 << 20,
+                latency: Duration::from_millis(30),
+            },
+            Cut::new(),
+        );
+        let t = Instant::now();
+        let data: Vec<u8> = (0..(1 << 20)).map(|i| (i * 7) as u8).collect();
+        let d2 = data.clone();
+        let h = std::thread::spawn(move || {
+            w.write_all(&d2).unwrap();
+            w.close().unwrap();
+        });
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).unwrap();
+        h.join().unwrap();
+        assert_eq!(got, data);
+        // 1 MiB at 10 MiB/s is 100 ms, plus 30 ms latency.
+        assert!(
+            t.elapsed() >= Duration::from_millis(120),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+
+    #[test]
+    fn a_cut_link_fails_both_ends() {
+        let cut = Cut::new();
+        let (mut w, mut r) = pipe(
+            LinkConfig {
+                bandwidth: 0,
+                latency: Duration::ZERO,
+            },
+            cut.clone(),
+        );
+        w.write_all(b"abc").unwrap();
+        w.flush().unwrap();
+        let mut b = [0u8; 3];
+        r.read_exact(&mut b).unwrap();
+        cut.cut();
+        assert_eq!(w.write(b"x").unwrap_err().kind(), io::ErrorKind::BrokenPipe);
+        assert_eq!(
+            r.read(&mut b).unwrap_err().kind(),
+            io::ErrorKind::ConnectionReset
+        );
+        // A writer dropped without close is a dropped link, not an end of stream.
+        let (w, mut r) = pipe(
+            LinkConfig {
+                bandwidth: 0,
+                latency: Duration::ZERO,
+            },
+            Cut::new(),
+        );
+        drop(w);
+        assert_eq!(
+            r.read(&mut b).unwrap_err().kind(),
+            io::ErrorKind::ConnectionReset
+        );
+    }
+}

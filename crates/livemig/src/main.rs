@@ -1,0 +1,685 @@
+//! `livemig`: probe a host, run a simulated migration, migrate between two processes, inspect
+//! streams, and check compatibility.
+
+use std::io::{IsTerminal, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use livemig::compat::{self, HostDescriptor};
+use livemig::engine::{Destination, Event, MigrationReport, Source, SourceConfig};
+use livemig::link::{Cut, LinkConfig, Paced};
+use livemig::sim::{self, SimSpec, Vendor};
+use livemig::tracker::TrackingMode;
+use serde::Serialize;
+
+#[derive(Parser)]
+#[command(
+    name = "livemig",
+    version,
+    about = "Live migration of VMs with assigned PCI devices"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Report this host's iommufd, VFIO devices, dirty tracking and migration support.
+    Probe {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a whole migration on the simulated platform and verify the result bit for bit.
+    Simulate {
+        #[command(flatten)]
+        sim: SimArgs,
+        #[command(flatten)]
+        mig: MigArgs,
+        /// Link bandwidth (e.g. 10Gbit, 500MiB/s).
+        #[arg(long, default_value = "10Gbit", value_parser = parse_bandwidth)]
+        bandwidth: u64,
+        /// One-way link latency.
+        #[arg(long, default_value = "1ms", value_parser = parse_duration)]
+        latency: Duration,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Migrate the simulated source to `livemig incoming` over TCP.
+    Migrate {
+        /// Destination address (host:port).
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        sim: SimArgs,
+        #[command(flatten)]
+        mig: MigArgs,
+        /// Pace the stream to this bandwidth (0 = as fast as TCP goes).
+        #[arg(long, default_value = "0", value_parser = parse_bandwidth)]
+        bandwidth: u64,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Receive one migration over TCP into a simulated destination.
+    Incoming {
+        /// Address to listen on (host:port; port 0 picks one and prints it).
+        #[arg(long)]
+        listen: String,
+        #[command(flatten)]
+        sim: SimArgs,
+        /// The source does not use device PRE_COPY (the destination's devices must match).
+        #[arg(long)]
+        no_precopy: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Dump a migration stream: livemig's format or a QEMU VFIO device section.
+    Inspect {
+        /// The file.
+        file: PathBuf,
+        /// Machine-readable summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compatibility descriptors.
+    #[command(subcommand)]
+    Compat(CompatCmd),
+}
+
+#[derive(Subcommand)]
+enum CompatCmd {
+    /// Write this host's descriptor (the simulated platform's, or `--host` for the probe's).
+    Export {
+        #[command(flatten)]
+        sim: SimArgs,
+        /// The source does not use device PRE_COPY.
+        #[arg(long)]
+        no_precopy: bool,
+        /// Describe the real host from `livemig probe` instead of the simulated platform.
+        #[arg(long)]
+        host: bool,
+        /// Write to this file instead of standard output.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Can the VM of descriptor A migrate to the host of descriptor B? Exit status 1 if not.
+    Check {
+        /// Source descriptor.
+        a: PathBuf,
+        /// Destination descriptor.
+        b: PathBuf,
+        /// Machine-readable verdict.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Clone)]
+struct SimArgs {
+    /// IOMMU vendor model: amd, vtd, smmuv3.
+    #[arg(long, default_value = "amd")]
+    vendor: Vendor,
+    /// Guest RAM (sparse).
+    #[arg(long, default_value = "16GiB", value_parser = parse_size)]
+    ram: u64,
+    /// Guest RAM filled with data before the migration.
+    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    populated: u64,
+    /// HiSilicon QM VF models (tracked by the IOMMU only).
+    #[arg(long, default_value_t = 2)]
+    qm_vfs: u32,
+    /// Simulated devices with DMA logging.
+    #[arg(long, default_value_t = 1)]
+    logging_devices: u32,
+    /// Model an IOMMU without dirty tracking.
+    #[arg(long)]
+    no_iommu_dirty: bool,
+    /// Pages per second the vCPUs dirty.
+    #[arg(long, default_value_t = 5000)]
+    cpu_dirty_rate: u64,
+    /// Jobs or DMA writes per second per device.
+    #[arg(long, default_value_t = 2000)]
+    dma_rate: u64,
+    /// Seed for memory contents and activity.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+impl SimArgs {
+    fn spec(&self) -> SimSpec {
+        SimSpec {
+            vendor: self.vendor,
+            ram: self.ram,
+            populated: self.populated,
+            iommu_dirty: !self.no_iommu_dirty,
+            qm_vfs: self.qm_vfs,
+            logging_devices: self.logging_devices,
+            cpu_dirty_rate: self.cpu_dirty_rate,
+            dma_rate: self.dma_rate,
+            seed: self.seed,
+        }
+    }
+}
+
+#[derive(Args, Clone)]
+struct MigArgs {
+    /// Dirty tracking for device DMA: auto, iommu, device.
+    #[arg(long, default_value = "auto")]
+    tracking: TrackingMode,
+    /// Do not use device PRE_COPY.
+    #[arg(long)]
+    no_precopy: bool,
+    /// Downtime limit.
+    #[arg(long, default_value = "300ms", value_parser = parse_duration)]
+    downtime: Duration,
+    /// Stop-and-copy after this many rounds regardless.
+    #[arg(long, default_value_t = 30)]
+    max_rounds: u32,
+}
+
+impl MigArgs {
+    fn config(&self) -> SourceConfig {
+        SourceConfig {
+            tracking: self.tracking,
+            precopy: !self.no_precopy,
+            downtime_limit: self.downtime,
+            max_rounds: self.max_rounds,
+            ..SourceConfig::default()
+        }
+    }
+}
+
+fn split_unit(s: &str) -> Result<(f64, String), String> {
+    let s = s.trim();
+    let at = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (n, u) = s.split_at(at);
+    let n: f64 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number followed by a unit"))?;
+    Ok((n, u.trim().to_string()))
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (n, u) = split_unit(s)?;
+    let m: u64 = match u.as_str() {
+        "" | "B" => 1,
+        "K" | "KiB" | "k" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        "T" | "TiB" => 1 << 40,
+        other => {
+            return Err(format!(
+                "{s:?}: unknown size unit {other:?} (B, KiB, MiB, GiB, TiB)"
+            ));
+        }
+    };
+    Ok((n * m as f64) as u64)
+}
+
+fn parse_bandwidth(s: &str) -> Result<u64, String> {
+    let (n, u) = split_unit(s)?;
+    let bytes = match u.as_str() {
+        "" | "B/s" => n,
+        "kbit" | "Kbit" => n * 1e3 / 8.0,
+        "Mbit" => n * 1e6 / 8.0,
+        "Gbit" => n * 1e9 / 8.0,
+        "KiB/s" => n * 1024.0,
+        "MiB/s" => n * 1048576.0,
+        "GiB/s" => n * 1073741824.0,
+        other => {
+            return Err(format!(
+                "{s:?}: unknown bandwidth unit {other:?} (B/s, MiB/s, GiB/s, Mbit, Gbit)"
+            ));
+        }
+    };
+    Ok(bytes as u64)
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (n, u) = split_unit(s)?;
+    let secs = match u.as_str() {
+        "s" => n,
+        "ms" => n / 1e3,
+        "us" => n / 1e6,
+        other => {
+            return Err(format!(
+                "{s:?}: unknown duration unit {other:?} (s, ms, us)"
+            ));
+        }
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn progress(quiet: bool) -> ProgressBar {
+    if quiet || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new_spinner();
+    pb.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("template"));
+    pb.enable_steady_tick(Duration::from_millis(100));
+    pb
+}
+
+fn hook(source: &mut Source, pb: &ProgressBar) {
+    let pb = pb.clone();
+    source.on_event(move |e| match e {
+        Event::Phase(p) => pb.set_message(p.to_string()),
+        Event::Round(r) => pb.println(format!(
+            "round {:>3}: {:>8} dirty, {:>8} pages, {:>6} zero, {:>9} device bytes, {:>6.1} MiB, {:>6.1} ms",
+            r.round,
+            r.dirty_pages,
+            r.pages,
+            r.zero_pages,
+            r.device_bytes,
+            r.bytes as f64 / 1048576.0,
+            r.elapsed_us as f64 / 1e3
+        )),
+    });
+}
+
+fn print_report(r: &MigrationReport) {
+    println!("dirty tracking:");
+    for (d, c) in &r.tracking {
+        println!("  {d}: {c:?}");
+    }
+    println!("round  dirty pages   pages sent   zero pages   device bytes   MiB sent    ms");
+    for x in r.rounds.iter().chain(std::iter::once(&r.stop_copy)) {
+        println!(
+            "{:>5}  {:>11}  {:>11}  {:>11}  {:>13}  {:>8.1}  {:>6.1}{}",
+            x.round,
+            x.dirty_pages,
+            x.pages,
+            x.zero_pages,
+            x.device_bytes,
+            x.bytes as f64 / 1048576.0,
+            x.elapsed_us as f64 / 1e3,
+            if x.round == r.stop_copy.round {
+                "  (stop-and-copy)"
+            } else {
+                ""
+            }
+        );
+    }
+    println!(
+        "dirty rate {} pages/s; {} after {} pre-copy round(s)",
+        r.dirty_rate,
+        if r.converged {
+            "converged"
+        } else {
+            "round limit reached"
+        },
+        r.rounds.len()
+    );
+    println!(
+        "downtime {:.1} ms (limit {:.1} ms{}), total {:.2} s, {:.1} MiB sent",
+        r.downtime_us as f64 / 1e3,
+        r.downtime_limit_us as f64 / 1e3,
+        if r.downtime_us <= r.downtime_limit_us {
+            ", met"
+        } else {
+            ", EXCEEDED"
+        },
+        r.total_us as f64 / 1e6,
+        r.bytes as f64 / 1048576.0
+    );
+}
+
+#[derive(Serialize)]
+struct SimulateJson<'a> {
+    spec: &'a SimSpec,
+    report: &'a MigrationReport,
+    verified: bool,
+    verification: String,
+}
+
+fn simulate(sim: &SimArgs, mig: &MigArgs, link: LinkConfig, json: bool) -> Result<()> {
+    let spec = sim.spec();
+    let cfg = mig.config();
+    let src = sim::source(&spec, cfg.precopy).map_err(anyhow::Error::msg)?;
+    let dst = sim::destination(&spec, cfg.precopy).map_err(anyhow::Error::msg)?;
+    let (host, dhost) = (src.host.clone(), dst.host.clone());
+    let mut source = Source::new(src.platform, cfg);
+    let mut dest = Destination::new(dst.platform);
+    let pb = progress(json);
+    hook(&mut source, &pb);
+    if !json {
+        eprintln!(
+            "simulating: {} IOMMU model, {} GiB RAM ({} MiB populated), {} QM VF(s), {} logging device(s), link {:.2} Gbit/s {:?}",
+            spec.vendor.name(),
+            spec.ram >> 30,
+            spec.populated >> 20,
+            spec.qm_vfs,
+            spec.logging_devices,
+            link.bandwidth as f64 * 8.0 / 1e9,
+            link.latency
+        );
+    }
+    // Let the guest run a moment so devices have work in flight.
+    std::thread::sleep(Duration::from_millis(200));
+    let (r, d) = sim::migrate_local(&mut source, &mut dest, link, &Cut::new());
+    pb.finish_and_clear();
+    drop(src.workload);
+    let report = match (r, d) {
+        (Ok(r), Ok(_)) => r,
+        (Err(e), _) => bail!("migration failed: {}", e.chain()),
+        (Ok(_), Err(e)) => bail!(
+            "destination failed after the source finished: {}",
+            e.chain()
+        ),
+    };
+    let verification = host.compare(&dhost);
+    if json {
+        let out = SimulateJson {
+            spec: &spec,
+            report: &report,
+            verified: verification.is_ok(),
+            verification: match &verification {
+                Ok(()) => "destination memory and device state equal the source bit for bit".into(),
+                Err(e) => e.clone(),
+            },
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        print_report(&report);
+        match &verification {
+            Ok(()) => println!(
+                "verified: destination memory ({} GiB) and the state of {} device(s) equal the source bit for bit",
+                spec.ram >> 30,
+                spec.qm_vfs + spec.logging_devices
+            ),
+            Err(e) => println!("VERIFICATION FAILED: {e}"),
+        }
+    }
+    if let Err(e) = verification {
+        bail!("verification failed: {e}");
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct SideJson<T: Serialize> {
+    role: &'static str,
+    report: T,
+    digest: sim::HostDigest,
+}
+
+fn migrate(to: &str, sim: &SimArgs, mig: &MigArgs, bandwidth: u64, json: bool) -> Result<()> {
+    let spec = sim.spec();
+    let cfg = mig.config();
+    let src = sim::source(&spec, cfg.precopy).map_err(anyhow::Error::msg)?;
+    let host = src.host.clone();
+    let mut source = Source::new(src.platform, cfg);
+    let pb = progress(json);
+    hook(&mut source, &pb);
+    let stream = TcpStream::connect(to).with_context(|| format!("connecting to {to}"))?;
+    stream.set_nodelay(true)?;
+    let back = stream.try_clone()?;
+    back.set_read_timeout(Some(Duration::from_secs(120)))?;
+    std::thread::sleep(Duration::from_millis(200));
+    let r = source.migrate(Paced::new(stream, bandwidth, Cut::new()), back);
+    pb.finish_and_clear();
+    drop(src.workload);
+    let report = r.map_err(|e| anyhow::anyhow!("migration failed: {}", e.chain()))?;
+    let digest = host.digest();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&SideJson {
+                role: "source",
+                report: &report,
+                digest
+            })?
+        );
+    } else {
+        print_report(&report);
+        println!(
+            "source digest: memory {} devices {:?} (compare with the destination's)",
+            digest.memory, digest.devices
+        );
+    }
+    Ok(())
+}
+
+fn incoming(listen: &str, sim: &SimArgs, precopy: bool, json: bool) -> Result<()> {
+    let spec = sim.spec();
+    let dst = sim::destination(&spec, precopy).map_err(anyhow::Error::msg)?;
+    let host = dst.host.clone();
+    let mut dest = Destination::new(dst.platform);
+    let l = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
+    eprintln!("listening on {}", l.local_addr()?);
+    std::io::stderr().flush()?;
+    let (stream, peer) = l.accept()?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+    if !json {
+        eprintln!("receiving from {peer}");
+    }
+    let back = stream.try_clone()?;
+    let report = dest
+        .receive(stream, back)
+        .map_err(|e| anyhow::anyhow!("incoming migration failed: {}", e.chain()))?;
+    let digest = host.digest();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&SideJson {
+                role: "destination",
+                report: &report,
+                digest
+            })?
+        );
+    } else {
+        println!(
+            "received {} pages, {} zero pages, {} rounds, {:.1} MiB; devices RUNNING after {:.1} ms",
+            report.pages,
+            report.zero_pages,
+            report.rounds,
+            report.bytes as f64 / 1048576.0,
+            report.load_us as f64 / 1e3
+        );
+        println!(
+            "destination digest: memory {} devices {:?}",
+            digest.memory, digest.devices
+        );
+    }
+    Ok(())
+}
+
+fn inspect(file: &PathBuf, json: bool) -> Result<()> {
+    let f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+    let ins = livemig_stream::inspect::inspect(std::io::BufReader::new(f), Default::default())
+        .with_context(|| format!("reading {}", file.display()))?;
+    if json {
+        println!("{}", ins.summary.to_json());
+    } else {
+        print!("{}", ins.dump);
+    }
+    if let Some(e) = &ins.summary.error {
+        bail!("{}: {e}", file.display());
+    }
+    Ok(())
+}
+
+fn compat_export(sim: &SimArgs, precopy: bool, host: bool) -> Result<HostDescriptor> {
+    if host {
+        let p = livemig::probe::probe();
+        let devices = p
+            .devices
+            .iter()
+            .filter(|d| d.migration_flags.is_some())
+            .map(|d| {
+                let flags = d
+                    .migration_flags
+                    .iter()
+                    .flatten()
+                    .map(|n| match n.as_str() {
+                        "STOP_COPY" => 1,
+                        "P2P" => 2,
+                        "PRE_COPY" => 4,
+                        _ => 0,
+                    })
+                    .sum();
+                compat::DeviceDescriptor {
+                    device: livemig::device::DeviceCompat {
+                        identity: d.device.clone().unwrap_or_default(),
+                        compat: Vec::new(),
+                        migration_flags: flags,
+                        dma_logging: d.dma_logging,
+                    },
+                    iommu_dirty_tracking: d.iommu_dirty_tracking,
+                    page_size_mask: 0,
+                }
+            })
+            .collect();
+        let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "unknown".into());
+        return Ok(HostDescriptor {
+            format: compat::FORMAT.into(),
+            host: name,
+            iommu: if p.iommufd {
+                "iommufd".into()
+            } else {
+                "none".into()
+            },
+            devices,
+        });
+    }
+    let spec = sim.spec();
+    let dst = sim::destination(&spec, precopy).map_err(anyhow::Error::msg)?;
+    Ok(HostDescriptor {
+        format: compat::FORMAT.into(),
+        host: format!("simulated {}", spec.vendor.name()),
+        iommu: format!(
+            "{} model ({})",
+            spec.vendor.name(),
+            if spec.iommu_dirty {
+                "dirty tracking"
+            } else {
+                "no dirty tracking"
+            }
+        ),
+        devices: dst.platform.descriptors(),
+    })
+}
+
+fn read_descriptor(p: &PathBuf) -> Result<HostDescriptor> {
+    let t = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+    HostDescriptor::from_json(&t).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Probe { json } => {
+            let r = livemig::probe::probe();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                for line in &r.summary {
+                    println!("{line}");
+                }
+                for d in &r.devices {
+                    println!("{}:", d.cdev.display());
+                    if let Some(e) = &d.error {
+                        println!("  error: {e}");
+                        continue;
+                    }
+                    match &d.iommu {
+                        Some(i) => println!(
+                            "  IOMMU {}: capabilities {:?}",
+                            i.hw_info_type, i.capabilities
+                        ),
+                        None => println!(
+                            "  no IOMMU ({})",
+                            d.iommu_error.as_deref().unwrap_or("unknown")
+                        ),
+                    }
+                    match &d.migration_flags {
+                        Some(f) => println!("  migration flags {}", f.join("|")),
+                        None => println!(
+                            "  not migratable ({})",
+                            d.migration_error.as_deref().unwrap_or("unknown")
+                        ),
+                    }
+                    println!("  DMA logging {}", if d.dma_logging { "yes" } else { "no" });
+                    if let Some(a) = &d.auto_domain {
+                        println!("  auto domain: {a}");
+                    }
+                }
+            }
+        }
+        Cmd::Simulate {
+            sim,
+            mig,
+            bandwidth,
+            latency,
+            json,
+        } => simulate(&sim, &mig, LinkConfig { bandwidth, latency }, json)?,
+        Cmd::Migrate {
+            to,
+            sim,
+            mig,
+            bandwidth,
+            json,
+        } => migrate(&to, &sim, &mig, bandwidth, json)?,
+        Cmd::Incoming {
+            listen,
+            sim,
+            no_precopy,
+            json,
+        } => incoming(&listen, &sim, !no_precopy, json)?,
+        Cmd::Inspect { file, json } => inspect(&file, json)?,
+        Cmd::Compat(CompatCmd::Export {
+            sim,
+            no_precopy,
+            host,
+            output,
+        }) => {
+            let d = compat_export(&sim, !no_precopy, host)?;
+            match output {
+                Some(p) => std::fs::write(&p, d.to_json() + "\n")
+                    .with_context(|| format!("writing {}", p.display()))?,
+                None => println!("{}", d.to_json()),
+            }
+        }
+        Cmd::Compat(CompatCmd::Check { a, b, json }) => {
+            let (da, db) = (read_descriptor(&a)?, read_descriptor(&b)?);
+            let v = compat::check(&da.devices, &db.devices);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{} -> {}: {}",
+                    da.host,
+                    db.host,
+                    if v.compatible {
+                        "compatible"
+                    } else {
+                        "NOT compatible"
+                    }
+                );
+                for r in &v.reasons {
+                    println!("  reason: {r}");
+                }
+                for n in &v.notes {
+                    println!("  note: {n}");
+                }
+            }
+            if !v.compatible {
+                std::process::exit(1);
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,194 @@
+//! The `livemig` binary: two processes migrating over loopback TCP, inspect, compat.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+const BIN: &str = env!("CARGO_BIN_EXE_livemig");
+const SIM: [&str; 6] = ["--ram", "512MiB", "--populated", "16MiB", "--seed", "7"];
+
+fn fixture(p: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures")
+        .join(p)
+}
+
+fn json(out: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(out)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(out)))
+}
+
+#[test]
+fn two_processes_migrate_over_loopback_tcp() {
+    let mut dst = Command::new(BIN)
+        .args(["incoming", "--listen", "127.0.0.1:0", "--json"])
+        .args(SIM)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(dst.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    let src = Command::new(BIN)
+        .args(["migrate", "--to", &addr, "--json"])
+        .args(SIM)
+        .output()
+        .unwrap();
+    let dout = dst.wait_with_output().unwrap();
+    assert!(
+        src.status.success(),
+        "source: {}",
+        String::from_utf8_lossy(&src.stderr)
+    );
+    assert!(dout.status.success(), "destination failed");
+    let (s, d) = (json(&src.stdout), json(&dout.stdout));
+    assert_eq!(s["role"], "source");
+    assert_eq!(d["role"], "destination");
+    assert_eq!(
+        s["digest"], d["digest"],
+        "memory and device state identical"
+    );
+    assert_eq!(s["digest"]["devices"].as_array().unwrap().len(), 3);
+    assert!(!s["report"]["rounds"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn incoming_refuses_a_mismatched_source_and_the_source_says_why() {
+    let mut dst = Command::new(BIN)
+        .args(["incoming", "--listen", "127.0.0.1:0", "--qm-vfs", "1"])
+        .args(SIM)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(dst.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_string();
+    let src = Command::new(BIN)
+        .args(["migrate", "--to", &addr])
+        .args(SIM)
+        .output()
+        .unwrap();
+    assert!(!dst.wait().unwrap().success());
+    assert!(!src.status.success());
+    let e = String::from_utf8_lossy(&src.stderr);
+    assert!(
+        e.contains("compat exchange: the destination refused: the source has 3 device(s), the destination 2"),
+        "{e}"
+    );
+}
+
+#[test]
+fn compat_export_and_check() {
+    let dir = std::env::temp_dir().join(format!("livemig-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (a, b, c) = (dir.join("a.json"), dir.join("b.json"), dir.join("c.json"));
+    for (f, extra) in [(&a, vec![]), (&b, vec![]), (&c, vec!["--no-precopy"])] {
+        let st = Command::new(BIN)
+            .args(["compat", "export", "-o"])
+            .arg(f)
+            .args(extra)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    let ok = Command::new(BIN)
+        .args(["compat", "check", "--json"])
+        .args([&a, &b])
+        .output()
+        .unwrap();
+    assert!(ok.status.success());
+    assert_eq!(json(&ok.stdout)["compatible"], true);
+    let bad = Command::new(BIN)
+        .args(["compat", "check"])
+        .args([&a, &c])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    let t = String::from_utf8_lossy(&bad.stdout);
+    assert!(t.contains("NOT compatible"), "{t}");
+    assert!(
+        t.contains("uses PRE_COPY which the destination device lacks"),
+        "{t}"
+    );
+    std::fs::write(&c, "{\"format\": 1}").unwrap();
+    let e = Command::new(BIN)
+        .args(["compat", "check"])
+        .args([&a, &c])
+        .output()
+        .unwrap();
+    assert!(!e.status.success());
+    assert!(
+        String::from_utf8_lossy(&e.stderr).contains("not a compatibility descriptor"),
+        "{}",
+        String::from_utf8_lossy(&e.stderr)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn inspect_dumps_both_formats_and_names_corruption() {
+    let out = Command::new(BIN)
+        .args(["inspect", "--json"])
+        .arg(fixture("stream/v1-basic.lmstream"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let j = json(&out.stdout);
+    assert_eq!(j["format"], "livemig");
+    assert_eq!(j["valid"], true);
+    let out = Command::new(BIN)
+        .arg("inspect")
+        .arg(fixture("stream/qemu-vfio-section.bin"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.stdout.is_empty());
+    let mut bytes = std::fs::read(fixture("stream/v1-basic.lmstream")).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    let bad = std::env::temp_dir().join(format!("livemig-bad-{}.lmstream", std::process::id()));
+    std::fs::write(&bad, &bytes).unwrap();
+    let out = Command::new(BIN).arg("inspect").arg(&bad).output().unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("at byte"), "{e}");
+    std::fs::remove_file(&bad).unwrap();
+}
+
+#[test]
+fn bad_arguments_are_named() {
+    let out = Command::new(BIN)
+        .args(["simulate", "--ram", "12 parsecs"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("unknown size unit \"parsecs\""), "{e}");
+    let out = Command::new(BIN)
+        .args(["simulate", "--vendor", "sparc"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown IOMMU vendor \"sparc\""));
+    let out = Command::new(BIN)
+        .args(["simulate", "--ram", "1GiB", "--populated", "2GiB"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("populated"));
+}

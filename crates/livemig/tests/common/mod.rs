@@ -1,0 +1,126 @@
+//! Shared set-up for the simulated migrations.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use livemig::engine::{Destination, MigrationReport, ReceiveReport, Source, SourceConfig};
+use livemig::link::{Cut, LinkConfig};
+use livemig::sim::{self, SimDestination, SimSource, SimSpec, Vendor};
+use livemig::{Phase, Result};
+
+pub fn spec(vendor: Vendor) -> SimSpec {
+    SimSpec {
+        vendor,
+        ram: 1 << 30,
+        populated: 32 << 20,
+        cpu_dirty_rate: 3000,
+        dma_rate: 1000,
+        ..SimSpec::default()
+    }
+}
+
+pub fn link() -> LinkConfig {
+    LinkConfig {
+        bandwidth: 1 << 30,
+        latency: Duration::from_micros(200),
+    }
+}
+
+pub struct Run {
+    pub source: Source,
+    pub src: SimSource,
+    pub dst: SimDestination,
+    pub dest: Destination,
+    pub cut: Cut,
+}
+
+/// Builds both sides; the source's platform moves into the engine.
+pub fn setup(s: &SimSpec, d: &SimSpec, cfg: SourceConfig) -> Run {
+    let mut src = sim::source(s, cfg.precopy).unwrap();
+    let mut dst = sim::destination(d, cfg.precopy).unwrap();
+    let platform = std::mem::replace(&mut src.platform, empty_source());
+    let dplatform = std::mem::replace(&mut dst.platform, empty_destination());
+    // Let the guest get work in flight.
+    std::thread::sleep(Duration::from_millis(50));
+    Run {
+        source: Source::new(platform, cfg),
+        src,
+        dest: Destination::new(dplatform),
+        dst,
+        cut: Cut::new(),
+    }
+}
+
+fn empty_source() -> livemig::engine::SourcePlatform {
+    sim::source(
+        &SimSpec {
+            ram: 64 << 20,
+            populated: 0,
+            qm_vfs: 0,
+            logging_devices: 0,
+            cpu_dirty_rate: 0,
+            dma_rate: 0,
+            ..SimSpec::default()
+        },
+        true,
+    )
+    .unwrap()
+    .platform
+}
+
+fn empty_destination() -> livemig::engine::DestinationPlatform {
+    sim::destination(
+        &SimSpec {
+            ram: 64 << 20,
+            populated: 0,
+            qm_vfs: 0,
+            logging_devices: 0,
+            ..SimSpec::default()
+        },
+        true,
+    )
+    .unwrap()
+    .platform
+}
+
+impl Run {
+    pub fn go(&mut self) -> (Result<MigrationReport>, Result<ReceiveReport>) {
+        sim::migrate_local(&mut self.source, &mut self.dest, link(), &self.cut)
+    }
+
+    /// Throws the cut switch when `phase` begins.
+    pub fn cut_at(&mut self, phase: Phase) {
+        let cut = self.cut.clone();
+        self.source.on_event(move |e| {
+            if let livemig::engine::Event::Phase(p) = e {
+                if *p == phase {
+                    cut.cut();
+                }
+            }
+        });
+    }
+
+    /// The source guest keeps running: devices RUNNING, vCPUs writing, devices working.
+    pub fn assert_source_running(&self) {
+        assert!(
+            sim::all_running(&self.src.host),
+            "every source device is RUNNING"
+        );
+        let w = self
+            .src
+            .workload
+            .cpu_writes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let t = std::time::Instant::now();
+        while self
+            .src
+            .workload
+            .cpu_writes
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == w
+        {
+            assert!(t.elapsed() < Duration::from_secs(5), "the vCPUs run again");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
