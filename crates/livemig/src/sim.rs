@@ -129,16 +129,16 @@ impl SimSpec {
                 self.ram
             ));
         }
-        if self.populated > self.ram - self.reserved() {
+        if self.qm_vfs > 8 || self.logging_devices > 8 {
+            return Err("at most 8 devices of each kind".into());
+        }
+        if self.reserved() >= self.ram || self.populated > self.ram - self.reserved() {
             return Err(format!(
                 "populated {} exceeds RAM {} minus the {} bytes device queues use",
                 self.populated,
                 self.ram,
                 self.reserved()
             ));
-        }
-        if self.qm_vfs > 8 || self.logging_devices > 8 {
-            return Err("at most 8 devices of each kind".into());
         }
         Ok(())
     }
@@ -944,4 +944,29 @@ pub fn migrate_local(
         });
         (r, dr)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn impossible_specs_are_named_not_panicked_on() {
+        let tiny = SimSpec {
+            ram: 64 << 20,
+            populated: 0,
+            qm_vfs: 8,
+            logging_devices: 8,
+            ..SimSpec::default()
+        };
+        let e = tiny.validate().unwrap_err();
+        assert!(e.contains("device queues use"), "{e}");
+        let odd = SimSpec {
+            ram: (1 << 30) + 4096,
+            ..SimSpec::default()
+        };
+        assert!(odd.validate().unwrap_err().contains("multiple of 2 MiB"));
+        assert!(SimSpec::default().validate().is_ok());
+        assert_eq!("SMMU".parse::<Vendor>(), Ok(Vendor::Smmuv3));
+    }
 }
