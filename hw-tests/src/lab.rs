@@ -16,7 +16,7 @@ pub use hw_tests::lab_config::{Device, LabConfig};
 
 use crate::check_eq;
 use crate::harness::{Outcome, Runner};
-use crate::util::{DmaBuf, vfio_to_io};
+use crate::util::DmaBuf;
 
 fn skip(why: impl Into<String>) -> Result<Outcome> {
     Ok(Outcome::Skip(why.into()))
@@ -225,7 +225,9 @@ fn attach_auto(
 ) -> Result<livemig_iommufd::AutoDomain> {
     let dev_id = dev.bind_iommufd(iommufd.as_fd())?;
     let probed = iommufd.probe_device(dev_id);
-    Ok(auto.attach(&probed, |pt| dev.attach_pt(pt).map_err(vfio_to_io))?)
+    Ok(auto.attach(&probed, |pt| {
+        dev.attach_pt(pt).map_err(std::io::Error::from)
+    })?)
 }
 
 fn dirty_tracking(d: &Device, required: bool) -> Result<Outcome> {

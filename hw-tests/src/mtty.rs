@@ -14,7 +14,7 @@ use livemig_vfio::{
 };
 
 use crate::harness::{Outcome, Runner};
-use crate::util::{uuid, vfio_to_io, write_sysfs};
+use crate::util::{uuid, write_sysfs};
 use crate::{check_eq, trace};
 
 const MTTY_TYPE: &str = "/sys/class/mdev_bus/mtty/mdev_supported_types/mtty-2";
@@ -53,7 +53,9 @@ fn create(iommufd: &Iommufd, auto: &mut AutoDomains) -> Result<Mtty> {
     let dev_id = dev.bind_iommufd(iommufd.as_fd())?;
     trace!("mtty bound as {dev_id}");
     let probed = iommufd.probe_device(dev_id);
-    let chosen = auto.attach(&probed, |pt| dev.attach_pt(pt).map_err(vfio_to_io))?;
+    let chosen = auto.attach(&probed, |pt| {
+        dev.attach_pt(pt).map_err(std::io::Error::from)
+    })?;
     trace!("mtty attached: {chosen}");
     // An mdev has no IOMMU: HWPT allocation is refused and the IOAS is attached directly.
     if chosen.path != DomainPath::Ioas || chosen.dirty_tracking {

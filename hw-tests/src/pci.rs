@@ -20,7 +20,7 @@ use livemig_vfio::{RegionInfo, VfioDevice, abi as vabi};
 
 use crate::check_eq;
 use crate::harness::{Outcome, Runner};
-use crate::util::{DmaBuf, poll, read_sysfs, vfio_to_io, write_sysfs};
+use crate::util::{DmaBuf, poll, read_sysfs, write_sysfs};
 
 /// Which emulated IOMMU the profile runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -300,7 +300,9 @@ pub fn run(r: &mut Runner, vendor: Vendor) {
         let c = need(&mut ctx)?;
         let mut auto = AutoDomains::new(c.ioas.clone());
         let dev = &c.edu.dev;
-        let chosen = auto.attach(&c.info, |pt| dev.attach_pt(pt).map_err(vfio_to_io))?;
+        let chosen = auto.attach(&c.info, |pt| {
+            dev.attach_pt(pt).map_err(std::io::Error::from)
+        })?;
         check_eq!(chosen.path, DomainPath::Allocated, "{chosen}");
         ensure!(!chosen.dirty_tracking, "{chosen}");
         ensure!(

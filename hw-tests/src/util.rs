@@ -210,15 +210,6 @@ pub fn uuid() -> Result<String> {
     ))
 }
 
-/// Converts a livemig-vfio error into the io::Error an AutoDomains attach closure returns,
-/// keeping the errno.
-pub fn vfio_to_io(e: livemig_vfio::Error) -> std::io::Error {
-    match e.errno() {
-        Some(n) => std::io::Error::from_raw_os_error(n),
-        None => std::io::Error::other(e.to_string()),
-    }
-}
-
 /// A step trace for the console log (stderr: the rig echoes only result lines), so a hang
 /// inside a case shows which kernel call it is in.
 #[macro_export]

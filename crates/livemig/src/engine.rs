@@ -211,7 +211,8 @@ pub struct Source {
     cfg: SourceConfig,
     hook: Option<Hook>,
     paused: bool,
-    tracking_on: bool,
+    /// The tracker plan while tracking runs (what was started is what gets stopped).
+    tracking: Option<Vec<Chosen>>,
 }
 
 impl std::fmt::Debug for Source {
@@ -247,7 +248,7 @@ impl Source {
             cfg,
             hook: None,
             paused: false,
-            tracking_on: false,
+            tracking: None,
         }
     }
 
@@ -375,15 +376,10 @@ impl Source {
 
     fn stop_trackers(&mut self) -> Vec<String> {
         let mut errs = Vec::new();
-        if !self.tracking_on {
+        let Some(plan) = self.tracking.take() else {
             return errs;
-        }
-        self.tracking_on = false;
-        let p = &mut self.platform;
-        let trackers = std::iter::once(&mut p.cpu)
-            .chain(p.iommu.iter_mut())
-            .chain(p.devices.iter_mut().filter_map(|d| d.dma_log.as_mut()));
-        for t in trackers {
+        };
+        for t in active_trackers(&mut self.platform, &plan) {
             if let Err(e) = t.stop() {
                 errs.push(format!("{}: {e}", t.name()));
             }
@@ -491,25 +487,13 @@ impl Source {
         // Start tracking, then PRE_COPY.
         phase = Phase::Start;
         self.emit(Event::Phase(phase));
-        self.tracking_on = true;
-        {
-            let p = &mut self.platform;
-            let mut trackers: Vec<&mut Box<dyn DirtyTracker>> = vec![&mut p.cpu];
-            if plan.contains(&Chosen::Iommu) {
-                trackers.extend(p.iommu.iter_mut());
-            }
-            for (d, c) in p.devices.iter_mut().zip(plan) {
-                if *c == Chosen::Device {
-                    trackers.extend(d.dma_log.iter_mut());
-                }
-            }
-            for t in trackers {
-                t.start().map_err(|e| Error::Tracker {
-                    phase,
-                    tracker: t.name(),
-                    reason: e.to_string(),
-                })?;
-            }
+        self.tracking = Some(plan.to_vec());
+        for t in active_trackers(&mut self.platform, plan) {
+            t.start().map_err(|e| Error::Tracker {
+                phase,
+                tracker: t.name(),
+                reason: e.to_string(),
+            })?;
         }
         let precopy: Vec<bool> = self
             .platform
@@ -718,18 +702,8 @@ impl Source {
     }
 
     fn harvest(&mut self, plan: &[Chosen], into: &mut PageBitmap, phase: Phase) -> Result<u64> {
-        let p = &mut self.platform;
         let mut n = 0;
-        let mut trackers: Vec<&mut Box<dyn DirtyTracker>> = vec![&mut p.cpu];
-        if plan.contains(&Chosen::Iommu) {
-            trackers.extend(p.iommu.iter_mut());
-        }
-        for (d, c) in p.devices.iter_mut().zip(plan) {
-            if *c == Chosen::Device {
-                trackers.extend(d.dma_log.iter_mut());
-            }
-        }
-        for t in trackers {
+        for t in active_trackers(&mut self.platform, plan) {
             n += t.harvest(into).map_err(|e| Error::Tracker {
                 phase,
                 tracker: t.name(),
@@ -738,6 +712,24 @@ impl Source {
         }
         Ok(n)
     }
+}
+
+/// The trackers `plan` uses: the vCPU log, the IOMMU tracker if any device is planned onto it,
+/// and the DMA logs of devices planned onto their own.
+fn active_trackers<'a>(
+    p: &'a mut SourcePlatform,
+    plan: &[Chosen],
+) -> Vec<&'a mut Box<dyn DirtyTracker>> {
+    let mut trackers: Vec<&mut Box<dyn DirtyTracker>> = vec![&mut p.cpu];
+    if plan.contains(&Chosen::Iommu) {
+        trackers.extend(p.iommu.iter_mut());
+    }
+    for (d, c) in p.devices.iter_mut().zip(plan) {
+        if *c == Chosen::Device {
+            trackers.extend(d.dma_log.iter_mut());
+        }
+    }
+    trackers
 }
 
 fn dev_err(phase: Phase, i: usize, d: &dyn MigDevice, source: livemig_vfio::Error) -> Error {

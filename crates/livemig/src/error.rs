@@ -168,18 +168,23 @@ impl Error {
 
     /// The error and its sources, joined with `: `.
     pub fn chain(&self) -> String {
-        let mut s = self.to_string();
-        let mut cur = std::error::Error::source(self);
-        while let Some(c) = cur {
-            let t = c.to_string();
-            if !s.contains(&t) {
-                s.push_str(": ");
-                s.push_str(&t);
-            }
-            cur = c.source();
-        }
-        s
+        chain(self)
     }
+}
+
+/// `e` and its sources joined with `: `, skipping a source whose text is already included.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
 }
 
 /// The engine's result type.

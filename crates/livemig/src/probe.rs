@@ -14,6 +14,7 @@ use livemig_vfio::{MigrationDevice, VfioDevice};
 use serde::Serialize;
 
 use crate::compat::flag_names;
+use crate::error::chain;
 
 /// The IOMMU side of a device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -125,17 +126,6 @@ fn sysfs_device(cdev: &Path) -> Option<String> {
     Some(link.file_name()?.to_string_lossy().into_owned())
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 fn probe_device(fd: &Iommufd, cdev: &Path) -> DeviceProbe {
     let mut p = DeviceProbe {
         cdev: cdev.to_path_buf(),
@@ -177,10 +167,7 @@ fn probe_device(fd: &Iommufd, cdev: &Path) -> DeviceProbe {
         Ok(ioas) => {
             let mut auto = AutoDomains::new(ioas);
             match auto.attach(&probed, |pt| {
-                dev.attach_pt(pt).map_err(|e| match e.errno() {
-                    Some(n) => std::io::Error::from_raw_os_error(n),
-                    None => std::io::Error::other(e.to_string()),
-                })
+                dev.attach_pt(pt).map_err(std::io::Error::from)
             }) {
                 Ok(a) => {
                     p.iommu_dirty_tracking = a.dirty_tracking;

@@ -18,10 +18,18 @@ fn json(out: &[u8]) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(out)))
 }
 
-#[test]
-fn two_processes_migrate_over_loopback_tcp() {
+/// Starts `livemig incoming` on an ephemeral loopback port; returns it, the address, and its
+/// stderr (kept open: the process reports progress there).
+fn spawn_incoming(
+    extra: &[&str],
+) -> (
+    std::process::Child,
+    String,
+    BufReader<std::process::ChildStderr>,
+) {
     let mut dst = Command::new(BIN)
-        .args(["incoming", "--listen", "127.0.0.1:0", "--json"])
+        .args(["incoming", "--listen", "127.0.0.1:0"])
+        .args(extra)
         .args(SIM)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -35,6 +43,12 @@ fn two_processes_migrate_over_loopback_tcp() {
         .strip_prefix("listening on ")
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
         .to_string();
+    (dst, addr, err)
+}
+
+#[test]
+fn two_processes_migrate_over_loopback_tcp() {
+    let (dst, addr, _stderr) = spawn_incoming(&["--json"]);
     let src = Command::new(BIN)
         .args(["migrate", "--to", &addr, "--json"])
         .args(SIM)
@@ -60,21 +74,7 @@ fn two_processes_migrate_over_loopback_tcp() {
 
 #[test]
 fn incoming_refuses_a_mismatched_source_and_the_source_says_why() {
-    let mut dst = Command::new(BIN)
-        .args(["incoming", "--listen", "127.0.0.1:0", "--qm-vfs", "1"])
-        .args(SIM)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(dst.stderr.take().unwrap());
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_string();
+    let (mut dst, addr, _stderr) = spawn_incoming(&["--qm-vfs", "1"]);
     let src = Command::new(BIN)
         .args(["migrate", "--to", &addr])
         .args(SIM)

@@ -289,6 +289,17 @@ impl Error {
     }
 }
 
+/// The kernel's errno where there is one (so callers such as iommufd's auto-domain attach can
+/// match it), otherwise the error as text.
+impl From<Error> for std::io::Error {
+    fn from(e: Error) -> std::io::Error {
+        match e.errno() {
+            Some(n) => std::io::Error::from_raw_os_error(n),
+            None => std::io::Error::other(e),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
