@@ -243,7 +243,7 @@ pub fn hw_tests_static() -> Result<PathBuf> {
             "--bin",
             "hw-tests",
             "-p",
-            "livemig",
+            "livemig-cli",
             "--bin",
             "livemig",
             "--target",

@@ -35,22 +35,16 @@ pub struct HostDescriptor {
 }
 
 impl HostDescriptor {
-    /// Parses and validates a descriptor (format tag, at least the fields it needs).
-    pub fn from_json(text: &str) -> Result<HostDescriptor, String> {
-        let d: HostDescriptor = serde_json::from_str(text)
-            .map_err(|e| format!("not a compatibility descriptor: {e}"))?;
-        if d.format != FORMAT {
+    /// Checks the format tag of a parsed descriptor (the serialisation itself, JSON in the
+    /// CLI, is the caller's choice: the engine carries no JSON dependency).
+    pub fn check_format(&self) -> Result<(), String> {
+        if self.format != FORMAT {
             return Err(format!(
                 "descriptor format {:?} is not {FORMAT:?}",
-                d.format
+                self.format
             ));
         }
-        Ok(d)
-    }
-
-    /// Pretty JSON.
-    pub fn to_json(&self) -> String {
-        serde_json::to_string_pretty(self).expect("descriptor serializes")
+        Ok(())
     }
 }
 
@@ -182,6 +176,13 @@ mod tests {
         assert_eq!(v.reasons, ["the source has 1 device(s), the destination 0"]);
     }
 
+    fn from_json(text: &str) -> Result<HostDescriptor, String> {
+        let d: HostDescriptor = serde_json::from_str(text)
+            .map_err(|e| format!("not a compatibility descriptor: {e}"))?;
+        d.check_format()?;
+        Ok(d)
+    }
+
     #[test]
     fn descriptors_round_trip_and_bad_ones_are_named() {
         let h = HostDescriptor {
@@ -190,14 +191,14 @@ mod tests {
             iommu: "AMD-Vi (dirty tracking)".into(),
             devices: vec![dev("x", &[0xab], 5)],
         };
-        let j = h.to_json();
+        let j = serde_json::to_string_pretty(&h).unwrap();
         assert!(j.contains("\"compat\": \"ab\""), "{j}");
-        assert_eq!(HostDescriptor::from_json(&j).unwrap(), h);
-        let e = HostDescriptor::from_json("{}").unwrap_err();
+        assert_eq!(from_json(&j).unwrap(), h);
+        let e = from_json("{}").unwrap_err();
         assert!(e.starts_with("not a compatibility descriptor"), "{e}");
-        let e = HostDescriptor::from_json(&j.replace(FORMAT, "other/9")).unwrap_err();
+        let e = from_json(&j.replace(FORMAT, "other/9")).unwrap_err();
         assert!(e.contains("\"other/9\""), "{e}");
-        let e = HostDescriptor::from_json(&j.replace("\"ab\"", "\"zz\"")).unwrap_err();
+        let e = from_json(&j.replace("\"ab\"", "\"zz\"")).unwrap_err();
         assert!(e.contains("invalid hex"), "{e}");
     }
 }

@@ -30,7 +30,7 @@ use livemig_stream::{
     Compat as StreamCompat, DirtyCaps, Limits, Phase as StreamPhase, Reader, Record, Round, Writer,
     WriterOptions,
 };
-use livemig_vfio::MigrationState;
+use livemig_vfio::{MigrationFlags, MigrationState};
 use livemig_viommu::policy::MigrationGuard;
 use serde::Serialize;
 
@@ -42,6 +42,7 @@ use crate::error::{Error, Phase, Result};
 use crate::link::DataSink;
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::tracker::{self, Chosen, DeviceDirtyCaps, DirtyTracker, TrackingMode};
+use crate::transport::{Abort, CancelHandle, Channel};
 
 /// Pauses and resumes the guest's vCPUs.
 pub trait Vcpus: Send {
@@ -49,6 +50,12 @@ pub trait Vcpus: Send {
     fn pause(&mut self);
     /// Lets them run again.
     fn resume(&mut self);
+    /// Keeps the vCPUs out of the guest for `percent` of the time (0: not at all), enforced by
+    /// the host (auto-converge). Returns `false` when the platform cannot throttle.
+    fn set_throttle(&mut self, percent: u8) -> bool {
+        let _ = percent;
+        false
+    }
 }
 
 /// A source device with what can track its DMA.
@@ -131,6 +138,30 @@ pub struct SourceConfig {
     pub checksums: bool,
     /// Bound on one PRE_COPY read of one device per round.
     pub device_precopy_max: u64,
+    /// Throttle the vCPUs when pre-copy does not converge (off by default, as in QEMU).
+    pub auto_converge: Option<AutoConverge>,
+}
+
+/// Auto-converge steps, in percent of vCPU time taken away (QEMU's `cpu-throttle-initial`,
+/// `cpu-throttle-increment` and `max-cpu-throttle` defaults: 20, 10, 99).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AutoConverge {
+    /// The first throttle.
+    pub initial: u8,
+    /// Added each time the dirty rate stays high.
+    pub increment: u8,
+    /// The most it takes.
+    pub max: u8,
+}
+
+impl Default for AutoConverge {
+    fn default() -> Self {
+        AutoConverge {
+            initial: 20,
+            increment: 10,
+            max: 99,
+        }
+    }
 }
 
 impl Default for SourceConfig {
@@ -142,6 +173,7 @@ impl Default for SourceConfig {
             max_rounds: 30,
             checksums: true,
             device_precopy_max: 64 << 20,
+            auto_converge: None,
         }
     }
 }
@@ -167,6 +199,8 @@ pub struct RoundReport {
     pub bandwidth: u64,
     /// After the round: estimated bytes left for stop-and-copy.
     pub remaining_estimate: u64,
+    /// The vCPU throttle in force during the round (percent).
+    pub throttle_percent: u8,
 }
 
 /// What a successful migration did.
@@ -180,6 +214,8 @@ pub struct MigrationReport {
     pub stop_copy: RoundReport,
     /// Whether pre-copy converged (estimate within the limit) rather than hit the round limit.
     pub converged: bool,
+    /// Why pre-copy did not converge (the dirty rate against the link rate), when it did not.
+    pub non_convergence: Option<String>,
     /// vCPU pause to destination RUNNING, microseconds.
     pub downtime_us: u64,
     /// The limit it was held to, microseconds.
@@ -213,6 +249,11 @@ pub struct Source {
     paused: bool,
     /// The tracker plan while tracking runs (what was started is what gets stopped).
     tracking: Option<Vec<Chosen>>,
+    cancel: CancelHandle,
+    /// Where the current attempt is (for a cancel's error).
+    phase: Phase,
+    /// The vCPU throttle in force (percent), 0 when none.
+    throttle: u8,
 }
 
 impl std::fmt::Debug for Source {
@@ -220,6 +261,7 @@ impl std::fmt::Debug for Source {
         f.debug_struct("Source")
             .field("platform", &self.platform)
             .field("cfg", &self.cfg)
+            .field("phase", &self.phase)
             .finish()
     }
 }
@@ -240,6 +282,25 @@ impl From<Error> for Failure {
     }
 }
 
+/// One attempt's working state, handed from phase to phase.
+struct Attempt<W: Write> {
+    plan: Vec<Chosen>,
+    w: Writer<W>,
+    report: MigrationReport,
+    /// Pages to send in the next round.
+    dirty: PageBitmap,
+    /// Devices that use PRE_COPY.
+    precopy: Vec<bool>,
+    /// Best measured link rate, bytes/s.
+    bandwidth: u64,
+    /// Rounds in a row in which the guest dirtied more than half of what the round sent.
+    dirty_high: u32,
+}
+
+fn serr(phase: Phase) -> impl Fn(livemig_stream::Error) -> Error {
+    move |source| Error::Stream { phase, source }
+}
+
 impl Source {
     /// A source over `platform`.
     pub fn new(platform: SourcePlatform, cfg: SourceConfig) -> Source {
@@ -249,12 +310,21 @@ impl Source {
             hook: None,
             paused: false,
             tracking: None,
+            cancel: CancelHandle::new(),
+            phase: Phase::Compat,
+            throttle: 0,
         }
     }
 
     /// Calls `hook` on every phase change and after every round.
     pub fn on_event(&mut self, hook: impl FnMut(&Event<'_>) + Send + 'static) {
         self.hook = Some(Box::new(hook));
+    }
+
+    /// The handle that cancels this source's migration from another thread (or from the
+    /// event hook). See [`CancelHandle`].
+    pub fn cancel_handle(&self) -> CancelHandle {
+        self.cancel.clone()
     }
 
     /// The platform (for inspection after a migration).
@@ -267,9 +337,25 @@ impl Source {
         &mut self.platform
     }
 
+    fn enter(&mut self, phase: Phase) {
+        self.phase = phase;
+        self.emit(Event::Phase(phase));
+    }
+
     fn emit(&mut self, e: Event<'_>) {
         if let Some(h) = self.hook.as_mut() {
             h(&e);
+        }
+    }
+
+    /// Returns the operator's cancel as an error if one was requested.
+    fn check_cancel(&self) -> Result<()> {
+        match self.cancel.reason() {
+            Some(reason) => Err(Error::Cancelled {
+                phase: self.phase,
+                reason: format!("operator cancel: {reason}"),
+            }),
+            None => Ok(()),
         }
     }
 
@@ -305,13 +391,33 @@ impl Source {
         Ok(plan)
     }
 
+    /// Migrates over `channel`; a [`cancel`](Self::cancel_handle) aborts the channel so no
+    /// read or write stays blocked. On failure the source runs again (except after a lost
+    /// handover, see the module documentation).
+    pub fn migrate_over<C: Channel>(&mut self, channel: C) -> Result<MigrationReport> {
+        let (data, back, abort) = channel.split().map_err(|source| Error::Link {
+            phase: Phase::Compat,
+            what: "setting up the channel",
+            source,
+        })?;
+        self.attempt(data, back, Some(abort))
+    }
+
     /// Migrates over `data` (the stream) and `back` (the return path). On failure the source
-    /// runs again (except after a lost handover, see the module documentation).
-    pub fn migrate<W: DataSink, R: Read>(
+    /// runs again (except after a lost handover, see the module documentation). A cancel is
+    /// noticed at the engine's next check; use [`migrate_over`](Self::migrate_over) so that it
+    /// also unblocks a read or write in progress.
+    pub fn migrate<W: DataSink, R: Read>(&mut self, data: W, back: R) -> Result<MigrationReport> {
+        self.attempt(data, back, None)
+    }
+
+    fn attempt<W: DataSink, R: Read>(
         &mut self,
         data: W,
         mut back: R,
+        abort: Option<Abort>,
     ) -> Result<MigrationReport> {
+        self.phase = Phase::Compat;
         let plan = self.check()?;
         if let Some((guard, view)) = &self.platform.viommu {
             guard.begin(view).map_err(|b| {
@@ -323,21 +429,32 @@ impl Source {
                 )
             })?;
         }
+        self.cancel.arm(abort);
         let t0 = Instant::now();
-        let result = self.run(&plan, data, &mut back);
+        let result = self.run(plan, data, &mut back);
+        self.cancel.disarm();
         if let Some((guard, _)) = &self.platform.viommu {
             guard.end();
         }
         match result {
             Ok(mut report) => {
                 self.stop_trackers();
+                self.set_throttle(0);
                 report.total_us = t0.elapsed().as_micros() as u64;
                 Ok(report)
             }
             Err(mut f) if f.resume => {
-                // A write that failed because the destination gave up: its reason is on the
-                // return path.
-                if matches!(f.error, Error::Stream { .. } | Error::Link { .. }) {
+                if let Some(reason) = self.cancel.reason() {
+                    // Whatever broke after the cancel broke because of it.
+                    if !matches!(f.error, Error::Cancelled { .. }) {
+                        f.error = Error::Cancelled {
+                            phase: self.phase,
+                            reason: format!("operator cancel: {reason}"),
+                        };
+                    }
+                } else if matches!(f.error, Error::Stream { .. } | Error::Link { .. }) {
+                    // A write that failed because the destination gave up: its reason is on
+                    // the return path.
                     if let (Some(phase), Ok(Message::Failed(reason))) =
                         (f.error.phase(), Message::read_from(&mut back))
                     {
@@ -357,6 +474,7 @@ impl Source {
             }
             Err(f) => {
                 self.stop_trackers();
+                self.set_throttle(0);
                 Err(f.error)
             }
         }
@@ -374,6 +492,12 @@ impl Source {
         })
     }
 
+    fn set_throttle(&mut self, percent: u8) {
+        if self.throttle != percent && self.platform.vcpus.set_throttle(percent) {
+            self.throttle = percent;
+        }
+    }
+
     fn stop_trackers(&mut self) -> Vec<String> {
         let mut errs = Vec::new();
         let Some(plan) = self.tracking.take() else {
@@ -387,8 +511,10 @@ impl Source {
         errs
     }
 
+    /// Recovery: trackers stopped, every device back to RUNNING (reset where an arc fails),
+    /// the throttle lifted, vCPUs running.
     fn recover(&mut self) -> std::result::Result<(), String> {
-        self.emit(Event::Phase(Phase::Recovery));
+        self.enter(Phase::Recovery);
         let mut errs = self.stop_trackers();
         for (i, d) in self.platform.devices.iter_mut().enumerate() {
             if d.dev.state().ok() == Some(MigrationState::Running) {
@@ -412,6 +538,7 @@ impl Source {
                 )),
             }
         }
+        self.set_throttle(0);
         if self.paused {
             self.platform.vcpus.resume();
             self.paused = false;
@@ -423,42 +550,93 @@ impl Source {
         }
     }
 
+    /// The protocol, phase by phase.
     fn run<W: DataSink, R: Read>(
         &mut self,
-        plan: &[Chosen],
+        plan: Vec<Chosen>,
         data: W,
         back: &mut R,
     ) -> std::result::Result<MigrationReport, Failure> {
-        let mut report = MigrationReport {
+        let mut a = self.compat_exchange(plan, data, back)?;
+        self.start(&mut a)?;
+        let mut round = 0;
+        let precopy_t0 = Instant::now();
+        let mut dirty_reported = 0;
+        loop {
+            round += 1;
+            let (r, found) = self.precopy_round(&mut a, round)?;
+            dirty_reported += found;
+            let budget =
+                (a.bandwidth as u128 * self.cfg.downtime_limit.as_micros() / 1_000_000) as u64;
+            let remaining = r.remaining_estimate;
+            self.emit(Event::Round(&r));
+            let sent = r.bytes;
+            a.report.rounds.push(r);
+            if remaining <= budget {
+                a.report.converged = true;
+                break;
+            }
+            if round >= self.cfg.max_rounds {
+                let precopy_us = precopy_t0.elapsed().as_micros().max(1) as u64;
+                let rate = dirty_reported * PAGE_SIZE * 1_000_000 / precopy_us;
+                a.report.non_convergence = Some(format!(
+                    "pre-copy did not converge in {round} round(s): the guest dirtied {rate} \
+                     B/s against a link rate of {} B/s; {remaining} bytes were left against a \
+                     budget of {budget} for the {} ms downtime limit{}",
+                    a.bandwidth,
+                    self.cfg.downtime_limit.as_millis(),
+                    if self.cfg.auto_converge.is_some() {
+                        format!(" (vCPU throttle at {}%)", self.throttle)
+                    } else {
+                        " (auto-converge is off)".into()
+                    }
+                ));
+                break;
+            }
+            self.auto_converge(&mut a, found * PAGE_SIZE, sent);
+        }
+        let precopy_us = precopy_t0.elapsed().as_micros().max(1) as u64;
+        a.report.dirty_rate = dirty_reported * 1_000_000 / precopy_us;
+        let (down, r) = self.stop_and_copy(&mut a, round + 1)?;
+        self.handover(a, back, down, r)
+    }
+
+    /// Compat: the destination checks every device before anything moves.
+    fn compat_exchange<W: DataSink, R: Read>(
+        &mut self,
+        plan: Vec<Chosen>,
+        data: W,
+        back: &mut R,
+    ) -> std::result::Result<Attempt<W>, Failure> {
+        let phase = Phase::Compat;
+        self.enter(phase);
+        self.check_cancel()?;
+        let report = MigrationReport {
             tracking: self
                 .platform
                 .devices
                 .iter()
-                .zip(plan)
+                .zip(&plan)
                 .map(|(d, &c)| (d.dev.name().to_string(), c))
                 .collect(),
             downtime_limit_us: self.cfg.downtime_limit.as_micros() as u64,
             ..Default::default()
         };
-
-        // Compat exchange: nothing has moved yet.
-        let mut phase = Phase::Compat;
-        self.emit(Event::Phase(phase));
         let opts = WriterOptions {
             checksums: self.cfg.checksums,
             producer: format!("livemig {}", env!("CARGO_PKG_VERSION")),
             ..WriterOptions::default()
         };
-        let serr = |phase: Phase| move |source| Error::Stream { phase, source };
         let mut w = Writer::new(data, opts).map_err(serr(phase))?;
-        let descriptors = self.platform.descriptors();
-        for (i, d) in descriptors.iter().enumerate() {
+        for (i, d) in self.platform.descriptors().iter().enumerate() {
             let c = &d.device;
-            let caps = if d.iommu_dirty_tracking {
-                DirtyCaps::IOMMU
-            } else {
-                0
-            } | if c.dma_logging { DirtyCaps::DEVICE } else { 0 };
+            let mut caps = 0;
+            if d.iommu_dirty_tracking {
+                caps |= DirtyCaps::IOMMU;
+            }
+            if c.dma_logging {
+                caps |= DirtyCaps::DEVICE;
+            }
             w.compat(&StreamCompat {
                 device: i as u32,
                 identity: &c.identity,
@@ -483,136 +661,175 @@ impl Source {
                 .into());
             }
         }
+        let pages = self.platform.memory.size() / PAGE_SIZE;
+        let precopy = self
+            .platform
+            .devices
+            .iter()
+            .map(|d| {
+                self.cfg.precopy
+                    && MigrationFlags::from_bits_truncate(u64::from(d.dev.compat().migration_flags))
+                        .contains(MigrationFlags::PRE_COPY)
+            })
+            .collect();
+        Ok(Attempt {
+            plan,
+            w,
+            report,
+            dirty: PageBitmap::new(pages, PAGE_SIZE),
+            precopy,
+            bandwidth: 0,
+            dirty_high: 0,
+        })
+    }
 
-        // Start tracking, then PRE_COPY.
-        phase = Phase::Start;
-        self.emit(Event::Phase(phase));
-        self.tracking = Some(plan.to_vec());
-        for t in active_trackers(&mut self.platform, plan) {
+    /// Start: trackers on, PRE_COPY devices into PRE_COPY; round 1 will send all of RAM.
+    fn start<W: DataSink>(&mut self, a: &mut Attempt<W>) -> Result<()> {
+        let phase = Phase::Start;
+        self.enter(phase);
+        self.check_cancel()?;
+        self.tracking = Some(a.plan.clone());
+        for t in active_trackers(&mut self.platform, &a.plan) {
             t.start().map_err(|e| Error::Tracker {
                 phase,
                 tracker: t.name(),
                 reason: e.to_string(),
             })?;
         }
-        let precopy: Vec<bool> = self
-            .platform
-            .devices
-            .iter()
-            .map(|d| self.cfg.precopy && d.dev.compat().migration_flags & 4 != 0)
-            .collect();
         for (i, d) in self.platform.devices.iter_mut().enumerate() {
-            if precopy[i] {
+            if a.precopy[i] {
                 d.dev
                     .transition(MigrationState::PreCopy)
                     .map_err(|source| dev_err(phase, i, &*d.dev, source))?;
             }
         }
-
-        let mem = Arc::clone(&self.platform.memory);
-        let pages = mem.size() / PAGE_SIZE;
-        let mut dirty = PageBitmap::new(pages, PAGE_SIZE);
-        let mut scratch = PageBitmap::new(pages, PAGE_SIZE);
-        dirty.set_all();
         // The first harvest only clears what the trackers saw before the start.
-        self.harvest(plan, &mut scratch, phase)?;
-        let mut round = 0u32;
-        let mut dirty_reported = 0u64;
-        let precopy_t0 = Instant::now();
-        let mut bandwidth = 0u64;
-        loop {
-            round += 1;
-            phase = Phase::PreCopy(round);
-            self.emit(Event::Phase(phase));
-            let rt = Instant::now();
-            let b0 = w.bytes_written();
-            let mut r = RoundReport {
-                round,
-                dirty_pages: dirty.count(),
-                ..Default::default()
-            };
-            send_pages(&mut w, &*mem, &dirty, &mut r, phase)?;
-            dirty.clear();
-            for (i, d) in self.platform.devices.iter_mut().enumerate() {
-                if !precopy[i] {
-                    continue;
-                }
-                let mut buf = Vec::new();
-                d.dev
-                    .precopy(&mut buf, self.cfg.device_precopy_max)
-                    .map_err(|source| dev_err(phase, i, &*d.dev, source))?;
-                if !buf.is_empty() {
-                    w.device_state(i as u32, StreamPhase::PreCopy, &buf)
-                        .map_err(serr(phase))?;
-                    r.device_bytes += buf.len() as u64;
-                }
-            }
-            r.bytes = w.bytes_written() - b0;
-            w.round(&Round {
-                round,
-                pages: r.pages,
-                zero_pages: r.zero_pages,
-                dirty_pages: r.dirty_pages,
-                device_bytes: r.device_bytes,
-                stream_bytes: r.bytes,
-                elapsed_us: rt.elapsed().as_micros() as u64,
-            })
-            .map_err(serr(phase))?;
-            w.flush().map_err(serr(phase))?;
-            r.elapsed_us = rt.elapsed().as_micros().max(1) as u64;
-            // Rounds too small to time say little about the link: keep the best estimate.
-            let measured = r.bytes.saturating_mul(1_000_000) / r.elapsed_us;
-            if r.bytes >= 256 << 10 || bandwidth == 0 {
-                bandwidth = bandwidth.max(measured);
-            }
-            r.bandwidth = bandwidth;
+        let mut scratch = PageBitmap::new(a.dirty.pages(), PAGE_SIZE);
+        self.harvest(&a.plan, &mut scratch, phase)?;
+        for (gpa, len) in self.platform.memory.ranges() {
+            a.dirty.set_bytes(gpa, len);
+        }
+        Ok(())
+    }
 
-            // The next round's pages, and what stop-and-copy would cost now.
-            let found = self.harvest(plan, &mut dirty, phase)?;
-            dirty_reported += found;
-            let mut remaining = dirty.count() * PAGE_SIZE;
-            for (i, d) in self.platform.devices.iter_mut().enumerate() {
-                let pending = if precopy[i] {
-                    d.dev
-                        .precopy_pending()
-                        .map_err(|source| dev_err(phase, i, &*d.dev, source))?
-                } else {
-                    0
-                };
-                let stop = d
-                    .dev
-                    .stop_copy_size()
-                    .map_err(|source| dev_err(phase, i, &*d.dev, source))?;
-                remaining += pending + stop;
+    /// One pre-copy round: the pages found dirty, the devices' PRE_COPY data, then the next
+    /// harvest and the estimate of what stop-and-copy would cost. Returns the round and the
+    /// pages the harvest found.
+    fn precopy_round<W: DataSink>(
+        &mut self,
+        a: &mut Attempt<W>,
+        round: u32,
+    ) -> Result<(RoundReport, u64)> {
+        let phase = Phase::PreCopy(round);
+        self.enter(phase);
+        self.check_cancel()?;
+        let rt = Instant::now();
+        let b0 = a.w.bytes_written();
+        let mut r = RoundReport {
+            round,
+            dirty_pages: a.dirty.count(),
+            throttle_percent: self.throttle,
+            ..Default::default()
+        };
+        let mem = Arc::clone(&self.platform.memory);
+        send_pages(&mut a.w, &*mem, &a.dirty, &mut r, phase, &self.cancel)?;
+        a.dirty.clear();
+        for (i, d) in self.platform.devices.iter_mut().enumerate() {
+            if !a.precopy[i] {
+                continue;
             }
-            r.remaining_estimate = remaining;
-            self.emit(Event::Round(&r));
-            report.rounds.push(r);
-            if let Some((guard, _)) = &self.platform.viommu {
-                if let Some(c) = guard.cancelled() {
-                    return Err(Error::Cancelled {
-                        phase,
-                        reason: c.to_string(),
-                    }
-                    .into());
-                }
-            }
-            let budget =
-                (bandwidth as u128 * self.cfg.downtime_limit.as_micros() / 1_000_000) as u64;
-            if remaining <= budget {
-                report.converged = true;
-                break;
-            }
-            if round >= self.cfg.max_rounds {
-                break;
+            let mut buf = Vec::new();
+            d.dev
+                .precopy(&mut buf, self.cfg.device_precopy_max)
+                .map_err(|source| dev_err(phase, i, &*d.dev, source))?;
+            if !buf.is_empty() {
+                a.w.device_state(i as u32, StreamPhase::PreCopy, &buf)
+                    .map_err(serr(phase))?;
+                r.device_bytes += buf.len() as u64;
             }
         }
-        let precopy_us = precopy_t0.elapsed().as_micros().max(1) as u64;
-        report.dirty_rate = dirty_reported * 1_000_000 / precopy_us;
+        r.bytes = a.w.bytes_written() - b0;
+        a.w.round(&Round {
+            round,
+            pages: r.pages,
+            zero_pages: r.zero_pages,
+            dirty_pages: r.dirty_pages,
+            device_bytes: r.device_bytes,
+            stream_bytes: r.bytes,
+            elapsed_us: rt.elapsed().as_micros() as u64,
+        })
+        .map_err(serr(phase))?;
+        a.w.flush().map_err(serr(phase))?;
+        r.elapsed_us = rt.elapsed().as_micros().max(1) as u64;
+        // Rounds too small to time say little about the link: keep the best estimate.
+        let measured = r.bytes.saturating_mul(1_000_000) / r.elapsed_us;
+        if r.bytes >= 256 << 10 || a.bandwidth == 0 {
+            a.bandwidth = a.bandwidth.max(measured);
+        }
+        r.bandwidth = a.bandwidth;
 
-        // Stop and copy.
-        phase = Phase::StopCopy;
-        self.emit(Event::Phase(phase));
+        // The next round's pages, and what stop-and-copy would cost now.
+        let found = self.harvest(&a.plan, &mut a.dirty, phase)?;
+        let mut remaining = a.dirty.count() * PAGE_SIZE;
+        for (i, d) in self.platform.devices.iter_mut().enumerate() {
+            let pending = if a.precopy[i] {
+                d.dev
+                    .precopy_pending()
+                    .map_err(|source| dev_err(phase, i, &*d.dev, source))?
+            } else {
+                0
+            };
+            let stop = d
+                .dev
+                .stop_copy_size()
+                .map_err(|source| dev_err(phase, i, &*d.dev, source))?;
+            // Device-supplied sizes: saturate rather than wrap into a fake convergence.
+            remaining = remaining.saturating_add(pending).saturating_add(stop);
+        }
+        r.remaining_estimate = remaining;
+        if let Some((guard, _)) = &self.platform.viommu {
+            if let Some(c) = guard.cancelled() {
+                return Err(Error::Cancelled {
+                    phase,
+                    reason: c.to_string(),
+                });
+            }
+        }
+        Ok((r, found))
+    }
+
+    /// Auto-converge (QEMU's `auto-converge` rule, migration/ram.c
+    /// `migration_trigger_throttle`): when in two rounds the guest dirtied more than half of
+    /// what the round sent, throttle the vCPUs (initial step, then by the increment, up to the
+    /// maximum). The host enforces it; the guest is never asked to slow itself.
+    fn auto_converge<W: DataSink>(&mut self, a: &mut Attempt<W>, dirtied: u64, sent: u64) {
+        let Some(ac) = self.cfg.auto_converge else {
+            return;
+        };
+        if dirtied > sent / 2 {
+            a.dirty_high += 1;
+        }
+        if a.dirty_high >= 2 {
+            a.dirty_high = 0;
+            let next = if self.throttle == 0 {
+                ac.initial
+            } else {
+                self.throttle.saturating_add(ac.increment)
+            };
+            self.set_throttle(next.min(ac.max));
+        }
+    }
+
+    /// Stop-and-copy: vCPUs paused, devices to STOP_COPY, the final harvest, the last pages
+    /// and the devices' state, End. Returns when the downtime began and the round.
+    fn stop_and_copy<W: DataSink>(
+        &mut self,
+        a: &mut Attempt<W>,
+        round: u32,
+    ) -> Result<(Instant, RoundReport)> {
+        let phase = Phase::StopCopy;
+        self.enter(phase);
+        self.check_cancel()?;
         let down = Instant::now();
         self.platform.vcpus.pause();
         self.paused = true;
@@ -621,41 +838,58 @@ impl Source {
                 .transition(MigrationState::StopCopy)
                 .map_err(|source| dev_err(phase, i, &*d.dev, source))?;
         }
-        // Devices are quiesced: the final harvest sees every write they made.
-        self.harvest(plan, &mut dirty, phase)?;
+        // vCPUs and devices are quiesced: the final harvest sees every write they made.
+        self.harvest(&a.plan, &mut a.dirty, phase)?;
         let rt = Instant::now();
-        let b0 = w.bytes_written();
+        let b0 = a.w.bytes_written();
         let mut r = RoundReport {
-            round: round + 1,
-            dirty_pages: dirty.count(),
-            bandwidth,
+            round,
+            dirty_pages: a.dirty.count(),
+            bandwidth: a.bandwidth,
+            throttle_percent: self.throttle,
             ..Default::default()
         };
-        send_pages(&mut w, &*mem, &dirty, &mut r, phase)?;
+        let mem = Arc::clone(&self.platform.memory);
+        send_pages(&mut a.w, &*mem, &a.dirty, &mut r, phase, &self.cancel)?;
         for (i, d) in self.platform.devices.iter_mut().enumerate() {
             let mut buf = Vec::new();
             d.dev
                 .save(&mut buf)
                 .map_err(|source| dev_err(phase, i, &*d.dev, source))?;
-            w.device_state(i as u32, StreamPhase::StopCopy, &buf)
+            a.w.device_state(i as u32, StreamPhase::StopCopy, &buf)
                 .map_err(serr(phase))?;
             r.device_bytes += buf.len() as u64;
         }
-        r.bytes = w.bytes_written() - b0;
-        let total = w.bytes_written();
-        let mut sink = w.finish().map_err(serr(phase))?;
+        r.bytes = a.w.bytes_written() - b0;
+        r.elapsed_us = rt.elapsed().as_micros() as u64;
+        Ok((down, r))
+    }
+
+    /// Handover: End, then the destination decides. From End on a cancel is refused and a
+    /// lost answer leaves the source stopped (the destination may run).
+    fn handover<W: DataSink, R: Read>(
+        &mut self,
+        a: Attempt<W>,
+        back: &mut R,
+        down: Instant,
+        r: RoundReport,
+    ) -> std::result::Result<MigrationReport, Failure> {
+        let phase = Phase::StopCopy;
+        if !self.cancel.close() {
+            self.check_cancel()?;
+        }
+        let mut report = a.report;
+        report.bytes = a.w.bytes_written();
+        let mut sink = a.w.finish().map_err(serr(phase))?;
         sink.close().map_err(|source| Error::Link {
             phase,
             what: "closing the stream",
             source,
         })?;
         drop(sink);
-        r.elapsed_us = rt.elapsed().as_micros() as u64;
-        report.bytes = total;
 
-        // Handover: the destination decides.
-        phase = Phase::Handover;
-        self.emit(Event::Phase(phase));
+        let phase = Phase::Handover;
+        self.enter(phase);
         match Message::read_from(back) {
             Ok(Message::Resumed { load_us }) => {
                 report.downtime_us = down.elapsed().as_micros() as u64;
@@ -758,11 +992,18 @@ fn send_pages<W: Write>(
     dirty: &PageBitmap,
     r: &mut RoundReport,
     phase: Phase,
+    cancel: &CancelHandle,
 ) -> Result<()> {
     let mut buf = vec![0u8; (BATCH * PAGE_SIZE) as usize];
     for (first, count) in dirty.runs() {
         let mut p = first;
         while p < first + count {
+            if let Some(reason) = cancel.reason() {
+                return Err(Error::Cancelled {
+                    phase,
+                    reason: format!("operator cancel: {reason}"),
+                });
+            }
             let n = (first + count - p).min(BATCH);
             let gpa = p * PAGE_SIZE;
             let len = n * PAGE_SIZE;
@@ -787,6 +1028,30 @@ fn send_pages<W: Write>(
         }
     }
     Ok(())
+}
+
+/// Refuses `[gpa, gpa + len)` unless one RAM range holds all of it (nothing is written
+/// outside guest RAM, holes included).
+fn check_in_ram(ranges: &[(u64, u64)], what: &str, gpa: u64, len: u64, phase: Phase) -> Result<()> {
+    let inside = gpa.checked_add(len).is_some_and(|end| {
+        ranges
+            .iter()
+            .any(|&(start, rlen)| gpa >= start && end <= start.saturating_add(rlen))
+    });
+    if inside {
+        return Ok(());
+    }
+    let map: Vec<String> = ranges
+        .iter()
+        .map(|&(s, l)| format!("{s:#x}..{:#x}", s.saturating_add(l)))
+        .collect();
+    Err(Error::Protocol {
+        phase,
+        reason: format!(
+            "{what} at {gpa:#x} (+{len:#x} bytes) outside guest RAM ({})",
+            map.join(", ")
+        ),
+    })
 }
 
 /// Everything the destination side needs from the platform.
@@ -973,6 +1238,7 @@ impl Destination {
             ..Default::default()
         };
         let mut stop_copy_seen = vec![false; n];
+        let ranges = mem.ranges();
         let memerr = |gpa: u64| {
             move |e: crate::memory::MemoryError| Error::Memory {
                 phase: Phase::Receive,
@@ -985,24 +1251,14 @@ impl Destination {
             let rec = rd.next().map_err(serr(phase))?;
             match rec {
                 Some(Record::Pages(p)) => {
-                    let ps = u64::from(p.page_size);
-                    let end = p.gpa.checked_add(u64::from(p.count) * ps);
-                    if end.is_none_or(|e| e > mem.size()) {
-                        return Err(Error::Protocol {
-                            phase,
-                            reason: format!(
-                                "Pages at {:#x} ({} x {ps}) outside guest RAM of {:#x} bytes",
-                                p.gpa,
-                                p.count,
-                                mem.size()
-                            ),
-                        });
-                    }
+                    let len = u64::from(p.count) * u64::from(p.page_size);
+                    check_in_ram(&ranges, "Pages", p.gpa, len, phase)?;
                     mem.write(p.gpa, p.payload).map_err(memerr(p.gpa))?;
                     report.pages += u64::from(p.count);
                 }
                 Some(Record::ZeroPages(z)) => {
                     let len = u64::from(z.count) * u64::from(z.page_size);
+                    check_in_ram(&ranges, "ZeroPages", z.gpa, len, phase)?;
                     mem.zero(z.gpa, len).map_err(memerr(z.gpa))?;
                     report.zero_pages += u64::from(z.count);
                 }

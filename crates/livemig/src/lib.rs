@@ -1,21 +1,24 @@
 //! # livemig
 //!
-//! Live migration of VMs that own assigned PCI devices, composed from the livemig HAL crates:
-//! VFIO migration v2 devices (`livemig-vfio`, `livemig-hisi-qm`), IOMMU hardware dirty
-//! tracking (`livemig-iommufd` on real hosts, the `livemig-iommu-pt` model in simulation),
-//! device DMA logging, the migration stream (`livemig-stream`) and the vIOMMU policy
-//! (`livemig-viommu`).
+//! The live-migration engine a VMM imports for VMs that own assigned PCI devices, over small
+//! platform traits, with the real-host backends for VFIO migration v2 devices
+//! (`livemig-vfio`), iommufd HWPT dirty tracking (`livemig-iommufd`) and device DMA logging.
 //!
 //! - [`engine`]: [`Source`](engine::Source) and [`Destination`](engine::Destination) over
-//!   small platform traits — [`GuestMemory`](memory::GuestMemory),
-//!   [`DirtyTracker`](tracker::DirtyTracker), [`MigDevice`](device::MigDevice),
-//!   [`Vcpus`](engine::Vcpus) — and any transport ([`DataSink`](link::DataSink) + `Read`).
-//! - [`tracker`]: the vCPU log, iommufd HWPTs, device DMA logs, and the per-device choice
-//!   (`auto | iommu | device`).
-//! - [`sim`]: the simulated platform — sparse RAM, the IOMMU model of AMD-Vi, VT-d or SMMUv3,
-//!   HiSilicon QM VF models doing DMA through it, devices with DMA logging, a vCPU writer.
-//! - [`link`]: an in-process link with bandwidth and latency, TCP, failure injection.
-//! - [`compat`]: compatibility descriptors and verdicts; [`probe`]: what a host offers.
+//!   [`GuestMemory`](memory::GuestMemory), [`DirtyTracker`](tracker::DirtyTracker),
+//!   [`MigDevice`](device::MigDevice) and [`Vcpus`](engine::Vcpus); the protocol's phases
+//!   (compat, start, pre-copy round, stop-and-copy, handover, recovery) are one method each.
+//! - [`transport`]: the [`Channel`](transport::Channel) a migration runs over (TCP today;
+//!   authentication, per-phase deadlines and several connections plug in here) and the
+//!   operator's [`CancelHandle`](transport::CancelHandle).
+//! - [`tracker`]: the dirty-tracker union, the per-device choice (`auto | iommu | device`), and
+//!   the real-host trackers (iommufd HWPTs, device DMA logs).
+//! - [`link`]: an in-process link with bandwidth and latency, pacing, failure injection.
+//! - [`compat`]: compatibility descriptors and verdicts; [`control`]: the return path.
+//!
+//! The simulated platform is `livemig-sim`, the KVM backend `livemig-kvm`, and the `livemig`
+//! command `livemig-cli`: none of them (nor JSON, a CLI parser or a device model) is a
+//! dependency of this crate.
 #![deny(missing_docs)]
 
 pub mod bitmap;
@@ -26,8 +29,7 @@ pub mod engine;
 pub mod error;
 pub mod link;
 pub mod memory;
-pub mod probe;
-pub mod sim;
 pub mod tracker;
+pub mod transport;
 
 pub use error::{Error, Phase, Result};

@@ -315,6 +315,32 @@ impl<W: DataSink> DataSink for Paced<W> {
     }
 }
 
+/// Runs one migration between `source` and `destination` in this process over an in-process
+/// link (the destination on a second thread). Throwing `cut` drops both directions.
+pub fn migrate_local(
+    source: &mut crate::engine::Source,
+    destination: &mut crate::engine::Destination,
+    link: crate::link::LinkConfig,
+    cut: &crate::link::Cut,
+) -> (
+    crate::Result<crate::engine::MigrationReport>,
+    crate::Result<crate::engine::ReceiveReport>,
+) {
+    let (data_w, data_r) = crate::link::pipe(link, cut.clone());
+    let (back_w, back_r) = crate::link::pipe(link, cut.clone());
+    std::thread::scope(|s| {
+        let d = s.spawn(move || destination.receive(data_r, back_w));
+        let r = source.migrate(data_w, back_r);
+        let dr = d.join().unwrap_or_else(|_| {
+            Err(crate::Error::Protocol {
+                phase: crate::Phase::Receive,
+                reason: "the destination thread panicked".into(),
+            })
+        });
+        (r, dr)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

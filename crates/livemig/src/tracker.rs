@@ -5,13 +5,11 @@
 //! model in simulation) for devices whose domain tracks, and the DMA log of devices tracked on
 //! their own. Which of the last two covers a device is [`plan`]'s decision.
 
-use std::sync::Arc;
-
 use livemig_iommufd::{DirtyBitmap, Hwpt};
 use livemig_vfio::{DmaLogSession, DmaLogger, DmaRange};
 
 use crate::bitmap::PageBitmap;
-use crate::memory::{PAGE_SIZE, SparseRam};
+use crate::memory::PAGE_SIZE;
 
 /// A tracker's error.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -112,27 +110,6 @@ pub fn plan(mode: TrackingMode, devices: &[DeviceDirtyCaps]) -> Result<Vec<Chose
         Ok(out)
     } else {
         Err(blocked.join("; "))
-    }
-}
-
-/// The vCPU dirty log of [`SparseRam`].
-#[derive(Debug)]
-pub struct CpuDirtyLog(pub Arc<SparseRam>);
-
-impl DirtyTracker for CpuDirtyLog {
-    fn name(&self) -> String {
-        "vCPU dirty log".into()
-    }
-    fn start(&mut self) -> Result<(), BoxError> {
-        self.0.set_cpu_logging(true);
-        Ok(())
-    }
-    fn harvest(&mut self, into: &mut PageBitmap) -> Result<u64, BoxError> {
-        Ok(self.0.harvest_cpu_dirty(into))
-    }
-    fn stop(&mut self) -> Result<(), BoxError> {
-        self.0.set_cpu_logging(false);
-        Ok(())
     }
 }
 

@@ -1,4 +1,6 @@
-//! The simulated platform (the CLI's embedded default): sparse guest RAM, the IOMMU model of a
+//! # livemig-sim
+//!
+//! The simulated platform (the CLI's `simulate` and its TCP pair): sparse guest RAM, the IOMMU model of a
 //! chosen vendor over it, HiSilicon QM VF models doing DMA through that IOMMU, optional
 //! simulated devices that log their own DMA, a vCPU writer, and a device thread.
 //!
@@ -11,6 +13,8 @@
 //!
 //! Page tables map all of guest RAM identity (IOVA = GPA, no vIOMMU) with 4 KiB pages, so
 //! IOMMU dirty tracking reports at the migration page size.
+
+#![deny(missing_docs)]
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,11 +33,15 @@ use livemig_vfio::sim::{SimConfig as SimDevConfig, SimDevice};
 use livemig_vfio::{MigrationFlags, MigrationState};
 use serde::Serialize;
 
-use crate::bitmap::PageBitmap;
-use crate::device::{DeviceCompat, MigDevice, VfioMigDevice};
-use crate::engine::{DestinationPlatform, SourceDevice, SourcePlatform, Vcpus};
-use crate::memory::{GuestMemory, PAGE_SIZE, SparseRam};
-use crate::tracker::{BoxError, CpuDirtyLog, DirtyTracker, DmaLogTracker};
+use livemig::bitmap::PageBitmap;
+use livemig::device::{DeviceCompat, MigDevice, VfioMigDevice};
+use livemig::engine::{DestinationPlatform, SourceDevice, SourcePlatform, Vcpus};
+use livemig::memory::{GuestMemory, PAGE_SIZE};
+use livemig::tracker::{BoxError, DirtyTracker, DmaLogTracker};
+
+pub mod ram;
+
+pub use ram::{CpuDirtyLog, SparseRam};
 
 /// The IOMMU vendor the model emulates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -910,31 +918,7 @@ impl RunningExt for SimDevice {
     }
 }
 
-/// Runs one migration between `source` and `destination` in this process over an in-process
-/// link (the destination on a second thread). Throwing `cut` drops both directions.
-pub fn migrate_local(
-    source: &mut crate::engine::Source,
-    destination: &mut crate::engine::Destination,
-    link: crate::link::LinkConfig,
-    cut: &crate::link::Cut,
-) -> (
-    crate::Result<crate::engine::MigrationReport>,
-    crate::Result<crate::engine::ReceiveReport>,
-) {
-    let (data_w, data_r) = crate::link::pipe(link, cut.clone());
-    let (back_w, back_r) = crate::link::pipe(link, cut.clone());
-    std::thread::scope(|s| {
-        let d = s.spawn(move || destination.receive(data_r, back_w));
-        let r = source.migrate(data_w, back_r);
-        let dr = d.join().unwrap_or_else(|_| {
-            Err(crate::Error::Protocol {
-                phase: crate::Phase::Receive,
-                reason: "the destination thread panicked".into(),
-            })
-        });
-        (r, dr)
-    })
-}
+pub use livemig::link::migrate_local;
 
 #[cfg(test)]
 mod tests {

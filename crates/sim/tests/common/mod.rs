@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use livemig::engine::{Destination, MigrationReport, ReceiveReport, Source, SourceConfig};
 use livemig::link::{Cut, LinkConfig};
-use livemig::sim::{self, SimDestination, SimSource, SimSpec, Vendor};
 use livemig::{Phase, Result};
+use livemig_sim::{self as sim, SimDestination, SimSource, SimSpec, Vendor};
 
 pub fn spec(vendor: Vendor) -> SimSpec {
     SimSpec {

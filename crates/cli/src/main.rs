@@ -1,6 +1,8 @@
 //! `livemig`: probe a host, run a simulated migration, migrate between two processes, inspect
 //! streams, and check compatibility.
 
+mod probe;
+
 use std::io::{IsTerminal, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -12,8 +14,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use livemig::compat::{self, HostDescriptor};
 use livemig::engine::{Destination, Event, MigrationReport, Source, SourceConfig};
 use livemig::link::{Cut, LinkConfig, Paced};
-use livemig::sim::{self, SimSpec, Vendor};
 use livemig::tracker::TrackingMode;
+use livemig_sim::{self as sim, SimSpec, Vendor};
 use serde::Serialize;
 
 #[derive(Parser)]
@@ -512,7 +514,7 @@ fn inspect(file: &PathBuf, json: bool) -> Result<()> {
 
 fn compat_export(sim: &SimArgs, precopy: bool, host: bool) -> Result<HostDescriptor> {
     if host {
-        let p = livemig::probe::probe();
+        let p = probe::probe();
         let devices = p
             .devices
             .iter()
@@ -575,14 +577,18 @@ fn compat_export(sim: &SimArgs, precopy: bool, host: bool) -> Result<HostDescrip
 
 fn read_descriptor(p: &PathBuf) -> Result<HostDescriptor> {
     let t = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-    HostDescriptor::from_json(&t).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
+    let d: HostDescriptor = serde_json::from_str(&t)
+        .map_err(|e| anyhow::anyhow!("{}: not a compatibility descriptor: {e}", p.display()))?;
+    d.check_format()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+    Ok(d)
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Probe { json } => {
-            let r = livemig::probe::probe();
+            let r = probe::probe();
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
@@ -648,9 +654,9 @@ fn main() -> Result<()> {
         }) => {
             let d = compat_export(&sim, !no_precopy, host)?;
             match output {
-                Some(p) => std::fs::write(&p, d.to_json() + "\n")
+                Some(p) => std::fs::write(&p, serde_json::to_string_pretty(&d)? + "\n")
                     .with_context(|| format!("writing {}", p.display()))?,
-                None => println!("{}", d.to_json()),
+                None => println!("{}", serde_json::to_string_pretty(&d)?),
             }
         }
         Cmd::Compat(CompatCmd::Check { a, b, json }) => {

@@ -9,7 +9,7 @@ use std::io::{self, Write};
 use livemig::Phase;
 use livemig::engine::SourceConfig;
 use livemig::link::DataSink;
-use livemig::sim::{self, Vendor};
+use livemig_sim::{self as sim, Vendor};
 use livemig_vfio::MigrationState as S;
 use livemig_vfio::sim::Fault;
 use serial_test::serial;

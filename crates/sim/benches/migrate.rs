@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, criterion_group, criterion_main};
 use livemig::engine::{Destination, MigrationReport, Source, SourceConfig};
 use livemig::link::{Cut, DataSink, LinkConfig, pipe};
-use livemig::sim::{self, SimSpec, Vendor};
+use livemig_sim::{self as sim, SimSpec, Vendor};
 
 const LINK: LinkConfig = LinkConfig {
     bandwidth: 1_250_000_000,

@@ -4,8 +4,8 @@
 mod common;
 
 use livemig::engine::SourceConfig;
-use livemig::sim::Vendor;
 use livemig::tracker::{Chosen, TrackingMode};
+use livemig_sim::Vendor;
 use serial_test::serial;
 
 fn migrate(

@@ -13,8 +13,8 @@ use livemig_iommufd::{AutoDomains, HwInfo, HwptFlags, Iommufd, VendorInfo};
 use livemig_vfio::{MigrationDevice, VfioDevice};
 use serde::Serialize;
 
-use crate::compat::flag_names;
-use crate::error::chain;
+use livemig::compat::flag_names;
+use livemig::error::chain;
 
 /// The IOMMU side of a device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
