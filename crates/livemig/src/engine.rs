@@ -67,6 +67,8 @@ pub struct SourceDevice {
     pub iommu_dirty: std::result::Result<(), String>,
     /// Its DMA log, if it has one.
     pub dma_log: Option<Box<dyn DirtyTracker>>,
+    /// Whether it does DMA (false for state-only devices such as vCPU state: no tracker).
+    pub does_dma: bool,
 }
 
 impl std::fmt::Debug for SourceDevice {
@@ -367,6 +369,7 @@ impl Source {
                 name: d.dev.name().to_string(),
                 iommu: d.iommu_dirty.clone(),
                 dma_logging: d.dma_log.is_some(),
+                does_dma: d.does_dma,
             })
             .collect()
     }

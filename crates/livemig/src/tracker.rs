@@ -63,6 +63,8 @@ pub struct DeviceDirtyCaps {
     pub iommu: Result<(), String>,
     /// It can log its own DMA.
     pub dma_logging: bool,
+    /// It does DMA at all (a vCPU state device does not: it needs no tracker).
+    pub does_dma: bool,
 }
 
 /// The tracker chosen for a device.
@@ -73,6 +75,9 @@ pub enum Chosen {
     Iommu,
     /// The device's DMA log.
     Device,
+    /// Nothing: the device does no DMA.
+    #[serde(rename = "none")]
+    NoDma,
 }
 
 /// Chooses a tracker for every device, or says why migration is blocked (naming each device
@@ -84,6 +89,7 @@ pub fn plan(mode: TrackingMode, devices: &[DeviceDirtyCaps]) -> Result<Vec<Chose
         let iommu = d.iommu.is_ok();
         let why_iommu = d.iommu.as_ref().err().cloned().unwrap_or_default();
         let pick = match mode {
+            _ if !d.does_dma => Ok(Chosen::NoDma),
             TrackingMode::Auto if iommu => Ok(Chosen::Iommu),
             TrackingMode::Auto if d.dma_logging => Ok(Chosen::Device),
             TrackingMode::Auto => Err(format!(
@@ -275,6 +281,7 @@ mod tests {
                 Err("domain without dirty tracking".into())
             },
             dma_logging: log,
+            does_dma: true,
         }
     }
 
@@ -291,6 +298,13 @@ mod tests {
         );
         let e = plan(TrackingMode::Iommu, &devs).unwrap_err();
         assert!(e.starts_with("b: IOMMU dirty tracking was required"), "{e}");
+        let mut cpu_state = caps("vcpus", false, false);
+        cpu_state.does_dma = false;
+        assert_eq!(
+            plan(TrackingMode::Iommu, &[cpu_state]).unwrap(),
+            [Chosen::NoDma],
+            "a device without DMA needs no tracker"
+        );
         let e = plan(TrackingMode::Auto, &[caps("qm0", false, false)]).unwrap_err();
         assert!(e.contains("qm0: no IOMMU dirty tracking (domain without dirty tracking) and no device DMA logging"), "{e}");
     }

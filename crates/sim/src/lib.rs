@@ -676,6 +676,7 @@ fn source_with<F: SimFormat>(spec: &SimSpec, precopy: bool) -> Result<SimSource,
                 .map_err(|e| format!("QM VF {i}: guest driver init: {e}"))?;
         let bufs = driver.free_base();
         devices.push(SourceDevice {
+            does_dma: true,
             dev: Box::new(dev),
             iommu_dirty: iommu_dirty.clone(),
             dma_log: None,
@@ -696,6 +697,7 @@ fn source_with<F: SimFormat>(spec: &SimSpec, precopy: bool) -> Result<SimSource,
         let tracker = DmaLogTracker::new(format!("dev{j}"), sim.clone(), &[(0, spec.ram)], None)
             .map_err(|e| e.to_string())?;
         devices.push(SourceDevice {
+            does_dma: true,
             dev: Box::new(dev),
             iommu_dirty: iommu_dirty.clone(),
             dma_log: Some(Box::new(tracker)),

@@ -1,0 +1,146 @@
+/*
+ * livemig test guest: entry points.
+ *
+ * The image is a flat binary loaded at 1 MiB. Its first bytes are a multiboot v1 header with
+ * the address fields (flags bit 16; Multiboot Specification 0.6.96, 3.1.3), so a multiboot
+ * loader (QEMU -kernel) loads it whatever its format and enters _start32 in 32-bit protected
+ * mode (EAX = 0x2BADB002, EBX = multiboot information). _start32 builds identity page tables
+ * (4 GiB in 2 MiB pages), enables long mode and continues in 64-bit code.
+ *
+ * livemig-kvm starts every vCPU directly in 64-bit mode at _start64 (named by the "LM64"
+ * field after the header) with its own identical page tables: some hypervisors emulate
+ * 32-bit guests instruction by instruction (KVM's PVM flavour, which these machines run,
+ * executes only 64-bit guests natively). vCPU 0 gets EAX = 0x2BADB002 and EBX = the
+ * multiboot information; the others EAX = 0x4C4D4150 ("LMAP") and EBX = their index.
+ */
+    .section .multiboot, "a"
+    .align 4
+mb_header:
+    .long 0x1BADB002
+    .long 0x00010000
+    .long -(0x1BADB002 + 0x00010000)
+    .long mb_header
+    .long __load_start
+    .long __load_end
+    .long __bss_end
+    .long _start32
+    .ascii "LM64"
+    .long _start64
+
+    .section .text.entry, "ax"
+    .code32
+    .globl _start32
+_start32:
+    cli
+    cld
+    movl %ebx, %edi
+    movl %eax, %esi
+    /* PML4[0] -> PDPT; PDPT[0..3] -> PD0..3; PDk[i] = (k GiB + i * 2 MiB) | PS | RW | P */
+    movl $boot_pml4, %eax
+    movl $boot_pdpt, %edx
+    orl $7, %edx
+    movl %edx, (%eax)
+    xorl %ecx, %ecx
+1:  movl %ecx, %eax
+    shll $12, %eax
+    addl $boot_pd, %eax
+    orl $3, %eax
+    movl %eax, boot_pdpt(,%ecx,8)
+    incl %ecx
+    cmpl $4, %ecx
+    jb 1b
+    xorl %ecx, %ecx
+2:  movl %ecx, %eax
+    shll $21, %eax
+    orl $0x87, %eax          /* present, writable, user, 2 MiB page */
+    movl %eax, boot_pd(,%ecx,8)
+    movl %ecx, %eax
+    shrl $11, %eax
+    movl %eax, boot_pd+4(,%ecx,8)
+    incl %ecx
+    cmpl $2048, %ecx
+    jb 2b
+    movl $boot_pml4, %eax
+    movl %eax, %cr3
+    movl %cr4, %eax
+    orl $0x20, %eax          /* PAE */
+    movl %eax, %cr4
+    movl $0xc0000080, %ecx   /* IA32_EFER */
+    rdmsr
+    orl $0x100, %eax         /* LME */
+    wrmsr
+    movl %cr0, %eax
+    orl $0x80000001, %eax    /* PG | PE */
+    movl %eax, %cr0
+    lgdt gdt_desc
+    ljmp $0x08, $3f
+    .code64
+3:  movl $0x10, %ecx
+    movl %ecx, %ds
+    movl %ecx, %es
+    movl %ecx, %ss
+    movl %esi, %eax
+    movl %edi, %ebx
+    .globl _start64
+_start64:
+    cli
+    cld
+    cmpl $0x2BADB002, %eax
+    je 4f
+    cmpl $0x4C4D4150, %eax
+    je 5f
+0:  hlt
+    jmp 0b
+4:  movl %ebx, %edi          /* multiboot information */
+    xorl %esi, %esi          /* vCPU 0 */
+    jmp 6f
+5:  movl %ebx, %esi          /* vCPU index */
+    xorl %edi, %edi
+6:  cmpl $8, %esi
+    jae 0b
+    movl %esi, %eax
+    incl %eax
+    shll $14, %eax           /* 16 KiB stack per vCPU */
+    leaq stacks(%rip), %rdx
+    addq %rax, %rdx
+    /*
+     * The workload runs in ring 3 with IOPL 3 (port I/O allowed, no privileged instruction
+     * needed): KVM's PVM flavour runs guest user mode natively but emulates guest kernel mode
+     * unless the guest kernel is PVM-aware. iretq frame: SS, RSP, RFLAGS, CS, RIP.
+     */
+    movq %rdx, %rsp
+    pushq $0x23
+    pushq %rdx
+    pushq $0x3002
+    pushq $0x1b
+    leaq 7f(%rip), %rax
+    pushq %rax
+    iretq
+7:  call guest_main
+8:  pause
+    jmp 8b
+
+    .section .rodata
+    .align 8
+gdt:
+    .quad 0
+    .quad 0x00af9a000000ffff     /* 0x08: 64-bit code */
+    .quad 0x00cf92000000ffff     /* 0x10: data */
+    .quad 0x00affa000000ffff     /* 0x18: 64-bit user code */
+    .quad 0x00cff2000000ffff     /* 0x20: user data */
+gdt_desc:
+    .word gdt_desc - gdt - 1
+    .long gdt
+
+    .section .bss
+    .align 4096
+boot_pml4:
+    .skip 4096
+boot_pdpt:
+    .skip 4096
+boot_pd:
+    .skip 4 * 4096
+stacks:
+    .skip 8 * 16384
+
+    .section .note.GNU-stack, "", @progbits

@@ -1,0 +1,308 @@
+/*
+ * livemig test guest: each vCPU writes its part of a working set at a chosen rate, stamping
+ * every page with its address, a generation and a checksum, and keeps a log of what it wrote.
+ * On request it verifies every page of its part against the log and against its own step
+ * counter, and reports any page that does not hold what it last wrote.
+ *
+ * Port I/O protocol (see livemig-kvm's `guest` module, which is the authority):
+ *   out 0xe9 (8-bit)   text, one byte at a time (QEMU's isa-debugcon)
+ *   out 0xea (32-bit)  event header: kind << 24 | cpu << 16 | number of data words
+ *   out 0xec (32-bit)  event data words
+ *   in  0xeb (32-bit)  command for this vCPU: 0 (or all ones: no device) none, 1 verify, 2 halt
+ *
+ * Memory: logs at 8 MiB (one u32 generation per page), working sets from 16 MiB,
+ * vCPU c owns pages [c * pages, (c + 1) * pages).
+ *
+ * Built with gcc -m32 -ffreestanding -nostdlib: no 64-bit division anywhere (it would need
+ * libgcc), no floating point.
+ */
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef unsigned long uptr;
+
+#define MAX_CPUS 8
+#define PAGE 4096u
+#define LOG_BASE 0x00800000u
+#define WS_BASE 0x01000000u
+#define PAGE_MAGIC 0x474d504cu /* "LMPG" */
+#define STATE_MAGIC 0x54534d4cu /* "LMST" */
+
+enum { EV_READY = 1, EV_PROGRESS = 2, EV_VERIFY_DONE = 3, EV_VERIFY_FAIL = 4, EV_HALTED = 5,
+       EV_CONFIG = 6 };
+enum { FAIL_HEADER = 1, FAIL_GENERATION = 2, FAIL_LOG = 3, FAIL_BODY = 4 };
+enum { CMD_NONE = 0, CMD_VERIFY = 1, CMD_HALT = 2 };
+
+#define PROGRESS_EVERY 1024u
+#define POLL_EVERY 64u
+
+static inline void outb(unsigned short port, unsigned char v)
+{
+    __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port));
+}
+static inline void outl(unsigned short port, u32 v)
+{
+    __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port));
+}
+static inline u32 inl(unsigned short port)
+{
+    u32 v;
+    __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port));
+    return v;
+}
+static inline u64 rdtsc(void)
+{
+    u32 lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((u64)hi << 32) | lo;
+}
+static inline void pause(void) { __asm__ volatile("pause"); }
+
+/* One page per vCPU so that its counter page is its own. */
+struct cpu_state {
+    u32 magic;
+    u32 cpu;
+    u32 next;  /* the next page index to write */
+    u32 gen;   /* the generation being written (pages < next have it, the others gen - 1) */
+    u64 steps; /* pages written since boot */
+    u64 deadline;
+    u32 verifies;
+    u32 pad[1013];
+} __attribute__((aligned(4096)));
+
+static struct cpu_state cpus[MAX_CPUS];
+
+/* Written by vCPU 0 from the command line; the others wait for `ready`. */
+static volatile u32 cfg_ready;
+static u32 cfg_cpus = 1, cfg_pages = 1024;
+static u64 cfg_period; /* TSC ticks per page write; 0 = as fast as possible */
+
+static void puts(const char *s)
+{
+    while (*s)
+        outb(0xe9, (unsigned char)*s++);
+}
+static void putu(u32 v)
+{
+    char b[11];
+    int i = 10;
+    b[i] = 0;
+    do {
+        b[--i] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v && i > 0);
+    puts(&b[i]);
+}
+
+static void event(u32 kind, u32 cpu, const u32 *w, u32 n)
+{
+    outl(0xea, (kind << 24) | (cpu << 16) | n);
+    for (u32 i = 0; i < n; i++)
+        outl(0xec, w[i]);
+}
+
+static u32 *log_of(u32 cpu) { return (u32 *)(uptr)(LOG_BASE + cpu * cfg_pages * 4u); }
+static u32 page_gpa(u32 cpu, u32 idx) { return WS_BASE + (cpu * cfg_pages + idx) * PAGE; }
+
+/* Body word i of the page at `gpa` in generation `gen`, and the checksum over the body. */
+static u32 body_seed(u32 gpa, u32 gen) { return gpa ^ (gen * 0x9e3779b9u) ^ 0x5bd1e995u; }
+
+static void write_page(u32 cpu, u32 idx, u32 gen)
+{
+    u32 gpa = page_gpa(cpu, idx);
+    volatile u32 *p = (volatile u32 *)(uptr)gpa;
+    u32 x = body_seed(gpa, gen), sum = 0;
+    for (u32 i = 5; i < PAGE / 4; i++) {
+        x = x * 1664525u + 1013904223u;
+        p[i] = x;
+        sum = ((sum << 5) | (sum >> 27)) ^ x;
+    }
+    p[1] = gpa;
+    p[2] = gen;
+    p[3] = cpu;
+    p[4] = sum;
+    p[0] = PAGE_MAGIC;
+}
+
+/* 0 if the page holds generation `gen` intact, else the failure reason; *found = its gen. */
+static u32 check_page(u32 cpu, u32 idx, u32 gen, u32 *found)
+{
+    u32 gpa = page_gpa(cpu, idx);
+    volatile u32 *p = (volatile u32 *)(uptr)gpa;
+    *found = p[2];
+    if (gen == 0) /* never written: must still be untouched (zero) */
+        return (p[0] == 0 && p[2] == 0) ? 0 : FAIL_HEADER;
+    if (p[0] != PAGE_MAGIC || p[1] != gpa || p[3] != cpu)
+        return FAIL_HEADER;
+    if (p[2] != gen)
+        return FAIL_GENERATION;
+    u32 x = body_seed(gpa, gen), sum = 0;
+    for (u32 i = 5; i < PAGE / 4; i++) {
+        x = x * 1664525u + 1013904223u;
+        if (p[i] != x)
+            return FAIL_BODY;
+        sum = ((sum << 5) | (sum >> 27)) ^ x;
+    }
+    return p[4] == sum ? 0 : FAIL_BODY;
+}
+
+static void verify(struct cpu_state *s)
+{
+    u32 *log = log_of(s->cpu);
+    u32 failures = 0;
+    for (u32 i = 0; i < cfg_pages; i++) {
+        u32 expect = i < s->next ? s->gen : s->gen - 1;
+        u32 found = 0, why = 0;
+        if (log[i] != expect)
+            why = FAIL_LOG;
+        else
+            why = check_page(s->cpu, i, expect, &found);
+        if (why) {
+            if (failures < 16) {
+                u32 w[5] = {page_gpa(s->cpu, i), expect, found, log[i], why};
+                event(EV_VERIFY_FAIL, s->cpu, w, 5);
+                puts("livemig-guest: cpu");
+                putu(s->cpu);
+                puts(" page ");
+                putu(page_gpa(s->cpu, i));
+                puts(" does not hold what was last written\n");
+            }
+            failures++;
+        }
+    }
+    s->verifies++;
+    u32 w[4] = {cfg_pages, failures, (u32)s->steps, (u32)(s->steps >> 32)};
+    event(EV_VERIFY_DONE, s->cpu, w, 4);
+    puts("livemig-guest: cpu");
+    putu(s->cpu);
+    puts(failures ? " verify FAILED\n" : " verify ok\n");
+}
+
+static int is_digit(char c) { return c >= '0' && c <= '9'; }
+
+static u64 parse_num(const char **sp)
+{
+    const char *s = *sp;
+    u64 v = 0;
+    while (is_digit(*s))
+        v = v * 10 + (u64)(*s++ - '0');
+    *sp = s;
+    return v;
+}
+
+static int key_is(const char *s, const char *k)
+{
+    while (*k)
+        if (*s++ != *k++)
+            return 0;
+    return *s == '=';
+}
+
+/* Multiboot information (spec section 3.3): flags at 0, cmdline pointer at 16 if bit 2. */
+static void parse_cmdline(u32 mbi)
+{
+    if (!mbi || !(*(volatile u32 *)(uptr)mbi & 4))
+        return;
+    const char *s = (const char *)(uptr)*(volatile u32 *)(uptr)(mbi + 16);
+    while (*s) {
+        while (*s == ' ')
+            s++;
+        const char *k = s;
+        while (*s && *s != '=' && *s != ' ')
+            s++;
+        if (*s != '=')
+            continue;
+        s++;
+        u64 v = parse_num(&s);
+        if (key_is(k, "cpus"))
+            cfg_cpus = (u32)v;
+        else if (key_is(k, "pages"))
+            cfg_pages = (u32)v;
+        else if (key_is(k, "period"))
+            cfg_period = v;
+        while (*s && *s != ' ')
+            s++;
+    }
+}
+
+static void run(u32 cpu)
+{
+    struct cpu_state *s = &cpus[cpu];
+    u32 w[4];
+    if (s->magic != STATE_MAGIC) {
+        s->magic = STATE_MAGIC;
+        s->cpu = cpu;
+        s->next = 0;
+        s->gen = 1;
+        s->steps = 0;
+        s->deadline = rdtsc();
+    }
+    w[0] = cfg_pages;
+    w[1] = page_gpa(cpu, 0);
+    event(EV_READY, cpu, w, 2);
+    u32 *log = log_of(cpu);
+    for (;;) {
+        if (cfg_period) {
+            u64 now;
+            while ((now = rdtsc()) < s->deadline)
+                pause();
+            /* After a long stop (a migration's downtime) do not burst to catch up. */
+            if (now - s->deadline > 64 * cfg_period)
+                s->deadline = now;
+            s->deadline += cfg_period;
+        }
+        write_page(cpu, s->next, s->gen);
+        log[s->next] = s->gen;
+        s->steps++;
+        if (++s->next == cfg_pages) {
+            s->next = 0;
+            s->gen++;
+        }
+        u32 lo = (u32)s->steps;
+        if ((lo % PROGRESS_EVERY) == 0) {
+            w[0] = lo;
+            w[1] = (u32)(s->steps >> 32);
+            w[2] = s->gen;
+            w[3] = s->next;
+            event(EV_PROGRESS, cpu, w, 4);
+        }
+        if ((lo % POLL_EVERY) == 0) {
+            u32 cmd = inl(0xeb);
+            if (cmd == CMD_VERIFY)
+                verify(s);
+            else if (cmd == CMD_HALT) {
+                event(EV_HALTED, cpu, w, 0);
+                for (;;)
+                    __asm__ volatile("pause");
+            }
+        }
+    }
+}
+
+void guest_main(u32 mbi, u32 cpu)
+{
+    if (cpu == 0) {
+        parse_cmdline(mbi);
+        u32 bad = cfg_cpus == 0 || cfg_cpus > MAX_CPUS || cfg_pages == 0 ||
+                  (u64)cfg_cpus * cfg_pages > (WS_BASE - LOG_BASE) / 4;
+        if (bad) {
+            u32 w[2] = {cfg_cpus, cfg_pages};
+            event(EV_CONFIG, 0, w, 2);
+            puts("livemig-guest: bad configuration\n");
+            for (;;)
+                __asm__ volatile("pause");
+        }
+        puts("livemig-guest: ");
+        putu(cfg_cpus);
+        puts(" cpu(s), ");
+        putu(cfg_pages);
+        puts(" pages each\n");
+        cfg_ready = 1;
+    } else {
+        while (!cfg_ready)
+            pause();
+        if (cpu >= cfg_cpus)
+            for (;;)
+                __asm__ volatile("pause");
+    }
+    run(cpu);
+}

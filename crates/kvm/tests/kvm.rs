@@ -1,0 +1,410 @@
+//! Live migration of a running KVM test VM (real /dev/kvm): both dirty mechanisms, cancel at
+//! every phase, failures, the negative control, vCPU records from another CPU model, and
+//! non-convergence with and without auto-converge.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::*;
+use livemig::engine::{AutoConverge, Event, SourceConfig};
+use livemig::link::LinkConfig;
+use livemig::memory::GuestMemory;
+use livemig::{Error, Phase};
+use livemig_kvm::{DirtyMode, GuestEvent, KvmDirtyLog, Mechanism, TestVm};
+
+fn run_and_check(dirty: DirtyMode, expect_ring: bool) {
+    let mut cfg = config();
+    cfg.dirty = dirty;
+    let src = TestVm::boot(&cfg).unwrap();
+    let before = src.wait_progress(&[0, 0], Duration::from_secs(10)).unwrap();
+    verify_ok(&src, "source before migration");
+    let dst = TestVm::incoming(&cfg).unwrap();
+    let o = migrate(&src, &dst, SourceConfig::default(), None, link(), None);
+    let report = o.report.expect("migration succeeds");
+    o.received.expect("destination receives");
+    assert!(!report.rounds.is_empty());
+    assert!(report.bytes > 0 && report.downtime_us > 0, "{report:?}");
+    assert_eq!(
+        src.vm.memory().first_difference(dst.vm.memory()),
+        None,
+        "destination RAM equals the stopped source's"
+    );
+    assert!(matches!(src.vm.dirty_choice().mechanism, Mechanism::Ring { .. }) == expect_ring);
+    let last = src.monitor.steps();
+    assert!(
+        report.stop_copy.dirty_pages > 0 || report.rounds.iter().skip(1).any(|r| r.dirty_pages > 0),
+        "the vCPUs dirtied pages during pre-copy: {report:?}"
+    );
+    let _ = before;
+    start_destination(&dst);
+    let after = dst.wait_progress(&last, Duration::from_secs(20)).unwrap();
+    assert!(
+        after.iter().zip(&last).all(|(a, l)| a > l),
+        "the sequence continues: {after:?} after {last:?}"
+    );
+    verify_ok(&dst, "destination after migration");
+    eprintln!(
+        "{:?}: {} rounds, {} bytes, downtime {} us, ring-full exits {}",
+        dirty,
+        report.rounds.len(),
+        report.bytes,
+        report.downtime_us,
+        src.vm.ring_full_exits()
+    );
+}
+
+#[test]
+fn running_vm_migrates_with_the_dirty_bitmap() {
+    if !kvm() {
+        return;
+    }
+    run_and_check(DirtyMode::Bitmap, false);
+}
+
+#[test]
+fn running_vm_migrates_with_the_dirty_ring() {
+    if !kvm() {
+        return;
+    }
+    run_and_check(DirtyMode::Ring(4096), true);
+}
+
+#[test]
+fn a_small_ring_fills_and_no_entry_is_lost() {
+    if !kvm() {
+        return;
+    }
+    let mut cfg = config();
+    // 256 entries per vCPU (KVM's minimum, one page) against 20,000 pages/s: the ring fills
+    // several times per round.
+    cfg.dirty = DirtyMode::Ring(256);
+    let src = TestVm::boot(&cfg).unwrap();
+    src.wait_progress(&[0, 0], Duration::from_secs(10)).unwrap();
+    let dst = TestVm::incoming(&cfg).unwrap();
+    let o = migrate(&src, &dst, SourceConfig::default(), None, link(), None);
+    o.report.expect("migration succeeds");
+    o.received.expect("destination receives");
+    let full = src.vm.ring_full_exits();
+    assert!(full > 0, "ring-full exits happened");
+    assert_eq!(src.vm.memory().first_difference(dst.vm.memory()), None);
+    start_destination(&dst);
+    verify_ok(&dst, "destination after ring-full exits");
+    eprintln!("ring-full exits: {full}");
+}
+
+#[test]
+fn dropping_one_harvest_loses_pages_and_both_checks_name_them() {
+    if !kvm() {
+        return;
+    }
+    let mut cfg = config();
+    // 16,384 pages per vCPU at 20,000 pages/s: a page is rewritten only every 0.8 s, longer
+    // than the whole migration, so a page whose report is dropped is never sent again.
+    cfg.pages = 16384;
+    cfg.ram = vec![(0, 256 << 20), (4 << 30, 64 << 20)];
+    let src = TestVm::boot(&cfg).unwrap();
+    src.wait_progress(&[0, 0], Duration::from_secs(10)).unwrap();
+    let dst = TestVm::incoming(&cfg).unwrap();
+    let armed = Arc::new(AtomicBool::new(false));
+    let dropped = Arc::new(AtomicBool::new(false));
+    let tracker = DropHarvest {
+        inner: KvmDirtyLog::new(&src.vm),
+        armed: armed.clone(),
+        dropped: dropped.clone(),
+    };
+    // Drop the harvest at the end of round 1 (what the vCPUs wrote while all of RAM was sent).
+    let a = armed.clone();
+    let hook = Box::new(move |e: &Event<'_>| {
+        if let Event::Phase(Phase::PreCopy(1)) = e {
+            a.store(true, Ordering::SeqCst);
+        }
+    });
+    let o = migrate(
+        &src,
+        &dst,
+        SourceConfig::default(),
+        Some(Box::new(tracker)),
+        link(),
+        Some(hook),
+    );
+    o.report.expect("the engine cannot see the loss");
+    assert!(
+        dropped.load(Ordering::SeqCst),
+        "the dropped harvest held pages"
+    );
+    let diff = src.vm.memory().first_difference(dst.vm.memory());
+    assert!(
+        diff.is_some(),
+        "the engine's memory comparison finds the lost page"
+    );
+    start_destination(&dst);
+    let f = dst.verify(Duration::from_secs(30)).unwrap();
+    let lost = f.iter().find_map(|e| match e {
+        GuestEvent::VerifyFail { gpa, .. } => Some(*gpa),
+        _ => None,
+    });
+    assert!(lost.is_some(), "the guest names a lost page: {f:?}");
+    eprintln!("negative control: memory differs at {diff:#x?}, the guest reports {lost:#x?} lost");
+}
+
+#[test]
+fn operator_cancel_at_every_phase_leaves_the_source_running() {
+    if !kvm() {
+        return;
+    }
+    let cfg = config();
+    let src = TestVm::boot(&cfg).unwrap();
+    for at in [
+        Phase::Compat,
+        Phase::Start,
+        Phase::PreCopy(1),
+        Phase::PreCopy(2),
+        Phase::StopCopy,
+    ] {
+        let dst = TestVm::incoming(&cfg).unwrap();
+        let sp = livemig_kvm::platform::source(&src.vm, vec![], None, None).unwrap();
+        let dp = livemig_kvm::platform::destination(&dst.vm, vec![], false).unwrap();
+        let mut source = livemig::engine::Source::new(
+            sp,
+            SourceConfig {
+                // Keep pre-copy going past round 2.
+                downtime_limit: Duration::from_micros(1),
+                max_rounds: 4,
+                ..SourceConfig::default()
+            },
+        );
+        let h = source.cancel_handle();
+        source.on_event(move |e| {
+            if let Event::Phase(p) = e {
+                if *p == at {
+                    h.cancel(format!("test cancel at {at}"));
+                }
+            }
+        });
+        let mut dest = livemig::engine::Destination::new(dp);
+        let (r, d) = livemig::link::migrate_local(
+            &mut source,
+            &mut dest,
+            link(),
+            &livemig::link::Cut::new(),
+        );
+        match r {
+            Err(Error::Cancelled { phase, reason }) => {
+                assert_eq!(phase, at);
+                assert!(reason.contains("operator cancel"), "{reason}");
+            }
+            other => panic!("cancel at {at}: {other:?}"),
+        }
+        assert!(d.is_err(), "the destination discards");
+        let steps = src.monitor.steps();
+        src.wait_progress(&steps, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("cancel at {at}: the source does not run again: {e}"));
+        verify_ok(&src, &format!("source after a cancel at {at}"));
+    }
+}
+
+#[test]
+fn a_corrupted_stream_and_a_dead_destination_leave_the_source_running() {
+    if !kvm() {
+        return;
+    }
+    let cfg = config();
+    let src = TestVm::boot(&cfg).unwrap();
+    src.wait_progress(&[0, 0], Duration::from_secs(10)).unwrap();
+    // The link cut during pre-copy and during stop-and-copy (the destination gone).
+    for at in [Phase::PreCopy(1), Phase::StopCopy] {
+        let dst = TestVm::incoming(&cfg).unwrap();
+        let sp = livemig_kvm::platform::source(&src.vm, vec![], None, None).unwrap();
+        let dp = livemig_kvm::platform::destination(&dst.vm, vec![], false).unwrap();
+        let mut source = livemig::engine::Source::new(sp, SourceConfig::default());
+        let cut = livemig::link::Cut::new();
+        let c = cut.clone();
+        source.on_event(move |e| {
+            if let Event::Phase(p) = e {
+                if *p == at {
+                    c.cut();
+                }
+            }
+        });
+        let mut dest = livemig::engine::Destination::new(dp);
+        let (r, _) = livemig::link::migrate_local(&mut source, &mut dest, link(), &cut);
+        let e = r.expect_err("the link was cut");
+        assert_eq!(e.phase(), Some(at), "{e}");
+        let steps = src.monitor.steps();
+        src.wait_progress(&steps, Duration::from_secs(10)).unwrap();
+        verify_ok(&src, &format!("source after the destination died at {at}"));
+    }
+    // A corrupted stream: the destination refuses it and the source runs again.
+    let dst = TestVm::incoming(&cfg).unwrap();
+    let sp = livemig_kvm::platform::source(&src.vm, vec![], None, None).unwrap();
+    let dp = livemig_kvm::platform::destination(&dst.vm, vec![], false).unwrap();
+    let mut source = livemig::engine::Source::new(sp, SourceConfig::default());
+    let mut dest = livemig::engine::Destination::new(dp);
+    let (data_w, data_r) = livemig::link::pipe(link(), livemig::link::Cut::new());
+    let (back_w, back_r) = livemig::link::pipe(link(), livemig::link::Cut::new());
+    let corrupt = Corrupt {
+        inner: data_w,
+        at: 200_000,
+        seen: 0,
+    };
+    let (r, d) = std::thread::scope(|s| {
+        let t = s.spawn(move || dest.receive(data_r, back_w));
+        let r = source.migrate(corrupt, back_r);
+        (r, t.join().unwrap())
+    });
+    let de = d.expect_err("the destination refuses a corrupted stream");
+    assert!(de.to_string().contains("stream"), "{de}");
+    r.expect_err("the source sees the destination's failure");
+    let steps = src.monitor.steps();
+    src.wait_progress(&steps, Duration::from_secs(10)).unwrap();
+    verify_ok(&src, "source after a corrupted stream");
+}
+
+/// Flips one byte at offset `at` of the stream.
+struct Corrupt<W> {
+    inner: W,
+    at: u64,
+    seen: u64,
+}
+
+impl<W: std::io::Write> std::io::Write for Corrupt<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut b = buf.to_vec();
+        if self.seen <= self.at && self.at < self.seen + b.len() as u64 {
+            b[(self.at - self.seen) as usize] ^= 0x40;
+        }
+        let n = self.inner.write(&b)?;
+        self.seen += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<W: livemig::link::DataSink> livemig::link::DataSink for Corrupt<W> {
+    fn close(&mut self) -> std::io::Result<()> {
+        self.inner.close()
+    }
+}
+
+#[test]
+fn a_vcpu_record_from_another_cpu_model_is_refused() {
+    if !kvm() {
+        return;
+    }
+    let cfg = config();
+    let src = TestVm::boot(&cfg).unwrap();
+    let mut other = cfg.clone();
+    // CPUID.1:EDX bit 25 (SSE, present on every x86-64 CPU) cleared: another CPU model.
+    other.cpuid_clear = vec![(1, 0, 3, 1 << 25)];
+    let dst = TestVm::incoming(&other).unwrap();
+    let o = migrate(&src, &dst, SourceConfig::default(), None, link(), None);
+    let e = o.report.expect_err("refused");
+    let msg = e.to_string();
+    assert!(matches!(e, Error::Refused { .. }), "{msg}");
+    assert!(
+        msg.contains("cpuid="),
+        "names the CPUID in the identity: {msg}"
+    );
+    let steps = src.monitor.steps();
+    src.wait_progress(&steps, Duration::from_secs(10)).unwrap();
+    verify_ok(&src, "source after a refused destination");
+}
+
+#[test]
+fn a_dirty_rate_above_the_link_converges_only_with_auto_converge() {
+    if !kvm() {
+        return;
+    }
+    let mut cfg = config();
+    // 2 vCPUs x 20,000 pages/s = ~160 MB/s of dirtying against a 16 MiB/s link: ten times the
+    // link, so neither noise nor a slow machine can make it converge by luck.
+    cfg.rate = 20_000;
+    cfg.pages = 2048;
+    let link = LinkConfig {
+        bandwidth: 16 << 20,
+        latency: Duration::ZERO,
+    };
+    let base = SourceConfig {
+        downtime_limit: Duration::from_millis(300),
+        max_rounds: 4,
+        ..SourceConfig::default()
+    };
+    let src = TestVm::boot(&cfg).unwrap();
+    let dst = TestVm::incoming(&cfg).unwrap();
+    let o = migrate(&src, &dst, base.clone(), None, link, None);
+    let r = o.report.expect("migrates (over the limit)");
+    assert!(!r.converged);
+    let why = r.non_convergence.clone().expect("a reason");
+    assert!(
+        why.contains("auto-converge is off") && why.contains("against a link rate"),
+        "{why}"
+    );
+    assert!(r.rounds.iter().all(|x| x.throttle_percent == 0));
+    eprintln!("without auto-converge: {why}");
+    drop(dst);
+    drop(src);
+
+    let src = TestVm::boot(&cfg).unwrap();
+    let dst = TestVm::incoming(&cfg).unwrap();
+    let o = migrate(
+        &src,
+        &dst,
+        SourceConfig {
+            auto_converge: Some(AutoConverge {
+                initial: 40,
+                increment: 20,
+                max: 99,
+            }),
+            max_rounds: 20,
+            ..base
+        },
+        None,
+        link,
+        None,
+    );
+    let r = o.report.expect("migrates");
+    assert!(
+        r.converged,
+        "auto-converge makes it converge: {:?}",
+        r.non_convergence
+    );
+    let top = r
+        .rounds
+        .iter()
+        .map(|x| x.throttle_percent)
+        .max()
+        .unwrap_or(0);
+    assert!(top > 0, "the throttle was used");
+    assert_eq!(src.vm.memory().first_difference(dst.vm.memory()), None);
+    start_destination(&dst);
+    verify_ok(&dst, "destination after auto-converge");
+    eprintln!(
+        "with auto-converge: {} rounds, throttle up to {top}%",
+        r.rounds.len()
+    );
+}
+
+#[test]
+fn memory_outside_guest_ram_is_refused_before_anything_runs() {
+    if !kvm() {
+        return;
+    }
+    let cfg = config();
+    let src = TestVm::boot(&cfg).unwrap();
+    let mut small = cfg.clone();
+    small.ram = vec![(0, 128 << 20)]; // no high region
+    let dst = TestVm::incoming(&small).unwrap();
+    assert_ne!(src.vm.memory().size(), dst.vm.memory().size());
+    let o = migrate(&src, &dst, SourceConfig::default(), None, link(), None);
+    let e = o.received.expect_err("refused");
+    assert!(e.to_string().contains("outside guest RAM"), "{e}");
+    assert!(dst.monitor.events().is_empty(), "no destination vCPU ran");
+    o.report.expect_err("the source sees it");
+    let steps = src.monitor.steps();
+    src.wait_progress(&steps, Duration::from_secs(10)).unwrap();
+}
