@@ -40,6 +40,8 @@
 //!     vfio_mig_get_next_state() on blocked arc" (Junrui Luo, 2026-06-02, `Fixes: 4db52602a607`)
 //!     and the maintainer's reply of 2026-06-05 says it was applied to the vfio next branch for
 //!     v7.2; its upstream commit hash is unverified here (no kernel git history was available).
+//!     The patch was sent with `Cc: stable`, so 6.12 stable releases after 6.12.95 may carry it;
+//!     not checked.
 //!
 //!   This crate therefore never sends these requests: [`plan`] and [`next_step`] return
 //!   [`Error::Blocked`], and [`VfioDevice`](crate::VfioDevice)'s `set_migration_state` reads the
