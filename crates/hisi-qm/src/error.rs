@@ -44,7 +44,8 @@ pub enum Error {
         /// How many times it was read.
         checks: u32,
     },
-    /// The destination is not the device the state came from.
+    /// The destination is not the device the state came from (on the data fd a resume write
+    /// then fails with EFAULT, as `hisi_acc_vf_resume_write` does).
     #[error(
         "device state does not match this VF: {field} is {theirs:#x} in the stream, {ours:#x} here"
     )]

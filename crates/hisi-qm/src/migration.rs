@@ -18,6 +18,25 @@
 //! semantics: the saving buffer reads to EOF (0) at its current end, also in PRE_COPY where
 //! vfio.h would have ENOMSG; `VFIO_MIG_GET_PRECOPY_INFO` reports the unread part as
 //! `initial_bytes` and never dirty bytes; the resuming buffer refuses more than 176 bytes.
+//!
+//! Data-fd errors carry the errno the driver returns (`io::Error::raw_os_error`), because a VMM
+//! may act on it; line numbers are from 6.12's `drivers/vfio/pci/hisilicon/hisi_acc_vfio_pci.c`:
+//!
+//! ```text
+//!   resume write  more than 176 bytes in total       ENOMEM  (hisi_acc_vf_resume_write, 742-743)
+//!                 file disabled (session closed)     ENODEV  (746-748)
+//!                 match block does not match this VF EFAULT  (760-762: vf_qm_check_match fails)
+//!   save read     position past the end              EINVAL  (hisi_acc_vf_save_read, 860-862)
+//!                 file disabled                      ENODEV  (865-867)
+//!   PRECOPY_INFO  device not in PRE_COPY             EINVAL  (hisi_acc_vf_precopy_ioctl, 819-822)
+//!                 file disabled                      ENODEV  (826-829)
+//!                 position past the end              EINVAL  (831-834)
+//! ```
+//!
+//! On a match failure the driver keeps the bytes (`total_length` has grown) and checks again on
+//! the next write; so does this model. EFAULT says nothing about the cause, so the reason is kept
+//! for diagnostics ([`AccMigration::last_rejection`]), and RESUMING → STOP reports it again when
+//! it re-checks the match block.
 
 use std::io::{self, Read, Write};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -48,6 +67,7 @@ struct Inner<R, P, D> {
     match_done: bool,
     next_id: u64,
     last_load: Option<LoadOutcome>,
+    last_rejection: Option<Error>,
 }
 
 /// An ACC VF's migration driver over any register interfaces (the model, or MMIO on a lab
@@ -87,12 +107,9 @@ fn arc_error(e: Error) -> livemig_vfio::Error {
     }
 }
 
-fn data_error(e: Error) -> io::Error {
-    let kind = match e {
-        Error::TooLong { .. } => io::ErrorKind::OutOfMemory,
-        _ => io::ErrorKind::InvalidData,
-    };
-    io::Error::new(kind, e)
+/// An error with the errno the driver returns on the data fd (see the module docs).
+fn errno(code: i32) -> io::Error {
+    io::Error::from_raw_os_error(code)
 }
 
 /// The migration flags of an ACC VF.
@@ -112,6 +129,7 @@ impl<R: QmRegisters, P: PfRegisters, D: Delay> AccMigration<R, P, D> {
                 match_done: false,
                 next_id: 1,
                 last_load: None,
+                last_rejection: None,
             })),
         }
     }
@@ -119,6 +137,12 @@ impl<R: QmRegisters, P: PfRegisters, D: Delay> AccMigration<R, P, D> {
     /// What the last RESUMING → STOP did.
     pub fn last_load(&self) -> Option<LoadOutcome> {
         lock(&self.inner).last_load
+    }
+
+    /// Why the last refused resume write was refused: the data fd reports only the driver's
+    /// errno (EFAULT for a match failure, ENOMEM for too much data), this names the cause.
+    pub fn last_rejection(&self) -> Option<Error> {
+        lock(&self.inner).last_rejection.clone()
     }
 
     /// Run `f` on the device (for tests and diagnostics).
@@ -197,6 +221,7 @@ impl<R: QmRegisters, P: PfRegisters, D: Delay> Inner<R, P, D> {
                 let id = self.next_id;
                 self.next_id += 1;
                 self.match_done = false;
+                self.last_rejection = None;
                 self.resuming = Some((id, Buffer::default()));
                 Ok(Some(id))
             }
@@ -275,14 +300,18 @@ impl<R: QmRegisters, P: PfRegisters, D: Delay> MigrationDevice for AccMigration<
 impl<R: QmRegisters, P: PfRegisters, D: Delay> Read for AccData<R, P, D> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         let mut g = lock(&self.inner);
+        // A closed session is the driver's disabled file.
         let Some((id, buf, _)) = g.saving.as_mut() else {
-            return Err(io::Error::from(io::ErrorKind::NotConnected));
+            return Err(errno(libc::ENODEV));
         };
-        if *id != self.id || buf.disabled {
-            return Err(io::Error::from(io::ErrorKind::NotConnected));
+        if *id != self.id {
+            return Err(errno(libc::ENODEV));
         }
         if buf.pos > buf.total {
-            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+            return Err(errno(libc::EINVAL));
+        }
+        if buf.disabled {
+            return Err(errno(libc::ENODEV));
         }
         let n = (buf.total - buf.pos).min(out.len());
         out[..n].copy_from_slice(&buf.bytes[buf.pos..buf.pos + n]);
@@ -295,18 +324,24 @@ impl<R: QmRegisters, P: PfRegisters, D: Delay> Write for AccData<R, P, D> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let mut g = lock(&self.inner);
         let g = &mut *g;
+        // A closed session is the driver's disabled file (its position is gone here, so the
+        // size check cannot come first as in the driver).
         let Some((id, buf)) = g.resuming.as_mut() else {
-            return Err(io::Error::from(io::ErrorKind::NotConnected));
+            return Err(errno(libc::ENODEV));
         };
-        if *id != self.id || buf.disabled {
-            return Err(io::Error::from(io::ErrorKind::NotConnected));
+        if *id != self.id {
+            return Err(errno(libc::ENODEV));
         }
         let end = buf.pos + data.len();
         if end > ACC_VF_DATA_LEN {
-            return Err(data_error(Error::TooLong {
+            g.last_rejection = Some(Error::TooLong {
                 len: end,
                 max: ACC_VF_DATA_LEN,
-            }));
+            });
+            return Err(errno(libc::ENOMEM));
+        }
+        if buf.disabled {
+            return Err(errno(libc::ENODEV));
         }
         buf.bytes.resize(end.max(buf.bytes.len()), 0);
         buf.bytes[buf.pos..end].copy_from_slice(data);
@@ -320,7 +355,10 @@ impl<R: QmRegisters, P: PfRegisters, D: Delay> Write for AccData<R, P, D> {
                 .and_then(|d| g.dev.check_match(&d));
             match checked {
                 Ok(()) => g.match_done = true,
-                Err(e) => return Err(data_error(e)),
+                Err(e) => {
+                    g.last_rejection = Some(e);
+                    return Err(errno(libc::EFAULT));
+                }
             }
         }
         Ok(data.len())
@@ -334,18 +372,21 @@ impl<R: QmRegisters, P: PfRegisters, D: Delay> Write for AccData<R, P, D> {
 impl<R: QmRegisters, P: PfRegisters, D: Delay> DataChannel for AccData<R, P, D> {
     fn precopy_info(&mut self) -> Result<PrecopyInfo, livemig_vfio::Error> {
         let g = lock(&self.inner);
-        let einval = || livemig_vfio::Error::Ioctl {
+        let fail = |code| livemig_vfio::Error::Ioctl {
             op: Op::PrecopyInfo,
-            source: io::Error::from(io::ErrorKind::InvalidInput),
+            source: errno(code),
         };
         if g.state != MigrationState::PreCopy {
-            return Err(einval());
+            return Err(fail(libc::EINVAL));
         }
         let Some((id, buf, _)) = g.saving.as_ref() else {
-            return Err(einval());
+            return Err(fail(libc::ENODEV));
         };
-        if *id != self.id || buf.pos > buf.total {
-            return Err(einval());
+        if *id != self.id || buf.disabled {
+            return Err(fail(libc::ENODEV));
+        }
+        if buf.pos > buf.total {
+            return Err(fail(libc::EINVAL));
         }
         Ok(PrecopyInfo {
             initial_bytes: (buf.total - buf.pos) as u64,

@@ -299,9 +299,16 @@ fn destination_refuses(b: &mut Host, expect: &str) {
         .data
         .unwrap();
     let untouched = state_regs(&b.vf);
+    // hisi_acc_vf_resume_write answers a failed vf_qm_check_match with EFAULT; the cause is kept.
     let e = dst.write_all(&blob).unwrap_err();
-    assert!(chain(&e).contains(expect), "{}", chain(&e));
+    assert_eq!(e.raw_os_error(), Some(libc::EFAULT), "{e}");
+    let why = chain(&b.mig.last_rejection().expect("the refusal's cause is kept"));
+    assert!(why.contains(expect), "{why}");
+    // Later writes are checked again and refused again, as in the driver.
+    let e = dst.write(&[]).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EFAULT), "{e}");
     let e = b.mig.transition(MigrationState::Stop).unwrap_err();
+    assert!(chain(&e).contains(expect), "{}", chain(&e));
     assert_eq!(
         b.mig.migration_state().unwrap(),
         MigrationState::Resuming,
@@ -371,9 +378,13 @@ fn corrupt_streams_are_refused_before_loading() {
         let w = dst.write_all(&bad);
         let r = b.mig.transition(MigrationState::Stop);
         let err = match (w, r) {
-            (Err(e), _) => chain(&e),
+            // Inside the match block: the write fails with the driver's EFAULT.
+            (Err(e), Err(_)) => {
+                assert_eq!(e.raw_os_error(), Some(libc::EFAULT), "byte {i}: {e}");
+                chain(&b.mig.last_rejection().expect("cause kept"))
+            }
             (Ok(()), Err(e)) => chain(&e),
-            (Ok(()), Ok(_)) => panic!("byte {i}: corrupt stream accepted"),
+            (_, Ok(_)) => panic!("byte {i}: corrupt stream accepted"),
         };
         assert!(err.contains(why), "byte {i}: {err}");
         assert_eq!(state_regs(&b.vf), untouched, "byte {i}");
@@ -389,11 +400,59 @@ fn corrupt_streams_are_refused_before_loading() {
     let mut long = blob.clone();
     long.push(0);
     let e = dst.write_all(&long).unwrap_err();
-    assert_eq!(e.kind(), std::io::ErrorKind::OutOfMemory, "{e}");
+    assert_eq!(e.raw_os_error(), Some(libc::ENOMEM), "{e}");
+    assert!(matches!(
+        b.mig.last_rejection(),
+        Some(livemig_hisi_qm::Error::TooLong { len: 177, max: 176 })
+    ));
     // Nothing written at all: RESUMING -> STOP fails.
     let mut b = host(AccKind::Sec, 1, VFT);
     b.mig.transition(MigrationState::Resuming).unwrap();
     assert!(b.mig.transition(MigrationState::Stop).is_err());
+}
+
+/// Data-fd errors carry the errno of hisi_acc_vfio_pci.c (6.12), not just an error kind.
+#[test]
+fn data_fd_errors_carry_the_driver_errno() {
+    use livemig_vfio::DataChannel;
+    let errno = |e: &std::io::Error| e.raw_os_error();
+    let mut a = host(AccKind::Sec, 1, VFT);
+    let _ = busy_guest(&a);
+    let mut pre = a
+        .mig
+        .transition(MigrationState::PreCopy)
+        .unwrap()
+        .data
+        .unwrap();
+    assert_eq!(pre.precopy_info().unwrap().initial_bytes, 40);
+    // PRE_COPY -> RUNNING disables the file: reads are ENODEV (save_read), PRECOPY_INFO is
+    // EINVAL because the device left PRE_COPY (checked before the file, precopy_ioctl).
+    a.mig.transition(MigrationState::Running).unwrap();
+    let mut buf = [0u8; 8];
+    assert_eq!(errno(&pre.read(&mut buf).unwrap_err()), Some(libc::ENODEV));
+    let e = pre.precopy_info().unwrap_err();
+    assert_eq!(e.errno(), Some(libc::EINVAL), "{e}");
+
+    let mut src = a
+        .mig
+        .transition(MigrationState::StopCopy)
+        .unwrap()
+        .data
+        .unwrap();
+    let mut blob = Vec::new();
+    src.read_to_end(&mut blob).unwrap();
+    let mut b = host(AccKind::Sec, 1, VFT);
+    let mut dst = b
+        .mig
+        .transition(MigrationState::Resuming)
+        .unwrap()
+        .data
+        .unwrap();
+    dst.write_all(&blob).unwrap();
+    assert_eq!(b.mig.last_rejection(), None);
+    b.mig.transition(MigrationState::Stop).unwrap();
+    // RESUMING -> STOP disabled the resuming file: resume_write answers ENODEV.
+    assert_eq!(errno(&dst.write(&[0]).unwrap_err()), Some(libc::ENODEV));
 }
 
 /// The VF's DMA goes through livemig-iommu-pt's IOMMU model: the pages its completions and

@@ -233,8 +233,10 @@ pub mod regs {
         pub SMMU_IDR3 [
             /// Range-based invalidation and level hints.
             RIL OFFSET(10) NUMBITS(1) [],
-            /// Break-before-make behaviour level: 1 or 2 allow changing a block into a table
-            /// (and back) without an invalid entry in between (SMMUv3.2+).
+            /// Break-before-make behaviour level (SMMUv3.2+ report 1 or 2). Level 1 allows
+            /// changing a block into a table (and back) without an invalid entry only through the
+            /// nT bit (bit 16 of the block descriptor) and a TLB invalidation between steps;
+            /// level 2 allows a direct replacement (IHI 0070 G.b §3.21.1.2, §3.21.1.3, §6.3.4).
             BBML OFFSET(11) NUMBITS(2) [
                 Level0 = 0,
                 Level1 = 1,
@@ -342,7 +344,11 @@ pub struct DirtySupport {
     /// Leaf page sizes (bitmap of sizes in bytes) the dirty-tracking page table may use.
     pub page_sizes: u64,
     /// Whether a block entry can be split into a table (and collapsed back) in place while DMA
-    /// runs. `false` means break-before-make: in-flight DMA to the range would fault.
+    /// runs, the way [`PageTable::split`](crate::PageTable::split) and
+    /// [`collapse`](crate::PageTable::collapse) do it (one compare-and-swap, one flush).
+    /// `false` means this procedure is not allowed: break-before-make (in-flight DMA to the
+    /// range would fault) or, for SMMUv3 BBML level 1, the nT sequence this crate does not
+    /// implement.
     pub live_split: bool,
     /// Every capability that is missing; empty when dirty tracking is supported.
     pub missing: Vec<Requirement>,
@@ -755,7 +761,10 @@ impl SmmuCaps {
             mechanism: DirtyMechanism::SmmuHttuDbm,
             access_flag: matches!(self.httu(), Httu::Access | Httu::AccessDirty),
             page_sizes: (1 << 12) | (1 << 21) | (1 << 30),
-            live_split: matches!(self.bbm_level(), 1 | 2),
+            // Level 1 needs the nT sequence (IHI 0070 G.b §3.21.1.2): set nT in the block,
+            // invalidate, then replace; a direct swap may raise F_TLB_CONFLICT. Only level 2
+            // allows the crate's direct swap (§3.21.1.3).
+            live_split: self.bbm_level() == 2,
             missing,
         }
     }
@@ -834,11 +843,16 @@ mod tests {
     #[test]
     fn smmu_httu_and_cohacc() {
         let idr0 = (2 << 6) | (1 << 4) | 0b11 | (2 << 2);
-        let c = SmmuCaps::from_regs(idr0, 1 << 11);
+        let c = SmmuCaps::from_regs(idr0, 2 << 11);
         assert_eq!(c.httu(), Httu::AccessDirty);
         let s = c.dirty_support();
         assert!(s.supported());
         assert!(s.live_split);
+        // BBML level 1: a live split needs the nT sequence, which the crate's split lacks.
+        let c = SmmuCaps::from_regs(idr0, 1 << 11);
+        assert_eq!(c.bbm_level(), 1);
+        assert!(c.dirty_support().supported());
+        assert!(!c.dirty_support().live_split);
         let c = SmmuCaps::from_regs(1 << 6, 0);
         let s = c.dirty_support();
         assert_eq!(

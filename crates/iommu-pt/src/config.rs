@@ -18,14 +18,22 @@
 //!
 //! Sources: AMD-Vi — Linux 6.12 `drivers/iommu/amd/amd_iommu_types.h` (`DTE_FLAG_V`,
 //! `DTE_FLAG_TV`, `DTE_FLAG_HAD` = 3 << 7, `DEV_ENTRY_MODE_SHIFT` = 9, `DTE_FLAG_IR`/`IW`,
-//! `DEV_DOMID_MASK`), reserved bits 6:2 per the AMD I/O Virtualization Technology specification's
-//! DTE layout. VT-d — `drivers/iommu/intel/pasid.h` (`pasid_set_*`: present bit 0, FPD bit 1, AW
+//! `DEV_DOMID_MASK`). Reserved bits 6:2 and the HAD encodings other than 0b11 (0b01 access bits
+//! only, 0b10 reserved) are from the AMD I/O Virtualization Technology (IOMMU) specification
+//! (pub. 48882) DTE layout as this crate's authors recalled it: **unverified here** (no copy of
+//! that specification was available; its Device Table Entry field table would settle it). Linux
+//! 6.12 only ever writes 0b00 or 0b11 (`DTE_FLAG_HAD`). VT-d — `drivers/iommu/intel/pasid.h` (`pasid_set_*`: present bit 0, FPD bit 1, AW
 //! bits 4:2, PGTT bits 8:6 with `PASID_ENTRY_PGTT_*`, SSADE bit 9, SSPTPTR bits 63:12, DID bits
 //! 15:0 of val\[1\], PWSNP bit 87, PGSNP bit 88). SMMUv3 — `drivers/iommu/arm/arm-smmu-v3/arm-smmu-v3.h`
 //! (`CTXDESC_CD_0_*`, `CTXDESC_CD_1_TTB0_MASK`, `STRTAB_STE_0_*`, `STRTAB_STE_2_*`,
 //! `STRTAB_STE_3_S2TTB_MASK`); STE.S2HD/S2HA (bits 183/184, i.e. word 2 bits 55/56) are not in
-//! Linux 6.12 and come from the SMMUv3 specification §5.2, as do the {HD, HA} and {S2HA, S2HD}
-//! encodings (0b10 resp. 0b01 reserved, behaving as disabled).
+//! Linux 6.12 and come from the SMMUv3 specification (Arm IHI 0070 G.b) §5.2 "STE, Stream Table
+//! Entry" (fields S2HD, bit \[183\] and S2HA, bit \[184\]), which also gives the {S2HA, S2HD}
+//! encodings (0b10 access flag only, 0b01 reserved); the {HD, HA} encodings (0b01 access flag
+//! only, 0b10 reserved) are in §5.4 "CD, Context Descriptor" (field HA, bit \[43\]). Both say a
+//! reserved encoding behaves as both bits 0 *if the HD (S2HD) bit is not ILLEGAL*; HD is ILLEGAL
+//! when `SMMU_IDR0.HTTU` is below 0b10, and such a CD or STE is rejected (C_BAD_CD / C_BAD_STE)
+//! rather than treated as disabled, which this crate does not model.
 
 use alloc::vec::Vec;
 use core::fmt;
@@ -289,8 +297,9 @@ impl AmdDte {
         self.w0().read(AMD_DTE0::HAD) as u8
     }
 
-    /// What HAD asks the IOMMU to update: 0b00 nothing, 0b01 access bits, 0b11 access and
-    /// dirty bits (the value Linux writes, `DTE_FLAG_HAD`); 0b10 is reserved and treated as 0b00.
+    /// What HAD asks the IOMMU to update: 0b00 nothing, 0b11 access and dirty bits (the value
+    /// Linux writes, `DTE_FLAG_HAD`). 0b01 is taken as "access bits only" and 0b10 as reserved
+    /// (treated as 0b00): both meanings are unverified here, see the module docs.
     pub fn ad_update(&self) -> AdUpdate {
         match self.had() {
             0b01 => AdUpdate {
@@ -605,7 +614,7 @@ impl SmmuCd {
     }
 
     /// {HD, HA} decoded: 0b01 access only, 0b11 access and dirty; 0b10 is reserved and behaves
-    /// as disabled; ignored for AArch32 tables.
+    /// as disabled; ignored for AArch32 tables (IHI 0070 G.b §5.4, field HA).
     pub fn ad_update(&self) -> AdUpdate {
         let w = self.w0();
         let (hd, ha) = (w.is_set(SMMU_CD0::HD), w.is_set(SMMU_CD0::HA));
@@ -778,7 +787,8 @@ impl SmmuSte {
     }
 
     /// {S2HA, S2HD} decoded: 0b10 access only, 0b11 access and dirty; 0b01 is reserved and
-    /// behaves as disabled.
+    /// behaves as disabled (IHI 0070 G.b §5.2, field S2HA). With AArch32 stage-2 tables setting
+    /// either bit is ILLEGAL; this reports no update.
     pub fn s2_ad_update(&self) -> AdUpdate {
         let w = self.w2();
         let (ha, hd) = (w.is_set(SMMU_STE2::S2HA), w.is_set(SMMU_STE2::S2HD));

@@ -54,8 +54,8 @@ impl<F: FnMut(u64, u64)> DirtySink for F {
 
 /// Invalidates IOTLB entries for an IOVA range after entries were cleaned or removed.
 ///
-/// For a real IOMMU this issues the invalidation (and waits for it); for the
-/// [model](crate::model) it drops cached translations and drains in-flight DMA.
+/// For a real IOMMU this issues the invalidation (and waits for it); for the IOMMU model
+/// (module `model`, feature "model") it drops cached translations and drains in-flight DMA.
 pub trait IotlbFlush {
     /// Invalidate every cached translation of `[iova, iova + size)`.
     fn flush(&mut self, iova: u64, size: u64);

@@ -11,10 +11,14 @@
 //!             IOTLB entry or walk before the flush is ORed into the block; free T
 //! ```
 //!
-//! Neither operation passes through an invalid entry, so DMA to the range never faults; on
-//! SMMUv3 that in-place replacement requires break-before-make level 1 or 2
-//! ([`SmmuCaps::bbm_level`](crate::caps::SmmuCaps::bbm_level)), as seed 003 notes — without it
-//! the architecture demands an invalid entry, which in-flight DMA would hit.
+//! Neither operation passes through an invalid entry, so DMA to the range never faults. On
+//! SMMUv3 the direct swap done here is allowed only with break-before-make level 2
+//! ([`SmmuCaps::bbm_level`](crate::caps::SmmuCaps::bbm_level); IHI 0070 G.b §3.21.1.3). Level 1
+//! allows a live change of size only through the nT bit (bit 16 of the block descriptor): set
+//! nT, invalidate the block, replace, invalidate (§3.21.1.2); a direct swap may raise
+//! F_TLB_CONFLICT. This crate does not implement that sequence, so
+//! [`DirtySupport::live_split`](crate::caps::DirtySupport::live_split) is `false` at level 1.
+//! At level 0 the architecture demands an invalid entry, which in-flight DMA would hit (seed 003).
 
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};

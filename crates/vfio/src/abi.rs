@@ -7,8 +7,12 @@
 //! conformance tests, a VMM with its own ioctl layer) can reuse the exact layouts.
 //!
 //! Conventions of the VFIO uAPI (vfio.h, "VFIO user API"): every variable-size argument begins
-//! with `argsz`, the size of the structure the caller passes; `flags` fields that the header marks
-//! "must be 0" are input-validated by the kernel (EINVAL otherwise).
+//! with `argsz`, the size of the structure the caller passes. Where the header's kernel-doc says
+//! a field "Must be 0" (the `flags` of `vfio_device_bind_iommufd`, `_attach_iommufd_pt` and
+//! `_detach_iommufd_pt`, vfio.h lines 907, 934, 965) the kernel enforces it with EINVAL
+//! (`drivers/vfio/device_cdev.c` lines 78, 175, 210). `vfio_device_feature_dma_logging_control`'s
+//! `__reserved` and `vfio_precopy_info`'s `flags` carry no such rule and 6.12 never checks them;
+//! their field docs say what the kernel does instead. This crate writes 0 into both.
 
 /// The ioctl "type" byte shared by VFIO and iommufd: `';'` (vfio.h `VFIO_TYPE`).
 pub const VFIO_TYPE: u32 = b';' as u32;
@@ -163,7 +167,11 @@ pub struct vfio_device_feature_dma_logging_control {
     pub page_size: u64,
     /// in: number of entries at `ranges` (non-zero, at most `PAGE_SIZE / 16`).
     pub num_ranges: u32,
-    /// must be 0.
+    /// Padding. vfio.h (6.12, lines 1372-1377) documents no rule for it and
+    /// `vfio_ioctl_device_feature_logging_start` (`vfio_main.c` lines 1047-1129) reads only
+    /// `page_size`, `num_ranges` and `ranges` and hands the driver the range tree and
+    /// `page_size` (line 1116), so a non-zero value is accepted and ignored; this crate
+    /// writes 0.
     pub __reserved: u32,
     /// in: user pointer to `num_ranges` `vfio_device_feature_dma_logging_range`.
     pub ranges: u64,
@@ -199,7 +207,13 @@ pub struct vfio_device_feature_dma_logging_report {
 pub struct vfio_precopy_info {
     /// in: size of this structure.
     pub argsz: u32,
-    /// must be 0.
+    /// Not documented in 6.12's vfio.h (lines 1276-1281). The 6.12 drivers
+    /// (`hisi_acc_vf_precopy_ioctl`, hisi_acc_vfio_pci.c lines 798-841; `mlx5vf_precopy_ioctl`,
+    /// mlx5/main.c lines 483-572; qat/main.c lines 122-163) check only `argsz` and copy the
+    /// field back as the caller wrote it, so it is neither validated nor an output.
+    /// Linux 7.3's vfio.h (lines 1278-1280, 1317) makes it an output (`VFIO_PRECOPY_INFO_REINIT`,
+    /// bit 0) only after the `VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2` opt-in, and reserved
+    /// otherwise. This crate writes 0 and ignores the returned value.
     pub flags: u32,
     /// out: initial pre-copy bytes still to be read.
     pub initial_bytes: u64,

@@ -618,10 +618,13 @@ impl MigrationDevice for VfioDevice {
     /// One `MIG_DEVICE_STATE` SET.
     ///
     /// A request for PRE_COPY or PRE_COPY_P2P first reads the current state and refuses it
-    /// from STOP_COPY ([`Error::Blocked`]) without calling the kernel: Linux up to at least
-    /// 6.12.95 spins forever in `vfio_mig_get_next_state()` on that blocked arc, holding the
-    /// driver's state mutex (the skip loop never leaves ERROR; fixed upstream in 2026 by
-    /// "vfio: ... terminate the skip loop on the ERROR sentinel", Fixes: 4db52602a607).
+    /// from STOP_COPY ([`Error::Blocked`]) without calling the kernel: Linux 6.12 (checked in
+    /// 6.12.95, `drivers/vfio/vfio_main.c` lines 778-779, 829, 848-850) spins forever in
+    /// `vfio_mig_get_next_state()` on that blocked arc, holding the driver's state mutex (the
+    /// skip loop never leaves ERROR). 7.3.4 returns EINVAL instead (lines 891-896); the fix was
+    /// posted as "vfio: prevent infinite loop in vfio_mig_get_next_state() on blocked arc"
+    /// (2026-06-02, `Fixes: 4db52602a607`) and applied for v7.2; its commit hash is unverified
+    /// here. See [`crate::fsm`].
     fn set_migration_state(&mut self, target: MigrationState) -> Result<Option<DataFile>, Error> {
         if target == MigrationState::Error {
             return Err(Error::ErrorNotRequestable);

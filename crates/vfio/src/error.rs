@@ -185,7 +185,9 @@ pub enum Error {
         /// The missing flag(s).
         missing: MigrationFlags,
     },
-    /// A transition the protocol refuses (STOP_COPY → PRE_COPY or PRE_COPY_P2P).
+    /// A transition the protocol does not permit (STOP_COPY → PRE_COPY or PRE_COPY_P2P),
+    /// refused by this crate before the kernel sees it: Linux 6.12 loops forever on it, 7.3.4
+    /// answers EINVAL (see [`crate::fsm`]).
     #[error("transition {from} -> {to} is refused by the VFIO migration protocol")]
     Blocked {
         /// Current state.

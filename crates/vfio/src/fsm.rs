@@ -14,8 +14,8 @@
 //!
 //!  Without P2P the middle row disappears: RUNNING <-> STOP and PRE_COPY -> STOP_COPY.
 //!  Without PRE_COPY the right column above STOP_COPY disappears.
-//!  STOP_COPY -> PRE_COPY[_P2P] is refused. A failed arc may leave the device in ERROR, which
-//!  only VFIO_DEVICE_RESET leaves (to RUNNING).
+//!  STOP_COPY -> PRE_COPY[_P2P] is not permitted; this crate refuses it itself (see below).
+//!  A failed arc may leave the device in ERROR, which only VFIO_DEVICE_RESET leaves (to RUNNING).
 //! ```
 //!
 //! Facts, all from Linux 6.12 `include/uapi/linux/vfio.h` (`enum vfio_device_mig_state` and the
@@ -26,7 +26,27 @@
 //! * A driver implements single arcs only; any other request is a *combination transition* that
 //!   the kernel performs as a sequence of arcs along the shortest path, never passing *through* a
 //!   saving-group state. Arcs into states the device does not support are skipped over.
-//! * STOP_COPY → PRE_COPY and STOP_COPY → PRE_COPY_P2P are refused (EINVAL).
+//! * STOP_COPY → PRE_COPY and STOP_COPY → PRE_COPY_P2P are not permitted: vfio.h (6.12,
+//!   lines 1163-1168) says they "return error if requested". What the kernel actually does
+//!   depends on the version:
+//!   - **Linux 6.12** (checked in Debian's 6.12.95): the table maps both arcs to ERROR
+//!     (`vfio_main.c` lines 778-779), ERROR's entry in `state_flags_table` is `~0U` (line 829)
+//!     and `device->migration_flags` is an `unsigned int` (`include/linux/vfio.h` line 53), so
+//!     on a device with `PRE_COPY` the skip loop (lines 848-850) never sees ERROR as supported
+//!     and never leaves it: the ioctl spins forever holding the driver's state mutex. (Without
+//!     `PRE_COPY` the target is refused earlier with EINVAL, because PRE_COPY is unsupported.)
+//!   - **Linux 7.3.4**: the loop stops at ERROR (`vfio_main.c` line 891) and the function
+//!     returns EINVAL (line 896). The fix was posted as "vfio: prevent infinite loop in
+//!     vfio_mig_get_next_state() on blocked arc" (Junrui Luo, 2026-06-02, `Fixes: 4db52602a607`)
+//!     and the maintainer's reply of 2026-06-05 says it was applied to the vfio next branch for
+//!     v7.2; its upstream commit hash is unverified here (no kernel git history was available).
+//!     The patch was sent with `Cc: stable`, so 6.12 stable releases after 6.12.95 may carry it;
+//!     not checked.
+//!
+//!   This crate therefore never sends these requests: [`plan`] and [`next_step`] return
+//!   [`Error::Blocked`], and [`VfioDevice`](crate::VfioDevice)'s `set_migration_state` reads the
+//!   current state before asking for PRE_COPY or PRE_COPY_P2P and refuses from STOP_COPY without
+//!   calling the kernel.
 //! * ERROR cannot be requested; a device in ERROR needs `VFIO_DEVICE_RESET`.
 //!
 //! [`plan`] returns exactly the sequence of states the kernel steps through, so that a caller can
@@ -245,7 +265,9 @@ impl From<MigrationState> for u32 {
 /// * RUNNING goes straight to PRE_COPY; everything else via RUNNING_P2P.
 /// * PRE_COPY reaches PRE_COPY_P2P and STOP_COPY via PRE_COPY_P2P; everything else via RUNNING.
 /// * PRE_COPY_P2P goes straight to PRE_COPY and STOP_COPY; everything else via RUNNING_P2P.
-/// * STOP_COPY and RESUMING leave via STOP; STOP_COPY → PRE_COPY(_P2P) is refused.
+/// * STOP_COPY and RESUMING leave via STOP; STOP_COPY → PRE_COPY(_P2P) is refused here
+///   (`None`). The kernel's table has ERROR there (lines 778-779), which 6.12 turns into an
+///   endless loop and 7.3.4 into EINVAL; see the module docs.
 /// * RUNNING_P2P goes straight to STOP, RUNNING and PRE_COPY_P2P; PRE_COPY via RUNNING; the
 ///   stopped targets STOP_COPY and RESUMING via STOP.
 /// * Nothing leaves ERROR, and ERROR is never a target.

@@ -13,9 +13,25 @@
 //! `virt_end < virt_start` → `S_INVAL`; `MAP_F_MMIO` without `VIRTIO_IOMMU_F_MMIO` and
 //! `ATTACH_F_BYPASS` without `VIRTIO_IOMMU_F_BYPASS_CONFIG` count as unrecognized flags
 //! (`S_INVAL`); a MAP overlapping a RESV_MEM region → `S_RANGE`; UNMAP with non-zero reserved
-//! bytes → `S_INVAL` without unmapping. An unknown request type, a truncated request or a
-//! writable part too small for the tail gets no status at all (used length 0), as §5.13.6
-//! says (QEMU writes `S_UNSUPP`/`S_INVAL` there instead).
+//! bytes → `S_INVAL` without unmapping. An unknown request type gets no status at all (used
+//! length 0), as §5.13.6.2 asks; this device treats a truncated request and a writable part too
+//! small for the tail the same way (the spec names no rule for them). A PROBE whose writable
+//! part cannot hold `probe_size` bytes of properties gets `S_INVAL`, as §5.13.6.7.2 asks.
+//!
+//! QEMU 10.0 (`hw/virtio/virtio-iommu.c` in Debian's 10.0.2, `virtio_iommu_handle_command`)
+//! differs in each of these cases:
+//! * readable part shorter than the 4-byte head, or writable part shorter than the 4-byte tail:
+//!   `virtio_error(vdev, "virtio-iommu bad head/tail size")` (lines 1016-1021). No status is
+//!   written and the buffer is detached without being returned; the device is marked broken and,
+//!   with `VIRTIO_F_VERSION_1`, sets `NEEDS_RESET` (`hw/virtio/virtio.c` lines 3909-3923), and
+//!   queue notifications are dropped while it is broken (lines 2481, 2498) until a device reset
+//!   clears it (line 2350).
+//! * unknown request type: `S_UNSUPP` in the tail (lines 1059-1060).
+//! * request shorter than its type's structure: `S_INVAL` (`virtio_iommu_iov_to_req`, lines
+//!   957-966).
+//! * PROBE writable part too small for the properties: the full write comes up short, and a bare
+//!   tail with `S_DEVERR` is written at the start of the writable part instead (lines
+//!   1065-1082).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;

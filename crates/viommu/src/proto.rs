@@ -45,6 +45,9 @@ pub const MAP_F_MMIO: u32 = 1 << 2;
 
 /// `VIRTIO_IOMMU_PROBE_T_RESV_MEM`.
 pub const PROBE_T_RESV_MEM: u16 = 1;
+/// `VIRTIO_IOMMU_PROBE_T_MASK`: the 12-bit `type` of a property header; the top four bits of
+/// the le16 are `reserved` (virtio 1.3 §5.13.6.7, `struct virtio_iommu_probe_property`).
+pub const PROBE_T_MASK: u16 = 0xfff;
 /// `VIRTIO_IOMMU_RESV_MEM_T_RESERVED`.
 pub const RESV_MEM_T_RESERVED: u8 = 0;
 /// `VIRTIO_IOMMU_RESV_MEM_T_MSI`.
@@ -420,12 +423,24 @@ impl ResvMem {
         b
     }
 
-    /// Parse a property list (stops at a type-0 property or the end); unknown types are skipped.
+    /// Parse a property list as the driver side must (virtio 1.3 §5.13.6.7 and its driver
+    /// requirements §5.13.6.7.1): stop at a property whose `type` is 0 or at the end of the
+    /// buffer; skip properties of unknown type, and skip — ignore, then go on parsing — any
+    /// property whose header `reserved` bits (15:12) are not zero ("The driver MUST ignore a
+    /// property whose reserved field is not zero"). The `reserved[3]` bytes inside RESV_MEM are
+    /// ignored (§5.13.6.8.1.1). Linux 6.12's driver masks the reserved bits off instead
+    /// (`drivers/iommu/virtio-iommu.c` lines 546 and 568) and would use such a property.
+    ///
+    /// A property with `type` 0 ends the list even if its reserved bits are set: `type` alone
+    /// marks the empty property that ends the list, and parsing past it would read bytes the
+    /// device did not describe. [`encode`](Self::encode) never sets reserved bits, as the device
+    /// requirements ask (§5.13.6.7.2).
     pub fn parse_list(props: &[u8]) -> Vec<ResvMem> {
         let mut out = Vec::new();
         let mut at = 0usize;
         while at + 4 <= props.len() {
-            let ty = u16::from_le_bytes([props[at], props[at + 1]]) & 0xfff;
+            let head = u16::from_le_bytes([props[at], props[at + 1]]);
+            let ty = head & PROBE_T_MASK;
             let len = usize::from(u16::from_le_bytes([props[at + 2], props[at + 3]]));
             if ty == 0 {
                 break;
@@ -434,7 +449,7 @@ impl ResvMem {
             if body + len > props.len() {
                 break;
             }
-            if ty == PROBE_T_RESV_MEM && len >= 20 {
+            if head & !PROBE_T_MASK == 0 && ty == PROBE_T_RESV_MEM && len >= 20 {
                 out.push(ResvMem {
                     subtype: props[body],
                     start: le64(props, body + 4),
@@ -524,5 +539,44 @@ mod tests {
         let mut props = vec![0u8; 64];
         props[..24].copy_from_slice(&r.encode());
         assert_eq!(ResvMem::parse_list(&props), [r]);
+    }
+
+    #[test]
+    fn probe_properties_with_reserved_bits_are_ignored() {
+        let msi = ResvMem {
+            subtype: RESV_MEM_T_MSI,
+            start: 0xfee0_0000,
+            end: 0xfeef_ffff,
+        };
+        let resv = ResvMem {
+            subtype: RESV_MEM_T_RESERVED,
+            start: 0x1000,
+            end: 0x1fff,
+        };
+        // The device side never sets them (§5.13.6.7.2).
+        assert_eq!(msi.encode()[1] >> 4, 0);
+        for bit in 12..16 {
+            let mut props = vec![0u8; 3 * ResvMem::LEN];
+            props[..24].copy_from_slice(&msi.encode());
+            props[24..48].copy_from_slice(&resv.encode());
+            // Set one reserved bit of the first property's header: it is skipped (its length
+            // still says where the next one starts) and the list goes on.
+            let head = u16::from_le_bytes([props[0], props[1]]) | (1 << bit);
+            props[..2].copy_from_slice(&head.to_le_bytes());
+            assert_eq!(ResvMem::parse_list(&props), [resv], "bit {bit}");
+            // The same property without the reserved bit is used.
+            props[..2].copy_from_slice(&PROBE_T_RESV_MEM.to_le_bytes());
+            assert_eq!(ResvMem::parse_list(&props), [msi, resv], "bit {bit}");
+        }
+        // Non-zero bytes in RESV_MEM's own reserved[3] are ignored, not a reason to skip.
+        let mut props = msi.encode().to_vec();
+        props[5..8].copy_from_slice(&[1, 2, 3]);
+        assert_eq!(ResvMem::parse_list(&props), [msi]);
+        // A type-0 header ends the list even with reserved bits set.
+        let mut props = vec![0u8; 2 * ResvMem::LEN];
+        props[..2].copy_from_slice(&0xf000u16.to_le_bytes());
+        props[2..4].copy_from_slice(&20u16.to_le_bytes());
+        props[24..48].copy_from_slice(&msi.encode());
+        assert_eq!(ResvMem::parse_list(&props), []);
     }
 }

@@ -16,8 +16,12 @@
 //! `IOMMU_PTE_HD_BIT` 6, `IOMMU_PTE_FC` 60, `IOMMU_PTE_IR` 61, `IOMMU_PTE_IW` 62,
 //! `PM_ADDR_MASK`, `PM_LEVEL_ENC`, `PAGE_SIZE_PTE`, `PTE_PAGE_SIZE`, `AMD_IOMMU_PGSIZES`) and
 //! `io_pgtable.c` (`iommu_v1_map_pages`, `fetch_pte`: no level skipping). The accessed bit 5 and
-//! the reserved bits 58:52 are from the AMD-Vi specification's I/O page-table entry layout
-//! (Linux 6.12 does not use them).
+//! the reserved bits 58:52 are from the AMD I/O Virtualization Technology (IOMMU) specification
+//! (pub. 48882) I/O page-table entry layout as this crate's authors recalled it: **unverified
+//! here** (no copy of the specification was available; its PTE/PDE field tables would settle
+//! it). Neither Linux 6.12 (`amd_iommu_types.h` defines PR, HD bit 6, U, FC, IR, IW) nor Linux
+//! 7.3's generic_pt AMDv1 format (`generic_pt/fmt/amdv1.h` lines 54-60: PR, D bit 6,
+//! NextLevel, OA 51:12, FC, IR, IW) names them.
 
 use super::{BitOp, HwAccess, Leaf, PageTableFormat, Perm, Pte, level_size};
 use crate::caps::AMD_V1_PAGE_SIZES;

@@ -20,6 +20,33 @@
 //! software cleans by setting AP\[2\] again (`iopte_set_writeable_clean`) and must then
 //! invalidate the TLB. Turning tracking on or off rewrites every writable leaf.
 //!
+//! # Where this differs from Linux, and why
+//!
+//! This crate maps a writable leaf **writable-clean** (DBM, AP\[2\] set) while tracking is on
+//! and **plainly writable** (no DBM) while it is off, and
+//! [`set_dirty_tracking`](crate::PageTable::set_dirty_tracking) rewrites existing leaves.
+//! Linux 6.12 does neither:
+//! * a domain allocated with `IOMMU_HWPT_ALLOC_DIRTY_TRACKING` gets `IO_PGTABLE_QUIRK_ARM_HD`
+//!   (`arm-smmu-v3.c` lines 2450-2451), its CD gets HA and HD for its whole life (lines
+//!   1402-1404), and `arm_lpae_prot_to_pte` gives every writable stage-1 leaf DBM with AP\[2\]
+//!   clear, i.e. **writable-dirty** (`io-pgtable-arm.c` lines 453-456);
+//! * `arm_smmu_set_dirty_tracking` does nothing, tracking being "always enabled" (`arm-smmu-v3.c`
+//!   lines 3390-3398); iommufd instead reads and clears the whole IOVA range, discarding the
+//!   result, before it reports tracking as enabled (`iommufd/io_pagetable.c` lines 602-606).
+//!
+//! The crate starts clean so that a page mapped while tracking is on is reported once written,
+//! not merely because it was mapped — as on AMD-Vi and VT-d, whose D bit starts clear — which
+//! lets one conformance suite hold for all four formats; and it drops DBM when tracking is off so
+//! that no entry's permission then depends on HTTU. Both schemes lose no write.
+//!
+//! For a caller taking over a table that Linux built: every writable leaf decodes as dirty;
+//! enabling tracking leaves those entries as they are (they already track), so the first harvest
+//! reports every writable page once and cleans it. Harvest once and discard the result to get
+//! Linux's clean start. Disabling tracking here strips DBM, which Linux never does: before giving
+//! a table back to Linux's dirty tracking, enable tracking here again, because Linux reports only
+//! leaves with DBM set (`iopte_writeable_dirty`, `io-pgtable-arm.c` lines 147-148, used by the
+//! dirty walk at line 785) and would miss writes through leaves without it.
+//!
 //! Values: Linux 6.12 `drivers/iommu/io-pgtable-arm.c` (`ARM_LPAE_PTE_TYPE_*`,
 //! `ARM_LPAE_PTE_ADDR_MASK` = bits 47:12, `ARM_LPAE_PTE_DBM` 51, `ARM_LPAE_PTE_AF` 10,
 //! `ARM_LPAE_PTE_SH_IS`, `ARM_LPAE_PTE_nG` 11, `ARM_LPAE_PTE_AP_UNPRIV` 6,
@@ -372,29 +399,64 @@ mod tests {
         dirty: true,
     };
 
+    /// What Linux 6.12 writes for a cacheable, unprivileged stage-1 leaf: `arm_lpae_prot_to_pte`
+    /// (`io-pgtable-arm.c` lines 450-458 permissions and DBM, 483-485 and 494-495 cacheable
+    /// attribute index and inner-shareable, 505-506 AF) plus the page/block type from
+    /// `__arm_lpae_init_pte` (lines 312-315). Written out as the reference the crate's encodings
+    /// are compared with.
+    fn linux_s1_leaf(pa: u64, level: u8, write: bool, quirk_arm_hd: bool) -> u64 {
+        let mut pte = NG | AP_UNPRIV | ATTR_IDX_CACHE | SH_IS | AF;
+        if !write {
+            pte |= AP_RDONLY;
+        } else if quirk_arm_hd {
+            pte |= DBM;
+        }
+        pte | pa | if level == 1 { TYPE_TABLE } else { TYPE_BLOCK }
+    }
+
     #[test]
-    fn stage1_matches_linux_prot_to_pte() {
+    fn stage1_untracked_leaves_match_linux_prot_to_pte() {
         let f = ArmS1::new(48, 48).unwrap();
         assert_eq!(f.levels(), 4);
-        // Read-only 4K page: nG, AP_RDONLY, AP_UNPRIV, cacheable index, SH_IS, AF, page type.
+        // Read-only 4K page: the same bits Linux writes, with or without the HD quirk.
         let ro = f.leaf(0x1000, 4096, 1, Perm::R, false);
-        assert_eq!(
-            ro,
-            0x1000 | NG | AP_RDONLY | AP_UNPRIV | ATTR_IDX_CACHE | SH_IS | AF | TYPE_TABLE
-        );
-        // Writable 2M block with tracking: DBM | AP_RDONLY (writable-clean).
+        assert_eq!(ro, linux_s1_leaf(0x1000, 1, false, false));
+        assert_eq!(ro, linux_s1_leaf(0x1000, 1, false, true));
+        assert_eq!(f.leaf(0x1000, 4096, 1, Perm::R, true), ro);
+        assert!(!f.is_dirty(ro, 1));
+        // Writable, tracking off: Linux without IO_PGTABLE_QUIRK_ARM_HD (no DBM, AP[2] clear).
+        let w = f.leaf(0x20_0000, 2 << 20, 2, Perm::RW, false);
+        assert_eq!(w, linux_s1_leaf(0x20_0000, 2, true, false));
+        assert!(!f.is_dirty(w, 2));
+    }
+
+    #[test]
+    fn stage1_tracked_writable_leaf_starts_clean_where_linux_starts_dirty() {
+        let f = ArmS1::new(48, 48).unwrap();
+        // The crate: writable-clean, DBM | AP[2].
         let wc = f.leaf(0x20_0000, 2 << 20, 2, Perm::RW, true);
         assert_eq!(
             wc & (DBM | AP_RDONLY | TYPE_MASK),
             DBM | AP_RDONLY | TYPE_BLOCK
         );
         assert!(!f.is_dirty(wc, 2));
-        let wd = f.dirty_op().apply(wc);
-        assert!(f.is_dirty(wd, 2));
-        // iopte_writeable_dirty: (pte & (AP_RDONLY | DBM)) == DBM
-        assert_eq!(wd & (AP_RDONLY | DBM), DBM);
-        assert_eq!(f.clean_op().apply(wd), wc);
-        assert!(!f.is_dirty(ro, 1));
+        // Linux with the HD quirk: DBM, AP[2] clear, i.e. writable-dirty; otherwise identical.
+        let linux = linux_s1_leaf(0x20_0000, 2, true, true);
+        assert_ne!(wc, linux);
+        assert_eq!(wc & !AP_RDONLY, linux);
+        // iopte_writeable_dirty: (pte & (AP_RDONLY | DBM)) == DBM. The crate agrees.
+        assert_eq!(linux & (AP_RDONLY | DBM), DBM);
+        assert!(f.is_dirty(linux, 2));
+        assert_eq!(f.dirty_op().apply(wc), linux);
+        // Cleaning (iopte_set_writeable_clean: set AP[2]) gives the crate's encoding.
+        assert_eq!(f.clean_op().apply(linux), wc);
+        // Taking over a Linux-built table: enabling tracking keeps the dirty state, so the first
+        // harvest reports the page; disabling strips DBM, which Linux never does.
+        assert_eq!(f.set_tracking(linux, true), linux);
+        assert_eq!(
+            f.set_tracking(linux, false),
+            linux_s1_leaf(0x20_0000, 2, true, false)
+        );
     }
 
     #[test]
