@@ -10,6 +10,7 @@
 
 mod apt;
 mod cpio;
+mod deps;
 mod hwtest;
 mod qemu;
 mod rig;
@@ -34,6 +35,8 @@ usage: cargo xtask <command> [options]
 
 commands:
   ci        format check, clippy -D warnings, all tests, docs -D warnings, the rig
+  deps      check each library crate's resolved dependency set against ci/deps/
+              --bless            rewrite ci/deps/ after a deliberate change
   rig       build a kernel, boot it under QEMU per machine profile, run hw-tests
               --profile NAME     mock | vtd | amdvi (repeatable; default: all)
               --accel MODE       auto (probe KVM, else TCG) | kvm | tcg   [auto]
@@ -67,6 +70,11 @@ fn run() -> Result<()> {
             ci()
         }
         "rig" => rig::rig(&rig_options(&mut it)?),
+        "deps" => match it.next().map(String::as_str) {
+            None => deps::deps(false),
+            Some("--bless") => deps::deps(true),
+            Some(other) => bail!("deps: unknown option {other:?}\n\n{USAGE}"),
+        },
         "hw-test" => {
             let mut o = hwtest::Options::default();
             while let Some(a) = it.next() {
@@ -133,40 +141,78 @@ fn cargo(args: &[&str], envs: &[(&str, &str)]) -> Result<()> {
 }
 
 fn ci() -> Result<()> {
-    cargo(&["fmt", "--all", "--", "--check"], &[])?;
-    cargo(
-        &[
-            "clippy",
-            "--workspace",
-            "--all-targets",
-            "--all-features",
-            "--",
-            "-D",
-            "warnings",
-        ],
-        &[],
-    )?;
+    let t0 = std::time::Instant::now();
+    let mut times: Vec<(&str, Duration)> = Vec::new();
+    let mut step = |name: &'static str, f: &mut dyn FnMut() -> Result<()>| -> Result<()> {
+        let t = std::time::Instant::now();
+        let r = f();
+        times.push((name, t.elapsed()));
+        eprintln!("==> ci: {name}: {:.0} s", t.elapsed().as_secs_f64());
+        r
+    };
+    step("fmt", &mut || {
+        cargo(&["fmt", "--all", "--", "--check"], &[])
+    })?;
+    step("deps", &mut || deps::deps(false))?;
+    let r = ci_rest(&mut step);
+    for (n, d) in &times {
+        eprintln!("==> ci time: {n:<10} {:>6.0} s", d.as_secs_f64());
+    }
+    eprintln!(
+        "==> ci time: total      {:>6.0} s",
+        t0.elapsed().as_secs_f64()
+    );
+    r
+}
+
+type Step<'a> = dyn FnMut(&'static str, &mut dyn FnMut() -> Result<()>) -> Result<()> + 'a;
+
+fn ci_rest(step: &mut Step<'_>) -> Result<()> {
+    step("clippy", &mut || {
+        cargo(
+            &[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--all-features",
+                "--",
+                "-D",
+                "warnings",
+            ],
+            &[],
+        )
+    })?;
     // The no_std crates must keep building without std, and livemig-viommu without iommufd.
-    cargo(
-        &[
-            "build",
-            "-p",
-            "livemig-stream",
-            "-p",
-            "livemig-iommu-pt",
-            "-p",
-            "livemig-viommu",
-            "--no-default-features",
-        ],
-        &[],
-    )?;
-    cargo(&["test", "--workspace", "--all-features"], &[])?;
-    cargo(
-        &["doc", "--workspace", "--no-deps", "--all-features"],
-        &[("RUSTDOCFLAGS", "-D warnings")],
-    )?;
-    eprintln!("==> cargo xtask rig");
-    rig::rig(&rig_options(&mut [].iter())?)?;
+    step("no_std", &mut || {
+        cargo(
+            &[
+                "build",
+                "-p",
+                "livemig-stream",
+                "-p",
+                "livemig-iommu-pt",
+                "-p",
+                "livemig-viommu",
+                "--no-default-features",
+            ],
+            &[],
+        )
+    })?;
+    // Every test, the KVM ones (livemig-kvm, livemig-cli's `vm` tests) included: /dev/kvm is
+    // part of the test environment here, and under CI=true they fail rather than skip.
+    step("test", &mut || {
+        cargo(&["test", "--workspace", "--all-features"], &[])
+    })?;
+    step("doc", &mut || {
+        cargo(
+            &["doc", "--workspace", "--no-deps", "--all-features"],
+            &[("RUSTDOCFLAGS", "-D warnings")],
+        )
+    })?;
+    step("rig", &mut || {
+        eprintln!("==> cargo xtask rig");
+        rig::rig(&rig_options(&mut [].iter())?)
+    })?;
     eprintln!("==> ci: all steps passed");
     Ok(())
 }

@@ -1,7 +1,8 @@
-//! `livemig`: probe a host, run a simulated migration, migrate between two processes, inspect
-//! streams, and check compatibility.
+//! `livemig`: probe a host, run a simulated migration, migrate between two processes, run and
+//! migrate the KVM test VM, inspect streams, and check compatibility.
 
 mod probe;
+mod vm;
 
 use std::io::{IsTerminal, Write};
 use std::net::{TcpListener, TcpStream};
@@ -94,6 +95,10 @@ enum Cmd {
     /// Compatibility descriptors.
     #[command(subcommand)]
     Compat(CompatCmd),
+    /// The KVM test VM: run it, migrate it while it runs (between two processes over TCP),
+    /// or `vm demo` for both sides on this machine and the guest's own verification.
+    #[command(subcommand)]
+    Vm(vm::VmCmd),
 }
 
 #[derive(Subcommand)]
@@ -408,6 +413,22 @@ fn simulate(sim: &SimArgs, mig: &MigArgs, link: LinkConfig, json: bool) -> Resul
     Ok(())
 }
 
+/// `livemig simulate` with its defaults (where KVM is not usable, `vm demo` runs this).
+fn simulate_default(json: bool) -> Result<()> {
+    let cli = Cli::try_parse_from(["livemig", "simulate"])?;
+    let Cmd::Simulate {
+        sim,
+        mig,
+        bandwidth,
+        latency,
+        ..
+    } = cli.cmd
+    else {
+        bail!("the simulate defaults did not parse as simulate");
+    };
+    simulate(&sim, &mig, LinkConfig { bandwidth, latency }, json)
+}
+
 #[derive(Serialize)]
 struct SideJson<T: Serialize> {
     role: &'static str,
@@ -646,6 +667,7 @@ fn main() -> Result<()> {
             json,
         } => incoming(&listen, &sim, !no_precopy, json)?,
         Cmd::Inspect { file, json } => inspect(&file, json)?,
+        Cmd::Vm(cmd) => vm::main(cmd)?,
         Cmd::Compat(CompatCmd::Export {
             sim,
             no_precopy,

@@ -13,8 +13,8 @@
  * Memory: logs at 8 MiB (one u32 generation per page), working sets from 16 MiB,
  * vCPU c owns pages [c * pages, (c + 1) * pages).
  *
- * Built with gcc -m32 -ffreestanding -nostdlib: no 64-bit division anywhere (it would need
- * libgcc), no floating point.
+ * Built with gcc -ffreestanding -nostdlib as 64-bit code (entry64.S enters it in ring 3 with
+ * IOPL 3): no libc, no floating point, no privileged instruction.
  */
 typedef unsigned int u32;
 typedef unsigned long long u64;

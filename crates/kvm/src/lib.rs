@@ -13,8 +13,8 @@
 //!   (per-vCPU rings, `KVM_RESET_DIRTY_RINGS`, ring-full exits without losing entries);
 //! - [`state`]: the versioned x86 vCPU state record, refused on a CPUID or XSAVE mismatch;
 //! - [`device`]: the engine's vCPU control and the state record as a migration device;
-//! - [`guest`]: the self-verifying test VM (a 32-bit multiboot image built from source in
-//!   `guest/`, bootable by QEMU too);
+//! - [`guest`]: the self-verifying test VM (a flat multiboot image built from source in
+//!   `guest/`, bootable by QEMU too; its workload runs in 64-bit ring 3);
 //! - [`platform`]: a running VM as the engine's source platform, a prepared one as its
 //!   destination.
 //!

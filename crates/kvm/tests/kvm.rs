@@ -58,25 +58,25 @@ fn run_and_check(dirty: DirtyMode, expect_ring: bool) {
 
 #[test]
 fn running_vm_migrates_with_the_dirty_bitmap() {
-    if !kvm() {
+    let Some(_one_at_a_time) = kvm() else {
         return;
-    }
+    };
     run_and_check(DirtyMode::Bitmap, false);
 }
 
 #[test]
 fn running_vm_migrates_with_the_dirty_ring() {
-    if !kvm() {
+    let Some(_one_at_a_time) = kvm() else {
         return;
-    }
+    };
     run_and_check(DirtyMode::Ring(4096), true);
 }
 
 #[test]
 fn a_small_ring_fills_and_no_entry_is_lost() {
-    if !kvm() {
+    let Some(_one_at_a_time) = kvm() else {
         return;
-    }
+    };
     let mut cfg = config();
     // 256 entries per vCPU (KVM's minimum, one page) against 20,000 pages/s: the ring fills
     // several times per round.
@@ -97,9 +97,9 @@ fn a_small_ring_fills_and_no_entry_is_lost() {
 
 #[test]
 fn dropping_one_harvest_loses_pages_and_both_checks_name_them() {
-    if !kvm() {
+    let Some(_one_at_a_time) = kvm() else {
         return;
-    }
+    };
     let mut cfg = config();
     // 16,384 pages per vCPU at 20,000 pages/s: a page is rewritten only every 0.8 s, longer
     // than the whole migration, so a page whose report is dropped is never sent again.
@@ -152,9 +152,9 @@ fn dropping_one_harvest_loses_pages_and_both_checks_name_them() {
 
 #[test]
 fn operator_cancel_at_every_phase_leaves_the_source_running() {
-    if !kvm() {
+    let Some(_one_at_a_time) = kvm() else {
         return;
-    }
+    };
     let cfg = config();
     let src = TestVm::boot(&cfg).unwrap();
     for at in [
@@ -208,9 +208,9 @@ fn operator_cancel_at_every_phase_leaves_the_source_running() {
 
 #[test]
 fn a_corrupted_stream_and_a_dead_destination_leave_the_source_running() {
-    if !kvm() {
+    let Some(_one_at_a_time) = kvm() else {
         return;
-    }
+    };
     let cfg = config();
     let src = TestVm::boot(&cfg).unwrap();
     src.wait_progress(&[0, 0], Duration::from_secs(10)).unwrap();
@@ -293,9 +293,9 @@ impl<W: livemig::link::DataSink> livemig::link::DataSink for Corrupt<W> {
 
 #[test]
 fn a_vcpu_record_from_another_cpu_model_is_refused() {
-    if !kvm() {
+    let Some(_one_at_a_time) = kvm() else {
         return;
-    }
+    };
     let cfg = config();
     let src = TestVm::boot(&cfg).unwrap();
     let mut other = cfg.clone();
@@ -317,9 +317,9 @@ fn a_vcpu_record_from_another_cpu_model_is_refused() {
 
 #[test]
 fn a_dirty_rate_above_the_link_converges_only_with_auto_converge() {
-    if !kvm() {
+    let Some(_one_at_a_time) = kvm() else {
         return;
-    }
+    };
     let mut cfg = config();
     // 2 vCPUs x 20,000 pages/s = ~160 MB/s of dirtying against a 16 MiB/s link: ten times the
     // link, so neither noise nor a slow machine can make it converge by luck.
@@ -391,9 +391,9 @@ fn a_dirty_rate_above_the_link_converges_only_with_auto_converge() {
 
 #[test]
 fn memory_outside_guest_ram_is_refused_before_anything_runs() {
-    if !kvm() {
+    let Some(_one_at_a_time) = kvm() else {
         return;
-    }
+    };
     let cfg = config();
     let src = TestVm::boot(&cfg).unwrap();
     let mut small = cfg.clone();

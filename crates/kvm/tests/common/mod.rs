@@ -13,12 +13,15 @@ use livemig::tracker::{BoxError, DirtyTracker};
 use livemig_kvm::vm::pause;
 use livemig_kvm::{KvmDirtyLog, TestVm, TestVmConfig, platform};
 
-/// Whether the KVM tests can run. Without a usable /dev/kvm they print one line saying why;
-/// under CI=true that is a failure unless LIVEMIG_SKIP_KVM is set (an explicit opt-out).
-pub fn kvm() -> bool {
+/// Whether the KVM tests can run; if so, a guard that runs them one at a time (they measure
+/// rates and rewrite times on a 2-core machine). Without a usable /dev/kvm they print one
+/// line saying why; under CI=true that is a failure unless LIVEMIG_SKIP_KVM is set (an
+/// explicit opt-out).
+pub fn kvm() -> Option<std::sync::MutexGuard<'static, ()>> {
     static SAID: Once = Once::new();
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
     match livemig_kvm::kvm_usable() {
-        Ok(()) => true,
+        Ok(()) => Some(ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())),
         Err(why) => {
             let ci = std::env::var("CI").is_ok_and(|v| v == "true");
             if ci && std::env::var_os("LIVEMIG_SKIP_KVM").is_none() {
@@ -28,7 +31,7 @@ pub fn kvm() -> bool {
                 );
             }
             SAID.call_once(|| eprintln!("livemig-kvm tests did not run: {why}"));
-            false
+            None
         }
     }
 }

@@ -1,0 +1,445 @@
+//! `livemig vm`: the KVM test VM — run it, migrate it between two processes over TCP, and the
+//! one-command demonstration (`vm demo`) that does both and verifies the guest.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use livemig::engine::{
+    AutoConverge, Destination, MigrationReport, ReceiveReport, Source, SourceConfig,
+};
+use livemig::transport::TcpChannel;
+use livemig_kvm::{Backing, DirtyMode, GuestEvent, TestVm, TestVmConfig, platform};
+use serde::Serialize;
+
+use crate::{parse_duration, parse_size, print_report, progress};
+
+#[derive(Subcommand)]
+pub enum VmCmd {
+    /// Boot the test VM, let it run, and have it verify its own memory.
+    Run {
+        #[command(flatten)]
+        vm: VmArgs,
+        /// How long the guest runs before it verifies.
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        time: Duration,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Receive a running test VM over TCP, start it, and have it verify its memory.
+    Incoming {
+        /// Address to listen on (host:port; port 0 picks one; the address is printed on the
+        /// first line of standard output).
+        #[arg(long)]
+        listen: String,
+        #[command(flatten)]
+        vm: VmArgs,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Boot the test VM and migrate it, running, to `livemig vm incoming` over TCP.
+    Migrate {
+        /// Destination address (host:port).
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        vm: VmArgs,
+        #[command(flatten)]
+        mig: VmMigArgs,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Both sides on this machine: a destination process, a running test VM migrated to it
+    /// over loopback TCP, the guest's own verification on the destination.
+    Demo {
+        #[command(flatten)]
+        vm: VmArgs,
+        #[command(flatten)]
+        mig: VmMigArgs,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct VmArgs {
+    /// vCPUs, each writing its own part of the working set.
+    #[arg(long, default_value_t = 2)]
+    vcpus: u32,
+    /// Working-set pages per vCPU.
+    #[arg(long, default_value_t = 4096)]
+    pages: u32,
+    /// Pages each vCPU writes per second (0: as fast as it can).
+    #[arg(long, default_value_t = 20_000)]
+    rate: u64,
+    /// Low RAM (from 0; the working sets live here), below the PCI hole.
+    #[arg(long, default_value = "128MiB", value_parser = parse_size)]
+    ram: u64,
+    /// RAM above 4 GiB (after the PCI hole; 0 for none).
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    high_ram: u64,
+    /// vCPU dirty logging: auto, bitmap, ring or ring:ENTRIES.
+    #[arg(long, default_value = "auto")]
+    dirty: DirtyMode,
+    /// Back guest RAM with a memfd instead of anonymous memory.
+    #[arg(long)]
+    memfd: bool,
+}
+
+impl VmArgs {
+    fn config(&self) -> TestVmConfig {
+        let mut ram = vec![(0, self.ram)];
+        if self.high_ram > 0 {
+            ram.push((4 << 30, self.high_ram));
+        }
+        TestVmConfig {
+            vcpus: self.vcpus,
+            pages: self.pages,
+            rate: self.rate,
+            ram,
+            backing: if self.memfd {
+                Backing::Memfd
+            } else {
+                Backing::Anonymous
+            },
+            dirty: self.dirty,
+            cpuid_clear: Vec::new(),
+        }
+    }
+
+    /// The same VM with the destination's flags (dirty logging is a source choice).
+    fn to_flags(&self) -> Vec<String> {
+        vec![
+            format!("--vcpus={}", self.vcpus),
+            format!("--pages={}", self.pages),
+            format!("--rate={}", self.rate),
+            format!("--ram={}", self.ram),
+            format!("--high-ram={}", self.high_ram),
+        ]
+    }
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct VmMigArgs {
+    /// Downtime limit.
+    #[arg(long, default_value = "300ms", value_parser = parse_duration)]
+    downtime: Duration,
+    /// Stop-and-copy after this many rounds regardless.
+    #[arg(long, default_value_t = 30)]
+    max_rounds: u32,
+    /// Throttle the vCPUs when pre-copy does not converge (QEMU's auto-converge steps).
+    #[arg(long)]
+    auto_converge: bool,
+    /// How long the guest runs before the migration starts.
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    warmup: Duration,
+}
+
+impl VmMigArgs {
+    fn config(&self) -> SourceConfig {
+        SourceConfig {
+            downtime_limit: self.downtime,
+            max_rounds: self.max_rounds,
+            auto_converge: self.auto_converge.then(AutoConverge::default),
+            ..SourceConfig::default()
+        }
+    }
+}
+
+/// What the guest said when asked to verify.
+#[derive(Serialize, Debug)]
+pub struct Verification {
+    /// Every page of every vCPU's working set held what the guest last wrote.
+    pub ok: bool,
+    /// Pages checked.
+    pub pages: u64,
+    /// Failures the guest reported (lost pages, with their addresses).
+    pub failures: Vec<String>,
+    /// Steps (pages written since boot) per vCPU when it verified.
+    pub steps: Vec<u64>,
+}
+
+fn verify(vm: &TestVm) -> Result<Verification> {
+    let f = vm
+        .verify(Duration::from_secs(60))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(Verification {
+        ok: f.is_empty(),
+        pages: u64::from(vm.cfg.vcpus) * u64::from(vm.cfg.pages),
+        failures: f
+            .iter()
+            .map(|e| match e {
+                GuestEvent::VerifyFail {
+                    cpu,
+                    gpa,
+                    expected,
+                    found,
+                    reason,
+                    ..
+                } => format!(
+                    "vCPU {cpu}: page {gpa:#x} lost (holds generation {found}, expected {expected}: {reason:?})"
+                ),
+                other => format!("{other:?}"),
+            })
+            .collect(),
+        steps: vm.monitor.steps(),
+    })
+}
+
+fn say_verification(v: &Verification, side: &str) {
+    if v.ok {
+        println!(
+            "{side}: the guest verified all {} pages of its working set (steps per vCPU {:?})",
+            v.pages, v.steps
+        );
+    } else {
+        println!("{side}: GUEST VERIFICATION FAILED:");
+        for f in &v.failures {
+            println!("  {f}");
+        }
+    }
+}
+
+fn kvm_ok() -> Result<()> {
+    livemig_kvm::kvm_usable().map_err(|why| anyhow::anyhow!("KVM is not usable here: {why}"))
+}
+
+#[derive(Serialize)]
+struct RunJson {
+    config: String,
+    dirty_logging: String,
+    verification: Verification,
+}
+
+fn run(vm: &VmArgs, time: Duration, json: bool) -> Result<()> {
+    kvm_ok()?;
+    let t = TestVm::boot(&vm.config()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if !json {
+        eprintln!(
+            "test VM running: {} vCPUs x {} pages at {} pages/s; {}",
+            vm.vcpus,
+            vm.pages,
+            vm.rate,
+            t.vm.dirty_choice().reason
+        );
+    }
+    std::thread::sleep(time);
+    let v = verify(&t)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&RunJson {
+                config: format!("{vm:?}"),
+                dirty_logging: t.vm.dirty_choice().reason.clone(),
+                verification: v,
+            })?
+        );
+    } else {
+        say_verification(&v, "test VM");
+        if !v.ok {
+            bail!("the guest's verification failed");
+        }
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct IncomingJson {
+    received: ReceiveReport,
+    /// Steps per vCPU right after the destination started (the sequence continues).
+    resumed_steps: Vec<u64>,
+    verification: Verification,
+}
+
+fn incoming(listen: &str, vm: &VmArgs, json: bool) -> Result<()> {
+    kvm_ok()?;
+    let t = TestVm::incoming(&vm.config()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let dp = platform::destination(&t.vm, vec![], true).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut dest = Destination::new(dp);
+    let l = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
+    println!("listening on {}", l.local_addr()?);
+    std::io::stdout().flush()?;
+    let (stream, peer) = l.accept()?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+    if !json {
+        eprintln!("receiving a running test VM from {peer}");
+    }
+    let back = stream.try_clone()?;
+    let received = dest
+        .receive(stream, back)
+        .map_err(|e| anyhow::anyhow!("incoming migration failed: {}", e.chain()))?;
+    // The vCPUs run from here: the guest carries on where the source stopped.
+    let resumed = t
+        .wait_progress(&vec![0; vm.vcpus as usize], Duration::from_secs(30))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let v = verify(&t)?;
+    let ok = v.ok;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&IncomingJson {
+                received,
+                resumed_steps: resumed,
+                verification: v,
+            })?
+        );
+    } else {
+        println!(
+            "destination: {} pages and {} zero pages received, loaded in {:.1} ms; the guest runs \
+             on (steps per vCPU {:?})",
+            received.pages,
+            received.zero_pages,
+            received.load_us as f64 / 1e3,
+            resumed
+        );
+        say_verification(&v, "destination");
+    }
+    if !ok {
+        bail!("the guest's verification failed on the destination");
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct MigrateJson {
+    dirty_logging: String,
+    ring_full_exits: u64,
+    steps_at_stop: Vec<u64>,
+    report: MigrationReport,
+}
+
+fn migrate(to: &str, vm: &VmArgs, mig: &VmMigArgs, json: bool) -> Result<MigrateJson> {
+    kvm_ok()?;
+    let t = TestVm::boot(&vm.config()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if !json {
+        eprintln!("test VM running; {}", t.vm.dirty_choice().reason);
+    }
+    std::thread::sleep(mig.warmup);
+    let sp = platform::source(&t.vm, vec![], None, None).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut source = Source::new(sp, mig.config());
+    let pb = progress(json);
+    crate::hook(&mut source, &pb);
+    let stream = TcpStream::connect(to).with_context(|| format!("connecting to {to}"))?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let r = source.migrate_over(TcpChannel(stream));
+    pb.finish_and_clear();
+    let report = match r {
+        Ok(r) => r,
+        Err(e) => {
+            // The source VM runs again (unless the handover was lost): say so.
+            let steps = t.monitor.steps();
+            let running = t.wait_progress(&steps, Duration::from_secs(5)).is_ok();
+            bail!(
+                "migration failed: {}; the source VM {}",
+                e.chain(),
+                if running {
+                    "runs again"
+                } else {
+                    "is stopped with its state intact"
+                }
+            );
+        }
+    };
+    let out = MigrateJson {
+        dirty_logging: t.vm.dirty_choice().reason.clone(),
+        ring_full_exits: t.vm.ring_full_exits(),
+        steps_at_stop: t.monitor.steps(),
+        report,
+    };
+    if !json {
+        print_report(&out.report);
+        println!(
+            "source: {}; ring-full exits {}",
+            out.dirty_logging, out.ring_full_exits
+        );
+    }
+    Ok(out)
+}
+
+fn demo(vm: &VmArgs, mig: &VmMigArgs, json: bool) -> Result<()> {
+    if let Err(e) = kvm_ok() {
+        println!("{e}; running the simulated migration instead");
+        return crate::simulate_default(json);
+    }
+    let exe = std::env::current_exe().context("finding the livemig binary")?;
+    let mut child = Command::new(exe)
+        .args(["vm", "incoming", "--listen", "127.0.0.1:0", "--json"])
+        .args(vm.to_flags())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting the destination process")?;
+    let mut out = BufReader::new(child.stdout.take().expect("piped"));
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .with_context(|| format!("the destination process said {line:?}"))?
+        .to_string();
+    if !json {
+        eprintln!("destination process {} listening on {addr}", child.id());
+    }
+    let t0 = Instant::now();
+    let src = migrate(&addr, vm, mig, json);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest)?;
+    let status = child.wait()?;
+    let src = src?;
+    let dest: serde_json::Value = serde_json::from_str(&rest)
+        .with_context(|| format!("the destination process printed {rest:?} ({status})"))?;
+    let ok = status.success() && dest["verification"]["ok"] == serde_json::Value::Bool(true);
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "source": src,
+                "destination": dest,
+                "verified": ok,
+                "seconds": t0.elapsed().as_secs_f64(),
+            }))?
+        );
+    } else {
+        let steps = &dest["resumed_steps"];
+        println!(
+            "destination process: the guest resumed (steps per vCPU {steps}, source stopped at {:?}) \
+             and verified {} pages: {}",
+            src.steps_at_stop,
+            dest["verification"]["pages"],
+            if ok { "all intact" } else { "FAILED" }
+        );
+        if let Some(f) = dest["verification"]["failures"].as_array() {
+            for x in f {
+                println!("  {x}");
+            }
+        }
+    }
+    if !ok {
+        bail!("the migrated guest's verification failed ({status})");
+    }
+    Ok(())
+}
+
+pub fn main(cmd: VmCmd) -> Result<()> {
+    match cmd {
+        VmCmd::Run { vm, time, json } => run(&vm, time, json),
+        VmCmd::Incoming { listen, vm, json } => incoming(&listen, &vm, json),
+        VmCmd::Migrate { to, vm, mig, json } => {
+            let out = migrate(&to, &vm, &mig, json)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            }
+            Ok(())
+        }
+        VmCmd::Demo { vm, mig, json } => demo(&vm, &mig, json),
+    }
+}
