@@ -532,6 +532,18 @@ pub fn rig(opts: &Options) -> Result<()> {
     if !opts.keep_artifacts {
         let _ = std::fs::remove_file(&initrd);
     }
+    // The KVM test guest's image, booted by QEMU's own multiboot loader: the same image
+    // livemig-kvm runs, so QEMU can run the identical workload.
+    match guest_under_qemu(&rig, accel, &logs) {
+        Ok(()) => {
+            eprintln!("rig: ok guest.multiboot_under_qemu ({})", accel.name());
+            total.0 += 1;
+        }
+        Err(e) => {
+            problems.push(format!("guest.multiboot_under_qemu: {e:#}"));
+            total.1 += 1;
+        }
+    }
     eprintln!("rig: finished in {:.0?}", start.elapsed());
     for p in &problems {
         eprintln!("rig: {p}");
@@ -539,6 +551,66 @@ pub fn rig(opts: &Options) -> Result<()> {
     println!("{} passed, {} failed", total.0, total.1);
     if total.1 > 0 || !problems.is_empty() {
         bail!("the conformance rig failed");
+    }
+    Ok(())
+}
+
+/// Boots the KVM test guest's image (`livemig vm image`) under QEMU's multiboot loader and
+/// waits for the guest to report that it ran its workload over its whole working set.
+fn guest_under_qemu(rig: &Path, accel: Accel, logs: &Path) -> Result<()> {
+    let image = rig.join("guest.bin");
+    let status = Command::new(livemig_static())
+        .args(["vm", "image", "--output"])
+        .arg(&image)
+        .status()
+        .context("running livemig vm image")?;
+    if !status.success() {
+        bail!("livemig vm image failed ({status})");
+    }
+    let argv: Vec<String> = [
+        QEMU,
+        "-accel",
+        accel.name(),
+        "-cpu",
+        "qemu64",
+        "-m",
+        "64",
+        "-nographic",
+        "-no-reboot",
+        "-kernel",
+        &image.display().to_string(),
+        "-append",
+        "cpus=1 pages=256 period=0",
+        "-device",
+        "isa-debugcon,iobase=0xe9,chardev=d",
+        "-chardev",
+        "stdio,id=d",
+        "-monitor",
+        "none",
+        "-serial",
+        "none",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let run = qemu::run(
+        &argv,
+        &logs.join("guest.log"),
+        Duration::from_secs(60),
+        |_| {},
+        |line| line.contains("wrote its working set once"),
+    )?;
+    let text = run.lines.join("\n");
+    for want in [
+        "livemig-guest: 1 cpu(s), 256 pages each",
+        "cpu0 wrote its working set once",
+    ] {
+        if !text.contains(want) {
+            bail!(
+                "QEMU's console lacks {want:?} (log {})",
+                logs.join("guest.log").display()
+            );
+        }
     }
     Ok(())
 }

@@ -55,6 +55,14 @@ pub enum VmCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Write the test guest's image (a flat multiboot image) for another VMM, e.g.
+    /// `qemu-system-x86_64 -kernel FILE -append "cpus=1 pages=1024 period=0" -device
+    /// isa-debugcon,iobase=0xe9,chardev=d -chardev stdio,id=d`.
+    Image {
+        /// Where to write it.
+        #[arg(short, long)]
+        output: std::path::PathBuf,
+    },
     /// Both sides on this machine: a destination process, a running test VM migrated to it
     /// over loopback TCP, the guest's own verification on the destination.
     Demo {
@@ -111,6 +119,7 @@ impl VmArgs {
             },
             dirty: self.dirty,
             cpuid_clear: Vec::new(),
+            idle: false,
         }
     }
 
@@ -441,5 +450,7 @@ pub fn main(cmd: VmCmd) -> Result<()> {
             Ok(())
         }
         VmCmd::Demo { vm, mig, json } => demo(&vm, &mig, json),
+        VmCmd::Image { output } => std::fs::write(&output, livemig_kvm::guest::IMAGE)
+            .with_context(|| format!("writing {}", output.display())),
     }
 }

@@ -106,3 +106,74 @@ fn bad_vm_values_are_named() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown dirty logging mode"));
 }
+
+/// Starts `livemig vm incoming` on an ephemeral port; returns the process and its address.
+fn spawn_destination() -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(BIN)
+        .args(["vm", "incoming", "--listen", "127.0.0.1:0", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_string();
+    (child, addr)
+}
+
+#[test]
+fn a_killed_destination_process_leaves_the_source_vm_running() {
+    use livemig::engine::{Event, Source, SourceConfig};
+    use livemig::{Error, Phase};
+    use livemig_kvm::{TestVm, TestVmConfig, platform};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    if !kvm() {
+        return;
+    }
+    let src = TestVm::boot(&TestVmConfig::default()).unwrap();
+    for at in [Phase::PreCopy(1), Phase::StopCopy] {
+        let (child, addr) = spawn_destination();
+        let child = Arc::new(Mutex::new(child));
+        let sp = platform::source(&src.vm, vec![], None, None).unwrap();
+        let mut source = Source::new(
+            sp,
+            SourceConfig {
+                // Two rounds at least, so the stop-and-copy kill follows a pre-copy round.
+                downtime_limit: Duration::from_micros(1),
+                max_rounds: 2,
+                ..SourceConfig::default()
+            },
+        );
+        let c = child.clone();
+        source.on_event(move |e| {
+            if let Event::Phase(p) = e {
+                if *p == at {
+                    let mut c = c.lock().unwrap();
+                    c.kill().unwrap();
+                    c.wait().unwrap();
+                }
+            }
+        });
+        let stream = std::net::TcpStream::connect(&addr).unwrap();
+        let r = source.migrate_over(livemig::transport::TcpChannel(stream));
+        let e = r.expect_err("the destination died");
+        assert!(
+            matches!(e, Error::Link { .. } | Error::Stream { .. }),
+            "killed at {at}: {e}"
+        );
+        assert_eq!(e.phase(), Some(at), "{e}");
+        let steps = src.monitor.steps();
+        src.wait_progress(&steps, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("killed at {at}: the source VM does not run again: {e}"));
+        let f = src.verify(Duration::from_secs(30)).unwrap();
+        assert!(f.is_empty(), "killed at {at}: {f:?}");
+    }
+}

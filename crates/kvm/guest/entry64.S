@@ -35,7 +35,7 @@ _start32:
     cld
     movl %ebx, %edi
     movl %eax, %esi
-    /* PML4[0] -> PDPT; PDPT[0..3] -> PD0..3; PDk[i] = (k GiB + i * 2 MiB) | PS | RW | P */
+    /* PML4[0] -> PDPT; PDPT[0..3] -> PD0..3; PDk[i] = (k GiB + i * 2 MiB) | PS | U | RW | P */
     movl $boot_pml4, %eax
     movl $boot_pdpt, %edx
     orl $7, %edx
@@ -44,7 +44,7 @@ _start32:
 1:  movl %ecx, %eax
     shll $12, %eax
     addl $boot_pd, %eax
-    orl $3, %eax
+    orl $7, %eax             /* present, writable, user */
     movl %eax, boot_pdpt(,%ecx,8)
     incl %ecx
     cmpl $4, %ecx

@@ -28,9 +28,9 @@ typedef unsigned long uptr;
 #define STATE_MAGIC 0x54534d4cu /* "LMST" */
 
 enum { EV_READY = 1, EV_PROGRESS = 2, EV_VERIFY_DONE = 3, EV_VERIFY_FAIL = 4, EV_HALTED = 5,
-       EV_CONFIG = 6 };
+       EV_CONFIG = 6, EV_PASS_DONE = 7 };
 enum { FAIL_HEADER = 1, FAIL_GENERATION = 2, FAIL_LOG = 3, FAIL_BODY = 4 };
-enum { CMD_NONE = 0, CMD_VERIFY = 1, CMD_HALT = 2 };
+enum { CMD_NONE = 0, CMD_VERIFY = 1, CMD_HALT = 2, CMD_PASS = 3 };
 
 #define PROGRESS_EVERY 1024u
 #define POLL_EVERY 64u
@@ -75,6 +75,7 @@ static struct cpu_state cpus[MAX_CPUS];
 static volatile u32 cfg_ready;
 static u32 cfg_cpus = 1, cfg_pages = 1024;
 static u64 cfg_period; /* TSC ticks per page write; 0 = as fast as possible */
+static u32 cfg_idle;   /* write only on CMD_PASS: one pass over the working set each */
 
 static void puts(const char *s)
 {
@@ -219,8 +220,35 @@ static void parse_cmdline(u32 mbi)
             cfg_pages = (u32)v;
         else if (key_is(k, "period"))
             cfg_period = v;
+        else if (key_is(k, "idle"))
+            cfg_idle = (u32)v;
         while (*s && *s != ' ')
             s++;
+    }
+}
+
+/* One page: write it, log it, advance the counter; report progress now and then. */
+static void step(struct cpu_state *s, u32 *w)
+{
+    u32 *log = log_of(s->cpu);
+    write_page(s->cpu, s->next, s->gen);
+    log[s->next] = s->gen;
+    s->steps++;
+    if (++s->next == cfg_pages) {
+        s->next = 0;
+        s->gen++;
+        if (s->gen == 2) {
+            puts("livemig-guest: cpu");
+            putu(s->cpu);
+            puts(" wrote its working set once\n");
+        }
+    }
+    if (((u32)s->steps % PROGRESS_EVERY) == 0) {
+        w[0] = (u32)s->steps;
+        w[1] = (u32)(s->steps >> 32);
+        w[2] = s->gen;
+        w[3] = s->next;
+        event(EV_PROGRESS, s->cpu, w, 4);
     }
 }
 
@@ -239,8 +267,23 @@ static void run(u32 cpu)
     w[0] = cfg_pages;
     w[1] = page_gpa(cpu, 0);
     event(EV_READY, cpu, w, 2);
-    u32 *log = log_of(cpu);
     for (;;) {
+        if (cfg_idle) {
+            /* Idle until told to write one pass (the harvest benchmark's workload). */
+            for (u32 i = 0; i < 20000; i++)
+                pause();
+            u32 cmd = inl(0xeb);
+            if (cmd == CMD_PASS) {
+                for (u32 n = 0; n < cfg_pages; n++)
+                    step(s, w);
+                w[0] = (u32)s->steps;
+                w[1] = (u32)(s->steps >> 32);
+                event(EV_PASS_DONE, cpu, w, 2);
+            } else if (cmd == CMD_VERIFY) {
+                verify(s);
+            }
+            continue;
+        }
         if (cfg_period) {
             u64 now;
             while ((now = rdtsc()) < s->deadline)
@@ -250,29 +293,15 @@ static void run(u32 cpu)
                 s->deadline = now;
             s->deadline += cfg_period;
         }
-        write_page(cpu, s->next, s->gen);
-        log[s->next] = s->gen;
-        s->steps++;
-        if (++s->next == cfg_pages) {
-            s->next = 0;
-            s->gen++;
-        }
-        u32 lo = (u32)s->steps;
-        if ((lo % PROGRESS_EVERY) == 0) {
-            w[0] = lo;
-            w[1] = (u32)(s->steps >> 32);
-            w[2] = s->gen;
-            w[3] = s->next;
-            event(EV_PROGRESS, cpu, w, 4);
-        }
-        if ((lo % POLL_EVERY) == 0) {
+        step(s, w);
+        if (((u32)s->steps % POLL_EVERY) == 0) {
             u32 cmd = inl(0xeb);
             if (cmd == CMD_VERIFY)
                 verify(s);
             else if (cmd == CMD_HALT) {
                 event(EV_HALTED, cpu, w, 0);
                 for (;;)
-                    __asm__ volatile("pause");
+                    pause();
             }
         }
     }

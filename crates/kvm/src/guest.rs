@@ -58,6 +58,8 @@ pub mod command {
     pub const VERIFY: u32 = 1;
     /// Stop.
     pub const HALT: u32 = 2;
+    /// Write the working set once (guests booted idle).
+    pub const PASS: u32 = 3;
 }
 
 const MBI_ADDR: u64 = 0x7000;
@@ -152,6 +154,13 @@ pub enum GuestEvent {
     Halted {
         /// vCPU.
         cpu: u32,
+    },
+    /// A vCPU finished the pass it was asked for.
+    PassDone {
+        /// vCPU.
+        cpu: u32,
+        /// Steps at the time.
+        steps: u64,
     },
     /// The guest refused its command line.
     BadConfig {
@@ -290,6 +299,10 @@ impl GuestMonitor {
                 reason: w[4].into(),
             },
             (5, 0) => GuestEvent::Halted { cpu },
+            (7, 2) => GuestEvent::PassDone {
+                cpu,
+                steps: q(0) | q(1) << 32,
+            },
             (6, 2) => GuestEvent::BadConfig {
                 cpus: w[0],
                 pages: w[1],
@@ -465,6 +478,8 @@ pub struct TestVmConfig {
     pub dirty: DirtyMode,
     /// CPUID bits to clear (see [`VmConfig::cpuid_clear`]).
     pub cpuid_clear: Vec<(u32, u32, u8, u32)>,
+    /// Boot idle: the vCPUs write only when [`TestVm::pass`] asks (one pass each).
+    pub idle: bool,
 }
 
 impl Default for TestVmConfig {
@@ -477,6 +492,7 @@ impl Default for TestVmConfig {
             backing: Backing::Anonymous,
             dirty: DirtyMode::Auto,
             cpuid_clear: Vec::new(),
+            idle: false,
         }
     }
 }
@@ -577,7 +593,12 @@ impl TestVm {
         let period = (u64::from(tsc_khz) * 1000)
             .checked_div(cfg.rate)
             .map_or(0, |p| p.max(1));
-        let cmdline = format!("cpus={} pages={} period={period}\0", cfg.vcpus, cfg.pages);
+        let cmdline = format!(
+            "cpus={} pages={} period={period} idle={}\0",
+            cfg.vcpus,
+            cfg.pages,
+            u8::from(cfg.idle)
+        );
         let mut mbi = [0u8; 32];
         mbi[0..4].copy_from_slice(&4u32.to_le_bytes()); // flags: cmdline valid
         mbi[16..20].copy_from_slice(&(CMDLINE_ADDR as u32).to_le_bytes());
@@ -737,6 +758,27 @@ impl TestVm {
             })
             .cloned()
             .collect())
+    }
+
+    /// Has every vCPU write its working set once (a VM booted `idle`) and waits for all.
+    pub fn pass(&self, timeout: Duration) -> Result<(), Error> {
+        let before = self.monitor.events().len();
+        self.monitor.command_all(command::PASS);
+        let n = self.cfg.vcpus as usize;
+        self.monitor
+            .wait_for(timeout, |ev| {
+                ev[before.min(ev.len())..]
+                    .iter()
+                    .filter(|e| matches!(e, GuestEvent::PassDone { .. }))
+                    .count()
+                    >= n
+            })
+            .map_err(|_| {
+                Error::Guest(format!(
+                    "the pass did not finish within {timeout:?} (vCPU failures {:?})",
+                    self.vm.failures()
+                ))
+            })
     }
 
     /// Waits until every vCPU reported more than `steps[cpu]` steps.
