@@ -9,9 +9,11 @@
 //!  round r: harvest (r = 1: all RAM), Pages/ZeroPages,
 //!           device PRE_COPY data, Round r ───────────> write pages, load device data
 //!  until remaining / bandwidth <= downtime limit (or round limit)
-//!  pause vCPUs, devices -> STOP_COPY, final harvest,
+//!  pause vCPUs, P2P devices -> RUNNING_P2P | PRE_COPY_P2P
+//!  (all of them), then devices -> STOP_COPY, final harvest,
 //!  pages, device STOP_COPY data, End, close ─────────> End: devices RESUMING -> STOP (validate)
-//!                      <──────────── Resumed | Failed     -> RUNNING
+//!                      <──────────── Resumed | Failed     -> RUNNING_P2P (all P2P
+//!                                                             devices), then -> RUNNING
 //!  devices stay STOP (the VM now runs there)
 //! ```
 //!
@@ -293,6 +295,8 @@ struct Attempt<W: Write> {
     dirty: PageBitmap,
     /// Devices that use PRE_COPY.
     precopy: Vec<bool>,
+    /// Devices that support the P2P quiescent states.
+    p2p: Vec<bool>,
     /// Best measured link rate, bytes/s.
     bandwidth: u64,
     /// Rounds in a row in which the guest dirtied more than half of what the round sent.
@@ -519,6 +523,17 @@ impl Source {
     fn recover(&mut self) -> std::result::Result<(), String> {
         self.enter(Phase::Recovery);
         let mut errs = self.stop_trackers();
+        // P2P-capable devices reach RUNNING_P2P before any runs (a failed arc here is left to
+        // the pass below, which resets).
+        for d in self.platform.devices.iter_mut() {
+            let state = d.dev.state().ok();
+            if has_p2p(&*d.dev)
+                && state != Some(MigrationState::Running)
+                && state != Some(MigrationState::RunningP2p)
+            {
+                let _ = d.dev.transition(MigrationState::RunningP2p);
+            }
+        }
         for (i, d) in self.platform.devices.iter_mut().enumerate() {
             if d.dev.state().ok() == Some(MigrationState::Running) {
                 continue;
@@ -665,6 +680,12 @@ impl Source {
             }
         }
         let pages = self.platform.memory.size() / PAGE_SIZE;
+        let p2p = self
+            .platform
+            .devices
+            .iter()
+            .map(|d| has_p2p(&*d.dev))
+            .collect();
         let precopy = self
             .platform
             .devices
@@ -681,6 +702,7 @@ impl Source {
             report,
             dirty: PageBitmap::new(pages, PAGE_SIZE),
             precopy,
+            p2p,
             bandwidth: 0,
             dirty_high: 0,
         })
@@ -836,6 +858,21 @@ impl Source {
         let down = Instant::now();
         self.platform.vcpus.pause();
         self.paused = true;
+        // The P2P quiescent state first (vfio.h: RUNNING_P2P and PRE_COPY_P2P "must prevent
+        // the device from initiating any new P2P DMA"): no device stops while another may
+        // still write into it. Devices without P2P go straight on, as before.
+        for (i, d) in self.platform.devices.iter_mut().enumerate() {
+            if a.p2p[i] {
+                let quiet = if a.precopy[i] {
+                    MigrationState::PreCopyP2p
+                } else {
+                    MigrationState::RunningP2p
+                };
+                d.dev
+                    .transition(quiet)
+                    .map_err(|source| dev_err(phase, i, &*d.dev, source))?;
+            }
+        }
         for (i, d) in self.platform.devices.iter_mut().enumerate() {
             d.dev
                 .transition(MigrationState::StopCopy)
@@ -967,6 +1004,12 @@ fn active_trackers<'a>(
         }
     }
     trackers
+}
+
+/// Whether `d` reports `VFIO_MIGRATION_P2P`.
+fn has_p2p(d: &dyn MigDevice) -> bool {
+    MigrationFlags::from_bits_truncate(u64::from(d.compat().migration_flags))
+        .contains(MigrationFlags::P2P)
 }
 
 fn dev_err(phase: Phase, i: usize, d: &dyn MigDevice, source: livemig_vfio::Error) -> Error {
@@ -1318,6 +1361,14 @@ impl Destination {
         for (i, d) in self.platform.devices.iter_mut().enumerate() {
             d.transition(MigrationState::Stop)
                 .map_err(|source| dev_err(phase, i, &**d, source))?;
+        }
+        // Every P2P-capable device reaches RUNNING_P2P before any runs: no device may DMA
+        // into a peer that is not yet ready for it.
+        for (i, d) in self.platform.devices.iter_mut().enumerate() {
+            if has_p2p(&**d) {
+                d.transition(MigrationState::RunningP2p)
+                    .map_err(|source| dev_err(phase, i, &**d, source))?;
+            }
         }
         for (i, d) in self.platform.devices.iter_mut().enumerate() {
             d.transition(MigrationState::Running)
