@@ -413,6 +413,34 @@ fn simulate(sim: &SimArgs, mig: &MigArgs, link: LinkConfig, json: bool) -> Resul
     Ok(())
 }
 
+/// Listens on `listen`, announces the address ("listening on ADDR", on standard output when
+/// `stdout`, else standard error), accepts one peer and receives its migration into `dest`.
+/// With `what`, says "receiving {what}from PEER" on standard error.
+fn receive_one(
+    listen: &str,
+    dest: &mut Destination,
+    stdout: bool,
+    what: Option<&str>,
+) -> Result<livemig::engine::ReceiveReport> {
+    let l = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
+    if stdout {
+        println!("listening on {}", l.local_addr()?);
+        std::io::stdout().flush()?;
+    } else {
+        eprintln!("listening on {}", l.local_addr()?);
+        std::io::stderr().flush()?;
+    }
+    let (stream, peer) = l.accept()?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+    if let Some(w) = what {
+        eprintln!("receiving {w}from {peer}");
+    }
+    let back = stream.try_clone()?;
+    dest.receive(stream, back)
+        .map_err(|e| anyhow::anyhow!("incoming migration failed: {}", e.chain()))
+}
+
 /// `livemig simulate` with its defaults (where KVM is not usable, `vm demo` runs this).
 fn simulate_default(json: bool) -> Result<()> {
     let cli = Cli::try_parse_from(["livemig", "simulate"])?;
@@ -478,19 +506,7 @@ fn incoming(listen: &str, sim: &SimArgs, precopy: bool, json: bool) -> Result<()
     let dst = sim::destination(&spec, precopy).map_err(anyhow::Error::msg)?;
     let host = dst.host.clone();
     let mut dest = Destination::new(dst.platform);
-    let l = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
-    eprintln!("listening on {}", l.local_addr()?);
-    std::io::stderr().flush()?;
-    let (stream, peer) = l.accept()?;
-    stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
-    if !json {
-        eprintln!("receiving from {peer}");
-    }
-    let back = stream.try_clone()?;
-    let report = dest
-        .receive(stream, back)
-        .map_err(|e| anyhow::anyhow!("incoming migration failed: {}", e.chain()))?;
+    let report = receive_one(listen, &mut dest, false, if json { None } else { Some("") })?;
     let digest = host.digest();
     if json {
         println!(

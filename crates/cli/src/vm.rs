@@ -1,8 +1,8 @@
 //! `livemig vm`: the KVM test VM — run it, migrate it between two processes over TCP, and the
 //! one-command demonstration (`vm demo`) that does both and verifies the guest.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -272,19 +272,12 @@ fn incoming(listen: &str, vm: &VmArgs, json: bool) -> Result<()> {
     let t = TestVm::incoming(&vm.config()).map_err(|e| anyhow::anyhow!("{e}"))?;
     let dp = platform::destination(&t.vm, vec![], true).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut dest = Destination::new(dp);
-    let l = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
-    println!("listening on {}", l.local_addr()?);
-    std::io::stdout().flush()?;
-    let (stream, peer) = l.accept()?;
-    stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
-    if !json {
-        eprintln!("receiving a running test VM from {peer}");
-    }
-    let back = stream.try_clone()?;
-    let received = dest
-        .receive(stream, back)
-        .map_err(|e| anyhow::anyhow!("incoming migration failed: {}", e.chain()))?;
+    let received = crate::receive_one(
+        listen,
+        &mut dest,
+        true,
+        (!json).then_some("a running test VM "),
+    )?;
     // The vCPUs run from here: the guest carries on where the source stopped.
     let resumed = t
         .wait_progress(&vec![0; vm.vcpus as usize], Duration::from_secs(30))
