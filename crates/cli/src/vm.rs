@@ -97,8 +97,12 @@ pub struct VmArgs {
     #[arg(long, default_value = "auto")]
     dirty: DirtyMode,
     /// Back guest RAM with a memfd instead of anonymous memory.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "mem_file")]
     memfd: bool,
+    /// Back guest RAM with this shared file (created sparse or grown; another VMM, e.g. QEMU
+    /// with `memory-backend-file,share=on`, can map the same image).
+    #[arg(long)]
+    mem_file: Option<std::path::PathBuf>,
 }
 
 impl VmArgs {
@@ -112,10 +116,10 @@ impl VmArgs {
             pages: self.pages,
             rate: self.rate,
             ram,
-            backing: if self.memfd {
-                Backing::Memfd
-            } else {
-                Backing::Anonymous
+            backing: match (&self.mem_file, self.memfd) {
+                (Some(p), _) => Backing::File(p.clone()),
+                (None, true) => Backing::Memfd,
+                (None, false) => Backing::Anonymous,
             },
             dirty: self.dirty,
             cpuid_clear: Vec::new(),

@@ -408,3 +408,67 @@ fn memory_outside_guest_ram_is_refused_before_anything_runs() {
     let steps = src.monitor.steps();
     src.wait_progress(&steps, Duration::from_secs(10)).unwrap();
 }
+
+#[test]
+fn vmm_writes_during_precopy_are_tracked_and_an_untracked_write_is_caught() {
+    let Some(_one_at_a_time) = kvm() else {
+        return;
+    };
+    let cfg = config();
+    for tracked in [true, false] {
+        let src = TestVm::boot(&cfg).unwrap();
+        let dst = TestVm::incoming(&cfg).unwrap();
+        // Device emulation writes guest RAM in pre-copy round 2, after round 1 sent all of it.
+        let mem = src.vm.memory().clone();
+        let gpa = (4u64 << 30) + 0x5000;
+        let hook = Box::new(move |e: &Event<'_>| {
+            if let Event::Phase(Phase::PreCopy(2)) = e {
+                if tracked {
+                    use vm_memory::Bytes;
+                    mem.guest_memory()
+                        .write_slice(b"written by the VMM", vm_memory::GuestAddress(gpa))
+                        .unwrap();
+                } else {
+                    // Negative control: the same bytes through the host mapping, bypassing
+                    // vm-memory's dirty bitmap (as a buggy device model would).
+                    let r = mem.regions()[1];
+                    // SAFETY: the address lies inside region 1's live mapping (the VM keeps
+                    // the memory alive); the guest never touches the high region.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            b"written by the VMM".as_ptr(),
+                            (r.host + (gpa - r.gpa)) as *mut u8,
+                            18,
+                        );
+                    }
+                }
+            }
+        });
+        let o = migrate(
+            &src,
+            &dst,
+            SourceConfig {
+                downtime_limit: Duration::from_micros(1),
+                max_rounds: 3,
+                ..SourceConfig::default()
+            },
+            None,
+            link(),
+            Some(hook),
+        );
+        o.report.expect("migrates");
+        let diff = src.vm.memory().first_difference(dst.vm.memory());
+        if tracked {
+            assert_eq!(diff, None, "a tracked VMM write reaches the destination");
+            let mut b = [0u8; 18];
+            dst.vm.memory().read(gpa, &mut b).unwrap();
+            assert_eq!(&b, b"written by the VMM");
+        } else {
+            assert_eq!(
+                diff,
+                Some(gpa),
+                "an untracked write is caught by the comparison"
+            );
+        }
+    }
+}
