@@ -328,6 +328,58 @@ pub struct Outcome {
     pub last_finished: Option<String>,
     /// The kernel panicked.
     pub panicked: bool,
+    /// Every case that reported a result, with its verdict.
+    pub results: Vec<(String, Verdict)>,
+}
+
+/// A case's result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Passed.
+    Ok,
+    /// Skipped (with a reason on the console).
+    Skip,
+    /// Failed.
+    Fail,
+}
+
+/// The committed list of cases a profile must run (`xtask/rig/cases/<profile>.txt`).
+pub fn case_list(profile: &str) -> Result<Vec<String>> {
+    let path = workspace_root()
+        .join("xtask/rig/cases")
+        .join(format!("{profile}.txt"));
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading the case list {}", path.display()))?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect())
+}
+
+/// Compares what a profile ran with its committed list: a case missing or extra is a
+/// problem, and so is a skipped one when `strict` (under `CI=true`).
+pub fn check_cases(
+    expected: &[String],
+    results: &[(String, Verdict)],
+    strict: bool,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    for e in expected {
+        if !results.iter().any(|(n, _)| n == e) {
+            problems.push(format!("case {e} did not run"));
+        }
+    }
+    for (n, v) in results {
+        if !expected.contains(n) {
+            problems.push(format!("case {n} is not in the committed list"));
+        }
+        if strict && *v == Verdict::Skip {
+            problems.push(format!("case {n} was skipped (not allowed under CI=true)"));
+        }
+    }
+    problems
 }
 
 /// Parses hw-tests' console lines.
@@ -351,6 +403,18 @@ pub fn parse(lines: &[String]) -> Outcome {
             if let Some(why) = rest.strip_prefix("FAIL ") {
                 o.failures.push(why.to_string());
             }
+            let (verdict, body) = if let Some(b) = rest.strip_prefix("ok ") {
+                (Verdict::Ok, b)
+            } else if let Some(b) = rest.strip_prefix("skip ") {
+                (Verdict::Skip, b)
+            } else {
+                (Verdict::Fail, &rest[5..])
+            };
+            let name = body
+                .split(|c: char| c == ':' || c.is_whitespace())
+                .next()
+                .unwrap_or(body);
+            o.results.push((name.to_string(), verdict));
         } else if let Some((p, f)) = rest.split_once(" passed, ") {
             if let (Ok(p), Some(Ok(f))) = (
                 p.trim().parse::<usize>(),
@@ -524,6 +588,17 @@ pub fn rig(opts: &Options) -> Result<()> {
                 run.log.display()
             ));
         }
+        if opts.filter.is_none() && o.complete {
+            let strict = std::env::var("CI").is_ok_and(|v| v == "true");
+            let listed = check_cases(&case_list(name)?, &o.results, strict);
+            if !listed.is_empty() {
+                total.1 += 1;
+                problems.push(format!(
+                    "profile {name}: {} (xtask/rig/cases/{name}.txt)",
+                    listed.join("; ")
+                ));
+            }
+        }
         eprintln!(
             "rig: profile {name}: {} passed, {} failed, {} skipped in {:.1?}",
             o.passed, o.failed, o.skipped, run.elapsed
@@ -618,6 +693,49 @@ fn guest_under_qemu(rig: &Path, accel: Accel, logs: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_case_list_catches_missing_extra_and_skipped_cases() {
+        let lines: Vec<String> = [
+            "[hw-tests] run a.one",
+            "[hw-tests] ok a.one",
+            "[hw-tests] run a.two",
+            "[hw-tests] skip a.two: no device",
+            "[hw-tests] run a.new",
+            "[hw-tests] FAIL a.new: broke",
+            "[hw-tests] 1 passed, 1 failed",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let o = parse(&lines);
+        assert_eq!(
+            o.results,
+            [
+                ("a.one".to_string(), Verdict::Ok),
+                ("a.two".to_string(), Verdict::Skip),
+                ("a.new".to_string(), Verdict::Fail)
+            ]
+        );
+        let list = vec![
+            "a.one".to_string(),
+            "a.two".to_string(),
+            "a.gone".to_string(),
+        ];
+        let p = check_cases(&list, &o.results, false);
+        assert_eq!(
+            p,
+            [
+                "case a.gone did not run",
+                "case a.new is not in the committed list"
+            ]
+        );
+        let p = check_cases(&list, &o.results, true);
+        assert!(p.contains(&"case a.two was skipped (not allowed under CI=true)".to_string()));
+        for profile in ["mock", "vtd", "amdvi"] {
+            assert!(!case_list(profile).unwrap().is_empty(), "{profile}");
+        }
+    }
 
     #[test]
     fn fragment_options_and_mismatches() {
