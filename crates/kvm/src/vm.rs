@@ -306,23 +306,6 @@ fn install_kick_handler() {
     });
 }
 
-/// Blocks (or unblocks) the kick signal in this thread; returns whether it changed the mask.
-fn block_kick(block: bool) -> bool {
-    // SAFETY: builds a signal set of the kick signal and changes this thread's mask; both
-    // pointers are to locals.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, kick_signal());
-        let how = if block {
-            libc::SIG_BLOCK
-        } else {
-            libc::SIG_UNBLOCK
-        };
-        libc::pthread_sigmask(how, &set, std::ptr::null_mut()) == 0
-    }
-}
-
 fn kick(v: &Vcpu) {
     let t = v.pthread.load(Ordering::SeqCst);
     if t != 0 {
@@ -620,6 +603,14 @@ impl Vm {
         }
     }
 
+    /// Interrupts every vCPU thread with the kick signal (a vCPU in the guest exits with
+    /// EINTR and re-enters at once), as a VMM's IPIs between its threads would.
+    pub fn kick_all(&self) {
+        for v in &self.shared.vcpus {
+            kick(v);
+        }
+    }
+
     /// `KVM_EXIT_DIRTY_RING_FULL` exits so far.
     pub fn ring_full_exits(&self) -> u64 {
         self.shared.ring_full_exits.load(Ordering::SeqCst)
@@ -784,16 +775,10 @@ fn vcpu_loop(s: &Shared, v: &Vcpu) {
                 // KVM reuse them: no entry is lost.
                 drop(fd);
                 s.spill_ring(v);
-                // The kick signal is blocked around the reset: a reset that bails out on a
-                // pending signal may drop entries it already took without re-protecting their
-                // pages (observed on this host's 6.18 KVM: pages written afterwards were never
-                // logged again), and vCPU threads are exactly the threads that get kicked.
-                let blocked = block_kick(true);
-                let r = sys::reset_dirty_rings(&s.vm);
-                if blocked {
-                    block_kick(false);
-                }
-                if let Err(e) = r {
+                // sys::reset_dirty_rings blocks signals around the ioctl: vCPU threads are
+                // the threads that get kicked, and a reset interrupted by a pending signal
+                // loses pages (see there).
+                if let Err(e) = sys::reset_dirty_rings(&s.vm) {
                     s.fail(format!("vCPU {i}: KVM_RESET_DIRTY_RINGS: {e}"));
                     s.park().reasons |= pause::EXIT;
                 }
