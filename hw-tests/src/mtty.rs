@@ -102,6 +102,45 @@ fn save(dev: &mut VfioDevice) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// UART registers through the ports' I/O BARs (BAR0 = port 0, BAR1 = port 1; mtty.c
+/// `mdev_access`/`handle_bar_write`): scratch (SCR, offset 7) and line control (LCR, offset 3,
+/// DLAB bit left clear). VFIO_DEVICE_RESET does not touch them (mtty.c `mtty_reset` only
+/// resets the migration state machine), so they carry a distinctive state across the tests.
+const UART_LCR: u64 = 3;
+const UART_SCR: u64 = 7;
+
+fn set_uart(dev: &VfioDevice, scr: [u8; 2], lcr: [u8; 2]) -> Result<()> {
+    for port in 0..2u32 {
+        let r = dev.region_info(port)?;
+        dev.write_region(&r, UART_SCR, &[scr[port as usize]])?;
+        dev.write_region(&r, UART_LCR, &[lcr[port as usize]])?;
+    }
+    Ok(())
+}
+
+fn uart(dev: &VfioDevice) -> Result<[u8; 4]> {
+    let mut out = [0u8; 4];
+    for port in 0..2u32 {
+        let r = dev.region_info(port)?;
+        let i = 2 * port as usize;
+        dev.read_region(&r, UART_SCR, &mut out[i..i + 1])?;
+        dev.read_region(&r, UART_LCR, &mut out[i + 1..i + 2])?;
+    }
+    Ok(out)
+}
+
+/// STOP_COPY from the current state (no reset first), then back to RUNNING.
+fn save_as_is(dev: &mut VfioDevice) -> Result<Vec<u8>> {
+    let t = dev.transition(MigrationState::StopCopy)?;
+    let mut out = Vec::new();
+    data::save_stop_copy(
+        &mut t.data.context("STOP_COPY opened no data fd")?,
+        &mut out,
+    )?;
+    dev.transition(MigrationState::Running)?;
+    Ok(out)
+}
+
 /// Puts `dev` in `state` by walking the planner's arcs; RESUMING gets `stream` written so that
 /// leaving it succeeds. Returns the open data session (the caller keeps it alive).
 fn enter(
@@ -217,8 +256,17 @@ pub fn run(r: &mut Runner) {
     }
 
     r.case("vfio.mtty_stop_copy_to_resuming", || {
-        let from_a = save(&mut ctx.a.dev)?;
+        // A distinctive source state, and a destination that holds something else: a RESUMING
+        // that loads nothing cannot pass (see the negative control below).
+        to_running(&mut ctx.a.dev)?;
+        set_uart(&ctx.a.dev, [0x5a, 0xa5], [0x1b, 0x0b])?;
+        let want = uart(&ctx.a.dev)?;
+        check_eq!(want, [0x5a, 0x1b, 0xa5, 0x0b], "A's UART registers read back");
+        let from_a = save_as_is(&mut ctx.a.dev)?;
         check_eq!(from_a.len(), MTTY_DATA_SIZE);
+        to_running(&mut ctx.b.dev)?;
+        set_uart(&ctx.b.dev, [0x11, 0x22], [0x03, 0x03])?;
+        ensure!(uart(&ctx.b.dev)? != want, "B must start in another state");
         let mut input = ctx
             .b
             .dev
@@ -231,7 +279,36 @@ pub fn run(r: &mut Runner) {
         }
         let t = ctx.b.dev.transition(MigrationState::Running)?;
         check_eq!(t.path.last().copied(), Some(MigrationState::Running));
-        check_eq!(save(&mut ctx.b.dev)?, from_a, "B's state equals A's");
+        check_eq!(uart(&ctx.b.dev)?, want, "B's UART registers after RESUMING are A's");
+        check_eq!(save_as_is(&mut ctx.b.dev)?, from_a, "B's saved state equals A's");
+        Ok(Outcome::Pass)
+    });
+
+    r.case("vfio.mtty_noop_resume_is_caught", || {
+        // Negative control: a RESUMING that loads nothing must fail the register check the
+        // case above relies on.
+        to_running(&mut ctx.a.dev)?;
+        set_uart(&ctx.a.dev, [0x6c, 0xc6], [0x1a, 0x0a])?;
+        let want = uart(&ctx.a.dev)?;
+        to_running(&mut ctx.b.dev)?;
+        set_uart(&ctx.b.dev, [0x33, 0x44], [0x03, 0x03])?;
+        let _input = ctx.b.dev.transition(MigrationState::Resuming)?.data;
+        // No data written. Leaving RESUMING may be refused; either way B must not hold A's
+        // state.
+        let left = ctx.b.dev.transition(MigrationState::Running);
+        let got = uart(&ctx.b.dev)?;
+        ensure!(
+            got != want,
+            "the no-op RESUMING left B with A's registers {got:02x?}: the check cannot tell"
+        );
+        to_running(&mut ctx.b.dev)?;
+        trace!(
+            "negative control: no-op RESUMING caught (leaving RESUMING: {}; B holds {got:02x?}, A {want:02x?})",
+            match left {
+                Ok(_) => "accepted".to_string(),
+                Err(e) => format!("refused: {e}"),
+            }
+        );
         Ok(Outcome::Pass)
     });
 
