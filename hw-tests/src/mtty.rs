@@ -261,7 +261,11 @@ pub fn run(r: &mut Runner) {
         to_running(&mut ctx.a.dev)?;
         set_uart(&ctx.a.dev, [0x5a, 0xa5], [0x1b, 0x0b])?;
         let want = uart(&ctx.a.dev)?;
-        check_eq!(want, [0x5a, 0x1b, 0xa5, 0x0b], "A's UART registers read back");
+        check_eq!(
+            want,
+            [0x5a, 0x1b, 0xa5, 0x0b],
+            "A's UART registers read back"
+        );
         let from_a = save_as_is(&mut ctx.a.dev)?;
         check_eq!(from_a.len(), MTTY_DATA_SIZE);
         to_running(&mut ctx.b.dev)?;
@@ -279,8 +283,16 @@ pub fn run(r: &mut Runner) {
         }
         let t = ctx.b.dev.transition(MigrationState::Running)?;
         check_eq!(t.path.last().copied(), Some(MigrationState::Running));
-        check_eq!(uart(&ctx.b.dev)?, want, "B's UART registers after RESUMING are A's");
-        check_eq!(save_as_is(&mut ctx.b.dev)?, from_a, "B's saved state equals A's");
+        check_eq!(
+            uart(&ctx.b.dev)?,
+            want,
+            "B's UART registers after RESUMING are A's"
+        );
+        check_eq!(
+            save_as_is(&mut ctx.b.dev)?,
+            from_a,
+            "B's saved state equals A's"
+        );
         Ok(Outcome::Pass)
     });
 

@@ -42,7 +42,6 @@ const CMD_TO_RAM: u64 = 2;
 
 const IOVA_SRC: u64 = 0x10_0000;
 const IOVA_DST: u64 = 0x20_0000;
-const IOVA_UNMAPPED: u64 = 0x30_0000;
 
 fn find_edu() -> Result<String> {
     for entry in std::fs::read_dir("/sys/bus/pci/devices")? {
@@ -277,8 +276,10 @@ pub fn run(r: &mut Runner, vendor: Vendor) {
                     "decoded dirty support ({support}) vs the kernel's IOMMU_HW_CAP_DIRTY_TRACKING"
                 );
             }
-            // Linux 6.12's AMD driver reports no vendor data (its hw_info came later).
-            (Vendor::AmdVi, VendorInfo::None | VendorInfo::Amd { .. }) => {}
+            // Linux 6.12's AMD driver has no hw_info callback (IOMMU_HW_INFO_TYPE_AMD came
+            // with 6.14): GET_HW_INFO answers IOMMU_HW_INFO_TYPE_NONE without data. Anything
+            // else on this kernel is wrong.
+            (Vendor::AmdVi, VendorInfo::None) => {}
             (v, other) => bail!("{v:?}: unexpected hardware info {other:?}"),
         }
         let _ = &c.iommufd;
@@ -344,21 +345,31 @@ pub fn run(r: &mut Runner, vendor: Vendor) {
 
     r.case(&format!("{p}.unmapped_dma_blocked"), || {
         let c = need(&mut ctx)?;
-        let (src, dst) = bufs.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
-        // The IOMMU blocks the write and nothing we own changes. On VT-d the guest's DMAR driver
-        // also reports the fault with its address. (QEMU 10.0's AMD-Vi blocks the write — it
-        // translates to no permission — but logs no IO_PAGE_FAULT event, so the guest cannot
-        // observe a report there.)
+        let (src, _) = bufs.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        // The DMA targets an IOVA equal to the *physical* address of a canary page that is not
+        // mapped in the IOAS: were the IOMMU bypassed (identity or passthrough), the write
+        // would land in the canary. The IOMMU blocks it and the canary keeps its bytes. On
+        // VT-d the guest's DMAR driver also reports the fault with that address. (QEMU 10.0's
+        // AMD-Vi blocks the write but logs no IO_PAGE_FAULT event, so the guest cannot observe
+        // a report there.)
+        let canary = DmaBuf::new(4096)?;
+        let marks = vec![0xc3u8; 4096];
+        canary.write(0, &marks);
+        let iova = canary.phys(0)?;
+        ensure!(
+            ![IOVA_SRC, IOVA_DST].contains(&iova),
+            "the canary's frame {iova:#x} is one of the mapped IOVAs"
+        );
         let before = kmsg();
-        dst.write(0, &[0u8; 4096]);
-        c.edu.dma(EDU_BUFFER, IOVA_UNMAPPED, 4096, true)?;
+        c.edu.dma(EDU_BUFFER, iova, 4096, true)?;
         check_eq!(
-            dst.read(0, 4096) == vec![0u8; 4096],
+            canary.read(0, 4096) == marks,
             true,
-            "our buffer was not written"
+            "the canary at physical {iova:#x} was not written"
         );
         check_eq!(src.read(0, 4096) == data, true, "source untouched");
         if vendor == Vendor::IntelVtd {
+            let want = format!("{iova:x}");
             let log = poll("the IOMMU fault report", Duration::from_secs(5), || {
                 let now = kmsg();
                 let fresh = now
@@ -368,12 +379,34 @@ pub fn run(r: &mut Runner, vendor: Vendor) {
                 Ok((fresh.contains("DMAR") && fresh.contains("fault")).then_some(fresh))
             })?;
             ensure!(
-                log.contains("300000"),
-                "fault report does not name IOVA 0x300000: {log}"
+                log.contains(&want),
+                "fault report does not name IOVA {want}: {log}"
             );
         }
         Ok(Outcome::Pass)
     });
+
+    r.case(
+        &format!("{p}.negative_control_bypass_changes_canary"),
+        || {
+            // Negative control for the case above: the same DMA with the canary's frame reachable
+            // at that IOVA (mapped identity, as a bypassed IOMMU would behave) changes the canary,
+            // so the canary check does tell a blocked write from a bypassed one.
+            let c = need(&mut ctx)?;
+            let canary = DmaBuf::new(4096)?;
+            let marks = vec![0xc3u8; 4096];
+            canary.write(0, &marks);
+            let iova = canary.phys(0)?;
+            map(&c.ioas, &canary, iova, DmaAccess::WRITE)?;
+            c.edu.dma(EDU_BUFFER, iova, 4096, true)?;
+            c.ioas.unmap(iova, 4096)?;
+            ensure!(
+                canary.read(0, 4096) != marks,
+                "a DMA that reached the canary left it unchanged: the check could not fail"
+            );
+            Ok(Outcome::Pass)
+        },
+    );
 
     r.case(&format!("{p}.detach_and_release"), || {
         let c = ctx.take().context("nothing to release")?;

@@ -141,6 +141,26 @@ impl DmaBuf {
         }
     }
 
+    /// The physical address of the byte at `off` (from /proc/self/pagemap: bit 63 present,
+    /// bits 0-54 the page frame; Documentation/admin-guide/mm/pagemap.rst). Root only.
+    pub fn phys(&self, off: usize) -> Result<u64> {
+        use std::os::unix::fs::FileExt;
+        assert!(off < self.len);
+        let va = self.ptr as u64 + off as u64;
+        let f = std::fs::File::open("/proc/self/pagemap")?;
+        let mut e = [0u8; 8];
+        f.read_exact_at(&mut e, va / 4096 * 8)?;
+        let v = u64::from_le_bytes(e);
+        if v & (1 << 63) == 0 {
+            bail!("page at {va:#x} is not present");
+        }
+        let pfn = v & ((1 << 55) - 1);
+        if pfn == 0 {
+            bail!("pagemap hides the frame of {va:#x} (not root?)");
+        }
+        Ok(pfn * 4096 + va % 4096)
+    }
+
     pub fn read(&self, off: usize, len: usize) -> Vec<u8> {
         assert!(off + len <= self.len);
         // SAFETY: bounds checked above.
