@@ -190,6 +190,10 @@ struct MigArgs {
     /// Stop-and-copy after this many rounds regardless.
     #[arg(long, default_value_t = 30)]
     max_rounds: u32,
+    /// Never stop the VM longer than this: stop-and-copy is not started when the estimate is
+    /// over it, and abandoned (the source runs again) if it has not ended in time.
+    #[arg(long, value_parser = parse_duration)]
+    hard_deadline: Option<Duration>,
 }
 
 impl MigArgs {
@@ -199,6 +203,7 @@ impl MigArgs {
             precopy: !self.no_precopy,
             downtime_limit: self.downtime,
             max_rounds: self.max_rounds,
+            hard_deadline: self.hard_deadline,
             ..SourceConfig::default()
         }
     }
@@ -338,6 +343,17 @@ fn print_report(r: &MigrationReport) {
         },
         r.total_us as f64 / 1e6,
         r.bytes as f64 / 1048576.0
+    );
+    let p = &r.downtime_phases;
+    println!(
+        "downtime by phase (ms): stop + final harvest {:.1}, device save {:.1}, send {:.1}, in \
+         flight {:.1}, destination load {:.1}, destination run {:.1}",
+        p.stop_and_harvest_us as f64 / 1e3,
+        p.device_save_us as f64 / 1e3,
+        p.send_us as f64 / 1e3,
+        p.in_flight_us as f64 / 1e3,
+        p.destination_load_us as f64 / 1e3,
+        p.destination_run_us as f64 / 1e3
     );
 }
 

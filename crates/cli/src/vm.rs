@@ -153,6 +153,9 @@ pub struct VmMigArgs {
     /// How long the guest runs before the migration starts.
     #[arg(long, default_value = "500ms", value_parser = parse_duration)]
     warmup: Duration,
+    /// Never stop the VM longer than this (see `livemig simulate --help`).
+    #[arg(long, value_parser = parse_duration)]
+    hard_deadline: Option<Duration>,
 }
 
 impl VmMigArgs {
@@ -161,6 +164,7 @@ impl VmMigArgs {
             downtime_limit: self.downtime,
             max_rounds: self.max_rounds,
             auto_converge: self.auto_converge.then(AutoConverge::default),
+            hard_deadline: self.hard_deadline,
             ..SourceConfig::default()
         }
     }

@@ -4,7 +4,10 @@
 //! frame   "LMRP" | type u8 | length u32 LE | payload[length]   (length <= 64 KiB)
 //! type 1  CompatOk                 payload empty
 //! type 2  CompatRefused            payload: UTF-8 reasons
-//! type 3  Resumed                  payload: u64 LE microseconds the destination spent loading
+//! type 3  Resumed                  payload: u64 LE microseconds from End to devices STOP
+//!                                   (validate and load), then u64 LE microseconds from STOP to
+//!                                   RUNNING (16 bytes; an 8-byte payload from an older peer
+//!                                   carries the first field alone)
 //! type 4  Failed                   payload: UTF-8 error (phase and what)
 //! ```
 //!
@@ -25,8 +28,11 @@ pub enum Message {
     CompatRefused(String),
     /// The destination loaded everything and its devices are RUNNING.
     Resumed {
-        /// Microseconds from End to RUNNING on the destination.
+        /// Microseconds from End to every device in STOP (the devices validated and loaded
+        /// their state) on the destination.
         load_us: u64,
+        /// Microseconds from STOP to RUNNING (P2P pass included).
+        run_us: u64,
     },
     /// The destination failed and discarded what it received.
     Failed(String),
@@ -38,7 +44,11 @@ impl Message {
         let (ty, payload): (u8, Vec<u8>) = match self {
             Message::CompatOk => (1, Vec::new()),
             Message::CompatRefused(r) => (2, truncate(r)),
-            Message::Resumed { load_us } => (3, load_us.to_le_bytes().to_vec()),
+            Message::Resumed { load_us, run_us } => {
+                let mut p = load_us.to_le_bytes().to_vec();
+                p.extend_from_slice(&run_us.to_le_bytes());
+                (3, p)
+            }
             Message::Failed(r) => (4, truncate(r)),
         };
         let mut frame = Vec::with_capacity(9 + payload.len());
@@ -76,9 +86,17 @@ impl Message {
         match ty {
             1 if len == 0 => Ok(Message::CompatOk),
             2 => Ok(Message::CompatRefused(text(payload)?)),
-            3 if len == 8 => Ok(Message::Resumed {
-                load_us: u64::from_le_bytes(payload.try_into().expect("8 bytes")),
-            }),
+            3 if len == 8 || len == 16 => {
+                let word = |i: usize| {
+                    payload
+                        .get(8 * i..8 * i + 8)
+                        .map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+                };
+                Ok(Message::Resumed {
+                    load_us: word(0),
+                    run_us: word(1),
+                })
+            }
             4 => Ok(Message::Failed(text(payload)?)),
             1 | 3 => Err(bad(format!(
                 "return path: message type {ty} with a {len}-byte payload"
@@ -109,7 +127,10 @@ mod tests {
         for m in [
             Message::CompatOk,
             Message::CompatRefused("device 0: identity differs".into()),
-            Message::Resumed { load_us: 1234 },
+            Message::Resumed {
+                load_us: 1234,
+                run_us: 56,
+            },
             Message::Failed("resume: device 1".into()),
         ] {
             let mut b = Vec::new();
@@ -126,6 +147,15 @@ mod tests {
         assert!(e.to_string().contains("claims"), "{e}");
         let e = Message::read_from(&mut &b"XXXX\x01\0\0\0\0"[..]).unwrap_err();
         assert!(e.to_string().contains("bad magic"), "{e}");
+        let old = Message::read_from(&mut &b"LMRP\x03\x08\0\0\0\x07\0\0\0\0\0\0\0"[..]).unwrap();
+        assert_eq!(
+            old,
+            Message::Resumed {
+                load_us: 7,
+                run_us: 0
+            },
+            "an older peer's 8-byte Resumed"
+        );
         let e = Message::read_from(&mut &b"LMRP\x03\x01\0\0\0\0"[..]).unwrap_err();
         assert!(e.to_string().contains("1-byte payload"), "{e}");
     }

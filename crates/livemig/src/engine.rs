@@ -144,6 +144,10 @@ pub struct SourceConfig {
     pub device_precopy_max: u64,
     /// Throttle the vCPUs when pre-copy does not converge (off by default, as in QEMU).
     pub auto_converge: Option<AutoConverge>,
+    /// A hard limit on the stop: stop-and-copy is not started when the estimate already
+    /// exceeds it, and is abandoned (the source runs again, with the reason) if it has not
+    /// sent End when the limit passes. `None`: the downtime limit is a target only.
+    pub hard_deadline: Option<Duration>,
 }
 
 /// Auto-converge steps, in percent of vCPU time taken away (QEMU's `cpu-throttle-initial`,
@@ -178,6 +182,7 @@ impl Default for SourceConfig {
             checksums: true,
             device_precopy_max: 64 << 20,
             auto_converge: None,
+            hard_deadline: None,
         }
     }
 }
@@ -207,6 +212,25 @@ pub struct RoundReport {
     pub throttle_percent: u8,
 }
 
+/// Where the downtime went, measured (microseconds). The source's vCPUs stop at the start of
+/// `final_harvest_us`; the destination runs at the end of `destination_run_us`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DowntimeReport {
+    /// Devices to STOP_COPY (P2P pass included) and the final dirty harvest.
+    pub stop_and_harvest_us: u64,
+    /// Reading the devices' STOP_COPY state.
+    pub device_save_us: u64,
+    /// Sending the last pages, the device state and End (into the channel).
+    pub send_us: u64,
+    /// From End sent to the destination's answer, less its own load and run times: the
+    /// data still in flight and the destination catching up with it.
+    pub in_flight_us: u64,
+    /// On the destination: End to every device in STOP (validate and load).
+    pub destination_load_us: u64,
+    /// On the destination: STOP to RUNNING.
+    pub destination_run_us: u64,
+}
+
 /// What a successful migration did.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct MigrationReport {
@@ -222,6 +246,8 @@ pub struct MigrationReport {
     pub non_convergence: Option<String>,
     /// vCPU pause to destination RUNNING, microseconds.
     pub downtime_us: u64,
+    /// The downtime by phase.
+    pub downtime_phases: DowntimeReport,
     /// The limit it was held to, microseconds.
     pub downtime_limit_us: u64,
     /// Whole migration, microseconds.
@@ -380,6 +406,16 @@ impl Source {
 
     /// Whether migration could start now; the reason if not.
     pub fn check(&self) -> Result<Vec<Chosen>> {
+        if self.cfg.hard_deadline.is_some_and(|d| d.is_zero()) {
+            return Err(Error::Config(
+                "a hard deadline of 0 can never be met (no stop is instantaneous)".into(),
+            ));
+        }
+        if self.cfg.max_rounds == 0 {
+            return Err(Error::Config(
+                "max_rounds 0: at least one pre-copy round sends RAM".into(),
+            ));
+        }
         let plan = tracker::plan(self.cfg.tracking, &self.device_caps()).map_err(Error::Blocked)?;
         if plan.contains(&Chosen::Iommu) && self.platform.iommu.is_none() {
             return Err(Error::Blocked(
@@ -855,6 +891,23 @@ impl Source {
         let phase = Phase::StopCopy;
         self.enter(phase);
         self.check_cancel()?;
+        if let Some(limit) = self.cfg.hard_deadline {
+            // Will it fit? The last estimate at the measured rate.
+            let left = a.report.rounds.last().map_or(0, |r| r.remaining_estimate);
+            let need_us = (left as u128 * 1_000_000 / u128::from(a.bandwidth.max(1))) as u64;
+            if need_us > limit.as_micros() as u64 {
+                return Err(Error::Deadline {
+                    phase,
+                    reason: format!(
+                        "stop-and-copy would take about {} ms ({left} bytes at {} B/s), over the \
+                         hard deadline of {} ms; not stopping the VM",
+                        need_us / 1000,
+                        a.bandwidth,
+                        limit.as_millis()
+                    ),
+                });
+            }
+        }
         let down = Instant::now();
         self.platform.vcpus.pause();
         self.paused = true;
@@ -880,6 +933,8 @@ impl Source {
         }
         // vCPUs and devices are quiesced: the final harvest sees every write they made.
         self.harvest(&a.plan, &mut a.dirty, phase)?;
+        a.report.downtime_phases.stop_and_harvest_us = down.elapsed().as_micros() as u64;
+        self.check_deadline(down, phase)?;
         let rt = Instant::now();
         let b0 = a.w.bytes_written();
         let mut r = RoundReport {
@@ -891,17 +946,22 @@ impl Source {
         };
         let mem = Arc::clone(&self.platform.memory);
         send_pages(&mut a.w, &*mem, &a.dirty, &mut r, phase, &self.cancel)?;
+        let mut save_us = 0u64;
         for (i, d) in self.platform.devices.iter_mut().enumerate() {
             let mut buf = Vec::new();
+            let st = Instant::now();
             d.dev
                 .save(&mut buf)
                 .map_err(|source| dev_err(phase, i, &*d.dev, source))?;
+            save_us += st.elapsed().as_micros() as u64;
             a.w.device_state(i as u32, StreamPhase::StopCopy, &buf)
                 .map_err(serr(phase))?;
             r.device_bytes += buf.len() as u64;
         }
         r.bytes = a.w.bytes_written() - b0;
         r.elapsed_us = rt.elapsed().as_micros() as u64;
+        a.report.downtime_phases.device_save_us = save_us;
+        self.check_deadline(down, phase)?;
         Ok((down, r))
     }
 
@@ -927,13 +987,24 @@ impl Source {
             source,
         })?;
         drop(sink);
+        let sent = Instant::now();
+        {
+            let p = &mut report.downtime_phases;
+            p.send_us = (sent.duration_since(down).as_micros() as u64)
+                .saturating_sub(p.stop_and_harvest_us + p.device_save_us);
+        }
 
         let phase = Phase::Handover;
         self.enter(phase);
         match Message::read_from(back) {
-            Ok(Message::Resumed { load_us }) => {
+            Ok(Message::Resumed { load_us, run_us }) => {
                 report.downtime_us = down.elapsed().as_micros() as u64;
-                report.destination_load_us = load_us;
+                report.destination_load_us = load_us + run_us;
+                let p = &mut report.downtime_phases;
+                p.destination_load_us = load_us;
+                p.destination_run_us = run_us;
+                p.in_flight_us =
+                    (sent.elapsed().as_micros() as u64).saturating_sub(load_us + run_us);
             }
             Ok(Message::Failed(reason)) => return Err(Error::Remote { phase, reason }.into()),
             Ok(other) => {
@@ -973,6 +1044,22 @@ impl Source {
         self.emit(Event::Round(&r));
         report.stop_copy = r;
         Ok(report)
+    }
+
+    /// Abandons stop-and-copy (before End) once the hard deadline has passed.
+    fn check_deadline(&self, down: Instant, phase: Phase) -> Result<()> {
+        match self.cfg.hard_deadline {
+            Some(limit) if down.elapsed() > limit => Err(Error::Deadline {
+                phase,
+                reason: format!(
+                    "stop-and-copy passed the hard deadline of {} ms after {} ms with the \
+                     stream not yet ended; the source runs again",
+                    limit.as_millis(),
+                    down.elapsed().as_millis()
+                ),
+            }),
+            _ => Ok(()),
+        }
     }
 
     fn harvest(&mut self, plan: &[Chosen], into: &mut PageBitmap, phase: Phase) -> Result<u64> {
@@ -1362,6 +1449,7 @@ impl Destination {
             d.transition(MigrationState::Stop)
                 .map_err(|source| dev_err(phase, i, &**d, source))?;
         }
+        let loaded = Instant::now();
         // Every P2P-capable device reaches RUNNING_P2P before any runs: no device may DMA
         // into a peer that is not yet ready for it.
         for (i, d) in self.platform.devices.iter_mut().enumerate() {
@@ -1377,7 +1465,8 @@ impl Destination {
         report.load_us = end_at.elapsed().as_micros() as u64;
         // From here on the VM runs here: a lost reply must not undo that.
         let _ = Message::Resumed {
-            load_us: report.load_us,
+            load_us: loaded.duration_since(end_at).as_micros() as u64,
+            run_us: loaded.elapsed().as_micros() as u64,
         }
         .write_to(back);
         Ok(report)

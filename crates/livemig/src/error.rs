@@ -137,6 +137,14 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// Stop-and-copy would not fit (or did not fit) the hard deadline; the source runs again.
+    #[error("{phase}: hard deadline: {reason}")]
+    Deadline {
+        /// Where.
+        phase: Phase,
+        /// The estimate or the time spent, against the deadline.
+        reason: String,
+    },
     /// The migration failed and returning the source to RUNNING failed too.
     #[error("{error}; then recovery failed: {recovery}")]
     RecoveryFailed {
@@ -161,7 +169,8 @@ impl Error {
             | Error::Memory { phase, .. }
             | Error::Protocol { phase, .. }
             | Error::Remote { phase, .. }
-            | Error::Cancelled { phase, .. } => Some(*phase),
+            | Error::Cancelled { phase, .. }
+            | Error::Deadline { phase, .. } => Some(*phase),
             Error::RecoveryFailed { error, .. } => error.phase(),
         }
     }

@@ -60,6 +60,20 @@ fn migrate(
         r.downtime_limit_us
     );
     assert!(r.downtime_us > 0);
+    // The downtime by phase: measured, each part within the whole.
+    let p = &r.downtime_phases;
+    let parts = p.stop_and_harvest_us
+        + p.device_save_us
+        + p.send_us
+        + p.in_flight_us
+        + p.destination_load_us
+        + p.destination_run_us;
+    assert!(
+        parts <= r.downtime_us + 1000,
+        "{p:?} vs {} us",
+        r.downtime_us
+    );
+    assert!(p.device_save_us > 0 && p.destination_load_us > 0, "{p:?}");
     let device_precopy: u64 = r.rounds.iter().map(|x| x.device_bytes).sum();
     assert_eq!(
         device_precopy > 0,
@@ -152,4 +166,41 @@ fn no_tracker_at_all_is_blocked() {
         "{e}"
     );
     run.assert_source_running();
+}
+
+#[test]
+#[serial]
+fn a_hard_deadline_that_cannot_be_met_keeps_the_source_running() {
+    // 1 GiB of RAM dirtied by the guest and devices over a link of a few MiB/s: stop-and-copy
+    // cannot fit 5 ms, so the engine must not stop the VM, and says why.
+    let s = common::spec(Vendor::Amd);
+    let cfg = SourceConfig {
+        max_rounds: 1,
+        hard_deadline: Some(std::time::Duration::from_millis(5)),
+        ..SourceConfig::default()
+    };
+    let mut run = common::setup(&s, &s, cfg);
+    let (r, d) = run.go();
+    let e = r.expect_err("the deadline cannot be met");
+    assert!(
+        matches!(e, livemig::Error::Deadline { .. }),
+        "{}",
+        e.chain()
+    );
+    assert!(e.to_string().contains("hard deadline of 5 ms"), "{e}");
+    assert!(d.is_err(), "the destination discards");
+    assert!(
+        livemig_sim::all_running(&run.src.host),
+        "source devices run again"
+    );
+    drop(run.src.workload);
+
+    let zero = SourceConfig {
+        hard_deadline: Some(std::time::Duration::ZERO),
+        ..SourceConfig::default()
+    };
+    let mut run = common::setup(&s, &s, zero);
+    let (r, _) = run.go();
+    let e = r.expect_err("refused before anything starts");
+    assert!(e.to_string().contains("hard deadline of 0"), "{e}");
 }
