@@ -828,4 +828,21 @@ mod tests {
         assert!(s.check_fits(2, &cpuid(), 4096).is_ok());
         assert_ne!(cpuid_digest(&cpuid()), cpuid_digest(&other));
     }
+
+    #[test]
+    fn the_committed_version_1_record_still_decodes() {
+        // fixtures/kvm/vcpu-state-2vcpu.bin: a version-1 record (also the fuzz seed). A format
+        // change that breaks it must be deliberate (bump VERSION, keep reading version 1).
+        let b = include_bytes!("../../../fixtures/kvm/vcpu-state-2vcpu.bin");
+        let s = VmState::decode(b).expect("the committed record decodes");
+        assert_eq!(s.vcpus.len(), 2);
+        assert_eq!(s.encode(), b.to_vec(), "and re-encodes byte for byte");
+        let c = vec![CpuidEntry {
+            function: 1,
+            index: 0,
+            flags: 0,
+            regs: [0x906ea, 0, 0x7ffafbff, 0xbfebfbff],
+        }];
+        assert_eq!(sample_record(2, c).encode(), b.to_vec());
+    }
 }
