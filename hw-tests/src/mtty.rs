@@ -88,18 +88,10 @@ fn to_running(dev: &mut VfioDevice) -> Result<()> {
     Ok(())
 }
 
+/// STOP_COPY after a reset, then back to RUNNING.
 fn save(dev: &mut VfioDevice) -> Result<Vec<u8>> {
     to_running(dev)?;
-    trace!("save: to STOP_COPY");
-    let t = dev.transition(MigrationState::StopCopy)?;
-    trace!("save: read");
-    let mut out = Vec::new();
-    data::save_stop_copy(
-        &mut t.data.context("STOP_COPY opened no data fd")?,
-        &mut out,
-    )?;
-    dev.transition(MigrationState::Running)?;
-    Ok(out)
+    save_as_is(dev)
 }
 
 /// UART registers through the ports' I/O BARs (BAR0 = port 0, BAR1 = port 1; mtty.c
@@ -131,6 +123,7 @@ fn uart(dev: &VfioDevice) -> Result<[u8; 4]> {
 
 /// STOP_COPY from the current state (no reset first), then back to RUNNING.
 fn save_as_is(dev: &mut VfioDevice) -> Result<Vec<u8>> {
+    trace!("save: to STOP_COPY");
     let t = dev.transition(MigrationState::StopCopy)?;
     let mut out = Vec::new();
     data::save_stop_copy(
