@@ -199,10 +199,7 @@ fn operator_cancel_at_every_phase_leaves_the_source_running() {
             other => panic!("cancel at {at}: {other:?}"),
         }
         assert!(d.is_err(), "the destination discards");
-        let steps = src.monitor.steps();
-        src.wait_progress(&steps, Duration::from_secs(10))
-            .unwrap_or_else(|e| panic!("cancel at {at}: the source does not run again: {e}"));
-        verify_ok(&src, &format!("source after a cancel at {at}"));
+        runs_again_and_verifies(&src, &format!("source after a cancel at {at}"));
     }
 }
 
@@ -233,9 +230,7 @@ fn a_corrupted_stream_and_a_dead_destination_leave_the_source_running() {
         let (r, _) = livemig::link::migrate_local(&mut source, &mut dest, link(), &cut);
         let e = r.expect_err("the link was cut");
         assert_eq!(e.phase(), Some(at), "{e}");
-        let steps = src.monitor.steps();
-        src.wait_progress(&steps, Duration::from_secs(10)).unwrap();
-        verify_ok(&src, &format!("source after the destination died at {at}"));
+        runs_again_and_verifies(&src, &format!("source after the destination died at {at}"));
     }
     // A corrupted stream: the destination refuses it and the source runs again.
     let dst = TestVm::incoming(&cfg).unwrap();
@@ -258,9 +253,7 @@ fn a_corrupted_stream_and_a_dead_destination_leave_the_source_running() {
     let de = d.expect_err("the destination refuses a corrupted stream");
     assert!(de.to_string().contains("stream"), "{de}");
     r.expect_err("the source sees the destination's failure");
-    let steps = src.monitor.steps();
-    src.wait_progress(&steps, Duration::from_secs(10)).unwrap();
-    verify_ok(&src, "source after a corrupted stream");
+    runs_again_and_verifies(&src, "source after a corrupted stream");
 }
 
 /// Flips one byte at offset `at` of the stream.
@@ -310,9 +303,7 @@ fn a_vcpu_record_from_another_cpu_model_is_refused() {
         msg.contains("cpuid="),
         "names the CPUID in the identity: {msg}"
     );
-    let steps = src.monitor.steps();
-    src.wait_progress(&steps, Duration::from_secs(10)).unwrap();
-    verify_ok(&src, "source after a refused destination");
+    runs_again_and_verifies(&src, "source after a refused destination");
 }
 
 #[test]
@@ -405,8 +396,7 @@ fn memory_outside_guest_ram_is_refused_before_anything_runs() {
     assert!(e.to_string().contains("outside guest RAM"), "{e}");
     assert!(dst.monitor.events().is_empty(), "no destination vCPU ran");
     o.report.expect_err("the source sees it");
-    let steps = src.monitor.steps();
-    src.wait_progress(&steps, Duration::from_secs(10)).unwrap();
+    runs_again_and_verifies(&src, "source after pages outside guest RAM were refused");
 }
 
 #[test]

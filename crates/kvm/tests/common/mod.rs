@@ -137,3 +137,11 @@ pub fn verify_ok(vm: &TestVm, what: &str) {
         "{what}: the guest's verification failed: {f:?}"
     );
 }
+
+/// The source VM runs again (its step counters move) and its guest verifies.
+pub fn runs_again_and_verifies(vm: &TestVm, what: &str) {
+    let steps = vm.monitor.steps();
+    vm.wait_progress(&steps, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{what}: the source does not run again: {e}"));
+    verify_ok(vm, what);
+}
