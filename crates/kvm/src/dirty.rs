@@ -85,7 +85,7 @@ impl KvmDirtyLog {
                     st.clears += 1;
                 }
             }
-            st.kvm += or_words(into, r.gpa / PAGE_SIZE, words, pages);
+            st.kvm += into.or_bits(r.gpa / PAGE_SIZE, words, pages);
         }
         Ok(())
     }
@@ -133,36 +133,6 @@ impl KvmDirtyLog {
     }
 }
 
-/// ORs `pages` bits of `words` into `into` starting at page `first`; returns the bits set.
-fn or_words(into: &mut PageBitmap, first: u64, words: &[u64], pages: u64) -> u64 {
-    let mut n = 0;
-    if first % 64 == 0 {
-        let dst = &mut into.words_mut()[(first / 64) as usize..];
-        for (i, (d, &w)) in dst.iter_mut().zip(words).enumerate() {
-            let w = if (i as u64 + 1) * 64 > pages {
-                w & (u64::MAX >> (64 - (pages % 64)))
-            } else {
-                w
-            };
-            n += u64::from(w.count_ones());
-            *d |= w;
-        }
-    } else {
-        for (wi, &w) in words.iter().enumerate() {
-            let mut m = w;
-            while m != 0 {
-                let bit = u64::from(m.trailing_zeros());
-                m &= m - 1;
-                if wi as u64 * 64 + bit < pages {
-                    into.set(first + wi as u64 * 64 + bit);
-                    n += 1;
-                }
-            }
-        }
-    }
-    n
-}
-
 impl DirtyTracker for KvmDirtyLog {
     fn name(&self) -> String {
         match self.shared.dirty.mechanism {
@@ -198,24 +168,5 @@ impl DirtyTracker for KvmDirtyLog {
     fn stop(&mut self) -> Result<(), BoxError> {
         set_slot_logging(&self.shared, false)?;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn or_words_handles_aligned_and_unaligned_slots() {
-        let mut b = PageBitmap::new(512, PAGE_SIZE);
-        assert_eq!(or_words(&mut b, 64, &[0b1011, u64::MAX], 70), 3 + 6);
-        assert!(b.get(64) && b.get(65) && b.get(67) && !b.get(66));
-        assert!(
-            b.get(128) && b.get(133) && !b.get(134),
-            "bits past the slot are ignored"
-        );
-        let mut c = PageBitmap::new(512, PAGE_SIZE);
-        assert_eq!(or_words(&mut c, 3, &[0b101], 64), 2);
-        assert!(c.get(3) && c.get(5) && !c.get(4));
     }
 }

@@ -92,6 +92,52 @@ impl PageBitmap {
         }
     }
 
+    /// ORs `pages` bits of `src` (bit `i` = page `first + i`) into this bitmap, a word at a
+    /// time when `first` is 64-page aligned (every tracker's bitmap is, for RAM laid out on
+    /// 256 KiB boundaries), bit by bit otherwise; bits past `pages` and past the end of this
+    /// bitmap are ignored. Returns how many of the bits were set in `src`.
+    pub fn or_bits(&mut self, first: u64, src: &[u64], pages: u64) -> u64 {
+        let pages = pages.min(src.len() as u64 * 64);
+        let mut n = 0;
+        if first % 64 == 0 {
+            let start = (first / 64) as usize;
+            let full = (pages / 64) as usize;
+            let dst = self.words.get_mut(start..).unwrap_or_default();
+            for (d, &w) in dst.iter_mut().zip(&src[..full]) {
+                n += u64::from(w.count_ones());
+                *d |= w;
+            }
+            let tail = pages % 64;
+            if tail > 0 {
+                let w = src[full] & (u64::MAX >> (64 - tail));
+                n += u64::from(w.count_ones());
+                if let Some(d) = self.words.get_mut(start + full) {
+                    *d |= w;
+                }
+            }
+            // Keep the unused high bits of the last word clear.
+            if let Some(last) = self.words.last_mut() {
+                let used = self.pages % 64;
+                if used > 0 {
+                    *last &= u64::MAX >> (64 - used);
+                }
+            }
+        } else {
+            for (wi, &w) in src.iter().enumerate() {
+                let mut m = w;
+                while m != 0 {
+                    let bit = u64::from(m.trailing_zeros());
+                    m &= m - 1;
+                    if wi as u64 * 64 + bit < pages {
+                        self.set(first + wi as u64 * 64 + bit);
+                        n += 1;
+                    }
+                }
+            }
+        }
+        n
+    }
+
     /// ORs `other` (same geometry) into this bitmap.
     pub fn union(&mut self, other: &PageBitmap) {
         for (a, b) in self.words.iter_mut().zip(&other.words) {
@@ -169,6 +215,31 @@ impl Iterator for Runs<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn or_bits_word_wise_and_bit_wise_agree() {
+        let src = [0b1011u64, u64::MAX, 0x8000_0000_0000_0001];
+        for first in [0u64, 64, 3, 130] {
+            for pages in [0u64, 1, 64, 70, 150, 192] {
+                let mut a = PageBitmap::new(400, 4096);
+                let n = a.or_bits(first, &src, pages);
+                let mut b = PageBitmap::new(400, 4096);
+                let mut m = 0;
+                for i in 0..pages.min(192) {
+                    if src[(i / 64) as usize] >> (i % 64) & 1 == 1 {
+                        b.set(first + i);
+                        m += 1;
+                    }
+                }
+                assert_eq!(a.words(), b.words(), "first {first} pages {pages}");
+                assert_eq!(n, m, "first {first} pages {pages}");
+            }
+        }
+        // Bits past the end of the bitmap are dropped, not written into the padding.
+        let mut c = PageBitmap::new(70, 4096);
+        c.or_bits(64, &[u64::MAX], 64);
+        assert_eq!(c.count(), 6);
+    }
 
     #[test]
     fn runs_and_ranges() {

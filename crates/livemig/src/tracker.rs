@@ -162,16 +162,8 @@ impl DirtyTracker for HwptTracker {
             for b in &mut self.bitmaps {
                 b.clear_all();
                 h.get_dirty_bitmap(b.iova(), b.length(), b, true)?;
-                let first = b.iova() / PAGE_SIZE;
-                for (wi, &w) in b.words().iter().enumerate() {
-                    let mut m = w;
-                    while m != 0 {
-                        let bit = u64::from(m.trailing_zeros());
-                        m &= m - 1;
-                        into.set(first + wi as u64 * 64 + bit);
-                        n += 1;
-                    }
-                }
+                // Word-wise where the range is 64-page aligned (RAM ranges are).
+                n += into.or_bits(b.iova() / PAGE_SIZE, b.words(), b.length() / PAGE_SIZE);
             }
         }
         Ok(n)
@@ -249,6 +241,10 @@ impl<L: DmaLogger + Send> DirtyTracker for DmaLogTracker<L> {
             self.words.resize(usize::try_from(pages.div_ceil(64))?, 0);
             self.logger
                 .dma_logging_report(r.iova, r.length, page, &mut self.words)?;
+            if page == PAGE_SIZE {
+                n += into.or_bits(r.iova / PAGE_SIZE, &self.words, pages);
+                continue;
+            }
             for (wi, &w) in self.words.iter().enumerate() {
                 let mut m = w;
                 while m != 0 {
