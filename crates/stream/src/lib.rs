@@ -23,7 +23,7 @@
 //!   check sequence numbers, checksums, the Compat-first rule, per-device chunk order, the End
 //!   totals and digest, and report errors with byte offset, record index and reason. No input
 //!   makes them panic.
-//! * [`qemu`] parses QEMU's VFIO section framing; [`inspect`](mod@inspect) (feature `inspect`)
+//! * [`qemu`] parses QEMU's VFIO section framing; `inspect` (feature `inspect`)
 //!   dumps and summarizes streams of either kind.
 //!
 //! ```

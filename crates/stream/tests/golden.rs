@@ -7,6 +7,7 @@ mod common;
 use std::fmt::Write as _;
 
 use livemig_stream::format::{self, RFLAG_OPTIONAL, RecordHeader, Tag, encode};
+#[cfg(feature = "inspect")]
 use livemig_stream::inspect::inspect;
 use livemig_stream::{
     Compat, DirtyCaps, End, Limits, Phase, Reader, Round, SliceReader, StreamHeader,
@@ -43,6 +44,7 @@ fn v1_golden_decodes_with_both_readers() {
     }
 }
 
+#[cfg(feature = "inspect")]
 #[test]
 fn v1_golden_inspection_is_stable() {
     let bytes = fixture("v1-basic.lmstream");
@@ -60,6 +62,7 @@ fn writer_reproduces_the_v1_golden_bytes() {
     assert_eq!(common::v1_basic(false), fixture("v1-basic-nocrc.lmstream"));
 }
 
+#[cfg(feature = "inspect")]
 #[test]
 fn qemu_section_fixture_inspects() {
     let bytes = fixture("qemu-vfio-section.bin");
