@@ -40,12 +40,7 @@ impl Vcpus for KvmVcpus {
         self.0.unpause(pause::ENGINE);
     }
     fn set_throttle(&mut self, percent: u8) -> bool {
-        self.0
-            .throttle
-            .store(percent.min(99), std::sync::atomic::Ordering::SeqCst);
-        if percent == 0 {
-            self.0.unpause(pause::THROTTLE);
-        }
+        self.0.set_throttle(percent);
         true
     }
 }

@@ -23,6 +23,7 @@
 //! one before), so a page the migration lost is reported with its address. The same image boots
 //! under QEMU (`-kernel`, `-append "cpus=1 pages=N period=T"`, `isa-debugcon` on 0xe9).
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -179,10 +180,31 @@ struct Decoder {
     words: Vec<u32>,
 }
 
+/// Events kept: a long-running guest reports progress hundreds of times a second, so the log
+/// keeps the most recent ones (and the latest step count per vCPU apart).
+const RETAIN: usize = 4096;
+
 #[derive(Debug, Default)]
 struct Log {
-    events: Vec<GuestEvent>,
+    events: VecDeque<GuestEvent>,
+    /// Events dropped from the front (the sequence number of `events[0]`).
+    dropped: usize,
+    /// The latest step count each vCPU reported.
+    steps: Vec<u64>,
     text: String,
+}
+
+impl Log {
+    /// The sequence number the next event will get.
+    fn seq(&self) -> usize {
+        self.dropped + self.events.len()
+    }
+
+    /// The retained events from sequence number `seq` on.
+    fn since(&mut self, seq: usize) -> &[GuestEvent] {
+        let skip = seq.saturating_sub(self.dropped).min(self.events.len());
+        &self.events.make_contiguous()[skip..]
+    }
 }
 
 /// The VMM side of the guest's ports: decodes events, keeps the console text, answers
@@ -200,7 +222,10 @@ impl GuestMonitor {
     pub fn new(vcpus: u32) -> GuestMonitor {
         GuestMonitor {
             decoders: Mutex::new((0..vcpus).map(|_| Decoder::default()).collect()),
-            log: Mutex::new(Log::default()),
+            log: Mutex::new(Log {
+                steps: vec![0; vcpus as usize],
+                ..Log::default()
+            }),
             cv: Condvar::new(),
             commands: (0..vcpus).map(|_| AtomicU32::new(command::NONE)).collect(),
         }
@@ -210,9 +235,9 @@ impl GuestMonitor {
         self.log.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Every event so far.
+    /// The most recent events (at most 4096).
     pub fn events(&self) -> Vec<GuestEvent> {
-        self.lock().events.clone()
+        self.lock().events.iter().cloned().collect()
     }
 
     /// The console text so far.
@@ -227,21 +252,21 @@ impl GuestMonitor {
         }
     }
 
-    /// Waits until `pred` holds for the events, or `timeout`.
-    pub fn wait_for(
+    /// Waits until `pred` holds for the log, or `timeout`; on timeout, the retained events.
+    fn wait_log(
         &self,
         timeout: Duration,
-        mut pred: impl FnMut(&[GuestEvent]) -> bool,
+        mut pred: impl FnMut(&mut Log) -> bool,
     ) -> Result<(), Vec<GuestEvent>> {
         let end = Instant::now() + timeout;
         let mut g = self.lock();
         loop {
-            if pred(&g.events) {
+            if pred(&mut g) {
                 return Ok(());
             }
             let now = Instant::now();
             if now >= end {
-                return Err(g.events.clone());
+                return Err(g.events.iter().cloned().collect());
             }
             g = self
                 .cv
@@ -251,23 +276,59 @@ impl GuestMonitor {
         }
     }
 
+    /// Waits until `pred` holds for the retained events, or `timeout`.
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        mut pred: impl FnMut(&[GuestEvent]) -> bool,
+    ) -> Result<(), Vec<GuestEvent>> {
+        self.wait_log(timeout, |l| pred(l.since(0)))
+    }
+
+    /// Sends `cmd` to every vCPU and waits until each has reported an event `done`; returns
+    /// the events since the command.
+    fn command_and_wait(
+        &self,
+        cmd: u32,
+        done: fn(&GuestEvent) -> bool,
+        timeout: Duration,
+    ) -> Result<Vec<GuestEvent>, Vec<GuestEvent>> {
+        let before = self.lock().seq();
+        self.command_all(cmd);
+        let n = self.commands.len();
+        let mut out = Vec::new();
+        self.wait_log(timeout, |l| {
+            let ev = l.since(before);
+            if ev.iter().filter(|e| done(e)).count() >= n {
+                out = ev.to_vec();
+                return true;
+            }
+            false
+        })?;
+        Ok(out)
+    }
+
     /// The latest step count each vCPU reported (0 if none yet).
     pub fn steps(&self) -> Vec<u64> {
-        let mut out = vec![0; self.commands.len()];
-        for e in &self.lock().events {
-            if let GuestEvent::Progress { cpu, steps, .. }
-            | GuestEvent::VerifyDone { cpu, steps, .. } = e
-            {
-                if let Some(s) = out.get_mut(*cpu as usize) {
-                    *s = (*s).max(*steps);
-                }
-            }
-        }
-        out
+        self.lock().steps.clone()
     }
 
     fn push(&self, e: GuestEvent) {
-        self.lock().events.push(e);
+        let mut g = self.lock();
+        if let GuestEvent::Progress { cpu, steps, .. }
+        | GuestEvent::VerifyDone { cpu, steps, .. }
+        | GuestEvent::PassDone { cpu, steps } = &e
+        {
+            if let Some(s) = g.steps.get_mut(*cpu as usize) {
+                *s = (*s).max(*steps);
+            }
+        }
+        g.events.push_back(e);
+        if g.events.len() > RETAIN {
+            g.events.pop_front();
+            g.dropped += 1;
+        }
+        drop(g);
         self.cv.notify_all();
     }
 
@@ -731,17 +792,13 @@ impl TestVm {
 
     /// Asks every vCPU to verify its working set; returns the failures (empty: all good).
     pub fn verify(&self, timeout: Duration) -> Result<Vec<GuestEvent>, Error> {
-        let before = self.monitor.events().len();
-        self.monitor.command_all(command::VERIFY);
-        let n = self.cfg.vcpus as usize;
-        self.monitor
-            .wait_for(timeout, |ev| {
-                ev[before.min(ev.len())..]
-                    .iter()
-                    .filter(|e| matches!(e, GuestEvent::VerifyDone { .. }))
-                    .count()
-                    >= n
-            })
+        let ev = self
+            .monitor
+            .command_and_wait(
+                command::VERIFY,
+                |e| matches!(e, GuestEvent::VerifyDone { .. }),
+                timeout,
+            )
             .map_err(|_| {
                 Error::Guest(format!(
                     "verification did not finish within {timeout:?} (vCPU failures {:?}; \
@@ -750,29 +807,24 @@ impl TestVm {
                     self.monitor.text()
                 ))
             })?;
-        Ok(self.monitor.events()[before..]
-            .iter()
+        Ok(ev
+            .into_iter()
             .filter(|e| {
                 matches!(e, GuestEvent::VerifyFail { .. })
                     || matches!(e, GuestEvent::VerifyDone { failures, .. } if *failures > 0)
             })
-            .cloned()
             .collect())
     }
 
     /// Has every vCPU write its working set once (a VM booted `idle`) and waits for all.
     pub fn pass(&self, timeout: Duration) -> Result<(), Error> {
-        let before = self.monitor.events().len();
-        self.monitor.command_all(command::PASS);
-        let n = self.cfg.vcpus as usize;
         self.monitor
-            .wait_for(timeout, |ev| {
-                ev[before.min(ev.len())..]
-                    .iter()
-                    .filter(|e| matches!(e, GuestEvent::PassDone { .. }))
-                    .count()
-                    >= n
-            })
+            .command_and_wait(
+                command::PASS,
+                |e| matches!(e, GuestEvent::PassDone { .. }),
+                timeout,
+            )
+            .map(drop)
             .map_err(|_| {
                 Error::Guest(format!(
                     "the pass did not finish within {timeout:?} (vCPU failures {:?})",
@@ -783,23 +835,14 @@ impl TestVm {
 
     /// Waits until every vCPU reported more than `steps[cpu]` steps.
     pub fn wait_progress(&self, steps: &[u64], timeout: Duration) -> Result<Vec<u64>, Error> {
-        let want = steps.to_vec();
         self.monitor
-            .wait_for(timeout, |ev| {
-                let mut now = vec![0u64; want.len()];
-                for e in ev {
-                    if let GuestEvent::Progress { cpu, steps, .. } = e {
-                        if let Some(s) = now.get_mut(*cpu as usize) {
-                            *s = (*s).max(*steps);
-                        }
-                    }
-                }
-                now.iter().zip(&want).all(|(n, w)| n > w)
+            .wait_log(timeout, |l| {
+                l.steps.len() == steps.len() && l.steps.iter().zip(steps).all(|(n, w)| n > w)
             })
             .map_err(|_| {
                 Error::Guest(format!(
-                    "the guest made no progress past {want:?} within {timeout:?} (now {:?}; vCPU \
-                     failures {:?})",
+                    "the guest made no progress past {steps:?} within {timeout:?} (now {:?}; \
+                     vCPU failures {:?})",
                     self.monitor.steps(),
                     self.vm.failures()
                 ))

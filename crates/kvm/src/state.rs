@@ -513,11 +513,7 @@ impl VmState {
                     if pics[k].is_some() {
                         return Err(dup("irqchip"));
                     }
-                    if body.len() != std::mem::size_of::<kvm_irqchip>() {
-                        return Err(sized("irqchip"));
-                    }
-                    let mut chip = zeroed_box::<kvm_irqchip>();
-                    *chip = from_bytes(body).ok_or_else(|| sized("irqchip"))?;
+                    let chip = boxed::<kvm_irqchip>(body).ok_or_else(|| sized("irqchip"))?;
                     let want = [
                         KVM_IRQCHIP_PIC_MASTER,
                         KVM_IRQCHIP_PIC_SLAVE,
@@ -664,7 +660,7 @@ impl Partial {
             tag::XSAVE => once(&mut self.xsave, boxed_xsave(b), "xsave", l),
             tag::XCRS => once(&mut self.xcrs, from_bytes(b), "xcrs", l),
             tag::DEBUGREGS => once(&mut self.debugregs, from_bytes(b), "debugregs", l),
-            tag::LAPIC => once(&mut self.lapic, boxed_lapic(b), "lapic", l),
+            tag::LAPIC => once(&mut self.lapic, boxed::<kvm_lapic_state>(b), "lapic", l),
             tag::MP_STATE => once(&mut self.mp_state, from_bytes(b), "mp_state", l),
             tag::EVENTS => once(&mut self.events, from_bytes(b), "events", l),
             _ => once(&mut self.msrs, parse_msrs(b), "msrs", l),
@@ -696,10 +692,6 @@ fn boxed_xsave(b: &[u8]) -> Option<Box<[u32; 1024]>> {
         *d = u32::from_ne_bytes(s.try_into().ok()?);
     }
     Some(x)
-}
-
-fn boxed_lapic(b: &[u8]) -> Option<Box<kvm_lapic_state>> {
-    boxed::<kvm_lapic_state>(b)
 }
 
 fn parse_msrs(b: &[u8]) -> Option<Vec<(u32, u64)>> {

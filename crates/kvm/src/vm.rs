@@ -195,7 +195,7 @@ pub(crate) struct Shared {
     /// Ring entries collected by vCPU threads at ring-full exits, waiting for the harvest.
     pub(crate) spilled: Mutex<Vec<(u32, u64)>>,
     io: Mutex<Option<Arc<dyn PortIo>>>,
-    pub(crate) throttle: AtomicU8,
+    throttle: AtomicU8,
 }
 
 impl std::fmt::Debug for Shared {
@@ -271,6 +271,14 @@ impl Shared {
     pub(crate) fn memory_pages(&self) -> u64 {
         use livemig::memory::GuestMemory;
         self.memory.size() / livemig::memory::PAGE_SIZE
+    }
+
+    /// The throttle the throttle thread applies (capped at 99%); 0 lets the vCPUs run.
+    pub(crate) fn set_throttle(&self, percent: u8) {
+        self.throttle.store(percent.min(99), Ordering::SeqCst);
+        if percent == 0 {
+            self.unpause(pause::THROTTLE);
+        }
     }
 
     fn spill_ring(&self, v: &Vcpu) {
@@ -595,12 +603,7 @@ impl Vm {
 
     /// Host-enforced throttle: vCPUs are parked for `percent` of every 10 ms (0 = off).
     pub fn set_throttle(&self, percent: u8) {
-        self.shared
-            .throttle
-            .store(percent.min(99), Ordering::SeqCst);
-        if percent == 0 {
-            self.shared.unpause(pause::THROTTLE);
-        }
+        self.shared.set_throttle(percent);
     }
 
     /// Interrupts every vCPU thread with the kick signal (a vCPU in the guest exits with
