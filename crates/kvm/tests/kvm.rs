@@ -78,13 +78,26 @@ fn a_small_ring_fills_and_no_entry_is_lost() {
         return;
     };
     let mut cfg = config();
-    // 256 entries per vCPU (KVM's minimum, one page) against 20,000 pages/s: the ring fills
-    // several times per round.
+    // 256 entries per vCPU (KVM's minimum, one page) against the vCPUs' full speed (~300,000
+    // pages/s each here): the ring fills many times while round 1 sends RAM. (At 20,000
+    // pages/s a fast round 1 sometimes ended before any ring filled.)
     cfg.dirty = DirtyMode::Ring(256);
+    cfg.rate = 0;
     let src = TestVm::boot(&cfg).unwrap();
     src.wait_progress(&[0, 0], Duration::from_secs(10)).unwrap();
     let dst = TestVm::incoming(&cfg).unwrap();
-    let o = migrate(&src, &dst, SourceConfig::default(), None, link(), None);
+    // Two rounds of ~0.5 s each under dirty logging (a 64 MiB/s link), so the rings fill
+    // many times: on an unlimited in-process link the whole migration took ~0.1 s and a run
+    // could end before any ring filled.
+    let two_rounds = SourceConfig {
+        max_rounds: 2,
+        ..SourceConfig::default()
+    };
+    let slow = LinkConfig {
+        bandwidth: 64 << 20,
+        latency: Duration::ZERO,
+    };
+    let o = migrate(&src, &dst, two_rounds, None, slow, None);
     o.report.expect("migration succeeds");
     o.received.expect("destination receives");
     let full = src.vm.ring_full_exits();
