@@ -12,6 +12,8 @@
 //! where), and last `[hw-tests] N passed, N failed`.
 
 mod cli_cases;
+mod e2e;
+mod e2e_p2p;
 mod harness;
 mod iommufd_cases;
 mod lab;
@@ -44,6 +46,7 @@ fn run_plan(plan: &Plan, runner: &mut Runner) -> Result<()> {
                 viommu_cases::run(runner);
                 mtty::run(runner);
                 cli_cases::run(runner);
+                e2e::run_cases(runner);
             }
             "vtd" => pci::run(runner, pci::Vendor::IntelVtd),
             "amdvi" => pci::run(runner, pci::Vendor::AmdVi),

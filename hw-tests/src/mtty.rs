@@ -101,7 +101,7 @@ fn save(dev: &mut VfioDevice) -> Result<Vec<u8>> {
 const UART_LCR: u64 = 3;
 const UART_SCR: u64 = 7;
 
-fn set_uart(dev: &VfioDevice, scr: [u8; 2], lcr: [u8; 2]) -> Result<()> {
+pub(crate) fn set_uart(dev: &VfioDevice, scr: [u8; 2], lcr: [u8; 2]) -> Result<()> {
     for port in 0..2u32 {
         let r = dev.region_info(port)?;
         dev.write_region(&r, UART_SCR, &[scr[port as usize]])?;
@@ -110,7 +110,7 @@ fn set_uart(dev: &VfioDevice, scr: [u8; 2], lcr: [u8; 2]) -> Result<()> {
     Ok(())
 }
 
-fn uart(dev: &VfioDevice) -> Result<[u8; 4]> {
+pub(crate) fn uart(dev: &VfioDevice) -> Result<[u8; 4]> {
     let mut out = [0u8; 4];
     for port in 0..2u32 {
         let r = dev.region_info(port)?;

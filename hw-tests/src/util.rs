@@ -34,12 +34,36 @@ fn reboot() -> ! {
     }
 }
 
+/// Brings `lo` up (SIOCSIFFLAGS with IFF_UP): the end-to-end cases migrate over loopback TCP.
+fn loopback_up() -> std::io::Result<()> {
+    // SAFETY: a plain socket(2); the result is checked and closed below.
+    let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if s < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: ifreq is plain data; all-zero is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, c) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
+        *d = *c as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    // SAFETY: SIOCSIFFLAGS reads the ifreq we own; `s` is our socket.
+    let rc = unsafe { libc::ioctl(s, libc::SIOCSIFFLAGS as _, &ifr as *const libc::ifreq) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: closing the socket opened above.
+    unsafe { libc::close(s) };
+    if rc < 0 { Err(err) } else { Ok(()) }
+}
+
 /// PID 1 in the rig guest: mount the pseudo filesystems, run the profile named on the kernel
 /// command line, print the results, reboot. Never returns.
 pub fn init_guest() -> ! {
     mount("devtmpfs", "/dev", "devtmpfs");
     mount("proc", "/proc", "proc");
     mount("sysfs", "/sys", "sysfs");
+    if let Err(e) = loopback_up() {
+        println!("{} loopback interface: {e}", crate::harness::TAG);
+    }
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     if cmdline.split_whitespace().any(|w| w == "livemig.probe=1") {
         // The accelerator probe only needs to see that the guest reached userspace.

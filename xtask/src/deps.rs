@@ -20,6 +20,7 @@ use crate::rig::workspace_root;
 pub const LIBRARIES: &[&str] = &[
     "livemig",
     "livemig-hisi-qm",
+    "livemig-host",
     "livemig-iommu-pt",
     "livemig-iommufd",
     "livemig-kvm",
@@ -39,6 +40,7 @@ const ENGINE_FORBIDDEN: &[&str] = &[
     "livemig-iommu-pt",
     "livemig-sim",
     "livemig-kvm",
+    "livemig-host",
     "livemig-iommufd|selftest",
 ];
 

@@ -1,6 +1,7 @@
 //! `livemig`: probe a host, run a simulated migration, migrate between two processes, run and
 //! migrate the KVM test VM, inspect streams, and check compatibility.
 
+mod host;
 mod probe;
 mod vm;
 
@@ -99,6 +100,11 @@ enum Cmd {
     /// or `vm demo` for both sides on this machine and the guest's own verification.
     #[command(subcommand)]
     Vm(vm::VmCmd),
+    /// Real VFIO devices and guest RAM in an iommufd IOAS: migrate them between two processes
+    /// over TCP while writer threads (and, in the rig, the iommufd selftest's mock device)
+    /// dirty RAM.
+    #[command(subcommand)]
+    Host(host::HostCmd),
 }
 
 #[derive(Subcommand)]
@@ -700,6 +706,7 @@ fn main() -> Result<()> {
         } => incoming(&listen, &sim, !no_precopy, json)?,
         Cmd::Inspect { file, json } => inspect(&file, json)?,
         Cmd::Vm(cmd) => vm::main(cmd)?,
+        Cmd::Host(cmd) => host::run(cmd)?,
         Cmd::Compat(CompatCmd::Export {
             sim,
             no_precopy,

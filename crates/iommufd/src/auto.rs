@@ -65,7 +65,11 @@ impl fmt::Display for AutoDomain {
                 "unavailable"
             },
             self.reason
-        )
+        )?;
+        if !self.skipped.is_empty() {
+            write!(f, "; passed over: {}", self.skipped.join(", "))?;
+        }
+        Ok(())
     }
 }
 
@@ -132,6 +136,14 @@ impl AutoDomains {
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                     skipped.push(format!("HWPT {}: incompatible (EINVAL)", hwpt.id()));
+                }
+                // An emulated device (mdev) attaches through an iommufd access, which takes an
+                // IOAS id only: a HWPT id is "not found" for it (iommufd_access_attach).
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) && dev.hw_info().is_none() => {
+                    skipped.push(format!(
+                        "HWPT {}: the device has no IOMMU of its own (ENOENT)",
+                        hwpt.id()
+                    ));
                 }
                 Err(e) => {
                     let err = Error::kernel(Op::DeviceAttach, e);

@@ -38,6 +38,7 @@ pub fn source(
         vcpus: Box::new(KvmVcpus::new(vm)),
         page_size_mask: 0x1000,
         viommu: None,
+        dma_endpoints: Vec::new(),
     })
 }
 

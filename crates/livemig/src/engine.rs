@@ -100,6 +100,20 @@ pub struct SourcePlatform {
     /// The vIOMMU migration guard, if the VM has a virtio-iommu: checked before the start and
     /// after every round.
     pub viommu: Option<(Arc<MigrationGuard>, livemig_viommu::policy::ViommuView)>,
+    /// DMA sources with no migration state of their own (for example the iommufd selftest's
+    /// mock device standing in for an assigned device's DMA in the rig): planned like devices
+    /// (so an IOMMU-tracked endpoint makes the IOMMU tracker run, and an untracked one blocks
+    /// migration), but they send no device section.
+    pub dma_endpoints: Vec<DmaEndpoint>,
+}
+
+/// A DMA source without migration state (see [`SourcePlatform::dma_endpoints`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DmaEndpoint {
+    /// A name for reports and errors.
+    pub name: String,
+    /// Whether its IOMMU domain tracks dirty pages, with the reason when not.
+    pub iommu_dirty: std::result::Result<(), String>,
 }
 
 impl std::fmt::Debug for SourcePlatform {
@@ -271,6 +285,22 @@ pub enum Event<'a> {
 
 type Hook = Box<dyn FnMut(&Event<'_>) + Send>;
 
+/// What the destination sees as it goes (for progress displays, and for fault injection in
+/// tests: a hook may stop the process at an exact point of the protocol).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DestinationEvent {
+    /// A phase begins: [`Phase::Compat`] once the source's descriptors arrived (before the
+    /// verdict is sent), [`Phase::Receive`] after the verdict, [`Phase::Resume`] after End.
+    Phase(Phase),
+    /// The source's summary of a round arrived (its number; round 0 closes the compat section
+    /// and is not reported).
+    Round(u32),
+    /// The first STOP_COPY device state arrived: the source is in stop-and-copy.
+    StopCopy,
+}
+
+type DestinationHook = Box<dyn FnMut(DestinationEvent) + Send>;
+
 /// The source side.
 pub struct Source {
     platform: SourcePlatform,
@@ -401,6 +431,12 @@ impl Source {
                 dma_logging: d.dma_log.is_some(),
                 does_dma: d.does_dma,
             })
+            .chain(self.platform.dma_endpoints.iter().map(|e| DeviceDirtyCaps {
+                name: e.name.clone(),
+                iommu: e.iommu_dirty.clone(),
+                dma_logging: false,
+                does_dma: true,
+            }))
             .collect()
     }
 
@@ -670,8 +706,10 @@ impl Source {
                 .platform
                 .devices
                 .iter()
+                .map(|d| d.dev.name().to_string())
+                .chain(self.platform.dma_endpoints.iter().map(|e| e.name.clone()))
                 .zip(&plan)
-                .map(|(d, &c)| (d.dev.name().to_string(), c))
+                .map(|(name, &c)| (name, c))
                 .collect(),
             downtime_limit_us: self.cfg.downtime_limit.as_micros() as u64,
             ..Default::default()
@@ -1075,8 +1113,9 @@ impl Source {
     }
 }
 
-/// The trackers `plan` uses: the vCPU log, the IOMMU tracker if any device is planned onto it,
-/// and the DMA logs of devices planned onto their own.
+/// The trackers `plan` uses: the vCPU log, the IOMMU tracker if any device or DMA endpoint is
+/// planned onto it, and the DMA logs of devices planned onto their own (the plan lists the
+/// devices first, then the endpoints).
 fn active_trackers<'a>(
     p: &'a mut SourcePlatform,
     plan: &[Chosen],
@@ -1244,6 +1283,7 @@ pub struct ReceiveReport {
 pub struct Destination {
     platform: DestinationPlatform,
     limits: Limits,
+    hook: Option<DestinationHook>,
 }
 
 impl std::fmt::Debug for Destination {
@@ -1260,12 +1300,29 @@ impl Destination {
         Destination {
             platform,
             limits: Limits::default(),
+            hook: None,
+        }
+    }
+
+    /// Calls `hook` as the migration moves (see [`DestinationEvent`]).
+    pub fn on_event(&mut self, hook: impl FnMut(DestinationEvent) + Send + 'static) {
+        self.hook = Some(Box::new(hook));
+    }
+
+    fn emit(&mut self, e: DestinationEvent) {
+        if let Some(h) = self.hook.as_mut() {
+            h(e);
         }
     }
 
     /// The platform.
     pub fn platform(&self) -> &DestinationPlatform {
         &self.platform
+    }
+
+    /// The platform, mutable (to inspect or save the devices after a migration).
+    pub fn platform_mut(&mut self) -> &mut DestinationPlatform {
+        &mut self.platform
     }
 
     /// Receives a migration from `data`, answering on `back`. On failure the devices are reset
@@ -1338,6 +1395,7 @@ impl Destination {
                 }
             }
         }
+        self.emit(DestinationEvent::Phase(Phase::Compat));
         let verdict = compat::check(&seen, &self.platform.descriptors());
         if !verdict.compatible {
             let reason = verdict.reasons.join("; ");
@@ -1364,6 +1422,7 @@ impl Destination {
             })?;
 
         phase = Phase::Receive;
+        self.emit(DestinationEvent::Phase(phase));
         let mem = Arc::clone(&self.platform.memory);
         let n = self.platform.devices.len();
         let mut report = ReceiveReport {
@@ -1404,13 +1463,21 @@ impl Destination {
                         });
                     };
                     if s.phase == StreamPhase::StopCopy {
+                        if !stop_copy_seen.contains(&true) {
+                            if let Some(h) = self.hook.as_mut() {
+                                h(DestinationEvent::StopCopy);
+                            }
+                        }
                         stop_copy_seen[i] = true;
                     }
                     d.load(s.data)
                         .map_err(|source| dev_err(phase, i, &**d, source))?;
                     report.device_bytes[i] += s.data.len() as u64;
                 }
-                Some(Record::Round(_)) => report.rounds += 1,
+                Some(Record::Round(r)) => {
+                    report.rounds += 1;
+                    self.emit(DestinationEvent::Round(r.round));
+                }
                 Some(Record::End(_)) => {
                     end_at = Instant::now();
                     break;
@@ -1438,6 +1505,7 @@ impl Destination {
         }
         report.bytes = rd.offset();
         phase = Phase::Resume;
+        self.emit(DestinationEvent::Phase(phase));
         if let Some(i) = stop_copy_seen.iter().position(|s| !s) {
             return Err(Error::Protocol {
                 phase,

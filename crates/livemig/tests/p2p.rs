@@ -171,6 +171,7 @@ fn run() -> (Arcs, Arcs) {
         vcpus: Box::new(NoVcpus),
         page_size_mask: 0x1000,
         viommu: None,
+        dma_endpoints: Vec::new(),
     };
     let dest = DestinationPlatform {
         memory: Arc::new(Ram(Mutex::new(vec![0u8; 64 << 10]))),
@@ -237,4 +238,120 @@ fn the_order_check_fails_for_a_device_by_device_order() {
     let quiesced = last(&old, |(_, s)| matches!(s, S::RunningP2p | S::PreCopyP2p));
     let stopped = first(&old, |(_, s)| *s == S::StopCopy);
     assert!(quiesced > stopped);
+}
+
+/// Counts the harvests it serves.
+struct Counting(Arc<std::sync::atomic::AtomicU64>);
+
+impl DirtyTracker for Counting {
+    fn name(&self) -> String {
+        "counting".into()
+    }
+    fn start(&mut self) -> Result<(), BoxError> {
+        Ok(())
+    }
+    fn harvest(&mut self, _into: &mut PageBitmap) -> Result<u64, BoxError> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(0)
+    }
+    fn stop(&mut self) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+/// A platform whose only DMA comes from a DMA endpoint (no device does DMA), with an IOMMU
+/// tracker counting its harvests.
+fn endpoint_platform(
+    endpoints: Vec<livemig::engine::DmaEndpoint>,
+    harvests: &Arc<std::sync::atomic::AtomicU64>,
+) -> (SourcePlatform, DestinationPlatform) {
+    let log: Log = Default::default();
+    let source = SourcePlatform {
+        memory: Arc::new(Ram(Mutex::new(vec![7u8; 64 << 10]))),
+        devices: vec![SourceDevice {
+            dev: Box::new(Recorder::new("state-only", MigrationFlags::STOP_COPY, &log)),
+            iommu_dirty: Err("no DMA".into()),
+            dma_log: None,
+            does_dma: false,
+        }],
+        iommu: Some(Box::new(Counting(harvests.clone()))),
+        cpu: Box::new(Quiet),
+        vcpus: Box::new(NoVcpus),
+        page_size_mask: 0x1000,
+        viommu: None,
+        dma_endpoints: endpoints,
+    };
+    let dest = DestinationPlatform {
+        memory: Arc::new(Ram(Mutex::new(vec![0u8; 64 << 10]))),
+        devices: vec![Box::new(Recorder::new(
+            "state-only",
+            MigrationFlags::STOP_COPY,
+            &log,
+        ))],
+        iommu_dirty: vec![false],
+        page_size_mask: 0x1000,
+    };
+    (source, dest)
+}
+
+fn migrate(sp: SourcePlatform, dp: DestinationPlatform) -> livemig::engine::MigrationReport {
+    let mut s = Source::new(sp, SourceConfig::default());
+    let mut d = Destination::new(dp);
+    let link = LinkConfig {
+        bandwidth: 0,
+        latency: Duration::ZERO,
+    };
+    let (r, dr) = migrate_local(&mut s, &mut d, link, &Cut::new());
+    dr.expect("receives");
+    r.expect("migrates")
+}
+
+#[test]
+fn a_dma_endpoint_tracked_by_the_iommu_makes_the_iommu_tracker_run() {
+    use livemig::engine::DmaEndpoint;
+    use livemig::tracker::Chosen;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let harvests = Arc::new(AtomicU64::new(0));
+    let (sp, dp) = endpoint_platform(
+        vec![DmaEndpoint {
+            name: "mock".into(),
+            iommu_dirty: Ok(()),
+        }],
+        &harvests,
+    );
+    let report = migrate(sp, dp);
+    assert!(
+        report.tracking.contains(&("mock".into(), Chosen::Iommu)),
+        "{:?}",
+        report.tracking
+    );
+    // Start, every round, the final harvest.
+    assert!(harvests.load(Ordering::SeqCst) >= 3);
+
+    // Negative control: without the endpoint nothing needs the IOMMU and it is never read,
+    // so the count above is the endpoint's doing.
+    let harvests = Arc::new(AtomicU64::new(0));
+    let (sp, dp) = endpoint_platform(Vec::new(), &harvests);
+    migrate(sp, dp);
+    assert_eq!(harvests.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn an_untracked_dma_endpoint_blocks_migration_and_is_named() {
+    use livemig::engine::DmaEndpoint;
+    let harvests = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (sp, _) = endpoint_platform(
+        vec![DmaEndpoint {
+            name: "mock 7".into(),
+            iommu_dirty: Err("attached to the IOAS".into()),
+        }],
+        &harvests,
+    );
+    let s = Source::new(sp, SourceConfig::default());
+    let err = s.check().expect_err("blocked");
+    let text = err.to_string();
+    assert!(
+        text.contains("mock 7") && text.contains("attached to the IOAS"),
+        "{text}"
+    );
 }

@@ -765,6 +765,7 @@ fn source_with<F: SimFormat>(spec: &SimSpec, precopy: bool) -> Result<SimSource,
         vcpus: Box::new(vcpus),
         page_size_mask: F::make().page_sizes(),
         viommu: None,
+        dma_endpoints: Vec::new(),
     };
     Ok(SimSource {
         platform,
