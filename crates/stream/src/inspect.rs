@@ -318,9 +318,18 @@ fn inspect_qemu(data: &[u8], limits: Limits) -> Inspection {
                 dev.unspecified_bytes += d.len() as u64;
                 format!("DEV_DATA_STATE {} bytes", d.len())
             }
-            Ok(qemu::Item::Config(c)) => {
-                format!("DEV_CONFIG_STATE {} bytes (QEMU vmstate)", c.len())
-            }
+            Ok(qemu::Item::Config(c)) => match qemu::PciConfigState::parse(c) {
+                Ok(st) => {
+                    let (v, d) = st.ids();
+                    format!(
+                        "DEV_CONFIG_STATE {} bytes (PCI config {} bytes, {v:04x}:{d:04x}, MSI-X vectors {})",
+                        c.len(),
+                        st.config.len(),
+                        st.msix_vectors().unwrap_or(0)
+                    )
+                }
+                Err(_) => format!("DEV_CONFIG_STATE {} bytes", c.len()),
+            },
             Ok(qemu::Item::EndOfState) => "END_OF_STATE".into(),
             Ok(qemu::Item::SetupState) => "DEV_SETUP_STATE".into(),
             Ok(qemu::Item::InitDataSent) => "DEV_INIT_DATA_SENT".into(),
