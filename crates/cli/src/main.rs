@@ -85,7 +85,8 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Dump a migration stream: livemig's format or a QEMU VFIO device section.
+    /// Dump a migration stream: livemig's format, a whole QEMU migration file (QEVM, every
+    /// section and the VFIO items) or a QEMU VFIO device section.
     Inspect {
         /// The file.
         file: PathBuf,

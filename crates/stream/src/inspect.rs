@@ -1,6 +1,6 @@
-//! Inspecting streams: a human-readable dump and a JSON summary, for livemig streams and for
-//! QEMU VFIO device-section framing (detected from the first bytes). A damaged stream is
-//! summarized up to the damage, and the error is part of the result.
+//! Inspecting streams: a human-readable dump and a JSON summary, for livemig streams, whole QEMU
+//! migration files (`QEVM`) and QEMU VFIO device-section framing (detected from the first
+//! bytes). A damaged stream is summarized up to the damage, and the error is part of the result.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::format::{MAGIC, Phase, Record};
 use crate::qemu;
+use crate::qevm::{self, Content, QevmLimits, SectionKind};
 use crate::read::Reader;
 use crate::validate::Limits;
 
@@ -58,10 +59,98 @@ pub struct EndSummary {
     pub digest: String,
 }
 
+/// One VFIO framing item of a QEMU section.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct VfioItemSummary {
+    /// Offset of its marker.
+    pub offset: u64,
+    /// `DEV_SETUP_STATE`, `DEV_DATA_STATE`, ...
+    pub item: &'static str,
+    /// Bytes of data or configuration vmstate.
+    pub bytes: u64,
+}
+
+/// One section record of a QEMU migration file.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct SectionSummary {
+    /// Position among the section records.
+    pub index: usize,
+    /// `START`, `PART`, `END` or `FULL`.
+    pub kind: &'static str,
+    /// Section id.
+    pub section_id: u32,
+    /// idstr.
+    pub idstr: String,
+    /// Instance id.
+    pub instance_id: u32,
+    /// Section version.
+    pub version_id: u32,
+    /// Offset of the type byte.
+    pub offset: u64,
+    /// Length through the footer.
+    pub length: u64,
+    /// What the body holds, in words.
+    pub content: String,
+    /// VFIO framing items (VFIO sections only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub vfio_items: Vec<VfioItemSummary>,
+}
+
+/// A RAM block of a QEMU migration file.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct RamBlockSummary {
+    /// Block idstr.
+    pub name: String,
+    /// Bytes.
+    pub used_length: u64,
+    /// ZERO pages.
+    pub zero_pages: u64,
+    /// PAGE records.
+    pub normal_pages: u64,
+}
+
+/// A QEMU_VM_COMMAND record.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct CommandSummary {
+    /// Offset of its type byte.
+    pub offset: u64,
+    /// Its name.
+    pub command: &'static str,
+    /// Data bytes.
+    pub len: u16,
+}
+
+/// What a QEMU migration file (`QEVM`) holds.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct QevmSummary {
+    /// File version.
+    pub version: u32,
+    /// Machine type of the configuration section.
+    pub machine: Option<String>,
+    /// Capabilities of the configuration section.
+    pub capabilities: Vec<String>,
+    /// Target page size.
+    pub page_size: u64,
+    /// Every section record.
+    pub sections: Vec<SectionSummary>,
+    /// Commands.
+    pub commands: Vec<CommandSummary>,
+    /// RAM blocks.
+    pub ram_blocks: Vec<RamBlockSummary>,
+    /// Offset of QEMU_VM_EOF.
+    pub eof_offset: Option<u64>,
+    /// Offset of the JSON description's QEMU_VM_VMDESCRIPTION byte.
+    pub description_offset: Option<u64>,
+    /// Length of the JSON description.
+    pub description_length: Option<u64>,
+    /// Devices the description describes.
+    pub described_devices: u64,
+}
+
 /// What a stream holds.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct Summary {
-    /// `livemig` or `qemu-vfio`.
+    /// `livemig`, `qevm` or `qemu-vfio`.
     pub format: &'static str,
     /// `major.minor` (livemig streams).
     pub version: Option<String>,
@@ -91,6 +180,9 @@ pub struct Summary {
     pub valid: bool,
     /// The first error, if any.
     pub error: Option<String>,
+    /// Sections, RAM blocks and description of a QEMU migration file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qevm: Option<QevmSummary>,
 }
 
 impl Summary {
@@ -121,8 +213,8 @@ fn flag_names(bits: u32, names: &[(u32, &'static str)]) -> Vec<&'static str> {
         .collect()
 }
 
-/// Inspects a stream from `input`: a livemig stream (read incrementally) or QEMU VFIO framing
-/// (read whole, up to `limits.max_total`).
+/// Inspects a stream from `input`: a livemig stream (read incrementally), a QEMU migration file
+/// or QEMU VFIO framing (read whole, up to `limits.max_total`).
 pub fn inspect<R: Read>(mut input: R, limits: Limits) -> io::Result<Inspection> {
     let mut first = [0u8; 8];
     let mut n = 0;
@@ -138,7 +230,15 @@ pub fn inspect<R: Read>(mut input: R, limits: Limits) -> io::Result<Inspection> 
     } else {
         let mut all = Vec::new();
         chained.take(limits.max_total).read_to_end(&mut all)?;
-        Ok(inspect_qemu(&all, limits))
+        if qevm::looks_like_qevm(&all) {
+            let ql = QevmLimits {
+                max_vfio_chunk: limits.max_record,
+                ..QevmLimits::default()
+            };
+            Ok(inspect_qevm(&all, ql))
+        } else {
+            Ok(inspect_qemu(&all, limits))
+        }
     }
 }
 
@@ -318,9 +418,18 @@ fn inspect_qemu(data: &[u8], limits: Limits) -> Inspection {
                 dev.unspecified_bytes += d.len() as u64;
                 format!("DEV_DATA_STATE {} bytes", d.len())
             }
-            Ok(qemu::Item::Config(c)) => {
-                format!("DEV_CONFIG_STATE {} bytes (QEMU vmstate)", c.len())
-            }
+            Ok(qemu::Item::Config(c)) => match qemu::PciConfigState::parse(c) {
+                Ok(st) => {
+                    let (v, d) = st.ids();
+                    format!(
+                        "DEV_CONFIG_STATE {} bytes (PCI config {} bytes, {v:04x}:{d:04x}, MSI-X vectors {})",
+                        c.len(),
+                        st.config.len(),
+                        st.msix_vectors().unwrap_or(0)
+                    )
+                }
+                Err(_) => format!("DEV_CONFIG_STATE {} bytes", c.len()),
+            },
             Ok(qemu::Item::EndOfState) => "END_OF_STATE".into(),
             Ok(qemu::Item::SetupState) => "DEV_SETUP_STATE".into(),
             Ok(qemu::Item::InitDataSent) => "DEV_INIT_DATA_SENT".into(),
@@ -335,5 +444,232 @@ fn inspect_qemu(data: &[u8], limits: Limits) -> Inspection {
         s.records += 1;
     }
     s.devices = std::vec![dev];
+    out
+}
+
+fn vfio_item(i: &qemu::Item<'_>) -> (&'static str, u64) {
+    match i {
+        qemu::Item::EndOfState => ("END_OF_STATE", 0),
+        qemu::Item::SetupState => ("DEV_SETUP_STATE", 0),
+        qemu::Item::Data(d) => ("DEV_DATA_STATE", d.len() as u64),
+        qemu::Item::Config(c) => ("DEV_CONFIG_STATE", c.len() as u64),
+        qemu::Item::InitDataSent => ("DEV_INIT_DATA_SENT", 0),
+        qemu::Item::ConfigLoadReady => ("DEV_CONFIG_LOAD_READY", 0),
+    }
+}
+
+fn section_content(s: &qevm::Section<'_>) -> String {
+    match &s.content {
+        Content::Ram(r) => {
+            let mut t = String::new();
+            if let Some(m) = r.mem_size {
+                let _ = write!(
+                    t,
+                    "RAM block list, {m} bytes in {} blocks; ",
+                    r.blocks_listed
+                );
+            }
+            let _ = write!(t, "{} zero pages, {} pages", r.zero_pages, r.normal_pages);
+            if r.flushes > 0 {
+                let _ = write!(t, ", {} multifd flushes", r.flushes);
+            }
+            t
+        }
+        Content::Vfio { items, config } => {
+            let data: u64 = items
+                .iter()
+                .filter_map(|i| match i.item {
+                    qemu::Item::Data(d) => Some(d.len() as u64),
+                    _ => None,
+                })
+                .sum();
+            let mut t = format!("VFIO, {} items, {data} bytes of device state", items.len());
+            if let Some(c) = config {
+                let (v, d) = c.ids();
+                let _ = write!(
+                    t,
+                    "; PCI config {} bytes, {v:04x}:{d:04x}, MSI-X vectors {}",
+                    c.config.len(),
+                    c.msix_vectors().unwrap_or(0)
+                );
+            }
+            t
+        }
+        Content::Vmstate {
+            vmsd_name,
+            fields,
+            subsections,
+        } => match vmsd_name {
+            Some(n) => format!("vmstate {n:?}, {fields} fields, {subsections} subsections"),
+            None => format!("legacy state, {fields} fields"),
+        },
+    }
+}
+
+fn inspect_qevm(data: &[u8], limits: QevmLimits) -> Inspection {
+    let (file, err) = qevm::read_partial(data, limits);
+    let mut out = Inspection::default();
+    let s = &mut out.summary;
+    s.format = "qevm";
+    let mut q = QevmSummary {
+        version: file.version,
+        page_size: file.page_size,
+        eof_offset: file.eof_offset,
+        ..Default::default()
+    };
+    let _ = writeln!(
+        out.dump,
+        "QEMU migration file (QEVM version {}), {} bytes, page size {}",
+        file.version,
+        data.len(),
+        file.page_size
+    );
+    if let Some(c) = &file.configuration {
+        q.machine = Some(c.machine.to_string());
+        q.capabilities = c.capabilities.iter().map(|c| c.to_string()).collect();
+        let _ = writeln!(
+            out.dump,
+            "configuration @{}+{}: machine {:?}, capabilities {:?}",
+            c.offset, c.length, c.machine, c.capabilities
+        );
+    }
+    let mut commands = file.commands.iter().peekable();
+    let mut devices: Vec<DeviceSummary> = Vec::new();
+    for sec in &file.sections {
+        while let Some(c) = commands.next_if(|c| c.offset < sec.offset) {
+            let _ = writeln!(
+                out.dump,
+                "command @{}: {} ({} bytes)",
+                c.offset,
+                c.name(),
+                c.len
+            );
+        }
+        let content = section_content(sec);
+        let _ = writeln!(
+            out.dump,
+            "section {} @{}+{}: {} id={} {:?} instance={} version={}: {content}",
+            sec.index,
+            sec.offset,
+            sec.length,
+            sec.kind.name(),
+            sec.section_id,
+            sec.idstr,
+            sec.instance_id,
+            sec.version_id
+        );
+        let mut vfio_items = Vec::new();
+        if let Content::Vfio { items, .. } = &sec.content {
+            let dev = match devices.iter().position(|d| d.identity == sec.idstr) {
+                Some(i) => &mut devices[i],
+                None => {
+                    devices.push(DeviceSummary {
+                        device: devices.len() as u32,
+                        identity: sec.idstr.to_string(),
+                        ..Default::default()
+                    });
+                    let last = devices.len() - 1;
+                    &mut devices[last]
+                }
+            };
+            for i in items {
+                let (name, bytes) = vfio_item(&i.item);
+                let _ = writeln!(out.dump, "  item @{}: {name} {bytes} bytes", i.offset);
+                if let qemu::Item::Data(d) = i.item {
+                    dev.chunks += 1;
+                    let n = d.len() as u64;
+                    match sec.kind {
+                        SectionKind::Part => dev.precopy_bytes += n,
+                        SectionKind::End => dev.stopcopy_bytes += n,
+                        SectionKind::Start | SectionKind::Full => dev.unspecified_bytes += n,
+                    }
+                }
+                vfio_items.push(VfioItemSummary {
+                    offset: i.offset,
+                    item: name,
+                    bytes,
+                });
+            }
+        }
+        if sec.kind == SectionKind::Start && sec.idstr == "ram" {
+            for b in &file.ram_blocks {
+                let _ = writeln!(
+                    out.dump,
+                    "  RAM block {:?} @{}: {} bytes",
+                    b.name, b.offset, b.used_length
+                );
+            }
+        }
+        q.sections.push(SectionSummary {
+            index: sec.index,
+            kind: sec.kind.name(),
+            section_id: sec.section_id,
+            idstr: sec.idstr.to_string(),
+            instance_id: sec.instance_id,
+            version_id: sec.version_id,
+            offset: sec.offset,
+            length: sec.length,
+            content,
+            vfio_items,
+        });
+    }
+    for c in commands {
+        let _ = writeln!(
+            out.dump,
+            "command @{}: {} ({} bytes)",
+            c.offset,
+            c.name(),
+            c.len
+        );
+    }
+    q.commands = file
+        .commands
+        .iter()
+        .map(|c| CommandSummary {
+            offset: c.offset,
+            command: c.name(),
+            len: c.len,
+        })
+        .collect();
+    for b in &file.ram_blocks {
+        let _ = writeln!(
+            out.dump,
+            "RAM block {:?}: {} zero pages, {} pages",
+            b.name, b.zero_pages, b.normal_pages
+        );
+        q.ram_blocks.push(RamBlockSummary {
+            name: b.name.to_string(),
+            used_length: b.used_length,
+            zero_pages: b.zero_pages,
+            normal_pages: b.normal_pages,
+        });
+    }
+    if let Some(e) = file.eof_offset {
+        let _ = writeln!(out.dump, "EOF @{e}");
+    }
+    if let Some(d) = &file.description {
+        q.description_offset = Some(d.offset);
+        q.description_length = Some(d.json_length);
+        q.described_devices = d.devices().len() as u64;
+        let _ = writeln!(
+            out.dump,
+            "description @{}: {} bytes of JSON, {} devices",
+            d.offset, d.json_length, q.described_devices
+        );
+    }
+    let (zero, normal) = file.ram_pages();
+    s.zero_pages = zero;
+    s.pages = normal;
+    s.page_bytes = normal * file.page_size;
+    s.records = file.sections.len() as u64;
+    s.devices = devices;
+    match err {
+        None => s.valid = true,
+        Some(e) => {
+            let _ = writeln!(out.dump, "error: {e}");
+            s.error = Some(e.to_string());
+        }
+    }
+    s.qevm = Some(q);
     out
 }

@@ -23,8 +23,9 @@
 //!   check sequence numbers, checksums, the Compat-first rule, per-device chunk order, the End
 //!   totals and digest, and report errors with byte offset, record index and reason. No input
 //!   makes them panic.
-//! * [`qemu`] parses QEMU's VFIO section framing; `inspect` (feature `inspect`)
-//!   dumps and summarizes streams of either kind.
+//! * [`qemu`] parses QEMU's VFIO section framing; [`qevm`] reads whole QEMU migration files
+//!   (`QEVM`, as `migrate file:` writes them) and collects their VFIO device state; `inspect`
+//!   (feature `inspect`) dumps and summarizes streams of every kind.
 //!
 //! ```
 //! # #[cfg(feature = "std")] {
@@ -61,6 +62,7 @@ pub mod crc;
 pub mod error;
 pub mod format;
 pub mod qemu;
+pub mod qevm;
 pub mod slice;
 pub mod validate;
 

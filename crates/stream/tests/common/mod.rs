@@ -99,10 +99,24 @@ pub fn v1_small(checksums: bool) -> Vec<u8> {
     w.finish().unwrap()
 }
 
-/// A QEMU VFIO section framing sample, written from the documented layout.
+/// A QEMU VFIO section framing sample, written from the documented layout. The configuration
+/// is a `vmstate_vfio_pci_config` of a conventional (256-byte) configuration space that holds
+/// the END_OF_STATE bytes, so only parsing its layout finds where it ends.
 pub fn qemu_sample() -> Vec<u8> {
-    use livemig_stream::qemu::{Item, encode};
+    use livemig_stream::qemu::{END_OF_STATE, Item, PciConfigState, encode};
     let precopy: Vec<u8> = (0..300u32).map(|i| (i * 3) as u8).collect();
+    let mut space = [0u8; 256];
+    space[..4].copy_from_slice(&[0x86, 0x80, 0x15, 0x10]);
+    space[0x40..0x48].copy_from_slice(&END_OF_STATE.to_be_bytes());
+    let config = PciConfigState {
+        version_id: 2,
+        config: &space,
+        irq_state: [1, 0, 0, 0],
+        msix: None,
+        display: None,
+        display_version: 0,
+    }
+    .encode();
     encode(&[
         Item::SetupState,
         Item::EndOfState,
@@ -111,7 +125,7 @@ pub fn qemu_sample() -> Vec<u8> {
         Item::EndOfState,
         Item::Data(b"stop-copy device state"),
         Item::EndOfState,
-        Item::Config(b"\x86\x80\x15\x10pci config vmstate"),
+        Item::Config(&config),
         Item::EndOfState,
     ])
 }
