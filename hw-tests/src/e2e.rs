@@ -536,7 +536,7 @@ pub fn run_cases(r: &mut Runner) {
         let run = run(
             &p,
             &Opts {
-                src: &["--x-drop-final-iommu-harvest"],
+                src: &["--x-drop-final-harvest", "iommu"],
                 dma_rate: Some("3000"),
                 ..Opts::default()
             },
@@ -550,6 +550,32 @@ pub fn run_cases(r: &mut Runner) {
                 Ok(Outcome::Pass)
             }
             None => bail!("with the final HWPT harvest dropped the RAM still compared equal: the check cannot fail"),
+        }
+    });
+
+    r.case("e2e.negative_control_dropped_vcpu_harvest", || {
+        if let Some(s) = skip_without_livemig() {
+            return Ok(s);
+        }
+        // The same for the vCPU stand-in's pages: only the VMM write log finds them.
+        let p = pairs("mtty-2")?;
+        let run = run(
+            &p,
+            &Opts {
+                src: &["--x-drop-final-harvest", "cpu"],
+                cpu_rate: Some("5000"),
+                ..Opts::default()
+            },
+        )?;
+        ensure!(run.src_ok && run.dst_ok, "the migration itself must succeed\n{}", run.context());
+        match ram_diff(&Path::new(DIR).join("src.ram"), &Path::new(DIR).join("dst.ram"))? {
+            Some((gpa, n)) => {
+                trace!("negative control failed as expected: {n} page(s) differ, first {gpa:#x}");
+                let cpu = RAM_BASE..(RAM_BASE + RAM_SIZE / 4);
+                ensure!(cpu.contains(&gpa), "the lost page {gpa:#x} is not in the vCPU range");
+                Ok(Outcome::Pass)
+            }
+            None => bail!("with the final vCPU harvest dropped the RAM still compared equal: the check cannot fail"),
         }
     });
 
@@ -780,6 +806,53 @@ pub fn run_cases(r: &mut Runner) {
         ensure!(
             err.contains("selftest mock device"),
             "the error does not name the endpoint: {err}"
+        );
+        Ok(Outcome::Pass)
+    });
+
+    r.case("e2e.migrate_mtty_without_precopy", || {
+        if let Some(s) = skip_without_livemig() {
+            return Ok(s);
+        }
+        // STOP_COPY only: the devices quiesce through RUNNING_P2P instead of PRE_COPY_P2P.
+        let p = pairs("mtty-2")?;
+        let run = run(
+            &p,
+            &Opts {
+                src: &["--no-precopy"],
+                ..Opts::default()
+            },
+        )?;
+        verify_success(&p, &run)?;
+        Ok(Outcome::Pass)
+    });
+
+    r.case("e2e.tracking_iommu_blocked_by_mtty", || {
+        if let Some(s) = skip_without_livemig() {
+            return Ok(s);
+        }
+        // `--tracking iommu`: an mdev has no IOMMU domain of its own, so each mtty blocks the
+        // migration, named with the auto-domain outcome.
+        let p = pairs("mtty-2")?;
+        let run = run(
+            &p,
+            &Opts {
+                src: &["--tracking", "iommu"],
+                ..Opts::default()
+            },
+        )?;
+        verify_recovered(&run, &["setup"])?;
+        let err = run.src["error"].as_str().unwrap_or("");
+        for m in &p.src {
+            ensure!(
+                err.contains(&m.uuid),
+                "the error does not name {}: {err}",
+                m.uuid
+            );
+        }
+        ensure!(
+            err.contains("attached to IOAS"),
+            "the error does not give the reason: {err}"
         );
         Ok(Outcome::Pass)
     });

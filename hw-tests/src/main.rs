@@ -20,6 +20,7 @@ mod lab;
 mod mock;
 mod mtty;
 mod pci;
+mod qemu_peer;
 mod util;
 mod viommu_cases;
 
@@ -47,6 +48,7 @@ fn run_plan(plan: &Plan, runner: &mut Runner) -> Result<()> {
                 mtty::run(runner);
                 cli_cases::run(runner);
                 e2e::run_cases(runner);
+                qemu_peer::run(runner);
             }
             "vtd" => pci::run(runner, pci::Vendor::IntelVtd),
             "amdvi" => pci::run(runner, pci::Vendor::AmdVi),

@@ -151,6 +151,20 @@ pub fn command_line(
     c
 }
 
+/// The virtio-9p shares of the mock profile: this machine's root read-only as `hostroot`
+/// (../shared/recipes/qemu-in-rig.md), and `out` writable for results.
+pub fn shares(out: &Path) -> Vec<String> {
+    vec![
+        "-virtfs".into(),
+        "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap".into(),
+        "-virtfs".into(),
+        format!(
+            "local,path={},mount_tag=out,security_model=none",
+            out.display()
+        ),
+    ]
+}
+
 /// How a guest run ended.
 #[derive(Debug)]
 pub struct Run {

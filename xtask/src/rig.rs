@@ -525,7 +525,16 @@ pub fn rig(opts: &Options) -> Result<()> {
         if let Some(f) = &opts.filter {
             extra.push(format!("livemig.filter={f}"));
         }
-        let argv = qemu::command_line(QEMU, accel, GUEST_MEMORY_MIB, &kernel, &initrd, p, &extra);
+        let mut argv =
+            qemu::command_line(QEMU, accel, GUEST_MEMORY_MIB, &kernel, &initrd, p, &extra);
+        if p.name == "mock" {
+            // QEMU as a migration peer inside the guest (hw-tests qemu_peer): this machine's
+            // root, read-only, so the guest runs the very QEMU and libraries installed here,
+            // and a writable directory for the files it writes (kept as fixtures).
+            let out = rig.join("out");
+            std::fs::create_dir_all(&out)?;
+            argv.extend(qemu::shares(&out));
+        }
         let log = logs.join(format!("{}.log", p.name));
         if opts.keep_artifacts {
             eprintln!("rig: {}", argv.join(" "));

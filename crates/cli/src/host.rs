@@ -124,10 +124,10 @@ pub struct WorkArgs {
 
 #[derive(Args, Clone, Debug, Default)]
 pub struct SourceFaults {
-    /// Negative control: discard the IOMMU tracker's final harvest (the pages the mock
-    /// device dirtied in the last round are never resent).
+    /// Negative control: discard one tracker's final (stop-and-copy) harvest, `iommu` (the
+    /// pages the mock device dirtied last are never resent) or `cpu` (the writer's).
     #[arg(long, hide = true)]
-    x_drop_final_iommu_harvest: bool,
+    x_drop_final_harvest: Option<String>,
 }
 
 #[derive(Args, Clone, Debug, Default)]
@@ -304,8 +304,26 @@ fn device_json(d: &mut dyn MigDevice, again: Option<MigrationState>) -> Result<D
     })
 }
 
-/// The IOMMU tracker with its final (stop-and-copy) harvest discarded: the negative control
-/// that the end-to-end RAM comparison must catch.
+/// A placeholder while a tracker is being wrapped.
+struct NoTracker;
+
+impl DirtyTracker for NoTracker {
+    fn name(&self) -> String {
+        "none".into()
+    }
+    fn start(&mut self) -> Result<(), BoxError> {
+        Ok(())
+    }
+    fn harvest(&mut self, _into: &mut PageBitmap) -> Result<u64, BoxError> {
+        Ok(0)
+    }
+    fn stop(&mut self) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+/// A tracker with its final (stop-and-copy) harvest discarded: the negative control that the
+/// end-to-end RAM comparison must catch.
 struct DropFinalHarvest {
     inner: Box<dyn DirtyTracker>,
     stopping: Arc<std::sync::atomic::AtomicBool>,
@@ -390,15 +408,26 @@ fn migrate(
         let workload = Workload::start(writers).map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut platform = host.source(&workload).map_err(|e| anyhow::anyhow!("{e}"))?;
         let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        if faults.x_drop_final_iommu_harvest {
-            let inner = platform
-                .iommu
-                .take()
-                .context("--x-drop-final-iommu-harvest: there is no IOMMU tracker")?;
-            platform.iommu = Some(Box::new(DropFinalHarvest {
-                inner,
-                stopping: stopping.clone(),
-            }));
+        match faults.x_drop_final_harvest.as_deref() {
+            None => {}
+            Some("iommu") => {
+                let inner = platform
+                    .iommu
+                    .take()
+                    .context("--x-drop-final-harvest iommu: there is no IOMMU tracker")?;
+                platform.iommu = Some(Box::new(DropFinalHarvest {
+                    inner,
+                    stopping: stopping.clone(),
+                }));
+            }
+            Some("cpu") => {
+                let inner = std::mem::replace(&mut platform.cpu, Box::new(NoTracker));
+                platform.cpu = Box::new(DropFinalHarvest {
+                    inner,
+                    stopping: stopping.clone(),
+                });
+            }
+            Some(other) => bail!("--x-drop-final-harvest {other:?}: expected iommu or cpu"),
         }
         std::thread::sleep(work.warmup);
         let mut source = Source::new(platform, cfg);
