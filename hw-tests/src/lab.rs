@@ -215,6 +215,27 @@ pub fn run(r: &mut Runner, cfg: &LabConfig) {
             };
             save_restore(d, target)
         });
+
+        for (case, f) in [
+            (
+                "migrate_engine",
+                crate::lab_e2e::migrate_engine as fn(&Device, &Device) -> Result<Outcome>,
+            ),
+            ("migrate_kvm_vm", crate::lab_e2e::migrate_kvm_vm),
+        ] {
+            r.case(&format!("lab.{n}.{case}"), || {
+                if let Some(why) = absent(d) {
+                    return skip(why);
+                }
+                let Some(td) = crate::lab_e2e::target(cfg, d)? else {
+                    return skip(format!("{} has no resume_into pair", d.name));
+                };
+                if let Some(why) = absent(td) {
+                    return skip(format!("resume target: {why}"));
+                }
+                f(d, td)
+            });
+        }
     }
 }
 

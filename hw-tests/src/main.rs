@@ -17,6 +17,7 @@ mod e2e_p2p;
 mod harness;
 mod iommufd_cases;
 mod lab;
+mod lab_e2e;
 mod mock;
 mod mtty;
 mod pci;
