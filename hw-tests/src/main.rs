@@ -14,6 +14,7 @@
 mod cli_cases;
 mod e2e;
 mod e2e_p2p;
+mod fw;
 mod harness;
 mod iommufd_cases;
 mod lab;
@@ -24,6 +25,7 @@ mod pci;
 mod qemu_peer;
 mod util;
 mod viommu_cases;
+mod vtd_fw;
 
 use anyhow::{Context, Result, bail};
 
@@ -53,6 +55,7 @@ fn run_plan(plan: &Plan, runner: &mut Runner) -> Result<()> {
             }
             "vtd" => pci::run(runner, pci::Vendor::IntelVtd),
             "amdvi" => pci::run(runner, pci::Vendor::AmdVi),
+            "vtd-fw" => vtd_fw::run(runner),
             // The L1 guest of `cargo xtask hw-test --nested`: its config is in the initramfs.
             "lab" => lab::run(runner, &lab::LabConfig::load("/lab.toml")?),
             other => bail!("unknown profile {other:?} (expected mock, vtd or amdvi)"),

@@ -104,6 +104,32 @@ pub fn profiles() -> Vec<Profile> {
                 "livemig.profile=amdvi",
             ]),
         },
+        Profile {
+            name: "vtd-fw",
+            about: "q35 + emulated Intel VT-d in scalable mode with first-stage translation \
+                    (x-flts=on) + edu, the kernel's IOMMU driver off: a hw-tests program owns \
+                    the unit through /dev/mem (base from the ACPI DMAR table) and a reserved \
+                    RAM range (memmap=) for its tables, makes edu DMA through its first-stage \
+                    tables and reads back the Accessed/Dirty bits and fault records QEMU wrote \
+                    (../shared/recipes/vtd-firmware.md)",
+            machine: "q35",
+            kvm_machine: "",
+            devices: args(&[
+                "-cpu",
+                "max",
+                "-device",
+                "intel-iommu,x-scalable-mode=on,x-flts=on,intremap=off",
+                "-device",
+                "edu,addr=04.0,dma_mask=0xffffffffffff",
+            ]),
+            cmdline: args(&[
+                "intel_iommu=off",
+                "intremap=off",
+                // 16 MiB at 256 MiB (inside the rig's 512 MiB of RAM) for tables and DMA pages.
+                "memmap=16M$0x10000000",
+                "livemig.profile=vtd-fw",
+            ]),
+        },
     ]
 }
 
@@ -299,7 +325,7 @@ mod tests {
         let p = profiles();
         assert_eq!(
             p.iter().map(|p| p.name).collect::<Vec<_>>(),
-            ["mock", "vtd", "amdvi"]
+            ["mock", "vtd", "amdvi", "vtd-fw"]
         );
         let c = command_line(
             "qemu-system-x86_64",
