@@ -63,6 +63,7 @@ const HUGE: u64 = 0x20_0000;
 /// IOVAs: 4 KiB pages at 1 GiB, a 2 MiB page at 2 GiB.
 const IOVA: u64 = 0x4000_0000;
 const IOVA_HUGE: u64 = 0x8000_0000;
+const IOVA_1G: u64 = 0x80_0000_0000;
 const DID: u64 = 1;
 
 /// The unit, its tables and edu.
@@ -147,12 +148,25 @@ impl Unit {
         self.qi([6 | (3 << 4) | (DID << 16), iova & !0xfff | am, 0, 0])
     }
 
-    /// Maps `iova` → `pa` as a 4 KiB page (or a 2 MiB leaf) with `flags` (P|US implied).
-    fn map(&mut self, iova: u64, pa: u64, huge: bool, writable: bool) -> Result<()> {
+    /// Maps `iova` → `pa` as a leaf of 4 KiB, 2 MiB or 1 GiB (`size`), writable or not,
+    /// user (U/S = 1, which first-stage DMA requires at every level) or not.
+    fn map_leaf(
+        &mut self,
+        iova: u64,
+        pa: u64,
+        size: u64,
+        writable: bool,
+        user: bool,
+    ) -> Result<()> {
+        let (levels, shift): (&[u32], u32) = match size {
+            0x1000 => (&[39, 30, 21], 12),
+            0x20_0000 => (&[39, 30], 21),
+            0x4000_0000 => (&[39], 30),
+            other => bail!("no first-stage leaf of {other:#x} bytes"),
+        };
         let mut table = self.pml4;
-        let levels: &[u32] = if huge { &[39, 30] } else { &[39, 30, 21] };
-        for &shift in levels {
-            let idx = (iova >> shift) & 0x1ff;
+        for &sh in levels {
+            let idx = (iova >> sh) & 0x1ff;
             let e = self.mem.r64(table + idx * 8);
             table = if e & P != 0 {
                 (e & ADDR) - RESERVED
@@ -162,11 +176,24 @@ impl Unit {
                 t
             };
         }
-        let shift = if huge { 21 } else { 12 };
         let idx = (iova >> shift) & 0x1ff;
-        let leaf = pa | P | US | if writable { RW } else { 0 } | if huge { PS } else { 0 };
+        let leaf = pa
+            | P
+            | if user { US } else { 0 }
+            | if writable { RW } else { 0 }
+            | if size > 0x1000 { PS } else { 0 };
         self.mem.w64(table + idx * 8, leaf);
         Ok(())
+    }
+
+    fn map(&mut self, iova: u64, pa: u64, huge: bool, writable: bool) -> Result<()> {
+        self.map_leaf(
+            iova,
+            pa,
+            if huge { 0x20_0000 } else { 0x1000 },
+            writable,
+            true,
+        )
     }
 
     /// The entries on the walk to `iova`, top first (offsets into the reserved range).
@@ -350,6 +377,9 @@ pub fn run(r: &mut Runner) {
         }
         u.map(page(16), u.pa(data_off(16)), false, false)?;
         u.map(page(SRC), u.pa(data_off(SRC)), false, true)?;
+        // Page 18 without U/S; a 1 GiB leaf at IOVA_1G over guest-physical 0 (FS1GP).
+        u.map_leaf(page(18), u.pa(data_off(18)), 0x1000, true, false)?;
+        u.map_leaf(IOVA_1G, 0, 0x4000_0000, true, true)?;
         u.map(page(SINK), u.pa(data_off(SINK)), false, true)?;
         u.map(IOVA_HUGE, u.pa(HUGE), true, true)?;
         u.mem.fill(DATA, 32 * 0x1000, 0);
@@ -574,9 +604,52 @@ pub fn run(r: &mut Runner) {
         );
         Ok(Outcome::Pass)
     });
+
+    r.case(CASES[12], || {
+        // A 1 GiB leaf over guest-physical 0: a write at IOVA_1G + x lands at physical x.
+        let off = data_off(20);
+        u.mem.fill(off, 4096, 0);
+        u.write(IOVA_1G + RESERVED + off, 4096, 0x1e)?;
+        ensure!(
+            u.mem.all(off, 4096, 0x1e),
+            "the data is not at the 1 GiB page's offset"
+        );
+        let walk = u.walk(IOVA_1G)?;
+        check_eq!(walk.len(), 2, "a 1 GiB leaf is the second level");
+        let e = walk[1].1;
+        ensure!(e & PS != 0 && e & A != 0 && e & D != 0, "1 GiB leaf {e:#x}");
+        Ok(Outcome::Pass)
+    });
+
+    r.case(CASES[13], || {
+        // First-stage DMA is a user access: a leaf with U/S = 0 faults (reason 0x81) and
+        // nothing lands.
+        let _ = u.take_fault()?;
+        u.mem.fill(data_off(18), 4096, 0x18);
+        u.write(page(18), 4096, 0xff)?;
+        let f = u
+            .take_fault()?
+            .context("no fault for a supervisor-only page")?;
+        check_eq!(f.0, 0x81, "fault reason");
+        ensure!(u.mem.all(data_off(18), 4096, 0x18), "the page changed");
+        Ok(Outcome::Pass)
+    });
+
+    r.case(CASES[14], || {
+        // A read of an unmapped IOVA: reason 0x71, recorded as a read (type bit set).
+        let _ = u.take_fault()?;
+        let _ = u.read_is(page(19), 4096, 0);
+        let f = u.take_fault()?.context("no fault for an unmapped read")?;
+        check_eq!(
+            (f.0, f.1, f.3),
+            (0x71, true, page(19)),
+            "(reason, read, address)"
+        );
+        Ok(Outcome::Pass)
+    });
 }
 
-const CASES: [&str; 12] = [
+const CASES: [&str; 15] = [
     "vtdfw.dma_write_lands_at_the_translated_page",
     "vtdfw.dma_read_from_the_translated_page",
     "vtdfw.write_sets_a_at_every_level_and_d_at_the_leaf",
@@ -589,4 +662,7 @@ const CASES: [&str; 12] = [
     "vtdfw.unmapped_write_faults_0x71",
     "vtdfw.read_only_write_faults_0x85",
     "vtdfw.harvest_reports_exactly_the_written_pages",
+    "vtdfw.huge_1g_leaf_translates_and_gets_d",
+    "vtdfw.user_bit_clear_faults_0x81",
+    "vtdfw.unmapped_read_faults_as_a_read",
 ];
