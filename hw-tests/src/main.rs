@@ -26,6 +26,7 @@ mod qemu_peer;
 mod util;
 mod viommu_cases;
 mod vtd_fw;
+mod vtd_fw_legacy;
 
 use anyhow::{Context, Result, bail};
 
@@ -56,6 +57,7 @@ fn run_plan(plan: &Plan, runner: &mut Runner) -> Result<()> {
             "vtd" => pci::run(runner, pci::Vendor::IntelVtd),
             "amdvi" => pci::run(runner, pci::Vendor::AmdVi),
             "vtd-fw" => vtd_fw::run(runner),
+            "vtd-fw-legacy" => vtd_fw_legacy::run(runner),
             // The L1 guest of `cargo xtask hw-test --nested`: its config is in the initramfs.
             "lab" => lab::run(runner, &lab::LabConfig::load("/lab.toml")?),
             other => bail!("unknown profile {other:?} (expected mock, vtd or amdvi)"),

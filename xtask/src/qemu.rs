@@ -130,6 +130,26 @@ pub fn profiles() -> Vec<Profile> {
                 "livemig.profile=vtd-fw",
             ]),
         },
+        Profile {
+            name: "vtd-fw-legacy",
+            about: "q35 + emulated Intel VT-d in legacy mode (second-stage tables, 48-bit) + \
+                    edu, the kernel's IOMMU driver off: the second-stage half of vtd-fw (the \
+                    first-stage machine advertises no second stage)",
+            machine: "q35",
+            kvm_machine: "",
+            devices: args(&[
+                "-device",
+                "intel-iommu,intremap=off,aw-bits=48",
+                "-device",
+                "edu,addr=04.0,dma_mask=0xffffffffffff",
+            ]),
+            cmdline: args(&[
+                "intel_iommu=off",
+                "intremap=off",
+                "memmap=16M$0x10000000",
+                "livemig.profile=vtd-fw-legacy",
+            ]),
+        },
     ]
 }
 
@@ -325,7 +345,7 @@ mod tests {
         let p = profiles();
         assert_eq!(
             p.iter().map(|p| p.name).collect::<Vec<_>>(),
-            ["mock", "vtd", "amdvi", "vtd-fw"]
+            ["mock", "vtd", "amdvi", "vtd-fw", "vtd-fw-legacy"]
         );
         let c = command_line(
             "qemu-system-x86_64",
