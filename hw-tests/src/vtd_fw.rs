@@ -2,9 +2,8 @@
 //! (`intel_iommu=off`): scalable mode, first-stage (x86-64 format) translation for `edu`, its
 //! tables in a reserved RAM range (`memmap=16M$0x10000000`), registers through /dev/mem at the
 //! base the ACPI DMAR table gives. Values and QEMU's measured behaviour:
-//! ../shared/recipes/vtd-firmware.md. Register offsets and entry layouts: Intel VT-d
-//! specification 4.x, chapters 9 (translation structures), 6.5 (queued invalidation), 10-11
-//! (registers).
+//! ../shared/recipes/vtd-firmware.md. Register offsets and entry layouts: the Intel VT-d
+//! specification (translation structures, queued invalidation, register descriptions).
 //!
 //! Two of the cases prove QEMU deviations from the specification that lose dirty state; they
 //! are written to fail on a conforming implementation, so the day QEMU fixes them they say so.
@@ -17,7 +16,7 @@ use crate::fw::{Edu, Phys, dmar_units};
 use crate::harness::{Outcome, Runner};
 use crate::trace;
 
-// Registers (VT-d 11.4).
+// Registers (VT-d specification, register descriptions).
 const CAP: u64 = 0x08;
 const ECAP: u64 = 0x10;
 const GCMD: u64 = 0x18;
@@ -38,7 +37,8 @@ const IQA_DW: u64 = 1 << 11;
 /// FSTS.PPF: a primary fault is pending.
 const FSTS_PPF: u32 = 1 << 1;
 
-// First-stage entry bits (VT-d 9.9; the x86-64 paging layout).
+// First-stage entry bits (VT-d specification, first-stage paging entries: the x86-64
+// paging layout).
 const P: u64 = 1 << 0;
 const RW: u64 = 1 << 1;
 const US: u64 = 1 << 2;
@@ -222,7 +222,7 @@ impl Unit {
         Ok(())
     }
 
-    /// The pending fault, decoded (VT-d 11.4.14, fault recording register): (reason, is_read,
+    /// The pending fault, decoded (VT-d specification, fault recording registers): (reason, is_read,
     /// source id, address); the record is cleared.
     fn take_fault(&self) -> Result<Option<(u8, bool, u16, u64)>> {
         if self.regs.r32(FSTS) & FSTS_PPF == 0 {

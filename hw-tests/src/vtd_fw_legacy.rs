@@ -1,9 +1,9 @@
 //! Profile `vtd-fw-legacy`: the second-stage side of QEMU 10.0's VT-d, driven by this program.
 //! The verified first-stage machine (`x-flts=on`) advertises no second stage; QEMU translates
 //! with second-stage tables in legacy mode (`intel-iommu,intremap=off`, no scalable mode,
-//! `aw-bits` 48 for 4-level tables). Structures: Intel VT-d 4.x 9.1 (root entry), 9.3 (context
-//! entry: TT = 00, untranslated requests through second-stage tables), 9.8 (second-stage
-//! entries: R bit 0, W bit 1, PS bit 7, A bit 8 and D bit 9 only with ECAP.SLADS). Queued
+//! `aw-bits` 48 for 4-level tables). Structures (VT-d specification): the root entry, the legacy
+//! context entry (TT = 00: untranslated requests through second-stage tables), second-stage
+//! entries (R bit 0, W bit 1, PS bit 7, A bit 8 and D bit 9 only with ECAP.SLADS). Queued
 //! invalidation with 128-bit descriptors (IQA.DW = 0).
 
 use anyhow::{Context, Result, bail, ensure};
@@ -341,7 +341,7 @@ pub fn run(r: &mut Runner) {
             (false, u.edu.source_id()?, page(17)),
             "(read, sid, address)"
         );
-        // VT-d 7.1.3: 0x5 is a write without write permission (a non-present entry grants none).
+        // VT-d fault reason 0x5: a write without write permission (a non-present entry grants none).
         check_eq!(f.0, 0x5, "fault reason");
         ensure!(u.mem.all(data_off(17), 4096, 0xee), "the canary changed");
         Ok(Outcome::Pass)
@@ -361,7 +361,7 @@ pub fn run(r: &mut Runner) {
         Ok(Outcome::Pass)
     });
     r.case(CASES[6], || {
-        // VT-d 7.1.3: 0x6 is a read without read permission.
+        // VT-d fault reason 0x6: a read without read permission.
         let _ = u.take_fault()?;
         let _ = u.read_is(page(9), 4096, 0);
         let f = u
