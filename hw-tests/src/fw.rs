@@ -159,6 +159,45 @@ pub fn dmar_units() -> Result<Vec<u64>> {
     Ok(out)
 }
 
+/// The MMIO base of every AMD IOMMU in the ACPI IVRS table (AMD IOMMU specification 48882,
+/// IVRS: IVHD blocks of type 0x10, 0x11 or 0x40 after the 48-byte header; the IOMMU base
+/// address at offset 8 of the block).
+pub fn ivrs_units() -> Result<Vec<u64>> {
+    let t =
+        std::fs::read("/sys/firmware/acpi/tables/IVRS").context("reading the ACPI IVRS table")?;
+    ensure!(
+        t.len() >= 48 && &t[..4] == b"IVRS",
+        "not an IVRS table ({} bytes)",
+        t.len()
+    );
+    let len = u32::from_le_bytes(t[4..8].try_into()?) as usize;
+    ensure!(
+        len <= t.len(),
+        "IVRS length {len} exceeds the {} bytes read",
+        t.len()
+    );
+    let mut out = Vec::new();
+    let mut at = 48;
+    while at + 4 <= len {
+        let ty = t[at];
+        let l = u16::from_le_bytes(t[at + 2..at + 4].try_into()?) as usize;
+        ensure!(
+            l >= 4 && at + l <= len,
+            "IVRS block at {at} (type {ty:#x}) has length {l}"
+        );
+        if matches!(ty, 0x10 | 0x11 | 0x40) {
+            ensure!(l >= 16, "IVHD at {at} is {l} bytes");
+            // The same IOMMU may be described by a type 10h and a type 11h block.
+            let base = u64::from_le_bytes(t[at + 8..at + 16].try_into()?);
+            if !out.contains(&base) {
+                out.push(base);
+            }
+        }
+        at += l;
+    }
+    Ok(out)
+}
+
 const EDU_VENDOR: &str = "0x1234";
 const EDU_DEVICE: &str = "0x11e8";
 /// edu (QEMU docs/specs/edu.rst): identification, DMA source, destination, count, command

@@ -11,6 +11,7 @@
 //! `[hw-tests] skip NAME: why` (each announced first by `[hw-tests] run NAME`, so a hang shows
 //! where), and last `[hw-tests] N passed, N failed`.
 
+mod amdvi_fw;
 mod cli_cases;
 mod e2e;
 mod e2e_p2p;
@@ -58,6 +59,7 @@ fn run_plan(plan: &Plan, runner: &mut Runner) -> Result<()> {
             "amdvi" => pci::run(runner, pci::Vendor::AmdVi),
             "vtd-fw" => vtd_fw::run(runner),
             "vtd-fw-legacy" => vtd_fw_legacy::run(runner),
+            "amdvi-fw" => amdvi_fw::run(runner),
             // The L1 guest of `cargo xtask hw-test --nested`: its config is in the initramfs.
             "lab" => lab::run(runner, &lab::LabConfig::load("/lab.toml")?),
             other => bail!("unknown profile {other:?} (expected mock, vtd or amdvi)"),

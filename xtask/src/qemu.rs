@@ -150,6 +150,26 @@ pub fn profiles() -> Vec<Profile> {
                 "livemig.profile=vtd-fw-legacy",
             ]),
         },
+        Profile {
+            name: "amdvi-fw",
+            about: "q35 + emulated AMD IOMMU + edu, the kernel's IOMMU driver off: a hw-tests \
+                    program owns the unit (device table, command buffer, event log, v1 tables) \
+                    through /dev/mem, base from the ACPI IVRS table",
+            machine: "q35",
+            kvm_machine: "",
+            devices: args(&[
+                "-device",
+                "amd-iommu,intremap=off,pt=off",
+                "-device",
+                "edu,addr=04.0,dma_mask=0xffffffffffff",
+            ]),
+            cmdline: args(&[
+                "amd_iommu=off",
+                "noapic",
+                "memmap=16M$0x10000000",
+                "livemig.profile=amdvi-fw",
+            ]),
+        },
     ]
 }
 
@@ -345,7 +365,14 @@ mod tests {
         let p = profiles();
         assert_eq!(
             p.iter().map(|p| p.name).collect::<Vec<_>>(),
-            ["mock", "vtd", "amdvi", "vtd-fw", "vtd-fw-legacy"]
+            [
+                "mock",
+                "vtd",
+                "amdvi",
+                "vtd-fw",
+                "vtd-fw-legacy",
+                "amdvi-fw"
+            ]
         );
         let c = command_line(
             "qemu-system-x86_64",
