@@ -496,11 +496,24 @@ fn skip_without_livemig() -> Option<Outcome> {
         .then(|| Outcome::Skip(format!("{LIVEMIG} is not in the initramfs")))
 }
 
+/// A case that needs `/bin/livemig`: skipped (with the reason) without it.
+fn case(r: &mut Runner, name: &str, f: impl FnOnce() -> Result<()>) {
+    r.case(name, || match skip_without_livemig() {
+        Some(s) => Ok(s),
+        None => f().map(|()| Outcome::Pass),
+    });
+}
+
+/// A migration that must fail with the source recovered, in one of `phases`.
+fn failing(ty: &str, o: &Opts<'_>, phases: &[&str]) -> Result<(Pairs, Run)> {
+    let p = pairs(ty)?;
+    let run = run(&p, o)?;
+    verify_recovered(&run, phases)?;
+    Ok((p, run))
+}
+
 pub fn run_cases(r: &mut Runner) {
-    r.case("e2e.migrate_mtty_mock_hwpt_tcp", || {
-        if let Some(s) = skip_without_livemig() {
-            return Ok(s);
-        }
+    case(r, "e2e.migrate_mtty_mock_hwpt_tcp", || {
         let p = pairs("mtty-2")?;
         let run = run(&p, &Opts::default())?;
         verify_success(&p, &run)?;
@@ -523,13 +536,10 @@ pub fn run_cases(r: &mut Runner) {
             setup.contains("the device has no IOMMU of its own (ENOENT)"),
             "the mtty attach did not meet the mock's HWPT first: {setup}"
         );
-        Ok(Outcome::Pass)
+        Ok(())
     });
 
-    r.case("e2e.negative_control_dropped_hwpt_harvest", || {
-        if let Some(s) = skip_without_livemig() {
-            return Ok(s);
-        }
+    case(r, "e2e.negative_control_dropped_hwpt_harvest", || {
         // Expected to fail the RAM comparison: the pages the mock device wrote in the last
         // round are found only by the HWPT harvest that is dropped.
         let p = pairs("mtty-2")?;
@@ -541,22 +551,31 @@ pub fn run_cases(r: &mut Runner) {
                 ..Opts::default()
             },
         )?;
-        ensure!(run.src_ok && run.dst_ok, "the migration itself must succeed\n{}", run.context());
-        match ram_diff(&Path::new(DIR).join("src.ram"), &Path::new(DIR).join("dst.ram"))? {
+        ensure!(
+            run.src_ok && run.dst_ok,
+            "the migration itself must succeed\n{}",
+            run.context()
+        );
+        match ram_diff(
+            &Path::new(DIR).join("src.ram"),
+            &Path::new(DIR).join("dst.ram"),
+        )? {
             Some((gpa, n)) => {
                 trace!("negative control failed as expected: {n} page(s) differ, first {gpa:#x}");
                 let dma = (RAM_BASE + RAM_SIZE / 4)..(RAM_BASE + RAM_SIZE / 2);
-                ensure!(dma.contains(&gpa), "the lost page {gpa:#x} is not in the DMA range");
-                Ok(Outcome::Pass)
+                ensure!(
+                    dma.contains(&gpa),
+                    "the lost page {gpa:#x} is not in the DMA range"
+                );
+                Ok(())
             }
-            None => bail!("with the final HWPT harvest dropped the RAM still compared equal: the check cannot fail"),
+            None => bail!(
+                "with the final HWPT harvest dropped the RAM still compared equal: the check cannot fail"
+            ),
         }
     });
 
-    r.case("e2e.negative_control_dropped_vcpu_harvest", || {
-        if let Some(s) = skip_without_livemig() {
-            return Ok(s);
-        }
+    case(r, "e2e.negative_control_dropped_vcpu_harvest", || {
         // The same for the vCPU stand-in's pages: only the VMM write log finds them.
         let p = pairs("mtty-2")?;
         let run = run(
@@ -567,22 +586,31 @@ pub fn run_cases(r: &mut Runner) {
                 ..Opts::default()
             },
         )?;
-        ensure!(run.src_ok && run.dst_ok, "the migration itself must succeed\n{}", run.context());
-        match ram_diff(&Path::new(DIR).join("src.ram"), &Path::new(DIR).join("dst.ram"))? {
+        ensure!(
+            run.src_ok && run.dst_ok,
+            "the migration itself must succeed\n{}",
+            run.context()
+        );
+        match ram_diff(
+            &Path::new(DIR).join("src.ram"),
+            &Path::new(DIR).join("dst.ram"),
+        )? {
             Some((gpa, n)) => {
                 trace!("negative control failed as expected: {n} page(s) differ, first {gpa:#x}");
                 let cpu = RAM_BASE..(RAM_BASE + RAM_SIZE / 4);
-                ensure!(cpu.contains(&gpa), "the lost page {gpa:#x} is not in the vCPU range");
-                Ok(Outcome::Pass)
+                ensure!(
+                    cpu.contains(&gpa),
+                    "the lost page {gpa:#x} is not in the vCPU range"
+                );
+                Ok(())
             }
-            None => bail!("with the final vCPU harvest dropped the RAM still compared equal: the check cannot fail"),
+            None => bail!(
+                "with the final vCPU harvest dropped the RAM still compared equal: the check cannot fail"
+            ),
         }
     });
 
-    r.case("e2e.negative_control_noop_resume", || {
-        if let Some(s) = skip_without_livemig() {
-            return Ok(s);
-        }
+    case(r, "e2e.negative_control_noop_resume", || {
         let p = pairs("mtty-2")?;
         let run = run(
             &p,
@@ -595,48 +623,37 @@ pub fn run_cases(r: &mut Runner) {
             Ok(()) => bail!("a destination device that loaded nothing passed the checks"),
             Err(e) => {
                 trace!("negative control failed as expected: {e:#}");
-                Ok(Outcome::Pass)
+                Ok(())
             }
         }
     });
 
-    r.case("e2e.fault_destination_killed_at_compat", || {
-        if let Some(s) = skip_without_livemig() {
-            return Ok(s);
-        }
-        let p = pairs("mtty-2")?;
-        let run = run(
-            &p,
+    case(r, "e2e.fault_destination_killed_at_compat", || {
+        failing(
+            "mtty-2",
             &Opts {
                 dst: &["--x-die-at", "compat"],
                 ..Opts::default()
             },
+            &["compat"],
         )?;
-        verify_recovered(&run, &["compat"])?;
-        Ok(Outcome::Pass)
+        Ok(())
     });
 
-    r.case("e2e.fault_destination_killed_in_precopy", || {
-        if let Some(s) = skip_without_livemig() {
-            return Ok(s);
-        }
-        let p = pairs("mtty-2")?;
-        let run = run(
-            &p,
+    case(r, "e2e.fault_destination_killed_in_precopy", || {
+        failing(
+            "mtty-2",
             &Opts {
                 src: &["--downtime", "1ms", "--max-rounds", "50"],
                 dst: &["--x-die-at", "round:1"],
                 ..Opts::default()
             },
+            &["pre-copy"],
         )?;
-        verify_recovered(&run, &["pre-copy"])?;
-        Ok(Outcome::Pass)
+        Ok(())
     });
 
-    r.case("e2e.fault_destination_killed_in_stop_copy", || {
-        if let Some(s) = skip_without_livemig() {
-            return Ok(s);
-        }
+    case(r, "e2e.fault_destination_killed_in_stop_copy", || {
         // A large final round (a fast writer over 8 MiB, two rounds) keeps the source
         // sending when the destination dies, so it fails before End and must recover.
         let p = pairs("mtty-2")?;
@@ -649,7 +666,11 @@ pub fn run_cases(r: &mut Runner) {
                 ..Opts::default()
             },
         )?;
-        ensure!(run.killed, "the source never entered stop-and-copy\n{}", run.context());
+        ensure!(
+            run.killed,
+            "the source never entered stop-and-copy\n{}",
+            run.context()
+        );
         if run.src["outcome"] == "stopped" {
             bail!(
                 "the source had sent End before the kill landed (it stays stopped, correctly, but this case wants the failure before End): {}",
@@ -657,13 +678,10 @@ pub fn run_cases(r: &mut Runner) {
             );
         }
         verify_recovered(&run, &["stop-and-copy"])?;
-        Ok(Outcome::Pass)
+        Ok(())
     });
 
-    r.case("e2e.fault_destination_killed_at_handover", || {
-        if let Some(s) = skip_without_livemig() {
-            return Ok(s);
-        }
+    case(r, "e2e.fault_destination_killed_at_handover", || {
         // After End the destination may already run: the source must stay stopped, keep its
         // state and say so.
         let p = pairs("mtty-2")?;
@@ -700,58 +718,47 @@ pub fn run_cases(r: &mut Runner) {
         }
         check_eq!(run.src["writes_after_recovery"], 0);
         no_fd_leak(&run.src, "source")?;
-        Ok(Outcome::Pass)
+        Ok(())
     });
 
-    r.case("e2e.fault_corrupted_stream", || {
-        if let Some(s) = skip_without_livemig() {
-            return Ok(s);
-        }
+    case(r, "e2e.fault_corrupted_stream", || {
         // One byte flipped well into the RAM pages: the record checksum refuses it.
-        let p = pairs("mtty-2")?;
-        let run = run(
-            &p,
+        let (_, run) = failing(
+            "mtty-2",
             &Opts {
                 dst: &["--x-corrupt-stream-at", "1000000"],
                 ..Opts::default()
             },
+            &["pre-copy", "stop-and-copy", "start"],
         )?;
-        verify_recovered(&run, &["pre-copy", "stop-and-copy", "start"])?;
         let derr = run.dst["error"].as_str().unwrap_or("");
         ensure!(
             derr.contains("offset") || derr.contains("checksum") || derr.contains("CRC"),
             "destination error: {derr}"
         );
-        Ok(Outcome::Pass)
+        Ok(())
     });
 
-    r.case("e2e.fault_device_error_in_resuming", || {
-        if let Some(s) = skip_without_livemig() {
-            return Ok(s);
-        }
+    case(r, "e2e.fault_device_error_in_resuming", || {
         // Device 0 gets a corrupted header: mtty refuses it, the destination resets its
         // devices and reports the failure, the source recovers.
-        let p = pairs("mtty-2")?;
-        let run = run(
-            &p,
+        let (p, run) = failing(
+            "mtty-2",
             &Opts {
                 dst: &["--x-corrupt-device-state"],
                 ..Opts::default()
             },
+            &["pre-copy", "stop-and-copy", "handover"],
         )?;
-        verify_recovered(&run, &["pre-copy", "stop-and-copy", "handover"])?;
         let derr = run.dst["error"].as_str().unwrap_or("");
         ensure!(
             derr.contains(&p.dst[0].uuid),
             "the destination's error does not name device 0: {derr}"
         );
-        Ok(Outcome::Pass)
+        Ok(())
     });
 
-    r.case("e2e.wrong_mdev_type_refused_before_resuming", || {
-        if let Some(s) = skip_without_livemig() {
-            return Ok(s);
-        }
+    case(r, "e2e.wrong_mdev_type_refused_before_resuming", || {
         // mtty-1 devices on the destination: compat refuses them before any RESUMING.
         let p = pairs("mtty-1")?;
         let before = p.dest_port0()?;
@@ -767,53 +774,42 @@ pub fn run_cases(r: &mut Runner) {
             before,
             "the destination devices were written"
         );
-        Ok(Outcome::Pass)
+        Ok(())
     });
 
-    r.case("e2e.device_count_mismatch_refused", || {
-        if let Some(s) = skip_without_livemig() {
-            return Ok(s);
-        }
+    case(r, "e2e.device_count_mismatch_refused", || {
         // The destination offers one device for the source's two.
-        let p = pairs("mtty-2")?;
-        let run = run(
-            &p,
+        failing(
+            "mtty-2",
             &Opts {
                 dst_devices: Some(1),
                 ..Opts::default()
             },
+            &["compat"],
         )?;
-        verify_recovered(&run, &["compat"])?;
-        Ok(Outcome::Pass)
+        Ok(())
     });
 
-    r.case("e2e.tracking_device_blocked_by_mock_endpoint", || {
-        if let Some(s) = skip_without_livemig() {
-            return Ok(s);
-        }
+    case(r, "e2e.tracking_device_blocked_by_mock_endpoint", || {
         // `--tracking device`: the mock endpoint has no DMA log of its own, so migration is
         // blocked before anything moves, and the error names it.
-        let p = pairs("mtty-2")?;
-        let run = run(
-            &p,
+        let (_, run) = failing(
+            "mtty-2",
             &Opts {
                 src: &["--tracking", "device"],
                 ..Opts::default()
             },
+            &["setup"],
         )?;
-        verify_recovered(&run, &["setup"])?;
         let err = run.src["error"].as_str().unwrap_or("");
         ensure!(
             err.contains("selftest mock device"),
             "the error does not name the endpoint: {err}"
         );
-        Ok(Outcome::Pass)
+        Ok(())
     });
 
-    r.case("e2e.migrate_mtty_without_precopy", || {
-        if let Some(s) = skip_without_livemig() {
-            return Ok(s);
-        }
+    case(r, "e2e.migrate_mtty_without_precopy", || {
         // STOP_COPY only: the devices quiesce through RUNNING_P2P instead of PRE_COPY_P2P.
         let p = pairs("mtty-2")?;
         let run = run(
@@ -824,24 +820,20 @@ pub fn run_cases(r: &mut Runner) {
             },
         )?;
         verify_success(&p, &run)?;
-        Ok(Outcome::Pass)
+        Ok(())
     });
 
-    r.case("e2e.tracking_iommu_blocked_by_mtty", || {
-        if let Some(s) = skip_without_livemig() {
-            return Ok(s);
-        }
+    case(r, "e2e.tracking_iommu_blocked_by_mtty", || {
         // `--tracking iommu`: an mdev has no IOMMU domain of its own, so each mtty blocks the
         // migration, named with the auto-domain outcome.
-        let p = pairs("mtty-2")?;
-        let run = run(
-            &p,
+        let (p, run) = failing(
+            "mtty-2",
             &Opts {
                 src: &["--tracking", "iommu"],
                 ..Opts::default()
             },
+            &["setup"],
         )?;
-        verify_recovered(&run, &["setup"])?;
         let err = run.src["error"].as_str().unwrap_or("");
         for m in &p.src {
             ensure!(
@@ -854,7 +846,7 @@ pub fn run_cases(r: &mut Runner) {
             err.contains("attached to IOAS"),
             "the error does not give the reason: {err}"
         );
-        Ok(Outcome::Pass)
+        Ok(())
     });
 
     crate::e2e_p2p::run(r);
