@@ -14,7 +14,9 @@ use anyhow::{Context, Result, bail, ensure};
 use livemig_iommu_pt::caps::AmdCaps;
 
 use crate::check_eq;
-use crate::fw::{Edu, Phys, ivrs_units};
+use crate::fw::{
+    DATA, HUGE, HUGE2, IOVA_HUGE, Phys, RESERVED, SINK, SRC, Scratch, data_off, ivrs_units, page,
+};
 use crate::harness::{Outcome, Runner};
 use crate::trace;
 
@@ -40,69 +42,38 @@ const IR: u64 = 1 << 61;
 const IW: u64 = 1 << 62;
 const ADDR: u64 = 0x000f_ffff_ffff_f000;
 
-const RESERVED: u64 = 0x1000_0000;
-const RESERVED_LEN: usize = 16 << 20;
 const DEV_TABLE: u64 = 0x0000;
 const CMD_BUF: u64 = 0x1000;
 const EVENT_LOG: u64 = 0x2000;
 const WAIT: u64 = 0x3000;
-const TABLES: u64 = 0x10000;
-const DATA: u64 = 0x10_0000;
-const HUGE: u64 = 0x20_0000;
-const HUGE2: u64 = 0x40_0000;
-const IOVA: u64 = 0x4000_0000;
-const IOVA_HUGE: u64 = 0x8000_0000;
 /// An IOVA in the first 1 GiB of the second 512 GiB: its level-3 index is 0, so the level-4
 /// entry may skip level 3 and point at a level-2 table.
 const IOVA_SKIP: u64 = 0x80_0000_0000;
 const DOMAIN: u64 = 1;
-const SRC: u64 = 30;
-const SINK: u64 = 31;
 
 struct Unit {
     regs: Phys,
-    mem: Phys,
-    edu: Edu,
-    next_table: u64,
+    s: Scratch,
     tail: u64,
     root: u64,
     devid: u64,
 }
 
-fn page(i: u64) -> u64 {
-    IOVA + i * 0x1000
-}
-
-fn data_off(i: u64) -> u64 {
-    DATA + i * 0x1000
-}
-
 impl Unit {
-    fn pa(&self, off: u64) -> u64 {
-        RESERVED + off
-    }
-
-    fn alloc_table(&mut self) -> u64 {
-        let off = self.next_table;
-        self.next_table += 0x1000;
-        self.mem.fill(off, 0x1000, 0);
-        off
-    }
-
     /// Queues one 128-bit command and a COMPLETION_WAIT that stores a marker; waits for it.
     fn command(&mut self, c: [u64; 2]) -> Result<()> {
         let marker = 0x7a7a_0000_0000_0000 | self.tail;
-        self.mem.w64(WAIT, 0);
+        self.s.mem.w64(WAIT, 0);
         // COMPLETION_WAIT (opcode 1): store address (8-byte aligned) | S, store data.
-        let wait = [(self.pa(WAIT) & !7) | 1 | (1 << 60), marker];
+        let wait = [(self.s.pa(WAIT) & !7) | 1 | (1 << 60), marker];
         for cmd in [c, wait] {
-            self.mem.w64(CMD_BUF + self.tail * 16, cmd[0]);
-            self.mem.w64(CMD_BUF + self.tail * 16 + 8, cmd[1]);
+            self.s.mem.w64(CMD_BUF + self.tail * 16, cmd[0]);
+            self.s.mem.w64(CMD_BUF + self.tail * 16 + 8, cmd[1]);
             self.tail = (self.tail + 1) % 256;
         }
         self.regs.w64(CMD_TAIL, self.tail << 4);
         crate::util::poll("COMPLETION_WAIT", std::time::Duration::from_secs(2), || {
-            Ok((self.mem.r64(WAIT) == marker).then_some(()))
+            Ok((self.s.mem.r64(WAIT) == marker).then_some(()))
         })
         .with_context(|| {
             format!(
@@ -128,7 +99,7 @@ impl Unit {
         while lvl > level {
             let shift = 12 + 9 * (lvl - 1);
             let idx = (iova >> shift) & 0x1ff;
-            let e = self.mem.r64(table + idx * 8);
+            let e = self.s.mem.r64(table + idx * 8);
             let next = if skip3 && lvl == 4 { 2 } else { lvl - 1 };
             table = if e & PR != 0 {
                 let nl = ((e >> 9) & 7) as u32;
@@ -138,10 +109,10 @@ impl Unit {
                 );
                 (e & ADDR) - RESERVED
             } else {
-                let t = self.alloc_table();
-                self.mem.w64(
+                let t = self.s.alloc_table();
+                self.s.mem.w64(
                     table + idx * 8,
-                    self.pa(t) | PR | (u64::from(next) << 9) | IR | IW,
+                    self.s.pa(t) | PR | (u64::from(next) << 9) | IR | IW,
                 );
                 t
             };
@@ -150,7 +121,7 @@ impl Unit {
         ensure!(lvl == level, "cannot place a level-{level} leaf");
         let shift = 12 + 9 * (level - 1);
         let idx = (iova >> shift) & 0x1ff;
-        self.mem.w64(table + idx * 8, pa | PR | perm);
+        self.s.mem.w64(table + idx * 8, pa | PR | perm);
         Ok(())
     }
 
@@ -159,6 +130,7 @@ impl Unit {
         let mut lvl = 4u32;
         loop {
             let e = self
+                .s
                 .mem
                 .r64(table + ((iova >> (12 + 9 * (lvl - 1))) & 0x1ff) * 8);
             let nl = ((e >> 9) & 7) as u32;
@@ -170,17 +142,6 @@ impl Unit {
         }
     }
 
-    fn write(&self, iova: u64, len: u64, byte: u8) -> Result<()> {
-        self.mem.fill(data_off(SRC), len, byte);
-        self.edu.copy(page(SRC), iova, len)
-    }
-
-    fn read_is(&self, iova: u64, len: u64, byte: u8) -> Result<bool> {
-        self.mem.fill(data_off(SINK), len, !byte);
-        self.edu.copy(iova, page(SINK), len)?;
-        Ok(self.mem.all(data_off(SINK), len, byte))
-    }
-
     /// Event-log entries written since the last call (each 128 bits), consumed.
     fn events(&self) -> Vec<[u64; 2]> {
         let mut out = Vec::new();
@@ -188,8 +149,8 @@ impl Unit {
         let tail = self.regs.r64(EVENT_TAIL) & 0x7fff0;
         while head != tail {
             out.push([
-                self.mem.r64(EVENT_LOG + head),
-                self.mem.r64(EVENT_LOG + head + 8),
+                self.s.mem.r64(EVENT_LOG + head),
+                self.s.mem.r64(EVENT_LOG + head + 8),
             ]);
             head = (head + 16) % 0x1000;
         }
@@ -203,14 +164,11 @@ fn bring_up() -> Result<Unit> {
         .first()
         .context("the IVRS table names no IOMMU")?;
     let regs = Phys::dev_mem(base, 0x4000)?;
-    let mem = Phys::dev_mem(RESERVED, RESERVED_LEN)?;
-    let edu = Edu::open()?;
-    let devid = u64::from(edu.source_id()?);
+    let s = Scratch::open()?;
+    let devid = u64::from(s.edu.source_id()?);
     let mut u = Unit {
         regs,
-        mem,
-        edu,
-        next_table: TABLES,
+        s,
         tail: 0,
         root: 0,
         devid,
@@ -220,17 +178,17 @@ fn bring_up() -> Result<Unit> {
         "control {:#x}: the IOMMU is already on",
         u.regs.r64(CONTROL)
     );
-    u.mem.fill(0, 0x4000, 0);
-    u.root = u.alloc_table();
+    u.root = u.s.alloc_table();
     // DTE for edu: V, TV, mode 4 (4-level), root, IR, IW; domain 1.
     let dte = DEV_TABLE + devid * 32;
-    u.mem.w64(dte, 1 | 2 | (4 << 9) | u.pa(u.root) | IR | IW);
-    u.mem.w64(dte + 8, DOMAIN);
+    u.s.mem
+        .w64(dte, 1 | 2 | (4 << 9) | u.s.pa(u.root) | IR | IW);
+    u.s.mem.w64(dte + 8, DOMAIN);
     // Device table: one 4 KiB page (size field = pages - 1 = 0); command buffer and event log
     // of 256 entries (length field 8: 2^8).
-    u.regs.w64(DEV_TABLE_BASE, u.pa(DEV_TABLE));
-    u.regs.w64(CMD_BUF_BASE, u.pa(CMD_BUF) | (8 << 56));
-    u.regs.w64(EVENT_LOG_BASE, u.pa(EVENT_LOG) | (8 << 56));
+    u.regs.w64(DEV_TABLE_BASE, u.s.pa(DEV_TABLE));
+    u.regs.w64(CMD_BUF_BASE, u.s.pa(CMD_BUF) | (8 << 56));
+    u.regs.w64(EVENT_LOG_BASE, u.s.pa(EVENT_LOG) | (8 << 56));
     u.regs.w64(CMD_HEAD, 0);
     u.regs.w64(CMD_TAIL, 0);
     u.regs.w64(EVENT_HEAD, 0);
@@ -292,14 +250,14 @@ pub fn run(r: &mut Runner) {
     };
     let setup: Result<()> = (|| {
         for i in 0..8 {
-            u.map(page(i), u.pa(data_off(i)), 1, IR | IW, false)?;
+            u.map(page(i), u.s.pa(data_off(i)), 1, IR | IW, false)?;
         }
-        u.map(page(8), u.pa(data_off(8)), 1, IR, false)?;
-        u.map(page(SRC), u.pa(data_off(SRC)), 1, IR | IW, false)?;
-        u.map(page(SINK), u.pa(data_off(SINK)), 1, IR | IW, false)?;
-        u.map(IOVA_HUGE, u.pa(HUGE), 2, IR | IW, false)?;
-        u.map(IOVA_SKIP, u.pa(HUGE2), 2, IR | IW, true)?;
-        u.mem.fill(DATA, 32 * 0x1000, 0);
+        u.map(page(8), u.s.pa(data_off(8)), 1, IR, false)?;
+        u.map(page(SRC), u.s.pa(data_off(SRC)), 1, IR | IW, false)?;
+        u.map(page(SINK), u.s.pa(data_off(SINK)), 1, IR | IW, false)?;
+        u.map(IOVA_HUGE, u.s.pa(HUGE), 2, IR | IW, false)?;
+        u.map(IOVA_SKIP, u.s.pa(HUGE2), 2, IR | IW, true)?;
+        u.s.mem.fill(DATA, 32 * 0x1000, 0);
         u.invalidate()
     })();
     if let Err(e) = setup {
@@ -309,48 +267,48 @@ pub fn run(r: &mut Runner) {
         return;
     }
     r.case(CASES[0], || {
-        u.write(page(1), 4096, 0xa1)?;
+        u.s.write(page(1), 4096, 0xa1)?;
         ensure!(
-            u.mem.all(data_off(1), 4096, 0xa1),
+            u.s.mem.all(data_off(1), 4096, 0xa1),
             "the data is not at the translated page"
         );
         ensure!(
-            u.mem.all(data_off(0), 4096, 0) && u.mem.all(data_off(2), 4096, 0),
+            u.s.mem.all(data_off(0), 4096, 0) && u.s.mem.all(data_off(2), 4096, 0),
             "a neighbour changed"
         );
         Ok(Outcome::Pass)
     });
     r.case(CASES[1], || {
-        u.mem.fill(data_off(3), 4096, 0x3c);
+        u.s.mem.fill(data_off(3), 4096, 0x3c);
         ensure!(
-            u.read_is(page(3), 4096, 0x3c)?,
+            u.s.read_is(page(3), 4096, 0x3c)?,
             "edu did not read the translated page"
         );
         Ok(Outcome::Pass)
     });
     r.case(CASES[2], || {
-        u.write(IOVA_HUGE + 0x18_0000, 4096, 0xb2)?;
+        u.s.write(IOVA_HUGE + 0x18_0000, 4096, 0xb2)?;
         ensure!(
-            u.mem.all(HUGE + 0x18_0000, 4096, 0xb2),
+            u.s.mem.all(HUGE + 0x18_0000, 4096, 0xb2),
             "data 1.5 MiB into the 2 MiB page"
         );
         Ok(Outcome::Pass)
     });
     r.case(CASES[3], || {
         // The level-4 entry's next level is 2: level 3 is skipped (its index bits are 0).
-        u.write(IOVA_SKIP + 0x3000, 4096, 0x5c)?;
+        u.s.write(IOVA_SKIP + 0x3000, 4096, 0x5c)?;
         ensure!(
-            u.mem.all(HUGE2 + 0x3000, 4096, 0x5c),
+            u.s.mem.all(HUGE2 + 0x3000, 4096, 0x5c),
             "the level-skipping walk missed the page"
         );
         Ok(Outcome::Pass)
     });
     r.case(CASES[4], || {
         let _ = u.events();
-        u.mem.fill(data_off(17), 4096, 0xee);
-        u.write(page(17), 4096, 0x17)?;
+        u.s.mem.fill(data_off(17), 4096, 0xee);
+        u.s.write(page(17), 4096, 0x17)?;
         ensure!(
-            u.mem.all(data_off(17), 4096, 0xee),
+            u.s.mem.all(data_off(17), 4096, 0xee),
             "an unmapped write landed"
         );
         let ev = u.events();
@@ -363,14 +321,14 @@ pub fn run(r: &mut Runner) {
         Ok(Outcome::Pass)
     });
     r.case(CASES[5], || {
-        u.mem.fill(data_off(8), 4096, 0x08);
-        u.write(page(8), 4096, 0xff)?;
+        u.s.mem.fill(data_off(8), 4096, 0x08);
+        u.s.write(page(8), 4096, 0xff)?;
         ensure!(
-            u.mem.all(data_off(8), 4096, 0x08),
+            u.s.mem.all(data_off(8), 4096, 0x08),
             "a write to a read-only page landed"
         );
         ensure!(
-            u.read_is(page(8), 4096, 0x08)?,
+            u.s.read_is(page(8), 4096, 0x08)?,
             "the read-only page is not readable"
         );
         Ok(Outcome::Pass)
@@ -380,15 +338,15 @@ pub fn run(r: &mut Runner) {
         // either way. What it does with the DTE is recorded (trace) and pinned below.
         let _ = u.events();
         let dte = DEV_TABLE + u.devid * 32;
-        let q0 = u.mem.r64(dte);
-        u.mem.w64(dte, q0 | (1 << 7));
+        let q0 = u.s.mem.r64(dte);
+        u.s.mem.w64(dte, q0 | (1 << 7));
         u.invalidate()?;
-        u.mem.fill(data_off(4), 4096, 0);
-        u.write(page(4), 4096, 0x44)?;
+        u.s.mem.fill(data_off(4), 4096, 0);
+        u.s.write(page(4), 4096, 0x44)?;
         let e = u.leaf(page(4));
-        let landed = u.mem.all(data_off(4), 4096, 0x44);
+        let landed = u.s.mem.all(data_off(4), 4096, 0x44);
         let ev = u.events();
-        u.mem.w64(dte, q0);
+        u.s.mem.w64(dte, q0);
         u.invalidate()?;
         trace!("with DTE.HAD = 01b: leaf {e:#x}, data landed {landed}, events {ev:x?}");
         // Measured on QEMU 10.0.2: the DTE is refused (the device's DMA is dropped) and the
@@ -400,8 +358,8 @@ pub fn run(r: &mut Runner) {
             bail!("leaf {e:#x} has A or D: QEMU now implements host A/D; update the docs and this case");
         }
         // Without HAD the same write lands and sets nothing (the baseline).
-        u.write(page(5), 4096, 0x55)?;
-        ensure!(u.mem.all(data_off(5), 4096, 0x55), "the baseline write did not land");
+        u.s.write(page(5), 4096, 0x55)?;
+        ensure!(u.s.mem.all(data_off(5), 4096, 0x55), "the baseline write did not land");
         check_eq!(u.leaf(page(5)) & (A | D), 0, "A/D without HAD");
         Ok(Outcome::Pass)
     });

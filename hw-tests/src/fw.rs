@@ -281,3 +281,75 @@ impl Edu {
         self.dma(EDU_BUFFER, dst, len, true)
     }
 }
+
+/// What every firmware-facing profile shares: the reserved RAM range (kernel command line
+/// `memmap=16M$0x10000000`) holding the unit's tables and the DMA pages, and edu. Layout (offsets
+/// into the range): the unit's own structures below `TABLES`, page tables from `TABLES`, 4 KiB
+/// data pages from `DATA` (page `i` is mapped at IOVA `page(i)`), 2 MiB pages at `HUGE` and
+/// `HUGE2`. Pages `SRC` and `SINK` carry written and read data through edu's buffer.
+pub struct Scratch {
+    pub mem: Phys,
+    pub edu: Edu,
+    next_table: u64,
+}
+
+pub const RESERVED: u64 = 0x1000_0000;
+pub const RESERVED_LEN: usize = 16 << 20;
+pub const TABLES: u64 = 0x10000;
+pub const DATA: u64 = 0x10_0000;
+pub const HUGE: u64 = 0x20_0000;
+pub const HUGE2: u64 = 0x40_0000;
+pub const IOVA: u64 = 0x4000_0000;
+pub const IOVA_HUGE: u64 = 0x8000_0000;
+pub const SRC: u64 = 30;
+pub const SINK: u64 = 31;
+
+/// The IOVA of data page `i`.
+pub fn page(i: u64) -> u64 {
+    IOVA + i * 0x1000
+}
+
+/// The offset of data page `i` in the reserved range.
+pub fn data_off(i: u64) -> u64 {
+    DATA + i * 0x1000
+}
+
+impl Scratch {
+    pub fn open() -> Result<Scratch> {
+        let mem = Phys::dev_mem(RESERVED, RESERVED_LEN)?;
+        mem.fill(0, TABLES, 0);
+        Ok(Scratch {
+            mem,
+            edu: Edu::open()?,
+            next_table: TABLES,
+        })
+    }
+
+    /// The physical address of offset `off`.
+    pub fn pa(&self, off: u64) -> u64 {
+        RESERVED + off
+    }
+
+    /// A zeroed 4 KiB table; its offset.
+    pub fn alloc_table(&mut self) -> u64 {
+        let off = self.next_table;
+        self.next_table += 0x1000;
+        self.mem.fill(off, 0x1000, 0);
+        off
+    }
+
+    /// The device writes `len` bytes of `byte` at `iova`: the CPU fills the source page, edu
+    /// reads it and writes it to `iova`.
+    pub fn write(&self, iova: u64, len: u64, byte: u8) -> Result<()> {
+        self.mem.fill(data_off(SRC), len, byte);
+        self.edu.copy(page(SRC), iova, len)
+    }
+
+    /// The device reads `len` bytes at `iova` and writes them to the sink page; whether they
+    /// all hold `byte` (the sink is first filled with the complement).
+    pub fn read_is(&self, iova: u64, len: u64, byte: u8) -> Result<bool> {
+        self.mem.fill(data_off(SINK), len, !byte);
+        self.edu.copy(iova, page(SINK), len)?;
+        Ok(self.mem.all(data_off(SINK), len, byte))
+    }
+}

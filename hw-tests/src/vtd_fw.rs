@@ -12,7 +12,9 @@ use anyhow::{Context, Result, bail, ensure};
 use livemig_iommu_pt::caps::VtdCaps;
 
 use crate::check_eq;
-use crate::fw::{Edu, Phys, dmar_units};
+use crate::fw::{
+    DATA, HUGE, IOVA_HUGE, Phys, RESERVED, SINK, SRC, Scratch, data_off, dmar_units, page,
+};
 use crate::harness::{Outcome, Runner};
 use crate::trace;
 
@@ -47,9 +49,6 @@ const D: u64 = 1 << 6;
 const PS: u64 = 1 << 7;
 const ADDR: u64 = 0x000f_ffff_ffff_f000;
 
-/// The reserved range (kernel command line `memmap=16M$0x10000000`).
-const RESERVED: u64 = 0x1000_0000;
-const RESERVED_LEN: usize = 16 << 20;
 // Layout in it (offsets).
 const ROOT: u64 = 0x0000;
 const CONTEXT: u64 = 0x1000;
@@ -57,38 +56,19 @@ const PASID_DIR: u64 = 0x2000;
 const PASID_TABLE: u64 = 0x3000;
 const QUEUE: u64 = 0x4000;
 const WAIT_STATUS: u64 = 0x5000;
-const TABLES: u64 = 0x10000;
-const DATA: u64 = 0x10_0000;
-const HUGE: u64 = 0x20_0000;
-/// IOVAs: 4 KiB pages at 1 GiB, a 2 MiB page at 2 GiB.
-const IOVA: u64 = 0x4000_0000;
-const IOVA_HUGE: u64 = 0x8000_0000;
 const IOVA_1G: u64 = 0x80_0000_0000;
 const DID: u64 = 1;
 
 /// The unit, its tables and edu.
 struct Unit {
     regs: Phys,
-    mem: Phys,
-    edu: Edu,
-    next_table: u64,
+    s: Scratch,
     tail: u64,
     fro: u64,
     pml4: u64,
 }
 
 impl Unit {
-    fn pa(&self, off: u64) -> u64 {
-        RESERVED + off
-    }
-
-    fn alloc_table(&mut self) -> u64 {
-        let off = self.next_table;
-        self.next_table += 0x1000;
-        self.mem.fill(off, 0x1000, 0);
-        off
-    }
-
     /// Writes GCMD with the bits already on kept (QEMU acts on the XOR with GSTS) and waits
     /// for GSTS to show `bit`.
     fn gcmd(&self, bit: u32) -> Result<()> {
@@ -102,27 +82,27 @@ impl Unit {
     /// Submits one 256-bit descriptor and a wait descriptor, and waits for its status write.
     fn qi(&mut self, d: [u64; 4]) -> Result<()> {
         let marker = 0x5a5a_0000 | (self.tail as u32 & 0xffff);
-        self.mem.w32(WAIT_STATUS, 0);
+        self.s.mem.w32(WAIT_STATUS, 0);
         for (i, w) in d.iter().enumerate() {
-            self.mem.w64(QUEUE + self.tail * 32 + i as u64 * 8, *w);
+            self.s.mem.w64(QUEUE + self.tail * 32 + i as u64 * 8, *w);
         }
         self.tail = (self.tail + 1) % 128;
         // Wait descriptor (type 5): status write (SW, bit 5) of `marker` to WAIT_STATUS.
         let wait = [
             5 | (1 << 5) | (u64::from(marker) << 32),
-            self.pa(WAIT_STATUS),
+            self.s.pa(WAIT_STATUS),
             0,
             0,
         ];
         for (i, w) in wait.iter().enumerate() {
-            self.mem.w64(QUEUE + self.tail * 32 + i as u64 * 8, *w);
+            self.s.mem.w64(QUEUE + self.tail * 32 + i as u64 * 8, *w);
         }
         self.tail = (self.tail + 1) % 128;
         self.regs.w64(IQT, self.tail << 5);
         crate::util::poll(
             "the invalidation wait descriptor",
             std::time::Duration::from_secs(2),
-            || Ok((self.mem.r32(WAIT_STATUS) == marker).then_some(())),
+            || Ok((self.s.mem.r32(WAIT_STATUS) == marker).then_some(())),
         )
         .with_context(|| {
             format!(
@@ -167,12 +147,12 @@ impl Unit {
         let mut table = self.pml4;
         for &sh in levels {
             let idx = (iova >> sh) & 0x1ff;
-            let e = self.mem.r64(table + idx * 8);
+            let e = self.s.mem.r64(table + idx * 8);
             table = if e & P != 0 {
                 (e & ADDR) - RESERVED
             } else {
-                let t = self.alloc_table();
-                self.mem.w64(table + idx * 8, self.pa(t) | P | RW | US);
+                let t = self.s.alloc_table();
+                self.s.mem.w64(table + idx * 8, self.s.pa(t) | P | RW | US);
                 t
             };
         }
@@ -182,7 +162,7 @@ impl Unit {
             | if user { US } else { 0 }
             | if writable { RW } else { 0 }
             | if size > 0x1000 { PS } else { 0 };
-        self.mem.w64(table + idx * 8, leaf);
+        self.s.mem.w64(table + idx * 8, leaf);
         Ok(())
     }
 
@@ -202,7 +182,7 @@ impl Unit {
         let mut table = self.pml4;
         for shift in [39u32, 30, 21, 12] {
             let at = table + ((iova >> shift) & 0x1ff) * 8;
-            let e = self.mem.r64(at);
+            let e = self.s.mem.r64(at);
             out.push((at, e));
             if e & P == 0 || (shift < 39 && shift > 12 && e & PS != 0) {
                 break;
@@ -218,7 +198,7 @@ impl Unit {
 
     fn clear_bits(&self, iova: u64, bits: u64) -> Result<()> {
         let (at, e) = self.leaf(iova)?;
-        self.mem.w64(at, e & !bits);
+        self.s.mem.w64(at, e & !bits);
         Ok(())
     }
 
@@ -248,15 +228,12 @@ fn bring_up() -> Result<Unit> {
     let units = dmar_units()?;
     let base = *units.first().context("the DMAR table names no unit")?;
     let regs = Phys::dev_mem(base, 0x1000)?;
-    let mem = Phys::dev_mem(RESERVED, RESERVED_LEN)?;
-    let edu = Edu::open()?;
+    let s = Scratch::open()?;
     let cap = regs.r64(CAP);
     let fro = ((cap >> 24) & 0x3ff) * 16;
     let mut u = Unit {
         regs,
-        mem,
-        edu,
-        next_table: TABLES,
+        s,
         tail: 0,
         fro,
         pml4: 0,
@@ -266,63 +243,35 @@ fn bring_up() -> Result<Unit> {
         "GSTS {:#x}: the unit is not off (did Linux take it?)",
         u.regs.r32(GSTS)
     );
-    u.mem.fill(0, 0x6000, 0);
-    let sid = u.edu.source_id()?;
+    let sid = u.s.edu.source_id()?;
     ensure!(
         sid < 128,
         "edu at devfn {sid:#x}: the lower context table only"
     );
     // Root entry for bus 0 → the (lower) scalable-mode context table.
-    u.mem.w64(ROOT, u.pa(CONTEXT) | 1);
+    u.s.mem.w64(ROOT, u.s.pa(CONTEXT) | 1);
     // Scalable-mode context entry (256 bits) for edu: PASID directory, PDTS 0, RID_PASID 0.
-    u.mem
-        .w64(CONTEXT + u64::from(sid) * 32, u.pa(PASID_DIR) | 1);
+    u.s.mem
+        .w64(CONTEXT + u64::from(sid) * 32, u.s.pa(PASID_DIR) | 1);
     // PASID directory entry 0 → PASID table.
-    u.mem.w64(PASID_DIR, u.pa(PASID_TABLE) | 1);
+    u.s.mem.w64(PASID_DIR, u.s.pa(PASID_TABLE) | 1);
     // PASID table entry 0 (512 bits): P, AW = 2 (4-level, 48 bits), PGTT = 001 (first stage);
     // DID 1; first-stage table pointer, FLPM 0 (4-level).
-    u.pml4 = u.alloc_table();
-    u.mem.w64(PASID_TABLE, 1 | (2 << 2) | (1 << 6));
-    u.mem.w64(PASID_TABLE + 8, DID);
-    u.mem.w64(PASID_TABLE + 16, u.pa(u.pml4));
-    u.regs.w64(RTADDR, u.pa(ROOT) | TTM_SCALABLE);
+    u.pml4 = u.s.alloc_table();
+    u.s.mem.w64(PASID_TABLE, 1 | (2 << 2) | (1 << 6));
+    u.s.mem.w64(PASID_TABLE + 8, DID);
+    u.s.mem.w64(PASID_TABLE + 16, u.s.pa(u.pml4));
+    u.regs.w64(RTADDR, u.s.pa(ROOT) | TTM_SCALABLE);
     u.gcmd(SRTP)?;
     u.regs.w64(IQT, 0);
-    u.regs.w64(IQA, u.pa(QUEUE) | IQA_DW);
+    u.regs.w64(IQA, u.s.pa(QUEUE) | IQA_DW);
     u.gcmd(QIE)?;
     u.invalidate_all()?;
     u.gcmd(TE)?;
     Ok(u)
 }
 
-/// The page the device reads written data from, and the page it writes read data to.
-const SRC: u64 = 30;
-const SINK: u64 = 31;
-
-impl Unit {
-    /// The device writes `len` bytes of `byte` at `iova`: the CPU fills the source page, edu
-    /// reads it and writes it to `iova`.
-    fn write(&self, iova: u64, len: u64, byte: u8) -> Result<()> {
-        self.mem.fill(data_off(SRC), len, byte);
-        self.edu.copy(page(SRC), iova, len)
-    }
-
-    /// The device reads `len` bytes at `iova` and writes them to the sink page; whether they
-    /// all hold `byte` (the sink is first filled with the complement).
-    fn read_is(&self, iova: u64, len: u64, byte: u8) -> Result<bool> {
-        self.mem.fill(data_off(SINK), len, !byte);
-        self.edu.copy(iova, page(SINK), len)?;
-        Ok(self.mem.all(data_off(SINK), len, byte))
-    }
-}
-
-fn page(i: u64) -> u64 {
-    IOVA + i * 0x1000
-}
-
-fn data_off(i: u64) -> u64 {
-    DATA + i * 0x1000
-}
+impl Unit {}
 
 pub fn run(r: &mut Runner) {
     r.case("vtdfw.dmar_table_names_the_unit", || {
@@ -373,16 +322,16 @@ pub fn run(r: &mut Runner) {
     // Pages 0..16 mapped read-write to DATA, page 16 read-only, page 17 unmapped; the 2 MiB page.
     let setup: Result<()> = (|| {
         for i in 0..16 {
-            u.map(page(i), u.pa(data_off(i)), false, true)?;
+            u.map(page(i), u.s.pa(data_off(i)), false, true)?;
         }
-        u.map(page(16), u.pa(data_off(16)), false, false)?;
-        u.map(page(SRC), u.pa(data_off(SRC)), false, true)?;
+        u.map(page(16), u.s.pa(data_off(16)), false, false)?;
+        u.map(page(SRC), u.s.pa(data_off(SRC)), false, true)?;
         // Page 18 without U/S; a 1 GiB leaf at IOVA_1G over guest-physical 0 (FS1GP).
-        u.map_leaf(page(18), u.pa(data_off(18)), 0x1000, true, false)?;
+        u.map_leaf(page(18), u.s.pa(data_off(18)), 0x1000, true, false)?;
         u.map_leaf(IOVA_1G, 0, 0x4000_0000, true, true)?;
-        u.map(page(SINK), u.pa(data_off(SINK)), false, true)?;
-        u.map(IOVA_HUGE, u.pa(HUGE), true, true)?;
-        u.mem.fill(DATA, 32 * 0x1000, 0);
+        u.map(page(SINK), u.s.pa(data_off(SINK)), false, true)?;
+        u.map(IOVA_HUGE, u.s.pa(HUGE), true, true)?;
+        u.s.mem.fill(DATA, 32 * 0x1000, 0);
         u.invalidate_all()
     })();
     if let Err(e) = setup {
@@ -393,29 +342,29 @@ pub fn run(r: &mut Runner) {
     }
 
     r.case(CASES[0], || {
-        u.write(page(1), 4096, 0xa1)?;
+        u.s.write(page(1), 4096, 0xa1)?;
         ensure!(
-            u.mem.all(data_off(1), 4096, 0xa1),
+            u.s.mem.all(data_off(1), 4096, 0xa1),
             "the data is not at the translated page"
         );
         ensure!(
-            u.mem.all(data_off(0), 4096, 0) && u.mem.all(data_off(2), 4096, 0),
+            u.s.mem.all(data_off(0), 4096, 0) && u.s.mem.all(data_off(2), 4096, 0),
             "a neighbour page changed"
         );
         Ok(Outcome::Pass)
     });
 
     r.case(CASES[1], || {
-        u.mem.fill(data_off(3), 4096, 0x3c);
+        u.s.mem.fill(data_off(3), 4096, 0x3c);
         ensure!(
-            u.read_is(page(3), 4096, 0x3c)?,
+            u.s.read_is(page(3), 4096, 0x3c)?,
             "edu did not read the translated page"
         );
         Ok(Outcome::Pass)
     });
 
     r.case(CASES[2], || {
-        u.write(page(4), 4096, 0x44)?;
+        u.s.write(page(4), 4096, 0x44)?;
         let walk = u.walk(page(4))?;
         check_eq!(walk.len(), 4);
         for (lvl, (_, e)) in walk.iter().enumerate() {
@@ -433,7 +382,7 @@ pub fn run(r: &mut Runner) {
     });
 
     r.case(CASES[3], || {
-        ensure!(u.read_is(page(5), 4096, 0)?, "read");
+        ensure!(u.s.read_is(page(5), 4096, 0)?, "read");
         let (_, e) = u.leaf(page(5))?;
         ensure!(
             e & A != 0 && e & D == 0,
@@ -444,16 +393,16 @@ pub fn run(r: &mut Runner) {
 
     r.case(CASES[4], || {
         // Clear A and D together, invalidate the page, write: reported again.
-        u.write(page(6), 4096, 0x61)?;
+        u.s.write(page(6), 4096, 0x61)?;
         u.clear_bits(page(6), A | D)?;
         u.invalidate_page(page(6), 0)?;
-        u.write(page(6), 4096, 0x62)?;
+        u.s.write(page(6), 4096, 0x62)?;
         let (_, e) = u.leaf(page(6))?;
         ensure!(
             e & D != 0,
             "cleared, invalidated, written again: leaf {e:#x} has no D"
         );
-        ensure!(u.mem.all(data_off(6), 4096, 0x62), "data");
+        ensure!(u.s.mem.all(data_off(6), 4096, 0x62), "data");
         Ok(Outcome::Pass)
     });
 
@@ -461,15 +410,15 @@ pub fn run(r: &mut Runner) {
         // Negative control: clear without invalidating — the IOTLB still holds the entry with
         // D set, so the next write sets nothing (as the specification allows and the crate's
         // model predicts for a stale IOTLB). A harvest that skips the flush loses this write.
-        u.write(page(7), 4096, 0x71)?;
+        u.s.write(page(7), 4096, 0x71)?;
         u.clear_bits(page(7), A | D)?;
-        u.write(page(7), 4096, 0x72)?;
+        u.s.write(page(7), 4096, 0x72)?;
         let (_, e) = u.leaf(page(7))?;
         ensure!(
             e & D == 0,
             "without an invalidation the write was still reported ({e:#x}): the control cannot fail"
         );
-        ensure!(u.mem.all(data_off(7), 4096, 0x72), "the data still lands");
+        ensure!(u.s.mem.all(data_off(7), 4096, 0x72), "the data still lands");
         u.invalidate_page(page(7), 0)?;
         Ok(Outcome::Pass)
     });
@@ -477,10 +426,10 @@ pub fn run(r: &mut Runner) {
     r.case(CASES[6], || {
         // QEMU deviation 1: with A already set the leaf never gets D (QEMU's A/D update returns
         // when any wanted flag is set). A conforming unit sets D: this assertion then fails.
-        u.write(page(8), 4096, 0x81)?;
+        u.s.write(page(8), 4096, 0x81)?;
         u.clear_bits(page(8), D)?;
         u.invalidate_page(page(8), 0)?;
-        u.write(page(8), 4096, 0x82)?;
+        u.s.write(page(8), 4096, 0x82)?;
         let (_, e) = u.leaf(page(8))?;
         if e & D != 0 {
             bail!("D was set on a leaf with A = 1 (leaf {e:#x}): QEMU now conforms; update the recipe, the docs and this case");
@@ -493,8 +442,8 @@ pub fn run(r: &mut Runner) {
         // requires a walk to set D). On a conforming unit D is set and this fails.
         u.clear_bits(page(9), A | D)?;
         u.invalidate_page(page(9), 0)?;
-        ensure!(u.read_is(page(9), 4096, 0)?, "read");
-        u.write(page(9), 4096, 0x91)?;
+        ensure!(u.s.read_is(page(9), 4096, 0)?, "read");
+        u.s.write(page(9), 4096, 0x91)?;
         let (_, e) = u.leaf(page(9))?;
         ensure!(e & A != 0, "the read set no A ({e:#x})");
         if e & D != 0 {
@@ -505,23 +454,23 @@ pub fn run(r: &mut Runner) {
 
     r.case(CASES[8], || {
         // A 2 MiB leaf: the write sets its PDE's A and D; PSI with AM = 9 invalidates it.
-        u.write(IOVA_HUGE, 4096, 0xb1)?;
+        u.s.write(IOVA_HUGE, 4096, 0xb1)?;
         let (at, e) = u.leaf(IOVA_HUGE)?;
         ensure!(e & PS != 0 && e & A != 0 && e & D != 0, "2 MiB leaf {e:#x}");
         ensure!(
-            u.mem.all(HUGE, 4096, 0xb1),
+            u.s.mem.all(HUGE, 4096, 0xb1),
             "data at the 2 MiB page's start"
         );
-        u.mem.w64(at, e & !(A | D));
+        u.s.mem.w64(at, e & !(A | D));
         u.invalidate_page(IOVA_HUGE, 9)?;
-        u.write(IOVA_HUGE + 0x10_0000, 4096, 0xb2)?;
+        u.s.write(IOVA_HUGE + 0x10_0000, 4096, 0xb2)?;
         let (_, e) = u.leaf(IOVA_HUGE)?;
         ensure!(
             e & D != 0,
             "after AM = 9 invalidation the 2 MiB leaf {e:#x} has no D"
         );
         ensure!(
-            u.mem.all(HUGE + 0x10_0000, 4096, 0xb2),
+            u.s.mem.all(HUGE + 0x10_0000, 4096, 0xb2),
             "data 1 MiB into the 2 MiB page"
         );
         Ok(Outcome::Pass)
@@ -532,26 +481,26 @@ pub fn run(r: &mut Runner) {
         // edu's source id, the IOVA.
         let _ = u.take_fault()?;
         let canary = data_off(17);
-        u.mem.fill(canary, 4096, 0xee);
-        u.write(page(17), 4096, 0x17)?;
+        u.s.mem.fill(canary, 4096, 0xee);
+        u.s.write(page(17), 4096, 0x17)?;
         let f = u
             .take_fault()?
             .context("no fault recorded for an unmapped write")?;
-        let sid = u.edu.source_id()?;
+        let sid = u.s.edu.source_id()?;
         check_eq!(
             f,
             (0x71, false, sid, page(17)),
             "(reason, read, sid, address)"
         );
-        ensure!(u.mem.all(canary, 4096, 0xee), "the canary changed");
+        ensure!(u.s.mem.all(canary, 4096, 0xee), "the canary changed");
         Ok(Outcome::Pass)
     });
 
     r.case(CASES[10], || {
         // A write to a read-only page: reason 0x85, the leaf's A not set, nothing lands.
         let _ = u.take_fault()?;
-        u.mem.fill(data_off(16), 4096, 0x16);
-        u.write(page(16), 4096, 0xff)?;
+        u.s.mem.fill(data_off(16), 4096, 0x16);
+        u.s.write(page(16), 4096, 0xff)?;
         let f = u
             .take_fault()?
             .context("no fault for a write to a read-only page")?;
@@ -560,12 +509,12 @@ pub fn run(r: &mut Runner) {
         let (_, e) = u.leaf(page(16))?;
         ensure!(e & A == 0, "the faulting write set A ({e:#x})");
         ensure!(
-            u.mem.all(data_off(16), 4096, 0x16),
+            u.s.mem.all(data_off(16), 4096, 0x16),
             "the read-only page changed"
         );
         // It is readable.
         ensure!(
-            u.read_is(page(16), 4096, 0x16)?,
+            u.s.read_is(page(16), 4096, 0x16)?,
             "read of the read-only page"
         );
         Ok(Outcome::Pass)
@@ -580,20 +529,20 @@ pub fn run(r: &mut Runner) {
         u.invalidate_all()?;
         let chosen = [0u64, 2, 3, 10, 15];
         for &i in &chosen {
-            u.write(page(i), 64, 0xc0 | i as u8)?;
+            u.s.write(page(i), 64, 0xc0 | i as u8)?;
         }
         let mut got = Vec::new();
         for i in 0..16 {
             let (at, e) = u.leaf(page(i))?;
             if e & D != 0 {
                 got.push(i);
-                u.mem.w64(at, e & !(A | D));
+                u.s.mem.w64(at, e & !(A | D));
             }
         }
         check_eq!(got, chosen.to_vec(), "pages reported dirty");
         u.invalidate_all()?;
         // Written again: reported again; the rest stay clean.
-        u.write(page(10), 64, 0xd0)?;
+        u.s.write(page(10), 64, 0xd0)?;
         let again: Vec<u64> = (0..16)
             .filter(|&i| u.leaf(page(i)).is_ok_and(|(_, e)| e & D != 0))
             .collect();
@@ -608,10 +557,10 @@ pub fn run(r: &mut Runner) {
     r.case(CASES[12], || {
         // A 1 GiB leaf over guest-physical 0: a write at IOVA_1G + x lands at physical x.
         let off = data_off(20);
-        u.mem.fill(off, 4096, 0);
-        u.write(IOVA_1G + RESERVED + off, 4096, 0x1e)?;
+        u.s.mem.fill(off, 4096, 0);
+        u.s.write(IOVA_1G + RESERVED + off, 4096, 0x1e)?;
         ensure!(
-            u.mem.all(off, 4096, 0x1e),
+            u.s.mem.all(off, 4096, 0x1e),
             "the data is not at the 1 GiB page's offset"
         );
         let walk = u.walk(IOVA_1G)?;
@@ -625,20 +574,20 @@ pub fn run(r: &mut Runner) {
         // First-stage DMA is a user access: a leaf with U/S = 0 faults (reason 0x81) and
         // nothing lands.
         let _ = u.take_fault()?;
-        u.mem.fill(data_off(18), 4096, 0x18);
-        u.write(page(18), 4096, 0xff)?;
+        u.s.mem.fill(data_off(18), 4096, 0x18);
+        u.s.write(page(18), 4096, 0xff)?;
         let f = u
             .take_fault()?
             .context("no fault for a supervisor-only page")?;
         check_eq!(f.0, 0x81, "fault reason");
-        ensure!(u.mem.all(data_off(18), 4096, 0x18), "the page changed");
+        ensure!(u.s.mem.all(data_off(18), 4096, 0x18), "the page changed");
         Ok(Outcome::Pass)
     });
 
     r.case(CASES[14], || {
         // A read of an unmapped IOVA: reason 0x71, recorded as a read (type bit set).
         let _ = u.take_fault()?;
-        let _ = u.read_is(page(19), 4096, 0);
+        let _ = u.s.read_is(page(19), 4096, 0);
         let f = u.take_fault()?.context("no fault for an unmapped read")?;
         check_eq!(
             (f.0, f.1, f.3),

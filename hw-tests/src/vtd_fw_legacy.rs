@@ -10,7 +10,9 @@ use anyhow::{Context, Result, bail, ensure};
 use livemig_iommu_pt::caps::VtdCaps;
 
 use crate::check_eq;
-use crate::fw::{Edu, Phys, dmar_units};
+use crate::fw::{
+    DATA, HUGE, IOVA_HUGE, Phys, RESERVED, SINK, SRC, Scratch, data_off, dmar_units, page,
+};
 use crate::harness::{Outcome, Runner};
 use crate::trace;
 
@@ -33,50 +35,20 @@ const SL_A: u64 = 1 << 8;
 const SL_D: u64 = 1 << 9;
 const ADDR: u64 = 0x000f_ffff_ffff_f000;
 
-const RESERVED: u64 = 0x1000_0000;
-const RESERVED_LEN: usize = 16 << 20;
 const ROOT: u64 = 0x0000;
 const CONTEXT: u64 = 0x1000;
 const QUEUE: u64 = 0x4000;
 const WAIT_STATUS: u64 = 0x5000;
-const TABLES: u64 = 0x10000;
-const DATA: u64 = 0x10_0000;
-const HUGE: u64 = 0x20_0000;
-const IOVA: u64 = 0x4000_0000;
-const IOVA_HUGE: u64 = 0x8000_0000;
-const SRC: u64 = 30;
-const SINK: u64 = 31;
 
 struct Unit {
     regs: Phys,
-    mem: Phys,
-    edu: Edu,
-    next_table: u64,
+    s: Scratch,
     tail: u64,
     fro: u64,
     root_table: u64,
 }
 
-fn page(i: u64) -> u64 {
-    IOVA + i * 0x1000
-}
-
-fn data_off(i: u64) -> u64 {
-    DATA + i * 0x1000
-}
-
 impl Unit {
-    fn pa(&self, off: u64) -> u64 {
-        RESERVED + off
-    }
-
-    fn alloc_table(&mut self) -> u64 {
-        let off = self.next_table;
-        self.next_table += 0x1000;
-        self.mem.fill(off, 0x1000, 0);
-        off
-    }
-
     fn gcmd(&self, bit: u32) -> Result<()> {
         let on = self.regs.r32(GSTS) & (TE | QIE);
         self.regs.w32(GCMD, on | bit);
@@ -88,21 +60,21 @@ impl Unit {
     /// One 128-bit descriptor, then a wait descriptor with a status write.
     fn qi(&mut self, d: [u64; 2]) -> Result<()> {
         let marker = 0x6b6b_0000 | (self.tail as u32 & 0xffff);
-        self.mem.w32(WAIT_STATUS, 0);
+        self.s.mem.w32(WAIT_STATUS, 0);
         let wait = [
             5 | (1 << 5) | (u64::from(marker) << 32),
-            self.pa(WAIT_STATUS),
+            self.s.pa(WAIT_STATUS),
         ];
         for desc in [d, wait] {
-            self.mem.w64(QUEUE + self.tail * 16, desc[0]);
-            self.mem.w64(QUEUE + self.tail * 16 + 8, desc[1]);
+            self.s.mem.w64(QUEUE + self.tail * 16, desc[0]);
+            self.s.mem.w64(QUEUE + self.tail * 16 + 8, desc[1]);
             self.tail = (self.tail + 1) % 256;
         }
         self.regs.w64(IQT, self.tail << 4);
         crate::util::poll(
             "the invalidation wait descriptor",
             std::time::Duration::from_secs(2),
-            || Ok((self.mem.r32(WAIT_STATUS) == marker).then_some(())),
+            || Ok((self.s.mem.r32(WAIT_STATUS) == marker).then_some(())),
         )
     }
 
@@ -120,17 +92,17 @@ impl Unit {
         let mut table = self.root_table;
         for &sh in levels {
             let idx = (iova >> sh) & 0x1ff;
-            let e = self.mem.r64(table + idx * 8);
+            let e = self.s.mem.r64(table + idx * 8);
             table = if e & (R | W) != 0 {
                 (e & ADDR) - RESERVED
             } else {
-                let t = self.alloc_table();
-                self.mem.w64(table + idx * 8, self.pa(t) | R | W);
+                let t = self.s.alloc_table();
+                self.s.mem.w64(table + idx * 8, self.s.pa(t) | R | W);
                 t
             };
         }
         let idx = (iova >> shift) & 0x1ff;
-        self.mem.w64(
+        self.s.mem.w64(
             table + idx * 8,
             pa | perm | if size > 0x1000 { PS } else { 0 },
         );
@@ -140,24 +112,13 @@ impl Unit {
     fn leaf(&self, iova: u64) -> u64 {
         let mut table = self.root_table;
         for shift in [39u32, 30, 21, 12] {
-            let e = self.mem.r64(table + ((iova >> shift) & 0x1ff) * 8);
+            let e = self.s.mem.r64(table + ((iova >> shift) & 0x1ff) * 8);
             if e & (R | W) == 0 || shift == 12 || (shift < 39 && e & PS != 0) {
                 return e;
             }
             table = (e & ADDR) - RESERVED;
         }
         0
-    }
-
-    fn write(&self, iova: u64, len: u64, byte: u8) -> Result<()> {
-        self.mem.fill(data_off(SRC), len, byte);
-        self.edu.copy(page(SRC), iova, len)
-    }
-
-    fn read_is(&self, iova: u64, len: u64, byte: u8) -> Result<bool> {
-        self.mem.fill(data_off(SINK), len, !byte);
-        self.edu.copy(iova, page(SINK), len)?;
-        Ok(self.mem.all(data_off(SINK), len, byte))
     }
 
     /// (reason, is_read, sid, address) of the pending fault, cleared.
@@ -184,14 +145,11 @@ fn bring_up() -> Result<Unit> {
         .first()
         .context("the DMAR table names no unit")?;
     let regs = Phys::dev_mem(base, 0x1000)?;
-    let mem = Phys::dev_mem(RESERVED, RESERVED_LEN)?;
-    let edu = Edu::open()?;
+    let s = Scratch::open()?;
     let fro = ((regs.r64(CAP) >> 24) & 0x3ff) * 16;
     let mut u = Unit {
         regs,
-        mem,
-        edu,
-        next_table: TABLES,
+        s,
         tail: 0,
         fro,
         root_table: 0,
@@ -201,19 +159,18 @@ fn bring_up() -> Result<Unit> {
         "GSTS {:#x}: the unit is not off",
         u.regs.r32(GSTS)
     );
-    u.mem.fill(0, 0x6000, 0);
-    let sid = u.edu.source_id()?;
-    u.root_table = u.alloc_table();
+    let sid = u.s.edu.source_id()?;
+    u.root_table = u.s.alloc_table();
     // Root entry for bus 0 → context table; context entry: P, TT = 00, SL table pointer;
     // AW = 010 (48 bits, 4-level), DID 1.
-    u.mem.w64(ROOT, u.pa(CONTEXT) | 1);
+    u.s.mem.w64(ROOT, u.s.pa(CONTEXT) | 1);
     let ctx = CONTEXT + u64::from(sid) * 16;
-    u.mem.w64(ctx, u.pa(u.root_table) | 1);
-    u.mem.w64(ctx + 8, 2 | (1 << 8));
-    u.regs.w64(RTADDR, u.pa(ROOT));
+    u.s.mem.w64(ctx, u.s.pa(u.root_table) | 1);
+    u.s.mem.w64(ctx + 8, 2 | (1 << 8));
+    u.regs.w64(RTADDR, u.s.pa(ROOT));
     u.gcmd(SRTP)?;
     u.regs.w64(IQT, 0);
-    u.regs.w64(IQA, u.pa(QUEUE));
+    u.regs.w64(IQA, u.s.pa(QUEUE));
     u.gcmd(QIE)?;
     u.invalidate_all()?;
     u.gcmd(TE)?;
@@ -272,14 +229,14 @@ pub fn run(r: &mut Runner) {
     };
     let setup: Result<()> = (|| {
         for i in 0..8 {
-            u.map(page(i), u.pa(data_off(i)), 0x1000, R | W)?;
+            u.map(page(i), u.s.pa(data_off(i)), 0x1000, R | W)?;
         }
-        u.map(page(8), u.pa(data_off(8)), 0x1000, R)?;
-        u.map(page(9), u.pa(data_off(9)), 0x1000, W)?;
-        u.map(page(SRC), u.pa(data_off(SRC)), 0x1000, R | W)?;
-        u.map(page(SINK), u.pa(data_off(SINK)), 0x1000, R | W)?;
-        u.map(IOVA_HUGE, u.pa(HUGE), 0x20_0000, R | W)?;
-        u.mem.fill(DATA, 32 * 0x1000, 0);
+        u.map(page(8), u.s.pa(data_off(8)), 0x1000, R)?;
+        u.map(page(9), u.s.pa(data_off(9)), 0x1000, W)?;
+        u.map(page(SRC), u.s.pa(data_off(SRC)), 0x1000, R | W)?;
+        u.map(page(SINK), u.s.pa(data_off(SINK)), 0x1000, R | W)?;
+        u.map(IOVA_HUGE, u.s.pa(HUGE), 0x20_0000, R | W)?;
+        u.s.mem.fill(DATA, 32 * 0x1000, 0);
         u.invalidate_all()
     })();
     if let Err(e) = setup {
@@ -289,29 +246,29 @@ pub fn run(r: &mut Runner) {
         return;
     }
     r.case(CASES[0], || {
-        u.write(page(1), 4096, 0xa1)?;
+        u.s.write(page(1), 4096, 0xa1)?;
         ensure!(
-            u.mem.all(data_off(1), 4096, 0xa1),
+            u.s.mem.all(data_off(1), 4096, 0xa1),
             "the data is not at the translated page"
         );
         ensure!(
-            u.mem.all(data_off(0), 4096, 0) && u.mem.all(data_off(2), 4096, 0),
+            u.s.mem.all(data_off(0), 4096, 0) && u.s.mem.all(data_off(2), 4096, 0),
             "a neighbour changed"
         );
         Ok(Outcome::Pass)
     });
     r.case(CASES[1], || {
-        u.mem.fill(data_off(3), 4096, 0x3c);
+        u.s.mem.fill(data_off(3), 4096, 0x3c);
         ensure!(
-            u.read_is(page(3), 4096, 0x3c)?,
+            u.s.read_is(page(3), 4096, 0x3c)?,
             "edu did not read the translated page"
         );
         Ok(Outcome::Pass)
     });
     r.case(CASES[2], || {
-        u.write(IOVA_HUGE + 0x18_0000, 4096, 0xb2)?;
+        u.s.write(IOVA_HUGE + 0x18_0000, 4096, 0xb2)?;
         ensure!(
-            u.mem.all(HUGE + 0x18_0000, 4096, 0xb2),
+            u.s.mem.all(HUGE + 0x18_0000, 4096, 0xb2),
             "data 1.5 MiB into the 2 MiB page"
         );
         Ok(Outcome::Pass)
@@ -319,7 +276,7 @@ pub fn run(r: &mut Runner) {
     r.case(CASES[3], || {
         // Second-stage A/D exist only with ECAP.SLADS, which QEMU 10.0 does not advertise, and
         // its walk sets neither bit: a VMM cannot track dirty pages through QEMU's second stage.
-        u.write(page(4), 4096, 0x44)?;
+        u.s.write(page(4), 4096, 0x44)?;
         let e = u.leaf(page(4));
         ensure!(
             e & (SL_A | SL_D) == 0,
@@ -329,8 +286,8 @@ pub fn run(r: &mut Runner) {
     });
     r.case(CASES[4], || {
         let _ = u.take_fault()?;
-        u.mem.fill(data_off(17), 4096, 0xee);
-        u.write(page(17), 4096, 0x17)?;
+        u.s.mem.fill(data_off(17), 4096, 0xee);
+        u.s.write(page(17), 4096, 0x17)?;
         let f = u.take_fault()?.context("no fault for an unmapped write")?;
         trace!(
             "unmapped write: reason {:#x}, read {}, sid {:#x}, address {:#x}",
@@ -338,24 +295,24 @@ pub fn run(r: &mut Runner) {
         );
         check_eq!(
             (f.1, f.2, f.3),
-            (false, u.edu.source_id()?, page(17)),
+            (false, u.s.edu.source_id()?, page(17)),
             "(read, sid, address)"
         );
         // VT-d fault reason 0x5: a write without write permission (a non-present entry grants none).
         check_eq!(f.0, 0x5, "fault reason");
-        ensure!(u.mem.all(data_off(17), 4096, 0xee), "the canary changed");
+        ensure!(u.s.mem.all(data_off(17), 4096, 0xee), "the canary changed");
         Ok(Outcome::Pass)
     });
     r.case(CASES[5], || {
         let _ = u.take_fault()?;
-        u.mem.fill(data_off(8), 4096, 0x08);
-        u.write(page(8), 4096, 0xff)?;
+        u.s.mem.fill(data_off(8), 4096, 0x08);
+        u.s.write(page(8), 4096, 0xff)?;
         let f = u
             .take_fault()?
             .context("no fault for a write to a read-only page")?;
         check_eq!((f.0, f.1), (0x5, false), "(reason, read)");
         ensure!(
-            u.mem.all(data_off(8), 4096, 0x08),
+            u.s.mem.all(data_off(8), 4096, 0x08),
             "the read-only page changed"
         );
         Ok(Outcome::Pass)
@@ -363,7 +320,7 @@ pub fn run(r: &mut Runner) {
     r.case(CASES[6], || {
         // VT-d fault reason 0x6: a read without read permission.
         let _ = u.take_fault()?;
-        let _ = u.read_is(page(9), 4096, 0);
+        let _ = u.s.read_is(page(9), 4096, 0);
         let f = u
             .take_fault()?
             .context("no fault for a read of a write-only page")?;
