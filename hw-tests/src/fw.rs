@@ -345,6 +345,44 @@ impl Scratch {
         self.edu.copy(page(SRC), iova, len)
     }
 
+    /// A device write through data page `i`'s IOVA lands in that page and not in its
+    /// neighbours.
+    pub fn write_lands(&self, i: u64) -> Result<()> {
+        self.mem.fill(data_off(i - 1), 3 * 4096, 0);
+        self.write(page(i), 4096, 0xa0 | i as u8)?;
+        ensure!(
+            self.mem.all(data_off(i), 4096, 0xa0 | i as u8),
+            "the data is not at the translated page"
+        );
+        ensure!(
+            self.mem.all(data_off(i - 1), 4096, 0) && self.mem.all(data_off(i + 1), 4096, 0),
+            "a neighbour page changed"
+        );
+        Ok(())
+    }
+
+    /// A device read through data page `i`'s IOVA returns that page.
+    pub fn read_comes_from(&self, i: u64) -> Result<()> {
+        self.mem.fill(data_off(i), 4096, 0x3c);
+        ensure!(
+            self.read_is(page(i), 4096, 0x3c)?,
+            "edu did not read the translated page"
+        );
+        Ok(())
+    }
+
+    /// A device write at `iova` lands at reserved-range offset `off`.
+    pub fn write_lands_at(&self, iova: u64, off: u64, what: &str) -> Result<()> {
+        self.mem.fill(off, 4096, 0);
+        self.write(iova, 4096, 0xb2)?;
+        ensure!(
+            self.mem.all(off, 4096, 0xb2),
+            "{what}: the data is not at {:#x}",
+            RESERVED + off
+        );
+        Ok(())
+    }
+
     /// The device reads `len` bytes at `iova` and writes them to the sink page; whether they
     /// all hold `byte` (the sink is first filled with the complement).
     pub fn read_is(&self, iova: u64, len: u64, byte: u8) -> Result<bool> {
