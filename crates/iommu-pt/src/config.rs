@@ -5,6 +5,7 @@
 //!                                             word1: DomainID(15:0)
 //!  VT-d    scalable-mode PASID entry (512b)   val0:  P(0) FPD(1) AW(4:2) PGTT(8:6) SSADE(9) SSPTPTR(63:12)
 //!                                             val1:  DID(15:0) PWSNP(23) PGSNP(24)
+//!                                             val2:  SRE(0) FLPM(3:2) WPE(4) EAFE(7) FLPTPTR(63:12)
 //!  SMMUv3  Context Descriptor (512 bits)      word0: T0SZ(5:0) TG0(7:6) V(31) IPS(34:32) AA64(41) HD(42) HA(43) ASID(63:48)
 //!                                             word1: TTB0(51:4)
 //!          Stream Table Entry (512 bits)      word0: V(0) Config(3:1) S1ContextPtr(51:6)
@@ -108,6 +109,24 @@ pub mod regs {
             /// Page snoop.
             PGSNP OFFSET(24) NUMBITS(1) []
         ],
+        /// VT-d scalable-mode PASID table entry bits 191:128 (`pasid_set_sre`, `pasid_set_flpm`,
+        /// `pasid_set_wpe`, `pasid_set_eafe`, `pasid_set_flptr` in Linux 6.12 `intel/pasid.h`).
+        pub VTD_PASID2 [
+            /// Supervisor request enable: privileged requests with PASID may use the first
+            /// stage.
+            SRE OFFSET(0) NUMBITS(1) [],
+            /// First-stage paging mode: 0 = 4-level, 1 = 5-level (CAP.FS5LP); 2, 3 reserved.
+            FLPM OFFSET(2) NUMBITS(2) [
+                FourLevel = 0,
+                FiveLevel = 1
+            ],
+            /// Write protect enable for supervisor requests.
+            WPE OFFSET(4) NUMBITS(1) [],
+            /// Extended accessed flag enable (ECAP.EAFS).
+            EAFE OFFSET(7) NUMBITS(1) [],
+            /// First-stage page-table pointer, bits 63:12.
+            FLPTPTR OFFSET(12) NUMBITS(52) []
+        ],
         /// SMMUv3 CD bits 63:0.
         pub SMMU_CD0 [
             /// Input address size is 64 - T0SZ.
@@ -193,7 +212,8 @@ pub mod regs {
 }
 
 use regs::{
-    AMD_DTE0, AMD_DTE1, SMMU_CD0, SMMU_CD1, SMMU_STE0, SMMU_STE2, SMMU_STE3, VTD_PASID0, VTD_PASID1,
+    AMD_DTE0, AMD_DTE1, SMMU_CD0, SMMU_CD1, SMMU_STE0, SMMU_STE2, SMMU_STE3, VTD_PASID0,
+    VTD_PASID1, VTD_PASID2,
 };
 
 /// A reserved encoding or must-be-zero bit found in a context structure or page-table entry.
@@ -421,6 +441,34 @@ impl VtdPasidEntry {
         VtdPasidEntry { val }
     }
 
+    /// A present first-stage-only entry (PGTT = 001b): table root, 4 or 5 levels (FLPM), domain
+    /// ID; AW = 2 (48-bit) or 3 (57-bit) as Linux sets it from the unit's AGAW (QEMU 10.0 takes
+    /// AW as the canonical limit 2^(30 + 9·AW) of first-stage input addresses); SRE clear.
+    /// With 4 levels and DID 1 this is the entry that worked on QEMU 10.0 (`val[0]` = 0x49,
+    /// `val[1]` = 1, `val[2]` = root; `shared/recipes/vtd-firmware.md`).
+    pub fn first_stage(root: u64, levels: u8, did: u16) -> Self {
+        let (aw, flpm) = if levels == 5 { (3, 1) } else { (2, 0) };
+        let mut v0 = LocalRegisterCopy::<u64, VTD_PASID0::Register>::new(0);
+        v0.modify(VTD_PASID0::P::SET + VTD_PASID0::AW.val(aw) + VTD_PASID0::PGTT::FirstStage);
+        let mut v2 = LocalRegisterCopy::<u64, VTD_PASID2::Register>::new(0);
+        v2.modify(VTD_PASID2::FLPM.val(flpm) + VTD_PASID2::FLPTPTR.val(root >> 12));
+        let mut val = [0u64; 8];
+        val[0] = v0.get();
+        val[1] = u64::from(did);
+        val[2] = v2.get();
+        VtdPasidEntry { val }
+    }
+
+    /// A present pass-through entry (PGTT = 100b) with domain ID `did`.
+    pub fn pass_through(did: u16) -> Self {
+        let mut v0 = LocalRegisterCopy::<u64, VTD_PASID0::Register>::new(0);
+        v0.modify(VTD_PASID0::P::SET + VTD_PASID0::PGTT::PassThrough);
+        let mut val = [0u64; 8];
+        val[0] = v0.get();
+        val[1] = u64::from(did);
+        VtdPasidEntry { val }
+    }
+
     /// The raw words.
     pub const fn words(&self) -> [u64; 8] {
         self.val
@@ -428,6 +476,42 @@ impl VtdPasidEntry {
 
     fn v0(&self) -> LocalRegisterCopy<u64, VTD_PASID0::Register> {
         LocalRegisterCopy::new(self.val[0])
+    }
+
+    fn v2(&self) -> LocalRegisterCopy<u64, VTD_PASID2::Register> {
+        LocalRegisterCopy::new(self.val[2])
+    }
+
+    /// First-stage table root (FLPTPTR).
+    pub fn first_stage_root(&self) -> u64 {
+        self.v2().read(VTD_PASID2::FLPTPTR) << 12
+    }
+
+    /// First-stage levels from FLPM: 4 or 5, `None` for a reserved FLPM value.
+    pub fn first_stage_levels(&self) -> Option<u8> {
+        match self.v2().read(VTD_PASID2::FLPM) {
+            0 => Some(4),
+            1 => Some(5),
+            _ => None,
+        }
+    }
+
+    /// SRE: supervisor requests enabled.
+    pub fn supervisor_requests(&self) -> bool {
+        self.v2().is_set(VTD_PASID2::SRE)
+    }
+
+    /// Set or clear SRE, leaving every other bit as it was.
+    #[must_use]
+    pub fn with_supervisor_requests(mut self, enable: bool) -> Self {
+        let mut v = self.v2();
+        v.modify(if enable {
+            VTD_PASID2::SRE::SET
+        } else {
+            VTD_PASID2::SRE::CLEAR
+        });
+        self.val[2] = v.get();
+        self
     }
 
     /// Present.
@@ -477,10 +561,16 @@ impl VtdPasidEntry {
         self.v0().is_set(VTD_PASID0::SSADE)
     }
 
-    /// What the entry asks the IOMMU to update: SSADE enables both second-stage A and D bits,
-    /// and only applies when the second stage translates (PGTT second-stage or nested).
+    /// What the entry asks the IOMMU to update in the table it selects: for second-stage or
+    /// nested translation SSADE enables both second-stage A and D bits; first-stage translation
+    /// (PGTT = 001b) always updates first-stage A and D (VT-d §3.6; there is no enable bit), so
+    /// both are reported on.
     pub fn ad_update(&self) -> AdUpdate {
-        let on = self.ssade() && matches!(self.pgtt(), Pgtt::SecondStage | Pgtt::Nested);
+        let on = match self.pgtt() {
+            Pgtt::FirstStage => true,
+            Pgtt::SecondStage | Pgtt::Nested => self.ssade(),
+            _ => false,
+        };
         AdUpdate {
             access: on,
             dirty: on,
@@ -526,6 +616,15 @@ impl VtdPasidEntry {
                 rule: "set without a second stage (PGTT must be 2 or 3)",
             });
         }
+        if self.first_stage_levels().is_none()
+            && matches!(self.pgtt(), Pgtt::FirstStage | Pgtt::Nested)
+        {
+            p.push(Problem {
+                field: "PASID.FLPM",
+                value: self.v2().read(VTD_PASID2::FLPM),
+                rule: "reserved first-stage paging mode",
+            });
+        }
         p
     }
 }
@@ -538,6 +637,8 @@ impl fmt::Debug for VtdPasidEntry {
             .field("aw", &self.address_width())
             .field("ssade", &self.ssade())
             .field("root", &format_args!("{:#x}", self.second_stage_root()))
+            .field("fs_root", &format_args!("{:#x}", self.first_stage_root()))
+            .field("fs_levels", &self.first_stage_levels())
             .field("did", &self.domain_id())
             .finish()
     }
