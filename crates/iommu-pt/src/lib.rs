@@ -71,6 +71,7 @@ mod mem;
 pub mod model;
 mod split;
 mod table;
+pub mod vtd;
 
 pub use dirty::{DirtyBits, DirtySink, HarvestOptions, HarvestStats, IotlbFlush, NoFlush};
 pub use error::Error;

@@ -24,7 +24,7 @@
 //! SSADE or AMD-Vi DTE.HAD). A write that hits a cached translation whose D is clear must set D
 //! in memory; a cached translation whose D is already set serves writes without touching memory,
 //! so after software clears D it must invalidate the IOTLB (PASID-based IOTLB invalidation,
-//! descriptor type 6).
+//! descriptor type 6, [`crate::vtd::InvDesc::pasid_iotlb`]).
 //!
 //! QEMU 10.0's intel-iommu (`x-flts=on`) deviates in two ways that both lose dirty state
 //! (measured, `shared/recipes/vtd-firmware.md`): its A/D update does nothing when *any* flag it
