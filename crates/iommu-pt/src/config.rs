@@ -2,7 +2,10 @@
 //!
 //! ```text
 //!  AMD-Vi  Device Table Entry (256 bits)      word0: V(0) TV(1) HAD(8:7) Mode(11:9) Root(51:12)
-//!                                             word1: DomainID(15:0)
+//!                                                    GIOV(54) GV(55) GLX(57:56) GCR3[14:12](60:58)
+//!                                             word1: DomainID(15:0) GCR3[30:15](31:16) I(32)
+//!                                                    GCR3[51:31](63:43)
+//!                                             word2: GuestPagingMode(55:54)
 //!  VT-d    scalable-mode PASID entry (512b)   val0:  P(0) FPD(1) AW(4:2) PGTT(8:6) SSADE(9) SSPTPTR(63:12)
 //!                                             val1:  DID(15:0) PWSNP(23) PGSNP(24)
 //!                                             val2:  SRE(0) FLPM(3:2) WPE(4) EAFE(7) FLPTPTR(63:12)
@@ -19,7 +22,9 @@
 //!
 //! Sources: AMD-Vi — Linux 6.12 `drivers/iommu/amd/amd_iommu_types.h` (`DTE_FLAG_V`,
 //! `DTE_FLAG_TV`, `DTE_FLAG_HAD` = 3 << 7, `DEV_ENTRY_MODE_SHIFT` = 9, `DTE_FLAG_IR`/`IW`,
-//! `DEV_DOMID_MASK`). Reserved bits 6:2 and the HAD encodings other than 0b11 (0b01 access bits
+//! `DEV_DOMID_MASK`, `DTE_FLAG_GIOV`, `DTE_FLAG_GV`, `DTE_GLX_SHIFT`, `DTE_GCR3_VAL_*` and
+//! `DTE_GCR3_SHIFT_*`, `DTE_GPT_LEVEL_SHIFT`, `DTE_FLAG_IOTLB`, `GCR3_VALID`; their use in
+//! `amd/iommu.c` `set_dte_entry` and `update_gcr3`). Reserved bits 6:2 and the HAD encodings other than 0b11 (0b01 access bits
 //! only, 0b10 reserved) are from the AMD I/O Virtualization Technology (IOMMU) specification
 //! (pub. 48882) DTE layout as this crate's authors recalled it: **unverified here** (no copy of
 //! that specification was available; its Device Table Entry field table would settle it). Linux
@@ -70,6 +75,10 @@ pub mod regs {
             GIOV OFFSET(54) NUMBITS(1) [],
             /// Guest translation valid.
             GV OFFSET(55) NUMBITS(1) [],
+            /// Guest CR3 table levels minus one: 0 = one level, 1 = two levels (`DTE_GLX_SHIFT`).
+            GLX OFFSET(56) NUMBITS(2) [],
+            /// GCR3 table root bits 14:12 (`DTE_GCR3_SHIFT_A`).
+            GCR3_A OFFSET(58) NUMBITS(3) [],
             /// I/O read permission.
             IR OFFSET(61) NUMBITS(1) [],
             /// I/O write permission.
@@ -78,7 +87,18 @@ pub mod regs {
         /// AMD-Vi DTE bits 127:64.
         pub AMD_DTE1 [
             /// Domain ID.
-            DOMAIN_ID OFFSET(0) NUMBITS(16) []
+            DOMAIN_ID OFFSET(0) NUMBITS(16) [],
+            /// GCR3 table root bits 30:15 (`DTE_GCR3_SHIFT_B`).
+            GCR3_B OFFSET(16) NUMBITS(16) [],
+            /// IOTLB (ATS) enable (`DTE_FLAG_IOTLB`).
+            I OFFSET(32) NUMBITS(1) [],
+            /// GCR3 table root bits 51:31 (`DTE_GCR3_SHIFT_C`).
+            GCR3_C OFFSET(43) NUMBITS(21) []
+        ],
+        /// AMD-Vi DTE bits 191:128.
+        pub AMD_DTE2 [
+            /// Guest paging mode: 0 = 4-level, 1 = 5-level guest tables (`DTE_GPT_LEVEL_SHIFT`).
+            GPM OFFSET(54) NUMBITS(2) []
         ],
         /// VT-d scalable-mode PASID table entry bits 63:0.
         pub VTD_PASID0 [
@@ -212,7 +232,7 @@ pub mod regs {
 }
 
 use regs::{
-    AMD_DTE0, AMD_DTE1, SMMU_CD0, SMMU_CD1, SMMU_STE0, SMMU_STE2, SMMU_STE3, VTD_PASID0,
+    AMD_DTE0, AMD_DTE1, AMD_DTE2, SMMU_CD0, SMMU_CD1, SMMU_STE0, SMMU_STE2, SMMU_STE3, VTD_PASID0,
     VTD_PASID1, VTD_PASID2,
 };
 
@@ -271,6 +291,50 @@ impl AmdDte {
         }
     }
 
+    /// Point the DTE at a GCR3 table (`glx` = 0 for one level, 1 for two) whose entries
+    /// ([`amd_gcr3_entry`]) hold the roots of x86-64 guest (v2) tables with `levels` levels (4
+    /// or 5); sets GV, and GIOV when requests without PASID should use PASID 0's table (as
+    /// Linux does for its v2 page-table mode, `set_dte_entry`). Leaves the host-table fields as
+    /// they were.
+    pub fn with_guest_tables(
+        mut self,
+        gcr3_table: u64,
+        glx: u8,
+        levels: u8,
+        giov: bool,
+    ) -> Result<Self, crate::Error> {
+        if gcr3_table & 0xfff != 0 || gcr3_table >> 52 != 0 {
+            return Err(crate::Error::Unaligned {
+                what: "GCR3 table address",
+                value: gcr3_table,
+                align: 4096,
+            });
+        }
+        if glx > 1 || !matches!(levels, 4 | 5) {
+            return Err(crate::Error::Config(
+                "GLX is 0 or 1 and guest tables have 4 or 5 levels",
+            ));
+        }
+        let mut w0 = self.w0();
+        w0.modify(
+            AMD_DTE0::GV::SET
+                + AMD_DTE0::GIOV.val(u64::from(giov))
+                + AMD_DTE0::GLX.val(u64::from(glx))
+                + AMD_DTE0::GCR3_A.val((gcr3_table >> 12) & 0x7),
+        );
+        let mut w1 = LocalRegisterCopy::<u64, AMD_DTE1::Register>::new(self.words[1]);
+        w1.modify(
+            AMD_DTE1::GCR3_B.val((gcr3_table >> 15) & 0xffff)
+                + AMD_DTE1::GCR3_C.val((gcr3_table >> 31) & 0x1f_ffff),
+        );
+        let mut w2 = LocalRegisterCopy::<u64, AMD_DTE2::Register>::new(self.words[2]);
+        w2.modify(AMD_DTE2::GPM.val(u64::from(levels == 5)));
+        self.words[0] = w0.get();
+        self.words[1] = w1.get();
+        self.words[2] = w2.get();
+        Ok(self)
+    }
+
     /// The raw words.
     pub const fn words(&self) -> [u64; 4] {
         self.words
@@ -278,6 +342,43 @@ impl AmdDte {
 
     fn w0(&self) -> LocalRegisterCopy<u64, AMD_DTE0::Register> {
         LocalRegisterCopy::new(self.words[0])
+    }
+
+    /// DTE.GV: guest (v2) translation valid.
+    pub fn guest_translation(&self) -> bool {
+        self.w0().is_set(AMD_DTE0::GV)
+    }
+
+    /// DTE.GIOV.
+    pub fn guest_io_protection(&self) -> bool {
+        self.w0().is_set(AMD_DTE0::GIOV)
+    }
+
+    /// DTE.GLX: GCR3 table levels minus one.
+    pub fn glx(&self) -> u8 {
+        self.w0().read(AMD_DTE0::GLX) as u8
+    }
+
+    /// The GCR3 table root, reassembled from its three fields.
+    pub fn gcr3_table(&self) -> u64 {
+        let w1 = LocalRegisterCopy::<u64, AMD_DTE1::Register>::new(self.words[1]);
+        (self.w0().read(AMD_DTE0::GCR3_A) << 12)
+            | (w1.read(AMD_DTE1::GCR3_B) << 15)
+            | (w1.read(AMD_DTE1::GCR3_C) << 31)
+    }
+
+    /// Guest table levels from the guest paging mode: 4, 5, or `None` for a reserved value.
+    pub fn guest_levels(&self) -> Option<u8> {
+        match LocalRegisterCopy::<u64, AMD_DTE2::Register>::new(self.words[2]).read(AMD_DTE2::GPM) {
+            0 => Some(4),
+            1 => Some(5),
+            _ => None,
+        }
+    }
+
+    /// DTE.I: device IOTLB (ATS) enabled.
+    pub fn iotlb_enabled(&self) -> bool {
+        LocalRegisterCopy::<u64, AMD_DTE1::Register>::new(self.words[1]).is_set(AMD_DTE1::I)
     }
 
     /// DTE.V.
@@ -375,6 +476,20 @@ impl AmdDte {
                 rule: "reserved paging mode",
             });
         }
+        if self.guest_translation() && self.glx() > 1 {
+            p.push(Problem {
+                field: "DTE.GLX",
+                value: u64::from(self.glx()),
+                rule: "reserved GCR3 table level count",
+            });
+        }
+        if self.guest_translation() && self.guest_levels().is_none() {
+            p.push(Problem {
+                field: "DTE.GuestPagingMode",
+                value: (self.words[2] >> 54) & 3,
+                rule: "reserved guest paging mode",
+            });
+        }
         p
     }
 }
@@ -388,8 +503,16 @@ impl fmt::Debug for AmdDte {
             .field("mode", &self.mode())
             .field("root", &format_args!("{:#x}", self.root()))
             .field("domain_id", &self.domain_id())
+            .field("gv", &self.guest_translation())
+            .field("gcr3_table", &format_args!("{:#x}", self.gcr3_table()))
             .finish()
     }
+}
+
+/// A GCR3 table entry: the root of one PASID's x86-64 guest (v2) table with the valid bit
+/// (`update_gcr3`: `gcr3 & PAGE_MASK | GCR3_VALID`); index = PASID bits 8:0 of a one-level table.
+pub fn amd_gcr3_entry(root: u64) -> u64 {
+    (root & 0x000f_ffff_ffff_f000) | 1
 }
 
 /// PASID-granular translation type of a VT-d scalable-mode PASID entry.

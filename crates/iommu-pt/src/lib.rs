@@ -11,7 +11,10 @@
 //! ```
 //!
 //! Formats: AMD-Vi v1, VT-d second stage, the x86-64 first stage (VT-d first stage, AMD-Vi v2
-//! guest tables: [`format::X86FirstStage`]), Arm LPAE stage 1 and 2.
+//! guest tables: [`format::X86FirstStage`]), Arm LPAE stage 1 and 2. For programs that drive an
+//! IOMMU unit themselves (firmware, a test guest without an IOMMU driver), [`vtd`] and [`amd`]
+//! declare the register maps, the in-memory structures, invalidation descriptors and commands,
+//! and decode fault records and event-log entries.
 //!
 //! Hardware dirty tracking (seeds 001 and 003) works the same way on all three IOMMUs: a
 //! per-device enable bit makes the IOMMU set a sticky dirty bit in the leaf entry of every
@@ -61,6 +64,7 @@
 
 extern crate alloc;
 
+pub mod amd;
 pub mod caps;
 pub mod config;
 mod dirty;
