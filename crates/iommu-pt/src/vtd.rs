@@ -1093,8 +1093,9 @@ impl InvDesc {
         })
     }
 
-    /// IOTLB invalidation (type 2), with read and write draining.
-    pub fn iotlb(scope: IotlbScope) -> Result<Self, Error> {
+    /// IOTLB invalidation (type 2); `drain` sets DR and DW (Linux sets them when CAP.DRD /
+    /// CAP.DWD report draining, `qi_flush_iotlb`).
+    pub fn iotlb(scope: IotlbScope, drain: bool) -> Result<Self, Error> {
         let (w0, w1) = match scope {
             IotlbScope::Global => (Self::w0(InvType::Iotlb, 1), 0),
             IotlbScope::Domain(did) => {
@@ -1109,7 +1110,7 @@ impl InvDesc {
             }
         };
         let mut w0 = w0;
-        w0.modify(INV0::DW_FN::SET + INV0::DR_PD::SET);
+        w0.modify(INV0::DW_FN.val(u64::from(drain)) + INV0::DR_PD.val(u64::from(drain)));
         Ok(InvDesc {
             words: [w0.get(), w1, 0, 0],
         })
