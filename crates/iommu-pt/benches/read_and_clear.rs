@@ -4,9 +4,11 @@
 //! * 4 KiB pages: 16 Mi leaf entries in 32768 tables (128 MiB), 0.1 %, 10 % and 100 % dirty;
 //! * 2 MiB pages: 32768 leaf entries in 64 tables (256 KiB), same percentages.
 //!
-//! Formats: AMD-Vi v1 (dirty = D bit, cleaned by clearing it) and Arm LPAE stage 1 (dirty =
-//! AP\[2\] clear with DBM, cleaned by setting AP\[2\]). Dirty state is planted before each
-//! measured iteration the way the IOMMU would leave it (A and D set; AF set, AP\[2\] clear).
+//! Formats: AMD-Vi v1 (dirty = D bit, cleaned by clearing it), the x86-64 first stage (VT-d
+//! first stage / AMD-Vi v2: D bit 6; once clearing D only, once clearing A with it, the
+//! harvest QEMU's intel-iommu needs) and Arm LPAE stage 1 (dirty = AP\[2\] clear with DBM,
+//! cleaned by setting AP\[2\]). Dirty state is planted before each measured iteration the way
+//! the IOMMU would leave it (A and D set; AF set, AP\[2\] clear).
 //! Criterion reports time per iteration and elements (leaf entries) per second; ns/PTE and the
 //! ratio to the baseline are derived from those (see the crate README).
 
@@ -15,7 +17,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use livemig_iommu_pt::format::{AmdV1, ArmS1};
+use livemig_iommu_pt::format::{AmdV1, ArmS1, X86FirstStage};
 use livemig_iommu_pt::{
     DirtyBits, HarvestOptions, NoFlush, PageTable, PageTableFormat, Perm, PhysMem, TableArena,
 };
@@ -87,6 +89,7 @@ fn bench_format<F: PageTableFormat>(
     name: &str,
     fmt: F,
     hw_dirty: fn(u64) -> u64,
+    opts: HarvestOptions,
 ) {
     for page in [4096u64, 2 << 20] {
         let mut s = setup(fmt.clone(), page);
@@ -124,7 +127,7 @@ fn bench_format<F: PageTableFormat>(
                                     IOVA,
                                     SPACE,
                                     &mut bits,
-                                    HarvestOptions::default(),
+                                    opts,
                                     &mut |_: u64, _: u64| flushes += 1,
                                 )
                                 .unwrap();
@@ -142,12 +145,27 @@ fn bench_format<F: PageTableFormat>(
 
 fn harvest(c: &mut Criterion) {
     // AMD-Vi: the IOMMU sets A (bit 5) and D (bit 6).
-    bench_format(c, "amd_v1", AmdV1::new(4).unwrap(), |raw| {
-        raw | (1 << 5) | (1 << 6)
-    });
+    let plain = HarvestOptions::default();
+    bench_format(
+        c,
+        "amd_v1",
+        AmdV1::new(4).unwrap(),
+        |raw| raw | (1 << 5) | (1 << 6),
+        plain,
+    );
+    // x86-64 first stage: the IOMMU sets A (bit 5) and D (bit 6); the harvest clears D, or A
+    // and D.
+    let x86 = X86FirstStage::new(4, 52).unwrap();
+    let ad = |raw| raw | X86FirstStage::A | X86FirstStage::D;
+    bench_format(c, "x86_fs", x86, ad, plain);
+    let clear_a = HarvestOptions {
+        clear_accessed: true,
+        ..plain
+    };
+    bench_format(c, "x86_fs_clear_a", x86, ad, clear_a);
     // Arm stage 1 with DBM: the SMMU clears AP[2] (bit 7); AF is already set.
     let arm = ArmS1::new(48, 48).unwrap();
-    bench_format(c, "arm_s1", arm, |raw| raw & !(1 << 7));
+    bench_format(c, "arm_s1", arm, |raw| raw & !(1 << 7), plain);
 }
 
 criterion_group!(benches, harvest);

@@ -555,6 +555,42 @@ impl VtdCaps {
         sizes
     }
 
+    /// First-stage leaf sizes (bitmap of byte sizes): 4 KiB and 2 MiB always, 1 GiB with
+    /// CAP.FS1GP (bit 56).
+    pub fn first_stage_page_sizes(&self) -> u64 {
+        let mut sizes = (1u64 << 12) | (1 << 21);
+        if self.cap.is_set(VTD_CAP::FL1GP) {
+            sizes |= 1 << 30;
+        }
+        sizes
+    }
+
+    /// CAP.FS5LP (bit 60): first-stage 5-level paging (PASID entry FLPM = 01b).
+    pub fn first_stage_5level(&self) -> bool {
+        self.cap.is_set(VTD_CAP::FL5LP)
+    }
+
+    /// Byte offset of the first fault-recording register from the unit's base (CAP.FRO × 16).
+    pub fn fault_record_offset(&self) -> u64 {
+        self.cap.read(VTD_CAP::FRO) * 16
+    }
+
+    /// Number of fault-recording registers (CAP.NFR + 1).
+    pub fn fault_records(&self) -> u32 {
+        self.cap.read(VTD_CAP::NFR) as u32 + 1
+    }
+
+    /// CAP.MAMV: the largest address mask (AM) a page-selective invalidation accepts.
+    pub fn max_address_mask(&self) -> u8 {
+        self.cap.read(VTD_CAP::MAMV) as u8
+    }
+
+    /// Byte offset of the IOTLB registers (IVA, then IOTLB at +8) from the unit's base
+    /// (ECAP.IRO × 16).
+    pub fn iotlb_offset(&self) -> u64 {
+        self.ecap.read(VTD_ECAP::IRO) * 16
+    }
+
     /// ECAP.SMTS: scalable-mode translation.
     pub fn scalable_mode(&self) -> bool {
         self.ecap.is_set(VTD_ECAP::SMTS)
@@ -838,6 +874,28 @@ mod tests {
         assert_eq!(c.domains(), 65536);
         assert!(c.caching_mode());
         assert_eq!(c.pasid_bits(), None);
+    }
+
+    #[test]
+    fn vtd_values_qemu_10_reports() {
+        // shared/recipes/vtd-firmware.md: CAP and ECAP of QEMU 10.0's intel-iommu with
+        // x-scalable-mode=on,x-flts=on.
+        let c = VtdCaps::from_regs(0x01d2_008c_222f_0606, 0x0000_8800_0000_0f42);
+        assert_eq!(c.fault_record_offset(), 0x220);
+        assert_eq!(c.fault_records(), 1);
+        assert_eq!(c.iotlb_offset(), 0xf0);
+        assert_eq!(c.max_address_mask(), 18);
+        assert_eq!(c.mgaw(), 48);
+        assert_eq!(c.address_widths(), [39, 48]);
+        assert!(c.page_selective_invalidation());
+        assert_eq!(
+            c.first_stage_page_sizes(),
+            (1 << 12) | (1 << 21) | (1 << 30)
+        );
+        assert!(!c.first_stage_5level());
+        assert!(c.queued_invalidation() && c.pass_through() && c.scalable_mode());
+        assert!(c.first_stage() && !c.second_stage() && c.pasid_bits().is_none());
+        assert!(!c.interrupt_remapping());
     }
 
     #[test]

@@ -2,9 +2,13 @@
 //!
 //! ```text
 //!  AMD-Vi  Device Table Entry (256 bits)      word0: V(0) TV(1) HAD(8:7) Mode(11:9) Root(51:12)
-//!                                             word1: DomainID(15:0)
+//!                                                    GIOV(54) GV(55) GLX(57:56) GCR3[14:12](60:58)
+//!                                             word1: DomainID(15:0) GCR3[30:15](31:16) I(32)
+//!                                                    GCR3[51:31](63:43)
+//!                                             word2: GuestPagingMode(55:54)
 //!  VT-d    scalable-mode PASID entry (512b)   val0:  P(0) FPD(1) AW(4:2) PGTT(8:6) SSADE(9) SSPTPTR(63:12)
 //!                                             val1:  DID(15:0) PWSNP(23) PGSNP(24)
+//!                                             val2:  SRE(0) FLPM(3:2) WPE(4) EAFE(7) FLPTPTR(63:12)
 //!  SMMUv3  Context Descriptor (512 bits)      word0: T0SZ(5:0) TG0(7:6) V(31) IPS(34:32) AA64(41) HD(42) HA(43) ASID(63:48)
 //!                                             word1: TTB0(51:4)
 //!          Stream Table Entry (512 bits)      word0: V(0) Config(3:1) S1ContextPtr(51:6)
@@ -18,7 +22,9 @@
 //!
 //! Sources: AMD-Vi — Linux 6.12 `drivers/iommu/amd/amd_iommu_types.h` (`DTE_FLAG_V`,
 //! `DTE_FLAG_TV`, `DTE_FLAG_HAD` = 3 << 7, `DEV_ENTRY_MODE_SHIFT` = 9, `DTE_FLAG_IR`/`IW`,
-//! `DEV_DOMID_MASK`). Reserved bits 6:2 and the HAD encodings other than 0b11 (0b01 access bits
+//! `DEV_DOMID_MASK`, `DTE_FLAG_GIOV`, `DTE_FLAG_GV`, `DTE_GLX_SHIFT`, `DTE_GCR3_VAL_*` and
+//! `DTE_GCR3_SHIFT_*`, `DTE_GPT_LEVEL_SHIFT`, `DTE_FLAG_IOTLB`, `GCR3_VALID`; their use in
+//! `amd/iommu.c` `set_dte_entry` and `update_gcr3`). Reserved bits 6:2 and the HAD encodings other than 0b11 (0b01 access bits
 //! only, 0b10 reserved) are from the AMD I/O Virtualization Technology (IOMMU) specification
 //! (pub. 48882) DTE layout as this crate's authors recalled it: **unverified here** (no copy of
 //! that specification was available; its Device Table Entry field table would settle it). Linux
@@ -69,6 +75,10 @@ pub mod regs {
             GIOV OFFSET(54) NUMBITS(1) [],
             /// Guest translation valid.
             GV OFFSET(55) NUMBITS(1) [],
+            /// Guest CR3 table levels minus one: 0 = one level, 1 = two levels (`DTE_GLX_SHIFT`).
+            GLX OFFSET(56) NUMBITS(2) [],
+            /// GCR3 table root bits 14:12 (`DTE_GCR3_SHIFT_A`).
+            GCR3_A OFFSET(58) NUMBITS(3) [],
             /// I/O read permission.
             IR OFFSET(61) NUMBITS(1) [],
             /// I/O write permission.
@@ -77,7 +87,18 @@ pub mod regs {
         /// AMD-Vi DTE bits 127:64.
         pub AMD_DTE1 [
             /// Domain ID.
-            DOMAIN_ID OFFSET(0) NUMBITS(16) []
+            DOMAIN_ID OFFSET(0) NUMBITS(16) [],
+            /// GCR3 table root bits 30:15 (`DTE_GCR3_SHIFT_B`).
+            GCR3_B OFFSET(16) NUMBITS(16) [],
+            /// IOTLB (ATS) enable (`DTE_FLAG_IOTLB`).
+            I OFFSET(32) NUMBITS(1) [],
+            /// GCR3 table root bits 51:31 (`DTE_GCR3_SHIFT_C`).
+            GCR3_C OFFSET(43) NUMBITS(21) []
+        ],
+        /// AMD-Vi DTE bits 191:128.
+        pub AMD_DTE2 [
+            /// Guest paging mode: 0 = 4-level, 1 = 5-level guest tables (`DTE_GPT_LEVEL_SHIFT`).
+            GPM OFFSET(54) NUMBITS(2) []
         ],
         /// VT-d scalable-mode PASID table entry bits 63:0.
         pub VTD_PASID0 [
@@ -107,6 +128,24 @@ pub mod regs {
             PWSNP OFFSET(23) NUMBITS(1) [],
             /// Page snoop.
             PGSNP OFFSET(24) NUMBITS(1) []
+        ],
+        /// VT-d scalable-mode PASID table entry bits 191:128 (`pasid_set_sre`, `pasid_set_flpm`,
+        /// `pasid_set_wpe`, `pasid_set_eafe`, `pasid_set_flptr` in Linux 6.12 `intel/pasid.h`).
+        pub VTD_PASID2 [
+            /// Supervisor request enable: privileged requests with PASID may use the first
+            /// stage.
+            SRE OFFSET(0) NUMBITS(1) [],
+            /// First-stage paging mode: 0 = 4-level, 1 = 5-level (CAP.FS5LP); 2, 3 reserved.
+            FLPM OFFSET(2) NUMBITS(2) [
+                FourLevel = 0,
+                FiveLevel = 1
+            ],
+            /// Write protect enable for supervisor requests.
+            WPE OFFSET(4) NUMBITS(1) [],
+            /// Extended accessed flag enable (ECAP.EAFS).
+            EAFE OFFSET(7) NUMBITS(1) [],
+            /// First-stage page-table pointer, bits 63:12.
+            FLPTPTR OFFSET(12) NUMBITS(52) []
         ],
         /// SMMUv3 CD bits 63:0.
         pub SMMU_CD0 [
@@ -193,7 +232,8 @@ pub mod regs {
 }
 
 use regs::{
-    AMD_DTE0, AMD_DTE1, SMMU_CD0, SMMU_CD1, SMMU_STE0, SMMU_STE2, SMMU_STE3, VTD_PASID0, VTD_PASID1,
+    AMD_DTE0, AMD_DTE1, AMD_DTE2, SMMU_CD0, SMMU_CD1, SMMU_STE0, SMMU_STE2, SMMU_STE3, VTD_PASID0,
+    VTD_PASID1, VTD_PASID2,
 };
 
 /// A reserved encoding or must-be-zero bit found in a context structure or page-table entry.
@@ -251,6 +291,50 @@ impl AmdDte {
         }
     }
 
+    /// Point the DTE at a GCR3 table (`glx` = 0 for one level, 1 for two) whose entries
+    /// ([`amd_gcr3_entry`]) hold the roots of x86-64 guest (v2) tables with `levels` levels (4
+    /// or 5); sets GV, and GIOV when requests without PASID should use PASID 0's table (as
+    /// Linux does for its v2 page-table mode, `set_dte_entry`). Leaves the host-table fields as
+    /// they were.
+    pub fn with_guest_tables(
+        mut self,
+        gcr3_table: u64,
+        glx: u8,
+        levels: u8,
+        giov: bool,
+    ) -> Result<Self, crate::Error> {
+        if gcr3_table & 0xfff != 0 || gcr3_table >> 52 != 0 {
+            return Err(crate::Error::Unaligned {
+                what: "GCR3 table address",
+                value: gcr3_table,
+                align: 4096,
+            });
+        }
+        if glx > 1 || !matches!(levels, 4 | 5) {
+            return Err(crate::Error::Config(
+                "GLX is 0 or 1 and guest tables have 4 or 5 levels",
+            ));
+        }
+        let mut w0 = self.w0();
+        w0.modify(
+            AMD_DTE0::GV::SET
+                + AMD_DTE0::GIOV.val(u64::from(giov))
+                + AMD_DTE0::GLX.val(u64::from(glx))
+                + AMD_DTE0::GCR3_A.val((gcr3_table >> 12) & 0x7),
+        );
+        let mut w1 = LocalRegisterCopy::<u64, AMD_DTE1::Register>::new(self.words[1]);
+        w1.modify(
+            AMD_DTE1::GCR3_B.val((gcr3_table >> 15) & 0xffff)
+                + AMD_DTE1::GCR3_C.val((gcr3_table >> 31) & 0x1f_ffff),
+        );
+        let mut w2 = LocalRegisterCopy::<u64, AMD_DTE2::Register>::new(self.words[2]);
+        w2.modify(AMD_DTE2::GPM.val(u64::from(levels == 5)));
+        self.words[0] = w0.get();
+        self.words[1] = w1.get();
+        self.words[2] = w2.get();
+        Ok(self)
+    }
+
     /// The raw words.
     pub const fn words(&self) -> [u64; 4] {
         self.words
@@ -258,6 +342,43 @@ impl AmdDte {
 
     fn w0(&self) -> LocalRegisterCopy<u64, AMD_DTE0::Register> {
         LocalRegisterCopy::new(self.words[0])
+    }
+
+    /// DTE.GV: guest (v2) translation valid.
+    pub fn guest_translation(&self) -> bool {
+        self.w0().is_set(AMD_DTE0::GV)
+    }
+
+    /// DTE.GIOV.
+    pub fn guest_io_protection(&self) -> bool {
+        self.w0().is_set(AMD_DTE0::GIOV)
+    }
+
+    /// DTE.GLX: GCR3 table levels minus one.
+    pub fn glx(&self) -> u8 {
+        self.w0().read(AMD_DTE0::GLX) as u8
+    }
+
+    /// The GCR3 table root, reassembled from its three fields.
+    pub fn gcr3_table(&self) -> u64 {
+        let w1 = LocalRegisterCopy::<u64, AMD_DTE1::Register>::new(self.words[1]);
+        (self.w0().read(AMD_DTE0::GCR3_A) << 12)
+            | (w1.read(AMD_DTE1::GCR3_B) << 15)
+            | (w1.read(AMD_DTE1::GCR3_C) << 31)
+    }
+
+    /// Guest table levels from the guest paging mode: 4, 5, or `None` for a reserved value.
+    pub fn guest_levels(&self) -> Option<u8> {
+        match LocalRegisterCopy::<u64, AMD_DTE2::Register>::new(self.words[2]).read(AMD_DTE2::GPM) {
+            0 => Some(4),
+            1 => Some(5),
+            _ => None,
+        }
+    }
+
+    /// DTE.I: device IOTLB (ATS) enabled.
+    pub fn iotlb_enabled(&self) -> bool {
+        LocalRegisterCopy::<u64, AMD_DTE1::Register>::new(self.words[1]).is_set(AMD_DTE1::I)
     }
 
     /// DTE.V.
@@ -355,6 +476,20 @@ impl AmdDte {
                 rule: "reserved paging mode",
             });
         }
+        if self.guest_translation() && self.glx() > 1 {
+            p.push(Problem {
+                field: "DTE.GLX",
+                value: u64::from(self.glx()),
+                rule: "reserved GCR3 table level count",
+            });
+        }
+        if self.guest_translation() && self.guest_levels().is_none() {
+            p.push(Problem {
+                field: "DTE.GuestPagingMode",
+                value: (self.words[2] >> 54) & 3,
+                rule: "reserved guest paging mode",
+            });
+        }
         p
     }
 }
@@ -368,8 +503,16 @@ impl fmt::Debug for AmdDte {
             .field("mode", &self.mode())
             .field("root", &format_args!("{:#x}", self.root()))
             .field("domain_id", &self.domain_id())
+            .field("gv", &self.guest_translation())
+            .field("gcr3_table", &format_args!("{:#x}", self.gcr3_table()))
             .finish()
     }
+}
+
+/// A GCR3 table entry: the root of one PASID's x86-64 guest (v2) table with the valid bit
+/// (`update_gcr3`: `gcr3 & PAGE_MASK | GCR3_VALID`); index = PASID bits 8:0 of a one-level table.
+pub fn amd_gcr3_entry(root: u64) -> u64 {
+    (root & 0x000f_ffff_ffff_f000) | 1
 }
 
 /// PASID-granular translation type of a VT-d scalable-mode PASID entry.
@@ -421,6 +564,34 @@ impl VtdPasidEntry {
         VtdPasidEntry { val }
     }
 
+    /// A present first-stage-only entry (PGTT = 001b): table root, 4 or 5 levels (FLPM), domain
+    /// ID; AW = 2 (48-bit) or 3 (57-bit) as Linux sets it from the unit's AGAW (QEMU 10.0 takes
+    /// AW as the canonical limit 2^(30 + 9·AW) of first-stage input addresses); SRE clear.
+    /// With 4 levels and DID 1 this is the entry that worked on QEMU 10.0 (`val[0]` = 0x49,
+    /// `val[1]` = 1, `val[2]` = root; `shared/recipes/vtd-firmware.md`).
+    pub fn first_stage(root: u64, levels: u8, did: u16) -> Self {
+        let (aw, flpm) = if levels == 5 { (3, 1) } else { (2, 0) };
+        let mut v0 = LocalRegisterCopy::<u64, VTD_PASID0::Register>::new(0);
+        v0.modify(VTD_PASID0::P::SET + VTD_PASID0::AW.val(aw) + VTD_PASID0::PGTT::FirstStage);
+        let mut v2 = LocalRegisterCopy::<u64, VTD_PASID2::Register>::new(0);
+        v2.modify(VTD_PASID2::FLPM.val(flpm) + VTD_PASID2::FLPTPTR.val(root >> 12));
+        let mut val = [0u64; 8];
+        val[0] = v0.get();
+        val[1] = u64::from(did);
+        val[2] = v2.get();
+        VtdPasidEntry { val }
+    }
+
+    /// A present pass-through entry (PGTT = 100b) with domain ID `did`.
+    pub fn pass_through(did: u16) -> Self {
+        let mut v0 = LocalRegisterCopy::<u64, VTD_PASID0::Register>::new(0);
+        v0.modify(VTD_PASID0::P::SET + VTD_PASID0::PGTT::PassThrough);
+        let mut val = [0u64; 8];
+        val[0] = v0.get();
+        val[1] = u64::from(did);
+        VtdPasidEntry { val }
+    }
+
     /// The raw words.
     pub const fn words(&self) -> [u64; 8] {
         self.val
@@ -428,6 +599,42 @@ impl VtdPasidEntry {
 
     fn v0(&self) -> LocalRegisterCopy<u64, VTD_PASID0::Register> {
         LocalRegisterCopy::new(self.val[0])
+    }
+
+    fn v2(&self) -> LocalRegisterCopy<u64, VTD_PASID2::Register> {
+        LocalRegisterCopy::new(self.val[2])
+    }
+
+    /// First-stage table root (FLPTPTR).
+    pub fn first_stage_root(&self) -> u64 {
+        self.v2().read(VTD_PASID2::FLPTPTR) << 12
+    }
+
+    /// First-stage levels from FLPM: 4 or 5, `None` for a reserved FLPM value.
+    pub fn first_stage_levels(&self) -> Option<u8> {
+        match self.v2().read(VTD_PASID2::FLPM) {
+            0 => Some(4),
+            1 => Some(5),
+            _ => None,
+        }
+    }
+
+    /// SRE: supervisor requests enabled.
+    pub fn supervisor_requests(&self) -> bool {
+        self.v2().is_set(VTD_PASID2::SRE)
+    }
+
+    /// Set or clear SRE, leaving every other bit as it was.
+    #[must_use]
+    pub fn with_supervisor_requests(mut self, enable: bool) -> Self {
+        let mut v = self.v2();
+        v.modify(if enable {
+            VTD_PASID2::SRE::SET
+        } else {
+            VTD_PASID2::SRE::CLEAR
+        });
+        self.val[2] = v.get();
+        self
     }
 
     /// Present.
@@ -477,10 +684,16 @@ impl VtdPasidEntry {
         self.v0().is_set(VTD_PASID0::SSADE)
     }
 
-    /// What the entry asks the IOMMU to update: SSADE enables both second-stage A and D bits,
-    /// and only applies when the second stage translates (PGTT second-stage or nested).
+    /// What the entry asks the IOMMU to update in the table it selects: for second-stage or
+    /// nested translation SSADE enables both second-stage A and D bits; first-stage translation
+    /// (PGTT = 001b) always updates first-stage A and D (VT-d §3.6; there is no enable bit), so
+    /// both are reported on.
     pub fn ad_update(&self) -> AdUpdate {
-        let on = self.ssade() && matches!(self.pgtt(), Pgtt::SecondStage | Pgtt::Nested);
+        let on = match self.pgtt() {
+            Pgtt::FirstStage => true,
+            Pgtt::SecondStage | Pgtt::Nested => self.ssade(),
+            _ => false,
+        };
         AdUpdate {
             access: on,
             dirty: on,
@@ -526,6 +739,15 @@ impl VtdPasidEntry {
                 rule: "set without a second stage (PGTT must be 2 or 3)",
             });
         }
+        if self.first_stage_levels().is_none()
+            && matches!(self.pgtt(), Pgtt::FirstStage | Pgtt::Nested)
+        {
+            p.push(Problem {
+                field: "PASID.FLPM",
+                value: self.v2().read(VTD_PASID2::FLPM),
+                rule: "reserved first-stage paging mode",
+            });
+        }
         p
     }
 }
@@ -538,6 +760,8 @@ impl fmt::Debug for VtdPasidEntry {
             .field("aw", &self.address_width())
             .field("ssade", &self.ssade())
             .field("root", &format_args!("{:#x}", self.second_stage_root()))
+            .field("fs_root", &format_args!("{:#x}", self.first_stage_root()))
+            .field("fs_levels", &self.first_stage_levels())
             .field("did", &self.domain_id())
             .finish()
     }

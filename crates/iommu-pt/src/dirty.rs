@@ -242,6 +242,16 @@ pub struct HarvestOptions {
     /// IOVA bytes per batch: the IOTLB flush hook is called once per batch window in which
     /// something was cleaned. A non-zero multiple of 4 KiB; windows are aligned to it.
     pub batch: u64,
+    /// Clear the accessed flag ([`PageTableFormat::accessed_bit`]) of every leaf that is
+    /// cleaned, together with its dirty state.
+    ///
+    /// For the x86-64 first stage on QEMU 10.0's intel-iommu, whose A/D update does nothing
+    /// when any flag it would set is already set: a leaf left with A = 1 never gets D again, so
+    /// a harvest that clears only D loses every later write (`shared/recipes/vtd-firmware.md`,
+    /// measured). Harmless on hardware that follows the VT-d specification (the next walk sets
+    /// A again). Only for formats and contexts where the IOMMU sets the accessed flag: on Arm
+    /// without HTTU access-flag updates a clear AF makes the next access fault.
+    pub clear_accessed: bool,
 }
 
 impl Default for HarvestOptions {
@@ -249,6 +259,7 @@ impl Default for HarvestOptions {
         HarvestOptions {
             no_clear: false,
             batch: 1 << 30,
+            clear_accessed: false,
         }
     }
 }
@@ -315,6 +326,11 @@ impl<F: PageTableFormat, M: PhysMem> PageTable<F, M> {
             });
         }
         let mut stats = HarvestStats::default();
+        let acc = if opts.clear_accessed {
+            self.fmt.accessed_bit()
+        } else {
+            0
+        };
         let mut w = iova;
         while w < end {
             let next = (w / opts.batch)
@@ -330,6 +346,7 @@ impl<F: PageTableFormat, M: PhysMem> PageTable<F, M> {
                 next,
                 sink,
                 opts.no_clear,
+                acc,
                 &mut stats,
             );
             if stats.cleaned != before {
@@ -352,13 +369,14 @@ impl<F: PageTableFormat, M: PhysMem> PageTable<F, M> {
         end: u64,
         sink: &mut S,
         no_clear: bool,
+        acc: u64,
         stats: &mut HarvestStats,
     ) -> Result<(), Error> {
         let frame = self.frame(table, level, start)?;
         if level == 1 {
-            self.scan::<S, false>(frame, 1, base, start, end, sink, no_clear, stats)
+            self.scan::<S, false>(frame, 1, base, start, end, sink, no_clear, acc, stats)
         } else {
-            self.scan::<S, true>(frame, level, base, start, end, sink, no_clear, stats)
+            self.scan::<S, true>(frame, level, base, start, end, sink, no_clear, acc, stats)
         }
     }
 
@@ -372,6 +390,7 @@ impl<F: PageTableFormat, M: PhysMem> PageTable<F, M> {
     /// exact path afterwards. A chunk that follows a chunk without any candidate is first
     /// OR-reduced and skipped whole if it has none either, so sparse tables cost one load and
     /// two ALU operations per entry. Upper-level tables also collect table pointers to descend.
+    /// `acc` is the accessed bit to clear with the dirty state (0 for none).
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn scan<S: DirtySink, const TABLES: bool>(
@@ -383,6 +402,7 @@ impl<F: PageTableFormat, M: PhysMem> PageTable<F, M> {
         end: u64,
         sink: &mut S,
         no_clear: bool,
+        acc: u64,
         stats: &mut HarvestStats,
     ) -> Result<(), Error> {
         let (i0, i1) = span(level, base, start, end);
@@ -420,7 +440,7 @@ impl<F: PageTableFormat, M: PhysMem> PageTable<F, M> {
                     let raw = e.load(Ordering::Relaxed);
                     if raw & fm == fv {
                         if !no_clear {
-                            e.store(raw ^ cx, Ordering::Relaxed);
+                            e.store((raw ^ cx) & !acc, Ordering::Relaxed);
                         }
                     } else {
                         miss |= 1 << k;
@@ -468,14 +488,14 @@ impl<F: PageTableFormat, M: PhysMem> PageTable<F, M> {
                 if !no_clear && fmask != 0 {
                     if fmask == full {
                         for e in chunk {
-                            e.store(e.load(Ordering::Relaxed) ^ cx, Ordering::Relaxed);
+                            e.store((e.load(Ordering::Relaxed) ^ cx) & !acc, Ordering::Relaxed);
                         }
                     } else {
                         let mut m = fmask;
                         while m != 0 {
                             let e = &chunk[m.trailing_zeros() as usize];
                             m &= m - 1;
-                            e.store(e.load(Ordering::Relaxed) ^ cx, Ordering::Relaxed);
+                            e.store((e.load(Ordering::Relaxed) ^ cx) & !acc, Ordering::Relaxed);
                         }
                     }
                 }
@@ -513,8 +533,17 @@ impl<F: PageTableFormat, M: PhysMem> PageTable<F, M> {
                 }
                 let raw = frame[i + k].load(Ordering::Acquire);
                 if self.fmt.is_dirty(raw, level) {
-                    next =
-                        self.harvest_entry(frame, i + k, level, base, raw, sink, no_clear, stats)?;
+                    next = self.harvest_entry(
+                        frame,
+                        i + k,
+                        level,
+                        base,
+                        raw,
+                        sink,
+                        no_clear,
+                        acc,
+                        stats,
+                    )?;
                 }
             }
             while TABLES && tmask != 0 {
@@ -526,9 +555,21 @@ impl<F: PageTableFormat, M: PhysMem> PageTable<F, M> {
                     Pte::Table { pa } => {
                         let child = self.frame(pa, level, eb)?;
                         if level == 2 {
-                            self.scan::<S, false>(child, 1, eb, start, end, sink, no_clear, stats)?;
+                            self.scan::<S, false>(
+                                child, 1, eb, start, end, sink, no_clear, acc, stats,
+                            )?;
                         } else {
-                            self.harvest_in(pa, level - 1, eb, start, end, sink, no_clear, stats)?;
+                            self.harvest_in(
+                                pa,
+                                level - 1,
+                                eb,
+                                start,
+                                end,
+                                sink,
+                                no_clear,
+                                acc,
+                                stats,
+                            )?;
                         }
                     }
                     Pte::Malformed(why) => return Err(Self::malformed(raw, level, eb, why)),
@@ -540,16 +581,32 @@ impl<F: PageTableFormat, M: PhysMem> PageTable<F, M> {
         Ok(())
     }
 
-    /// Clean one entry that was seen dirty with value `raw`; `true` if a plain store did it.
+    /// Clean one entry that was seen dirty with value `raw`, clearing the bits `acc` too; `true`
+    /// if a plain store did it.
     #[inline(always)]
-    fn clean(&self, slot: &AtomicU64, raw: u64) -> bool {
+    fn clean(&self, slot: &AtomicU64, raw: u64, acc: u64) -> bool {
+        let op = self.fmt.clean_op();
         if self.fmt.settled(raw) {
-            slot.store(self.fmt.clean_op().apply(raw), Ordering::Relaxed);
-            true
-        } else {
-            atomic_apply(slot, self.fmt.clean_op());
-            false
+            slot.store(op.apply(raw) & !acc, Ordering::Relaxed);
+            return true;
         }
+        match (op, acc) {
+            (_, 0) => atomic_apply(slot, op),
+            (BitOp::Clear(m), _) => atomic_apply(slot, BitOp::Clear(m | acc)),
+            (BitOp::Set(_), _) => {
+                // Two bit operations in opposite directions: one compare-and-swap loop.
+                let mut cur = raw;
+                while let Err(now) = slot.compare_exchange_weak(
+                    cur,
+                    op.apply(cur) & !acc,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    cur = now;
+                }
+            }
+        }
+        false
     }
 
     /// Harvest the dirty leaf at `frame[i]` (value `raw`) of a table at `level` whose entry 0
@@ -564,6 +621,7 @@ impl<F: PageTableFormat, M: PhysMem> PageTable<F, M> {
         raw: u64,
         sink: &mut S,
         no_clear: bool,
+        acc: u64,
         stats: &mut HarvestStats,
     ) -> Result<usize, Error> {
         let esize = level_size(level);
@@ -584,7 +642,7 @@ impl<F: PageTableFormat, M: PhysMem> PageTable<F, M> {
                     any = true;
                     stats.dirty += 1;
                     if !no_clear {
-                        stats.plain_stores += u64::from(self.clean(slot, r));
+                        stats.plain_stores += u64::from(self.clean(slot, r, acc));
                         stats.cleaned += 1;
                     }
                 }
@@ -596,7 +654,7 @@ impl<F: PageTableFormat, M: PhysMem> PageTable<F, M> {
         }
         stats.dirty += 1;
         if !no_clear {
-            stats.plain_stores += u64::from(self.clean(&frame[i], raw));
+            stats.plain_stores += u64::from(self.clean(&frame[i], raw, acc));
             stats.cleaned += 1;
         }
         sink.record(base + i as u64 * esize, esize);

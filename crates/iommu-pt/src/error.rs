@@ -1,5 +1,6 @@
 //! The crate's error type.
 
+use crate::config::Problem;
 use crate::format::FormatKind;
 
 /// Everything a page-table operation can refuse.
@@ -106,5 +107,24 @@ pub enum Error {
         raw: u64,
         /// The rule it breaks.
         why: &'static str,
+    },
+    /// A structure read from hardware or memory (register, descriptor, log entry) breaks a
+    /// rule of its layout; names the field.
+    #[error("{what}: {problem}")]
+    Decode {
+        /// The structure.
+        what: &'static str,
+        /// The field, the value found and the rule.
+        problem: Problem,
+    },
+    /// A structure is shorter than its layout.
+    #[error("{what}: {got} bytes, the layout has {need}")]
+    Truncated {
+        /// The structure.
+        what: &'static str,
+        /// Bytes given.
+        got: usize,
+        /// Bytes the layout needs.
+        need: usize,
     },
 }

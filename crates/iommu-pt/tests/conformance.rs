@@ -1,13 +1,14 @@
 //! One conformance suite, run for every page-table format against the IOMMU model.
 //!
-//! Each generic test below is instantiated for AMD-Vi v1, VT-d second stage, Arm LPAE stage 1
-//! and Arm LPAE stage 2 by the `suite!` macro at the end.
+//! Each generic test below is instantiated for AMD-Vi v1, VT-d second stage, the x86-64 first
+//! stage (VT-d PGTT = first stage), Arm LPAE stage 1 and Arm LPAE stage 2 by the `suite!` macro
+//! at the end.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use livemig_iommu_pt::config::{AmdDte, SmmuCd, SmmuSte, VtdPasidEntry};
-use livemig_iommu_pt::format::{AmdV1, ArmS1, ArmS2, FaultKind, VtdSecondStage};
+use livemig_iommu_pt::format::{AmdV1, ArmS1, ArmS2, FaultKind, VtdSecondStage, X86FirstStage};
 use livemig_iommu_pt::model::{
     DataMem, DeviceContext, DevicePort, DmaPort, GuestRam, Iommu, ModelOptions,
 };
@@ -32,6 +33,9 @@ trait Fixture: PageTableFormat + Sized {
     fn odd_sizes() -> &'static [u64] {
         &[]
     }
+    /// Whether the device context can switch hardware dirty updates off (x86-64 first stage:
+    /// no, A/D updates are architectural).
+    const AD_SWITCH: bool = true;
 }
 
 impl Fixture for AmdV1 {
@@ -53,6 +57,16 @@ impl Fixture for VtdSecondStage {
     fn context(root: u64, dirty: bool) -> DeviceContext {
         DeviceContext::Vtd(VtdPasidEntry::second_stage(root, 48, 1).with_dirty_tracking(dirty))
     }
+}
+
+impl Fixture for X86FirstStage {
+    fn make() -> Self {
+        X86FirstStage::new(4, 46).unwrap()
+    }
+    fn context(root: u64, _dirty: bool) -> DeviceContext {
+        DeviceContext::Vtd(VtdPasidEntry::first_stage(root, 4, 1))
+    }
+    const AD_SWITCH: bool = false;
 }
 
 impl Fixture for ArmS1 {
@@ -464,6 +478,22 @@ fn faulting_access_leaves_no_dirty<F: Fixture>() {
 }
 
 fn tracking_off_records_nothing<F: Fixture>() {
+    if !F::AD_SWITCH {
+        // Nothing turns first-stage A/D updates off: a write is always recorded, and a harvest
+        // that discards its result is the way to start clean.
+        let mut r = Rig::<F>::new(true, false);
+        r.pt.map(IOVA, RAM, SZ_2M, Perm::RW).unwrap();
+        r.write(IOVA, 1);
+        assert_eq!(r.harvest(false), span(IOVA, 512));
+        assert_eq!(
+            r.pt.set_dirty_tracking(IOVA, RAM_SIZE, false, &mut &*r.iommu)
+                .unwrap(),
+            0
+        );
+        r.write(IOVA + SZ_4K, 1);
+        assert_eq!(r.harvest(false), span(IOVA, 512));
+        return;
+    }
     // Hardware dirty updates disabled in the device context.
     let mut r = Rig::<F>::new(true, false);
     r.pt.set_dirty_tracking(IOVA, RAM_SIZE, false, &mut &*r.iommu)
@@ -526,6 +556,31 @@ fn flush_is_what_keeps_dirty_pages<F: Fixture>() {
     assert_eq!(r.harvest_noflush(), [page]);
 }
 
+/// The harvest option that clears the accessed flag with the dirty state: the cleaned leaf has
+/// neither, and the next write (after the flush) records both again.
+fn clear_accessed_rearms<F: Fixture>() {
+    let mut r = Rig::<F>::new(true, true);
+    r.pt.map_sizes(IOVA, RAM, SZ_2M, Perm::RW, SZ_4K).unwrap();
+    let opts = HarvestOptions {
+        clear_accessed: true,
+        ..HarvestOptions::default()
+    };
+    let page = IOVA + 5 * SZ_4K;
+    for v in 0..3 {
+        r.write(page, v);
+        let mut bits = DirtyBits::new(IOVA, SZ_2M, SZ_4K).unwrap();
+        let st =
+            r.pt.read_and_clear_dirty(IOVA, SZ_2M, &mut bits, opts, &mut &*r.iommu)
+                .unwrap();
+        assert_eq!(bits.iter().collect::<Vec<_>>(), [page]);
+        assert_eq!(st.flushes, 1);
+        let mut seen = Vec::new();
+        r.pt.walk(page, SZ_4K, |m| seen.push((m.leaf.accessed, m.leaf.dirty)))
+            .unwrap();
+        assert_eq!(seen, [(false, false)], "round {v}");
+    }
+}
+
 fn batches_flush_once_per_window<F: Fixture>() {
     let mut r = Rig::<F>::new(true, true);
     r.pt.map_sizes(IOVA, RAM, 4 << 20, Perm::RW, SZ_4K).unwrap();
@@ -536,8 +591,8 @@ fn batches_flush_once_per_window<F: Fixture>() {
     let mut hook = |iova: u64, len: u64| calls.push((iova, len));
     let mut bits = DirtyBits::new(IOVA, 4 << 20, SZ_4K).unwrap();
     let opts = HarvestOptions {
-        no_clear: false,
         batch: SZ_2M,
+        ..HarvestOptions::default()
     };
     let st =
         r.pt.read_and_clear_dirty(IOVA, 4 << 20, &mut bits, opts, &mut hook)
@@ -556,8 +611,8 @@ fn batches_flush_once_per_window<F: Fixture>() {
             SZ_4K,
             &mut bits,
             HarvestOptions {
-                no_clear: false,
-                batch: 100
+                batch: 100,
+                ..HarvestOptions::default()
             },
             &mut NoFlush
         ),
@@ -685,6 +740,7 @@ macro_rules! suite {
             #[test] fn tracking_off_records_nothing() { super::tracking_off_records_nothing::<$format>() }
             #[test] fn flush_is_what_keeps_dirty_pages() { super::flush_is_what_keeps_dirty_pages::<$format>() }
             #[test] fn batches_flush_once_per_window() { super::batches_flush_once_per_window::<$format>() }
+            #[test] fn clear_accessed_rearms() { super::clear_accessed_rearms::<$format>() }
             #[test] fn concurrent_writers_lose_nothing() { super::concurrent_writers_lose_nothing::<$format>() }
         }
     )*};
@@ -693,6 +749,7 @@ macro_rules! suite {
 suite!(
     amd_v1: AmdV1,
     vtd_second_stage: VtdSecondStage,
+    x86_first_stage: X86FirstStage,
     arm_stage1: ArmS1,
     arm_stage2: ArmS2,
 );

@@ -1,7 +1,7 @@
 //! The exact bits each format writes, pinned by snapshots: a change in an encoder shows up as a
 //! snapshot diff, not as a silent change in what the IOMMU is told.
 
-use livemig_iommu_pt::format::{AmdV1, ArmS1, ArmS2, VtdSecondStage};
+use livemig_iommu_pt::format::{AmdV1, ArmS1, ArmS2, VtdSecondStage, X86FirstStage};
 use livemig_iommu_pt::{NoFlush, PageTable, PageTableFormat, Perm, PhysMem, TableArena};
 
 const IOVA: u64 = 0x10_0000_0000;
@@ -65,6 +65,11 @@ fn amd_v1() {
 #[test]
 fn vtd_second_stage() {
     insta::assert_snapshot!(image(VtdSecondStage::new(48, 46).unwrap()));
+}
+
+#[test]
+fn x86_first_stage() {
+    insta::assert_snapshot!(image(X86FirstStage::new(4, 46).unwrap()));
 }
 
 #[test]

@@ -4,7 +4,7 @@
 
 use livemig_iommu_pt::caps::{AmdCaps, SmmuCaps, VtdCaps};
 use livemig_iommu_pt::config::{AdUpdate, AmdDte, SmmuCd, SmmuSte, VtdPasidEntry};
-use livemig_iommu_pt::format::{AmdV1, ArmS1, ArmS2, HwAccess, VtdSecondStage};
+use livemig_iommu_pt::format::{AmdV1, ArmS1, ArmS2, HwAccess, VtdSecondStage, X86FirstStage};
 use livemig_iommu_pt::{PageTableFormat, Perm, Pte};
 use proptest::prelude::*;
 
@@ -86,6 +86,13 @@ proptest! {
     }
 
     #[test]
+    fn x86_first_stage_fast_paths_agree(raw in raw_entry()) {
+        check(&X86FirstStage::new(4, 46).unwrap(), raw);
+        check(&X86FirstStage::new(5, 52).unwrap(), raw);
+        check(&X86FirstStage::with_page_sizes(4, 52, (1 << 12) | (1 << 21)).unwrap(), raw);
+    }
+
+    #[test]
     fn arm_fast_paths_agree(raw in raw_entry()) {
         check(&ArmS1::new(48, 48).unwrap(), raw);
         check(&ArmS2::new(39, 40).unwrap(), raw);
@@ -146,6 +153,7 @@ proptest! {
         }
         one(&AmdV1::new(4).unwrap(), pfn, perm, track);
         one(&VtdSecondStage::new(48, 46).unwrap(), pfn, perm, track);
+        one(&X86FirstStage::new(4, 46).unwrap(), pfn, perm, track);
         one(&ArmS1::new(48, 48).unwrap(), pfn, perm, track);
         one(&ArmS2::new(48, 48).unwrap(), pfn, perm, track);
     }

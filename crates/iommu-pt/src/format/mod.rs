@@ -1,15 +1,16 @@
 //! IO page-table formats behind one trait.
 //!
-//! All four formats are radix trees of 4 KiB tables holding 512 little-endian 64-bit entries.
+//! All five formats are radix trees of 4 KiB tables holding 512 little-endian 64-bit entries.
 //! This crate numbers levels from the leaf up, as the AMD-Vi and VT-d specifications do:
 //!
 //! ```text
-//!  level  entry maps   AMD-Vi v1          VT-d second stage    Arm LPAE 4K (S1/S2)
-//!  ─────  ──────────   ─────────────────  ───────────────────  ───────────────────
-//!    4    512 GiB      PDE (NextLevel=3)  PDE                  L0 table descriptor
-//!    3    1 GiB        PDE / 1G leaf      PDE / 1G leaf (PS)   L1 table / block
-//!    2    2 MiB        PDE / 2M leaf      PDE / 2M leaf (PS)   L2 table / block
-//!    1    4 KiB        4K leaf            4K leaf              L3 page
+//!  level  entry maps   AMD-Vi v1          VT-d second stage    x86-64 first stage   Arm LPAE 4K (S1/S2)
+//!  ─────  ──────────   ─────────────────  ───────────────────  ───────────────────  ───────────────────
+//!    5    256 TiB      PDE (NextLevel=4)  PDE                  PML5E                -
+//!    4    512 GiB      PDE (NextLevel=3)  PDE                  PML4E                L0 table descriptor
+//!    3    1 GiB        PDE / 1G leaf      PDE / 1G leaf (PS)   PDPE / 1G leaf (PS)  L1 table / block
+//!    2    2 MiB        PDE / 2M leaf      PDE / 2M leaf (PS)   PDE / 2M leaf (PS)   L2 table / block
+//!    1    4 KiB        4K leaf            4K leaf              PTE (4K leaf)        L3 page
 //!         (AMD-Vi also maps 8K..1M, 4M..512M, ... with NextLevel=7 entries replicated
 //!          across 2..256 consecutive slots of one table)
 //! ```
@@ -22,10 +23,12 @@
 mod amd;
 mod arm;
 mod vtd;
+mod x86;
 
 pub use amd::AmdV1;
 pub use arm::{ArmS1, ArmS2};
 pub use vtd::VtdSecondStage;
+pub use x86::X86FirstStage;
 
 use core::fmt;
 
@@ -63,6 +66,8 @@ pub enum FormatKind {
     ArmS1,
     /// Arm VMSAv8-64 LPAE, 4 KiB granule, stage 2 (SMMUv3 STE).
     ArmS2,
+    /// x86-64 paging: VT-d first stage (scalable mode) and AMD-Vi v2 guest page tables.
+    X86FirstStage,
 }
 
 impl fmt::Display for FormatKind {
@@ -72,6 +77,7 @@ impl fmt::Display for FormatKind {
             FormatKind::VtdSecondStage => "VT-d second stage",
             FormatKind::ArmS1 => "Arm LPAE stage 1",
             FormatKind::ArmS2 => "Arm LPAE stage 2",
+            FormatKind::X86FirstStage => "x86-64 first stage",
         })
     }
 }
@@ -160,6 +166,9 @@ pub enum FaultKind {
     AccessFlag,
     /// The walk met a malformed entry.
     Malformed,
+    /// The input address is beyond what the table translates (x86-64 first stage: not
+    /// canonical-low).
+    OutOfRange,
 }
 
 impl fmt::Display for FaultKind {
@@ -169,6 +178,7 @@ impl fmt::Display for FaultKind {
             FaultKind::Permission => "permission fault",
             FaultKind::AccessFlag => "access flag fault",
             FaultKind::Malformed => "malformed page-table entry",
+            FaultKind::OutOfRange => "input address beyond the translated range",
         })
     }
 }
@@ -307,6 +317,15 @@ pub trait PageTableFormat: Clone + fmt::Debug + Send + Sync + 'static {
     /// What the IOMMU does for a read or write through the present leaf `raw` at `level`,
     /// with the accessed/dirty updates `ad` the device context enables.
     fn hw_access(&self, raw: u64, level: u8, write: bool, ad: AdUpdate) -> HwAccess;
+
+    /// What the IOMMU does to the table pointer `raw` at `level` it walks through on an IOTLB
+    /// miss: check the permissions the pointer restricts and set its accessed flag where the
+    /// architecture does (x86-64 first stage: A in every entry walked, VT-d §3.6). The default
+    /// leaves pointers alone, which is what the model does for the other formats.
+    fn hw_walk(&self, raw: u64, level: u8, write: bool, ad: AdUpdate) -> HwAccess {
+        let _ = (raw, level, write, ad);
+        HwAccess::Allow { update: None }
+    }
 }
 
 /// Checks shared by the format constructors.

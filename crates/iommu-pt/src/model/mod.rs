@@ -10,10 +10,14 @@
 //!  software ──IotlbFlush──> drain (write lock: waits for in-flight DMA) + drop cached entries
 //! ```
 //!
-//! Per-vendor behaviour comes from [`PageTableFormat::hw_access`]: AMD-Vi sets A and D with an
-//! interlocked 64-bit update when DTE.HAD enables them; VT-d sets A and D when the PASID entry's
-//! SSADE is set; SMMUv3 sets AF and clears AP\[2\] (sets S2AP\[1\]) of DBM entries when CD.HA/HD
-//! (STE.S2HA/S2HD) are set. Accesses the leaf does not allow fault without touching the entry.
+//! Per-vendor behaviour comes from [`PageTableFormat::hw_access`] (leaves) and
+//! [`PageTableFormat::hw_walk`] (table pointers, on a walk): AMD-Vi sets A and D with an
+//! interlocked 64-bit update when DTE.HAD enables them; VT-d second stage sets A and D when the
+//! PASID entry's SSADE is set; the x86-64 first stage (VT-d PGTT = first stage) always sets A in
+//! every entry it walks and D in the leaf on a write (VT-d §3.6); SMMUv3 sets AF and clears
+//! AP\[2\] (sets S2AP\[1\]) of DBM entries when CD.HA/HD (STE.S2HA/S2HD) are set. Accesses the
+//! leaf does not allow fault without touching the leaf. Only a walk (an IOTLB miss) updates
+//! table pointers; an IOTLB hit touches at most the leaf it came from.
 //!
 //! The IOTLB caches leaf entries together with the state they had. A cached entry that already
 //! records a write serves further writes without touching memory — so if software cleans the
@@ -41,7 +45,9 @@ pub use ram::{DataMem, GuestRam};
 pub enum DeviceContext {
     /// AMD-Vi Device Table Entry.
     Amd(AmdDte),
-    /// VT-d scalable-mode PASID entry (second-stage or nested translation).
+    /// VT-d scalable-mode PASID entry: second-stage or nested translation for a
+    /// [`VtdSecondStage`](crate::format::VtdSecondStage) table, first-stage translation
+    /// (PGTT = 001b) for an [`X86FirstStage`](crate::format::X86FirstStage) table.
     Vtd(VtdPasidEntry),
     /// SMMUv3 stage 1: the STE and the context descriptor it selects.
     SmmuS1 {
@@ -257,6 +263,24 @@ impl<F: PageTableFormat, M: PhysMem> Iommu<F, M> {
                     ad: dte.ad_update(),
                 })
             }
+            DeviceContext::Vtd(pe) if kind == FormatKind::X86FirstStage => {
+                first_problem(pe.problems())?;
+                if !pe.present() {
+                    return Err(ModelError::NotTranslating("PASID entry not present"));
+                }
+                if pe.pgtt() != Pgtt::FirstStage {
+                    return Err(ModelError::NotTranslating("PGTT selects no first stage"));
+                }
+                if pe.first_stage_levels() != Some(self.fmt.levels()) {
+                    return Err(ModelError::Geometry(
+                        "PASID.FLPM differs from the table's levels",
+                    ));
+                }
+                Ok(Ctx {
+                    root: pe.first_stage_root(),
+                    ad: pe.ad_update(),
+                })
+            }
             DeviceContext::Vtd(pe) => {
                 if kind != FormatKind::VtdSecondStage {
                     return Err(wrong("VT-d PASID entry"));
@@ -441,6 +465,10 @@ impl<F: PageTableFormat, M: PhysMem> Iommu<F, M> {
             }
         }
         self.counters.walks.fetch_add(1, Ordering::Relaxed);
+        let bits = self.fmt.iova_bits();
+        if bits < 64 && iova >> bits != 0 {
+            return Err(self.fault(fault(FaultKind::OutOfRange)));
+        }
         'walk: loop {
             let mut level = self.fmt.levels();
             let mut table = ctx.root;
@@ -454,6 +482,21 @@ impl<F: PageTableFormat, M: PhysMem> Iommu<F, M> {
                     Pte::Absent => return Err(self.fault(fault(FaultKind::NotPresent))),
                     Pte::Malformed(_) => return Err(self.fault(fault(FaultKind::Malformed))),
                     Pte::Table { pa } if level > 1 => {
+                        match self.fmt.hw_walk(raw, level, write, ctx.ad) {
+                            HwAccess::Fault(kind) => return Err(self.fault(fault(kind))),
+                            HwAccess::Allow { update: None } => {}
+                            HwAccess::Allow { update: Some(new) } => {
+                                // Interlocked, as for leaves; if software changed the pointer
+                                // meanwhile, walk again from the root.
+                                if frame[slot]
+                                    .compare_exchange(raw, new, Ordering::AcqRel, Ordering::Acquire)
+                                    .is_err()
+                                {
+                                    continue 'walk;
+                                }
+                                self.counters.ad_updates.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
                         table = pa;
                         level -= 1;
                     }
