@@ -11,7 +11,11 @@
 //! the day QEMU changes they say so.
 
 use anyhow::{Context, Result, bail, ensure};
+use livemig_iommu_pt::amd::{
+    AmdCommand, AmdEvent, PagesRange, Reg, dev_table_base, ring_base, ring_index, ring_offset,
+};
 use livemig_iommu_pt::caps::AmdCaps;
+use livemig_iommu_pt::config::AmdDte;
 
 use crate::check_eq;
 use crate::fw::{
@@ -20,16 +24,16 @@ use crate::fw::{
 use crate::harness::{Outcome, Runner};
 use crate::trace;
 
-// MMIO registers.
-const DEV_TABLE_BASE: u64 = 0x0000;
-const CMD_BUF_BASE: u64 = 0x0008;
-const EVENT_LOG_BASE: u64 = 0x0010;
-const CONTROL: u64 = 0x0018;
-const EFR: u64 = 0x0030;
-const CMD_HEAD: u64 = 0x2000;
-const CMD_TAIL: u64 = 0x2008;
-const EVENT_HEAD: u64 = 0x2010;
-const EVENT_TAIL: u64 = 0x2018;
+// MMIO registers: offsets from livemig-iommu-pt's AMD-Vi register map.
+const DEV_TABLE_BASE: u64 = Reg::DevTableBase.offset() as u64;
+const CMD_BUF_BASE: u64 = Reg::CmdBufBase.offset() as u64;
+const EVENT_LOG_BASE: u64 = Reg::EventLogBase.offset() as u64;
+const CONTROL: u64 = Reg::Control.offset() as u64;
+const EFR: u64 = Reg::Efr.offset() as u64;
+const CMD_HEAD: u64 = Reg::CmdBufHead.offset() as u64;
+const CMD_TAIL: u64 = Reg::CmdBufTail.offset() as u64;
+const EVENT_HEAD: u64 = Reg::EventLogHead.offset() as u64;
+const EVENT_TAIL: u64 = Reg::EventLogTail.offset() as u64;
 // Control register bits.
 const IOMMU_EN: u64 = 1 << 0;
 const EVENT_LOG_EN: u64 = 1 << 2;
@@ -60,18 +64,18 @@ struct Unit {
 }
 
 impl Unit {
-    /// Queues one 128-bit command and a COMPLETION_WAIT that stores a marker; waits for it.
-    fn command(&mut self, c: [u64; 2]) -> Result<()> {
+    /// Queues one command and a COMPLETION_WAIT that stores a marker; waits for the store.
+    fn command(&mut self, c: AmdCommand) -> Result<()> {
         let marker = 0x7a7a_0000_0000_0000 | self.tail;
         self.s.mem.w64(WAIT, 0);
-        // COMPLETION_WAIT (opcode 1): store address (8-byte aligned) | S, store data.
-        let wait = [(self.s.pa(WAIT) & !7) | 1 | (1 << 60), marker];
+        let wait = AmdCommand::completion_wait(Some((self.s.pa(WAIT), marker)), false, false)?;
         for cmd in [c, wait] {
-            self.s.mem.w64(CMD_BUF + self.tail * 16, cmd[0]);
-            self.s.mem.w64(CMD_BUF + self.tail * 16 + 8, cmd[1]);
+            let w = cmd.words();
+            self.s.mem.w64(CMD_BUF + self.tail * 16, w[0]);
+            self.s.mem.w64(CMD_BUF + self.tail * 16 + 8, w[1]);
             self.tail = (self.tail + 1) % 256;
         }
-        self.regs.w64(CMD_TAIL, self.tail << 4);
+        self.regs.w64(CMD_TAIL, ring_offset(self.tail as u32));
         crate::util::poll("COMPLETION_WAIT", std::time::Duration::from_secs(2), || {
             Ok((self.s.mem.r64(WAIT) == marker).then_some(()))
         })
@@ -85,10 +89,13 @@ impl Unit {
     }
 
     fn invalidate(&mut self) -> Result<()> {
-        // INVALIDATE_DEVTAB_ENTRY (opcode 2) for edu; INVALIDATE_IOMMU_PAGES (opcode 3) of the
-        // whole domain: S = 1, PDE = 1, address 0x7fff_ffff_ffff_f000.
-        self.command([self.devid | (2 << 60), 0])?;
-        self.command([(DOMAIN << 32) | (3 << 60), 0x7fff_ffff_ffff_f000 | 0b11])
+        self.command(AmdCommand::invalidate_devtab_entry(self.devid as u16))?;
+        self.command(AmdCommand::invalidate_iommu_pages(
+            DOMAIN as u16,
+            None,
+            PagesRange::All,
+            true,
+        )?)
     }
 
     /// Maps a leaf at `level` (1: 4 KiB, 2: 2 MiB) under the 4-level root; `skip3` makes the
@@ -142,20 +149,20 @@ impl Unit {
         }
     }
 
-    /// Event-log entries written since the last call (each 128 bits), consumed.
-    fn events(&self) -> Vec<[u64; 2]> {
+    /// Event-log entries written since the last call, decoded by livemig-iommu-pt (an entry
+    /// that does not decode is an error naming its field), consumed.
+    fn events(&self) -> Result<Vec<AmdEvent>> {
         let mut out = Vec::new();
-        let mut head = self.regs.r64(EVENT_HEAD) & 0x7fff0;
-        let tail = self.regs.r64(EVENT_TAIL) & 0x7fff0;
+        let mut head = ring_index(self.regs.r64(EVENT_HEAD));
+        let tail = ring_index(self.regs.r64(EVENT_TAIL));
         while head != tail {
-            out.push([
-                self.s.mem.r64(EVENT_LOG + head),
-                self.s.mem.r64(EVENT_LOG + head + 8),
-            ]);
-            head = (head + 16) % 0x1000;
+            let at = EVENT_LOG + ring_offset(head);
+            let words = [self.s.mem.r64(at), self.s.mem.r64(at + 8)];
+            out.push(AmdEvent::from_words(words).map_err(|e| anyhow::anyhow!("{e}"))?);
+            head = (head + 1) % 256;
         }
-        self.regs.w64(EVENT_HEAD, head);
-        out
+        self.regs.w64(EVENT_HEAD, ring_offset(head));
+        Ok(out)
     }
 }
 
@@ -179,16 +186,21 @@ fn bring_up() -> Result<Unit> {
         u.regs.r64(CONTROL)
     );
     u.root = u.s.alloc_table();
-    // DTE for edu: V, TV, mode 4 (4-level), root, IR, IW; domain 1.
-    let dte = DEV_TABLE + devid * 32;
-    u.s.mem
-        .w64(dte, 1 | 2 | (4 << 9) | u.s.pa(u.root) | IR | IW);
-    u.s.mem.w64(dte + 8, DOMAIN);
-    // Device table: one 4 KiB page (size field = pages - 1 = 0); command buffer and event log
-    // of 256 entries (length field 8: 2^8).
-    u.regs.w64(DEV_TABLE_BASE, u.s.pa(DEV_TABLE));
-    u.regs.w64(CMD_BUF_BASE, u.s.pa(CMD_BUF) | (8 << 56));
-    u.regs.w64(EVENT_LOG_BASE, u.s.pa(EVENT_LOG) | (8 << 56));
+    // DTE for edu from livemig-iommu-pt: V, TV, mode 4 (4-level), root, IR, IW; domain 1.
+    let dte = AmdDte::translated(u.s.pa(u.root), 4, DOMAIN as u16);
+    for (i, w) in dte.words().iter().enumerate() {
+        u.s.mem.w64(DEV_TABLE + devid * 32 + i as u64 * 8, *w);
+    }
+    // Device table: one 4 KiB page; command buffer and event log of 2^8 entries.
+    let e = |e: livemig_iommu_pt::Error| anyhow::anyhow!("{e}");
+    u.regs.w64(
+        DEV_TABLE_BASE,
+        dev_table_base(u.s.pa(DEV_TABLE), 1).map_err(e)?,
+    );
+    u.regs
+        .w64(CMD_BUF_BASE, ring_base(u.s.pa(CMD_BUF), 8).map_err(e)?);
+    u.regs
+        .w64(EVENT_LOG_BASE, ring_base(u.s.pa(EVENT_LOG), 8).map_err(e)?);
     u.regs.w64(CMD_HEAD, 0);
     u.regs.w64(CMD_TAIL, 0);
     u.regs.w64(EVENT_HEAD, 0);
@@ -292,14 +304,14 @@ pub fn run(r: &mut Runner) {
         Ok(Outcome::Pass)
     });
     r.case(CASES[4], || {
-        let _ = u.events();
+        let _ = u.events()?;
         u.s.mem.fill(data_off(17), 4096, 0xee);
         u.s.write(page(17), 4096, 0x17)?;
         ensure!(
             u.s.mem.all(data_off(17), 4096, 0xee),
             "an unmapped write landed"
         );
-        let ev = u.events();
+        let ev = u.events()?;
         trace!("event log after an unmapped write: {ev:x?}");
         if !ev.is_empty() {
             bail!(
@@ -324,7 +336,7 @@ pub fn run(r: &mut Runner) {
     r.case(CASES[6], || {
         // DTE.HAD = 01b (host access and dirty updates) asked for: QEMU 10.0 sets no A/D
         // either way. What it does with the DTE is recorded (trace) and pinned below.
-        let _ = u.events();
+        let _ = u.events()?;
         let dte = DEV_TABLE + u.devid * 32;
         let q0 = u.s.mem.r64(dte);
         u.s.mem.w64(dte, q0 | (1 << 7));
@@ -333,7 +345,7 @@ pub fn run(r: &mut Runner) {
         u.s.write(page(4), 4096, 0x44)?;
         let e = u.leaf(page(4));
         let landed = u.s.mem.all(data_off(4), 4096, 0x44);
-        let ev = u.events();
+        let ev = u.events()?;
         u.s.mem.w64(dte, q0);
         u.invalidate()?;
         trace!("with DTE.HAD = 01b: leaf {e:#x}, data landed {landed}, events {ev:x?}");

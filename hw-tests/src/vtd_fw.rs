@@ -10,6 +10,13 @@
 
 use anyhow::{Context, Result, bail, ensure};
 use livemig_iommu_pt::caps::VtdCaps;
+use livemig_iommu_pt::config::VtdPasidEntry;
+use livemig_iommu_pt::format::X86FirstStage as Fs;
+use livemig_iommu_pt::vtd::{
+    ContextEntry, ContextScope, FRCD_CLEAR, FaultAccess, FaultRecord, GlobalCommand, InvDesc,
+    IotlbScope, PasidCacheScope, PasidDirEntry, PasidIotlbScope, Reg, RootEntry, gcmd_value,
+    iq_offset_256, iqa_value, rtaddr_scalable,
+};
 
 use crate::check_eq;
 use crate::fw::{
@@ -18,36 +25,31 @@ use crate::fw::{
 use crate::harness::{Outcome, Runner};
 use crate::trace;
 
-// Registers (VT-d specification, register descriptions).
-const CAP: u64 = 0x08;
-const ECAP: u64 = 0x10;
-const GCMD: u64 = 0x18;
-const GSTS: u64 = 0x1c;
-const RTADDR: u64 = 0x20;
-const FSTS: u64 = 0x34;
-const IQH: u64 = 0x80;
-const IQT: u64 = 0x88;
-const IQA: u64 = 0x90;
-// GCMD / GSTS bits.
-const TE: u32 = 1 << 31;
-const SRTP: u32 = 1 << 30;
-const QIE: u32 = 1 << 26;
-/// RTADDR.TTM (bits 11:10) = 01b: scalable mode.
-const TTM_SCALABLE: u64 = 1 << 10;
-/// IQA.DW: 256-bit descriptors.
-const IQA_DW: u64 = 1 << 11;
+// Registers: offsets from livemig-iommu-pt's VT-d register map.
+const CAP: u64 = Reg::Cap.offset() as u64;
+const ECAP: u64 = Reg::Ecap.offset() as u64;
+const GCMD: u64 = Reg::Gcmd.offset() as u64;
+const GSTS: u64 = Reg::Gsts.offset() as u64;
+const RTADDR: u64 = Reg::Rtaddr.offset() as u64;
+const FSTS: u64 = Reg::Fsts.offset() as u64;
+const IQH: u64 = Reg::Iqh.offset() as u64;
+const IQT: u64 = Reg::Iqt.offset() as u64;
+const IQA: u64 = Reg::Iqa.offset() as u64;
+/// GSTS status bits: TES, RTPS, QIES.
+pub(crate) const TES: u32 = 1 << 31;
+pub(crate) const RTPS: u32 = 1 << 30;
+pub(crate) const QIES: u32 = 1 << 26;
 /// FSTS.PPF: a primary fault is pending.
 const FSTS_PPF: u32 = 1 << 1;
 
-// First-stage entry bits (VT-d specification, first-stage paging entries: the x86-64
-// paging layout).
-const P: u64 = 1 << 0;
-const RW: u64 = 1 << 1;
-const US: u64 = 1 << 2;
-const A: u64 = 1 << 5;
-const D: u64 = 1 << 6;
-const PS: u64 = 1 << 7;
-const ADDR: u64 = 0x000f_ffff_ffff_f000;
+// First-stage entry bits (livemig-iommu-pt's x86-64 first-stage format).
+const P: u64 = Fs::P;
+const RW: u64 = Fs::RW;
+const US: u64 = Fs::US;
+const A: u64 = Fs::A;
+const D: u64 = Fs::D;
+const PS: u64 = Fs::PS;
+const ADDR: u64 = Fs::ADDR;
 
 // Layout in it (offsets).
 const ROOT: u64 = 0x0000;
@@ -57,48 +59,91 @@ const PASID_TABLE: u64 = 0x3000;
 const QUEUE: u64 = 0x4000;
 const WAIT_STATUS: u64 = 0x5000;
 const IOVA_1G: u64 = 0x80_0000_0000;
-const DID: u64 = 1;
+const DID: u16 = 1;
+
+/// A VT-d unit's registers (base from the ACPI DMAR table), off at start: what both VT-d
+/// profiles share.
+pub(crate) struct VtdRegs {
+    pub regs: Phys,
+    pub caps: VtdCaps,
+    fro: u64,
+}
+
+impl VtdRegs {
+    pub fn open() -> Result<VtdRegs> {
+        let base = *dmar_units()?
+            .first()
+            .context("the DMAR table names no unit")?;
+        let regs = Phys::dev_mem(base, 0x1000)?;
+        let caps = VtdCaps::from_regs(regs.r64(CAP), regs.r64(ECAP));
+        let fro = livemig_iommu_pt::vtd::fault_record_offset(&caps, 0)
+            .context("CAP reports no fault recording register")?;
+        ensure!(
+            regs.r32(GSTS) == 0,
+            "GSTS {:#x}: the unit is not off (did Linux take it?)",
+            regs.r32(GSTS)
+        );
+        Ok(VtdRegs { regs, caps, fro })
+    }
+
+    /// Issues a global command (`gcmd_value` repeats the enables already on: QEMU acts on
+    /// the XOR with GSTS) and waits for GSTS to show `status`.
+    pub fn gcmd(&self, cmd: GlobalCommand, status: u32) -> Result<()> {
+        self.regs.w32(GCMD, gcmd_value(self.regs.r32(GSTS), cmd));
+        crate::util::poll("GSTS", std::time::Duration::from_secs(2), || {
+            Ok((self.regs.r32(GSTS) & status != 0).then_some(()))
+        })
+    }
+
+    /// The pending fault, decoded by livemig-iommu-pt's `FaultRecord`: (reason, is_read,
+    /// source id, address); the record is cleared.
+    pub fn take_fault(&self) -> Result<Option<(u8, bool, u16, u64)>> {
+        if self.regs.r32(FSTS) & FSTS_PPF == 0 {
+            return Ok(None);
+        }
+        let words = [self.regs.r64(self.fro), self.regs.r64(self.fro + 8)];
+        let f = FaultRecord::from_words(words).map_err(|e| anyhow::anyhow!("{e}"))?;
+        // Clear F (write 1), then the status.
+        self.regs.w64(self.fro + 8, FRCD_CLEAR);
+        self.regs.w32(FSTS, self.regs.r32(FSTS));
+        Ok(Some((
+            f.reason.0,
+            f.access == FaultAccess::Read,
+            f.source_id,
+            f.address & !0xfff,
+        )))
+    }
+}
 
 /// The unit, its tables and edu.
 struct Unit {
-    regs: Phys,
+    v: VtdRegs,
     s: Scratch,
     tail: u64,
-    fro: u64,
     pml4: u64,
 }
 
 impl Unit {
     /// Writes GCMD with the bits already on kept (QEMU acts on the XOR with GSTS) and waits
     /// for GSTS to show `bit`.
-    fn gcmd(&self, bit: u32) -> Result<()> {
-        let on = self.regs.r32(GSTS) & (TE | QIE);
-        self.regs.w32(GCMD, on | bit);
-        crate::util::poll("GSTS", std::time::Duration::from_secs(2), || {
-            Ok((self.regs.r32(GSTS) & bit != 0).then_some(()))
-        })
+    fn put(&mut self, d: InvDesc) {
+        for (i, w) in d.words().iter().enumerate() {
+            self.s.mem.w64(QUEUE + self.tail * 32 + i as u64 * 8, *w);
+        }
+        self.tail = (self.tail + 1) % 128;
     }
 
-    /// Submits one 256-bit descriptor and a wait descriptor, and waits for its status write.
-    fn qi(&mut self, d: [u64; 4]) -> Result<()> {
+    /// Submits one descriptor and a wait descriptor with a status write, and waits for it.
+    fn qi(&mut self, d: Result<InvDesc, livemig_iommu_pt::Error>) -> Result<()> {
         let marker = 0x5a5a_0000 | (self.tail as u32 & 0xffff);
         self.s.mem.w32(WAIT_STATUS, 0);
-        for (i, w) in d.iter().enumerate() {
-            self.s.mem.w64(QUEUE + self.tail * 32 + i as u64 * 8, *w);
-        }
-        self.tail = (self.tail + 1) % 128;
-        // Wait descriptor (type 5): status write (SW, bit 5) of `marker` to WAIT_STATUS.
-        let wait = [
-            5 | (1 << 5) | (u64::from(marker) << 32),
-            self.s.pa(WAIT_STATUS),
-            0,
-            0,
-        ];
-        for (i, w) in wait.iter().enumerate() {
-            self.s.mem.w64(QUEUE + self.tail * 32 + i as u64 * 8, *w);
-        }
-        self.tail = (self.tail + 1) % 128;
-        self.regs.w64(IQT, self.tail << 5);
+        self.put(d?);
+        self.put(InvDesc::wait(
+            Some((self.s.pa(WAIT_STATUS), marker)),
+            false,
+            false,
+        )?);
+        self.v.regs.w64(IQT, iq_offset_256(self.tail as u32));
         crate::util::poll(
             "the invalidation wait descriptor",
             std::time::Duration::from_secs(2),
@@ -107,25 +152,28 @@ impl Unit {
         .with_context(|| {
             format!(
                 "IQH {:#x} IQT {:#x} FSTS {:#x}",
-                self.regs.r64(IQH),
-                self.regs.r64(IQT),
-                self.regs.r32(FSTS)
+                self.v.regs.r64(IQH),
+                self.v.regs.r64(IQT),
+                self.v.regs.r32(FSTS)
             )
         })
     }
 
     fn invalidate_all(&mut self) -> Result<()> {
-        // Context-cache global (type 1, G = 01), PASID-cache global (type 7, G = 11), IOTLB
-        // global (type 2, G = 01, drain reads and writes).
-        self.qi([1 | (1 << 4), 0, 0, 0])?;
-        self.qi([7 | (3 << 4), 0, 0, 0])?;
-        self.qi([2 | (1 << 4) | (1 << 6) | (1 << 7), 0, 0, 0])
+        self.qi(InvDesc::context_cache(ContextScope::Global))?;
+        self.qi(InvDesc::pasid_cache(PasidCacheScope::Global))?;
+        self.qi(InvDesc::iotlb(IotlbScope::Global, true))
     }
 
-    /// PASID-based IOTLB invalidation (type 6) of one page (or 2^am pages), DID 1, PASID 0:
-    /// granularity 11b (page-selective within PASID).
-    fn invalidate_page(&mut self, iova: u64, am: u64) -> Result<()> {
-        self.qi([6 | (3 << 4) | (DID << 16), iova & !0xfff | am, 0, 0])
+    /// PASID-based IOTLB invalidation of 2^am pages at `iova`, DID 1, PASID 0.
+    fn invalidate_page(&mut self, iova: u64, am: u8) -> Result<()> {
+        self.qi(InvDesc::pasid_iotlb(PasidIotlbScope::Pages {
+            did: DID,
+            pasid: 0,
+            addr: iova,
+            am,
+            ih: false,
+        }))
     }
 
     /// Maps `iova` → `pa` as a leaf of 4 KiB, 2 MiB or 1 GiB (`size`), writable or not,
@@ -201,73 +249,54 @@ impl Unit {
         self.s.mem.w64(at, e & !bits);
         Ok(())
     }
-
-    /// The pending fault, decoded (VT-d specification, fault recording registers): (reason, is_read,
-    /// source id, address); the record is cleared.
-    fn take_fault(&self) -> Result<Option<(u8, bool, u16, u64)>> {
-        if self.regs.r32(FSTS) & FSTS_PPF == 0 {
-            return Ok(None);
-        }
-        let lo = self.regs.r64(self.fro);
-        let hi = self.regs.r64(self.fro + 8);
-        ensure!(
-            hi >> 63 == 1,
-            "FSTS.PPF set but the record's F bit is clear ({hi:#x})"
-        );
-        let reason = ((hi >> 32) & 0xff) as u8;
-        let read = (hi >> 62) & 1 == 1;
-        let sid = (hi & 0xffff) as u16;
-        // Clear F (write 1), then the status.
-        self.regs.w64(self.fro + 8, 1 << 63);
-        self.regs.w32(FSTS, self.regs.r32(FSTS));
-        Ok(Some((reason, read, sid, lo & !0xfff)))
-    }
 }
 
 fn bring_up() -> Result<Unit> {
-    let units = dmar_units()?;
-    let base = *units.first().context("the DMAR table names no unit")?;
-    let regs = Phys::dev_mem(base, 0x1000)?;
-    let s = Scratch::open()?;
-    let cap = regs.r64(CAP);
-    let fro = ((cap >> 24) & 0x3ff) * 16;
     let mut u = Unit {
-        regs,
-        s,
+        v: VtdRegs::open()?,
+        s: Scratch::open()?,
         tail: 0,
-        fro,
         pml4: 0,
     };
-    ensure!(
-        u.regs.r32(GSTS) == 0,
-        "GSTS {:#x}: the unit is not off (did Linux take it?)",
-        u.regs.r32(GSTS)
-    );
     let sid = u.s.edu.source_id()?;
     ensure!(
         sid < 128,
         "edu at devfn {sid:#x}: the lower context table only"
     );
-    // Root entry for bus 0 → the (lower) scalable-mode context table.
-    u.s.mem.w64(ROOT, u.s.pa(CONTEXT) | 1);
-    // Scalable-mode context entry (256 bits) for edu: PASID directory, PDTS 0, RID_PASID 0.
-    u.s.mem
-        .w64(CONTEXT + u64::from(sid) * 32, u.s.pa(PASID_DIR) | 1);
-    // PASID directory entry 0 → PASID table.
-    u.s.mem.w64(PASID_DIR, u.s.pa(PASID_TABLE) | 1);
-    // PASID table entry 0 (512 bits): P, AW = 2 (4-level, 48 bits), PGTT = 001 (first stage);
-    // DID 1; first-stage table pointer, FLPM 0 (4-level).
+    // livemig-iommu-pt's structures: the root entry for bus 0 (lower context table), the
+    // scalable-mode context entry for edu (PASID directory, PDTS 0, RID_PASID 0), PASID
+    // directory entry 0, PASID table entry 0 (first stage, 4-level, DID 1).
+    let root =
+        RootEntry::scalable(Some(u.s.pa(CONTEXT)), None).map_err(|e| anyhow::anyhow!("{e}"))?;
+    for (i, w) in root.words().iter().enumerate() {
+        u.s.mem.w64(ROOT + i as u64 * 8, *w);
+    }
+    let ctx =
+        ContextEntry::scalable(u.s.pa(PASID_DIR), 0, 0).map_err(|e| anyhow::anyhow!("{e}"))?;
+    for (i, w) in ctx.words().iter().enumerate() {
+        u.s.mem
+            .w64(CONTEXT + u64::from(sid) * 32 + i as u64 * 8, *w);
+    }
+    let dir = PasidDirEntry::new(u.s.pa(PASID_TABLE)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    u.s.mem.w64(PASID_DIR, dir.0);
     u.pml4 = u.s.alloc_table();
-    u.s.mem.w64(PASID_TABLE, 1 | (2 << 2) | (1 << 6));
-    u.s.mem.w64(PASID_TABLE + 8, DID);
-    u.s.mem.w64(PASID_TABLE + 16, u.s.pa(u.pml4));
-    u.regs.w64(RTADDR, u.s.pa(ROOT) | TTM_SCALABLE);
-    u.gcmd(SRTP)?;
-    u.regs.w64(IQT, 0);
-    u.regs.w64(IQA, u.s.pa(QUEUE) | IQA_DW);
-    u.gcmd(QIE)?;
+    let pe = VtdPasidEntry::first_stage(u.s.pa(u.pml4), 4, DID);
+    for (i, w) in pe.words().iter().enumerate() {
+        u.s.mem.w64(PASID_TABLE + i as u64 * 8, *w);
+    }
+    u.v.regs.w64(
+        RTADDR,
+        rtaddr_scalable(u.s.pa(ROOT)).map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
+    u.v.gcmd(GlobalCommand::SetRootTablePointer, RTPS)?;
+    u.v.regs.w64(IQT, 0);
+    u.v.regs.w64(
+        IQA,
+        iqa_value(u.s.pa(QUEUE), 0).map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
+    u.v.gcmd(GlobalCommand::QueuedInvalidation(true), QIES)?;
     u.invalidate_all()?;
-    u.gcmd(TE)?;
+    u.v.gcmd(GlobalCommand::Translation(true), TES)?;
     Ok(u)
 }
 
@@ -281,8 +310,7 @@ pub fn run(r: &mut Runner) {
     });
 
     r.case("vtdfw.caps_first_stage_without_second_stage_ad", || {
-        let regs = Phys::dev_mem(*dmar_units()?.first().context("no unit")?, 0x1000)?;
-        let c = VtdCaps::from_regs(regs.r64(CAP), regs.r64(ECAP));
+        let c = VtdRegs::open()?.caps;
         trace!("CAP {:#x} ECAP {:#x}", c.cap(), c.ecap());
         ensure!(
             c.scalable_mode() && c.first_stage() && c.queued_invalidation(),
@@ -317,7 +345,7 @@ pub fn run(r: &mut Runner) {
             return;
         }
     };
-    trace!("GSTS {:#x}", u.regs.r32(GSTS));
+    trace!("GSTS {:#x}", u.v.regs.r32(GSTS));
 
     // Pages 0..16 mapped read-write to DATA, page 16 read-only, page 17 unmapped; the 2 MiB page.
     let setup: Result<()> = (|| {
@@ -467,13 +495,13 @@ pub fn run(r: &mut Runner) {
     r.case(CASES[9], || {
         // A write to an unmapped IOVA: nothing lands, one fault record: reason 0x71, write,
         // edu's source id, the IOVA.
-        let _ = u.take_fault()?;
+        let _ = u.v.take_fault()?;
         let canary = data_off(17);
         u.s.mem.fill(canary, 4096, 0xee);
         u.s.write(page(17), 4096, 0x17)?;
-        let f = u
-            .take_fault()?
-            .context("no fault recorded for an unmapped write")?;
+        let f =
+            u.v.take_fault()?
+                .context("no fault recorded for an unmapped write")?;
         let sid = u.s.edu.source_id()?;
         check_eq!(
             f,
@@ -486,12 +514,12 @@ pub fn run(r: &mut Runner) {
 
     r.case(CASES[10], || {
         // A write to a read-only page: reason 0x85, the leaf's A not set, nothing lands.
-        let _ = u.take_fault()?;
+        let _ = u.v.take_fault()?;
         u.s.mem.fill(data_off(16), 4096, 0x16);
         u.s.write(page(16), 4096, 0xff)?;
-        let f = u
-            .take_fault()?
-            .context("no fault for a write to a read-only page")?;
+        let f =
+            u.v.take_fault()?
+                .context("no fault for a write to a read-only page")?;
         check_eq!(f.0, 0x85, "fault reason");
         check_eq!(f.1, false, "a write");
         let (_, e) = u.leaf(page(16))?;
@@ -561,12 +589,12 @@ pub fn run(r: &mut Runner) {
     r.case(CASES[13], || {
         // First-stage DMA is a user access: a leaf with U/S = 0 faults (reason 0x81) and
         // nothing lands.
-        let _ = u.take_fault()?;
+        let _ = u.v.take_fault()?;
         u.s.mem.fill(data_off(18), 4096, 0x18);
         u.s.write(page(18), 4096, 0xff)?;
-        let f = u
-            .take_fault()?
-            .context("no fault for a supervisor-only page")?;
+        let f =
+            u.v.take_fault()?
+                .context("no fault for a supervisor-only page")?;
         check_eq!(f.0, 0x81, "fault reason");
         ensure!(u.s.mem.all(data_off(18), 4096, 0x18), "the page changed");
         Ok(Outcome::Pass)
@@ -574,9 +602,9 @@ pub fn run(r: &mut Runner) {
 
     r.case(CASES[14], || {
         // A read of an unmapped IOVA: reason 0x71, recorded as a read (type bit set).
-        let _ = u.take_fault()?;
+        let _ = u.v.take_fault()?;
         let _ = u.s.read_is(page(19), 4096, 0);
-        let f = u.take_fault()?.context("no fault for an unmapped read")?;
+        let f = u.v.take_fault()?.context("no fault for an unmapped read")?;
         check_eq!(
             (f.0, f.1, f.3),
             (0x71, true, page(19)),

@@ -7,26 +7,17 @@
 //! invalidation with 128-bit descriptors (IQA.DW = 0).
 
 use anyhow::{Context, Result, bail, ensure};
-use livemig_iommu_pt::caps::VtdCaps;
+use livemig_iommu_pt::vtd::{ContextScope, GlobalCommand, InvDesc, IotlbScope, Reg};
 
 use crate::check_eq;
-use crate::fw::{
-    DATA, HUGE, IOVA_HUGE, Phys, RESERVED, SINK, SRC, Scratch, data_off, dmar_units, page,
-};
+use crate::fw::{DATA, HUGE, IOVA_HUGE, RESERVED, SINK, SRC, Scratch, data_off, page};
 use crate::harness::{Outcome, Runner};
 use crate::trace;
+use crate::vtd_fw::{QIES, RTPS, TES, VtdRegs};
 
-const CAP: u64 = 0x08;
-const ECAP: u64 = 0x10;
-const GCMD: u64 = 0x18;
-const GSTS: u64 = 0x1c;
-const RTADDR: u64 = 0x20;
-const FSTS: u64 = 0x34;
-const IQT: u64 = 0x88;
-const IQA: u64 = 0x90;
-const TE: u32 = 1 << 31;
-const SRTP: u32 = 1 << 30;
-const QIE: u32 = 1 << 26;
+const RTADDR: u64 = Reg::Rtaddr.offset() as u64;
+const IQT: u64 = Reg::Iqt.offset() as u64;
+const IQA: u64 = Reg::Iqa.offset() as u64;
 
 const R: u64 = 1 << 0;
 const W: u64 = 1 << 1;
@@ -41,36 +32,27 @@ const QUEUE: u64 = 0x4000;
 const WAIT_STATUS: u64 = 0x5000;
 
 struct Unit {
-    regs: Phys,
+    v: VtdRegs,
     s: Scratch,
     tail: u64,
-    fro: u64,
     root_table: u64,
 }
 
 impl Unit {
-    fn gcmd(&self, bit: u32) -> Result<()> {
-        let on = self.regs.r32(GSTS) & (TE | QIE);
-        self.regs.w32(GCMD, on | bit);
-        crate::util::poll("GSTS", std::time::Duration::from_secs(2), || {
-            Ok((self.regs.r32(GSTS) & bit != 0).then_some(()))
-        })
-    }
-
-    /// One 128-bit descriptor, then a wait descriptor with a status write.
-    fn qi(&mut self, d: [u64; 2]) -> Result<()> {
+    /// One descriptor as 128 bits (the low half of livemig-iommu-pt's 256-bit encoding: the
+    /// same fields), then a wait descriptor with a status write.
+    fn qi(&mut self, d: Result<InvDesc, livemig_iommu_pt::Error>) -> Result<()> {
         let marker = 0x6b6b_0000 | (self.tail as u32 & 0xffff);
         self.s.mem.w32(WAIT_STATUS, 0);
-        let wait = [
-            5 | (1 << 5) | (u64::from(marker) << 32),
-            self.s.pa(WAIT_STATUS),
-        ];
-        for desc in [d, wait] {
-            self.s.mem.w64(QUEUE + self.tail * 16, desc[0]);
-            self.s.mem.w64(QUEUE + self.tail * 16 + 8, desc[1]);
+        let wait = InvDesc::wait(Some((self.s.pa(WAIT_STATUS), marker)), false, false)?;
+        for desc in [d?, wait] {
+            let w = desc.words();
+            ensure!(w[2] == 0 && w[3] == 0, "descriptor {w:x?} needs 256 bits");
+            self.s.mem.w64(QUEUE + self.tail * 16, w[0]);
+            self.s.mem.w64(QUEUE + self.tail * 16 + 8, w[1]);
             self.tail = (self.tail + 1) % 256;
         }
-        self.regs.w64(IQT, self.tail << 4);
+        self.v.regs.w64(IQT, self.tail << 4);
         crate::util::poll(
             "the invalidation wait descriptor",
             std::time::Duration::from_secs(2),
@@ -79,8 +61,8 @@ impl Unit {
     }
 
     fn invalidate_all(&mut self) -> Result<()> {
-        self.qi([1 | (1 << 4), 0])?;
-        self.qi([2 | (1 << 4) | (1 << 6) | (1 << 7), 0])
+        self.qi(InvDesc::context_cache(ContextScope::Global))?;
+        self.qi(InvDesc::iotlb(IotlbScope::Global, true))
     }
 
     fn map(&mut self, iova: u64, pa: u64, size: u64, perm: u64) -> Result<()> {
@@ -120,45 +102,15 @@ impl Unit {
         }
         0
     }
-
-    /// (reason, is_read, sid, address) of the pending fault, cleared.
-    fn take_fault(&self) -> Result<Option<(u8, bool, u16, u64)>> {
-        if self.regs.r32(FSTS) & 2 == 0 {
-            return Ok(None);
-        }
-        let lo = self.regs.r64(self.fro);
-        let hi = self.regs.r64(self.fro + 8);
-        ensure!(hi >> 63 == 1, "FSTS.PPF set but F clear ({hi:#x})");
-        self.regs.w64(self.fro + 8, 1 << 63);
-        self.regs.w32(FSTS, self.regs.r32(FSTS));
-        Ok(Some((
-            ((hi >> 32) & 0xff) as u8,
-            (hi >> 62) & 1 == 1,
-            (hi & 0xffff) as u16,
-            lo & !0xfff,
-        )))
-    }
 }
 
 fn bring_up() -> Result<Unit> {
-    let base = *dmar_units()?
-        .first()
-        .context("the DMAR table names no unit")?;
-    let regs = Phys::dev_mem(base, 0x1000)?;
-    let s = Scratch::open()?;
-    let fro = ((regs.r64(CAP) >> 24) & 0x3ff) * 16;
     let mut u = Unit {
-        regs,
-        s,
+        v: VtdRegs::open()?,
+        s: Scratch::open()?,
         tail: 0,
-        fro,
         root_table: 0,
     };
-    ensure!(
-        u.regs.r32(GSTS) == 0,
-        "GSTS {:#x}: the unit is not off",
-        u.regs.r32(GSTS)
-    );
     let sid = u.s.edu.source_id()?;
     u.root_table = u.s.alloc_table();
     // Root entry for bus 0 → context table; context entry: P, TT = 00, SL table pointer;
@@ -167,13 +119,14 @@ fn bring_up() -> Result<Unit> {
     let ctx = CONTEXT + u64::from(sid) * 16;
     u.s.mem.w64(ctx, u.s.pa(u.root_table) | 1);
     u.s.mem.w64(ctx + 8, 2 | (1 << 8));
-    u.regs.w64(RTADDR, u.s.pa(ROOT));
-    u.gcmd(SRTP)?;
-    u.regs.w64(IQT, 0);
-    u.regs.w64(IQA, u.s.pa(QUEUE));
-    u.gcmd(QIE)?;
+    // RTADDR with TTM = 00 (legacy); IQA with DW = 0 (128-bit descriptors), one page.
+    u.v.regs.w64(RTADDR, u.s.pa(ROOT));
+    u.v.gcmd(GlobalCommand::SetRootTablePointer, RTPS)?;
+    u.v.regs.w64(IQT, 0);
+    u.v.regs.w64(IQA, u.s.pa(QUEUE));
+    u.v.gcmd(GlobalCommand::QueuedInvalidation(true), QIES)?;
     u.invalidate_all()?;
-    u.gcmd(TE)?;
+    u.v.gcmd(GlobalCommand::Translation(true), TES)?;
     Ok(u)
 }
 
@@ -189,8 +142,7 @@ const CASES: [&str; 7] = [
 
 pub fn run(r: &mut Runner) {
     r.case("vtdfwl.caps_legacy_second_stage", || {
-        let regs = Phys::dev_mem(*dmar_units()?.first().context("no unit")?, 0x1000)?;
-        let c = VtdCaps::from_regs(regs.r64(CAP), regs.r64(ECAP));
+        let c = VtdRegs::open()?.caps;
         trace!("CAP {:#x} ECAP {:#x}", c.cap(), c.ecap());
         ensure!(
             !c.scalable_mode() && c.queued_invalidation(),
@@ -273,10 +225,12 @@ pub fn run(r: &mut Runner) {
         Ok(Outcome::Pass)
     });
     r.case(CASES[4], || {
-        let _ = u.take_fault()?;
+        let _ = u.v.take_fault()?;
         u.s.mem.fill(data_off(17), 4096, 0xee);
         u.s.write(page(17), 4096, 0x17)?;
-        let f = u.take_fault()?.context("no fault for an unmapped write")?;
+        let f =
+            u.v.take_fault()?
+                .context("no fault for an unmapped write")?;
         trace!(
             "unmapped write: reason {:#x}, read {}, sid {:#x}, address {:#x}",
             f.0, f.1, f.2, f.3
@@ -292,12 +246,12 @@ pub fn run(r: &mut Runner) {
         Ok(Outcome::Pass)
     });
     r.case(CASES[5], || {
-        let _ = u.take_fault()?;
+        let _ = u.v.take_fault()?;
         u.s.mem.fill(data_off(8), 4096, 0x08);
         u.s.write(page(8), 4096, 0xff)?;
-        let f = u
-            .take_fault()?
-            .context("no fault for a write to a read-only page")?;
+        let f =
+            u.v.take_fault()?
+                .context("no fault for a write to a read-only page")?;
         check_eq!((f.0, f.1), (0x5, false), "(reason, read)");
         ensure!(
             u.s.mem.all(data_off(8), 4096, 0x08),
@@ -307,11 +261,11 @@ pub fn run(r: &mut Runner) {
     });
     r.case(CASES[6], || {
         // VT-d fault reason 0x6: a read without read permission.
-        let _ = u.take_fault()?;
+        let _ = u.v.take_fault()?;
         let _ = u.s.read_is(page(9), 4096, 0);
-        let f = u
-            .take_fault()?
-            .context("no fault for a read of a write-only page")?;
+        let f =
+            u.v.take_fault()?
+                .context("no fault for a read of a write-only page")?;
         check_eq!(
             (f.0, f.1, f.3),
             (0x6, true, page(9)),

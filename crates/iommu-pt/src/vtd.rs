@@ -1534,16 +1534,11 @@ impl FaultRecord {
                 "reserved, must be zero",
             ));
         }
+        // PV means something only with PP set; without it the field is left as the unit
+        // pleases (QEMU 10.0 in legacy mode writes all ones there: the rig's vtd-fw-legacy
+        // profile), so it is ignored rather than refused.
         let pp = hi.is_set(FRCD_HI::PP);
         let pv = hi.read(FRCD_HI::PV) as u32;
-        if !pp && pv != 0 {
-            return Err(decode_err(
-                FRCD_WHAT,
-                "FRCD.PV",
-                u64::from(pv),
-                "PASID value given while PP (PASID present) is clear",
-            ));
-        }
         Ok(FaultRecord {
             reason: FaultReason(hi.read(FRCD_HI::FR) as u8),
             access: if hi.is_set(FRCD_HI::T) {
