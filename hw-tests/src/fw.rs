@@ -73,7 +73,7 @@ impl Phys {
         Phys::map(f, 0, len)
     }
 
-    fn at(&self, off: u64, size: usize) -> *mut u8 {
+    pub(crate) fn at(&self, off: u64, size: usize) -> *mut u8 {
         assert!(
             off as usize + size <= self.len && off as usize % size == 0,
             "access at {off:#x} (+{size}) outside the {:#x}-byte mapping or misaligned",
@@ -389,5 +389,61 @@ impl Scratch {
         self.mem.fill(data_off(SINK), len, !byte);
         self.edu.copy(iova, page(SINK), len)?;
         Ok(self.mem.all(data_off(SINK), len, byte))
+    }
+}
+
+/// Table frames for `livemig-iommu-pt`'s `PageTable` in the reserved range, through /dev/mem:
+/// the crate builds and harvests the very tables the emulated IOMMU walks.
+pub struct DevMemTables {
+    map: Phys,
+    base: u64,
+    count: usize,
+    used: std::sync::Mutex<Vec<bool>>,
+}
+
+// SAFETY: the frames are accessed only through atomics (`Frame` is `[AtomicU64; 512]`), and
+// the allocation state is behind a mutex.
+unsafe impl Sync for DevMemTables {}
+
+impl DevMemTables {
+    /// `count` frames at reserved-range offset `off`.
+    pub fn open(off: u64, count: usize) -> Result<DevMemTables> {
+        Ok(DevMemTables {
+            map: Phys::dev_mem(RESERVED + off, count * 4096)?,
+            base: RESERVED + off,
+            count,
+            used: std::sync::Mutex::new(vec![false; count]),
+        })
+    }
+}
+
+impl livemig_iommu_pt::PhysMem for DevMemTables {
+    fn alloc_frame(&self) -> Option<u64> {
+        let mut used = self.used.lock().ok()?;
+        let i = used.iter().position(|u| !u)?;
+        used[i] = true;
+        self.map.fill(i as u64 * 4096, 4096, 0);
+        Some(self.base + i as u64 * 4096)
+    }
+
+    fn free_frame(&self, pa: u64) {
+        if let (Some(off), Ok(mut used)) = (pa.checked_sub(self.base), self.used.lock()) {
+            if let Some(u) = used.get_mut((off / 4096) as usize) {
+                *u = false;
+            }
+        }
+    }
+
+    fn frame(&self, pa: u64) -> Option<&livemig_iommu_pt::Frame> {
+        let off = pa.checked_sub(self.base)?;
+        let i = (off / 4096) as usize;
+        if off % 4096 != 0 || i >= self.count {
+            return None;
+        }
+        let p = self.map.at(off, 8).cast::<livemig_iommu_pt::Frame>();
+        // SAFETY: the frame lies inside the mapping (checked), which lives as long as `self`;
+        // it is 4 KiB-aligned; all bit patterns are valid atomics; it is only ever accessed
+        // through atomics (by the crate) and by the emulated IOMMU.
+        Some(unsafe { &*p })
     }
 }

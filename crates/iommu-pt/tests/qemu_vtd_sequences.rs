@@ -195,3 +195,30 @@ fn a_harvest_clearing_a_and_d_with_a_flush_loses_nothing_on_the_model() {
         assert_eq!(r.harvest(true, true), vec![0, 3, 9], "round {round}");
     }
 }
+
+#[test]
+fn clear_accessed_clears_a_on_clean_leaves_only_and_flushes() {
+    let mut r = Rig::new();
+    r.read(1);
+    r.write(2);
+    assert_eq!(r.ad(1), (true, false));
+    let mut flushed = Vec::new();
+    let n =
+        r.pt.clear_accessed(IOVA, 16 * PAGE, &mut |iova: u64, len: u64| {
+            flushed.push((iova, len))
+        })
+        .unwrap();
+    assert_eq!(n, 1, "only the read page's A");
+    assert_eq!(flushed, vec![(IOVA, 16 * PAGE)]);
+    assert_eq!(r.ad(1), (false, false));
+    assert_eq!(r.ad(2), (true, true), "the dirty leaf is the harvest's");
+    assert_eq!(r.harvest(true, true), vec![2]);
+    // Nothing accessed: no change, no flush.
+    let mut none = Vec::new();
+    let n =
+        r.pt.clear_accessed(IOVA, 16 * PAGE, &mut |iova: u64, len: u64| {
+            none.push((iova, len))
+        })
+        .unwrap();
+    assert_eq!((n, none.len()), (0, 0));
+}
