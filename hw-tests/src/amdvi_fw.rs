@@ -16,10 +16,13 @@ use livemig_iommu_pt::amd::{
 };
 use livemig_iommu_pt::caps::AmdCaps;
 use livemig_iommu_pt::config::AmdDte;
+use livemig_iommu_pt::format::AmdV1;
+use livemig_iommu_pt::{PageTable, Perm};
 
 use crate::check_eq;
 use crate::fw::{
-    DATA, HUGE, HUGE2, IOVA_HUGE, Phys, RESERVED, SINK, SRC, Scratch, data_off, ivrs_units, page,
+    DATA, DevMemTables, HUGE, HUGE2, IOVA_HUGE, Phys, RESERVED, SINK, SRC, Scratch, data_off,
+    ivrs_units, page,
 };
 use crate::harness::{Outcome, Runner};
 use crate::trace;
@@ -54,11 +57,15 @@ const WAIT: u64 = 0x3000;
 /// entry may skip level 3 and point at a level-2 table.
 const IOVA_SKIP: u64 = 0x80_0000_0000;
 const DOMAIN: u64 = 1;
+const PT_FRAMES: u64 = 0x8_0000;
 
 struct Unit {
     regs: Phys,
     s: Scratch,
     tail: u64,
+    /// The v1 table, built by livemig-iommu-pt (the level-skipping entry is written by hand:
+    /// the crate does not produce one).
+    pt: PageTable<AmdV1, DevMemTables>,
     root: u64,
     devid: u64,
 }
@@ -96,6 +103,13 @@ impl Unit {
             PagesRange::All,
             true,
         )?)
+    }
+
+    /// Maps one leaf of `size` with livemig-iommu-pt's AMD v1 `PageTable`.
+    fn map_pt(&mut self, iova: u64, pa: u64, size: u64, perm: Perm) -> Result<()> {
+        self.pt
+            .map_sizes(iova, pa, size, perm, size)
+            .map_err(|e| anyhow::anyhow!("mapping {iova:#x}: {e}"))
     }
 
     /// Maps a leaf at `level` (1: 4 KiB, 2: 2 MiB) under the 4-level root; `skip3` makes the
@@ -177,6 +191,11 @@ fn bring_up() -> Result<Unit> {
         regs,
         s,
         tail: 0,
+        pt: PageTable::new(
+            AmdV1::new(4).map_err(|e| anyhow::anyhow!("{e}"))?,
+            DevMemTables::open(PT_FRAMES, 64)?,
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?,
         root: 0,
         devid,
     };
@@ -185,7 +204,7 @@ fn bring_up() -> Result<Unit> {
         "control {:#x}: the IOMMU is already on",
         u.regs.r64(CONTROL)
     );
-    u.root = u.s.alloc_table();
+    u.root = u.pt.root() - RESERVED;
     // DTE for edu from livemig-iommu-pt: V, TV, mode 4 (4-level), root, IR, IW; domain 1.
     let dte = AmdDte::translated(u.s.pa(u.root), 4, DOMAIN as u16);
     for (i, w) in dte.words().iter().enumerate() {
@@ -262,12 +281,12 @@ pub fn run(r: &mut Runner) {
     };
     let setup: Result<()> = (|| {
         for i in 0..8 {
-            u.map(page(i), u.s.pa(data_off(i)), 1, IR | IW, false)?;
+            u.map_pt(page(i), u.s.pa(data_off(i)), 0x1000, Perm::RW)?;
         }
-        u.map(page(8), u.s.pa(data_off(8)), 1, IR, false)?;
-        u.map(page(SRC), u.s.pa(data_off(SRC)), 1, IR | IW, false)?;
-        u.map(page(SINK), u.s.pa(data_off(SINK)), 1, IR | IW, false)?;
-        u.map(IOVA_HUGE, u.s.pa(HUGE), 2, IR | IW, false)?;
+        u.map_pt(page(8), u.s.pa(data_off(8)), 0x1000, Perm::R)?;
+        u.map_pt(page(SRC), u.s.pa(data_off(SRC)), 0x1000, Perm::RW)?;
+        u.map_pt(page(SINK), u.s.pa(data_off(SINK)), 0x1000, Perm::RW)?;
+        u.map_pt(IOVA_HUGE, u.s.pa(HUGE), 0x20_0000, Perm::RW)?;
         u.map(IOVA_SKIP, u.s.pa(HUGE2), 2, IR | IW, true)?;
         u.s.mem.fill(DATA, 32 * 0x1000, 0);
         u.invalidate()

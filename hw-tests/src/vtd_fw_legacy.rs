@@ -6,11 +6,15 @@
 //! entries (R bit 0, W bit 1, PS bit 7, A bit 8 and D bit 9 only with ECAP.SLADS). Queued
 //! invalidation with 128-bit descriptors (IQA.DW = 0).
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
+use livemig_iommu_pt::format::VtdSecondStage;
 use livemig_iommu_pt::vtd::{ContextScope, GlobalCommand, InvDesc, IotlbScope, Reg};
+use livemig_iommu_pt::{PageTable, Perm};
 
 use crate::check_eq;
-use crate::fw::{DATA, HUGE, IOVA_HUGE, RESERVED, SINK, SRC, Scratch, data_off, page};
+use crate::fw::{
+    DATA, DevMemTables, HUGE, IOVA_HUGE, RESERVED, SINK, SRC, Scratch, data_off, page,
+};
 use crate::harness::{Outcome, Runner};
 use crate::trace;
 use crate::vtd_fw::{QIES, RTPS, TES, VtdRegs};
@@ -29,12 +33,17 @@ const ADDR: u64 = 0x000f_ffff_ffff_f000;
 const ROOT: u64 = 0x0000;
 const CONTEXT: u64 = 0x1000;
 const QUEUE: u64 = 0x4000;
+const PT_FRAMES: u64 = 0x8_0000;
+const IOVA_1G: u64 = 0x80_0000_0000;
 const WAIT_STATUS: u64 = 0x5000;
 
 struct Unit {
     v: VtdRegs,
     s: Scratch,
     tail: u64,
+    /// The second-stage table, built by livemig-iommu-pt.
+    pt: PageTable<VtdSecondStage, DevMemTables>,
+    /// Its root, as an offset into the reserved range.
     root_table: u64,
 }
 
@@ -65,30 +74,11 @@ impl Unit {
         self.qi(InvDesc::iotlb(IotlbScope::Global, true))
     }
 
-    fn map(&mut self, iova: u64, pa: u64, size: u64, perm: u64) -> Result<()> {
-        let (levels, shift): (&[u32], u32) = match size {
-            0x1000 => (&[39, 30, 21], 12),
-            0x20_0000 => (&[39, 30], 21),
-            other => bail!("no second-stage leaf of {other:#x} bytes here"),
-        };
-        let mut table = self.root_table;
-        for &sh in levels {
-            let idx = (iova >> sh) & 0x1ff;
-            let e = self.s.mem.r64(table + idx * 8);
-            table = if e & (R | W) != 0 {
-                (e & ADDR) - RESERVED
-            } else {
-                let t = self.s.alloc_table();
-                self.s.mem.w64(table + idx * 8, self.s.pa(t) | R | W);
-                t
-            };
-        }
-        let idx = (iova >> shift) & 0x1ff;
-        self.s.mem.w64(
-            table + idx * 8,
-            pa | perm | if size > 0x1000 { PS } else { 0 },
-        );
-        Ok(())
+    /// Maps one leaf of `size` with livemig-iommu-pt's VT-d second-stage `PageTable`.
+    fn map(&mut self, iova: u64, pa: u64, size: u64, perm: Perm) -> Result<()> {
+        self.pt
+            .map_sizes(iova, pa, size, perm, size)
+            .map_err(|e| anyhow::anyhow!("mapping {iova:#x}: {e}"))
     }
 
     fn leaf(&self, iova: u64) -> u64 {
@@ -109,10 +99,15 @@ fn bring_up() -> Result<Unit> {
         v: VtdRegs::open()?,
         s: Scratch::open()?,
         tail: 0,
+        pt: PageTable::new(
+            VtdSecondStage::new(48, 46).map_err(|e| anyhow::anyhow!("{e}"))?,
+            DevMemTables::open(PT_FRAMES, 64)?,
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?,
         root_table: 0,
     };
+    u.root_table = u.pt.root() - RESERVED;
     let sid = u.s.edu.source_id()?;
-    u.root_table = u.s.alloc_table();
     // Root entry for bus 0 → context table; context entry: P, TT = 00, SL table pointer;
     // AW = 010 (48 bits, 4-level), DID 1.
     u.s.mem.w64(ROOT, u.s.pa(CONTEXT) | 1);
@@ -130,7 +125,7 @@ fn bring_up() -> Result<Unit> {
     Ok(u)
 }
 
-const CASES: [&str; 7] = [
+const CASES: [&str; 8] = [
     "vtdfwl.dma_write_lands_at_the_translated_page",
     "vtdfwl.dma_read_from_the_translated_page",
     "vtdfwl.huge_2m_leaf_translates",
@@ -138,6 +133,7 @@ const CASES: [&str; 7] = [
     "vtdfwl.unmapped_write_faults",
     "vtdfwl.read_only_write_faults",
     "vtdfwl.write_only_read_faults",
+    "vtdfwl.huge_1g_leaf_translates",
 ];
 
 pub fn run(r: &mut Runner) {
@@ -181,13 +177,15 @@ pub fn run(r: &mut Runner) {
     };
     let setup: Result<()> = (|| {
         for i in 0..8 {
-            u.map(page(i), u.s.pa(data_off(i)), 0x1000, R | W)?;
+            u.map(page(i), u.s.pa(data_off(i)), 0x1000, Perm::RW)?;
         }
-        u.map(page(8), u.s.pa(data_off(8)), 0x1000, R)?;
-        u.map(page(9), u.s.pa(data_off(9)), 0x1000, W)?;
-        u.map(page(SRC), u.s.pa(data_off(SRC)), 0x1000, R | W)?;
-        u.map(page(SINK), u.s.pa(data_off(SINK)), 0x1000, R | W)?;
-        u.map(IOVA_HUGE, u.s.pa(HUGE), 0x20_0000, R | W)?;
+        u.map(page(8), u.s.pa(data_off(8)), 0x1000, Perm::R)?;
+        u.map(page(9), u.s.pa(data_off(9)), 0x1000, Perm::W)?;
+        u.map(page(SRC), u.s.pa(data_off(SRC)), 0x1000, Perm::RW)?;
+        u.map(page(SINK), u.s.pa(data_off(SINK)), 0x1000, Perm::RW)?;
+        u.map(IOVA_HUGE, u.s.pa(HUGE), 0x20_0000, Perm::RW)?;
+        // A 1 GiB leaf over guest-physical 0 (CAP.SLLPS).
+        u.map(IOVA_1G, 0, 0x4000_0000, Perm::RW)?;
         u.s.mem.fill(DATA, 32 * 0x1000, 0);
         u.invalidate_all()
     })();
@@ -271,6 +269,12 @@ pub fn run(r: &mut Runner) {
             (0x6, true, page(9)),
             "(reason, read, address)"
         );
+        Ok(Outcome::Pass)
+    });
+
+    r.case(CASES[7], || {
+        let off = data_off(20);
+        u.s.write_lands_at(IOVA_1G + RESERVED + off, off, "a 1 GiB second-stage leaf")?;
         Ok(Outcome::Pass)
     });
 }
