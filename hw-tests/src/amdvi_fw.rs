@@ -21,8 +21,8 @@ use livemig_iommu_pt::{PageTable, Perm};
 
 use crate::check_eq;
 use crate::fw::{
-    DATA, DevMemTables, HUGE, HUGE2, IOVA_HUGE, Phys, RESERVED, SINK, SRC, Scratch, data_off,
-    ivrs_units, page,
+    DATA, DevMemTables, HUGE, HUGE2, IOVA_HUGE, PT_FRAMES, Phys, RESERVED, SINK, SRC, Scratch,
+    data_off, ivrs_units, page,
 };
 use crate::harness::{Outcome, Runner};
 use crate::trace;
@@ -57,7 +57,6 @@ const WAIT: u64 = 0x3000;
 /// entry may skip level 3 and point at a level-2 table.
 const IOVA_SKIP: u64 = 0x80_0000_0000;
 const DOMAIN: u64 = 1;
-const PT_FRAMES: u64 = 0x8_0000;
 
 struct Unit {
     regs: Phys,

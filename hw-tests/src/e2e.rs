@@ -512,6 +512,35 @@ fn failing(ty: &str, o: &Opts<'_>, phases: &[&str]) -> Result<(Pairs, Run)> {
     Ok((p, run))
 }
 
+/// Negative control: a migration whose `tracker`'s final harvest is dropped must succeed and
+/// then fail the RAM comparison, first in `range` (the pages only that tracker finds).
+fn dropped_harvest(tracker: &str, o: Opts<'_>, range: std::ops::Range<u64>) -> Result<()> {
+    let p = pairs("mtty-2")?;
+    let src = ["--x-drop-final-harvest", tracker];
+    let run = run(&p, &Opts { src: &src, ..o })?;
+    ensure!(
+        run.src_ok && run.dst_ok,
+        "the migration itself must succeed\n{}",
+        run.context()
+    );
+    match ram_diff(
+        &Path::new(DIR).join("src.ram"),
+        &Path::new(DIR).join("dst.ram"),
+    )? {
+        Some((gpa, n)) => {
+            trace!("negative control failed as expected: {n} page(s) differ, first {gpa:#x}");
+            ensure!(
+                range.contains(&gpa),
+                "the lost page {gpa:#x} is not in {range:#x?}"
+            );
+            Ok(())
+        }
+        None => bail!(
+            "with the final {tracker} harvest dropped the RAM still compared equal: the check cannot fail"
+        ),
+    }
+}
+
 pub fn run_cases(r: &mut Runner) {
     case(r, "e2e.migrate_mtty_mock_hwpt_tcp", || {
         let p = pairs("mtty-2")?;
@@ -542,72 +571,28 @@ pub fn run_cases(r: &mut Runner) {
     case(r, "e2e.negative_control_dropped_hwpt_harvest", || {
         // Expected to fail the RAM comparison: the pages the mock device wrote in the last
         // round are found only by the HWPT harvest that is dropped.
-        let p = pairs("mtty-2")?;
-        let run = run(
-            &p,
-            &Opts {
-                src: &["--x-drop-final-harvest", "iommu"],
+        let dma = (RAM_BASE + RAM_SIZE / 4)..(RAM_BASE + RAM_SIZE / 2);
+        dropped_harvest(
+            "iommu",
+            Opts {
                 dma_rate: Some("3000"),
                 ..Opts::default()
             },
-        )?;
-        ensure!(
-            run.src_ok && run.dst_ok,
-            "the migration itself must succeed\n{}",
-            run.context()
-        );
-        match ram_diff(
-            &Path::new(DIR).join("src.ram"),
-            &Path::new(DIR).join("dst.ram"),
-        )? {
-            Some((gpa, n)) => {
-                trace!("negative control failed as expected: {n} page(s) differ, first {gpa:#x}");
-                let dma = (RAM_BASE + RAM_SIZE / 4)..(RAM_BASE + RAM_SIZE / 2);
-                ensure!(
-                    dma.contains(&gpa),
-                    "the lost page {gpa:#x} is not in the DMA range"
-                );
-                Ok(())
-            }
-            None => bail!(
-                "with the final HWPT harvest dropped the RAM still compared equal: the check cannot fail"
-            ),
-        }
+            dma,
+        )
     });
 
     case(r, "e2e.negative_control_dropped_vcpu_harvest", || {
         // The same for the vCPU stand-in's pages: only the VMM write log finds them.
-        let p = pairs("mtty-2")?;
-        let run = run(
-            &p,
-            &Opts {
-                src: &["--x-drop-final-harvest", "cpu"],
+        let cpu = RAM_BASE..(RAM_BASE + RAM_SIZE / 4);
+        dropped_harvest(
+            "cpu",
+            Opts {
                 cpu_rate: Some("5000"),
                 ..Opts::default()
             },
-        )?;
-        ensure!(
-            run.src_ok && run.dst_ok,
-            "the migration itself must succeed\n{}",
-            run.context()
-        );
-        match ram_diff(
-            &Path::new(DIR).join("src.ram"),
-            &Path::new(DIR).join("dst.ram"),
-        )? {
-            Some((gpa, n)) => {
-                trace!("negative control failed as expected: {n} page(s) differ, first {gpa:#x}");
-                let cpu = RAM_BASE..(RAM_BASE + RAM_SIZE / 4);
-                ensure!(
-                    cpu.contains(&gpa),
-                    "the lost page {gpa:#x} is not in the vCPU range"
-                );
-                Ok(())
-            }
-            None => bail!(
-                "with the final vCPU harvest dropped the RAM still compared equal: the check cannot fail"
-            ),
-        }
+            cpu,
+        )
     });
 
     case(r, "e2e.negative_control_noop_resume", || {

@@ -301,6 +301,8 @@ pub const HUGE: u64 = 0x20_0000;
 pub const HUGE2: u64 = 0x40_0000;
 pub const IOVA: u64 = 0x4000_0000;
 pub const IOVA_HUGE: u64 = 0x8000_0000;
+/// Where `DevMemTables` frames (64 of them) live in the reserved range.
+pub const PT_FRAMES: u64 = 0x8_0000;
 pub const SRC: u64 = 30;
 pub const SINK: u64 = 31;
 

@@ -21,8 +21,8 @@ use livemig_iommu_pt::{DirtyBits, HarvestOptions, PageTable, Perm};
 
 use crate::check_eq;
 use crate::fw::{
-    DATA, DevMemTables, HUGE, IOVA, IOVA_HUGE, Phys, RESERVED, SINK, SRC, Scratch, data_off,
-    dmar_units, page,
+    DATA, DevMemTables, HUGE, IOVA, IOVA_HUGE, PT_FRAMES, Phys, RESERVED, SINK, SRC, Scratch,
+    data_off, dmar_units, page,
 };
 use crate::harness::{Outcome, Runner};
 use crate::trace;
@@ -58,8 +58,6 @@ const CONTEXT: u64 = 0x1000;
 const PASID_DIR: u64 = 0x2000;
 const PASID_TABLE: u64 = 0x3000;
 const QUEUE: u64 = 0x4000;
-/// The crate's table frames (64 of them) in the reserved range.
-const PT_FRAMES: u64 = 0x8_0000;
 const WAIT_STATUS: u64 = 0x5000;
 const IOVA_1G: u64 = 0x80_0000_0000;
 const DID: u16 = 1;

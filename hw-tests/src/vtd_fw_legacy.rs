@@ -13,7 +13,7 @@ use livemig_iommu_pt::{PageTable, Perm};
 
 use crate::check_eq;
 use crate::fw::{
-    DATA, DevMemTables, HUGE, IOVA_HUGE, RESERVED, SINK, SRC, Scratch, data_off, page,
+    DATA, DevMemTables, HUGE, IOVA_HUGE, PT_FRAMES, RESERVED, SINK, SRC, Scratch, data_off, page,
 };
 use crate::harness::{Outcome, Runner};
 use crate::trace;
@@ -33,7 +33,6 @@ const ADDR: u64 = 0x000f_ffff_ffff_f000;
 const ROOT: u64 = 0x0000;
 const CONTEXT: u64 = 0x1000;
 const QUEUE: u64 = 0x4000;
-const PT_FRAMES: u64 = 0x8_0000;
 const IOVA_1G: u64 = 0x80_0000_0000;
 const WAIT_STATUS: u64 = 0x5000;
 
