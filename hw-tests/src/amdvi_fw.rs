@@ -272,9 +272,7 @@ pub fn run(r: &mut Runner) {
                 "amdvifw.enabled_with_command_buffer_and_event_log",
                 &format!("{e:#}"),
             );
-            for c in CASES {
-                r.fail(c, "the unit could not be brought up");
-            }
+            r.fail_all(&CASES, "the unit could not be brought up");
             return;
         }
     };
@@ -291,19 +289,10 @@ pub fn run(r: &mut Runner) {
         u.invalidate()
     })();
     if let Err(e) = setup {
-        for c in CASES {
-            r.fail(c, &format!("mapping: {e:#}"));
-        }
+        r.fail_all(&CASES, &format!("mapping: {e:#}"));
         return;
     }
-    r.case(CASES[0], || {
-        u.s.write_lands(1)?;
-        Ok(Outcome::Pass)
-    });
-    r.case(CASES[1], || {
-        u.s.read_comes_from(3)?;
-        Ok(Outcome::Pass)
-    });
+    crate::fw::dma_cases(r, CASES[0], CASES[1], &u.s);
     r.case(CASES[2], || {
         u.s.write_lands_at(
             IOVA_HUGE + 0x18_0000,

@@ -449,3 +449,11 @@ impl livemig_iommu_pt::PhysMem for DevMemTables {
         Some(unsafe { &*p })
     }
 }
+
+/// The two DMA cases every firmware profile starts with: a device write through data page 1's
+/// IOVA lands in that page only, and a read through page 3's comes from it.
+pub fn dma_cases(r: &mut crate::harness::Runner, write: &str, read: &str, s: &Scratch) {
+    use crate::harness::Outcome;
+    r.case(write, || s.write_lands(1).map(|()| Outcome::Pass));
+    r.case(read, || s.read_comes_from(3).map(|()| Outcome::Pass));
+}

@@ -76,6 +76,14 @@ impl Runner {
     }
 
     /// Marks a case failed without running it (a prerequisite failed).
+    /// Reports every case of `names` as failed for the same reason (their shared set-up
+    /// failed).
+    pub fn fail_all(&mut self, names: &[&str], why: &str) {
+        for n in names {
+            self.fail(n, why);
+        }
+    }
+
     pub fn fail(&mut self, name: &str, why: &str) {
         if self
             .filter

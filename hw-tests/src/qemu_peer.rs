@@ -374,15 +374,11 @@ pub fn run(r: &mut Runner) {
         "qemu.livemig_inspect_names_the_offset_of_a_cut",
     ];
     if let Err(e) = host_root() {
-        for c in CASES {
-            r.fail(c, &format!("QEMU's host root: {e:#}"));
-        }
+        r.fail_all(&CASES, &format!("QEMU's host root: {e:#}"));
         return;
     }
     if !Path::new(HOST).join(&QEMU[1..]).exists() {
-        for c in CASES {
-            r.fail(c, &format!("{QEMU} is not in the host root"));
-        }
+        r.fail_all(&CASES, &format!("{QEMU} is not in the host root"));
         return;
     }
     let file = "/tmp/qemu-mtty.qevm";

@@ -378,9 +378,7 @@ pub fn run(r: &mut Runner) {
         Err(e) => {
             let why = format!("{e:#}");
             r.fail("vtdfw.scalable_first_stage_enabled", &why);
-            for c in CASES {
-                r.fail(c, "the unit could not be brought up");
-            }
+            r.fail_all(&CASES, "the unit could not be brought up");
             return;
         }
     };
@@ -402,21 +400,11 @@ pub fn run(r: &mut Runner) {
         u.invalidate_all()
     })();
     if let Err(e) = setup {
-        for c in CASES {
-            r.fail(c, &format!("mapping: {e:#}"));
-        }
+        r.fail_all(&CASES, &format!("mapping: {e:#}"));
         return;
     }
 
-    r.case(CASES[0], || {
-        u.s.write_lands(1)?;
-        Ok(Outcome::Pass)
-    });
-
-    r.case(CASES[1], || {
-        u.s.read_comes_from(3)?;
-        Ok(Outcome::Pass)
-    });
+    crate::fw::dma_cases(r, CASES[0], CASES[1], &u.s);
 
     r.case(CASES[2], || {
         u.s.write(page(4), 4096, 0x44)?;
