@@ -21,8 +21,8 @@ use livemig_iommu_pt::{PageTable, Perm};
 
 use crate::check_eq;
 use crate::fw::{
-    DATA, DevMemTables, HUGE, HUGE2, IOVA_HUGE, PT_FRAMES, Phys, RESERVED, SINK, SRC, Scratch,
-    data_off, ivrs_units, page,
+    DATA, DevMemTables, HUGE, HUGE2, IOVA_HUGE, Phys, RESERVED, SINK, SRC, Scratch, data_off,
+    ivrs_units, page,
 };
 use crate::harness::{Outcome, Runner};
 use crate::trace;
@@ -171,7 +171,7 @@ impl Unit {
         while head != tail {
             let at = EVENT_LOG + ring_offset(head);
             let words = [self.s.mem.r64(at), self.s.mem.r64(at + 8)];
-            out.push(AmdEvent::from_words(words).map_err(|e| anyhow::anyhow!("{e}"))?);
+            out.push(AmdEvent::from_words(words)?);
             head = (head + 1) % 256;
         }
         self.regs.w64(EVENT_HEAD, ring_offset(head));
@@ -186,16 +186,13 @@ fn bring_up() -> Result<Unit> {
     let regs = Phys::dev_mem(base, 0x4000)?;
     let s = Scratch::open()?;
     let devid = u64::from(s.edu.source_id()?);
+    let (pt, root) = crate::fw::page_table(AmdV1::new(4))?;
     let mut u = Unit {
         regs,
         s,
         tail: 0,
-        pt: PageTable::new(
-            AmdV1::new(4).map_err(|e| anyhow::anyhow!("{e}"))?,
-            DevMemTables::open(PT_FRAMES, 64)?,
-        )
-        .map_err(|e| anyhow::anyhow!("{e}"))?,
-        root: 0,
+        pt,
+        root,
         devid,
     };
     ensure!(
@@ -203,22 +200,16 @@ fn bring_up() -> Result<Unit> {
         "control {:#x}: the IOMMU is already on",
         u.regs.r64(CONTROL)
     );
-    u.root = u.pt.root() - RESERVED;
     // DTE for edu from livemig-iommu-pt: V, TV, mode 4 (4-level), root, IR, IW; domain 1.
     let dte = AmdDte::translated(u.s.pa(u.root), 4, DOMAIN as u16);
     for (i, w) in dte.words().iter().enumerate() {
         u.s.mem.w64(DEV_TABLE + devid * 32 + i as u64 * 8, *w);
     }
     // Device table: one 4 KiB page; command buffer and event log of 2^8 entries.
-    let e = |e: livemig_iommu_pt::Error| anyhow::anyhow!("{e}");
-    u.regs.w64(
-        DEV_TABLE_BASE,
-        dev_table_base(u.s.pa(DEV_TABLE), 1).map_err(e)?,
-    );
     u.regs
-        .w64(CMD_BUF_BASE, ring_base(u.s.pa(CMD_BUF), 8).map_err(e)?);
-    u.regs
-        .w64(EVENT_LOG_BASE, ring_base(u.s.pa(EVENT_LOG), 8).map_err(e)?);
+        .w64(DEV_TABLE_BASE, dev_table_base(u.s.pa(DEV_TABLE), 1)?);
+    u.regs.w64(CMD_BUF_BASE, ring_base(u.s.pa(CMD_BUF), 8)?);
+    u.regs.w64(EVENT_LOG_BASE, ring_base(u.s.pa(EVENT_LOG), 8)?);
     u.regs.w64(CMD_HEAD, 0);
     u.regs.w64(CMD_TAIL, 0);
     u.regs.w64(EVENT_HEAD, 0);

@@ -457,3 +457,13 @@ pub fn dma_cases(r: &mut crate::harness::Runner, write: &str, read: &str, s: &Sc
     r.case(write, || s.write_lands(1).map(|()| Outcome::Pass));
     r.case(read, || s.read_comes_from(3).map(|()| Outcome::Pass));
 }
+
+/// A `livemig-iommu-pt` page table in `format` whose frames are the reserved range's
+/// `PT_FRAMES` (what the emulated IOMMU walks), and its root as an offset into that range.
+pub fn page_table<F: livemig_iommu_pt::PageTableFormat>(
+    format: Result<F, livemig_iommu_pt::Error>,
+) -> Result<(livemig_iommu_pt::PageTable<F, DevMemTables>, u64)> {
+    let pt = livemig_iommu_pt::PageTable::new(format?, DevMemTables::open(PT_FRAMES, 64)?)?;
+    let root = pt.root() - RESERVED;
+    Ok((pt, root))
+}

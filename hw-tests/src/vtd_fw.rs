@@ -21,8 +21,8 @@ use livemig_iommu_pt::{DirtyBits, HarvestOptions, PageTable, Perm};
 
 use crate::check_eq;
 use crate::fw::{
-    DATA, DevMemTables, HUGE, IOVA, IOVA_HUGE, PT_FRAMES, Phys, RESERVED, SINK, SRC, Scratch,
-    data_off, dmar_units, page,
+    DATA, DevMemTables, HUGE, IOVA, IOVA_HUGE, Phys, RESERVED, SINK, SRC, Scratch, data_off,
+    dmar_units, page,
 };
 use crate::harness::{Outcome, Runner};
 use crate::trace;
@@ -103,7 +103,7 @@ impl VtdRegs {
             return Ok(None);
         }
         let words = [self.regs.r64(self.fro), self.regs.r64(self.fro + 8)];
-        let f = FaultRecord::from_words(words).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let f = FaultRecord::from_words(words)?;
         // Clear F (write 1), then the status.
         self.regs.w64(self.fro + 8, FRCD_CLEAR);
         self.regs.w32(FSTS, self.regs.r32(FSTS));
@@ -185,32 +185,27 @@ impl Unit {
     /// become PASID-based IOTLB invalidations (a global one beyond CAP.MAMV). Returns the
     /// dirty IOVAs (4 KiB granules).
     fn harvest(&mut self, clean_a: bool) -> Result<Vec<u64>> {
-        let mut bits = DirtyBits::new(IOVA, IOVA_HUGE + 0x20_0000 - IOVA, 0x1000)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut bits = DirtyBits::new(IOVA, IOVA_HUGE + 0x20_0000 - IOVA, 0x1000)?;
         let mut flushes = Vec::new();
         let opts = HarvestOptions {
             clear_accessed: true,
             ..HarvestOptions::default()
         };
-        self.pt
-            .read_and_clear_dirty(
-                IOVA,
-                IOVA_HUGE + 0x20_0000 - IOVA,
-                &mut bits,
-                opts,
-                &mut |iova: u64, len: u64| flushes.push((iova, len)),
-            )
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        self.pt.read_and_clear_dirty(
+            IOVA,
+            IOVA_HUGE + 0x20_0000 - IOVA,
+            &mut bits,
+            opts,
+            &mut |iova: u64, len: u64| flushes.push((iova, len)),
+        )?;
         // QEMU's deviation 1: a leaf left with A = 1 (a page only read) never gets D, so
         // A is cleared on the clean leaves too (PageTable::clear_accessed).
         if clean_a {
-            self.pt
-                .clear_accessed(
-                    IOVA,
-                    IOVA_HUGE + 0x20_0000 - IOVA,
-                    &mut |iova: u64, len: u64| flushes.push((iova, len)),
-                )
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            self.pt.clear_accessed(
+                IOVA,
+                IOVA_HUGE + 0x20_0000 - IOVA,
+                &mut |iova: u64, len: u64| flushes.push((iova, len)),
+            )?;
         }
         let mamv = self.v.caps.max_address_mask();
         for (iova, len) in flushes {
@@ -286,18 +281,14 @@ impl Unit {
 }
 
 fn bring_up() -> Result<Unit> {
+    let (pt, pml4) = crate::fw::page_table(Fs::new(4, 46))?;
     let mut u = Unit {
         v: VtdRegs::open()?,
         s: Scratch::open()?,
         tail: 0,
-        pt: PageTable::new(
-            Fs::new(4, 46).map_err(|e| anyhow::anyhow!("{e}"))?,
-            DevMemTables::open(PT_FRAMES, 64)?,
-        )
-        .map_err(|e| anyhow::anyhow!("{e}"))?,
-        pml4: 0,
+        pt,
+        pml4,
     };
-    u.pml4 = u.pt.root() - RESERVED;
     let sid = u.s.edu.source_id()?;
     ensure!(
         sid < 128,
@@ -306,33 +297,25 @@ fn bring_up() -> Result<Unit> {
     // livemig-iommu-pt's structures: the root entry for bus 0 (lower context table), the
     // scalable-mode context entry for edu (PASID directory, PDTS 0, RID_PASID 0), PASID
     // directory entry 0, PASID table entry 0 (first stage, 4-level, DID 1).
-    let root =
-        RootEntry::scalable(Some(u.s.pa(CONTEXT)), None).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let root = RootEntry::scalable(Some(u.s.pa(CONTEXT)), None)?;
     for (i, w) in root.words().iter().enumerate() {
         u.s.mem.w64(ROOT + i as u64 * 8, *w);
     }
-    let ctx =
-        ContextEntry::scalable(u.s.pa(PASID_DIR), 0, 0).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let ctx = ContextEntry::scalable(u.s.pa(PASID_DIR), 0, 0)?;
     for (i, w) in ctx.words().iter().enumerate() {
         u.s.mem
             .w64(CONTEXT + u64::from(sid) * 32 + i as u64 * 8, *w);
     }
-    let dir = PasidDirEntry::new(u.s.pa(PASID_TABLE)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let dir = PasidDirEntry::new(u.s.pa(PASID_TABLE))?;
     u.s.mem.w64(PASID_DIR, dir.0);
     let pe = VtdPasidEntry::first_stage(u.s.pa(u.pml4), 4, DID);
     for (i, w) in pe.words().iter().enumerate() {
         u.s.mem.w64(PASID_TABLE + i as u64 * 8, *w);
     }
-    u.v.regs.w64(
-        RTADDR,
-        rtaddr_scalable(u.s.pa(ROOT)).map_err(|e| anyhow::anyhow!("{e}"))?,
-    );
+    u.v.regs.w64(RTADDR, rtaddr_scalable(u.s.pa(ROOT))?);
     u.v.gcmd(GlobalCommand::SetRootTablePointer, RTPS)?;
     u.v.regs.w64(IQT, 0);
-    u.v.regs.w64(
-        IQA,
-        iqa_value(u.s.pa(QUEUE), 0).map_err(|e| anyhow::anyhow!("{e}"))?,
-    );
+    u.v.regs.w64(IQA, iqa_value(u.s.pa(QUEUE), 0)?);
     u.v.gcmd(GlobalCommand::QueuedInvalidation(true), QIES)?;
     u.invalidate_all()?;
     u.v.gcmd(GlobalCommand::Translation(true), TES)?;

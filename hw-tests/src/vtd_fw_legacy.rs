@@ -13,7 +13,7 @@ use livemig_iommu_pt::{PageTable, Perm};
 
 use crate::check_eq;
 use crate::fw::{
-    DATA, DevMemTables, HUGE, IOVA_HUGE, PT_FRAMES, RESERVED, SINK, SRC, Scratch, data_off, page,
+    DATA, DevMemTables, HUGE, IOVA_HUGE, RESERVED, SINK, SRC, Scratch, data_off, page,
 };
 use crate::harness::{Outcome, Runner};
 use crate::trace;
@@ -94,18 +94,14 @@ impl Unit {
 }
 
 fn bring_up() -> Result<Unit> {
+    let (pt, root_table) = crate::fw::page_table(VtdSecondStage::new(48, 46))?;
     let mut u = Unit {
         v: VtdRegs::open()?,
         s: Scratch::open()?,
         tail: 0,
-        pt: PageTable::new(
-            VtdSecondStage::new(48, 46).map_err(|e| anyhow::anyhow!("{e}"))?,
-            DevMemTables::open(PT_FRAMES, 64)?,
-        )
-        .map_err(|e| anyhow::anyhow!("{e}"))?,
-        root_table: 0,
+        pt,
+        root_table,
     };
-    u.root_table = u.pt.root() - RESERVED;
     let sid = u.s.edu.source_id()?;
     // Root entry for bus 0 → context table; context entry: P, TT = 00, SL table pointer;
     // AW = 010 (48 bits, 4-level), DID 1.
