@@ -272,6 +272,40 @@ pub struct MigrationReport {
     pub dirty_rate: u64,
     /// Destination load time after End, microseconds.
     pub destination_load_us: u64,
+    /// Stream bytes sent over time: (microseconds since the migration began, bytes so far),
+    /// a point at least every [`TIMELINE_STEP_US`] while data moves and at every round's end,
+    /// for charts (bytes against time, QEMU's `query-migrate` polled the same way).
+    pub timeline: Vec<(u64, u64)>,
+}
+
+/// The spacing of [`MigrationReport::timeline`] points while pages move, microseconds.
+pub const TIMELINE_STEP_US: u64 = 10_000;
+
+/// Samples the stream's progress for [`MigrationReport::timeline`].
+#[derive(Debug)]
+struct Timeline {
+    t0: Instant,
+    last_us: u64,
+    points: Vec<(u64, u64)>,
+}
+
+impl Timeline {
+    fn new() -> Timeline {
+        Timeline {
+            t0: Instant::now(),
+            last_us: 0,
+            points: vec![(0, 0)],
+        }
+    }
+
+    /// Records `bytes` if a step has passed since the last point (or always, if `force`).
+    fn sample(&mut self, bytes: u64, force: bool) {
+        let now = self.t0.elapsed().as_micros() as u64;
+        if force || now >= self.last_us + TIMELINE_STEP_US {
+            self.last_us = now;
+            self.points.push((now, bytes));
+        }
+    }
 }
 
 /// Progress as the engine goes.
@@ -357,6 +391,8 @@ struct Attempt<W: Write> {
     bandwidth: u64,
     /// Rounds in a row in which the guest dirtied more than half of what the round sent.
     dirty_high: u32,
+    /// Bytes against time.
+    timeline: Timeline,
 }
 
 fn serr(phase: Phase) -> impl Fn(livemig_stream::Error) -> Error {
@@ -779,6 +815,7 @@ impl Source {
             p2p,
             bandwidth: 0,
             dirty_high: 0,
+            timeline: Timeline::new(),
         })
     }
 
@@ -831,7 +868,15 @@ impl Source {
             ..Default::default()
         };
         let mem = Arc::clone(&self.platform.memory);
-        send_pages(&mut a.w, &*mem, &a.dirty, &mut r, phase, &self.cancel)?;
+        send_pages(
+            &mut a.w,
+            &*mem,
+            &a.dirty,
+            &mut r,
+            phase,
+            &self.cancel,
+            &mut a.timeline,
+        )?;
         a.dirty.clear();
         for (i, d) in self.platform.devices.iter_mut().enumerate() {
             if !a.precopy[i] {
@@ -859,6 +904,7 @@ impl Source {
         })
         .map_err(serr(phase))?;
         a.w.flush().map_err(serr(phase))?;
+        a.timeline.sample(a.w.bytes_written(), true);
         r.elapsed_us = rt.elapsed().as_micros().max(1) as u64;
         // Rounds too small to time say little about the link: keep the best estimate.
         let measured = r.bytes.saturating_mul(1_000_000) / r.elapsed_us;
@@ -983,7 +1029,15 @@ impl Source {
             ..Default::default()
         };
         let mem = Arc::clone(&self.platform.memory);
-        send_pages(&mut a.w, &*mem, &a.dirty, &mut r, phase, &self.cancel)?;
+        send_pages(
+            &mut a.w,
+            &*mem,
+            &a.dirty,
+            &mut r,
+            phase,
+            &self.cancel,
+            &mut a.timeline,
+        )?;
         let mut save_us = 0u64;
         for (i, d) in self.platform.devices.iter_mut().enumerate() {
             let mut buf = Vec::new();
@@ -1018,6 +1072,9 @@ impl Source {
         }
         let mut report = a.report;
         report.bytes = a.w.bytes_written();
+        let mut timeline = a.timeline;
+        timeline.sample(report.bytes, true);
+        report.timeline = timeline.points;
         let mut sink = a.w.finish().map_err(serr(phase))?;
         sink.close().map_err(|source| Error::Link {
             phase,
@@ -1165,6 +1222,7 @@ fn send_pages<W: Write>(
     r: &mut RoundReport,
     phase: Phase,
     cancel: &CancelHandle,
+    timeline: &mut Timeline,
 ) -> Result<()> {
     let mut buf = vec![0u8; (BATCH * PAGE_SIZE) as usize];
     for (first, count) in dirty.runs() {
@@ -1176,6 +1234,7 @@ fn send_pages<W: Write>(
                     reason: format!("operator cancel: {reason}"),
                 });
             }
+            timeline.sample(w.bytes_written(), false);
             let n = (first + count - p).min(BATCH);
             let gpa = p * PAGE_SIZE;
             let len = n * PAGE_SIZE;
