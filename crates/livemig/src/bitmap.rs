@@ -157,11 +157,43 @@ impl PageBitmap {
 
     /// Runs of consecutive marked pages as `(first page, count)`, in order.
     pub fn runs(&self) -> Runs<'_> {
+        self.runs_between(0, self.pages)
+    }
+
+    /// The runs of [`runs`](Self::runs) clipped to pages `[first, end)`.
+    pub fn runs_between(&self, first: u64, end: u64) -> Runs<'_> {
         Runs {
             words: &self.words,
-            pages: self.pages,
-            at: 0,
+            pages: end.min(self.pages),
+            at: first,
         }
+    }
+
+    /// Splits the marked pages into `parts` page ranges `[start, end)` holding nearly equal
+    /// numbers of marked pages (the first ranges take one more when they do not divide); they
+    /// cover all pages, in order.
+    pub fn split(&self, parts: u64) -> Vec<(u64, u64)> {
+        let parts = parts.max(1);
+        let total = self.count();
+        let mut cuts = Vec::with_capacity(parts as usize + 1);
+        cuts.push(0);
+        // Part k ends after `quota(k)` marked pages in all.
+        let quota = |k: u64| total / parts * k + (total % parts).min(k);
+        let mut seen = 0;
+        let mut k = 1;
+        for (first, count) in self.runs() {
+            while k < parts && seen + count >= quota(k) {
+                let cut = first + (quota(k) - seen);
+                cuts.push(cut);
+                k += 1;
+            }
+            seen += count;
+        }
+        while (cuts.len() as u64) < parts {
+            cuts.push(self.pages);
+        }
+        cuts.push(self.pages);
+        cuts.windows(2).map(|w| (w[0], w[1])).collect()
     }
 }
 
@@ -215,6 +247,38 @@ impl Iterator for Runs<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn split_balances_marked_pages_and_covers_everything() {
+        let mut b = PageBitmap::new(1000, 4096);
+        for p in [3u64, 4, 5, 6, 7, 100, 101, 500, 998, 999] {
+            b.set(p);
+        }
+        for parts in 1..=12u64 {
+            let s = b.split(parts);
+            assert_eq!(s.len() as u64, parts);
+            assert_eq!(s[0].0, 0);
+            assert_eq!(s[s.len() - 1].1, 1000);
+            let counts: Vec<u64> = s
+                .iter()
+                .map(|&(a, e)| b.runs_between(a, e).map(|(_, n)| n).sum())
+                .collect();
+            assert_eq!(counts.iter().sum::<u64>(), 10, "{parts}: {s:?}");
+            let (lo, hi) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
+            assert!(hi - lo <= 1, "{parts}: {counts:?}");
+            for w in s.windows(2) {
+                assert_eq!(w[0].1, w[1].0, "contiguous");
+            }
+        }
+        assert_eq!(
+            PageBitmap::new(64, 4096).split(3),
+            vec![(0, 64), (64, 64), (64, 64)]
+        );
+        assert_eq!(
+            b.runs_between(4, 101).collect::<Vec<_>>(),
+            vec![(4, 4), (100, 1)]
+        );
+    }
 
     #[test]
     fn or_bits_word_wise_and_bit_wise_agree() {

@@ -24,13 +24,14 @@
 //! state intact and the error says so ([`Source::resume`] restarts it once an operator knows
 //! the destination did not start). The destination never starts without the whole stream.
 
-use std::io::{Read, Write};
-use std::sync::Arc;
+use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use livemig_stream::{
-    Compat as StreamCompat, DirtyCaps, Limits, Phase as StreamPhase, Reader, Record, Round, Writer,
-    WriterOptions,
+    Channel as StreamChannel, Compat as StreamCompat, DirtyCaps, Limits, Phase as StreamPhase,
+    Reader, Record, Round, Writer, WriterOptions,
 };
 use livemig_vfio::{MigrationFlags, MigrationState};
 use livemig_viommu::policy::MigrationGuard;
@@ -162,7 +163,23 @@ pub struct SourceConfig {
     /// exceeds it, and is abandoned (the source runs again, with the reason) if it has not
     /// sent End when the limit passes. `None`: the downtime limit is a target only.
     pub hard_deadline: Option<Duration>,
+    /// Connections that carry pages. 1: one connection carries everything. N ≥ 2: the main
+    /// connection carries compat, device state and the round summaries, and N more carry the
+    /// pages, each round's dirty pages split evenly over them (QEMU's multifd layout); see
+    /// [`Source::migrate_channels`]. 0 is refused.
+    pub channels: u32,
 }
+
+/// The most page channels a source opens or a destination accepts.
+pub const MAX_CHANNELS: u32 = 64;
+
+/// Opens page channel `index` (1-based) of a multi-channel migration: its data direction and a
+/// hook that aborts it (see [`Source::migrate_channels`]).
+pub type Connect<'a> = dyn FnMut(u32) -> io::Result<(Box<dyn DataSink>, Abort)> + 'a;
+
+/// Accepts the next page channel of a multi-channel migration (in any order: each names its
+/// index): its data direction and a hook that aborts it (see [`Destination::receive_channels`]).
+pub type Accept<'a> = dyn FnMut() -> io::Result<(Box<dyn Read + Send>, Abort)> + 'a;
 
 /// Auto-converge steps, in percent of vCPU time taken away (QEMU's `cpu-throttle-initial`,
 /// `cpu-throttle-increment` and `max-cpu-throttle` defaults: 20, 10, 99).
@@ -197,6 +214,7 @@ impl Default for SourceConfig {
             device_precopy_max: 64 << 20,
             auto_converge: None,
             hard_deadline: None,
+            channels: 1,
         }
     }
 }
@@ -308,6 +326,47 @@ impl Timeline {
     }
 }
 
+/// Bytes sent so far over every channel, shared by the threads that send pages.
+#[derive(Debug)]
+struct Progress {
+    bytes: AtomicU64,
+    timeline: Mutex<Timeline>,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        Progress {
+            bytes: AtomicU64::new(0),
+            timeline: Mutex::new(Timeline::new()),
+        }
+    }
+
+    /// `delta` more bytes went out; a timeline point if one is due (skipped while another
+    /// thread holds the timeline).
+    fn add(&self, delta: u64) {
+        let now = self.bytes.fetch_add(delta, Ordering::Relaxed) + delta;
+        if let Ok(mut t) = self.timeline.try_lock() {
+            t.sample(now, false);
+        }
+    }
+
+    /// The exact total (at a round's end); always a point.
+    fn set(&self, total: u64) {
+        self.bytes.store(total, Ordering::Relaxed);
+        self.timeline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .sample(total, true);
+    }
+
+    fn into_points(self) -> Vec<(u64, u64)> {
+        self.timeline
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner())
+            .points
+    }
+}
+
 /// Progress as the engine goes.
 #[derive(Debug)]
 pub enum Event<'a> {
@@ -380,6 +439,8 @@ impl From<Error> for Failure {
 struct Attempt<W: Write> {
     plan: Vec<Chosen>,
     w: Writer<W>,
+    /// The page channels (none: pages go on `w`).
+    pages: Vec<Writer<Box<dyn DataSink>>>,
     report: MigrationReport,
     /// Pages to send in the next round.
     dirty: PageBitmap,
@@ -392,7 +453,14 @@ struct Attempt<W: Write> {
     /// Rounds in a row in which the guest dirtied more than half of what the round sent.
     dirty_high: u32,
     /// Bytes against time.
-    timeline: Timeline,
+    progress: Progress,
+}
+
+impl<W: Write> Attempt<W> {
+    /// Stream bytes written on every channel.
+    fn bytes(&self) -> u64 {
+        self.w.bytes_written() + self.pages.iter().map(|p| p.bytes_written()).sum::<u64>()
+    }
 }
 
 fn serr(phase: Phase) -> impl Fn(livemig_stream::Error) -> Error {
@@ -488,6 +556,13 @@ impl Source {
                 "max_rounds 0: at least one pre-copy round sends RAM".into(),
             ));
         }
+        if self.cfg.channels == 0 || self.cfg.channels > MAX_CHANNELS {
+            return Err(Error::Config(format!(
+                "channels {}: between 1 (one connection carries everything) and {MAX_CHANNELS} \
+                 page channels",
+                self.cfg.channels
+            )));
+        }
         let plan = tracker::plan(self.cfg.tracking, &self.device_caps()).map_err(Error::Blocked)?;
         if plan.contains(&Chosen::Iommu) && self.platform.iommu.is_none() {
             return Err(Error::Blocked(
@@ -510,20 +585,39 @@ impl Source {
     /// read or write stays blocked. On failure the source runs again (except after a lost
     /// handover, see the module documentation).
     pub fn migrate_over<C: Channel>(&mut self, channel: C) -> Result<MigrationReport> {
-        let (data, back, abort) = channel.split().map_err(|source| Error::Link {
+        self.migrate_channels(channel, &mut |_| {
+            Err(io::Error::other(
+                "no page channels can be opened (use Source::migrate_channels)",
+            ))
+        })
+    }
+
+    /// Migrates over `main` and, with [`SourceConfig::channels`] N ≥ 2, N page channels opened
+    /// by `connect` once the destination has accepted the devices (so the destination has
+    /// taken the main connection first). Each page channel is a stream of its own that starts
+    /// with a Channel record (index, count, and a token the main stream carries too) and ends
+    /// each round with a Sync record: the destination applies no page of round r + 1 before
+    /// every channel's pages of round r, so an older copy of a page on a slow channel can never
+    /// overwrite a newer one. A cancel aborts every channel.
+    pub fn migrate_channels<C: Channel>(
+        &mut self,
+        main: C,
+        connect: &mut Connect<'_>,
+    ) -> Result<MigrationReport> {
+        let (data, back, abort) = main.split().map_err(|source| Error::Link {
             phase: Phase::Compat,
             what: "setting up the channel",
             source,
         })?;
-        self.attempt(data, back, Some(abort))
+        self.attempt(data, back, Some(abort), Some(connect))
     }
 
-    /// Migrates over `data` (the stream) and `back` (the return path). On failure the source
-    /// runs again (except after a lost handover, see the module documentation). A cancel is
-    /// noticed at the engine's next check; use [`migrate_over`](Self::migrate_over) so that it
-    /// also unblocks a read or write in progress.
+    /// Migrates over `data` (the stream) and `back` (the return path), one channel. On failure
+    /// the source runs again (except after a lost handover, see the module documentation). A
+    /// cancel is noticed at the engine's next check; use [`migrate_over`](Self::migrate_over) so
+    /// that it also unblocks a read or write in progress.
     pub fn migrate<W: DataSink, R: Read>(&mut self, data: W, back: R) -> Result<MigrationReport> {
-        self.attempt(data, back, None)
+        self.attempt(data, back, None, None)
     }
 
     fn attempt<W: DataSink, R: Read>(
@@ -531,7 +625,14 @@ impl Source {
         data: W,
         mut back: R,
         abort: Option<Abort>,
+        connect: Option<&mut Connect<'_>>,
     ) -> Result<MigrationReport> {
+        if self.cfg.channels >= 2 && connect.is_none() {
+            return Err(Error::Config(format!(
+                "channels {}: page channels need Source::migrate_channels",
+                self.cfg.channels
+            )));
+        }
         self.phase = Phase::Compat;
         let plan = self.check()?;
         if let Some((guard, view)) = &self.platform.viommu {
@@ -544,9 +645,16 @@ impl Source {
                 )
             })?;
         }
-        self.cancel.arm(abort);
+        // Every channel's abort hook, the page channels' added as they open.
+        let aborts: Arc<Mutex<Vec<Abort>>> = Arc::new(Mutex::new(abort.into_iter().collect()));
+        let all = Arc::clone(&aborts);
+        self.cancel.arm(Some(Box::new(move || {
+            for a in all.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+                a();
+            }
+        })));
         let t0 = Instant::now();
-        let result = self.run(plan, data, &mut back);
+        let result = self.run(plan, data, &mut back, connect, &aborts);
         self.cancel.disarm();
         if let Some((guard, _)) = &self.platform.viommu {
             guard.end();
@@ -682,8 +790,10 @@ impl Source {
         plan: Vec<Chosen>,
         data: W,
         back: &mut R,
+        connect: Option<&mut Connect<'_>>,
+        aborts: &Mutex<Vec<Abort>>,
     ) -> std::result::Result<MigrationReport, Failure> {
-        let mut a = self.compat_exchange(plan, data, back)?;
+        let mut a = self.compat_exchange(plan, data, back, connect, aborts)?;
         self.start(&mut a)?;
         let mut round = 0;
         let precopy_t0 = Instant::now();
@@ -733,6 +843,8 @@ impl Source {
         plan: Vec<Chosen>,
         data: W,
         back: &mut R,
+        connect: Option<&mut Connect<'_>>,
+        aborts: &Mutex<Vec<Abort>>,
     ) -> std::result::Result<Attempt<W>, Failure> {
         let phase = Phase::Compat;
         self.enter(phase);
@@ -755,7 +867,17 @@ impl Source {
             producer: format!("livemig {}", env!("CARGO_PKG_VERSION")),
             ..WriterOptions::default()
         };
-        let mut w = Writer::new(data, opts).map_err(serr(phase))?;
+        let mut w = Writer::new(data, opts.clone()).map_err(serr(phase))?;
+        let count = self.cfg.channels;
+        let token = channel_token();
+        if count >= 2 {
+            w.channel(&StreamChannel {
+                index: 0,
+                count,
+                token,
+            })
+            .map_err(serr(phase))?;
+        }
         for (i, d) in self.platform.descriptors().iter().enumerate() {
             let c = &d.device;
             let mut caps = 0;
@@ -789,6 +911,28 @@ impl Source {
                 .into());
             }
         }
+        // The destination took the main connection: open the page channels.
+        let mut page_writers = Vec::new();
+        if let (true, Some(connect)) = (count >= 2, connect) {
+            for index in 1..=count {
+                self.check_cancel()?;
+                let (sink, abort) = connect(index).map_err(|source| Error::Link {
+                    phase,
+                    what: "opening a page channel",
+                    source,
+                })?;
+                aborts.lock().unwrap_or_else(|p| p.into_inner()).push(abort);
+                let mut pw = Writer::new(sink, opts.clone()).map_err(serr(phase))?;
+                pw.channel(&StreamChannel {
+                    index,
+                    count,
+                    token,
+                })
+                .map_err(serr(phase))?;
+                pw.flush().map_err(serr(phase))?;
+                page_writers.push(pw);
+            }
+        }
         let pages = self.platform.memory.size() / PAGE_SIZE;
         let p2p = self
             .platform
@@ -809,13 +953,14 @@ impl Source {
         Ok(Attempt {
             plan,
             w,
+            pages: page_writers,
             report,
             dirty: PageBitmap::new(pages, PAGE_SIZE),
             precopy,
             p2p,
             bandwidth: 0,
             dirty_high: 0,
-            timeline: Timeline::new(),
+            progress: Progress::new(),
         })
     }
 
@@ -860,7 +1005,7 @@ impl Source {
         self.enter(phase);
         self.check_cancel()?;
         let rt = Instant::now();
-        let b0 = a.w.bytes_written();
+        let b0 = a.bytes();
         let mut r = RoundReport {
             round,
             dirty_pages: a.dirty.count(),
@@ -868,15 +1013,7 @@ impl Source {
             ..Default::default()
         };
         let mem = Arc::clone(&self.platform.memory);
-        send_pages(
-            &mut a.w,
-            &*mem,
-            &a.dirty,
-            &mut r,
-            phase,
-            &self.cancel,
-            &mut a.timeline,
-        )?;
+        send_round(a, &*mem, &mut r, phase, &self.cancel, round)?;
         a.dirty.clear();
         for (i, d) in self.platform.devices.iter_mut().enumerate() {
             if !a.precopy[i] {
@@ -892,7 +1029,7 @@ impl Source {
                 r.device_bytes += buf.len() as u64;
             }
         }
-        r.bytes = a.w.bytes_written() - b0;
+        r.bytes = a.bytes() - b0;
         a.w.round(&Round {
             round,
             pages: r.pages,
@@ -904,7 +1041,7 @@ impl Source {
         })
         .map_err(serr(phase))?;
         a.w.flush().map_err(serr(phase))?;
-        a.timeline.sample(a.w.bytes_written(), true);
+        a.progress.set(a.bytes());
         r.elapsed_us = rt.elapsed().as_micros().max(1) as u64;
         // Rounds too small to time say little about the link: keep the best estimate.
         let measured = r.bytes.saturating_mul(1_000_000) / r.elapsed_us;
@@ -1020,7 +1157,7 @@ impl Source {
         a.report.downtime_phases.stop_and_harvest_us = down.elapsed().as_micros() as u64;
         self.check_deadline(down, phase)?;
         let rt = Instant::now();
-        let b0 = a.w.bytes_written();
+        let b0 = a.bytes();
         let mut r = RoundReport {
             round,
             dirty_pages: a.dirty.count(),
@@ -1029,15 +1166,7 @@ impl Source {
             ..Default::default()
         };
         let mem = Arc::clone(&self.platform.memory);
-        send_pages(
-            &mut a.w,
-            &*mem,
-            &a.dirty,
-            &mut r,
-            phase,
-            &self.cancel,
-            &mut a.timeline,
-        )?;
+        send_round(a, &*mem, &mut r, phase, &self.cancel, round)?;
         let mut save_us = 0u64;
         for (i, d) in self.platform.devices.iter_mut().enumerate() {
             let mut buf = Vec::new();
@@ -1050,7 +1179,7 @@ impl Source {
                 .map_err(serr(phase))?;
             r.device_bytes += buf.len() as u64;
         }
-        r.bytes = a.w.bytes_written() - b0;
+        r.bytes = a.bytes() - b0;
         r.elapsed_us = rt.elapsed().as_micros() as u64;
         a.report.downtime_phases.device_save_us = save_us;
         self.check_deadline(down, phase)?;
@@ -1071,10 +1200,19 @@ impl Source {
             self.check_cancel()?;
         }
         let mut report = a.report;
-        report.bytes = a.w.bytes_written();
-        let mut timeline = a.timeline;
-        timeline.sample(report.bytes, true);
-        report.timeline = timeline.points;
+        // The page channels end first: the destination runs only once every one has.
+        for pw in a.pages {
+            report.bytes += pw.bytes_written();
+            let mut sink = pw.finish().map_err(serr(phase))?;
+            sink.close().map_err(|source| Error::Link {
+                phase,
+                what: "closing a page channel",
+                source,
+            })?;
+        }
+        report.bytes += a.w.bytes_written();
+        a.progress.set(report.bytes);
+        report.timeline = a.progress.into_points();
         let mut sink = a.w.finish().map_err(serr(phase))?;
         sink.close().map_err(|source| Error::Link {
             phase,
@@ -1215,17 +1353,111 @@ fn read_reply<R: Read>(back: &mut R, phase: Phase) -> Result<Message> {
 /// Pages per Pages record batch.
 const BATCH: u64 = 256;
 
+/// A token pairing the connections of one migration: unpredictable enough that two
+/// migrations to one destination never share it (it authenticates nothing; see the TLS
+/// channel for that).
+fn channel_token() -> [u8; 16] {
+    use std::hash::{BuildHasher, Hasher};
+    let mut t = [0u8; 16];
+    for (i, half) in t.chunks_mut(8).enumerate() {
+        // RandomState is seeded from the OS's randomness once per process and per-instance
+        // keys after that.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_usize(i);
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        h.write_u32(std::process::id());
+        half.copy_from_slice(&h.finish().to_le_bytes());
+    }
+    t
+}
+
+/// Sends the round's dirty pages: on the main stream, or split evenly over the page channels
+/// (one thread each), every page channel closing the round with a Sync.
+fn send_round<W: Write>(
+    a: &mut Attempt<W>,
+    mem: &dyn GuestMemory,
+    r: &mut RoundReport,
+    phase: Phase,
+    cancel: &CancelHandle,
+    round: u32,
+) -> Result<()> {
+    if a.pages.is_empty() {
+        return send_pages(
+            &mut a.w,
+            mem,
+            &a.dirty,
+            (0, a.dirty.pages()),
+            r,
+            phase,
+            cancel,
+            &a.progress,
+        );
+    }
+    let parts = a.dirty.split(a.pages.len() as u64);
+    let (dirty, progress) = (&a.dirty, &a.progress);
+    let results: Vec<Result<RoundReport>> = std::thread::scope(|scope| {
+        let threads: Vec<_> = a
+            .pages
+            .iter_mut()
+            .zip(parts)
+            .map(|(w, part)| {
+                scope.spawn(move || {
+                    let mut mine = RoundReport::default();
+                    send_pages(w, mem, dirty, part, &mut mine, phase, cancel, progress)?;
+                    w.sync(round).map_err(serr(phase))?;
+                    w.flush().map_err(serr(phase))?;
+                    Ok(mine)
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| {
+                t.join().unwrap_or_else(|_| {
+                    Err(Error::Protocol {
+                        phase,
+                        reason: "a page channel's sender thread panicked".into(),
+                    })
+                })
+            })
+            .collect()
+    });
+    // A cancel explains every other channel's failure.
+    let mut first_err = None;
+    for res in results {
+        match res {
+            Ok(mine) => {
+                r.pages += mine.pages;
+                r.zero_pages += mine.zero_pages;
+            }
+            Err(e) if matches!(e, Error::Cancelled { .. }) => return Err(e),
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    first_err.map_or(Ok(()), Err)
+}
+
+/// Sends the marked pages of `dirty` in pages `[range.0, range.1)` on `w`.
+#[allow(clippy::too_many_arguments)]
 fn send_pages<W: Write>(
     w: &mut Writer<W>,
     mem: &dyn GuestMemory,
     dirty: &PageBitmap,
+    range: (u64, u64),
     r: &mut RoundReport,
     phase: Phase,
     cancel: &CancelHandle,
-    timeline: &mut Timeline,
+    progress: &Progress,
 ) -> Result<()> {
     let mut buf = vec![0u8; (BATCH * PAGE_SIZE) as usize];
-    for (first, count) in dirty.runs() {
+    let mut last = w.bytes_written();
+    for (first, count) in dirty.runs_between(range.0, range.1) {
         let mut p = first;
         while p < first + count {
             if let Some(reason) = cancel.reason() {
@@ -1234,7 +1466,9 @@ fn send_pages<W: Write>(
                     reason: format!("operator cancel: {reason}"),
                 });
             }
-            timeline.sample(w.bytes_written(), false);
+            let now = w.bytes_written();
+            progress.add(now - last);
+            last = now;
             let n = (first + count - p).min(BATCH);
             let gpa = p * PAGE_SIZE;
             let len = n * PAGE_SIZE;
@@ -1258,7 +1492,250 @@ fn send_pages<W: Write>(
             p += n;
         }
     }
+    progress.add(w.bytes_written() - last);
     Ok(())
+}
+
+/// What one page channel delivered.
+#[derive(Debug, Default)]
+struct PageTotals {
+    pages: u64,
+    zero_pages: u64,
+    bytes: u64,
+}
+
+/// The page channels' round barrier: a channel that has read round r's Sync applies nothing
+/// more until every channel has. It can be failed (every waiter returns at once), and a
+/// channel that ends while another waits fails the wait (their rounds disagree).
+#[derive(Debug)]
+struct Gate {
+    channels: u32,
+    skip: bool,
+    state: Mutex<GateState>,
+    cv: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    arrived: u32,
+    generation: u64,
+    ended: u32,
+    /// The first to fail: 0 the main channel, i page channel i.
+    failed: Option<u32>,
+}
+
+impl Gate {
+    fn new(channels: u32, skip: bool) -> Gate {
+        Gate {
+            channels,
+            skip,
+            state: Mutex::new(GateState::default()),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn stopped(st: &GateState, index: u32, round: u32) -> Option<Error> {
+        let phase = Phase::Receive;
+        if let Some(f) = st.failed {
+            let who = if f == 0 {
+                "the main channel".to_string()
+            } else {
+                format!("page channel {f}")
+            };
+            return Some(Error::Cancelled {
+                phase,
+                reason: format!("stopped at round {round}'s end: {who} failed"),
+            });
+        }
+        if st.ended > 0 {
+            return Some(Error::Protocol {
+                phase,
+                reason: format!(
+                    "page channel {index} ended round {round} while another page channel had \
+                     already sent End (the channels disagree on the rounds)"
+                ),
+            });
+        }
+        None
+    }
+
+    /// Page channel `index` read round `round`'s Sync.
+    fn wait(&self, index: u32, round: u32) -> Result<()> {
+        let mut st = self.lock();
+        if self.skip {
+            // Negative control: only a failure stops it.
+            return match st.failed {
+                Some(_) => Gate::stopped(&st, index, round).map_or(Ok(()), Err),
+                None => Ok(()),
+            };
+        }
+        if let Some(e) = Gate::stopped(&st, index, round) {
+            return Err(e);
+        }
+        st.arrived += 1;
+        if st.arrived == self.channels {
+            st.arrived = 0;
+            st.generation += 1;
+            self.cv.notify_all();
+            return Ok(());
+        }
+        let generation = st.generation;
+        while st.generation == generation {
+            if let Some(e) = Gate::stopped(&st, index, round) {
+                return Err(e);
+            }
+            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        Ok(())
+    }
+
+    /// A page channel read its End.
+    fn end(&self) {
+        self.lock().ended += 1;
+        self.cv.notify_all();
+    }
+
+    /// `who` failed; `true` if it was the first.
+    fn fail(&self, who: u32) -> bool {
+        let mut st = self.lock();
+        let first = st.failed.is_none();
+        if first {
+            st.failed = Some(who);
+        }
+        self.cv.notify_all();
+        first
+    }
+
+    fn first_failure(&self) -> Option<u32> {
+        self.lock().failed
+    }
+}
+
+/// One page channel on the destination: its Channel record checked against the main one
+/// (token, count, an index no other connection claimed), then pages into guest RAM (inside RAM
+/// only), a Sync at each round's end (consecutive rounds from 1) through the gate, End, then
+/// nothing. Errors after the check name the channel.
+fn receive_pages(
+    conn: Box<dyn Read + Send>,
+    main: StreamChannel,
+    claimed: &Mutex<Vec<bool>>,
+    limits: Limits,
+    mem: &dyn GuestMemory,
+    ranges: &[(u64, u64)],
+    gate: &Gate,
+) -> Result<PageTotals> {
+    let phase = Phase::Receive;
+    let serr = |source| Error::Stream { phase, source };
+    let mut rd = Reader::new(conn, limits).map_err(serr)?;
+    let first = match rd.next().map_err(serr)? {
+        Some(Record::Channel(c)) => Ok(c),
+        Some(other) => Err(other.name()),
+        None => Err("nothing"),
+    };
+    let c = first.map_err(|got| Error::Protocol {
+        phase,
+        reason: format!("a page channel began with {got}, not a Channel record"),
+    })?;
+    if c.token != main.token || c.count != main.count || c.index == 0 {
+        return Err(Error::Protocol {
+            phase,
+            reason: format!(
+                "a connection claiming page channel {} of {} does not belong to this migration \
+                 (expected an index 1..={} and the main channel's token)",
+                c.index, c.count, main.count
+            ),
+        });
+    }
+    {
+        let mut claimed = claimed.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = &mut claimed[(c.index - 1) as usize];
+        if *slot {
+            return Err(Error::Protocol {
+                phase,
+                reason: format!("page channel {} connected twice", c.index),
+            });
+        }
+        *slot = true;
+    }
+    receive_checked_pages(rd, mem, ranges, gate, c.index).map_err(|e| Error::PageChannel {
+        index: c.index,
+        source: Box::new(e),
+    })
+}
+
+fn receive_checked_pages(
+    mut rd: Reader<Box<dyn Read + Send>>,
+    mem: &dyn GuestMemory,
+    ranges: &[(u64, u64)],
+    gate: &Gate,
+    index: u32,
+) -> Result<PageTotals> {
+    let phase = Phase::Receive;
+    let serr = |source| Error::Stream { phase, source };
+    let memerr = |gpa: u64| {
+        move |e: crate::memory::MemoryError| Error::Memory {
+            phase,
+            gpa,
+            reason: e.to_string(),
+        }
+    };
+    let mut t = PageTotals::default();
+    let mut round = 1u32;
+    loop {
+        match rd.next().map_err(serr)? {
+            Some(Record::Pages(p)) => {
+                let len = u64::from(p.count) * u64::from(p.page_size);
+                check_in_ram(ranges, "Pages", p.gpa, len, phase)?;
+                mem.write(p.gpa, p.payload).map_err(memerr(p.gpa))?;
+                t.pages += u64::from(p.count);
+            }
+            Some(Record::ZeroPages(z)) => {
+                let len = u64::from(z.count) * u64::from(z.page_size);
+                check_in_ram(ranges, "ZeroPages", z.gpa, len, phase)?;
+                mem.zero(z.gpa, len).map_err(memerr(z.gpa))?;
+                t.zero_pages += u64::from(z.count);
+            }
+            Some(Record::Sync(y)) => {
+                if y.round != round {
+                    return Err(Error::Protocol {
+                        phase,
+                        reason: format!("Sync for round {} where round {round} ends", y.round),
+                    });
+                }
+                gate.wait(index, round)?;
+                round = round.checked_add(1).ok_or_else(|| Error::Protocol {
+                    phase,
+                    reason: "more than 2^32 rounds".into(),
+                })?;
+            }
+            Some(Record::End(_)) => break,
+            Some(other) => {
+                return Err(Error::Protocol {
+                    phase,
+                    reason: format!("unexpected {} record on a page channel", other.name()),
+                });
+            }
+            None => {
+                return Err(Error::Protocol {
+                    phase,
+                    reason: "the page channel ended without End".into(),
+                });
+            }
+        }
+    }
+    gate.end();
+    if rd.next().map_err(serr)?.is_some() {
+        return Err(Error::Protocol {
+            phase,
+            reason: "records after End".into(),
+        });
+    }
+    t.bytes = rd.offset();
+    Ok(t)
 }
 
 /// Refuses `[gpa, gpa + len)` unless one RAM range holds all of it (nothing is written
@@ -1343,6 +1820,8 @@ pub struct Destination {
     platform: DestinationPlatform,
     limits: Limits,
     hook: Option<DestinationHook>,
+    /// Test hook: page channels do not wait for each other at a round's end.
+    skip_round_barrier: bool,
 }
 
 impl std::fmt::Debug for Destination {
@@ -1360,6 +1839,7 @@ impl Destination {
             platform,
             limits: Limits::default(),
             hook: None,
+            skip_round_barrier: false,
         }
     }
 
@@ -1384,12 +1864,49 @@ impl Destination {
         &mut self.platform
     }
 
+    /// For negative controls only: page channels apply a round's pages without waiting for the
+    /// other channels to finish the round before, which lets an older copy of a page overwrite
+    /// a newer one. Never use it for a real migration.
+    #[doc(hidden)]
+    pub fn x_skip_round_barrier(&mut self, skip: bool) {
+        self.skip_round_barrier = skip;
+    }
+
     /// Receives a migration from `data`, answering on `back`. On failure the devices are reset
     /// (the received state discarded), `Failed` is sent if the return path still works, and
-    /// the error is returned.
-    pub fn receive<R: Read, W: Write>(&mut self, data: R, mut back: W) -> Result<ReceiveReport> {
+    /// the error is returned. A source with page channels is refused: see
+    /// [`receive_channels`](Self::receive_channels).
+    pub fn receive<R: Read, W: Write>(&mut self, data: R, back: W) -> Result<ReceiveReport> {
+        self.receive_inner(data, back, None, None)
+    }
+
+    /// Receives a migration from `data` (the main channel), answering on `back`, and takes
+    /// the page channels the source announces from `accept` once it has accepted the devices.
+    /// Each is checked (its Channel record carries the main stream's token and count, and an
+    /// index not seen yet) before any of its pages is written. `abort` unblocks a read of the
+    /// main channel when a page channel fails. Page channels write guest memory in parallel;
+    /// at each round's end every channel waits for the others (an older copy of a page can
+    /// never overwrite a newer one), and the devices run only after the main channel's End and
+    /// every page channel's End.
+    pub fn receive_channels<R: Read, W: Write>(
+        &mut self,
+        data: R,
+        back: W,
+        abort: Abort,
+        accept: &mut Accept<'_>,
+    ) -> Result<ReceiveReport> {
+        self.receive_inner(data, back, Some(abort), Some(accept))
+    }
+
+    fn receive_inner<R: Read, W: Write>(
+        &mut self,
+        data: R,
+        mut back: W,
+        abort: Option<Abort>,
+        accept: Option<&mut Accept<'_>>,
+    ) -> Result<ReceiveReport> {
         let mut touched = false;
-        match self.run(data, &mut back, &mut touched) {
+        match self.run(data, &mut back, &mut touched, abort, accept) {
             Ok(r) => Ok(r),
             Err(e) => {
                 if !matches!(e, Error::Refused { .. }) {
@@ -1410,13 +1927,50 @@ impl Destination {
         data: R,
         back: &mut W,
         touched: &mut bool,
+        abort: Option<Abort>,
+        mut accept: Option<&mut Accept<'_>>,
     ) -> Result<ReceiveReport> {
         let mut phase = Phase::Compat;
         let serr = |phase: Phase| move |source| Error::Stream { phase, source };
         let mut rd = Reader::new(data, self.limits).map_err(serr(phase))?;
         let mut seen: Vec<DeviceDescriptor> = Vec::new();
+        let mut multi: Option<StreamChannel> = None;
         loop {
             match rd.next().map_err(serr(phase))? {
+                // The stream reader admits it only as the first record.
+                Some(Record::Channel(c)) => {
+                    if c.index != 0 {
+                        return Err(Error::Protocol {
+                            phase,
+                            reason: format!(
+                                "the first connection is page channel {} of {}; the main \
+                                 channel (index 0) must connect first",
+                                c.index, c.count
+                            ),
+                        });
+                    }
+                    if c.count < 2 || c.count > MAX_CHANNELS {
+                        return Err(Error::Protocol {
+                            phase,
+                            reason: format!(
+                                "Channel count {}: a multi-channel migration has 2 to \
+                                 {MAX_CHANNELS} page channels",
+                                c.count
+                            ),
+                        });
+                    }
+                    if accept.is_none() {
+                        return Err(Error::Protocol {
+                            phase,
+                            reason: format!(
+                                "the source uses {} page channels; this destination takes one \
+                                 connection",
+                                c.count
+                            ),
+                        });
+                    }
+                    multi = Some(c);
+                }
                 Some(Record::Compat(c)) => {
                     if c.device as usize != seen.len() {
                         return Err(Error::Protocol {
@@ -1480,6 +2034,23 @@ impl Destination {
                 source,
             })?;
 
+        // The page channels: accepted now, each checked by its own thread before any of its
+        // pages is read (so a slow one holds up no other).
+        let mut page_conns: Vec<Box<dyn Read + Send>> = Vec::new();
+        let mut page_aborts: Vec<Abort> = Vec::new();
+        if let (Some(main), Some(accept)) = (multi, accept.as_mut()) {
+            for _ in 0..main.count {
+                let (conn, abort) = accept().map_err(|source| Error::Link {
+                    phase,
+                    what: "accepting a page channel",
+                    source,
+                })?;
+                page_conns.push(conn);
+                page_aborts.push(abort);
+            }
+        }
+        let claimed = Mutex::new(vec![false; page_conns.len()]);
+
         phase = Phase::Receive;
         self.emit(DestinationEvent::Phase(phase));
         let mem = Arc::clone(&self.platform.memory);
@@ -1497,72 +2068,152 @@ impl Destination {
                 reason: e.to_string(),
             }
         };
-        let end_at;
-        loop {
-            let rec = rd.next().map_err(serr(phase))?;
-            match rec {
-                Some(Record::Pages(p)) => {
-                    let len = u64::from(p.count) * u64::from(p.page_size);
-                    check_in_ram(&ranges, "Pages", p.gpa, len, phase)?;
-                    mem.write(p.gpa, p.payload).map_err(memerr(p.gpa))?;
-                    report.pages += u64::from(p.count);
-                }
-                Some(Record::ZeroPages(z)) => {
-                    let len = u64::from(z.count) * u64::from(z.page_size);
-                    check_in_ram(&ranges, "ZeroPages", z.gpa, len, phase)?;
-                    mem.zero(z.gpa, len).map_err(memerr(z.gpa))?;
-                    report.zero_pages += u64::from(z.count);
-                }
-                Some(Record::DeviceState(s)) => {
-                    let i = s.device as usize;
-                    let Some(d) = self.platform.devices.get_mut(i) else {
-                        return Err(Error::Protocol {
-                            phase,
-                            reason: format!("DeviceState for unknown device {i}"),
-                        });
-                    };
-                    if s.phase == StreamPhase::StopCopy {
-                        if !stop_copy_seen.contains(&true) {
-                            if let Some(h) = self.hook.as_mut() {
-                                h(DestinationEvent::StopCopy);
+        let gate = Gate::new(page_conns.len() as u32, self.skip_round_barrier);
+        let limits = self.limits;
+        let (main_result, page_results) = std::thread::scope(|scope| {
+            let threads: Vec<_> = page_conns
+                .into_iter()
+                .enumerate()
+                .map(|(i, conn)| {
+                    let (mem, ranges, gate, abort) = (&*mem, &ranges, &gate, &abort);
+                    let (claimed, main) = (&claimed, multi.unwrap_or_default());
+                    scope.spawn(move || {
+                        let index = i as u32 + 1;
+                        let r = receive_pages(conn, main, claimed, limits, mem, ranges, gate);
+                        // The first failure stops the others, the main channel's read too.
+                        if r.is_err() && gate.fail(index) {
+                            if let Some(a) = abort {
+                                a();
                             }
                         }
-                        stop_copy_seen[i] = true;
+                        r
+                    })
+                })
+                .collect();
+            let main_result = (|| -> Result<Instant> {
+                let end_at;
+                loop {
+                    let rec = rd.next().map_err(serr(phase))?;
+                    match rec {
+                        Some(Record::Pages(_) | Record::ZeroPages(_)) if multi.is_some() => {
+                            return Err(Error::Protocol {
+                                phase,
+                                reason: "pages on the main channel of a multi-channel \
+                                         migration (they travel on the page channels)"
+                                    .into(),
+                            });
+                        }
+                        Some(Record::Pages(p)) => {
+                            let len = u64::from(p.count) * u64::from(p.page_size);
+                            check_in_ram(&ranges, "Pages", p.gpa, len, phase)?;
+                            mem.write(p.gpa, p.payload).map_err(memerr(p.gpa))?;
+                            report.pages += u64::from(p.count);
+                        }
+                        Some(Record::ZeroPages(z)) => {
+                            let len = u64::from(z.count) * u64::from(z.page_size);
+                            check_in_ram(&ranges, "ZeroPages", z.gpa, len, phase)?;
+                            mem.zero(z.gpa, len).map_err(memerr(z.gpa))?;
+                            report.zero_pages += u64::from(z.count);
+                        }
+                        Some(Record::DeviceState(s)) => {
+                            let i = s.device as usize;
+                            let Some(d) = self.platform.devices.get_mut(i) else {
+                                return Err(Error::Protocol {
+                                    phase,
+                                    reason: format!("DeviceState for unknown device {i}"),
+                                });
+                            };
+                            if s.phase == StreamPhase::StopCopy {
+                                if !stop_copy_seen.contains(&true) {
+                                    if let Some(h) = self.hook.as_mut() {
+                                        h(DestinationEvent::StopCopy);
+                                    }
+                                }
+                                stop_copy_seen[i] = true;
+                            }
+                            d.load(s.data)
+                                .map_err(|source| dev_err(phase, i, &**d, source))?;
+                            report.device_bytes[i] += s.data.len() as u64;
+                        }
+                        Some(Record::Round(r)) => {
+                            report.rounds += 1;
+                            if let Some(h) = self.hook.as_mut() {
+                                h(DestinationEvent::Round(r.round));
+                            }
+                        }
+                        Some(Record::End(_)) => {
+                            end_at = Instant::now();
+                            break;
+                        }
+                        Some(other) => {
+                            return Err(Error::Protocol {
+                                phase,
+                                reason: format!("unexpected {} record", other.name()),
+                            });
+                        }
+                        None => {
+                            return Err(Error::Protocol {
+                                phase,
+                                reason: "the stream ended without End".into(),
+                            });
+                        }
                     }
-                    d.load(s.data)
-                        .map_err(|source| dev_err(phase, i, &**d, source))?;
-                    report.device_bytes[i] += s.data.len() as u64;
                 }
-                Some(Record::Round(r)) => {
-                    report.rounds += 1;
-                    self.emit(DestinationEvent::Round(r.round));
-                }
-                Some(Record::End(_)) => {
-                    end_at = Instant::now();
-                    break;
-                }
-                Some(other) => {
+                // Nothing may follow End.
+                if rd.next().map_err(serr(phase))?.is_some() {
                     return Err(Error::Protocol {
                         phase,
-                        reason: format!("unexpected {} record", other.name()),
+                        reason: "records after End".into(),
                     });
                 }
-                None => {
-                    return Err(Error::Protocol {
-                        phase,
-                        reason: "the stream ended without End".into(),
-                    });
+                Ok(end_at)
+            })();
+            if main_result.is_err() && gate.fail(0) {
+                for a in &page_aborts {
+                    a();
                 }
             }
+            let page_results: Vec<Result<PageTotals>> = threads
+                .into_iter()
+                .map(|t| {
+                    t.join().unwrap_or_else(|_| {
+                        Err(Error::Protocol {
+                            phase,
+                            reason: "a page channel's receiver thread panicked".into(),
+                        })
+                    })
+                })
+                .collect();
+            (main_result, page_results)
+        });
+        // The failure that came first explains the others (an aborted read, a stopped wait).
+        let first = gate.first_failure();
+        let mut page_failure = None;
+        for (i, r) in page_results.into_iter().enumerate() {
+            let index = i as u32 + 1;
+            match r {
+                Ok(t) => {
+                    report.pages += t.pages;
+                    report.zero_pages += t.zero_pages;
+                    report.bytes += t.bytes;
+                }
+                Err(e) if first == Some(index) || (first.is_none() && page_failure.is_none()) => {
+                    page_failure = Some(e);
+                }
+                Err(_) => {}
+            }
         }
-        // Nothing may follow End.
-        if rd.next().map_err(serr(phase))?.is_some() {
-            return Err(Error::Protocol {
-                phase,
-                reason: "records after End".into(),
-            });
-        }
-        report.bytes = rd.offset();
+        let end_at = match (first, page_failure) {
+            (Some(i), Some(e)) if i != 0 => return Err(e),
+            (_, failure) => {
+                let end_at = main_result?;
+                if let Some(e) = failure {
+                    return Err(e);
+                }
+                end_at
+            }
+        };
+        report.bytes += rd.offset();
         phase = Phase::Resume;
         self.emit(DestinationEvent::Phase(phase));
         if let Some(i) = stop_copy_seen.iter().position(|s| !s) {

@@ -145,6 +145,15 @@ pub enum Error {
         /// The estimate or the time spent, against the deadline.
         reason: String,
     },
+    /// A page channel of a multi-channel migration failed.
+    #[error("page channel {index}: {source}")]
+    PageChannel {
+        /// The channel's index (1-based).
+        index: u32,
+        /// What failed on it.
+        #[source]
+        source: Box<Error>,
+    },
     /// The migration failed and returning the source to RUNNING failed too.
     #[error("{error}; then recovery failed: {recovery}")]
     RecoveryFailed {
@@ -172,6 +181,7 @@ impl Error {
             | Error::Cancelled { phase, .. }
             | Error::Deadline { phase, .. } => Some(*phase),
             Error::RecoveryFailed { error, .. } => error.phase(),
+            Error::PageChannel { source, .. } => source.phase(),
         }
     }
 

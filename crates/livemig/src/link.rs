@@ -341,6 +341,79 @@ pub fn migrate_local(
     })
 }
 
+/// As [`migrate_local`], with page channels: the main channel over `link`, page channel i over
+/// `pages[i - 1]` (so one can be slower than the others). The source's
+/// [`SourceConfig::channels`](crate::engine::SourceConfig::channels) must be `pages.len()`. The
+/// destination is handed the page channels in reverse order (it must sort them by the index
+/// each one names). Throwing `cut` drops every link.
+pub fn migrate_local_channels(
+    source: &mut crate::engine::Source,
+    destination: &mut crate::engine::Destination,
+    link: crate::link::LinkConfig,
+    pages: &[crate::link::LinkConfig],
+    cut: &crate::link::Cut,
+) -> (
+    crate::Result<crate::engine::MigrationReport>,
+    crate::Result<crate::engine::ReceiveReport>,
+) {
+    let (data_w, data_r) = crate::link::pipe(link, cut.clone());
+    let (back_w, back_r) = crate::link::pipe(link, cut.clone());
+    let mut writers: Vec<Option<LinkWriter>> = Vec::new();
+    let mut readers: Vec<LinkReader> = Vec::new();
+    for cfg in pages {
+        let (w, r) = crate::link::pipe(*cfg, cut.clone());
+        writers.push(Some(w));
+        readers.push(r);
+    }
+    let channel = crate::transport::LinkChannel {
+        data: data_w,
+        back: back_r,
+        cut: cut.clone(),
+    };
+    std::thread::scope(|s| {
+        let dcut = cut.clone();
+        let d = s.spawn(move || {
+            let abort_cut = dcut.clone();
+            destination.receive_channels(
+                data_r,
+                back_w,
+                Box::new(move || abort_cut.cut()),
+                &mut || {
+                    let r = readers.pop().ok_or_else(|| {
+                        io::Error::new(io::ErrorKind::NotFound, "no more page channels")
+                    })?;
+                    let c = dcut.clone();
+                    Ok((
+                        Box::new(r) as Box<dyn Read + Send>,
+                        Box::new(move || c.cut()),
+                    ))
+                },
+            )
+        });
+        let r = source.migrate_channels(channel, &mut |index| {
+            let w = (index as usize)
+                .checked_sub(1)
+                .and_then(|i| writers.get_mut(i))
+                .and_then(Option::take)
+                .ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::NotFound, format!("no page channel {index}"))
+                })?;
+            let c = cut.clone();
+            Ok((
+                Box::new(w) as Box<dyn DataSink>,
+                Box::new(move || c.cut()) as crate::transport::Abort,
+            ))
+        });
+        let dr = d.join().unwrap_or_else(|_| {
+            Err(crate::Error::Protocol {
+                phase: crate::Phase::Receive,
+                reason: "the destination thread panicked".into(),
+            })
+        });
+        (r, dr)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

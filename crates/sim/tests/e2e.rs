@@ -204,3 +204,32 @@ fn a_hard_deadline_that_cannot_be_met_keeps_the_source_running() {
     let e = r.expect_err("refused before anything starts");
     assert!(e.to_string().contains("hard deadline of 0"), "{e}");
 }
+
+#[test]
+#[serial]
+fn three_page_channels_with_devices_and_a_running_guest_lose_nothing() {
+    let s = common::spec(Vendor::Amd);
+    let cfg = SourceConfig {
+        channels: 3,
+        ..SourceConfig::default()
+    };
+    let mut run = common::setup(&s, &s, cfg);
+    let (r, d) = run.go_channels(3);
+    let r = r.unwrap_or_else(|e| panic!("{}", e.chain()));
+    let d = d.unwrap_or_else(|e| panic!("{}", e.chain()));
+    drop(run.src.workload);
+    run.src.host.compare(&run.dst.host).unwrap();
+    assert_eq!(
+        d.pages + d.zero_pages,
+        r.rounds
+            .iter()
+            .chain([&r.stop_copy])
+            .map(|x| x.pages + x.zero_pages)
+            .sum::<u64>()
+    );
+    assert!(
+        r.stop_copy.pages + r.stop_copy.zero_pages > 0,
+        "the guest and the devices dirtied pages that the last round sent: {:?}",
+        r.stop_copy
+    );
+}

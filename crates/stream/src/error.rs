@@ -95,6 +95,9 @@ pub enum ErrorKind {
     /// A Compat record after a non-Compat record.
     #[error("Compat record after other records: compatibility data must come first")]
     CompatTooLate,
+    /// A Channel record that is not the stream's first record.
+    #[error("Channel record after other records: it must be the stream's first record")]
+    ChannelNotFirst,
     /// Two Compat records for one device.
     #[error("device {0} announced twice")]
     DuplicateDevice(u32),

@@ -46,6 +46,10 @@ pub enum Tag {
     Round = 6,
     /// Totals and digest; the last record.
     End = 7,
+    /// Which connection of a multi-channel migration this stream is; the first record.
+    Channel = 8,
+    /// A page channel's end of a round (the destination's ordering barrier).
+    Sync = 9,
 }
 
 impl Tag {
@@ -59,6 +63,8 @@ impl Tag {
             Tag::DirtyBitmap => "DirtyBitmap",
             Tag::Round => "Round",
             Tag::End => "End",
+            Tag::Channel => "Channel",
+            Tag::Sync => "Sync",
         }
     }
 }
@@ -75,6 +81,8 @@ impl TryFrom<u16> for Tag {
             5 => Tag::DirtyBitmap,
             6 => Tag::Round,
             7 => Tag::End,
+            8 => Tag::Channel,
+            9 => Tag::Sync,
             other => return Err(other),
         })
     }
@@ -382,6 +390,26 @@ pub struct End {
     pub digest: u32,
 }
 
+/// Channel: which connection of a multi-channel migration a stream is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Channel {
+    /// 0 for the main channel (compat, device state, rounds), 1..=`count` for page channels.
+    pub index: u32,
+    /// How many page channels the migration uses (≥ 1).
+    pub count: u32,
+    /// Chosen by the source for the migration, the same on every channel, so a destination
+    /// pairs the connections of one migration (not an authentication).
+    pub token: [u8; 16],
+}
+
+/// Sync: a page channel has sent everything of a round; the destination applies none of this
+/// channel's later pages until every page channel has reached the same Sync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Sync {
+    /// The round that ended (1-based, as in the engine's reports).
+    pub round: u32,
+}
+
 /// One decoded record, borrowing variable-length parts from the body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record<'a> {
@@ -399,6 +427,10 @@ pub enum Record<'a> {
     Round(Round),
     /// See [`End`].
     End(End),
+    /// See [`Channel`].
+    Channel(Channel),
+    /// See [`Sync`].
+    Sync(Sync),
     /// An optional record of a type this reader does not know, skipped after its checks.
     Skipped {
         /// Its tag.
@@ -419,6 +451,8 @@ impl Record<'_> {
             Record::DirtyBitmap(_) => "DirtyBitmap",
             Record::Round(_) => "Round",
             Record::End(_) => "End",
+            Record::Channel(_) => "Channel",
+            Record::Sync(_) => "Sync",
             Record::Skipped { .. } => "(skipped)",
         }
     }
@@ -438,6 +472,10 @@ pub const DIRTY_BITMAP_FIXED: usize = 24;
 pub const ROUND_LEN: usize = 56;
 /// End body.
 pub const END_LEN: usize = 48;
+/// Channel body.
+pub const CHANNEL_LEN: usize = 32;
+/// Sync body.
+pub const SYNC_LEN: usize = 8;
 
 fn exact(record: &'static str, body: &[u8], expected: u64) -> Result<(), ErrorKind> {
     if body.len() as u64 != expected {
@@ -639,6 +677,37 @@ pub fn decode(tag: u16, flags: u16, body: &[u8]) -> Result<Record<'_>, ErrorKind
                 digest: u32_at(body, 40),
             })
         }
+        Tag::Channel => {
+            exact(name, body, CHANNEL_LEN as u64)?;
+            zero("Channel reserved", &body[24..32])?;
+            let (index, count) = (u32_at(body, 0), u32_at(body, 4));
+            if count == 0 {
+                return Err(ErrorKind::InvalidField {
+                    field: "Channel count",
+                    value: 0,
+                });
+            }
+            if index > count {
+                return Err(ErrorKind::InvalidField {
+                    field: "Channel index",
+                    value: u64::from(index),
+                });
+            }
+            let mut token = [0u8; 16];
+            token.copy_from_slice(&body[8..24]);
+            Record::Channel(Channel {
+                index,
+                count,
+                token,
+            })
+        }
+        Tag::Sync => {
+            exact(name, body, SYNC_LEN as u64)?;
+            zero("Sync reserved", &body[4..8])?;
+            Record::Sync(Sync {
+                round: u32_at(body, 0),
+            })
+        }
     })
 }
 
@@ -719,6 +788,22 @@ pub mod encode {
         b[24..32].copy_from_slice(&e.zero_pages.to_le_bytes());
         b[32..40].copy_from_slice(&e.device_bytes.to_le_bytes());
         b[40..44].copy_from_slice(&e.digest.to_le_bytes());
+        b
+    }
+
+    /// Channel's body.
+    pub fn channel(c: &Channel) -> [u8; CHANNEL_LEN] {
+        let mut b = [0u8; CHANNEL_LEN];
+        b[0..4].copy_from_slice(&c.index.to_le_bytes());
+        b[4..8].copy_from_slice(&c.count.to_le_bytes());
+        b[8..24].copy_from_slice(&c.token);
+        b
+    }
+
+    /// Sync's body.
+    pub fn sync(s: &Sync) -> [u8; SYNC_LEN] {
+        let mut b = [0u8; SYNC_LEN];
+        b[0..4].copy_from_slice(&s.round.to_le_bytes());
         b
     }
 

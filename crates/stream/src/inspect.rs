@@ -379,6 +379,13 @@ fn inspect_livemig<R: Read>(input: R, limits: Limits) -> Inspection {
                     e.records, e.stream_bytes, e.pages, e.zero_pages, e.device_bytes, e.digest
                 )
             }
+            Record::Channel(c) => format!(
+                "Channel {} of {} page channels token={}",
+                c.index,
+                c.count,
+                hex(&c.token)
+            ),
+            Record::Sync(y) => format!("Sync round={}", y.round),
             Record::Skipped { tag, length } => {
                 s.skipped += 1;
                 format!("(optional record type {tag}, {length} bytes, skipped)")

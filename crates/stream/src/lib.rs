@@ -75,8 +75,8 @@ pub mod write;
 
 pub use error::{Error, ErrorKind};
 pub use format::{
-    Compat, DeviceState, DirtyBitmap, DirtyCaps, End, Pages, Phase, Record, RecordHeader, Round,
-    StreamHeader, Tag, ZeroPages,
+    Channel, Compat, DeviceState, DirtyBitmap, DirtyCaps, End, Pages, Phase, Record, RecordHeader,
+    Round, StreamHeader, Sync, Tag, ZeroPages,
 };
 pub use slice::{Decoder, SliceReader};
 pub use validate::{Limits, Totals};

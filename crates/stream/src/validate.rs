@@ -208,9 +208,14 @@ impl Validator {
             Record::Pages(p) => self.totals.pages += u64::from(p.count),
             Record::ZeroPages(z) => self.totals.zero_pages += u64::from(z.count),
             Record::End(e) => self.check_end(e)?,
-            Record::DirtyBitmap(_) | Record::Round(_) | Record::Skipped { .. } => {}
+            Record::Channel(_) if rh.seq != 0 => return Err(ErrorKind::ChannelNotFirst),
+            Record::Channel(_)
+            | Record::Sync(_)
+            | Record::DirtyBitmap(_)
+            | Record::Round(_)
+            | Record::Skipped { .. } => {}
         }
-        if !matches!(rec, Record::Compat(_)) {
+        if !matches!(rec, Record::Compat(_) | Record::Channel(_)) {
             self.data_seen = true;
         }
         if !matches!(rec, Record::End(_)) {

@@ -9,8 +9,8 @@ use std::string::String;
 use crate::crc::Crc32c;
 use crate::error::{Error, ErrorKind};
 use crate::format::{
-    self, Compat, End, HEADER_LEN, MAX_PAGE_SIZE, MIN_PAGE_SIZE, Phase, RECORD_HEADER_LEN,
-    RFLAG_OPTIONAL, RecordHeader, Round, StreamHeader, Tag, encode,
+    self, Channel, Compat, End, HEADER_LEN, MAX_PAGE_SIZE, MIN_PAGE_SIZE, Phase, RECORD_HEADER_LEN,
+    RFLAG_OPTIONAL, RecordHeader, Round, StreamHeader, Sync, Tag, encode,
 };
 use crate::validate::Totals;
 
@@ -174,7 +174,7 @@ impl<W: Write> Writer<W> {
             self.digest.update(&rh.crc.to_le_bytes());
             self.totals.records += 1;
         }
-        if tag != Tag::Compat {
+        if tag != Tag::Compat && tag != Tag::Channel {
             self.data_seen = true;
         }
         self.bytes += (RECORD_HEADER_LEN + length as usize) as u64;
@@ -384,6 +384,25 @@ impl<W: Write> Writer<W> {
         let fixed = encode::dirty_bitmap(iova, span, page_size);
         let le = encode::words_le(words);
         self.record(Tag::DirtyBitmap, RFLAG_OPTIONAL, &[&fixed, &le])
+    }
+
+    /// Which channel of a multi-channel migration this stream is; must be the first record.
+    pub fn channel(&mut self, c: &Channel) -> Result<(), Error> {
+        if self.totals.records != 0 {
+            return Err(self.invalid("Channel must be the stream's first record".into()));
+        }
+        if c.count == 0 || c.index > c.count {
+            return Err(self.invalid(format!(
+                "Channel index {} of {} page channels",
+                c.index, c.count
+            )));
+        }
+        self.record(Tag::Channel, 0, &[&encode::channel(c)])
+    }
+
+    /// A page channel's end of `round` (see [`Sync`]).
+    pub fn sync(&mut self, round: u32) -> Result<(), Error> {
+        self.record(Tag::Sync, 0, &[&encode::sync(&Sync { round })])
     }
 
     /// Statistics of a pre-copy round. Optional.

@@ -155,3 +155,92 @@ fn zero_pages_are_sent_without_payload() {
     }
     assert_eq!(kinds, ["ZeroPages", "Pages", "ZeroPages", "End"]);
 }
+
+#[test]
+fn channel_then_compat_then_syncs_round_trip_and_the_rules_hold() {
+    use livemig_stream::{Channel, ErrorKind};
+    let ch = Channel {
+        index: 0,
+        count: 3,
+        token: *b"0123456789abcdef",
+    };
+    let mut w = Writer::new(Vec::new(), WriterOptions::default()).unwrap();
+    w.channel(&ch).unwrap();
+    w.compat(&Compat {
+        device: 0,
+        identity: "dev",
+        compat: b"",
+        page_size_mask: 0x1000,
+        dirty_caps: DirtyCaps(0),
+        migration_flags: 1,
+    })
+    .unwrap();
+    w.sync(1).unwrap();
+    assert!(
+        w.channel(&ch).is_err(),
+        "a Channel record after others is refused by the writer"
+    );
+    let bytes = w.finish().unwrap();
+    let mut names = Vec::new();
+    let mut rd = Reader::new(&bytes[..], Limits::default()).unwrap();
+    while let Some(rec) = rd.next().unwrap() {
+        match rec {
+            Record::Channel(c) => assert_eq!(c, ch),
+            Record::Sync(s) => assert_eq!(s.round, 1),
+            _ => {}
+        }
+        names.push(rec.name());
+    }
+    assert_eq!(names, ["Channel", "Compat", "Sync", "End"]);
+    let mut sr = SliceReader::new(&bytes, Limits::default()).unwrap();
+    assert_eq!(sr.validate_all().unwrap().records, 3);
+
+    // A reader refuses a Channel record that is not first, and impossible counts and indexes.
+    let bad = |index: u32, count: u32| {
+        livemig_stream::format::decode(
+            livemig_stream::Tag::Channel as u16,
+            0,
+            &livemig_stream::format::encode::channel(&Channel {
+                index,
+                count,
+                token: [0; 16],
+            }),
+        )
+        .unwrap_err()
+    };
+    assert!(matches!(
+        bad(0, 0),
+        ErrorKind::InvalidField {
+            field: "Channel count",
+            ..
+        }
+    ));
+    assert!(matches!(
+        bad(4, 3),
+        ErrorKind::InvalidField {
+            field: "Channel index",
+            ..
+        }
+    ));
+    let mut w = Writer::new(Vec::new(), WriterOptions::default()).unwrap();
+    w.sync(1).unwrap();
+    w.flush().unwrap();
+    let mut bytes = w.get_mut().clone();
+    let mut w2 = Writer::new(Vec::new(), WriterOptions::default()).unwrap();
+    w2.channel(&ch).unwrap();
+    w2.flush().unwrap();
+    // Splice: header + Sync (seq 0) + the Channel record renumbered as seq 1.
+    let rec = &w2.get_mut()[48..];
+    let mut rec = rec.to_vec();
+    rec[8..12].copy_from_slice(&1u32.to_le_bytes());
+    let crc = livemig_stream::crc::crc32c(&[&rec[..12], &rec[16..]].concat());
+    rec[12..16].copy_from_slice(&crc.to_le_bytes());
+    bytes.extend_from_slice(&rec);
+    let mut rd = Reader::new(&bytes[..], Limits::default()).unwrap();
+    assert!(matches!(rd.next().unwrap(), Some(Record::Sync(_))));
+    let e = rd.next().unwrap_err();
+    assert!(
+        e.to_string().contains("Channel record after other records"),
+        "{e}"
+    );
+}

@@ -88,6 +88,18 @@ impl Run {
         sim::migrate_local(&mut self.source, &mut self.dest, link(), &self.cut)
     }
 
+    /// As [`go`](Self::go) with `n` page channels (the source's config must say `n`).
+    pub fn go_channels(&mut self, n: usize) -> (Result<MigrationReport>, Result<ReceiveReport>) {
+        let pages = vec![link(); n];
+        livemig::link::migrate_local_channels(
+            &mut self.source,
+            &mut self.dest,
+            link(),
+            &pages,
+            &self.cut,
+        )
+    }
+
     /// Throws the cut switch when `phase` begins.
     pub fn cut_at(&mut self, phase: Phase) {
         let cut = self.cut.clone();
