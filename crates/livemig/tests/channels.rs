@@ -335,7 +335,7 @@ fn page(w: &mut livemig_stream::Writer<Vec<u8>>, p: u64) {
 #[test]
 fn page_channels_that_do_not_belong_or_disagree_are_refused_by_name() {
     type Case<'a> = (&'a str, Vec<u8>, Vec<Vec<u8>>, &'a str);
-    let cases: Vec<Case> = vec![
+    let cases: Vec<Case<'_>> = vec![
         (
             "another migration's token",
             main_stream(2, |_| {}),
