@@ -15,8 +15,9 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use livemig::compat::{self, HostDescriptor};
 use livemig::engine::{Destination, Event, MigrationReport, Source, SourceConfig};
-use livemig::link::{Cut, LinkConfig, Paced};
+use livemig::link::{Cut, DataSink, LinkConfig, Paced};
 use livemig::tracker::TrackingMode;
+use livemig::transport::Abort;
 use livemig_sim::{self as sim, SimSpec, Vendor};
 use serde::Serialize;
 
@@ -201,6 +202,10 @@ struct MigArgs {
     /// over it, and abandoned (the source runs again) if it has not ended in time.
     #[arg(long, value_parser = parse_duration)]
     hard_deadline: Option<Duration>,
+    /// Connections that carry pages: 1 (one connection carries everything) or 2 to 64 page
+    /// channels beside the main connection (QEMU's multifd layout).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    channels: u32,
 }
 
 impl MigArgs {
@@ -211,8 +216,67 @@ impl MigArgs {
             downtime_limit: self.downtime,
             max_rounds: self.max_rounds,
             hard_deadline: self.hard_deadline,
+            channels: self.channels,
             ..SourceConfig::default()
         }
+    }
+}
+
+/// Opens page channel connections to `to` (each paced to `bandwidth`, 0 for none), for
+/// [`Source::migrate_channels`].
+pub(crate) fn tcp_page_channels(
+    to: &str,
+    bandwidth: u64,
+) -> impl FnMut(u32) -> std::io::Result<(Box<dyn DataSink>, Abort)> + '_ {
+    move |_index| {
+        let s = TcpStream::connect(to)?;
+        s.set_nodelay(true)?;
+        s.set_write_timeout(Some(Duration::from_secs(120)))?;
+        let abort = s.try_clone()?;
+        Ok((
+            Box::new(Paced::new(s, bandwidth, Cut::new())) as Box<dyn DataSink>,
+            Box::new(move || {
+                let _ = abort.shutdown(std::net::Shutdown::Both);
+            }) as Abort,
+        ))
+    }
+}
+
+/// Accepts page channel connections on `l` (a source that announced page channels and does
+/// not connect them within 30 s fails the migration, naming the wait), for
+/// [`Destination::receive_channels`].
+fn tcp_accept_page_channels(
+    l: &TcpListener,
+) -> impl FnMut() -> std::io::Result<(Box<dyn std::io::Read + Send>, Abort)> + '_ {
+    move || {
+        l.set_nonblocking(true)?;
+        let t0 = std::time::Instant::now();
+        let (s, _) = loop {
+            match l.accept() {
+                Ok(c) => break c,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if t0.elapsed() > Duration::from_secs(30) {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "no page channel connected within 30 s",
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        l.set_nonblocking(false)?;
+        s.set_nonblocking(false)?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(Duration::from_secs(120)))?;
+        let abort = s.try_clone()?;
+        Ok((
+            Box::new(s) as Box<dyn std::io::Read + Send>,
+            Box::new(move || {
+                let _ = abort.shutdown(std::net::Shutdown::Both);
+            }) as Abort,
+        ))
     }
 }
 
@@ -396,7 +460,17 @@ fn simulate(sim: &SimArgs, mig: &MigArgs, link: LinkConfig, json: bool) -> Resul
     }
     // Let the guest run a moment so devices have work in flight.
     std::thread::sleep(Duration::from_millis(200));
-    let (r, d) = sim::migrate_local(&mut source, &mut dest, link, &Cut::new());
+    let (r, d) = if mig.channels >= 2 {
+        // The link's bandwidth shared by the page channels.
+        let page = LinkConfig {
+            bandwidth: link.bandwidth / u64::from(mig.channels),
+            ..link
+        };
+        let pages = vec![page; mig.channels as usize];
+        livemig::link::migrate_local_channels(&mut source, &mut dest, link, &pages, &Cut::new())
+    } else {
+        sim::migrate_local(&mut source, &mut dest, link, &Cut::new())
+    };
     pb.finish_and_clear();
     drop(src.workload);
     let report = match (r, d) {
@@ -460,8 +534,17 @@ fn receive_one(
         eprintln!("receiving {w}from {peer}");
     }
     let back = stream.try_clone()?;
-    dest.receive(stream, back)
-        .map_err(|e| anyhow::anyhow!("incoming migration failed: {}", e.chain()))
+    let abort = stream.try_clone()?;
+    // One connection, or the main one of several: the stream's first record says.
+    dest.receive_channels(
+        stream,
+        back,
+        Box::new(move || {
+            let _ = abort.shutdown(std::net::Shutdown::Both);
+        }),
+        &mut tcp_accept_page_channels(&l),
+    )
+    .map_err(|e| anyhow::anyhow!("incoming migration failed: {}", e.chain()))
 }
 
 /// `livemig simulate` with its defaults (where KVM is not usable, `vm demo` runs this).
@@ -478,6 +561,33 @@ fn simulate_default(json: bool) -> Result<()> {
         bail!("the simulate defaults did not parse as simulate");
     };
     simulate(&sim, &mig, LinkConfig { bandwidth, latency }, json)
+}
+
+/// A paced TCP connection as the main channel.
+struct PacedChannel {
+    data: Paced<TcpStream>,
+    back: TcpStream,
+    abort: TcpStream,
+}
+
+impl livemig::transport::Channel for PacedChannel {
+    type Data = Paced<TcpStream>;
+    type Back = TcpStream;
+    fn peer(&self) -> String {
+        self.back
+            .peer_addr()
+            .map_or_else(|e| format!("tcp (unknown: {e})"), |a| format!("tcp {a}"))
+    }
+    fn split(self) -> std::io::Result<(Self::Data, Self::Back, Abort)> {
+        let abort = self.abort;
+        Ok((
+            self.data,
+            self.back,
+            Box::new(move || {
+                let _ = abort.shutdown(std::net::Shutdown::Both);
+            }),
+        ))
+    }
 }
 
 #[derive(Serialize)]
@@ -500,7 +610,18 @@ fn migrate(to: &str, sim: &SimArgs, mig: &MigArgs, bandwidth: u64, json: bool) -
     let back = stream.try_clone()?;
     back.set_read_timeout(Some(Duration::from_secs(120)))?;
     std::thread::sleep(Duration::from_millis(200));
-    let r = source.migrate(Paced::new(stream, bandwidth, Cut::new()), back);
+    let r = if mig.channels >= 2 {
+        let page_bw = bandwidth / u64::from(mig.channels);
+        let abort = stream.try_clone()?;
+        let main = PacedChannel {
+            data: Paced::new(stream, bandwidth, Cut::new()),
+            back,
+            abort,
+        };
+        source.migrate_channels(main, &mut tcp_page_channels(to, page_bw))
+    } else {
+        source.migrate(Paced::new(stream, bandwidth, Cut::new()), back)
+    };
     pb.finish_and_clear();
     drop(src.workload);
     let report = r.map_err(|e| anyhow::anyhow!("migration failed: {}", e.chain()))?;

@@ -156,6 +156,10 @@ pub struct VmMigArgs {
     /// Never stop the VM longer than this (see `livemig simulate --help`).
     #[arg(long, value_parser = parse_duration)]
     hard_deadline: Option<Duration>,
+    /// Connections that carry pages: 1 (one connection carries everything) or 2 to 64 page
+    /// channels beside the main connection (QEMU's multifd layout).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    channels: u32,
 }
 
 impl VmMigArgs {
@@ -165,6 +169,7 @@ impl VmMigArgs {
             max_rounds: self.max_rounds,
             auto_converge: self.auto_converge.then(AutoConverge::default),
             hard_deadline: self.hard_deadline,
+            channels: self.channels,
             ..SourceConfig::default()
         }
     }
@@ -340,7 +345,7 @@ fn migrate(to: &str, vm: &VmArgs, mig: &VmMigArgs, json: bool) -> Result<Migrate
     let stream = TcpStream::connect(to).with_context(|| format!("connecting to {to}"))?;
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(Duration::from_secs(120)))?;
-    let r = source.migrate_over(TcpChannel(stream));
+    let r = source.migrate_channels(TcpChannel(stream), &mut crate::tcp_page_channels(to, 0));
     pb.finish_and_clear();
     let report = match r {
         Ok(r) => r,

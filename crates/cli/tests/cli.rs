@@ -48,9 +48,24 @@ fn spawn_incoming(
 
 #[test]
 fn two_processes_migrate_over_loopback_tcp() {
+    two_processes(&[]);
+}
+
+#[test]
+fn two_processes_migrate_over_three_page_channels() {
+    let s = two_processes(&["--channels", "3"]);
+    assert!(
+        s["report"]["timeline"].as_array().unwrap().len() >= 2,
+        "bytes against time are reported"
+    );
+}
+
+/// A migration between two processes; the source's JSON.
+fn two_processes(extra: &[&str]) -> serde_json::Value {
     let (dst, addr, _stderr) = spawn_incoming(&["--json"]);
     let src = Command::new(BIN)
         .args(["migrate", "--to", &addr, "--json"])
+        .args(extra)
         .args(SIM)
         .output()
         .unwrap();
@@ -70,6 +85,7 @@ fn two_processes_migrate_over_loopback_tcp() {
     );
     assert_eq!(s["digest"]["devices"].as_array().unwrap().len(), 3);
     assert!(!s["report"]["rounds"].as_array().unwrap().is_empty());
+    s
 }
 
 #[test]
@@ -191,4 +207,18 @@ fn bad_arguments_are_named() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("populated"));
+    for bad in ["0", "65"] {
+        let out = Command::new(BIN)
+            .args(["simulate", "--channels", bad])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            e.contains(&format!(
+                "invalid value '{bad}' for '--channels <CHANNELS>'"
+            )),
+            "{e}"
+        );
+    }
 }
