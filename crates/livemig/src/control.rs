@@ -9,6 +9,12 @@
 //!                                   RUNNING (16 bytes; an 8-byte payload from an older peer
 //!                                   carries the first field alone)
 //! type 4  Failed                   payload: UTF-8 error (phase and what)
+//! type 5  Capabilities             payload: u32 LE bits (CAP_*); sent before the compat
+//!                                   answer, and only to a source whose stream header says
+//!                                   minor >= 1 (older sources never see it)
+//! type 6  RoundAck                 payload: u32 LE round: every page and record of that
+//!                                   pre-copy round is applied (only after Capabilities with
+//!                                   CAP_ROUND_ACKS)
 //! ```
 //!
 //! Frames are validated before anything is allocated: magic, known type, length bound, exact
@@ -17,6 +23,11 @@
 use std::io::{self, Read, Write};
 
 const MAGIC: &[u8; 4] = b"LMRP";
+
+/// [`Message::Capabilities`] bit: the destination acknowledges each pre-copy round once it has
+/// applied all of it ([`Message::RoundAck`]), so the source can let data in flight land before
+/// it stops the VM.
+pub const CAP_ROUND_ACKS: u32 = 1;
 const MAX_PAYLOAD: u32 = 64 << 10;
 
 /// A return-path message.
@@ -36,6 +47,10 @@ pub enum Message {
     },
     /// The destination failed and discarded what it received.
     Failed(String),
+    /// What the destination offers beyond the base protocol (`CAP_*` bits).
+    Capabilities(u32),
+    /// The destination has applied every page and record of this pre-copy round.
+    RoundAck(u32),
 }
 
 impl Message {
@@ -50,6 +65,8 @@ impl Message {
                 (3, p)
             }
             Message::Failed(r) => (4, truncate(r)),
+            Message::Capabilities(bits) => (5, bits.to_le_bytes().to_vec()),
+            Message::RoundAck(round) => (6, round.to_le_bytes().to_vec()),
         };
         let mut frame = Vec::with_capacity(9 + payload.len());
         frame.extend_from_slice(MAGIC);
@@ -98,7 +115,15 @@ impl Message {
                 })
             }
             4 => Ok(Message::Failed(text(payload)?)),
-            1 | 3 => Err(bad(format!(
+            5 | 6 if len == 4 => {
+                let v = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                Ok(if ty == 5 {
+                    Message::Capabilities(v)
+                } else {
+                    Message::RoundAck(v)
+                })
+            }
+            1 | 3 | 5 | 6 => Err(bad(format!(
                 "return path: message type {ty} with a {len}-byte payload"
             ))),
             other => Err(bad(format!("return path: unknown message type {other}"))),
@@ -132,6 +157,8 @@ mod tests {
                 run_us: 56,
             },
             Message::Failed("resume: device 1".into()),
+            Message::Capabilities(CAP_ROUND_ACKS),
+            Message::RoundAck(7),
         ] {
             let mut b = Vec::new();
             m.write_to(&mut b).unwrap();
@@ -141,8 +168,8 @@ mod tests {
                 assert!(Message::read_from(&mut &b[..cut]).is_err());
             }
         }
-        let e = Message::read_from(&mut &b"LMRP\x07\0\0\0\0"[..]).unwrap_err();
-        assert!(e.to_string().contains("unknown message type 7"), "{e}");
+        let e = Message::read_from(&mut &b"LMRP\x09\0\0\0\0"[..]).unwrap_err();
+        assert!(e.to_string().contains("unknown message type 9"), "{e}");
         let e = Message::read_from(&mut &b"LMRP\x02\xff\xff\xff\xff"[..]).unwrap_err();
         assert!(e.to_string().contains("claims"), "{e}");
         let e = Message::read_from(&mut &b"XXXX\x01\0\0\0\0"[..]).unwrap_err();
@@ -155,6 +182,11 @@ mod tests {
                 run_us: 0
             },
             "an older peer's 8-byte Resumed"
+        );
+        let e = Message::read_from(&mut &b"LMRP\x06\x02\0\0\0\0\0"[..]).unwrap_err();
+        assert!(
+            e.to_string().contains("type 6 with a 2-byte payload"),
+            "{e}"
         );
         let e = Message::read_from(&mut &b"LMRP\x03\x01\0\0\0\0"[..]).unwrap_err();
         assert!(e.to_string().contains("1-byte payload"), "{e}");

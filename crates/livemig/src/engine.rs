@@ -8,7 +8,10 @@
 //!  start trackers, devices -> PRE_COPY                 devices -> RESUMING
 //!  round r: harvest (r = 1: all RAM), Pages/ZeroPages,
 //!           device PRE_COPY data, Round r ───────────> write pages, load device data
-//!  until remaining / bandwidth <= downtime limit (or round limit)
+//!                      <──────────── RoundAck r   (to a source whose stream is format 1.1+,
+//!                                                  after Capabilities before CompatOk)
+//!  until remaining / bandwidth <= downtime limit (or round limit);
+//!  wait for the last round's RoundAck (the data in flight lands while the VM runs)
 //!  pause vCPUs, P2P devices -> RUNNING_P2P | PRE_COPY_P2P
 //!  (all of them), then devices -> STOP_COPY, final harvest,
 //!  pages, device STOP_COPY data, End, close ─────────> End: devices RESUMING -> STOP (validate)
@@ -290,6 +293,10 @@ pub struct MigrationReport {
     pub dirty_rate: u64,
     /// Destination load time after End, microseconds.
     pub destination_load_us: u64,
+    /// Before stopping the VM, microseconds spent waiting for the destination to acknowledge
+    /// the last pre-copy round (data in flight landing while the VM still runs, instead of
+    /// during the downtime); 0 with a destination that does not acknowledge rounds.
+    pub drain_us: u64,
     /// Stream bytes sent over time: (microseconds since the migration began, bytes so far),
     /// a point at least every [`TIMELINE_STEP_US`] while data moves and at every round's end,
     /// for charts (bytes against time, QEMU's `query-migrate` polled the same way).
@@ -454,6 +461,8 @@ struct Attempt<W: Write> {
     dirty_high: u32,
     /// Bytes against time.
     progress: Progress,
+    /// The destination acknowledges rounds.
+    round_acks: bool,
 }
 
 impl<W: Write> Attempt<W> {
@@ -679,7 +688,7 @@ impl Source {
                     // A write that failed because the destination gave up: its reason is on
                     // the return path.
                     if let (Some(phase), Ok(Message::Failed(reason))) =
-                        (f.error.phase(), Message::read_from(&mut back))
+                        (f.error.phase(), read_past_acks(&mut back))
                     {
                         f.error = Error::Remote {
                             phase,
@@ -833,6 +842,13 @@ impl Source {
         }
         let precopy_us = precopy_t0.elapsed().as_micros().max(1) as u64;
         a.report.dirty_rate = dirty_reported * 1_000_000 / precopy_us;
+        if a.round_acks {
+            // Let the last round land while the VM still runs: what is in flight now would
+            // otherwise be part of the downtime.
+            let t = Instant::now();
+            self.wait_round_ack(back, round)?;
+            a.report.drain_us = t.elapsed().as_micros() as u64;
+        }
         let (down, r) = self.stop_and_copy(&mut a, round + 1)?;
         self.handover(a, back, down, r)
     }
@@ -865,6 +881,8 @@ impl Source {
         let opts = WriterOptions {
             checksums: self.cfg.checksums,
             producer: format!("livemig {}", env!("CARGO_PKG_VERSION")),
+            // Says this source reads round acknowledgements.
+            minor: livemig_stream::format::MINOR_ROUND_ACKS,
             ..WriterOptions::default()
         };
         let mut w = Writer::new(data, opts.clone()).map_err(serr(phase))?;
@@ -899,7 +917,13 @@ impl Source {
         }
         w.round(&Round::default()).map_err(serr(phase))?;
         w.flush().map_err(serr(phase))?;
-        match read_reply(back, phase)? {
+        let mut reply = read_reply(back, phase)?;
+        let mut round_acks = false;
+        if let Message::Capabilities(bits) = reply {
+            round_acks = bits & crate::control::CAP_ROUND_ACKS != 0;
+            reply = read_reply(back, phase)?;
+        }
+        match reply {
             Message::CompatOk => {}
             Message::CompatRefused(reason) => return Err(Error::Refused { phase, reason }.into()),
             Message::Failed(reason) => return Err(Error::Remote { phase, reason }.into()),
@@ -961,6 +985,7 @@ impl Source {
             bandwidth: 0,
             dirty_high: 0,
             progress: Progress::new(),
+            round_acks,
         })
     }
 
@@ -1229,7 +1254,7 @@ impl Source {
 
         let phase = Phase::Handover;
         self.enter(phase);
-        match Message::read_from(back) {
+        match read_past_acks(back) {
             Ok(Message::Resumed { load_us, run_us }) => {
                 report.downtime_us = down.elapsed().as_micros() as u64;
                 report.destination_load_us = load_us + run_us;
@@ -1277,6 +1302,26 @@ impl Source {
         self.emit(Event::Round(&r));
         report.stop_copy = r;
         Ok(report)
+    }
+
+    /// Reads the return path until the destination acknowledges `round` (older rounds'
+    /// acknowledgements are passed over).
+    fn wait_round_ack<R: Read>(&mut self, back: &mut R, round: u32) -> Result<()> {
+        let phase = Phase::PreCopy(round);
+        loop {
+            self.check_cancel()?;
+            match read_reply(back, phase)? {
+                Message::RoundAck(r) if r >= round => return Ok(()),
+                Message::RoundAck(_) => {}
+                Message::Failed(reason) => return Err(Error::Remote { phase, reason }),
+                other => {
+                    return Err(Error::Protocol {
+                        phase,
+                        reason: format!("expected a round acknowledgement, got {other:?}"),
+                    });
+                }
+            }
+        }
     }
 
     /// Abandons stop-and-copy (before End) once the hard deadline has passed.
@@ -1339,6 +1384,16 @@ fn dev_err(phase: Phase, i: usize, d: &dyn MigDevice, source: livemig_vfio::Erro
         index: i as u32,
         name: d.name().to_string(),
         source,
+    }
+}
+
+/// The next return-path message that is not a round acknowledgement.
+fn read_past_acks<R: Read>(back: &mut R) -> io::Result<Message> {
+    loop {
+        match Message::read_from(back)? {
+            Message::RoundAck(_) => {}
+            other => return Ok(other),
+        }
     }
 }
 
@@ -1587,6 +1642,31 @@ impl Gate {
         while st.generation == generation {
             if let Some(e) = Gate::stopped(&st, index, round) {
                 return Err(e);
+            }
+            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        Ok(())
+    }
+
+    /// Waits until every page channel has passed round `round`'s Sync (at once with the
+    /// barrier off: nothing to wait for).
+    fn reached(&self, round: u32) -> Result<()> {
+        let mut st = self.lock();
+        while !self.skip && st.generation < u64::from(round) {
+            if let Some(f) = st.failed {
+                return Err(Error::Cancelled {
+                    phase: Phase::Receive,
+                    reason: format!("stopped waiting for round {round}: channel {f} failed"),
+                });
+            }
+            if st.ended == self.channels {
+                return Err(Error::Protocol {
+                    phase: Phase::Receive,
+                    reason: format!(
+                        "the page channels ended before round {round} (the main channel's \
+                         rounds and theirs disagree)"
+                    ),
+                });
             }
             st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
         }
@@ -2026,6 +2106,17 @@ impl Destination {
             d.transition(MigrationState::Resuming)
                 .map_err(|source| dev_err(phase, i, &**d, source))?;
         }
+        // Only a source that said it reads them gets acknowledgements.
+        let round_acks = rd.header().minor >= livemig_stream::format::MINOR_ROUND_ACKS;
+        if round_acks {
+            Message::Capabilities(crate::control::CAP_ROUND_ACKS)
+                .write_to(back)
+                .map_err(|source| Error::Link {
+                    phase,
+                    what: "return path",
+                    source,
+                })?;
+        }
         Message::CompatOk
             .write_to(back)
             .map_err(|source| Error::Link {
@@ -2139,6 +2230,20 @@ impl Destination {
                             report.rounds += 1;
                             if let Some(h) = self.hook.as_mut() {
                                 h(DestinationEvent::Round(r.round));
+                            }
+                            if round_acks {
+                                // With page channels the round is applied once all of them
+                                // have passed its Sync.
+                                if multi.is_some() {
+                                    gate.reached(r.round)?;
+                                }
+                                Message::RoundAck(r.round)
+                                    .write_to(back)
+                                    .map_err(|source| Error::Link {
+                                        phase,
+                                        what: "return path",
+                                        source,
+                                    })?;
                             }
                         }
                         Some(Record::End(_)) => {

@@ -428,3 +428,97 @@ fn page_channels_that_do_not_belong_or_disagree_are_refused_by_name() {
         assert!(!written, "{what}: nothing may reach guest RAM");
     }
 }
+
+/// The return path's messages in `bytes`.
+fn messages(bytes: &[u8]) -> Vec<livemig::control::Message> {
+    let mut r = bytes;
+    let mut v = Vec::new();
+    while !r.is_empty() {
+        v.push(livemig::control::Message::read_from(&mut r).unwrap());
+    }
+    v
+}
+
+#[test]
+fn round_acks_go_only_to_a_source_that_reads_them() {
+    use livemig::control::{CAP_ROUND_ACKS, Message};
+    for minor in [0u16, 1] {
+        let mut w = livemig_stream::Writer::new(
+            Vec::new(),
+            livemig_stream::WriterOptions {
+                minor,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        w.round(&livemig_stream::Round::default()).unwrap();
+        w.round(&livemig_stream::Round {
+            round: 1,
+            ..Default::default()
+        })
+        .unwrap();
+        let stream = w.finish().unwrap();
+        let (_, _, _, dp) = platforms(0);
+        let mut back = Vec::new();
+        Destination::new(dp)
+            .receive(&stream[..], &mut back)
+            .unwrap();
+        let got = messages(&back);
+        if minor == 0 {
+            // An older source (format 1.0) gets the base protocol only.
+            assert!(
+                matches!(got[..], [Message::CompatOk, Message::Resumed { .. }]),
+                "{got:?}"
+            );
+        } else {
+            assert!(
+                matches!(
+                    got[..],
+                    [
+                        Message::Capabilities(CAP_ROUND_ACKS),
+                        Message::CompatOk,
+                        Message::RoundAck(1),
+                        Message::Resumed { .. }
+                    ]
+                ),
+                "{got:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_source_migrates_to_a_destination_that_does_not_acknowledge_rounds() {
+    use livemig::control::Message;
+    // An older destination: reads the stream, answers CompatOk after the compat section and
+    // Resumed after End, never a capability or an acknowledgement.
+    let (_, _, sp, _) = platforms(1);
+    let mut s = Source::new(sp, SourceConfig::default());
+    let (data_w, data_r) = livemig::link::pipe(fast(), Cut::new());
+    let (mut back_w, back_r) = livemig::link::pipe(fast(), Cut::new());
+    let r = std::thread::scope(|sc| {
+        sc.spawn(move || {
+            let mut rd = livemig_stream::Reader::new(data_r, Default::default()).unwrap();
+            while let Some(rec) = rd.next().unwrap() {
+                match rec {
+                    livemig_stream::Record::Round(r) if r.round == 0 => {
+                        Message::CompatOk.write_to(&mut back_w).unwrap()
+                    }
+                    livemig_stream::Record::End(_) => {
+                        Message::Resumed {
+                            load_us: 1,
+                            run_us: 1,
+                        }
+                        .write_to(&mut back_w)
+                        .unwrap();
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+        });
+        s.migrate(data_w, back_r)
+    });
+    let r = r.unwrap_or_else(|e| panic!("{}", e.chain()));
+    assert_eq!(r.drain_us, 0, "nothing to wait for");
+}

@@ -85,6 +85,8 @@ fn transfer(src: &[u8], dst: &mut [u8], checksums: bool) {
         producer: "bench".into(),
         detect_zero_pages: false,
         max_record: (CHUNK + 64) as u32,
+
+        ..WriterOptions::default()
     };
     let mut w = Writer::new(PipeWriter(pipe.clone()), opts).unwrap();
     let mut dec = None;

@@ -11,8 +11,12 @@ use crate::error::ErrorKind;
 pub const MAGIC: [u8; 8] = *b"LMIGSTRM";
 /// Format major version written and read.
 pub const VERSION_MAJOR: u16 = 1;
-/// Format minor version written.
+/// Format minor version written by default.
 pub const VERSION_MINOR: u16 = 0;
+/// A stream of this minor version or later comes from a source that reads round
+/// acknowledgements on its return path (the stream's records are those of 1.0, plus Channel
+/// and Sync where the migration uses page channels).
+pub const MINOR_ROUND_ACKS: u16 = 1;
 /// Stream header length.
 pub const HEADER_LEN: usize = 48;
 /// Record header length.

@@ -26,6 +26,11 @@ pub struct WriterOptions {
     pub detect_zero_pages: bool,
     /// Largest record body written; Pages and DeviceState data are split to fit.
     pub max_record: u32,
+    /// The minor version in the header ([`VERSION_MINOR`](crate::format::VERSION_MINOR), 0,
+    /// by default; a livemig source writes
+    /// [`MINOR_ROUND_ACKS`](crate::format::MINOR_ROUND_ACKS) to say it reads round
+    /// acknowledgements on its return path).
+    pub minor: u16,
 }
 
 impl Default for WriterOptions {
@@ -35,6 +40,7 @@ impl Default for WriterOptions {
             producer: format!("livemig {}", env!("CARGO_PKG_VERSION")),
             detect_zero_pages: true,
             max_record: 4 << 20,
+            minor: format::VERSION_MINOR,
         }
     }
 }
@@ -98,7 +104,9 @@ impl<W: Write> Writer<W> {
                 )),
             ));
         }
-        let header = StreamHeader::new(opts.checksums, &opts.producer).encode();
+        let mut header = StreamHeader::new(opts.checksums, &opts.producer);
+        header.minor = opts.minor;
+        let header = header.encode();
         w.write_all(&header)
             .map_err(|e| Error::at(0, None, ErrorKind::Io(e)))?;
         let mut digest = Crc32c::new();

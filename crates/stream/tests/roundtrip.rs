@@ -56,6 +56,8 @@ proptest! {
             producer: "roundtrip".into(),
             detect_zero_pages: zero,
             max_record,
+
+            ..WriterOptions::default()
         };
         let mut w = Writer::new(Vec::new(), opts).unwrap();
         for d in 0..3 {

@@ -11,6 +11,8 @@ pub fn v1_basic(checksums: bool) -> Vec<u8> {
         producer: "livemig golden v1".into(),
         detect_zero_pages: true,
         max_record: 16 << 10,
+
+        ..WriterOptions::default()
     };
     let mut w = Writer::new(Vec::new(), opts).unwrap();
     w.compat(&Compat {
@@ -71,6 +73,8 @@ pub fn v1_small(checksums: bool) -> Vec<u8> {
         producer: "livemig small".into(),
         detect_zero_pages: true,
         max_record: 1024,
+
+        ..WriterOptions::default()
     };
     let mut w = Writer::new(Vec::new(), opts).unwrap();
     w.compat(&Compat {
