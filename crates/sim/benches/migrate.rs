@@ -121,5 +121,125 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench);
+/// A quiet 2 GiB guest with 512 MiB of data (no devices, no dirtying).
+fn quiet_spec() -> SimSpec {
+    SimSpec {
+        vendor: Vendor::Amd,
+        ram: 2 << 30,
+        populated: 512 << 20,
+        qm_vfs: 0,
+        logging_devices: 0,
+        cpu_dirty_rate: 0,
+        dma_rate: 0,
+        ..SimSpec::default()
+    }
+}
+
+/// One migration of the quiet guest over loopback TCP with `channels` (1: one connection).
+fn migrate_tcp(channels: u32) -> (Duration, MigrationReport) {
+    use std::net::{TcpListener, TcpStream};
+    let s = quiet_spec();
+    let src = sim::source(&s, true).expect("source");
+    let dst = sim::destination(&s, true).expect("destination");
+    let cfg = SourceConfig {
+        channels,
+        ..SourceConfig::default()
+    };
+    let mut source = Source::new(src.platform, cfg);
+    let mut dest = Destination::new(dst.platform);
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("address");
+    let t = Instant::now();
+    let r = std::thread::scope(|sc| {
+        let d = sc.spawn(|| {
+            let (main, _) = l.accept().expect("accept");
+            let back = main.try_clone().expect("clone");
+            let abort = main.try_clone().expect("clone");
+            dest.receive_channels(
+                main,
+                back,
+                Box::new(move || {
+                    let _ = abort.shutdown(std::net::Shutdown::Both);
+                }),
+                &mut || {
+                    let (c, _) = l.accept()?;
+                    let a = c.try_clone()?;
+                    Ok((
+                        Box::new(c) as Box<dyn std::io::Read + Send>,
+                        Box::new(move || {
+                            let _ = a.shutdown(std::net::Shutdown::Both);
+                        }) as livemig::transport::Abort,
+                    ))
+                },
+            )
+        });
+        let main = TcpStream::connect(addr).expect("connect");
+        let r = source.migrate_channels(livemig::transport::TcpChannel(main), &mut |_| {
+            let c = TcpStream::connect(addr)?;
+            let a = c.try_clone()?;
+            Ok((
+                Box::new(c) as Box<dyn DataSink>,
+                Box::new(move || {
+                    let _ = a.shutdown(std::net::Shutdown::Both);
+                }) as livemig::transport::Abort,
+            ))
+        });
+        d.join().expect("destination thread").expect("destination");
+        r
+    });
+    let el = t.elapsed();
+    (el, r.expect("migration"))
+}
+
+/// The baseline: `bytes` through one loopback TCP connection.
+fn raw_tcp(bytes: u64) -> Duration {
+    use std::io::Read;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("address");
+    let t = Instant::now();
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            let (mut c, _) = l.accept().expect("accept");
+            let mut buf = vec![0u8; 1 << 20];
+            while c.read(&mut buf).expect("read") > 0 {}
+        });
+        let mut c = std::net::TcpStream::connect(addr).expect("connect");
+        let chunk = vec![0x5au8; 1 << 20];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            c.write_all(&chunk[..n]).expect("write");
+            left -= n as u64;
+        }
+    });
+    t.elapsed()
+}
+
+/// Page channels over loopback TCP: 1, 2 and 4, against one raw TCP stream of the same bytes.
+fn channels(c: &mut Criterion) {
+    let mut g = c.benchmark_group("channels_loopback_2GiB_512MiB_data");
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(20));
+    let bytes = Mutex::new(0u64);
+    for n in [1u32, 2, 4] {
+        g.bench_function(format!("{n}_channel(s)"), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let (el, r) = migrate_tcp(n);
+                    total += el;
+                    *bytes.lock().unwrap() = r.bytes;
+                }
+                total
+            })
+        });
+    }
+    let b = *bytes.lock().unwrap();
+    g.bench_function("baseline_raw_tcp_of_the_stream_bytes", |bch| {
+        bch.iter_custom(|iters| (0..iters).map(|_| raw_tcp(b)).sum())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench, channels);
 criterion_main!(benches);
