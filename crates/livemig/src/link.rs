@@ -89,22 +89,37 @@ impl Pacer {
     }
 
     /// Sleeps until `len` more bytes have left at the configured rate; returns when they have.
+    ///
+    /// A link that fell behind its schedule by up to [`PACE_CREDIT`] (a sleep that overslept,
+    /// a writer that paused) catches up before the schedule restarts from now, and the writer
+    /// sleeps only once it is [`PACE_SLACK`] ahead: sleeping for every 64 KiB burst (52 µs at
+    /// 10 Gbit/s) would lose the scheduler's oversleep each time and hold a 10 Gbit/s link to
+    /// a fraction of its rate.
     fn pace(&mut self, len: usize) -> Instant {
         let now = Instant::now();
         if self.bandwidth == 0 {
             return now;
         }
-        let start = self.free_at.max(now);
+        let start = if self.free_at + PACE_CREDIT < now {
+            now
+        } else {
+            self.free_at
+        };
         let nanos =
             (len as u128 * 1_000_000_000 / u128::from(self.bandwidth)).min(u128::from(u64::MAX));
         self.free_at = start + Duration::from_nanos(nanos as u64);
         let now = Instant::now();
-        if self.free_at > now {
+        if self.free_at > now + PACE_SLACK {
             std::thread::sleep(self.free_at - now);
         }
         self.free_at
     }
 }
+
+/// How far behind its schedule a paced link may catch up.
+const PACE_CREDIT: Duration = Duration::from_millis(5);
+/// How far ahead of its schedule a paced writer runs before it sleeps.
+const PACE_SLACK: Duration = Duration::from_millis(1);
 
 enum Frame {
     Data(Instant, Vec<u8>),

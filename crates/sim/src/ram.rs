@@ -118,11 +118,54 @@ impl SparseRam {
         }
     }
 
+    /// Calls `f(chunk, first_word, range)` for each chunk piece of a word-aligned
+    /// `[gpa, gpa + len)`, `range` being the piece's byte range within `[0, len)`; `chunk` is
+    /// `None` for an unallocated chunk unless `alloc`. The fast path of page-sized accesses.
+    fn for_chunks(
+        &self,
+        gpa: u64,
+        len: u64,
+        alloc: bool,
+        mut f: impl FnMut(Option<&[AtomicU64]>, usize, std::ops::Range<usize>),
+    ) {
+        let mut at = gpa;
+        let end = gpa + len;
+        while at < end {
+            let ci = (at / CHUNK) as usize;
+            let piece_end = end.min((at / CHUNK + 1) * CHUNK);
+            let slot = &self.chunks[ci];
+            let chunk = if alloc {
+                Some(&slot.get_or_init(zeroed_chunk)[..])
+            } else {
+                slot.get().map(|c| &c[..])
+            };
+            f(
+                chunk,
+                ((at % CHUNK) / 8) as usize,
+                (at - gpa) as usize..(piece_end - gpa) as usize,
+            );
+            at = piece_end;
+        }
+    }
+
     /// Writes without logging (device DMA, the destination loading pages).
     pub fn write_raw(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
         self.check(gpa, data.len() as u64)?;
         let all_zero = data.iter().all(|&b| b == 0);
         if all_zero && self.known_zero(gpa, data.len() as u64) {
+            return Ok(());
+        }
+        if gpa % 8 == 0 && data.len() % 8 == 0 {
+            // Whole words: one store each.
+            self.for_chunks(gpa, data.len() as u64, true, |c, first, range| {
+                let c = c.expect("allocated");
+                for (w, b) in c[first..].iter().zip(data[range].chunks_exact(8)) {
+                    w.store(
+                        u64::from_le_bytes(b.try_into().expect("8 bytes")),
+                        Ordering::Relaxed,
+                    );
+                }
+            });
             return Ok(());
         }
         self.for_words(gpa, data.len() as u64, true, |w, off, n, pos| {
@@ -234,6 +277,21 @@ impl GuestMemory for SparseRam {
 
     fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
         self.check(gpa, buf.len() as u64)?;
+        if gpa % 8 == 0 && buf.len() % 8 == 0 {
+            // Whole words: one load each; a chunk never written reads as zero.
+            self.for_chunks(gpa, buf.len() as u64, false, |c, first, range| {
+                let out = &mut buf[range];
+                match c {
+                    None => out.fill(0),
+                    Some(c) => {
+                        for (w, o) in c[first..].iter().zip(out.chunks_exact_mut(8)) {
+                            o.copy_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
+                        }
+                    }
+                }
+            });
+            return Ok(());
+        }
         self.for_words(gpa, buf.len() as u64, false, |w, off, n, pos| {
             let v = w.map_or(0, |w| w.load(Ordering::Relaxed)).to_le_bytes();
             buf[pos..pos + n].copy_from_slice(&v[off..off + n]);
