@@ -12,9 +12,11 @@
 //! type 5  Capabilities             payload: u32 LE bits (CAP_*); sent before the compat
 //!                                   answer, and only to a source whose stream header says
 //!                                   minor >= 1 (older sources never see it)
-//! type 6  RoundAck                 payload: u32 LE round: every page and record of that
-//!                                   pre-copy round is applied (only after Capabilities with
-//!                                   CAP_ROUND_ACKS)
+//! type 6  RoundAck                 payload: u32 LE round, u32 reserved (0), u64 LE
+//!                                   microseconds the destination's devices spent loading that
+//!                                   round's state, u64 LE bytes they loaded (24 bytes): every
+//!                                   page and record of the round is applied (only after
+//!                                   Capabilities with CAP_ROUND_ACKS)
 //! ```
 //!
 //! Frames are validated before anything is allocated: magic, known type, length bound, exact
@@ -50,7 +52,14 @@ pub enum Message {
     /// What the destination offers beyond the base protocol (`CAP_*` bits).
     Capabilities(u32),
     /// The destination has applied every page and record of this pre-copy round.
-    RoundAck(u32),
+    RoundAck {
+        /// The round.
+        round: u32,
+        /// Microseconds its devices spent loading the round's device state.
+        device_load_us: u64,
+        /// Device state bytes they loaded in the round.
+        device_bytes: u64,
+    },
 }
 
 impl Message {
@@ -66,7 +75,17 @@ impl Message {
             }
             Message::Failed(r) => (4, truncate(r)),
             Message::Capabilities(bits) => (5, bits.to_le_bytes().to_vec()),
-            Message::RoundAck(round) => (6, round.to_le_bytes().to_vec()),
+            Message::RoundAck {
+                round,
+                device_load_us,
+                device_bytes,
+            } => {
+                let mut p = round.to_le_bytes().to_vec();
+                p.extend_from_slice(&[0; 4]);
+                p.extend_from_slice(&device_load_us.to_le_bytes());
+                p.extend_from_slice(&device_bytes.to_le_bytes());
+                (6, p)
+            }
         };
         let mut frame = Vec::with_capacity(9 + payload.len());
         frame.extend_from_slice(MAGIC);
@@ -115,12 +134,22 @@ impl Message {
                 })
             }
             4 => Ok(Message::Failed(text(payload)?)),
-            5 | 6 if len == 4 => {
-                let v = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
-                Ok(if ty == 5 {
-                    Message::Capabilities(v)
-                } else {
-                    Message::RoundAck(v)
+            5 if len == 4 => Ok(Message::Capabilities(u32::from_le_bytes([
+                payload[0], payload[1], payload[2], payload[3],
+            ]))),
+            6 if len == 24 => {
+                if payload[4..8] != [0; 4] {
+                    return Err(bad(
+                        "return path: RoundAck reserved bytes are not zero".into()
+                    ));
+                }
+                let u64_at = |at: usize| {
+                    u64::from_le_bytes(payload[at..at + 8].try_into().expect("8 bytes"))
+                };
+                Ok(Message::RoundAck {
+                    round: u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]),
+                    device_load_us: u64_at(8),
+                    device_bytes: u64_at(16),
                 })
             }
             1 | 3 | 5 | 6 => Err(bad(format!(
@@ -158,7 +187,11 @@ mod tests {
             },
             Message::Failed("resume: device 1".into()),
             Message::Capabilities(CAP_ROUND_ACKS),
-            Message::RoundAck(7),
+            Message::RoundAck {
+                round: 7,
+                device_load_us: 1500,
+                device_bytes: 1 << 20,
+            },
         ] {
             let mut b = Vec::new();
             m.write_to(&mut b).unwrap();

@@ -245,6 +245,8 @@ pub struct RoundReport {
     pub remaining_estimate: u64,
     /// The vCPU throttle in force during the round (percent).
     pub throttle_percent: u8,
+    /// The devices' part of `remaining_estimate` (pending PRE_COPY data and STOP_COPY state).
+    pub device_estimate: u64,
 }
 
 /// Where the downtime went, measured (microseconds). The source's vCPUs stop at the start of
@@ -463,6 +465,19 @@ struct Attempt<W: Write> {
     progress: Progress,
     /// The destination acknowledges rounds.
     round_acks: bool,
+    /// The last round the destination acknowledged.
+    acked: u32,
+    /// The destination's device loads so far, from its acknowledgements: microseconds, bytes.
+    dest_load: (u64, u64),
+}
+
+impl<W: Write> Attempt<W> {
+    /// How long the destination's devices would take to load `bytes` of device state, at the
+    /// rate they loaded pre-copy state; `None` before they loaded any.
+    fn device_load_estimate_us(&self, bytes: u64) -> Option<u64> {
+        let (us, loaded) = self.dest_load;
+        (loaded > 0).then(|| (u128::from(bytes) * u128::from(us) / u128::from(loaded)) as u64)
+    }
 }
 
 impl<W: Write> Attempt<W> {
@@ -816,10 +831,39 @@ impl Source {
             let remaining = r.remaining_estimate;
             self.emit(Event::Round(&r));
             let sent = r.bytes;
+            let device_estimate = r.device_estimate;
             a.report.rounds.push(r);
+            let mut load_note = String::new();
             if remaining <= budget {
-                a.report.converged = true;
-                break;
+                if !a.round_acks {
+                    a.report.converged = true;
+                    break;
+                }
+                // The data in flight lands while the VM still runs; the acknowledgements say
+                // how fast the destination's devices load their state, and the STOP_COPY
+                // state must load within the limit too (QEMU's estimate leaves that out).
+                let t = Instant::now();
+                self.wait_round_ack(back, &mut a, round)?;
+                a.report.drain_us += t.elapsed().as_micros() as u64;
+                let send_us =
+                    (u128::from(remaining) * 1_000_000 / u128::from(a.bandwidth.max(1))) as u64;
+                let limit_us = self.cfg.downtime_limit.as_micros() as u64;
+                match a.device_load_estimate_us(device_estimate) {
+                    Some(load_us) if send_us.saturating_add(load_us) > limit_us => {
+                        load_note = format!(
+                            "; the destination's devices would take about {} ms to load the \
+                             remaining {device_estimate} bytes of device state (they loaded \
+                             {} bytes in {} ms during pre-copy)",
+                            load_us / 1000,
+                            a.dest_load.1,
+                            a.dest_load.0 / 1000
+                        );
+                    }
+                    _ => {
+                        a.report.converged = true;
+                        break;
+                    }
+                }
             }
             if round >= self.cfg.max_rounds {
                 let precopy_us = precopy_t0.elapsed().as_micros().max(1) as u64;
@@ -827,7 +871,7 @@ impl Source {
                 a.report.non_convergence = Some(format!(
                     "pre-copy did not converge in {round} round(s): the guest dirtied {rate} \
                      B/s against a link rate of {} B/s; {remaining} bytes were left against a \
-                     budget of {budget} for the {} ms downtime limit{}",
+                     budget of {budget} for the {} ms downtime limit{}{load_note}",
                     a.bandwidth,
                     self.cfg.downtime_limit.as_millis(),
                     if self.cfg.auto_converge.is_some() {
@@ -842,12 +886,12 @@ impl Source {
         }
         let precopy_us = precopy_t0.elapsed().as_micros().max(1) as u64;
         a.report.dirty_rate = dirty_reported * 1_000_000 / precopy_us;
-        if a.round_acks {
+        if a.round_acks && a.acked < round {
             // Let the last round land while the VM still runs: what is in flight now would
             // otherwise be part of the downtime.
             let t = Instant::now();
-            self.wait_round_ack(back, round)?;
-            a.report.drain_us = t.elapsed().as_micros() as u64;
+            self.wait_round_ack(back, &mut a, round)?;
+            a.report.drain_us += t.elapsed().as_micros() as u64;
         }
         let (down, r) = self.stop_and_copy(&mut a, round + 1)?;
         self.handover(a, back, down, r)
@@ -986,6 +1030,8 @@ impl Source {
             dirty_high: 0,
             progress: Progress::new(),
             round_acks,
+            acked: 0,
+            dest_load: (0, 0),
         })
     }
 
@@ -1077,7 +1123,7 @@ impl Source {
 
         // The next round's pages, and what stop-and-copy would cost now.
         let found = self.harvest(&a.plan, &mut a.dirty, phase)?;
-        let mut remaining = a.dirty.count() * PAGE_SIZE;
+        let mut device_estimate = 0u64;
         for (i, d) in self.platform.devices.iter_mut().enumerate() {
             let pending = if a.precopy[i] {
                 d.dev
@@ -1091,9 +1137,10 @@ impl Source {
                 .stop_copy_size()
                 .map_err(|source| dev_err(phase, i, &*d.dev, source))?;
             // Device-supplied sizes: saturate rather than wrap into a fake convergence.
-            remaining = remaining.saturating_add(pending).saturating_add(stop);
+            device_estimate = device_estimate.saturating_add(pending).saturating_add(stop);
         }
-        r.remaining_estimate = remaining;
+        r.device_estimate = device_estimate;
+        r.remaining_estimate = (a.dirty.count() * PAGE_SIZE).saturating_add(device_estimate);
         if let Some((guard, _)) = &self.platform.viommu {
             if let Some(c) = guard.cancelled() {
                 return Err(Error::Cancelled {
@@ -1140,16 +1187,29 @@ impl Source {
         if let Some(limit) = self.cfg.hard_deadline {
             // Will it fit? The last estimate at the measured rate.
             let left = a.report.rounds.last().map_or(0, |r| r.remaining_estimate);
-            let need_us = (left as u128 * 1_000_000 / u128::from(a.bandwidth.max(1))) as u64;
+            let send_us = (left as u128 * 1_000_000 / u128::from(a.bandwidth.max(1))) as u64;
+            // And the destination's devices loading their state, at the rate they showed.
+            let device = a.report.rounds.last().map_or(0, |r| r.device_estimate);
+            let load_us = a.device_load_estimate_us(device).unwrap_or(0);
+            let need_us = send_us.saturating_add(load_us);
             if need_us > limit.as_micros() as u64 {
                 return Err(Error::Deadline {
                     phase,
                     reason: format!(
-                        "stop-and-copy would take about {} ms ({left} bytes at {} B/s), over the \
-                         hard deadline of {} ms; not stopping the VM",
-                        need_us / 1000,
+                        "stop-and-copy would take about {:.1} ms ({left} bytes at {} B/s{}), \
+                         over the hard deadline of {} ms; not stopping the VM",
+                        need_us as f64 / 1000.0,
                         a.bandwidth,
-                        limit.as_millis()
+                        if load_us > 0 {
+                            format!(
+                                ", and {:.1} ms for the destination's devices to load {device} \
+                                 bytes",
+                                load_us as f64 / 1000.0
+                            )
+                        } else {
+                            String::new()
+                        },
+                        limit.as_secs_f64() * 1000.0
                     ),
                 });
             }
@@ -1304,15 +1364,37 @@ impl Source {
         Ok(report)
     }
 
-    /// Reads the return path until the destination acknowledges `round` (older rounds'
-    /// acknowledgements are passed over).
-    fn wait_round_ack<R: Read>(&mut self, back: &mut R, round: u32) -> Result<()> {
+    /// Reads the return path until the destination acknowledges `round`, adding up what
+    /// every acknowledgement says of the destination's device loads.
+    fn wait_round_ack<R: Read, W: Write>(
+        &mut self,
+        back: &mut R,
+        a: &mut Attempt<W>,
+        round: u32,
+    ) -> Result<()> {
         let phase = Phase::PreCopy(round);
-        loop {
+        while a.acked < round {
             self.check_cancel()?;
             match read_reply(back, phase)? {
-                Message::RoundAck(r) if r >= round => return Ok(()),
-                Message::RoundAck(_) => {}
+                Message::RoundAck {
+                    round: r,
+                    device_load_us,
+                    device_bytes,
+                } if r > a.acked && r <= round => {
+                    a.acked = r;
+                    a.dest_load.0 = a.dest_load.0.saturating_add(device_load_us);
+                    a.dest_load.1 = a.dest_load.1.saturating_add(device_bytes);
+                }
+                Message::RoundAck { round: r, .. } => {
+                    return Err(Error::Protocol {
+                        phase,
+                        reason: format!(
+                            "the destination acknowledged round {r} after round {} (waiting \
+                             for round {round})",
+                            a.acked
+                        ),
+                    });
+                }
                 Message::Failed(reason) => return Err(Error::Remote { phase, reason }),
                 other => {
                     return Err(Error::Protocol {
@@ -1322,6 +1404,7 @@ impl Source {
                 }
             }
         }
+        Ok(())
     }
 
     /// Abandons stop-and-copy (before End) once the hard deadline has passed.
@@ -1330,10 +1413,10 @@ impl Source {
             Some(limit) if down.elapsed() > limit => Err(Error::Deadline {
                 phase,
                 reason: format!(
-                    "stop-and-copy passed the hard deadline of {} ms after {} ms with the \
+                    "stop-and-copy passed the hard deadline of {} ms after {:.1} ms with the \
                      stream not yet ended; the source runs again",
-                    limit.as_millis(),
-                    down.elapsed().as_millis()
+                    limit.as_secs_f64() * 1000.0,
+                    down.elapsed().as_secs_f64() * 1000.0
                 ),
             }),
             _ => Ok(()),
@@ -1391,7 +1474,7 @@ fn dev_err(phase: Phase, i: usize, d: &dyn MigDevice, source: livemig_vfio::Erro
 fn read_past_acks<R: Read>(back: &mut R) -> io::Result<Message> {
     loop {
         match Message::read_from(back)? {
-            Message::RoundAck(_) => {}
+            Message::RoundAck { .. } => {}
             other => return Ok(other),
         }
     }
@@ -1902,6 +1985,8 @@ pub struct Destination {
     hook: Option<DestinationHook>,
     /// Test hook: page channels do not wait for each other at a round's end.
     skip_round_barrier: bool,
+    /// Test hook: no round acknowledgements, as a destination from before them.
+    no_round_acks: bool,
 }
 
 impl std::fmt::Debug for Destination {
@@ -1920,6 +2005,7 @@ impl Destination {
             limits: Limits::default(),
             hook: None,
             skip_round_barrier: false,
+            no_round_acks: false,
         }
     }
 
@@ -1950,6 +2036,13 @@ impl Destination {
     #[doc(hidden)]
     pub fn x_skip_round_barrier(&mut self, skip: bool) {
         self.skip_round_barrier = skip;
+    }
+
+    /// For negative controls only: behave as a destination from before round
+    /// acknowledgements (never offer them).
+    #[doc(hidden)]
+    pub fn x_no_round_acks(&mut self, off: bool) {
+        self.no_round_acks = off;
     }
 
     /// Receives a migration from `data`, answering on `back`. On failure the devices are reset
@@ -2107,7 +2200,8 @@ impl Destination {
                 .map_err(|source| dev_err(phase, i, &**d, source))?;
         }
         // Only a source that said it reads them gets acknowledgements.
-        let round_acks = rd.header().minor >= livemig_stream::format::MINOR_ROUND_ACKS;
+        let round_acks =
+            rd.header().minor >= livemig_stream::format::MINOR_ROUND_ACKS && !self.no_round_acks;
         if round_acks {
             Message::Capabilities(crate::control::CAP_ROUND_ACKS)
                 .write_to(back)
@@ -2183,6 +2277,8 @@ impl Destination {
                 .collect();
             let main_result = (|| -> Result<Instant> {
                 let end_at;
+                // This round's device loads: microseconds, bytes (for the acknowledgement).
+                let mut round_load = (0u64, 0u64);
                 loop {
                     let rec = rd.next().map_err(serr(phase))?;
                     match rec {
@@ -2222,8 +2318,11 @@ impl Destination {
                                 }
                                 stop_copy_seen[i] = true;
                             }
+                            let t = Instant::now();
                             d.load(s.data)
                                 .map_err(|source| dev_err(phase, i, &**d, source))?;
+                            round_load.0 += t.elapsed().as_micros() as u64;
+                            round_load.1 += s.data.len() as u64;
                             report.device_bytes[i] += s.data.len() as u64;
                         }
                         Some(Record::Round(r)) => {
@@ -2237,13 +2336,19 @@ impl Destination {
                                 if multi.is_some() {
                                     gate.reached(r.round)?;
                                 }
-                                Message::RoundAck(r.round)
-                                    .write_to(back)
-                                    .map_err(|source| Error::Link {
-                                        phase,
-                                        what: "return path",
-                                        source,
-                                    })?;
+                                let (device_load_us, device_bytes) =
+                                    std::mem::take(&mut round_load);
+                                Message::RoundAck {
+                                    round: r.round,
+                                    device_load_us,
+                                    device_bytes,
+                                }
+                                .write_to(back)
+                                .map_err(|source| Error::Link {
+                                    phase,
+                                    what: "return path",
+                                    source,
+                                })?;
                             }
                         }
                         Some(Record::End(_)) => {

@@ -477,7 +477,7 @@ fn round_acks_go_only_to_a_source_that_reads_them() {
                     [
                         Message::Capabilities(CAP_ROUND_ACKS),
                         Message::CompatOk,
-                        Message::RoundAck(1),
+                        Message::RoundAck { round: 1, .. },
                         Message::Resumed { .. }
                     ]
                 ),
