@@ -568,6 +568,28 @@ pub fn run_cases(r: &mut Runner) {
         Ok(())
     });
 
+    case(r, "e2e.migrate_mtty_mock_hwpt_two_page_channels", || {
+        // The same devices and trackers with pages spread over two page connections beside
+        // the main one; the vCPU stand-in and the mock device keep writing, so later rounds
+        // re-send pages on whichever channel the split gives them.
+        let p = pairs("mtty-2")?;
+        let run = run(
+            &p,
+            &Opts {
+                src: &["--channels", "2"],
+                cpu_rate: Some("4000"),
+                dma_rate: Some("2000"),
+                ..Opts::default()
+            },
+        )?;
+        verify_success(&p, &run)?;
+        let rounds = run.src["report"]["rounds"]
+            .as_array()
+            .map_or(0, Vec::len);
+        ensure!(rounds >= 1, "no pre-copy round reported: {}", run.context());
+        Ok(())
+    });
+
     case(r, "e2e.negative_control_dropped_hwpt_harvest", || {
         // Expected to fail the RAM comparison: the pages the mock device wrote in the last
         // round are found only by the HWPT harvest that is dropped.

@@ -67,6 +67,9 @@ pub enum HostCmd {
         /// Do not use device PRE_COPY.
         #[arg(long)]
         no_precopy: bool,
+        /// Connections that carry pages: 1, or 2 to 64 page channels beside the main one.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+        channels: u32,
         /// After a successful migration, save every (stopped) device's state once more
         /// (STOP → STOP_COPY, read, → STOP) and put it in the report.
         #[arg(long)]
@@ -261,6 +264,7 @@ pub fn run(cmd: HostCmd) -> Result<()> {
             downtime,
             max_rounds,
             no_precopy,
+            channels,
             save_again,
             events,
             faults,
@@ -270,6 +274,7 @@ pub fn run(cmd: HostCmd) -> Result<()> {
                 precopy: !no_precopy,
                 downtime_limit: downtime,
                 max_rounds,
+                channels,
                 ..SourceConfig::default()
             };
             migrate(&to, &host, &work, cfg, save_again, events, &faults)
@@ -449,7 +454,8 @@ fn migrate(
         let stream = TcpStream::connect(to).with_context(|| format!("connecting to {to}"))?;
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(Duration::from_secs(120)))?;
-        let result = source.migrate_over(TcpChannel(stream));
+        let result =
+            source.migrate_channels(TcpChannel(stream), &mut crate::tcp_page_channels(to, 0));
         let writes_then = workload.writes();
         out.cpu_writes = writes_then;
         match result {
@@ -650,16 +656,24 @@ fn incoming(listen: &str, args: &HostArgs, again: bool, faults: &DestFaults) -> 
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(Duration::from_secs(120)))?;
         let back = stream.try_clone()?;
+        let abort = stream.try_clone()?;
+        let abort: livemig::transport::Abort = Box::new(move || {
+            let _ = abort.shutdown(std::net::Shutdown::Both);
+        });
+        // One connection, or the main one of several: the stream's first record says.
+        let mut accept = crate::tcp_accept_page_channels(&l);
         let result = match faults.x_corrupt_stream_at {
-            Some(at) => dest.receive(
+            Some(at) => dest.receive_channels(
                 Corrupt {
                     inner: stream,
                     at,
                     pos: 0,
                 },
                 back,
+                abort,
+                &mut accept,
             ),
-            None => dest.receive(stream, back),
+            None => dest.receive_channels(stream, back, abort, &mut accept),
         };
         let ok = match result {
             Ok(r) => {

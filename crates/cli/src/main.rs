@@ -245,7 +245,7 @@ pub(crate) fn tcp_page_channels(
 /// Accepts page channel connections on `l` (a source that announced page channels and does
 /// not connect them within 30 s fails the migration, naming the wait), for
 /// [`Destination::receive_channels`].
-fn tcp_accept_page_channels(
+pub(crate) fn tcp_accept_page_channels(
     l: &TcpListener,
 ) -> impl FnMut() -> std::io::Result<(Box<dyn std::io::Read + Send>, Abort)> + '_ {
     move || {
