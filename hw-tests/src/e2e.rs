@@ -583,9 +583,7 @@ pub fn run_cases(r: &mut Runner) {
             },
         )?;
         verify_success(&p, &run)?;
-        let rounds = run.src["report"]["rounds"]
-            .as_array()
-            .map_or(0, Vec::len);
+        let rounds = run.src["report"]["rounds"].as_array().map_or(0, Vec::len);
         ensure!(rounds >= 1, "no pre-copy round reported: {}", run.context());
         Ok(())
     });

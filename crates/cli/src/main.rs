@@ -438,7 +438,10 @@ struct SimulateJson<'a> {
 
 fn simulate(sim: &SimArgs, mig: &MigArgs, link: LinkConfig, json: bool) -> Result<()> {
     let spec = sim.spec();
-    let cfg = mig.config();
+    let cfg = SourceConfig {
+        link_rate: (link.bandwidth > 0).then_some(link.bandwidth),
+        ..mig.config()
+    };
     let src = sim::source(&spec, cfg.precopy).map_err(anyhow::Error::msg)?;
     let dst = sim::destination(&spec, cfg.precopy).map_err(anyhow::Error::msg)?;
     let (host, dhost) = (src.host.clone(), dst.host.clone());
@@ -599,7 +602,10 @@ struct SideJson<T: Serialize> {
 
 fn migrate(to: &str, sim: &SimArgs, mig: &MigArgs, bandwidth: u64, json: bool) -> Result<()> {
     let spec = sim.spec();
-    let cfg = mig.config();
+    let cfg = SourceConfig {
+        link_rate: (bandwidth > 0).then_some(bandwidth),
+        ..mig.config()
+    };
     let src = sim::source(&spec, cfg.precopy).map_err(anyhow::Error::msg)?;
     let host = src.host.clone();
     let mut source = Source::new(src.platform, cfg);

@@ -171,6 +171,10 @@ pub struct SourceConfig {
     /// pages, each round's dirty pages split evenly over them (QEMU's multifd layout); see
     /// [`Source::migrate_channels`]. 0 is refused.
     pub channels: u32,
+    /// The link's rate in bytes/s when the caller knows it (a paced or simulated link). With a
+    /// hard deadline, a deadline shorter than the devices' STOP_COPY state takes at this rate
+    /// is refused before anything starts. `None`: measured as the migration goes.
+    pub link_rate: Option<u64>,
 }
 
 /// The most page channels a source opens or a destination accepts.
@@ -218,6 +222,7 @@ impl Default for SourceConfig {
             auto_converge: None,
             hard_deadline: None,
             channels: 1,
+            link_rate: None,
         }
     }
 }
@@ -586,6 +591,22 @@ impl Source {
                  page channels",
                 self.cfg.channels
             )));
+        }
+        if let (Some(deadline), Some(rate)) = (self.cfg.hard_deadline, self.cfg.link_rate) {
+            let mut state = 0u64;
+            for d in &self.platform.devices {
+                // Device-supplied: saturate rather than wrap.
+                state = state.saturating_add(d.dev.stop_copy_size().unwrap_or(0));
+            }
+            let need_us = (u128::from(state) * 1_000_000 / u128::from(rate.max(1))) as u64;
+            if need_us > deadline.as_micros() as u64 {
+                return Err(Error::Config(format!(
+                    "hard deadline {} ms: the devices' STOP_COPY state ({state} bytes) alone \
+                     takes {:.1} ms at the link's {rate} B/s",
+                    deadline.as_secs_f64() * 1000.0,
+                    need_us as f64 / 1000.0
+                )));
+            }
         }
         let plan = tracker::plan(self.cfg.tracking, &self.device_caps()).map_err(Error::Blocked)?;
         if plan.contains(&Chosen::Iommu) && self.platform.iommu.is_none() {

@@ -218,3 +218,43 @@ fn negative_control_without_acknowledgements_the_source_converges_and_overruns()
         r.downtime_us
     );
 }
+
+#[test]
+fn a_hard_deadline_shorter_than_the_device_state_at_a_known_link_rate_is_refused_up_front() {
+    let sp = SourcePlatform {
+        memory: Arc::new(Ram(Mutex::new(vec![1u8; 64 << 10]))),
+        devices: vec![SourceDevice {
+            dev: Box::new(Blob {
+                state: S::Running,
+                slow: false,
+            }),
+            iommu_dirty: Err("no DMA".into()),
+            dma_log: None,
+            does_dma: false,
+        }],
+        iommu: None,
+        cpu: Box::new(Quiet),
+        vcpus: Box::new(NoVcpus),
+        page_size_mask: 0x1000,
+        viommu: None,
+        dma_endpoints: Vec::new(),
+    };
+    // 1 MiB of STOP_COPY state at 10 MiB/s is 100 ms.
+    let s = Source::new(
+        sp,
+        SourceConfig {
+            hard_deadline: Some(Duration::from_millis(20)),
+            link_rate: Some(10 << 20),
+            ..SourceConfig::default()
+        },
+    );
+    let e = s.check().unwrap_err();
+    assert!(
+        matches!(e, livemig::Error::Config(_))
+            && e.to_string().contains(
+                "hard deadline 20 ms: the devices' STOP_COPY state (1048576 bytes) alone takes \
+                 100.0 ms"
+            ),
+        "{e}"
+    );
+}
