@@ -1,6 +1,7 @@
 //! `livemig`: probe a host, run a simulated migration, migrate between two processes, run and
 //! migrate the KVM test VM, inspect streams, and check compatibility.
 
+mod chart;
 mod host;
 mod probe;
 mod vm;
@@ -106,6 +107,17 @@ enum Cmd {
     /// dirty RAM.
     #[command(subcommand)]
     Host(host::HostCmd),
+    /// Draw migrations as an SVG chart (bytes sent against time, downtime by phase) from a
+    /// JSON list of traces (the format is described in the chart module; `cargo xtask
+    /// bench-peer` writes one).
+    Chart {
+        /// The traces (JSON).
+        #[arg(long)]
+        input: PathBuf,
+        /// The SVG file to write.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -201,6 +213,9 @@ struct MigArgs {
     /// over it, and abandoned (the source runs again) if it has not ended in time.
     #[arg(long, value_parser = parse_duration)]
     hard_deadline: Option<Duration>,
+    /// Also draw the migration (bytes sent against time, downtime by phase) as an SVG chart.
+    #[arg(long, value_name = "FILE")]
+    chart: Option<PathBuf>,
 }
 
 impl MigArgs {
@@ -430,6 +445,9 @@ fn simulate(sim: &SimArgs, mig: &MigArgs, link: LinkConfig, json: bool) -> Resul
             Err(e) => println!("VERIFICATION FAILED: {e}"),
         }
     }
+    if let Some(path) = &mig.chart {
+        chart::write_report(path, "livemig simulate", &report)?;
+    }
     if let Err(e) = verification {
         bail!("verification failed: {e}");
     }
@@ -504,6 +522,9 @@ fn migrate(to: &str, sim: &SimArgs, mig: &MigArgs, bandwidth: u64, json: bool) -
     pb.finish_and_clear();
     drop(src.workload);
     let report = r.map_err(|e| anyhow::anyhow!("migration failed: {}", e.chain()))?;
+    if let Some(path) = &mig.chart {
+        chart::write_report(path, &format!("livemig migrate --to {to}"), &report)?;
+    }
     let digest = host.digest();
     if json {
         println!(
@@ -708,6 +729,7 @@ fn main() -> Result<()> {
         Cmd::Inspect { file, json } => inspect(&file, json)?,
         Cmd::Vm(cmd) => vm::main(cmd)?,
         Cmd::Host(cmd) => host::run(cmd)?,
+        Cmd::Chart { input, output } => chart::run(&input, &output)?,
         Cmd::Compat(CompatCmd::Export {
             sim,
             no_precopy,
