@@ -1445,7 +1445,7 @@ fn help_has(livemig: &Path, sub: &[&str], flag: &str) -> bool {
 /// Runs the benchmark.
 pub fn bench_peer(o: &Options) -> Result<()> {
     o.check()?;
-    crate::apt::ensure_prerequisites()?;
+    crate::apt::ensure_qemu()?;
     std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
     let out = o.out.canonicalize()?;
     let logs = out.join("logs");
