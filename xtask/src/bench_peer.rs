@@ -188,6 +188,7 @@ pub fn parse_options(args: &[String]) -> Result<Options> {
             "--out" => o.out = value(&mut it, a)?.into(),
             "--smoke" => o.smoke = true,
             "--keep" => o.keep = true,
+            "--rig-binary" => o.rig_binary = true,
             other => bail!("bench-peer: unknown option {other:?}\n\n{}", crate::USAGE),
         }
     }
@@ -1855,7 +1856,8 @@ mod tests {
         let o = parse_options(&args("--sizes 4GiB,16GiB --channels 2 --reps 3")).unwrap();
         assert_eq!(o.sizes, [4 * GIB, 16 * GIB]);
         assert_eq!((o.channels, o.reps, o.nonzero, o.smoke), (2, 3, 25, false));
-        let s = parse_options(&args("--smoke --out /tmp/x --keep")).unwrap();
+        let s = parse_options(&args("--smoke --out /tmp/x --keep --rig-binary")).unwrap();
+        assert!(s.rig_binary);
         assert_eq!(
             (s.sizes.as_slice(), s.reps, s.running_mem),
             (&[64 * MIB][..], 1, 64 * MIB)

@@ -64,6 +64,7 @@ commands:
               --smoke            64 MiB image, 1 repetition, small running case
               --out DIR          output directory                       [target/bench-peer]
               --keep             keep the image files
+              --rig-binary       use the rig's static release livemig (as the CI step does)
 ";
 
 fn value<'a>(it: &mut impl Iterator<Item = &'a String>, flag: &str) -> Result<&'a String> {
@@ -235,8 +236,7 @@ fn ci_rest(step: &mut Step<'_>) -> Result<()> {
     // livemig against QEMU, small: both sides complete, the table and the chart are made. It
     // uses the static release `livemig` the rig step just built (no extra build).
     step("bench-peer-smoke", &mut || {
-        let mut o = bench_peer::parse_options(&["--smoke".to_string()])?;
-        o.rig_binary = true;
+        let mut o = bench_peer::parse_options(&["--smoke".into(), "--rig-binary".into()])?;
         o.out = rig::target_dir().join("bench-peer-smoke");
         bench_peer::bench_peer(&o)
     })?;
