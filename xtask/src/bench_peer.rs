@@ -1398,6 +1398,13 @@ fn machine() -> Value {
            "memory_gib": mem as f64 / (1 << 20) as f64, "qemu": qemu})
 }
 
+/// `/proc/loadavg`'s first three fields (other work on the machine shows here).
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
 fn mem_available() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -1455,6 +1462,7 @@ pub fn bench_peer(o: &Options) -> Result<()> {
     let tmp = std::env::temp_dir().join(format!("livemig-bench-peer-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
     let livemig = build_livemig(o)?;
+    let load_start = loadavg();
     let kvm = kvm_works();
     let accel = if kvm { "kvm" } else { "tcg" };
     let livemig_channels = (
@@ -1621,7 +1629,9 @@ pub fn bench_peer(o: &Options) -> Result<()> {
     }
     drop(files);
 
-    let m = machine();
+    let mut m = machine();
+    m["loadavg_start"] = json!(load_start);
+    m["loadavg_end"] = json!(loadavg());
     let settings = json!({
         "qemu_accel": accel,
         "qemu_machine": "q35, -cpu qemu64, -nodefaults",
@@ -1635,12 +1645,15 @@ pub fn bench_peer(o: &Options) -> Result<()> {
     let mut md = String::new();
     md += "## Peer benchmark: livemig against QEMU\n\n";
     md += &format!(
-        "Machine: {} ({} cores), kernel {}, {:.1} GiB RAM; {}.\n\n",
+        "Machine: {} ({} cores), kernel {}, {:.1} GiB RAM; {}; load average {} at the start, \
+         {} at the end.\n\n",
         m["cpu"].as_str().unwrap_or("?"),
         m["cores"],
         m["kernel"].as_str().unwrap_or("?"),
         m["memory_gib"].as_f64().unwrap_or(0.0),
-        m["qemu"].as_str().unwrap_or("?")
+        m["qemu"].as_str().unwrap_or("?"),
+        m["loadavg_start"].as_str().unwrap_or("?"),
+        m["loadavg_end"].as_str().unwrap_or("?")
     );
     md += &format!(
         "QEMU settings: `-accel {accel}`, q35, `max-bandwidth` {} GB/s, `downtime-limit` {} ms \
