@@ -1267,6 +1267,8 @@ struct Summary {
     dst_cpu_us: u64,
     /// The repetition whose total is the median (its timeline is drawn).
     typical: usize,
+    /// The repetition whose downtime is the median (its phases are drawn).
+    typical_downtime: usize,
 }
 
 fn summarize(runs: &[Measured]) -> Summary {
@@ -1277,12 +1279,19 @@ fn summarize(runs: &[Measured]) -> Summary {
         .enumerate()
         .min_by_key(|(_, r)| r.total_us.abs_diff(total))
         .map_or(0, |(i, _)| i);
+    let downtime = runs
+        .iter()
+        .all(|r| r.downtime_us.is_some())
+        .then(|| m(&|r| r.downtime_us.unwrap_or(0)));
+    let typical_downtime = runs
+        .iter()
+        .enumerate()
+        .min_by_key(|(_, r)| r.downtime_us.unwrap_or(0).abs_diff(downtime.unwrap_or(0)))
+        .map_or(0, |(i, _)| i);
     Summary {
         total_us: total,
-        downtime_us: runs
-            .iter()
-            .all(|r| r.downtime_us.is_some())
-            .then(|| m(&|r| r.downtime_us.unwrap_or(0))),
+        downtime_us: downtime,
+        typical_downtime,
         bytes: m(&|r| r.bytes),
         src_cpu_us: m(&|r| r.src_cpu_us),
         dst_cpu_us: m(&|r| r.dst_cpu_us),
@@ -1750,11 +1759,13 @@ pub fn bench_peer(o: &Options) -> Result<()> {
                 .runs
                 .iter()
                 .map(|(side, runs)| {
-                    let m = &runs[summarize(runs).typical];
+                    // The line of the repetition with the median total, the bar of the one with
+                    // the median downtime (the table's numbers).
+                    let s = summarize(runs);
                     json!({
                         "label": side.label(o.channels),
-                        "timeline": m.timeline,
-                        "downtime": m.phases.iter().map(|(p, us)| json!({"phase": p, "us": us})).collect::<Vec<_>>(),
+                        "timeline": runs[s.typical].timeline,
+                        "downtime": runs[s.typical_downtime].phases.iter().map(|(p, us)| json!({"phase": p, "us": us})).collect::<Vec<_>>(),
                     })
                 })
                 .collect();
@@ -2144,6 +2155,20 @@ mod tests {
             .collect();
         let s = summarize(&runs);
         assert_eq!((s.total_us, s.downtime_us, s.typical), (20, Some(2), 2));
+        assert_eq!(s.typical_downtime, 2);
+        let mixed: Vec<Measured> = [(10, 9), (20, 1), (30, 5)]
+            .iter()
+            .map(|&(t, d)| Measured {
+                total_us: t,
+                downtime_us: Some(d),
+                ..Measured::default()
+            })
+            .collect();
+        let s = summarize(&mixed);
+        assert_eq!(
+            (s.typical, s.typical_downtime, s.downtime_us),
+            (1, 2, Some(5))
+        );
         assert_eq!(ratio(3, 2), "1.50×");
         assert_eq!(ratio(3, 0), "–");
     }

@@ -360,7 +360,7 @@ fn draw_bars(p: &Panel, area: &DrawingArea<SVGBackend<'_>, Shift>) -> Result<()>
         .caption("downtime: vCPUs stop to run", ("sans-serif", 19))
         .margin(12)
         .x_label_area_size(44)
-        .y_label_area_size(110)
+        .y_label_area_size(130)
         .build_cartesian_2d(0f64..x_max, (0..traces.len()).into_segmented())
         .map_err(draw_err)?;
     chart
