@@ -811,6 +811,13 @@ fn deadline_for(mem: u64) -> Duration {
 }
 
 impl Ctx<'_> {
+    /// livemig's warm-up in the running case: one pass over the working set at the rate
+    /// (its first pass writes every page), then 500 ms.
+    fn running_warmup(&self) -> Duration {
+        let pass_ms = u64::from(self.o.running_pages) * 1000 / self.o.running_rate.max(1);
+        Duration::from_millis(pass_ms + 500)
+    }
+
     fn log(&mut self, what: &str) -> Result<File> {
         self.seq += 1;
         let p = self.logs.join(format!("{:03}-{what}.log", self.seq));
@@ -884,7 +891,8 @@ impl Ctx<'_> {
                     .args(["--paused", "--warmup=0s"]);
             }
             Kind::Running { .. } => {
-                src_cmd.arg("--warmup=500ms");
+                // As under QEMU: one whole pass over the working set, then 500 ms.
+                src_cmd.arg(format!("--warmup={}ms", self.running_warmup().as_millis()));
             }
         }
         let mut src = Proc::spawn("livemig vm migrate", &mut src_cmd)?;
@@ -1040,19 +1048,21 @@ impl Ctx<'_> {
                 q35_split(image.size)
             );
         } else {
-            // The guest started (its first console line) and warms up as livemig's does.
+            // The guest wrote its whole working set once (its console says so at the end of
+            // the first pass), then runs 500 ms more: the steady state livemig's warm-up
+            // reaches too (a pass at the rate, then 500 ms).
             let log = self.logs.join("guest-source.log");
-            let end = Instant::now() + Duration::from_secs(30);
+            let end = Instant::now() + Duration::from_secs(30) + self.running_warmup();
             while !std::fs::read_to_string(&log)
                 .unwrap_or_default()
-                .contains("cpu(s),")
+                .contains("wrote its working set once")
             {
                 ensure!(
                     Instant::now() < end,
-                    "the test guest did not start under QEMU within 30 s ({})",
+                    "the test guest did not write its working set under QEMU in time ({})",
                     log.display()
                 );
-                std::thread::sleep(Duration::from_millis(20));
+                std::thread::sleep(Duration::from_millis(10));
             }
             std::thread::sleep(Duration::from_millis(500));
         }
