@@ -731,23 +731,25 @@ fn is_migration(e: &QmpEvent, status: &str) -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Side {
     Livemig,
+    /// QEMU without multifd: the migration thread on one connection.
     Qemu1,
-    QemuMultifd,
+    /// QEMU with the `multifd` capability on this many channels.
+    QemuMultifd(u32),
 }
 
 impl Side {
-    fn label(self, channels: u32) -> String {
+    fn label(self) -> String {
         match self {
             Side::Livemig => "livemig".into(),
             Side::Qemu1 => "QEMU 1 channel".into(),
-            Side::QemuMultifd => format!("QEMU multifd {channels}"),
+            Side::QemuMultifd(n) => format!("QEMU multifd {n}"),
         }
     }
-    fn key(self) -> &'static str {
+    fn key(self) -> String {
         match self {
-            Side::Livemig => "livemig",
-            Side::Qemu1 => "qemu_1",
-            Side::QemuMultifd => "qemu_multifd",
+            Side::Livemig => "livemig".into(),
+            Side::Qemu1 => "qemu_1".into(),
+            Side::QemuMultifd(n) => format!("qemu_multifd_{n}"),
         }
     }
 }
@@ -1021,8 +1023,8 @@ impl Ctx<'_> {
         Ok(c)
     }
 
-    fn run_qemu(&mut self, case: &Case, multifd: bool) -> Result<Measured> {
-        let channels = self.o.channels;
+    /// QEMU on one channel (`multifd` None) or with multifd on that many channels.
+    fn run_qemu(&mut self, case: &Case, multifd: Option<u32>) -> Result<Measured> {
         let deadline = Instant::now() + deadline_for(case.mem());
         let (sq, dq) = (self.tmp.join("src.qmp"), self.tmp.join("dst.qmp"));
         let _ = (std::fs::remove_file(&sq), std::fs::remove_file(&dq));
@@ -1071,9 +1073,9 @@ impl Ctx<'_> {
                 "migrate-set-capabilities",
                 json!({"capabilities": [
                     {"capability": "events", "state": true},
-                    {"capability": "multifd", "state": multifd}]}),
+                    {"capability": "multifd", "state": multifd.is_some()}]}),
             )?;
-            if multifd {
+            if let Some(channels) = multifd {
                 q.execute(
                     "migrate-set-parameters",
                     json!({"multifd-channels": channels}),
@@ -1324,7 +1326,7 @@ struct CaseResult {
 }
 
 /// The Markdown table of one case.
-fn case_table(c: &CaseResult, channels: u32) -> String {
+fn case_table(c: &CaseResult) -> String {
     let mut t = String::new();
     let running = matches!(c.case.kind, Kind::Running { .. });
     t += &format!("### {}\n\n", c.case.name);
@@ -1338,7 +1340,7 @@ fn case_table(c: &CaseResult, channels: u32) -> String {
     for (side, s) in &sums {
         t += &format!(
             "| {} | {:.2} | {} | {:.1} | {:.2} | {:.2} |\n",
-            side.label(channels),
+            side.label(),
             s.total_us as f64 / 1e6,
             dt(s),
             s.bytes as f64 / MIB as f64,
@@ -1362,11 +1364,11 @@ fn case_table(c: &CaseResult, channels: u32) -> String {
         );
     }
     if let Some(l) = sums.get(&Side::Livemig) {
-        for q in [Side::Qemu1, Side::QemuMultifd] {
-            if let Some(s) = sums.get(&q) {
+        for (q, s) in sums.iter().filter(|(q, _)| **q != Side::Livemig) {
+            {
                 t += &format!(
                     "| livemig / {} | {} | {} | {} | {} | {} |\n",
-                    q.label(channels),
+                    q.label(),
                     ratio(l.total_us, s.total_us),
                     match (l.downtime_us, s.downtime_us) {
                         (Some(a), Some(b)) if running => ratio(a, b),
@@ -1558,11 +1560,15 @@ pub fn bench_peer(o: &Options) -> Result<()> {
             o.channels
         ));
     }
-    let sides: Vec<Side> = if kvm {
-        vec![Side::Livemig, Side::Qemu1, Side::QemuMultifd]
-    } else {
-        vec![Side::Qemu1, Side::QemuMultifd]
-    };
+    // QEMU on one channel, with multifd on --channels, and, where livemig runs fewer, with
+    // multifd on as many channels as livemig (the equal-channel comparison).
+    let mut sides: Vec<Side> = vec![Side::Qemu1, Side::QemuMultifd(o.channels)];
+    if kvm {
+        sides.insert(0, Side::Livemig);
+        if livemig_ch != o.channels {
+            sides.push(Side::QemuMultifd(livemig_ch));
+        }
+    }
 
     for &size in &o.sizes {
         let path = out.join(format!("image-{}.raw", size_name(size).replace(' ', "")));
@@ -1675,19 +1681,26 @@ pub fn bench_peer(o: &Options) -> Result<()> {
         m["loadavg_end"].as_str().unwrap_or("?")
     );
     md += &format!(
-        "QEMU settings: `-accel {accel}`, q35, `max-bandwidth` {} GB/s, `downtime-limit` {} ms \
-         (livemig `--downtime {}ms`), `multifd-channels` {} with the `multifd` capability on \
-         both sides, or plain single-channel migration; livemig {} channel(s). Medians of {} \
-         repetition(s); loopback TCP; every destination gets fresh anonymous memory.\n\n",
+        "QEMU settings: `-accel {accel}`, q35, `-cpu qemu64`, `max-bandwidth` {} GB/s, \
+         `downtime-limit` {} ms (livemig `--downtime {}ms`); plain single-channel migration, and \
+         the `multifd` capability on both sides with `multifd-channels` {}{} (zero pages \
+         detected in the multifd threads, 10.0's default). livemig: {} channel(s). Medians of \
+         {} repetition(s), the sides' order rotating; loopback TCP; every destination gets \
+         fresh anonymous memory.\n\n",
         QEMU_MAX_BANDWIDTH / 1_000_000_000,
         o.downtime_ms,
         o.downtime_ms,
         o.channels,
+        if sides.contains(&Side::QemuMultifd(livemig_ch)) && livemig_ch != o.channels {
+            format!(" and {livemig_ch} (livemig's count)")
+        } else {
+            String::new()
+        },
         livemig_ch,
         o.reps
     );
     for r in &results {
-        md += &case_table(r, o.channels);
+        md += &case_table(r);
         md += "\n";
     }
     md += "Total: migration start to the destination holding everything (QEMU: `migrate` sent to \
@@ -1716,9 +1729,9 @@ pub fn bench_peer(o: &Options) -> Result<()> {
                 .map(|(side, runs)| {
                     let s = summarize(runs);
                     (
-                        side.key().to_string(),
+                        side.key(),
                         json!({
-                            "label": side.label(o.channels),
+                            "label": side.label(),
                             "median": {"total_us": s.total_us, "downtime_us": s.downtime_us,
                                        "bytes": s.bytes, "source_cpu_us": s.src_cpu_us,
                                        "destination_cpu_us": s.dst_cpu_us},
@@ -1773,7 +1786,7 @@ pub fn bench_peer(o: &Options) -> Result<()> {
                     // the median downtime (the table's numbers).
                     let s = summarize(runs);
                     json!({
-                        "label": side.label(o.channels),
+                        "label": side.label(),
                         "timeline": runs[s.typical].timeline,
                         "downtime": runs[s.typical_downtime].phases.iter().map(|(p, us)| json!({"phase": p, "us": us})).collect::<Vec<_>>(),
                     })
@@ -1814,7 +1827,7 @@ pub fn bench_peer(o: &Options) -> Result<()> {
                 r.runs.get(s).is_some_and(|v| v.len() == o.reps as usize),
                 "{}: {} did not complete every repetition",
                 r.case.name,
-                s.label(o.channels)
+                s.label()
             );
         }
     }
@@ -1843,16 +1856,16 @@ fn run_sides(ctx: &mut Ctx<'_>, r: &mut CaseResult, sides: &[Side], rep: u32) ->
         let t = Instant::now();
         let m = match side {
             Side::Livemig => ctx.run_livemig(&r.case),
-            Side::Qemu1 => ctx.run_qemu(&r.case, false),
-            Side::QemuMultifd => ctx.run_qemu(&r.case, true),
+            Side::Qemu1 => ctx.run_qemu(&r.case, None),
+            Side::QemuMultifd(n) => ctx.run_qemu(&r.case, Some(n)),
         }
-        .with_context(|| format!("{}: {}", r.case.name, side.label(ctx.o.channels)))?;
+        .with_context(|| format!("{}: {}", r.case.name, side.label()))?;
         if let Kind::Paused { image } = &r.case.kind {
             ensure!(
                 m.bytes >= image.nonzero_bytes,
                 "{}: {} sent {} bytes, less than the image's {} non-zero bytes",
                 r.case.name,
-                side.label(ctx.o.channels),
+                side.label(),
                 m.bytes,
                 image.nonzero_bytes
             );
@@ -1861,7 +1874,7 @@ fn run_sides(ctx: &mut Ctx<'_>, r: &mut CaseResult, sides: &[Side], rep: u32) ->
             "bench-peer: {} rep {}: {}: total {:.2} s{}, {:.1} MiB, CPU {:.2} s + {:.2} s ({:.0} s wall)",
             r.case.name,
             rep + 1,
-            side.label(ctx.o.channels),
+            side.label(),
             m.total_us as f64 / 1e6,
             m.downtime_us.map_or(String::new(), |d| format!(
                 ", downtime {:.1} ms",
