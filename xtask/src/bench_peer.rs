@@ -1142,9 +1142,10 @@ impl Ctx<'_> {
         let bytes = last["ram"]["transferred"]
             .as_u64()
             .with_context(|| format!("query-migrate without ram.transferred: {last}"))?;
-        if timeline.last().map(|p| p.0) < Some(total_us) {
-            timeline.push((total_us, bytes));
-        }
+        // The line ends where the migration ended: the poll that saw `completed` may come
+        // after the destination's event.
+        timeline.retain(|p| p.0 < total_us);
+        timeline.push((total_us, bytes));
         let status = d.execute("query-status", json!({}))?;
         let (src_life, dst_life) = (proc_cpu_us(src.pid())?, proc_cpu_us(dst.pid())?);
         for q in [&mut s, &mut d] {
@@ -1811,7 +1812,9 @@ pub fn bench_peer(o: &Options) -> Result<()> {
                 })
                 .collect();
             if let (Some(l), Kind::Paused { image }) = (&r.limit, &r.case.kind) {
-                let us = median(l.iter().map(|x| x.tcp_us + x.read_us).collect());
+                // As the table: the median TCP time plus the median read time.
+                let us = median(l.iter().map(|x| x.tcp_us).collect())
+                    + median(l.iter().map(|x| x.read_us).collect());
                 traces.push(json!({"label": "physical limit", "timeline": [[0, 0], [us, image.nonzero_bytes]]}));
             }
             json!({"title": r.case.name, "traces": traces})
