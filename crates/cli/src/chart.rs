@@ -464,8 +464,8 @@ mod tests {
         let svg = render(&c).unwrap();
         assert!(svg.starts_with("<svg"), "{}", &svg[..80.min(svg.len())]);
         for text in [
-            "livemig: 0.03 s, 3.00 MiB",
-            "QEMU: 0.04 s, 3.05 MiB",
+            "livemig: 25.0 ms, 3.00 MiB",
+            "QEMU: 40.0 ms, 3.05 MiB",
             "in flight",
             "STOP to RESUME",
             "4.2 ms",
@@ -528,6 +528,16 @@ mod tests {
     }
 
     #[test]
+    fn durations_read_in_ms_below_a_second_and_in_s_above() {
+        assert_eq!(secs(2_500), "2.5 ms");
+        assert_eq!(secs(999_900), "999.9 ms");
+        assert_eq!(secs(1_000_000), "1.00 s");
+        assert_eq!(secs(4_350_000), "4.35 s");
+        assert_eq!(byte_unit(1 << 30).0, "GiB");
+        assert_eq!(byte_unit((1 << 30) - 1).0, "MiB");
+    }
+
+    #[test]
     fn a_report_becomes_one_panel_with_the_engines_phases() {
         let mut r = MigrationReport {
             total_us: 50_000,
@@ -545,6 +555,6 @@ mod tests {
         assert_eq!(ph.iter().map(|p| p.us).sum::<u64>(), 2_100);
         assert_eq!(ph[2].phase, "send");
         let svg = render(&c).unwrap();
-        assert!(svg.contains("2.1 ms") && svg.contains("livemig: 0.05 s, 7.00 MiB"));
+        assert!(svg.contains("2.1 ms") && svg.contains("livemig: 50.0 ms, 7.00 MiB"));
     }
 }
