@@ -98,6 +98,11 @@ pub fn missing() -> Vec<&'static Need> {
     NEEDS.iter().filter(|n| !present(n)).collect()
 }
 
+/// Only QEMU (the peer benchmark needs nothing else from the rig's list).
+pub fn ensure_qemu() -> Result<()> {
+    ensure(|n| n.package == "qemu-system-x86")
+}
+
 /// A Debian APT source, reduced to what a backports stanza copies.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Source {
@@ -247,7 +252,12 @@ fn run(cmd: &mut Command) -> Result<()> {
 /// Makes sure every need is met: installs missing packages when root, otherwise explains
 /// exactly what to install.
 pub fn ensure_prerequisites() -> Result<()> {
-    let missing = missing();
+    ensure(|_| true)
+}
+
+/// Makes sure the needs `pick` selects are met (see [`ensure_prerequisites`]).
+fn ensure(pick: impl Fn(&Need) -> bool) -> Result<()> {
+    let missing: Vec<&Need> = missing().into_iter().filter(|n| pick(n)).collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -267,7 +277,7 @@ pub fn ensure_prerequisites() -> Result<()> {
         .join(", ");
     if !is_root() {
         bail!(
-            "the rig needs {explain}.\nAs root, run:\n  apt-get install -y {}\n  apt-get install -y -t {codename}-backports {}\n(with a {codename}-backports APT source), or rerun this command as root to do it automatically.",
+            "this command needs {explain}.\nAs root, run:\n  apt-get install -y {}\n  apt-get install -y -t {codename}-backports {}\n(with a {codename}-backports APT source), or rerun this command as root to do it automatically.",
             plain.join(" "),
             backported.join(" ")
         );
@@ -312,7 +322,7 @@ pub fn ensure_prerequisites() -> Result<()> {
         .envs(env);
         run(&mut c)?;
     }
-    let still = self::missing();
+    let still: Vec<&Need> = self::missing().into_iter().filter(|n| pick(n)).collect();
     if !still.is_empty() {
         bail!(
             "still missing after installing: {}",

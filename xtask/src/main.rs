@@ -7,8 +7,12 @@
 //!   [--timeout SECS] [--filter SUBSTRING]` — the QEMU conformance rig.
 //! * `cargo xtask hw-test [--config FILE] [--dry-run] [--nested] [--filter SUBSTRING]` — the
 //!   hardware tests on a lab host.
+//! * `cargo xtask bench-peer [--sizes LIST] [--nonzero PCT] [--channels N] [--reps R]
+//!   [--downtime MS] [--smoke] [--out DIR] [--keep]` — livemig against QEMU 10.0 on this
+//!   machine (`bench_peer`).
 
 mod apt;
+mod bench_peer;
 mod cpio;
 mod deps;
 mod hwtest;
@@ -49,6 +53,18 @@ commands:
               --nested           boot an L1 guest with the configured VF assigned and run
                                  hw-tests inside it
               --filter TEXT      run only cases whose name contains TEXT
+  bench-peer  QEMU 10.0 and livemig migrate the same guest memory image over loopback TCP
+              (paused VM per size, a running test guest, the physical limit); writes
+              DIR/peer.md, DIR/peer.json, DIR/peer.svg
+              --sizes LIST       paused-case image sizes                [4GiB,16GiB]
+              --nonzero PCT      percent of the image that is non-zero  [25]
+              --channels N       QEMU multifd channels (livemig's too, if it has them) [2]
+              --reps R           repetitions; medians are reported      [3]
+              --downtime MS      downtime limit for both, ms            [300]
+              --smoke            64 MiB image, 1 repetition, small running case
+              --out DIR          output directory                       [target/bench-peer]
+              --keep             keep the image files
+              --rig-binary       use the rig's static release livemig (as the CI step does)
 ";
 
 fn value<'a>(it: &mut impl Iterator<Item = &'a String>, flag: &str) -> Result<&'a String> {
@@ -87,6 +103,10 @@ fn run() -> Result<()> {
                 }
             }
             hwtest::hw_test(&o)
+        }
+        "bench-peer" => {
+            let rest: Vec<String> = it.cloned().collect();
+            bench_peer::bench_peer(&bench_peer::parse_options(&rest)?)
         }
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
@@ -212,6 +232,13 @@ fn ci_rest(step: &mut Step<'_>) -> Result<()> {
     step("rig", &mut || {
         eprintln!("==> cargo xtask rig");
         rig::rig(&rig_options(&mut [].iter())?)
+    })?;
+    // livemig against QEMU, small: both sides complete, the table and the chart are made. It
+    // uses the static release `livemig` the rig step just built (no extra build).
+    step("bench-peer-smoke", &mut || {
+        let mut o = bench_peer::parse_options(&["--smoke".into(), "--rig-binary".into()])?;
+        o.out = rig::target_dir().join("bench-peer-smoke");
+        bench_peer::bench_peer(&o)
     })?;
     eprintln!("==> ci: all steps passed");
     Ok(())

@@ -1,6 +1,7 @@
 //! `livemig`: probe a host, run a simulated migration, migrate between two processes, run and
 //! migrate the KVM test VM, inspect streams, and check compatibility.
 
+mod chart;
 mod host;
 mod probe;
 mod vm;
@@ -107,6 +108,17 @@ enum Cmd {
     /// dirty RAM.
     #[command(subcommand)]
     Host(host::HostCmd),
+    /// Draw migrations as an SVG chart (bytes sent against time, downtime by phase) from a
+    /// JSON list of traces (the format is described in the chart module; `cargo xtask
+    /// bench-peer` writes one).
+    Chart {
+        /// The traces (JSON).
+        #[arg(long)]
+        input: PathBuf,
+        /// The SVG file to write.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -206,6 +218,9 @@ struct MigArgs {
     /// channels beside the main connection (QEMU's multifd layout).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     channels: u32,
+    /// Also draw the migration (bytes sent against time, downtime by phase) as an SVG chart.
+    #[arg(long, value_name = "FILE")]
+    chart: Option<PathBuf>,
 }
 
 impl MigArgs {
@@ -507,6 +522,9 @@ fn simulate(sim: &SimArgs, mig: &MigArgs, link: LinkConfig, json: bool) -> Resul
             Err(e) => println!("VERIFICATION FAILED: {e}"),
         }
     }
+    if let Some(path) = &mig.chart {
+        chart::write_report(path, "livemig simulate", &report)?;
+    }
     if let Err(e) = verification {
         bail!("verification failed: {e}");
     }
@@ -631,6 +649,9 @@ fn migrate(to: &str, sim: &SimArgs, mig: &MigArgs, bandwidth: u64, json: bool) -
     pb.finish_and_clear();
     drop(src.workload);
     let report = r.map_err(|e| anyhow::anyhow!("migration failed: {}", e.chain()))?;
+    if let Some(path) = &mig.chart {
+        chart::write_report(path, &format!("livemig migrate --to {to}"), &report)?;
+    }
     let digest = host.digest();
     if json {
         println!(
@@ -835,6 +856,7 @@ fn main() -> Result<()> {
         Cmd::Inspect { file, json } => inspect(&file, json)?,
         Cmd::Vm(cmd) => vm::main(cmd)?,
         Cmd::Host(cmd) => host::run(cmd)?,
+        Cmd::Chart { input, output } => chart::run(&input, &output)?,
         Cmd::Compat(CompatCmd::Export {
             sim,
             no_precopy,

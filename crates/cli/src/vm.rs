@@ -54,6 +54,9 @@ pub enum VmCmd {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Also draw the migration (bytes sent against time, downtime by phase) as an SVG chart.
+        #[arg(long, value_name = "FILE")]
+        chart: Option<std::path::PathBuf>,
     },
     /// Write the test guest's image (a flat multiboot image) for another VMM, e.g.
     /// `qemu-system-x86_64 -kernel FILE -append "cpus=1 pages=1024 period=0" -device
@@ -62,6 +65,18 @@ pub enum VmCmd {
         /// Where to write it.
         #[arg(short, long)]
         output: std::path::PathBuf,
+        /// Also print the `-append` value that runs the workload of `vm run --vcpus 1 --pages
+        /// PAGES --rate RATE` under QEMU with KVM (the guest paces itself in TSC ticks; the
+        /// period comes from this host's KVM TSC frequency, which QEMU's vCPUs share when no
+        /// `tsc-frequency` is set). QEMU's multiboot loader starts one vCPU only.
+        #[arg(long)]
+        print_append: bool,
+        /// Working-set pages for `--print-append`.
+        #[arg(long, default_value_t = 4096, requires = "print_append")]
+        pages: u32,
+        /// Pages per second for `--print-append` (0: as fast as it can).
+        #[arg(long, default_value_t = 20_000, requires = "print_append")]
+        rate: u64,
     },
     /// Both sides on this machine: a destination process, a running test VM migrated to it
     /// over loopback TCP, the guest's own verification on the destination.
@@ -103,6 +118,10 @@ pub struct VmArgs {
     /// with `memory-backend-file,share=on`, can map the same image).
     #[arg(long)]
     mem_file: Option<std::path::PathBuf>,
+    /// Boot the guest idle: its vCPUs start, report ready and then write nothing (only its
+    /// own boot wrote memory), as a benchmark's paused workload.
+    #[arg(long)]
+    idle: bool,
 }
 
 impl VmArgs {
@@ -123,19 +142,23 @@ impl VmArgs {
             },
             dirty: self.dirty,
             cpuid_clear: Vec::new(),
-            idle: false,
+            idle: self.idle,
         }
     }
 
     /// The same VM with the destination's flags (dirty logging is a source choice).
     fn to_flags(&self) -> Vec<String> {
-        vec![
+        let mut f = vec![
             format!("--vcpus={}", self.vcpus),
             format!("--pages={}", self.pages),
             format!("--rate={}", self.rate),
             format!("--ram={}", self.ram),
             format!("--high-ram={}", self.high_ram),
-        ]
+        ];
+        if self.idle {
+            f.push("--idle".into());
+        }
+        f
     }
 }
 
@@ -160,6 +183,10 @@ pub struct VmMigArgs {
     /// channels beside the main connection (QEMU's multifd layout).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     channels: u32,
+    /// Pause the VM after the warm-up and migrate it paused (as QEMU's `-S` or `stop`): its
+    /// vCPUs stay parked on the source throughout and start on the destination.
+    #[arg(long)]
+    paused: bool,
 }
 
 impl VmMigArgs {
@@ -272,9 +299,24 @@ fn run(vm: &VmArgs, time: Duration, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// CPU time (user + system) this process has used so far, microseconds.
+fn process_cpu_us() -> u64 {
+    // SAFETY: getrusage fills the zeroed struct it is given; RUSAGE_SELF is always valid.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    us(ru.ru_utime) + us(ru.ru_stime)
+}
+
 #[derive(Serialize)]
 struct IncomingJson {
     received: ReceiveReport,
+    /// CPU time this process used from listening to the migration's end (all threads, user +
+    /// system), microseconds.
+    cpu_us: u64,
     /// Steps per vCPU right after the destination started (the sequence continues).
     resumed_steps: Vec<u64>,
     verification: Verification,
@@ -285,16 +327,22 @@ fn incoming(listen: &str, vm: &VmArgs, json: bool) -> Result<()> {
     let t = TestVm::incoming(&vm.config()).map_err(|e| anyhow::anyhow!("{e}"))?;
     let dp = platform::destination(&t.vm, vec![], true).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut dest = Destination::new(dp);
+    let cpu0 = process_cpu_us();
     let received = crate::receive_one(
         listen,
         &mut dest,
         true,
         (!json).then_some("a running test VM "),
     )?;
-    // The vCPUs run from here: the guest carries on where the source stopped.
-    let resumed = t
-        .wait_progress(&vec![0; vm.vcpus as usize], Duration::from_secs(30))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cpu_us = process_cpu_us() - cpu0;
+    // The vCPUs run from here: the guest carries on where the source stopped (an idle guest
+    // makes no progress to wait for; its verification below shows it runs).
+    let resumed = if vm.idle {
+        t.monitor.steps()
+    } else {
+        t.wait_progress(&vec![0; vm.vcpus as usize], Duration::from_secs(30))
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+    };
     let v = verify(&t)?;
     let ok = v.ok;
     if json {
@@ -302,6 +350,7 @@ fn incoming(listen: &str, vm: &VmArgs, json: bool) -> Result<()> {
             "{}",
             serde_json::to_string_pretty(&IncomingJson {
                 received,
+                cpu_us,
                 resumed_steps: resumed,
                 verification: v,
             })?
@@ -326,6 +375,11 @@ fn incoming(listen: &str, vm: &VmArgs, json: bool) -> Result<()> {
 #[derive(Serialize)]
 struct MigrateJson {
     dirty_logging: String,
+    /// CPU time this process used from connecting to the migration's end (all threads, vCPUs
+    /// included, user + system), microseconds.
+    cpu_us: u64,
+    /// The VM was migrated paused (`--paused`).
+    paused: bool,
     ring_full_exits: u64,
     steps_at_stop: Vec<u64>,
     report: MigrationReport,
@@ -338,34 +392,41 @@ fn migrate(to: &str, vm: &VmArgs, mig: &VmMigArgs, json: bool) -> Result<Migrate
         eprintln!("test VM running; {}", t.vm.dirty_choice().reason);
     }
     std::thread::sleep(mig.warmup);
+    if mig.paused {
+        t.vm.pause(livemig_kvm::vm::pause::OPERATOR);
+    }
     let sp = platform::source(&t.vm, vec![], None, None).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut source = Source::new(sp, mig.config());
     let pb = progress(json);
     crate::hook(&mut source, &pb);
+    let cpu0 = process_cpu_us();
     let stream = TcpStream::connect(to).with_context(|| format!("connecting to {to}"))?;
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(Duration::from_secs(120)))?;
     let r = source.migrate_channels(TcpChannel(stream), &mut crate::tcp_page_channels(to, 0));
+    let cpu_us = process_cpu_us() - cpu0;
     pb.finish_and_clear();
     let report = match r {
         Ok(r) => r,
         Err(e) => {
             // The source VM runs again (unless the handover was lost): say so.
             let steps = t.monitor.steps();
-            let running = t.wait_progress(&steps, Duration::from_secs(5)).is_ok();
-            bail!(
-                "migration failed: {}; the source VM {}",
-                e.chain(),
-                if running {
-                    "runs again"
-                } else {
-                    "is stopped with its state intact"
-                }
-            );
+            let state = if mig.paused {
+                "stays paused"
+            } else if vm.idle {
+                "is idle (no progress to show whether it runs again)"
+            } else if t.wait_progress(&steps, Duration::from_secs(5)).is_ok() {
+                "runs again"
+            } else {
+                "is stopped with its state intact"
+            };
+            bail!("migration failed: {}; the source VM {state}", e.chain());
         }
     };
     let out = MigrateJson {
         dirty_logging: t.vm.dirty_choice().reason.clone(),
+        cpu_us,
+        paused: mig.paused,
         ring_full_exits: t.vm.ring_full_exits(),
         steps_at_stop: t.monitor.steps(),
         report,
@@ -448,15 +509,52 @@ pub fn main(cmd: VmCmd) -> Result<()> {
     match cmd {
         VmCmd::Run { vm, time, json } => run(&vm, time, json),
         VmCmd::Incoming { listen, vm, json } => incoming(&listen, &vm, json),
-        VmCmd::Migrate { to, vm, mig, json } => {
+        VmCmd::Migrate {
+            to,
+            vm,
+            mig,
+            json,
+            chart,
+        } => {
             let out = migrate(&to, &vm, &mig, json)?;
+            if let Some(path) = chart {
+                let title = format!(
+                    "livemig vm migrate: {} vCPU(s) x {} pages at {} pages/s{}",
+                    vm.vcpus,
+                    vm.pages,
+                    vm.rate,
+                    if mig.paused { ", paused" } else { "" }
+                );
+                crate::chart::write_report(&path, &title, &out.report)?;
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&out)?);
             }
             Ok(())
         }
         VmCmd::Demo { vm, mig, json } => demo(&vm, &mig, json),
-        VmCmd::Image { output } => std::fs::write(&output, livemig_kvm::guest::IMAGE)
-            .with_context(|| format!("writing {}", output.display())),
+        VmCmd::Image {
+            output,
+            print_append,
+            pages,
+            rate,
+        } => {
+            std::fs::write(&output, livemig_kvm::guest::IMAGE)
+                .with_context(|| format!("writing {}", output.display()))?;
+            if print_append {
+                kvm_ok()?;
+                let khz = livemig_kvm::guest::host_tsc_khz().map_err(|e| anyhow::anyhow!("{e}"))?;
+                println!(
+                    "{}",
+                    livemig_kvm::guest::cmdline(
+                        1,
+                        pages,
+                        livemig_kvm::guest::period_ticks(khz, rate),
+                        false
+                    )
+                );
+            }
+            Ok(())
+        }
     }
 }

@@ -180,3 +180,150 @@ fn a_killed_destination_process_leaves_the_source_vm_running() {
         assert!(f.is_empty(), "killed at {at}: {f:?}");
     }
 }
+
+/// Migrates a one-vCPU test VM whose RAM is a 256 MiB shared file holding 32 MiB of data beyond
+/// the guest's own area (enough that its first round lasts a while on any machine) (as `cargo xtask bench-peer` runs it); returns the source's and the
+/// destination's JSON.
+fn file_backed_migration(
+    dir: &std::path::Path,
+    vm: &[&str],
+    migrate: &[&str],
+) -> (serde_json::Value, serde_json::Value) {
+    use std::io::{BufRead, BufReader, Read};
+    use std::os::unix::fs::FileExt;
+    let img = dir.join("ram.img");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(256 << 20).unwrap();
+    let data: Vec<u8> = (0..32u32 << 20).map(|i| (i % 251) as u8 | 1).collect();
+    f.write_all_at(&data, 64 << 20).unwrap();
+    drop(f);
+    let mut dst = Command::new(BIN)
+        .args(["vm", "incoming", "--listen", "127.0.0.1:0", "--json"])
+        .args(["--vcpus=1", "--pages=64", "--ram=256MiB", "--high-ram=0"])
+        .args(vm)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(dst.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_string();
+    let src = Command::new(BIN)
+        .args(["vm", "migrate", "--to", &addr, "--json"])
+        .args(["--vcpus=1", "--pages=64", "--ram=256MiB", "--high-ram=0"])
+        .args(vm)
+        .args(migrate)
+        .arg("--mem-file")
+        .arg(&img)
+        .output()
+        .unwrap();
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let status = dst.wait().unwrap();
+    assert!(
+        src.status.success() && status.success(),
+        "source: {}\n{}\ndestination ({status}): {rest}",
+        String::from_utf8_lossy(&src.stdout),
+        String::from_utf8_lossy(&src.stderr)
+    );
+    let d: serde_json::Value = serde_json::from_str(&rest).unwrap();
+    assert_eq!(d["verification"]["ok"], true, "{d:#}");
+    assert!(d["received"]["pages"].as_u64().unwrap() >= 8192, "{d:#}");
+    (serde_json::from_slice(&src.stdout).unwrap(), d)
+}
+
+/// The benchmark's paused case: an idle guest, paused, on a shared file: the destination's
+/// guest verifies and writes nothing, both sides report their CPU time, the chart is drawn.
+#[test]
+fn a_paused_idle_vm_on_a_shared_file_migrates_and_is_charted() {
+    if !kvm() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("livemig-vm-paused-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let chart = dir.join("chart.svg");
+    let chart_arg = format!("--chart={}", chart.display());
+    let (s, d) = file_backed_migration(&dir, &["--idle"], &["--paused", "--warmup=0s", &chart_arg]);
+    assert_eq!(s["paused"], true);
+    assert_eq!(s["report"]["stop_copy"]["dirty_pages"], 0, "{s:#}");
+    assert!(s["cpu_us"].as_u64().unwrap() > 0 && d["cpu_us"].as_u64().unwrap() > 0);
+    assert_eq!(
+        d["resumed_steps"],
+        serde_json::json!([0]),
+        "an idle guest writes nothing"
+    );
+    let svg = std::fs::read_to_string(&chart).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("livemig"),
+        "{svg:.200}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `--paused` keeps a writing guest's vCPUs parked through the migration: nothing is dirty at
+/// stop-and-copy, while the same guest unpaused leaves pages for it (the control); on the
+/// destination the guest runs on either way.
+#[test]
+fn a_paused_writing_vm_dirties_nothing_during_the_migration() {
+    if !kvm() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("livemig-vm-paused-w-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // As fast as it can: whenever its vCPU thread gets a core it writes every page of its
+    // working set within a fraction of a millisecond.
+    let (paused, d) = file_backed_migration(&dir, &["--rate=0"], &["--paused", "--warmup=100ms"]);
+    assert_eq!(
+        paused["report"]["stop_copy"]["dirty_pages"], 0,
+        "{paused:#}"
+    );
+    assert!(d["resumed_steps"][0].as_u64().unwrap() > 0, "{d:#}");
+    let (running, _) = file_backed_migration(&dir, &["--rate=0"], &["--warmup=100ms"]);
+    assert_eq!(running["paused"], false);
+    assert!(
+        running["report"]["stop_copy"]["dirty_pages"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{running:#}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_image_command_prints_qemus_command_line_for_a_rate() {
+    if !kvm() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("livemig-vm-image-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = Command::new(BIN)
+        .args(["vm", "image", "-o"])
+        .arg(dir.join("guest.bin"))
+        .args(["--print-append", "--pages=512", "--rate=1000"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = String::from_utf8(out.stdout).unwrap();
+    let period: u64 = line
+        .trim()
+        .strip_prefix("cpus=1 pages=512 period=")
+        .and_then(|r| r.strip_suffix(" idle=0"))
+        .unwrap_or_else(|| panic!("{line:?}"))
+        .parse()
+        .unwrap();
+    // 1000 pages/s: one page per millisecond of a TSC between 100 MHz and 10 GHz.
+    assert!((100_000..10_000_000).contains(&period), "{period}");
+    let img = std::fs::read(dir.join("guest.bin")).unwrap();
+    assert_eq!(img, livemig_kvm::guest::IMAGE);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

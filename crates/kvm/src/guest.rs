@@ -522,6 +522,38 @@ pub fn load_image(mem: &VmMemory, img: &[u8]) -> Result<ImageEntry, Error> {
     Ok(entry)
 }
 
+/// TSC ticks between two page writes of one vCPU writing `rate` pages per second on a TSC of
+/// `tsc_khz` kHz: the guest's `period=` (0, as fast as it can, for a rate of 0).
+pub fn period_ticks(tsc_khz: u32, rate: u64) -> u64 {
+    (u64::from(tsc_khz) * 1000)
+        .checked_div(rate)
+        .map_or(0, |p| p.max(1))
+}
+
+/// The guest's command line (what livemig-kvm passes through the multiboot information, and
+/// what QEMU's `-append` takes): `cpus=N pages=N period=TICKS idle=0|1`.
+pub fn cmdline(vcpus: u32, pages: u32, period: u64, idle: bool) -> String {
+    format!(
+        "cpus={vcpus} pages={pages} period={period} idle={}",
+        u8::from(idle)
+    )
+}
+
+/// The TSC frequency (kHz) KVM gives a new vCPU on this host: what the test guest's `period`
+/// counts in under livemig-kvm, and under QEMU with KVM when no `tsc-frequency` is set.
+pub fn host_tsc_khz() -> Result<u32, Error> {
+    let kerr = |what: &'static str| {
+        move |e: kvm_ioctls::Error| Error::Kvm {
+            what: what.into(),
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        }
+    };
+    let kvm = kvm_ioctls::Kvm::new().map_err(kerr("opening /dev/kvm"))?;
+    let vm = kvm.create_vm().map_err(kerr("KVM_CREATE_VM"))?;
+    let vcpu = vm.create_vcpu(0).map_err(kerr("KVM_CREATE_VCPU"))?;
+    vcpu.get_tsc_khz().map_err(kerr("KVM_GET_TSC_KHZ"))
+}
+
 /// How the test VM is built.
 #[derive(Debug, Clone)]
 pub struct TestVmConfig {
@@ -651,15 +683,12 @@ impl TestVm {
             what: "KVM_GET_TSC_KHZ".into(),
             source: std::io::Error::from_raw_os_error(e.errno()),
         })?;
-        let period = (u64::from(tsc_khz) * 1000)
-            .checked_div(cfg.rate)
-            .map_or(0, |p| p.max(1));
-        let cmdline = format!(
-            "cpus={} pages={} period={period} idle={}\0",
+        let cmdline = cmdline(
             cfg.vcpus,
             cfg.pages,
-            u8::from(cfg.idle)
-        );
+            period_ticks(tsc_khz, cfg.rate),
+            cfg.idle,
+        ) + "\0";
         let mut mbi = [0u8; 32];
         mbi[0..4].copy_from_slice(&4u32.to_le_bytes()); // flags: cmdline valid
         mbi[16..20].copy_from_slice(&(CMDLINE_ADDR as u32).to_le_bytes());
@@ -875,6 +904,23 @@ mod tests {
                 .to_string()
                 .contains("checksum")
         );
+    }
+
+    #[test]
+    fn period_and_cmdline_match_the_guests_parser() {
+        // 2.5 GHz: 20 000 pages/s is one page every 125 000 ticks.
+        assert_eq!(period_ticks(2_500_000, 20_000), 125_000);
+        assert_eq!(period_ticks(2_500_000, 0), 0, "0: as fast as it can");
+        assert_eq!(
+            period_ticks(1, u64::MAX),
+            1,
+            "never 0 (which would mean unpaced)"
+        );
+        assert_eq!(
+            cmdline(1, 1024, 125_000, false),
+            "cpus=1 pages=1024 period=125000 idle=0"
+        );
+        assert_eq!(cmdline(2, 8, 0, true), "cpus=2 pages=8 period=0 idle=1");
     }
 
     #[test]

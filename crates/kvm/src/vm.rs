@@ -128,6 +128,9 @@ pub mod pause {
     pub const THROTTLE: u32 = 4;
     /// The VM is being torn down.
     pub const EXIT: u32 = 8;
+    /// Paused by its operator (QEMU's `stop` or `-S`): the vCPUs stay parked through a
+    /// migration, whose engine pauses and resumes only under [`ENGINE`].
+    pub const OPERATOR: u32 = 16;
 }
 
 #[derive(Debug, Default)]
