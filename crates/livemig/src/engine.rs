@@ -177,6 +177,11 @@ pub struct SourceConfig {
     pub link_rate: Option<u64>,
 }
 
+/// After the stop-and-copy estimate fits the limit, up to this many more pre-copy rounds run
+/// while the pages left exceed what the link moves in 1 ms and the guest dirties pages at
+/// less than half the link's rate (each such round shrinks the stop).
+pub const SETTLE_ROUNDS: u32 = 3;
+
 /// The most page channels a source opens or a destination accepts.
 pub const MAX_CHANNELS: u32 = 64;
 
@@ -843,6 +848,8 @@ impl Source {
         let mut round = 0;
         let precopy_t0 = Instant::now();
         let mut dirty_reported = 0;
+        // Rounds run after the estimate already fitted (see SETTLE_ROUNDS).
+        let mut settle = 0;
         loop {
             round += 1;
             let (r, found) = self.precopy_round(&mut a, round)?;
@@ -853,8 +860,22 @@ impl Source {
             self.emit(Event::Round(&r));
             let sent = r.bytes;
             let device_estimate = r.device_estimate;
+            let round_us = r.elapsed_us.max(1);
             a.report.rounds.push(r);
             let mut load_note = String::new();
+            if remaining <= budget && round < self.cfg.max_rounds && settle < SETTLE_ROUNDS {
+                // It fits, but while the guest dirties pages much slower than the link moves
+                // them, one more short round shrinks what the stop must send (QEMU likewise
+                // iterates while its pending estimate keeps falling).
+                let pages_left = remaining.saturating_sub(device_estimate);
+                let dirty_bps =
+                    found.saturating_mul(PAGE_SIZE).saturating_mul(1_000_000) / round_us;
+                let floor = a.bandwidth / 1000;
+                if pages_left > floor && dirty_bps.saturating_mul(2) < a.bandwidth {
+                    settle += 1;
+                    continue;
+                }
+            }
             if remaining <= budget {
                 if !a.round_acks {
                     a.report.converged = true;
