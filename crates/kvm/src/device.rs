@@ -75,7 +75,9 @@ impl VcpuStateDevice {
     /// The state device of `vm`.
     pub fn new(vm: &Vm) -> Result<VcpuStateDevice, crate::Error> {
         let cpuid = state::cpuid_entries(vm.cpuid());
-        let msrs = state::saveable_msrs(vm.kvm(), &vm.vcpus()[0].fd())?;
+        // Found before the vCPU threads started: asking a running vCPU's fd now would wait
+        // for its next exit (seconds, for a guest that rarely exits).
+        let msrs = vm.saveable_msrs().to_vec();
         let identity = format!(
             "kvm-x86 vcpus={} cpuid={:016x} xsave={}",
             vm.vcpus().len(),

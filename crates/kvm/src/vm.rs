@@ -337,6 +337,9 @@ pub struct Vm {
     cpuid: CpuId,
     /// Size of a vCPU's XSAVE area (`KVM_CAP_XSAVE2`, at least 4096).
     pub xsave_size: u32,
+    /// The MSRs a vCPU here can save, found before the vCPU threads start (a running vCPU
+    /// thread holds its fd across `KVM_RUN`, so asking later waits for an exit).
+    saveable_msrs: Vec<u32>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -526,6 +529,13 @@ impl Vm {
             io: Mutex::new(None),
             throttle: AtomicU8::new(0),
         });
+        let saveable_msrs = match shared.vcpus.first() {
+            Some(v) => {
+                let fd = v.fd.lock().unwrap_or_else(|p| p.into_inner());
+                crate::state::saveable_msrs(&kvm, &fd)?
+            }
+            None => Vec::new(),
+        };
         let mut threads = Vec::new();
         for v in &shared.vcpus {
             let s = Arc::clone(&shared);
@@ -556,7 +566,14 @@ impl Vm {
             throttler: Some(throttler),
             cpuid,
             xsave_size,
+            saveable_msrs,
         })
+    }
+
+    /// The MSRs a vCPU here can save (`KVM_GET_MSR_INDEX_LIST` filtered by what a vCPU reads),
+    /// found before the vCPU threads started.
+    pub fn saveable_msrs(&self) -> &[u32] {
+        &self.saveable_msrs
     }
 
     /// The guest memory.
