@@ -1676,6 +1676,40 @@ fn send_pages<W: Write>(
     Ok(())
 }
 
+/// Writes a Pages or ZeroPages record into guest RAM, refusing anything outside RAM, and
+/// counts it in `t` (any other record is left alone).
+fn apply_pages(
+    rec: &Record<'_>,
+    mem: &dyn GuestMemory,
+    ranges: &[(u64, u64)],
+    t: &mut PageTotals,
+) -> Result<()> {
+    let phase = Phase::Receive;
+    let memerr = |gpa: u64| {
+        move |e: crate::memory::MemoryError| Error::Memory {
+            phase,
+            gpa,
+            reason: e.to_string(),
+        }
+    };
+    match rec {
+        Record::Pages(p) => {
+            let len = u64::from(p.count) * u64::from(p.page_size);
+            check_in_ram(ranges, "Pages", p.gpa, len, phase)?;
+            mem.write(p.gpa, p.payload).map_err(memerr(p.gpa))?;
+            t.pages += u64::from(p.count);
+        }
+        Record::ZeroPages(z) => {
+            let len = u64::from(z.count) * u64::from(z.page_size);
+            check_in_ram(ranges, "ZeroPages", z.gpa, len, phase)?;
+            mem.zero(z.gpa, len).map_err(memerr(z.gpa))?;
+            t.zero_pages += u64::from(z.count);
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 /// What one page channel delivered.
 #[derive(Debug, Default)]
 struct PageTotals {
@@ -1881,28 +1915,12 @@ fn receive_checked_pages(
 ) -> Result<PageTotals> {
     let phase = Phase::Receive;
     let serr = |source| Error::Stream { phase, source };
-    let memerr = |gpa: u64| {
-        move |e: crate::memory::MemoryError| Error::Memory {
-            phase,
-            gpa,
-            reason: e.to_string(),
-        }
-    };
     let mut t = PageTotals::default();
     let mut round = 1u32;
     loop {
         match rd.next().map_err(serr)? {
-            Some(Record::Pages(p)) => {
-                let len = u64::from(p.count) * u64::from(p.page_size);
-                check_in_ram(ranges, "Pages", p.gpa, len, phase)?;
-                mem.write(p.gpa, p.payload).map_err(memerr(p.gpa))?;
-                t.pages += u64::from(p.count);
-            }
-            Some(Record::ZeroPages(z)) => {
-                let len = u64::from(z.count) * u64::from(z.page_size);
-                check_in_ram(ranges, "ZeroPages", z.gpa, len, phase)?;
-                mem.zero(z.gpa, len).map_err(memerr(z.gpa))?;
-                t.zero_pages += u64::from(z.count);
+            Some(rec @ (Record::Pages(_) | Record::ZeroPages(_))) => {
+                apply_pages(&rec, mem, ranges, &mut t)?;
             }
             Some(Record::Sync(y)) => {
                 if y.round != round {
@@ -2288,13 +2306,8 @@ impl Destination {
         };
         let mut stop_copy_seen = vec![false; n];
         let ranges = mem.ranges();
-        let memerr = |gpa: u64| {
-            move |e: crate::memory::MemoryError| Error::Memory {
-                phase: Phase::Receive,
-                gpa,
-                reason: e.to_string(),
-            }
-        };
+        // Pages on the main channel (one connection).
+        let mut main_pages = PageTotals::default();
         let gate = Gate::new(page_conns.len() as u32, self.skip_round_barrier);
         let limits = self.limits;
         let (main_result, page_results) = std::thread::scope(|scope| {
@@ -2332,17 +2345,8 @@ impl Destination {
                                     .into(),
                             });
                         }
-                        Some(Record::Pages(p)) => {
-                            let len = u64::from(p.count) * u64::from(p.page_size);
-                            check_in_ram(&ranges, "Pages", p.gpa, len, phase)?;
-                            mem.write(p.gpa, p.payload).map_err(memerr(p.gpa))?;
-                            report.pages += u64::from(p.count);
-                        }
-                        Some(Record::ZeroPages(z)) => {
-                            let len = u64::from(z.count) * u64::from(z.page_size);
-                            check_in_ram(&ranges, "ZeroPages", z.gpa, len, phase)?;
-                            mem.zero(z.gpa, len).map_err(memerr(z.gpa))?;
-                            report.zero_pages += u64::from(z.count);
+                        Some(rec @ (Record::Pages(_) | Record::ZeroPages(_))) => {
+                            apply_pages(&rec, &*mem, &ranges, &mut main_pages)?;
                         }
                         Some(Record::DeviceState(s)) => {
                             let i = s.device as usize;
@@ -2438,6 +2442,8 @@ impl Destination {
                 .collect();
             (main_result, page_results)
         });
+        report.pages += main_pages.pages;
+        report.zero_pages += main_pages.zero_pages;
         // The failure that came first explains the others (an aborted read, a stopped wait).
         let first = gate.first_failure();
         let mut page_failure = None;

@@ -3,17 +3,21 @@
 //! a fast channel arrives before its older copy on the slow one; the negative control turns
 //! the destination's barrier off and the older copy wins.
 
+mod common;
+
 use std::io::Read;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
+
+use common::{NoVcpus, Ram};
 
 use livemig::bitmap::PageBitmap;
 use livemig::engine::{
     Destination, DestinationPlatform, MigrationReport, ReceiveReport, Source, SourceConfig,
-    SourcePlatform, Vcpus,
+    SourcePlatform,
 };
 use livemig::link::{Cut, LinkConfig, migrate_local, migrate_local_channels};
-use livemig::memory::{GuestMemory, MemoryError, PAGE_SIZE};
+use livemig::memory::{GuestMemory, PAGE_SIZE};
 use livemig::tracker::{BoxError, DirtyTracker};
 use livemig::{Error, Result};
 
@@ -21,46 +25,6 @@ const PAGES: u64 = 64;
 /// The page the guest writes after round 1: in the upper half, so round 1 sends it on page
 /// channel 2, and alone in round 2, so it goes on page channel 1.
 const HOT: u64 = 60;
-
-struct Ram(Mutex<Vec<u8>>);
-
-impl Ram {
-    fn new(fill: impl Fn(u64) -> u8) -> Arc<Ram> {
-        let mut v = vec![0u8; (PAGES * PAGE_SIZE) as usize];
-        for p in 0..PAGES {
-            let b = fill(p);
-            v[(p * PAGE_SIZE) as usize..((p + 1) * PAGE_SIZE) as usize].fill(b);
-        }
-        Arc::new(Ram(Mutex::new(v)))
-    }
-    fn page(&self, p: u64) -> Vec<u8> {
-        self.0.lock().unwrap()[(p * PAGE_SIZE) as usize..((p + 1) * PAGE_SIZE) as usize].to_vec()
-    }
-    fn stale_pages(&self, other: &Ram) -> Vec<u64> {
-        (0..PAGES)
-            .filter(|&p| self.page(p) != other.page(p))
-            .collect()
-    }
-}
-
-impl GuestMemory for Ram {
-    fn size(&self) -> u64 {
-        self.0.lock().unwrap().len() as u64
-    }
-    fn read(&self, gpa: u64, buf: &mut [u8]) -> std::result::Result<(), MemoryError> {
-        let m = self.0.lock().unwrap();
-        buf.copy_from_slice(&m[gpa as usize..gpa as usize + buf.len()]);
-        Ok(())
-    }
-    fn write(&self, gpa: u64, data: &[u8]) -> std::result::Result<(), MemoryError> {
-        self.0.lock().unwrap()[gpa as usize..gpa as usize + data.len()].copy_from_slice(data);
-        Ok(())
-    }
-    fn zero(&self, gpa: u64, len: u64) -> std::result::Result<(), MemoryError> {
-        self.0.lock().unwrap()[gpa as usize..(gpa + len) as usize].fill(0);
-        Ok(())
-    }
-}
 
 /// The guest, scripted: at each harvest after the first round it has written `HOT` once more
 /// (a new byte value each time, for `writes` harvests), and the tracker reports it.
@@ -95,15 +59,9 @@ impl DirtyTracker for ScriptedGuest {
     }
 }
 
-struct NoVcpus;
-impl Vcpus for NoVcpus {
-    fn pause(&mut self) {}
-    fn resume(&mut self) {}
-}
-
 fn platforms(writes: u32) -> (Arc<Ram>, Arc<Ram>, SourcePlatform, DestinationPlatform) {
-    let src = Ram::new(|p| p as u8 + 1);
-    let dst = Ram::new(|_| 0);
+    let src = Ram::pages(PAGES, |p| p as u8 + 1);
+    let dst = Ram::pages(PAGES, |_| 0);
     let sp = SourcePlatform {
         memory: src.clone(),
         devices: Vec::new(),
@@ -324,7 +282,7 @@ fn receive_forged(main: Vec<u8>, mut pages: Vec<Vec<u8>>) -> (Error, bool) {
             ))
         })
         .unwrap_err();
-    (e, !dst.stale_pages(&Ram::new(|_| 0)).is_empty())
+    (e, !dst.stale_pages(&Ram::pages(PAGES, |_| 0)).is_empty())
 }
 
 fn page(w: &mut livemig_stream::Writer<Vec<u8>>, p: u64) {

@@ -4,17 +4,16 @@
 //! load than the limit allows. The negative control (a destination without acknowledgements)
 //! converges on the transfer estimate alone and overruns the limit.
 
-use std::sync::{Arc, Mutex};
+mod common;
+
 use std::time::Duration;
 
-use livemig::bitmap::PageBitmap;
+use common::{NoVcpus, Quiet, Ram};
 use livemig::device::{DeviceCompat, MigDevice};
 use livemig::engine::{
-    Destination, DestinationPlatform, Source, SourceConfig, SourceDevice, SourcePlatform, Vcpus,
+    Destination, DestinationPlatform, Source, SourceConfig, SourceDevice, SourcePlatform,
 };
 use livemig::link::{Cut, LinkConfig, migrate_local};
-use livemig::memory::{GuestMemory, MemoryError};
-use livemig::tracker::{BoxError, DirtyTracker};
 use livemig_vfio::data::PrecopyRound;
 use livemig_vfio::{Error as VfioError, MigrationFlags, MigrationState as S, PrecopyInfo};
 
@@ -79,49 +78,6 @@ impl MigDevice for Blob {
     }
 }
 
-struct Ram(Mutex<Vec<u8>>);
-
-impl GuestMemory for Ram {
-    fn size(&self) -> u64 {
-        self.0.lock().unwrap().len() as u64
-    }
-    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
-        let m = self.0.lock().unwrap();
-        buf.copy_from_slice(&m[gpa as usize..gpa as usize + buf.len()]);
-        Ok(())
-    }
-    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
-        self.0.lock().unwrap()[gpa as usize..gpa as usize + data.len()].copy_from_slice(data);
-        Ok(())
-    }
-    fn zero(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
-        self.0.lock().unwrap()[gpa as usize..(gpa + len) as usize].fill(0);
-        Ok(())
-    }
-}
-
-struct Quiet;
-impl DirtyTracker for Quiet {
-    fn name(&self) -> String {
-        "quiet".into()
-    }
-    fn start(&mut self) -> Result<(), BoxError> {
-        Ok(())
-    }
-    fn harvest(&mut self, _into: &mut PageBitmap) -> Result<u64, BoxError> {
-        Ok(0)
-    }
-    fn stop(&mut self) -> Result<(), BoxError> {
-        Ok(())
-    }
-}
-
-struct NoVcpus;
-impl Vcpus for NoVcpus {
-    fn pause(&mut self) {}
-    fn resume(&mut self) {}
-}
-
 fn run(acks: bool) -> livemig::engine::MigrationReport {
     run_with(acks, None).expect("migrates")
 }
@@ -131,7 +87,7 @@ fn run_with(
     hard_deadline: Option<Duration>,
 ) -> livemig::Result<livemig::engine::MigrationReport> {
     let sp = SourcePlatform {
-        memory: Arc::new(Ram(Mutex::new(vec![1u8; 64 << 10]))),
+        memory: Ram::filled(64 << 10, 1),
         devices: vec![SourceDevice {
             dev: Box::new(Blob {
                 state: S::Running,
@@ -149,7 +105,7 @@ fn run_with(
         dma_endpoints: Vec::new(),
     };
     let dp = DestinationPlatform {
-        memory: Arc::new(Ram(Mutex::new(vec![0u8; 64 << 10]))),
+        memory: Ram::filled(64 << 10, 0),
         devices: vec![Box::new(Blob {
             state: S::Running,
             slow: true,
@@ -222,7 +178,7 @@ fn negative_control_without_acknowledgements_the_source_converges_and_overruns()
 #[test]
 fn a_hard_deadline_shorter_than_the_device_state_at_a_known_link_rate_is_refused_up_front() {
     let sp = SourcePlatform {
-        memory: Arc::new(Ram(Mutex::new(vec![1u8; 64 << 10]))),
+        memory: Ram::filled(64 << 10, 1),
         devices: vec![SourceDevice {
             dev: Box::new(Blob {
                 state: S::Running,

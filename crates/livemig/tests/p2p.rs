@@ -3,16 +3,18 @@
 //! P2P-capable device reaches RUNNING_P2P before any reaches RUNNING; devices without P2P keep
 //! the direct path. Recorded with devices that log every arc the engine asks for.
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::{NoVcpus, Quiet, Ram};
 use livemig::bitmap::PageBitmap;
 use livemig::device::{DeviceCompat, MigDevice};
 use livemig::engine::{
-    Destination, DestinationPlatform, Source, SourceConfig, SourceDevice, SourcePlatform, Vcpus,
+    Destination, DestinationPlatform, Source, SourceConfig, SourceDevice, SourcePlatform,
 };
 use livemig::link::{Cut, LinkConfig, migrate_local};
-use livemig::memory::{GuestMemory, MemoryError};
 use livemig::tracker::{BoxError, DirtyTracker};
 use livemig_vfio::PrecopyInfo;
 use livemig_vfio::data::PrecopyRound;
@@ -97,51 +99,6 @@ impl MigDevice for Recorder {
     }
 }
 
-struct Ram(Mutex<Vec<u8>>);
-
-impl GuestMemory for Ram {
-    fn size(&self) -> u64 {
-        self.0.lock().unwrap().len() as u64
-    }
-    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
-        let m = self.0.lock().unwrap();
-        buf.copy_from_slice(&m[gpa as usize..gpa as usize + buf.len()]);
-        Ok(())
-    }
-    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
-        self.0.lock().unwrap()[gpa as usize..gpa as usize + data.len()].copy_from_slice(data);
-        Ok(())
-    }
-    fn zero(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
-        self.0.lock().unwrap()[gpa as usize..(gpa + len) as usize].fill(0);
-        Ok(())
-    }
-}
-
-struct Quiet;
-
-impl DirtyTracker for Quiet {
-    fn name(&self) -> String {
-        "quiet".into()
-    }
-    fn start(&mut self) -> Result<(), BoxError> {
-        Ok(())
-    }
-    fn harvest(&mut self, _into: &mut PageBitmap) -> Result<u64, BoxError> {
-        Ok(0)
-    }
-    fn stop(&mut self) -> Result<(), BoxError> {
-        Ok(())
-    }
-}
-
-struct NoVcpus;
-
-impl Vcpus for NoVcpus {
-    fn pause(&mut self) {}
-    fn resume(&mut self) {}
-}
-
 const P2P: MigrationFlags = MigrationFlags::STOP_COPY.union(MigrationFlags::P2P);
 const P2P_PRE: MigrationFlags = P2P.union(MigrationFlags::PRE_COPY);
 
@@ -156,7 +113,7 @@ fn devices(log: &Log) -> Vec<Box<dyn MigDevice>> {
 fn run() -> (Arcs, Arcs) {
     let (slog, dlog): (Log, Log) = (Default::default(), Default::default());
     let source = SourcePlatform {
-        memory: Arc::new(Ram(Mutex::new(vec![7u8; 64 << 10]))),
+        memory: Ram::filled(64 << 10, 7),
         devices: devices(&slog)
             .into_iter()
             .map(|dev| SourceDevice {
@@ -174,7 +131,7 @@ fn run() -> (Arcs, Arcs) {
         dma_endpoints: Vec::new(),
     };
     let dest = DestinationPlatform {
-        memory: Arc::new(Ram(Mutex::new(vec![0u8; 64 << 10]))),
+        memory: Ram::filled(64 << 10, 0),
         devices: devices(&dlog),
         iommu_dirty: vec![true; 3],
         page_size_mask: 0x1000,
@@ -267,7 +224,7 @@ fn endpoint_platform(
 ) -> (SourcePlatform, DestinationPlatform) {
     let log: Log = Default::default();
     let source = SourcePlatform {
-        memory: Arc::new(Ram(Mutex::new(vec![7u8; 64 << 10]))),
+        memory: Ram::filled(64 << 10, 7),
         devices: vec![SourceDevice {
             dev: Box::new(Recorder::new("state-only", MigrationFlags::STOP_COPY, &log)),
             iommu_dirty: Err("no DMA".into()),
@@ -282,7 +239,7 @@ fn endpoint_platform(
         dma_endpoints: endpoints,
     };
     let dest = DestinationPlatform {
-        memory: Arc::new(Ram(Mutex::new(vec![0u8; 64 << 10]))),
+        memory: Ram::filled(64 << 10, 0),
         devices: vec![Box::new(Recorder::new(
             "state-only",
             MigrationFlags::STOP_COPY,
