@@ -267,10 +267,11 @@ pub struct DowntimeReport {
     pub stop_and_harvest_us: u64,
     /// Reading the devices' STOP_COPY state.
     pub device_save_us: u64,
-    /// Sending the last pages, the device state and End (into the channel).
+    /// Sending the last pages, the device state and End (into the channel), less any part
+    /// the destination's load overlapped (it reads End while this side closes the stream).
     pub send_us: u64,
-    /// From End sent to the destination's answer, less its own load and run times: the
-    /// data still in flight and the destination catching up with it.
+    /// The rest of the downtime: the data still in flight, the destination catching up with
+    /// it, and the answer's way back. The phases add up to the downtime.
     pub in_flight_us: u64,
     /// On the destination: End to every device in STOP (validate and load).
     pub destination_load_us: u64,
@@ -1363,8 +1364,20 @@ impl Source {
                 let p = &mut report.downtime_phases;
                 p.destination_load_us = load_us;
                 p.destination_run_us = run_us;
-                p.in_flight_us =
-                    (sent.elapsed().as_micros() as u64).saturating_sub(load_us + run_us);
+                // The destination starts loading when it reads End, which can be before this
+                // side has closed the stream: that overlap is counted on the destination's
+                // side, so the phases add up to the downtime.
+                let dest = load_us.saturating_add(run_us);
+                let before = p.stop_and_harvest_us + p.device_save_us;
+                p.send_us = p.send_us.min(
+                    report
+                        .downtime_us
+                        .saturating_sub(before.saturating_add(dest)),
+                );
+                p.in_flight_us = report
+                    .downtime_us
+                    .saturating_sub(before + p.send_us)
+                    .saturating_sub(dest);
             }
             Ok(Message::Failed(reason)) => return Err(Error::Remote { phase, reason }.into()),
             Ok(other) => {
