@@ -82,11 +82,9 @@ fn run(acks: bool) -> livemig::engine::MigrationReport {
     run_with(acks, None).expect("migrates")
 }
 
-fn run_with(
-    acks: bool,
-    hard_deadline: Option<Duration>,
-) -> livemig::Result<livemig::engine::MigrationReport> {
-    let sp = SourcePlatform {
+/// The source: 64 KiB of RAM and one blob device; nothing dirties pages.
+fn source_platform() -> SourcePlatform {
+    SourcePlatform {
         memory: Ram::filled(64 << 10, 1),
         devices: vec![SourceDevice {
             dev: Box::new(Blob {
@@ -103,7 +101,14 @@ fn run_with(
         page_size_mask: 0x1000,
         viommu: None,
         dma_endpoints: Vec::new(),
-    };
+    }
+}
+
+fn run_with(
+    acks: bool,
+    hard_deadline: Option<Duration>,
+) -> livemig::Result<livemig::engine::MigrationReport> {
+    let sp = source_platform();
     let dp = DestinationPlatform {
         memory: Ram::filled(64 << 10, 0),
         devices: vec![Box::new(Blob {
@@ -177,24 +182,7 @@ fn negative_control_without_acknowledgements_the_source_converges_and_overruns()
 
 #[test]
 fn a_hard_deadline_shorter_than_the_device_state_at_a_known_link_rate_is_refused_up_front() {
-    let sp = SourcePlatform {
-        memory: Ram::filled(64 << 10, 1),
-        devices: vec![SourceDevice {
-            dev: Box::new(Blob {
-                state: S::Running,
-                slow: false,
-            }),
-            iommu_dirty: Err("no DMA".into()),
-            dma_log: None,
-            does_dma: false,
-        }],
-        iommu: None,
-        cpu: Box::new(Quiet),
-        vcpus: Box::new(NoVcpus),
-        page_size_mask: 0x1000,
-        viommu: None,
-        dma_endpoints: Vec::new(),
-    };
+    let sp = source_platform();
     // 1 MiB of STOP_COPY state at 10 MiB/s is 100 ms.
     let s = Source::new(
         sp,
