@@ -1568,8 +1568,13 @@ fn channel_token() -> [u8; 16] {
     t
 }
 
+/// Rounds with at most this many dirty pages (2 MiB) are written to the page channels by the
+/// engine's own thread instead of one thread per channel.
+const INLINE_ROUND_PAGES: u64 = 512;
+
 /// Sends the round's dirty pages: on the main stream, or split evenly over the page channels
-/// (one thread each), every page channel closing the round with a Sync.
+/// (one thread each, or the calling thread for a small round), every page channel closing the
+/// round with a Sync.
 fn send_round<W: Write>(
     a: &mut Attempt<W>,
     mem: &dyn GuestMemory,
@@ -1592,6 +1597,17 @@ fn send_round<W: Write>(
     }
     let parts = a.dirty.split(a.pages.len() as u64);
     let (dirty, progress) = (&a.dirty, &a.progress);
+    if dirty.count() <= INLINE_ROUND_PAGES {
+        // A few pages (typically the stop-and-copy round of a converged migration): starting
+        // a thread per channel would cost more downtime than the writes; one thread writes
+        // every channel's share and Sync in turn.
+        for (w, part) in a.pages.iter_mut().zip(parts) {
+            send_pages(w, mem, dirty, part, r, phase, cancel, progress)?;
+            w.sync(round).map_err(serr(phase))?;
+            w.flush().map_err(serr(phase))?;
+        }
+        return Ok(());
+    }
     let results: Vec<Result<RoundReport>> = std::thread::scope(|scope| {
         let threads: Vec<_> = a
             .pages
@@ -1648,7 +1664,9 @@ fn send_pages<W: Write>(
     cancel: &CancelHandle,
     progress: &Progress,
 ) -> Result<()> {
-    let mut buf = vec![0u8; (BATCH * PAGE_SIZE) as usize];
+    // Allocated on the first page with data: an empty or all-zero share (the typical
+    // stop-and-copy round) costs no 1 MiB allocation inside the downtime.
+    let mut buf = Vec::new();
     let mut last = w.bytes_written();
     for (first, count) in dirty.runs_between(range.0, range.1) {
         let mut p = first;
@@ -1670,6 +1688,9 @@ fn send_pages<W: Write>(
                     .map_err(|source| Error::Stream { phase, source })?;
                 r.zero_pages += n;
             } else {
+                if buf.is_empty() {
+                    buf = vec![0u8; (BATCH * PAGE_SIZE) as usize];
+                }
                 let b = &mut buf[..len as usize];
                 mem.read(gpa, b).map_err(|e| Error::Memory {
                     phase,
