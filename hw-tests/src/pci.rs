@@ -197,6 +197,99 @@ fn need(ctx: &mut Option<Ctx>) -> Result<&mut Ctx> {
         .context("the device could not be opened and bound (see the earlier case)")
 }
 
+/// `livemig probe --json` and `livemig compat export --host` on edu behind vfio-pci, neither
+/// opening a device file: edu's identity and its one BAR (QEMU `hw/misc/edu.c`: BAR0, 1 MiB of
+/// 32-bit MMIO), and the IOMMU unit's registers from sysfs decoded as "no dirty tracking" —
+/// what the kernel says too (`dirty_hwpt_refused`, `hw_info`). `compat check` passes the
+/// descriptor against itself and refuses it against one whose BAR0 is twice the size.
+fn probe_edu(addr: &str, vendor: Vendor) -> Result<Outcome> {
+    const LIVEMIG: &str = "/bin/livemig";
+    let run = |args: &[&str]| -> Result<std::process::Output> {
+        let o = std::process::Command::new(LIVEMIG)
+            .args(args)
+            .output()
+            .with_context(|| format!("running livemig {args:?}"))?;
+        Ok(o)
+    };
+    let out = run(&["probe", "--json"])?;
+    ensure!(
+        out.status.success(),
+        "livemig probe: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).context("probe --json")?;
+    let devs = j["devices"].as_array().context("devices array")?;
+    let edu = devs
+        .iter()
+        .find(|d| d["device"] == addr)
+        .with_context(|| format!("edu {addr} not among {devs:?}"))?;
+    let sys = &edu["sysfs"];
+    ensure!(edu["opened"] == false, "{edu}");
+    ensure!(
+        sys["bus"] == "pci"
+            && sys["driver"] == "vfio-pci"
+            && sys["pci"]["vendor"] == 0x1234
+            && sys["pci"]["device"] == 0x11e8
+            && sys["problems"] == serde_json::json!([]),
+        "edu from sysfs: {sys}"
+    );
+    check_eq!(
+        sys["bars"].clone(),
+        serde_json::json!([{"index": 0, "size": 0x100000, "kind": "mem32"}]),
+        "edu's BARs"
+    );
+    let unit = &sys["iommu_unit"];
+    let kind = match vendor {
+        Vendor::IntelVtd => "intel-iommu",
+        Vendor::AmdVi => "amd-iommu",
+    };
+    ensure!(
+        unit["kind"] == kind && unit["dirty_tracking"] == false,
+        "the IOMMU unit from sysfs: {unit}"
+    );
+    let a = "/tmp/edu-compat-a.json";
+    let out = run(&["compat", "export", "--host", "-o", a])?;
+    ensure!(
+        out.status.success(),
+        "compat export --host: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(a)?;
+    let d: serde_json::Value = serde_json::from_str(&text)?;
+    let layout: String = "bar0 0x100000 mem32"
+        .bytes()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let dev = d["devices"]
+        .as_array()
+        .context("descriptor devices")?
+        .iter()
+        .find(|x| x["compat"] == layout.as_str())
+        .with_context(|| format!("no device with edu's BAR layout in {d}"))?;
+    ensure!(
+        dev["identity"]
+            .as_str()
+            .is_some_and(|i| i.starts_with("pci 1234:11e8") && i.ends_with("vfio-pci"))
+            && dev["migration_flags_known"] == false,
+        "edu's descriptor: {dev}"
+    );
+    let out = run(&["compat", "check", a, a])?;
+    ensure!(out.status.success(), "edu against itself refused");
+    let b = "/tmp/edu-compat-b.json";
+    let bigger: String = "bar0 0x200000 mem32"
+        .bytes()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    std::fs::write(b, text.replace(&layout, &bigger))?;
+    let out = run(&["compat", "check", a, b])?;
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        !out.status.success() && said.contains("bar0 0x200000 mem32"),
+        "a BAR layout difference was not refused by name: {said}"
+    );
+    Ok(Outcome::Pass)
+}
+
 pub fn run(r: &mut Runner, vendor: Vendor) {
     let p = match vendor {
         Vendor::IntelVtd => "vtd",
@@ -217,6 +310,11 @@ pub fn run(r: &mut Runner, vendor: Vendor) {
         let n = std::fs::read_dir("/sys/class/iommu")?.count();
         ensure!(n > 0, "no IOMMU in /sys/class/iommu");
         Ok(Outcome::Pass)
+    });
+
+    // Before anything opens the device: the read-only probe describes edu from sysfs.
+    r.case(&format!("{p}.probe_describes_edu_from_sysfs"), || {
+        probe_edu(&addr, vendor)
     });
 
     let mut ctx: Option<Ctx> = None;

@@ -4,6 +4,7 @@
 mod chart;
 mod host;
 mod probe;
+mod sysfs;
 mod vm;
 
 use std::io::{IsTerminal, Write};
@@ -36,10 +37,18 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Report this host's iommufd, VFIO devices, dirty tracking and migration support.
+    ///
+    /// Read-only by default: device files are not opened (opening a VFIO device can reset
+    /// it); what sysfs and /dev/iommu tell is reported.
     Probe {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Also open every idle VFIO device, bind it to a private iommufd and attach it to a
+        /// private IOAS: migration flags, DMA logging, the IOMMU's own report and the
+        /// auto-domain outcome. Opening a device can reset it.
+        #[arg(long)]
+        open: bool,
     },
     /// Run a whole migration on the simulated platform and verify the result bit for bit.
     Simulate {
@@ -130,9 +139,14 @@ enum CompatCmd {
         /// The source does not use device PRE_COPY.
         #[arg(long)]
         no_precopy: bool,
-        /// Describe the real host from `livemig probe` instead of the simulated platform.
+        /// Describe the real host from `livemig probe` instead of the simulated platform
+        /// (read-only: device identity, driver and BAR layout from sysfs).
         #[arg(long)]
         host: bool,
+        /// With `--host`: open the idle devices for their migration flags and DMA logging
+        /// (`livemig probe --open`); without it those are not known and the descriptor says 0.
+        #[arg(long, requires = "host")]
+        open: bool,
         /// Write to this file instead of standard output.
         #[arg(short, long)]
         output: Option<PathBuf>,
@@ -720,13 +734,13 @@ fn inspect(file: &PathBuf, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn compat_export(sim: &SimArgs, precopy: bool, host: bool) -> Result<HostDescriptor> {
+fn compat_export(sim: &SimArgs, precopy: bool, host: bool, open: bool) -> Result<HostDescriptor> {
     if host {
-        let p = probe::probe();
+        let p = probe::probe(open);
         let devices = p
             .devices
             .iter()
-            .filter(|d| d.migration_flags.is_some())
+            .filter(|d| !open || d.migration_flags.is_some())
             .map(|d| {
                 let flags = d
                     .migration_flags
@@ -739,15 +753,24 @@ fn compat_export(sim: &SimArgs, precopy: bool, host: bool) -> Result<HostDescrip
                         _ => 0,
                     })
                     .sum();
+                let (identity, layout) = probe::identity(d);
+                let unit = d.sysfs.iommu_unit.as_ref();
                 compat::DeviceDescriptor {
                     device: livemig::device::DeviceCompat {
-                        identity: d.device.clone().unwrap_or_default(),
-                        compat: Vec::new(),
+                        identity,
+                        compat: layout.into_bytes(),
                         migration_flags: flags,
                         dma_logging: d.dma_logging,
                     },
-                    iommu_dirty_tracking: d.iommu_dirty_tracking,
-                    page_size_mask: 0,
+                    // Read-only: what the IOMMU unit's registers in sysfs say; with
+                    // --open, what the auto domain gave the device.
+                    iommu_dirty_tracking: if d.opened {
+                        d.iommu_dirty_tracking
+                    } else {
+                        unit.is_some_and(|u| u.dirty_tracking == Some(true))
+                    },
+                    page_size_mask: unit.map_or(0, |u| u.page_sizes),
+                    migration_flags_known: d.opened,
                 }
             })
             .collect();
@@ -795,8 +818,8 @@ fn read_descriptor(p: &PathBuf) -> Result<HostDescriptor> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Probe { json } => {
-            let r = probe::probe();
+        Cmd::Probe { json, open } => {
+            let r = probe::probe(open);
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
@@ -805,6 +828,26 @@ fn main() -> Result<()> {
                 }
                 for d in &r.devices {
                     println!("{}:", d.cdev.display());
+                    let (id, layout) = probe::identity(d);
+                    println!("  {id}");
+                    if !layout.is_empty() {
+                        println!("  {layout}");
+                    }
+                    if let Some(u) = &d.sysfs.iommu_unit {
+                        println!(
+                            "  IOMMU unit {} ({}): {}",
+                            u.name,
+                            u.kind,
+                            u.detail.as_deref().unwrap_or("registers not readable")
+                        );
+                    }
+                    for p in &d.sysfs.problems {
+                        println!("  sysfs: {p}");
+                    }
+                    if !d.opened {
+                        println!("  {}", d.verdict);
+                        continue;
+                    }
                     if let Some(e) = &d.error {
                         println!("  error: {e}");
                         continue;
@@ -861,9 +904,10 @@ fn main() -> Result<()> {
             sim,
             no_precopy,
             host,
+            open,
             output,
         }) => {
-            let d = compat_export(&sim, !no_precopy, host)?;
+            let d = compat_export(&sim, !no_precopy, host, open)?;
             match output {
                 Some(p) => std::fs::write(&p, serde_json::to_string_pretty(&d)? + "\n")
                     .with_context(|| format!("writing {}", p.display()))?,

@@ -1,9 +1,13 @@
-//! What this host offers for migration: `/dev/iommu`, every VFIO device cdev with its IOMMU
-//! capabilities (`IOMMU_GET_HW_INFO`), migration flags, DMA logging and the auto-domain
-//! outcome, and — on kernels built with `CONFIG_IOMMUFD_TEST` — the selftest mock IOMMU.
+//! What this host offers for migration: `/dev/iommu`, every VFIO device cdev with what sysfs
+//! tells about it (identity, driver, BARs, the IOMMU unit and whether it tracks dirty pages),
+//! and — on kernels built with `CONFIG_IOMMUFD_TEST` — the selftest mock IOMMU.
 //!
-//! Probing binds each device to a private iommufd and attaches it to a private IOAS, so a
-//! device another process holds is reported as busy, not taken.
+//! By default no device file is opened: opening a VFIO device can reset it, and a probe must
+//! not disturb a device a VMM is about to use. `/dev/iommu` is opened (an iommufd context
+//! touches no device). With `open` (`livemig probe --open`) each device cdev is also opened,
+//! bound to a private iommufd and attached to a private IOAS for the deep report: IOMMU
+//! capabilities from `IOMMU_GET_HW_INFO`, migration flags, DMA logging and the auto-domain
+//! outcome. A device another process holds is then reported as busy, not taken.
 
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -15,6 +19,8 @@ use serde::Serialize;
 
 use livemig::compat::flag_names;
 use livemig::error::chain;
+
+use crate::sysfs::{Sysfs, SysfsDevice};
 
 /// The IOMMU side of a device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -57,6 +63,10 @@ pub struct DeviceProbe {
     pub cdev: PathBuf,
     /// The device behind it (PCI address or mdev UUID), from sysfs.
     pub device: Option<String>,
+    /// What sysfs tells about it (read without opening anything).
+    pub sysfs: SysfsDevice,
+    /// The device file was opened (only with `--open`).
+    pub opened: bool,
     /// What failed first, if anything (the fields after it are then empty).
     pub error: Option<String>,
     /// IOMMU capabilities, if the device has an IOMMU behind it.
@@ -91,6 +101,8 @@ pub struct MockProbe {
 /// The whole report.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ProbeReport {
+    /// Device files were opened (`--open`); otherwise only sysfs and `/dev/iommu` were read.
+    pub opened_devices: bool,
     /// `/dev/iommu` opened.
     pub iommufd: bool,
     /// Why not.
@@ -120,18 +132,51 @@ fn cdevs(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
-fn sysfs_device(cdev: &Path) -> Option<String> {
-    let name = cdev.file_name()?.to_str()?;
-    let link = std::fs::read_link(format!("/sys/class/vfio-dev/{name}/device")).ok()?;
-    Some(link.file_name()?.to_string_lossy().into_owned())
+fn cdev_name(cdev: &Path) -> String {
+    cdev.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
-fn probe_device(fd: &Iommufd, cdev: &Path) -> DeviceProbe {
-    let mut p = DeviceProbe {
-        cdev: cdev.to_path_buf(),
-        device: sysfs_device(cdev),
-        ..Default::default()
+/// The read-only report of one cdev: sysfs only.
+fn describe_device(sys: &Sysfs, cdev: &Path) -> DeviceProbe {
+    let name = cdev_name(cdev);
+    let info = sys.describe(&name);
+    let verdict = match (info.bus.as_str(), &info.iommu_unit) {
+        ("mdev", _) => "an mdev (emulated device, no IOMMU behind it); migration support needs \
+                        `--open`"
+            .to_string(),
+        ("pci", Some(u)) => match u.dirty_tracking {
+            Some(true) => format!(
+                "IOMMU {} tracks dirty pages; migration support needs `--open`",
+                u.name
+            ),
+            Some(false) => format!(
+                "IOMMU {} cannot track dirty pages ({}): migration needs the device's own DMA \
+                 logging; `--open` tells",
+                u.name,
+                u.detail.as_deref().unwrap_or("?")
+            ),
+            None => format!(
+                "IOMMU {} ({}): dirty tracking unknown from sysfs; `--open` tells",
+                u.name, u.kind
+            ),
+        },
+        ("pci", None) => "no IOMMU unit in sysfs; `--open` tells more".to_string(),
+        _ => "not described by sysfs".to_string(),
     };
+    DeviceProbe {
+        cdev: cdev.to_path_buf(),
+        device: sys.device_of(&name).map(|(_, id)| id),
+        sysfs: info,
+        verdict,
+        ..Default::default()
+    }
+}
+
+fn probe_device(fd: &Iommufd, sys: &Sysfs, cdev: &Path) -> DeviceProbe {
+    let mut p = describe_device(sys, cdev);
+    p.opened = true;
     let dev = match VfioDevice::open(cdev) {
         Ok(d) => d,
         Err(e) => {
@@ -193,6 +238,33 @@ fn probe_device(fd: &Iommufd, cdev: &Path) -> DeviceProbe {
     p
 }
 
+/// A device's identity for a compatibility descriptor, and its layout block: PCI IDs,
+/// revision and driver (or the mdev type and driver), and the BARs' sizes and kinds, which a
+/// guest sees and a destination must reproduce exactly. Falls back to the device name when
+/// sysfs says nothing better.
+pub fn identity(d: &DeviceProbe) -> (String, String) {
+    let s = &d.sysfs;
+    let driver = s.driver.as_deref().unwrap_or("no driver");
+    let id = match (&s.pci, &s.mdev_type) {
+        (Some(p), _) => format!(
+            "pci {:04x}:{:04x} subsystem {:04x}:{:04x} rev {:02x} class {:06x} {driver}",
+            p.vendor, p.device, p.subsystem_vendor, p.subsystem_device, p.revision, p.class
+        ),
+        (None, Some(t)) => format!(
+            "mdev {t} ({}) {driver}",
+            s.device_api.as_deref().unwrap_or("unknown api")
+        ),
+        (None, None) => d.device.clone().unwrap_or_default(),
+    };
+    let layout = s
+        .bars
+        .iter()
+        .map(|b| format!("bar{} {:#x} {}", b.index, b.size, b.kind))
+        .collect::<Vec<_>>()
+        .join("; ");
+    (id, layout)
+}
+
 fn probe_mock(fd: &Iommufd) -> Option<MockProbe> {
     let ioas = fd.alloc_ioas().ok()?;
     // ENOTTY here: the kernel has no selftest; nothing to report.
@@ -214,14 +286,23 @@ fn probe_mock(fd: &Iommufd) -> Option<MockProbe> {
     })
 }
 
-/// Probes `/dev/iommu` and `/dev/vfio/devices`.
-pub fn probe() -> ProbeReport {
-    probe_at(Path::new("/dev/iommu"), Path::new("/dev/vfio/devices"))
+/// Probes `/dev/iommu`, `/dev/vfio/devices` and `/sys`; opens the device files only if
+/// `open`.
+pub fn probe(open: bool) -> ProbeReport {
+    probe_at(
+        Path::new("/dev/iommu"),
+        Path::new("/dev/vfio/devices"),
+        &Sysfs::default(),
+        open,
+    )
 }
 
 /// Probes the given nodes.
-pub fn probe_at(iommu: &Path, vfio_dir: &Path) -> ProbeReport {
-    let mut r = ProbeReport::default();
+pub fn probe_at(iommu: &Path, vfio_dir: &Path, sys: &Sysfs, open: bool) -> ProbeReport {
+    let mut r = ProbeReport {
+        opened_devices: open,
+        ..Default::default()
+    };
     let fd = match Iommufd::open_path(iommu) {
         Ok(fd) => {
             r.iommufd = true;
@@ -232,11 +313,24 @@ pub fn probe_at(iommu: &Path, vfio_dir: &Path) -> ProbeReport {
             None
         }
     };
+    // Listing the directory opens no device file.
     let nodes = cdevs(vfio_dir);
+    r.devices = match (&fd, open) {
+        (Some(fd), true) => nodes.iter().map(|c| probe_device(fd, sys, c)).collect(),
+        _ => nodes.iter().map(|c| describe_device(sys, c)).collect(),
+    };
     if let Some(fd) = &fd {
-        r.devices = nodes.iter().map(|c| probe_device(fd, c)).collect();
         r.selftest_mock = probe_mock(fd);
     }
+    r.summary.push(if open {
+        "--open: idle device files were opened, bound to a private iommufd and attached to a \
+         private IOAS (opening a VFIO device can reset it)"
+            .to_string()
+    } else {
+        "read-only: no device file was opened (sysfs and /dev/iommu only); `livemig probe \
+         --open` adds migration flags, DMA logging and the auto-domain outcome"
+            .to_string()
+    });
     if fd.is_none() {
         r.summary.push(format!(
             "no iommufd ({}): this host cannot migrate assigned devices with livemig; \
@@ -278,13 +372,93 @@ mod tests {
     #[test]
     fn a_host_without_iommufd_says_so() {
         let dir = std::env::temp_dir().join(format!("livemig-probe-{}", std::process::id()));
-        let r = probe_at(&dir.join("no-iommu"), &dir.join("no-devices"));
+        let r = probe_at(
+            &dir.join("no-iommu"),
+            &dir.join("no-devices"),
+            &Sysfs::at(dir.join("sys")),
+            true,
+        );
         assert!(!r.iommufd);
         assert!(
             r.iommufd_error.as_deref().unwrap().contains("no-iommu"),
             "{r:?}"
         );
-        assert!(r.summary[0].starts_with("no iommufd"), "{r:?}");
-        assert!(r.summary[1].starts_with("no VFIO device cdevs"), "{r:?}");
+        assert!(r.summary[0].starts_with("--open"), "{r:?}");
+        assert!(r.summary[1].starts_with("no iommufd"), "{r:?}");
+        assert!(r.summary[2].starts_with("no VFIO device cdevs"), "{r:?}");
+    }
+
+    /// inotify `IN_OPEN` events on files in the watched directory since the last call.
+    fn opens(fd: i32) -> usize {
+        let mut buf = [0u8; 4096];
+        // SAFETY: reads into a local buffer of the given length from an inotify fd we own.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            return 0;
+        }
+        let (mut at, mut count) = (0usize, 0);
+        while at + 16 <= n as usize {
+            let mask = u32::from_ne_bytes(buf[at + 4..at + 8].try_into().unwrap());
+            let len = u32::from_ne_bytes(buf[at + 12..at + 16].try_into().unwrap()) as usize;
+            // Events without a name are about the directory itself (listing it opens it).
+            count += usize::from(mask & libc::IN_OPEN != 0 && len > 0);
+            at += 16 + len;
+        }
+        count
+    }
+
+    /// The default probe describes every cdev from sysfs without opening it: the kernel's
+    /// inotify reports no open of any cdev (and does report one made on purpose).
+    #[test]
+    fn the_default_probe_opens_no_device_file() {
+        let dir = std::env::temp_dir().join(format!("livemig-probe-ro-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        crate::sysfs::tests::fixture(&dir.join("sys"));
+        let dev = dir.join("dev");
+        std::fs::create_dir_all(&dev).unwrap();
+        for n in ["vfio0", "vfio1", "vfio2", "vfio3"] {
+            std::fs::write(dev.join(n), b"").unwrap();
+        }
+        // SAFETY: plain system calls on a fresh fd and a valid NUL-terminated path.
+        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        assert!(fd >= 0);
+        let path = std::ffi::CString::new(dev.to_str().unwrap()).unwrap();
+        // SAFETY: as above.
+        assert!(unsafe { libc::inotify_add_watch(fd, path.as_ptr(), libc::IN_OPEN) } >= 0);
+        let r = probe_at(
+            &dir.join("no-iommu"),
+            &dev,
+            &Sysfs::at(dir.join("sys")),
+            false,
+        );
+        assert!(!r.opened_devices);
+        assert!(r.summary[0].starts_with("read-only"), "{r:?}");
+        assert_eq!(r.devices.len(), 4);
+        let d = |n: &str| r.devices.iter().find(|d| d.cdev.ends_with(n)).unwrap();
+        assert!(
+            r.devices
+                .iter()
+                .all(|d| !d.opened && d.migration_flags.is_none())
+        );
+        assert_eq!(d("vfio0").device.as_deref(), Some("0000:00:03.0"));
+        assert!(
+            d("vfio0")
+                .verdict
+                .starts_with("IOMMU dmar0 tracks dirty pages"),
+            "{r:?}"
+        );
+        assert!(d("vfio1").verdict.starts_with("an mdev"), "{r:?}");
+        assert_eq!(d("vfio2").sysfs.problems.len(), 5, "{r:?}");
+        assert!(
+            d("vfio3").verdict.contains("cannot track dirty pages"),
+            "{r:?}"
+        );
+        assert_eq!(opens(fd), 0, "the read-only probe opened a device file");
+        // The watch sees an open when there is one.
+        drop(std::fs::File::open(dev.join("vfio0")).unwrap());
+        assert_eq!(opens(fd), 1);
+        // SAFETY: closes the inotify fd this test made.
+        unsafe { libc::close(fd) };
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

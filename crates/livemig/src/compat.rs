@@ -19,6 +19,16 @@ pub struct DeviceDescriptor {
     pub iommu_dirty_tracking: bool,
     /// IOMMU page sizes of the device's domain (bit n = 2^n bytes).
     pub page_size_mask: u64,
+    /// Whether `migration_flags` and `dma_logging` were read from the device. A read-only
+    /// export (`livemig compat export --host` without `--open`) does not open devices, so it
+    /// cannot know them; the check then notes the gap instead of refusing. Descriptors
+    /// without the field (older exports) always read them.
+    #[serde(default = "yes")]
+    pub migration_flags_known: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A host's descriptor.
@@ -92,18 +102,29 @@ pub fn check(src: &[DeviceDescriptor], dst: &[DeviceDescriptor]) -> Verdict {
             v.reasons.push(format!(
                 "device {i} ({}): compatibility block differs (source {}, destination {})",
                 sd.identity,
-                hex(&sd.compat),
-                hex(&dd.compat)
+                show(&sd.compat),
+                show(&dd.compat)
             ));
         }
-        if dd.migration_flags & 1 == 0 {
+        if !s.migration_flags_known || !d.migration_flags_known {
+            v.notes.push(format!(
+                "device {i} ({}): migration flags and DMA logging unknown on the {} (exported \
+                 without --open); not checked",
+                sd.identity,
+                match (s.migration_flags_known, d.migration_flags_known) {
+                    (false, false) => "source and the destination",
+                    (false, true) => "source",
+                    _ => "destination",
+                }
+            ));
+        } else if dd.migration_flags & 1 == 0 {
             v.reasons.push(format!(
                 "device {i} ({}): the destination device is not migratable (no STOP_COPY)",
                 dd.identity
             ));
         }
         let missing = sd.migration_flags & !dd.migration_flags;
-        if missing != 0 {
+        if missing != 0 && s.migration_flags_known && d.migration_flags_known {
             v.reasons.push(format!(
                 "device {i} ({}): the source uses {} which the destination device lacks",
                 sd.identity,
@@ -122,7 +143,7 @@ pub fn check(src: &[DeviceDescriptor], dst: &[DeviceDescriptor]) -> Verdict {
                 ));
             }
         }
-        if !d.iommu_dirty_tracking && !dd.dma_logging {
+        if !d.iommu_dirty_tracking && !dd.dma_logging && d.migration_flags_known {
             v.notes.push(format!(
                 "device {i} ({}): the destination has neither IOMMU dirty tracking nor DMA \
                  logging for it, so the VM could not migrate away from there",
@@ -132,6 +153,16 @@ pub fn check(src: &[DeviceDescriptor], dst: &[DeviceDescriptor]) -> Verdict {
     }
     v.compatible = v.reasons.is_empty();
     v
+}
+
+/// A compatibility block as text when it is printable text (a BAR layout), else in hex.
+fn show(b: &[u8]) -> String {
+    match std::str::from_utf8(b) {
+        Ok(t) if !t.is_empty() && t.chars().all(|c| c == ' ' || c.is_ascii_graphic()) => {
+            format!("{t:?}")
+        }
+        _ => hex(b),
+    }
 }
 
 fn hex(b: &[u8]) -> String {
@@ -155,7 +186,44 @@ mod tests {
             },
             iommu_dirty_tracking: true,
             page_size_mask: 0x4020_1000,
+            migration_flags_known: true,
         }
+    }
+
+    #[test]
+    fn a_bar_layout_difference_is_refused_and_shown_as_text() {
+        let a = [dev("pci 19e5:a251", b"bar2 0x8000 mem64 prefetchable", 5)];
+        let b = [dev("pci 19e5:a251", b"bar2 0x10000 mem64 prefetchable", 5)];
+        let v = check(&a, &b);
+        assert_eq!(v.reasons.len(), 1, "{v:?}");
+        assert!(
+            v.reasons[0].contains(
+                "(source \"bar2 0x8000 mem64 prefetchable\", destination \"bar2 0x10000 mem64 \
+                 prefetchable\")"
+            ),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn unknown_migration_flags_are_noted_not_refused_and_old_descriptors_knew_them() {
+        let mut a = [dev("mdev mtty-2", b"", 0)];
+        a[0].migration_flags_known = false;
+        let b = [dev("mdev mtty-2", b"", 7)];
+        let v = check(&a, &b);
+        assert!(v.compatible, "{v:?}");
+        assert!(v.notes[0].contains("unknown on the source"), "{v:?}");
+        // Known on both sides, the same flags are refused.
+        let mut known = a.clone();
+        known[0].migration_flags_known = true;
+        let v = check(&b, &known);
+        assert!(!v.compatible, "{v:?}");
+        // An export from before the field: the flags were read.
+        let j = serde_json::to_string(&b[0]).unwrap();
+        let old = j.replace(",\"migration_flags_known\":true", "");
+        assert_ne!(old, j);
+        let d: DeviceDescriptor = serde_json::from_str(&old).unwrap();
+        assert!(d.migration_flags_known);
     }
 
     #[test]

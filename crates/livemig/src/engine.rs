@@ -140,6 +140,7 @@ impl SourcePlatform {
                 device: d.dev.compat(),
                 iommu_dirty_tracking: d.iommu_dirty.is_ok(),
                 page_size_mask: self.page_size_mask,
+                migration_flags_known: true,
             })
             .collect()
     }
@@ -2050,6 +2051,7 @@ impl DestinationPlatform {
                 device: d.compat(),
                 iommu_dirty_tracking: self.iommu_dirty.get(i).copied().unwrap_or(false),
                 page_size_mask: self.page_size_mask,
+                migration_flags_known: true,
             })
             .collect()
     }
@@ -2258,6 +2260,7 @@ impl Destination {
                         },
                         iommu_dirty_tracking: c.dirty_caps.iommu(),
                         page_size_mask: c.page_size_mask,
+                        migration_flags_known: true,
                     });
                 }
                 Some(Record::Round(r)) if r.round == 0 => break,
