@@ -372,21 +372,59 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-fn progress(quiet: bool) -> ProgressBar {
-    if quiet || !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
-    }
-    let pb = ProgressBar::new_spinner();
-    pb.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("template"));
-    pb.enable_steady_tick(Duration::from_millis(100));
-    pb
+/// The progress display of a source: a bar of the round's pages (bytes of guest memory, with
+/// rate and ETA), the phase, the dirty rate, the downtime stopping now would cost and the
+/// stream bytes so far, refreshed from the engine's [`livemig::engine::ProgressView`] ten times
+/// a second; a line per finished round above it. Hidden under `--json` or without a terminal.
+struct LiveBar {
+    pb: ProgressBar,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
-fn hook(source: &mut Source, pb: &ProgressBar) {
-    let pb = pb.clone();
+impl LiveBar {
+    fn finish_and_clear(mut self) {
+        self.stop_thread();
+        self.pb.finish_and_clear();
+    }
+
+    fn stop_thread(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for LiveBar {
+    fn drop(&mut self) {
+        self.stop_thread();
+    }
+}
+
+fn progress(quiet: bool, source: &mut Source) -> LiveBar {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let stop = Arc::new(AtomicBool::new(false));
+    if quiet || !std::io::stderr().is_terminal() {
+        return LiveBar {
+            pb: ProgressBar::hidden(),
+            stop,
+            thread: None,
+        };
+    }
+    let pb = ProgressBar::new(0);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{spinner} {elapsed} {msg}\n  [{wide_bar}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+        )
+        .expect("template"),
+    );
+    let phase = Arc::new(Mutex::new(String::from("starting")));
+    let (p, bar) = (Arc::clone(&phase), pb.clone());
     source.on_event(move |e| match e {
-        Event::Phase(p) => pb.set_message(p.to_string()),
-        Event::Round(r) => pb.println(format!(
+        Event::Phase(ph) => *p.lock().unwrap_or_else(|e| e.into_inner()) = ph.to_string(),
+        Event::Round(r) => bar.println(format!(
             "round {:>3}: {:>8} dirty, {:>8} pages, {:>6} zero, {:>9} device bytes, {:>6.1} MiB, {:>6.1} ms",
             r.round,
             r.dirty_pages,
@@ -397,6 +435,58 @@ fn hook(source: &mut Source, pb: &ProgressBar) {
             r.elapsed_us as f64 / 1e3
         )),
     });
+    let view = source.progress_view();
+    let (bar, halt) = (pb.clone(), Arc::clone(&stop));
+    let thread = std::thread::spawn(move || {
+        let mut round = u32::MAX;
+        while !halt.load(Ordering::Relaxed) {
+            let s = view.snapshot();
+            if s.round != round {
+                round = s.round;
+                bar.reset_eta();
+            }
+            // Position first: a frame drawn in between shows the new round's start against
+            // the old length, never the old round's end against the new one.
+            bar.set_position(s.round_done.min(s.round_pages) * 4096);
+            bar.set_length(s.round_pages * 4096);
+            let phase = phase.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let mut msg = phase;
+            if s.round > 0 {
+                msg.push_str(&format!(
+                    " | dirty {} pages/s | downtime now ~{} | {} sent",
+                    // Measured from the end of round 1 on.
+                    if s.round <= 1 {
+                        "?".to_string()
+                    } else {
+                        s.dirty_rate.to_string()
+                    },
+                    if s.expected_downtime_us == 0 {
+                        "?".to_string()
+                    } else {
+                        format!("{:.1} ms", s.expected_downtime_us as f64 / 1e3)
+                    },
+                    indicatif::HumanBytes(s.bytes)
+                ));
+            }
+            bar.set_message(msg);
+            bar.tick();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    LiveBar {
+        pb,
+        stop,
+        thread: Some(thread),
+    }
+}
+
+/// The state a failed migration leaves the source in, for its error message.
+fn source_state(source: &Source) -> &'static str {
+    if source.is_stopped() {
+        "the source stays stopped with its state intact (the destination may be running the VM)"
+    } else {
+        "the source runs again"
+    }
 }
 
 fn print_report(r: &MigrationReport) {
@@ -476,8 +566,7 @@ fn simulate(sim: &SimArgs, mig: &MigArgs, link: LinkConfig, json: bool) -> Resul
     let (host, dhost) = (src.host.clone(), dst.host.clone());
     let mut source = Source::new(src.platform, cfg);
     let mut dest = Destination::new(dst.platform);
-    let pb = progress(json);
-    hook(&mut source, &pb);
+    let pb = progress(json, &mut source);
     if !json {
         eprintln!(
             "simulating: {} IOMMU model, {} GiB RAM ({} MiB populated), {} QM VF(s), {} logging device(s), link {:.2} Gbit/s {:?}",
@@ -507,7 +596,7 @@ fn simulate(sim: &SimArgs, mig: &MigArgs, link: LinkConfig, json: bool) -> Resul
     drop(src.workload);
     let report = match (r, d) {
         (Ok(r), Ok(_)) => r,
-        (Err(e), _) => bail!("migration failed: {}", e.chain()),
+        (Err(e), _) => bail!("migration failed: {}; {}", e.chain(), source_state(&source)),
         (Ok(_), Err(e)) => bail!(
             "destination failed after the source finished: {}",
             e.chain()
@@ -641,8 +730,7 @@ fn migrate(to: &str, sim: &SimArgs, mig: &MigArgs, bandwidth: u64, json: bool) -
     let src = sim::source(&spec, cfg.precopy).map_err(anyhow::Error::msg)?;
     let host = src.host.clone();
     let mut source = Source::new(src.platform, cfg);
-    let pb = progress(json);
-    hook(&mut source, &pb);
+    let pb = progress(json, &mut source);
     let stream = TcpStream::connect(to).with_context(|| format!("connecting to {to}"))?;
     stream.set_nodelay(true)?;
     let back = stream.try_clone()?;
@@ -662,7 +750,9 @@ fn migrate(to: &str, sim: &SimArgs, mig: &MigArgs, bandwidth: u64, json: bool) -
     };
     pb.finish_and_clear();
     drop(src.workload);
-    let report = r.map_err(|e| anyhow::anyhow!("migration failed: {}", e.chain()))?;
+    let report = r.map_err(|e| {
+        anyhow::anyhow!("migration failed: {}; {}", e.chain(), source_state(&source))
+    })?;
     if let Some(path) = &mig.chart {
         chart::write_report(path, &format!("livemig migrate --to {to}"), &report)?;
     }

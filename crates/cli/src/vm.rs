@@ -15,7 +15,7 @@ use livemig::transport::TcpChannel;
 use livemig_kvm::{Backing, DirtyMode, GuestEvent, TestVm, TestVmConfig, platform};
 use serde::Serialize;
 
-use crate::{parse_duration, parse_size, print_report, progress};
+use crate::{parse_duration, parse_size, print_report};
 
 #[derive(Subcommand)]
 pub enum VmCmd {
@@ -397,8 +397,7 @@ fn migrate(to: &str, vm: &VmArgs, mig: &VmMigArgs, json: bool) -> Result<Migrate
     }
     let sp = platform::source(&t.vm, vec![], None, None).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut source = Source::new(sp, mig.config());
-    let pb = progress(json);
-    crate::hook(&mut source, &pb);
+    let pb = crate::progress(json, &mut source);
     let cpu0 = process_cpu_us();
     let stream = TcpStream::connect(to).with_context(|| format!("connecting to {to}"))?;
     stream.set_nodelay(true)?;

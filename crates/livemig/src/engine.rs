@@ -28,7 +28,7 @@
 //! the destination did not start). The destination never starts without the whole stream.
 
 use std::io::{self, Read, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -352,13 +352,16 @@ impl Timeline {
 struct Progress {
     bytes: AtomicU64,
     timeline: Mutex<Timeline>,
+    live: Arc<Live>,
 }
 
 impl Progress {
-    fn new() -> Progress {
+    fn new(live: Arc<Live>) -> Progress {
+        live.bytes.store(0, Ordering::Relaxed);
         Progress {
             bytes: AtomicU64::new(0),
             timeline: Mutex::new(Timeline::new()),
+            live,
         }
     }
 
@@ -366,14 +369,21 @@ impl Progress {
     /// thread holds the timeline).
     fn add(&self, delta: u64) {
         let now = self.bytes.fetch_add(delta, Ordering::Relaxed) + delta;
+        self.live.bytes.store(now, Ordering::Relaxed);
         if let Ok(mut t) = self.timeline.try_lock() {
             t.sample(now, false);
         }
     }
 
+    /// `n` more of the round's dirty pages were sent (data or zero).
+    fn pages(&self, n: u64) {
+        self.live.round_done.fetch_add(n, Ordering::Relaxed);
+    }
+
     /// The exact total (at a round's end); always a point.
     fn set(&self, total: u64) {
         self.bytes.store(total, Ordering::Relaxed);
+        self.live.bytes.store(total, Ordering::Relaxed);
         self.timeline
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -428,6 +438,8 @@ pub struct Source {
     phase: Phase,
     /// The vCPU throttle in force (percent), 0 when none.
     throttle: u8,
+    /// What progress displays read.
+    live: Arc<Live>,
 }
 
 impl std::fmt::Debug for Source {
@@ -437,6 +449,65 @@ impl std::fmt::Debug for Source {
             .field("cfg", &self.cfg)
             .field("phase", &self.phase)
             .finish()
+    }
+}
+
+/// What a progress display reads, shared between the engine and [`ProgressView`]s.
+#[derive(Debug, Default)]
+struct Live {
+    round: AtomicU32,
+    round_pages: AtomicU64,
+    round_done: AtomicU64,
+    bytes: AtomicU64,
+    dirty_rate: AtomicU64,
+    downtime_us: AtomicU64,
+}
+
+impl Live {
+    fn begin_round(&self, round: u32, pages: u64) {
+        self.round_done.store(0, Ordering::Relaxed);
+        self.round_pages.store(pages, Ordering::Relaxed);
+        self.round.store(round, Ordering::Relaxed);
+    }
+}
+
+/// A live view of a source's migration, for progress displays: [`Source::progress_view`]
+/// hands one out, and another thread may read it at any time while the migration runs.
+#[derive(Debug, Clone)]
+pub struct ProgressView(Arc<Live>);
+
+/// One reading of a [`ProgressView`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProgressSnapshot {
+    /// The round under way: 1, 2, ... for pre-copy, then the stop-and-copy round; 0 before the
+    /// first.
+    pub round: u32,
+    /// Dirty pages this round sends.
+    pub round_pages: u64,
+    /// Of those, pages sent so far (data or zero).
+    pub round_done: u64,
+    /// Stream bytes sent so far, every channel and round.
+    pub bytes: u64,
+    /// Pages the guest and its devices dirtied per second in the last round.
+    pub dirty_rate: u64,
+    /// The downtime stopping after the last round would cost, in microseconds (the remaining
+    /// bytes at the measured rate plus the destination devices' load time); 0 before it is
+    /// known.
+    pub expected_downtime_us: u64,
+}
+
+impl ProgressView {
+    /// The current values (each read atomically; together they may be a few pages apart).
+    pub fn snapshot(&self) -> ProgressSnapshot {
+        let l = &self.0;
+        ProgressSnapshot {
+            round: l.round.load(Ordering::Relaxed),
+            round_pages: l.round_pages.load(Ordering::Relaxed),
+            round_done: l.round_done.load(Ordering::Relaxed),
+            bytes: l.bytes.load(Ordering::Relaxed),
+            dirty_rate: l.dirty_rate.load(Ordering::Relaxed),
+            expected_downtime_us: l.downtime_us.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -515,7 +586,23 @@ impl Source {
             cancel: CancelHandle::new(),
             phase: Phase::Compat,
             throttle: 0,
+            live: Arc::default(),
         }
+    }
+
+    /// A live view of the migration for a progress display (bytes and pages of the round
+    /// under way, the dirty rate, the downtime stopping now would cost), readable from any
+    /// thread.
+    pub fn progress_view(&self) -> ProgressView {
+        ProgressView(Arc::clone(&self.live))
+    }
+
+    /// Whether the source's vCPUs are stopped. After a successful migration they are (the VM
+    /// runs at the destination). After a failed one this is `false` (the source runs again)
+    /// except when the handover's outcome was lost after End: then the source stays stopped
+    /// with its state intact, because the destination may be running the VM.
+    pub fn is_stopped(&self) -> bool {
+        self.paused
     }
 
     /// Calls `hook` on every phase change and after every round.
@@ -864,6 +951,16 @@ impl Source {
             let device_estimate = r.device_estimate;
             let round_us = r.elapsed_us.max(1);
             a.report.rounds.push(r);
+            self.live.dirty_rate.store(
+                found.saturating_mul(1_000_000) / round_us,
+                Ordering::Relaxed,
+            );
+            let expected_us = (u128::from(remaining) * 1_000_000 / u128::from(a.bandwidth.max(1)))
+                .min(u128::from(u64::MAX)) as u64;
+            self.live.downtime_us.store(
+                expected_us.saturating_add(a.device_load_estimate_us(device_estimate).unwrap_or(0)),
+                Ordering::Relaxed,
+            );
             let mut load_note = String::new();
             if remaining <= budget && round < self.cfg.max_rounds && settle < SETTLE_ROUNDS {
                 // It fits, but while the guest dirties pages much slower than the link moves
@@ -1072,7 +1169,7 @@ impl Source {
             p2p,
             bandwidth: 0,
             dirty_high: 0,
-            progress: Progress::new(),
+            progress: Progress::new(Arc::clone(&self.live)),
             round_acks,
             acked: 0,
             dest_load: (0, 0),
@@ -1127,6 +1224,7 @@ impl Source {
             throttle_percent: self.throttle,
             ..Default::default()
         };
+        self.live.begin_round(round, r.dirty_pages);
         let mem = Arc::clone(&self.platform.memory);
         send_round(a, &*mem, &mut r, phase, &self.cancel, round)?;
         a.dirty.clear();
@@ -1294,6 +1392,7 @@ impl Source {
             throttle_percent: self.throttle,
             ..Default::default()
         };
+        self.live.begin_round(round, r.dirty_pages);
         let mem = Arc::clone(&self.platform.memory);
         send_round(a, &*mem, &mut r, phase, &self.cancel, round)?;
         let mut save_us = 0u64;
@@ -1704,6 +1803,7 @@ fn send_pages<W: Write>(
                 r.pages += wr.pages;
                 r.zero_pages += wr.zero_pages;
             }
+            progress.pages(n);
             p += n;
         }
     }

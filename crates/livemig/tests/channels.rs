@@ -226,6 +226,7 @@ fn a_single_connection_destination_refuses_a_multi_channel_source_by_name() {
     );
     let se = r.unwrap_err();
     assert!(se.to_string().contains("2 page channels"), "{se}");
+    assert!(!s.is_stopped(), "a refused source runs on");
 }
 
 const TOKEN: [u8; 16] = [7; 16];
@@ -479,4 +480,51 @@ fn a_source_migrates_to_a_destination_that_does_not_acknowledge_rounds() {
     });
     let r = r.unwrap_or_else(|e| panic!("{}", e.chain()));
     assert_eq!(r.drain_us, 0, "nothing to wait for");
+}
+
+/// The progress view a display reads: at each round's end every dirty page of the round has
+/// been counted as sent, on one connection and over page channels, and at the end the bytes
+/// are the report's.
+#[test]
+fn the_progress_view_counts_every_page_of_each_round() {
+    for channels in [vec![], vec![fast(), fast()]] {
+        let (_src, _dst, sp, dp) = platforms(2);
+        let mut s = Source::new(sp, cfg(channels.len().max(1) as u32));
+        let view = s.progress_view();
+        assert_eq!(view.snapshot(), Default::default());
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (v, log) = (view.clone(), seen.clone());
+        s.on_event(move |e| {
+            if let livemig::engine::Event::Round(r) = e {
+                log.lock()
+                    .unwrap()
+                    .push((r.round, r.dirty_pages, v.snapshot()));
+            }
+        });
+        let mut d = Destination::new(dp);
+        let (r, dr) = if channels.is_empty() {
+            migrate_local(&mut s, &mut d, fast(), &Cut::new())
+        } else {
+            migrate_local_channels(&mut s, &mut d, fast(), &channels, &Cut::new())
+        };
+        let r = r.expect("migrates");
+        dr.expect("receives");
+        let seen = seen.lock().unwrap();
+        assert!(seen.len() >= 2, "{seen:?}");
+        assert_eq!(seen[0].1, PAGES, "round 1 sends every page");
+        for (round, dirty, snap) in seen.iter() {
+            assert_eq!(
+                (snap.round, snap.round_pages, snap.round_done),
+                (*round, *dirty, *dirty),
+                "{channels:?}"
+            );
+        }
+        let end = view.snapshot();
+        assert_eq!(end.round, r.stop_copy.round);
+        assert_eq!(end.bytes, r.bytes, "{channels:?}");
+        assert!(
+            s.is_stopped(),
+            "a migrated source stays stopped (the VM runs there now)"
+        );
+    }
 }

@@ -66,6 +66,10 @@ fn link_drop_in_every_phase_before_the_handover() {
         );
         assert!(d.is_err(), "the destination discards");
         run.assert_source_running();
+        assert!(
+            !run.source.is_stopped(),
+            "{phase}: the engine says it runs again"
+        );
         // Destination devices were reset: nothing half-loaded stays.
         assert!(dest_reset(&run), "destination devices reset");
     }
@@ -91,6 +95,7 @@ fn link_drop_at_handover_leaves_the_source_stopped_and_intact() {
         !sim::all_running(&run.src.host),
         "not resumed: the destination may run"
     );
+    assert!(run.source.is_stopped(), "the engine says it stays stopped");
     // The operator learns the destination did not start, and resumes the source.
     run.source.resume().unwrap();
     run.assert_source_running();
