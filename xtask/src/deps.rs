@@ -4,9 +4,13 @@
 //! packages `cargo tree -e normal` resolves (name and enabled features, not versions: a
 //! lockfile update does not change the set, a new dependency or feature does) must equal
 //! `ci/deps/<crate>.txt`. A crate thus cannot gain a dependency, direct or transitive, by
-//! accident; `--bless` rewrites the files after a deliberate change. Independently of the
-//! files, the engine (`livemig`) must never resolve a CLI, JSON, a device model or the
-//! iommufd selftest uAPI.
+//! accident; `--bless` rewrites the files after a deliberate change. The library crates are
+//! read from `cargo metadata` (every publishable workspace member with a library target), so a
+//! new crate is checked from its first commit: without its file the check fails. Independently
+//! of the files, no library but `livemig-sim` may resolve a device model, `livemig-vfio`'s
+//! simulated device, `livemig-stream`'s `inspect` or serde_json; `livemig-stream` may not
+//! resolve serde at all; and the engine (`livemig`) must never resolve a CLI, JSON, a device
+//! model or the iommufd selftest uAPI.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -16,19 +20,66 @@ use anyhow::{Context, Result, bail};
 
 use crate::rig::workspace_root;
 
-/// The library crates whose sets are pinned.
-pub const LIBRARIES: &[&str] = &[
-    "livemig",
-    "livemig-hisi-qm",
-    "livemig-host",
-    "livemig-iommu-pt",
-    "livemig-iommufd",
-    "livemig-kvm",
-    "livemig-sim",
-    "livemig-stream",
-    "livemig-vfio",
-    "livemig-viommu",
+/// The library crates whose sets are pinned: the publishable workspace members with a library
+/// target, sorted by name.
+pub fn libraries() -> Result<Vec<String>> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(&cargo)
+        .current_dir(workspace_root())
+        .args(["metadata", "--no-deps", "--format-version", "1"])
+        .output()
+        .with_context(|| format!("cannot run {cargo} metadata"))?;
+    if !out.status.success() {
+        bail!(
+            "cargo metadata failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let meta: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("cargo metadata printed no JSON")?;
+    libraries_in(&meta)
+}
+
+fn libraries_in(meta: &serde_json::Value) -> Result<Vec<String>> {
+    let packages = meta["packages"]
+        .as_array()
+        .context("cargo metadata: no packages")?;
+    let mut libs = Vec::new();
+    for p in packages {
+        // `publish = false` reads as an empty registry list.
+        let unpublished = p["publish"].as_array().is_some_and(|r| r.is_empty());
+        let has_lib = p["targets"].as_array().into_iter().flatten().any(|t| {
+            t["kind"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|k| k == "lib")
+        });
+        if has_lib && !unpublished {
+            libs.push(
+                p["name"]
+                    .as_str()
+                    .context("a package without name")?
+                    .to_string(),
+            );
+        }
+    }
+    libs.sort();
+    Ok(libs)
+}
+
+/// What no library except the simulated platform may resolve: the opt-in models, the
+/// simulated device, the inspection feature and JSON.
+const OPT_IN_ONLY: &[&str] = &[
+    "livemig-hisi-qm|model",
+    "livemig-iommu-pt|model",
+    "livemig-stream|inspect",
+    "livemig-vfio|sim",
+    "serde_json",
 ];
+
+/// What `livemig-stream` must never resolve: its decoding is serde-free.
+const STREAM_FORBIDDEN: &[&str] = &["serde", "serde_json"];
 
 /// What the engine must never resolve (package names, or `package|feature`).
 const ENGINE_FORBIDDEN: &[&str] = &[
@@ -42,7 +93,35 @@ const ENGINE_FORBIDDEN: &[&str] = &[
     "livemig-kvm",
     "livemig-host",
     "livemig-iommufd|selftest",
+    "livemig-vfio|sim",
 ];
+
+/// The forbidden packages (or package features) of `krate`, with the reason.
+fn forbidden_for(krate: &str) -> Vec<(&'static str, &'static str)> {
+    let mut rules = Vec::new();
+    if krate != "livemig-sim" {
+        rules.extend(
+            OPT_IN_ONLY
+                .iter()
+                .map(|f| (*f, "opt-in, for tools and tests only")),
+        );
+    }
+    if krate == "livemig-stream" {
+        rules.extend(
+            STREAM_FORBIDDEN
+                .iter()
+                .map(|f| (*f, "stream decoding is serde-free")),
+        );
+    }
+    if krate == "livemig" {
+        rules.extend(
+            ENGINE_FORBIDDEN
+                .iter()
+                .map(|f| (*f, "the engine stays lean")),
+        );
+    }
+    rules
+}
 
 fn tree(krate: &str, default_features: bool) -> Result<BTreeSet<String>> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -101,12 +180,12 @@ fn path(krate: &str) -> PathBuf {
         .join(format!("{krate}.txt"))
 }
 
-/// The engine's forbidden packages (or package features) among `set`.
-fn forbidden_hits<'a>(set: impl Iterator<Item = &'a String>) -> Vec<String> {
+/// The entries of `set` that match one of `forbidden` (package names, or `package|feature`).
+fn forbidden_hits<'a>(set: impl Iterator<Item = &'a String>, forbidden: &[&str]) -> Vec<String> {
     let mut hits = Vec::new();
     for d in set {
         let (name, features) = d.split_once('|').unwrap_or((d, ""));
-        for f in ENGINE_FORBIDDEN {
+        for f in forbidden {
             let hit = match f.split_once('|') {
                 Some((n, feature)) => n == name && features.split(',').any(|x| x == feature),
                 None => *f == name,
@@ -134,12 +213,13 @@ fn difference(have: &str, want: &str) -> Option<String> {
 /// Checks (or with `bless`, rewrites) every pinned set.
 pub fn deps(bless: bool) -> Result<()> {
     let mut failures = Vec::new();
-    for &krate in LIBRARIES {
+    for krate in libraries()? {
+        let krate = krate.as_str();
         let (default, none) = (tree(krate, true)?, tree(krate, false)?);
-        if krate == "livemig" {
-            for h in forbidden_hits(default.iter().chain(&none)) {
+        for (f, why) in forbidden_for(krate) {
+            for h in forbidden_hits(default.iter().chain(&none), &[f]) {
                 failures.push(format!(
-                    "the engine resolves {h}, which it must never depend on"
+                    "{krate} resolves {h}, which it must never depend on ({why})"
                 ));
             }
         }
@@ -203,7 +283,8 @@ mod tests {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let hits = forbidden_hits(set.iter());
+        let engine: Vec<&str> = forbidden_for("livemig").iter().map(|r| r.0).collect();
+        let hits = forbidden_hits(set.iter(), &engine);
         assert_eq!(
             hits,
             [
@@ -212,5 +293,44 @@ mod tests {
                 "livemig-hisi-qm|model"
             ]
         );
+    }
+
+    #[test]
+    fn only_the_simulated_platform_may_resolve_models_and_stream_decoding_has_no_serde() {
+        let set: Vec<String> = [
+            "livemig-vfio|sim",
+            "livemig-iommu-pt|model,std",
+            "serde|alloc,derive",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let rules = |k: &str| -> Vec<&str> { forbidden_for(k).iter().map(|r| r.0).collect() };
+        assert_eq!(
+            forbidden_hits(set.iter(), &rules("livemig-host")),
+            ["livemig-vfio|sim", "livemig-iommu-pt|model,std"]
+        );
+        assert!(forbidden_hits(set.iter(), &rules("livemig-sim")).is_empty());
+        assert_eq!(
+            forbidden_hits(set.iter(), &rules("livemig-stream")),
+            [
+                "livemig-vfio|sim",
+                "livemig-iommu-pt|model,std",
+                "serde|alloc,derive"
+            ]
+        );
+    }
+
+    #[test]
+    fn libraries_are_the_publishable_members_with_a_lib_target() {
+        let meta = serde_json::json!({"packages": [
+            {"name": "livemig-vfio", "publish": null,
+             "targets": [{"kind": ["lib"]}, {"kind": ["test"]}]},
+            {"name": "livemig-cli", "publish": null, "targets": [{"kind": ["bin"]}]},
+            {"name": "hw-tests", "publish": [],
+             "targets": [{"kind": ["lib"]}, {"kind": ["bin"]}]},
+            {"name": "livemig", "publish": null, "targets": [{"kind": ["lib"]}]},
+        ]});
+        assert_eq!(libraries_in(&meta).unwrap(), ["livemig", "livemig-vfio"]);
     }
 }

@@ -34,7 +34,12 @@
 //! # Ok::<(), livemig_hisi_qm::state::StateError>(())
 //! ```
 //!
-//! Register maps and state layouts are `no_std` (without the default `std` feature).
+//! # Features
+//! None by default: register maps, encodings, `acc_vf_data` layouts and the sequences are
+//! `no_std` + `alloc` (CI links them into a `#![no_std]` binary for `x86_64-unknown-none`), and
+//! the error types implement `core::error::Error`. `std` adds `StdDelay` (sleeps); `vfio`
+//! (implies `std`) adds `MappedVf` and `migration::AccMigration`, a `livemig-vfio`
+//! `MigrationDevice`; `model` (implies `std`) adds the QM VF/PF device model.
 #![cfg_attr(not(any(feature = "std", test)), no_std)]
 #![deny(missing_docs)]
 

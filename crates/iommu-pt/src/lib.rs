@@ -57,8 +57,10 @@
 //! 0.1 % (1.6×) and 1.59 ns at 100 % (2.1×), the same with A cleared too (1.5×, 2.2×).
 //!
 //! # Features
-//! `std` (default) adds `std::error::Error` impls; `model` (needs `std`) adds the emulated
-//! IOMMU. Without them the crate is `no_std` + `alloc`.
+//! None by default: the crate is `no_std` + `alloc`, and its error types implement
+//! `core::error::Error` (the trait `std::error::Error` re-exports). `model` (implies `std`)
+//! adds the emulated IOMMU; `std` alone only links std. CI links the default build into a
+//! `#![no_std]` binary for `x86_64-unknown-none`, so std cannot come back through a dependency.
 #![cfg_attr(not(any(feature = "std", test)), no_std)]
 #![deny(missing_docs)]
 

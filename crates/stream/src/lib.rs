@@ -51,6 +51,14 @@
 //! }
 //! # }
 //! ```
+//!
+//! # Features
+//! * `std` (default): [`Reader`] and [`Writer`] over `io::Read`/`io::Write`, and CRC32C with
+//!   the CPU's carry-less multiply (`crc-fast`). Without it the crate is `no_std` + `alloc`:
+//!   records, [`Decoder`]/[`SliceReader`], [`qemu`] and [`qevm`] decode with a table CRC, and CI
+//!   links that build into a `#![no_std]` binary for `x86_64-unknown-none`.
+//! * `inspect` (implies `std`, opt-in): dumps and JSON summaries through serde and serde_json,
+//!   for tools such as the livemig CLI. Nothing else in the crate uses serde.
 #![no_std]
 #![deny(missing_docs)]
 

@@ -1,7 +1,7 @@
 //! Migrates a simulated device's state with PRE_COPY, the way an engine drives a VFIO device:
 //! pre-copy rounds while the device runs, STOP_COPY for the rest, RESUMING on the destination.
 //!
-//! `cargo run -p livemig-vfio --example sim_migrate`
+//! `cargo run -p livemig-vfio --features sim --example sim_migrate`
 
 use livemig_vfio::sim::{SimConfig, SimDevice};
 use livemig_vfio::{MigrationDevice, MigrationFlags, MigrationState, data};

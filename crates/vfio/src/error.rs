@@ -244,7 +244,8 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    /// A simulated device refused the data it was given.
+    /// A device implemented in software (the `sim` feature's device, a model, a vCPU state
+    /// record) refused the data it was given.
     #[error("invalid device state: {0}")]
     InvalidDeviceState(String),
 }

@@ -13,8 +13,9 @@
 //!   [`transition`](MigrationDevice::transition), data sessions ([`DataFile`], [`data`]) and
 //!   DMA logging ([`DmaLogger`]).
 //!
-//! [`sim::SimDevice`] implements the same traits in memory, with fault injection, so engines and
-//! tests run without hardware.
+//! # Features
+//! None by default. `sim` adds `sim::SimDevice`, which implements the same traits in memory,
+//! with DMA logging and fault injection, so engines and tests run without hardware.
 //!
 //! # Example: save a device's state
 //! ```no_run
@@ -34,6 +35,7 @@ pub mod abi;
 pub mod data;
 pub mod dma_log;
 pub mod fsm;
+#[cfg(feature = "sim")]
 pub mod sim;
 
 mod device;

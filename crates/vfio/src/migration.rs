@@ -1,6 +1,6 @@
 //! The [`MigrationDevice`] trait: what a migration engine needs from a device, implemented by
 //! the kernel device ([`VfioDevice`](crate::VfioDevice)), the simulated device
-//! ([`SimDevice`](crate::sim::SimDevice)) and device models in other crates.
+//! (`sim::SimDevice`, feature `sim`) and device models in other crates.
 
 use crate::data::DataChannel;
 use crate::error::Error;

@@ -33,6 +33,11 @@
 //! assert_eq!(dev.request(&map), Status::Ok);
 //! assert_eq!(dev.mappings(1).len(), 1);
 //! ```
+//!
+//! # Features
+//! None by default: the protocol, the device model, page-size negotiation and the migration
+//! policy build anywhere. `iommufd` adds `listener::IommufdListener`, which mirrors mappings
+//! into a `livemig-iommufd` IOAS (Linux).
 #![deny(missing_docs)]
 
 pub mod device;
