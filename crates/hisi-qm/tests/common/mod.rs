@@ -1,4 +1,4 @@
-//! Sample `acc_vf_data` blobs shared by the golden tests and `examples/make_golden.rs`.
+//! Sample `acc_vf_data` blobs shared by the golden tests and `examples/make_golden_qm.rs`.
 #![allow(dead_code)]
 
 use livemig_hisi_qm::state::{AccVfData, Layout, QmRegState, VfQmState};

@@ -1,7 +1,7 @@
 //! Writes the golden `acc_vf_data` blobs of `fixtures/hisi-qm/`. Existing files are never
 //! overwritten: tests/golden.rs checks they still decode and that the encoder reproduces them.
 //!
-//! `cargo run -p livemig-hisi-qm --example make_golden -- fixtures/hisi-qm`
+//! `cargo run -p livemig-hisi-qm --example make_golden_qm -- fixtures/hisi-qm`
 
 #[path = "../tests/common/mod.rs"]
 mod common;
