@@ -4,7 +4,9 @@
 //!   format check, the dependency-set check, clippy `-D warnings` (all features), every
 //!   library crate checked alone with its default features and with none, the `no_std` binary
 //!   (`ci/no-std`, for `x86_64-unknown-none`) with its negative control, all tests (all
-//!   features), rustdoc `-D warnings`, then the rig.
+//!   features), the examples (`examples`), rustdoc `-D warnings`, then the rig.
+//! * `cargo xtask examples` — builds every example and runs those whose main use works here
+//!   (a ci step).
 //! * `cargo xtask rig [--profile NAME]... [--accel auto|kvm|tcg] [--keep-artifacts]
 //!   [--timeout SECS] [--filter SUBSTRING]` — the QEMU conformance rig.
 //! * `cargo xtask hw-test [--config FILE] [--dry-run] [--nested] [--filter SUBSTRING]` — the
@@ -17,6 +19,7 @@ mod apt;
 mod bench_peer;
 mod cpio;
 mod deps;
+mod examples;
 mod hwtest;
 mod qemu;
 mod rig;
@@ -41,12 +44,15 @@ usage: cargo xtask <command> [options]
 
 commands:
   ci        format check, dependency sets, clippy -D warnings, each library crate alone
-            (default / no default features), the no_std binary, all tests, docs -D warnings,
-            the rig
+            (default / no default features), the no_std binary, all tests, the examples,
+            docs -D warnings, the rig
   deps      check each library crate's resolved dependency set against ci/deps/
               --bless            rewrite ci/deps/ after a deliberate change
   features  clippy -D warnings on each library crate alone, with default features and with
             none (a ci step)
+  examples  build every example (all features) and run each whose main use works on this
+            machine; livemig-iommufd's and livemig-host's need /dev/iommu: built only
+            (a ci step)
   no-std    build the no_std binary ci/no-std for x86_64-unknown-none, and its negative
             control (a ci step)
   rig       build a kernel, boot it under QEMU per machine profile, run hw-tests
@@ -100,6 +106,7 @@ fn run() -> Result<()> {
             Some(other) => bail!("deps: unknown option {other:?}\n\n{USAGE}"),
         },
         "features" => features(),
+        "examples" => examples::examples(),
         "no-std" => no_std(),
         "hw-test" => {
             let mut o = hwtest::Options::default();
@@ -305,6 +312,8 @@ fn ci_rest(step: &mut Step<'_>) -> Result<()> {
     step("test", &mut || {
         cargo(&["test", "--workspace", "--all-features"], &[])
     })?;
+    // Every example builds; each whose main use works here runs and checks its result.
+    step("examples", &mut examples::examples)?;
     step("doc", &mut || {
         cargo(
             &["doc", "--workspace", "--no-deps", "--all-features"],
