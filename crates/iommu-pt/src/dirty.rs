@@ -965,15 +965,19 @@ mod tests {
         assert!(DirtyBits::new(!0xfff, 8192, 4096).is_err());
     }
 
-    #[test]
-    fn bitmap_set_bits_matches_naive() {
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut rnd = move || {
+    /// A xorshift64 generator seeded with `state`.
+    fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+        move || {
             state ^= state << 13;
             state ^= state >> 7;
             state ^= state << 17;
             state
-        };
+        }
+    }
+
+    #[test]
+    fn bitmap_set_bits_matches_naive() {
+        let mut rnd = xorshift(0x9e37_79b9_7f4a_7c15);
         for _ in 0..2000 {
             let mut b = DirtyBits::new(0, 300 * 4096, 4096).unwrap();
             let mut naive = [false; 300];
@@ -993,13 +997,7 @@ mod tests {
 
     #[test]
     fn chunk_skip_test_matches_naive() {
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut rnd = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut rnd = xorshift(0x2545_f491_4f6c_dd1d);
         let mut hits = 0;
         for round in 0..4000 {
             let n = 1 + (rnd() % 64) as usize;

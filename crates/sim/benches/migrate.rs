@@ -35,20 +35,7 @@ fn spec() -> SimSpec {
 }
 
 fn migrate_once() -> (Duration, MigrationReport) {
-    let s = spec();
-    let src = sim::source(&s, true).expect("source");
-    let dst = sim::destination(&s, true).expect("destination");
-    let mut source = Source::new(src.platform, SourceConfig::default());
-    let mut dest = Destination::new(dst.platform);
-    std::thread::sleep(Duration::from_millis(50));
-    let t = Instant::now();
-    let (r, d) = sim::migrate_local(&mut source, &mut dest, LINK, &Cut::new());
-    let el = t.elapsed();
-    let r = r.expect("migration");
-    d.expect("destination");
-    drop(src.workload);
-    src.host.compare(&dst.host).expect("bit for bit");
-    (el, r)
+    migrate_over(&spec(), LINK)
 }
 
 /// Bytes the migration had to move at the least, by its own report.
@@ -250,6 +237,8 @@ fn migrate_over(spec: &SimSpec, link: LinkConfig) -> (Duration, MigrationReport)
     let dst = sim::destination(spec, true).expect("destination");
     let mut source = Source::new(src.platform, SourceConfig::default());
     let mut dest = Destination::new(dst.platform);
+    // The workload's writers get going before the clock starts.
+    std::thread::sleep(Duration::from_millis(50));
     let t = Instant::now();
     let (r, d) = sim::migrate_local(&mut source, &mut dest, link, &Cut::new());
     let el = t.elapsed();
