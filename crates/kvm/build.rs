@@ -1,8 +1,10 @@
 //! Builds the test guest (`guest/`) with the machine's gcc as a flat multiboot image.
 //!
 //! Why gcc and not Rust: the guest is freestanding code linked at a fixed address with a
-//! 32-bit entry stub, and this toolchain has only the x86_64 Linux target (no bare-metal
-//! target or rust-src can be fetched here). The image is a flat binary whose multiboot header
+//! 32-bit entry stub. When this was written no bare-metal target could be fetched here; CI now
+//! adds `x86_64-unknown-none` for its no_std check (issue 18), so a Rust guest is possible, but
+//! its 32-bit multiboot entry would still need assembly and a linker script, and a build
+//! script cannot rely on a target being installed. The image is a flat binary whose multiboot header
 //! carries the address fields, so QEMU's multiboot loader takes it (it refuses 64-bit ELF
 //! files) and livemig-kvm loads it the same way (see docs/decisions.md).
 
