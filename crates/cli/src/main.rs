@@ -104,6 +104,11 @@ enum Cmd {
         /// Machine-readable summary.
         #[arg(long)]
         json: bool,
+        /// A file that is not a livemig stream is read whole, up to this many bytes; a longer
+        /// one is inspected up to the cap and the output says so. (A livemig stream is read
+        /// record by record, whatever its size.)
+        #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+        max_bytes: u64,
     },
     /// Compatibility descriptors.
     #[command(subcommand)]
@@ -809,10 +814,20 @@ fn incoming(listen: &str, sim: &SimArgs, precopy: bool, json: bool) -> Result<()
     Ok(())
 }
 
-fn inspect(file: &PathBuf, json: bool) -> Result<()> {
+fn inspect(file: &PathBuf, json: bool, max_bytes: u64) -> Result<()> {
     let f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
-    let ins = livemig_stream::inspect::inspect(std::io::BufReader::new(f), Default::default())
-        .with_context(|| format!("reading {}", file.display()))?;
+    let ins = livemig_stream::inspect::inspect_with(
+        std::io::BufReader::new(f),
+        Default::default(),
+        max_bytes,
+    )
+    .with_context(|| format!("reading {}", file.display()))?;
+    if let Some(n) = ins.summary.read_only_first {
+        eprintln!(
+            "{}: only the first {n} bytes were inspected (--max-bytes); the file is longer",
+            file.display()
+        );
+    }
     if json {
         println!("{}", ins.summary.to_json());
     } else {
@@ -986,7 +1001,11 @@ fn main() -> Result<()> {
             no_precopy,
             json,
         } => incoming(&listen, &sim, !no_precopy, json)?,
-        Cmd::Inspect { file, json } => inspect(&file, json)?,
+        Cmd::Inspect {
+            file,
+            json,
+            max_bytes,
+        } => inspect(&file, json, max_bytes)?,
         Cmd::Vm(cmd) => vm::main(cmd)?,
         Cmd::Host(cmd) => host::run(cmd)?,
         Cmd::Chart { input, output } => chart::run(&input, &output)?,

@@ -222,3 +222,37 @@ fn bad_arguments_are_named() {
         );
     }
 }
+
+/// A file inspect must read whole is read up to `--max-bytes`, and the output says so; within
+/// the cap nothing is said.
+#[test]
+fn inspect_caps_what_it_reads_whole_and_says_so() {
+    let file = fixture("qemu/q35-tcg-16m.qevm");
+    let size = std::fs::metadata(&file).unwrap().len();
+    let out = Command::new(BIN)
+        .args(["inspect", "--json", "--max-bytes", "4096"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("only the first 4096 bytes were inspected (--max-bytes)"),
+        "{e}"
+    );
+    let j = json(&out.stdout);
+    assert_eq!(j["read_only_first"], 4096, "{j}");
+    assert!(!out.status.success(), "a cut QEMU file is not valid: {j}");
+    let out = Command::new(BIN)
+        .args(["inspect", "--json", "--max-bytes"])
+        .arg(size.to_string())
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j = json(&out.stdout);
+    assert!(j.get("read_only_first").is_none(), "{j}");
+}

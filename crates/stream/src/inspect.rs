@@ -183,6 +183,10 @@ pub struct Summary {
     /// Sections, RAM blocks and description of a QEMU migration file.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub qevm: Option<QevmSummary>,
+    /// A non-livemig input longer than the cap of [`inspect_with`]: only this many bytes were
+    /// read and inspected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_only_first: Option<u64>,
 }
 
 impl Summary {
@@ -215,7 +219,19 @@ fn flag_names(bits: u32, names: &[(u32, &'static str)]) -> Vec<&'static str> {
 
 /// Inspects a stream from `input`: a livemig stream (read incrementally), a QEMU migration file
 /// or QEMU VFIO framing (read whole, up to `limits.max_total`).
-pub fn inspect<R: Read>(mut input: R, limits: Limits) -> io::Result<Inspection> {
+pub fn inspect<R: Read>(input: R, limits: Limits) -> io::Result<Inspection> {
+    inspect_with(input, limits, limits.max_total)
+}
+
+/// [`inspect`], reading at most `max_whole` bytes of an input that must be read whole (a QEMU
+/// migration file or VFIO framing; a livemig stream is read record by record and not capped
+/// here). A longer input is inspected up to the cap, and the summary
+/// ([`Summary::read_only_first`]) and the dump say so.
+pub fn inspect_with<R: Read>(
+    mut input: R,
+    limits: Limits,
+    max_whole: u64,
+) -> io::Result<Inspection> {
     let mut first = [0u8; 8];
     let mut n = 0;
     while n < 8 {
@@ -224,21 +240,32 @@ pub fn inspect<R: Read>(mut input: R, limits: Limits) -> io::Result<Inspection> 
             k => n += k,
         }
     }
-    let chained = io::Cursor::new(first[..n].to_vec()).chain(input);
+    let mut chained = io::Cursor::new(first[..n].to_vec()).chain(input);
     if n == 8 && first == MAGIC {
         Ok(inspect_livemig(chained, limits))
     } else {
         let mut all = Vec::new();
-        chained.take(limits.max_total).read_to_end(&mut all)?;
-        if qevm::looks_like_qevm(&all) {
+        (&mut chained).take(max_whole).read_to_end(&mut all)?;
+        let longer = chained.read(&mut [0u8; 1])? > 0;
+        let mut out = if qevm::looks_like_qevm(&all) {
             let ql = QevmLimits {
                 max_vfio_chunk: limits.max_record,
                 ..QevmLimits::default()
             };
-            Ok(inspect_qevm(&all, ql))
+            inspect_qevm(&all, ql)
         } else {
-            Ok(inspect_qemu(&all, limits))
+            inspect_qemu(&all, limits)
+        };
+        if longer {
+            out.summary.read_only_first = Some(all.len() as u64);
+            let _ = writeln!(
+                out.dump,
+                "note: only the first {} bytes were read; the input is longer (raise the cap to \
+                 read more)",
+                all.len()
+            );
         }
+        Ok(out)
     }
 }
 
