@@ -256,10 +256,9 @@ fn probe_edu(addr: &str, vendor: Vendor) -> Result<Outcome> {
     );
     let text = std::fs::read_to_string(a)?;
     let d: serde_json::Value = serde_json::from_str(&text)?;
-    let layout: String = "bar0 0x100000 mem32"
-        .bytes()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    // The descriptor's JSON carries the compatibility block in hex.
+    let hex = |t: &str| -> String { t.bytes().map(|b| format!("{b:02x}")).collect() };
+    let layout = hex("bar0 0x100000 mem32");
     let dev = d["devices"]
         .as_array()
         .context("descriptor devices")?
@@ -276,10 +275,7 @@ fn probe_edu(addr: &str, vendor: Vendor) -> Result<Outcome> {
     let out = run(&["compat", "check", a, a])?;
     ensure!(out.status.success(), "edu against itself refused");
     let b = "/tmp/edu-compat-b.json";
-    let bigger: String = "bar0 0x200000 mem32"
-        .bytes()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let bigger = hex("bar0 0x200000 mem32");
     std::fs::write(b, text.replace(&layout, &bigger))?;
     let out = run(&["compat", "check", a, b])?;
     let said = String::from_utf8_lossy(&out.stdout).into_owned();

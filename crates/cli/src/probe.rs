@@ -141,7 +141,8 @@ fn cdev_name(cdev: &Path) -> String {
 /// The read-only report of one cdev: sysfs only.
 fn describe_device(sys: &Sysfs, cdev: &Path) -> DeviceProbe {
     let name = cdev_name(cdev);
-    let info = sys.describe(&name);
+    let found = sys.device_of(&name);
+    let info = sys.describe_at(&name, found.as_ref().map(|(dir, _)| dir.as_path()));
     let verdict = match (info.bus.as_str(), &info.iommu_unit) {
         ("mdev", _) => "an mdev (emulated device, no IOMMU behind it); migration support needs \
                         `--open`"
@@ -167,7 +168,7 @@ fn describe_device(sys: &Sysfs, cdev: &Path) -> DeviceProbe {
     };
     DeviceProbe {
         cdev: cdev.to_path_buf(),
-        device: sys.device_of(&name).map(|(_, id)| id),
+        device: found.map(|(_, id)| id),
         sysfs: info,
         verdict,
         ..Default::default()

@@ -129,12 +129,19 @@ impl Sysfs {
     }
 
     /// Reads everything this module knows about cdev `name`.
+    #[cfg(test)]
     pub fn describe(&self, name: &str) -> SysfsDevice {
+        self.describe_at(name, self.device_of(name).map(|(dir, _)| dir).as_deref())
+    }
+
+    /// [`describe`](Sysfs::describe) for a cdev whose device directory
+    /// ([`device_of`](Sysfs::device_of)) the caller already looked up.
+    pub fn describe_at(&self, name: &str, dir: Option<&Path>) -> SysfsDevice {
         let mut d = SysfsDevice {
             bus: "unknown".into(),
             ..Default::default()
         };
-        let Some((dir, _)) = self.device_of(name) else {
+        let Some(dir) = dir else {
             d.problems.push(format!(
                 "{}: missing (no sysfs device for {name})",
                 self.root

@@ -347,10 +347,10 @@ impl Timeline {
     }
 }
 
-/// Bytes sent so far over every channel, shared by the threads that send pages.
+/// Bytes sent so far over every channel, shared by the threads that send pages. The count is
+/// the live view's (`Live::bytes`), so a progress display reads the same number.
 #[derive(Debug)]
 struct Progress {
-    bytes: AtomicU64,
     timeline: Mutex<Timeline>,
     live: Arc<Live>,
 }
@@ -359,7 +359,6 @@ impl Progress {
     fn new(live: Arc<Live>) -> Progress {
         live.bytes.store(0, Ordering::Relaxed);
         Progress {
-            bytes: AtomicU64::new(0),
             timeline: Mutex::new(Timeline::new()),
             live,
         }
@@ -368,8 +367,7 @@ impl Progress {
     /// `delta` more bytes went out; a timeline point if one is due (skipped while another
     /// thread holds the timeline).
     fn add(&self, delta: u64) {
-        let now = self.bytes.fetch_add(delta, Ordering::Relaxed) + delta;
-        self.live.bytes.store(now, Ordering::Relaxed);
+        let now = self.live.bytes.fetch_add(delta, Ordering::Relaxed) + delta;
         if let Ok(mut t) = self.timeline.try_lock() {
             t.sample(now, false);
         }
@@ -382,7 +380,6 @@ impl Progress {
 
     /// The exact total (at a round's end); always a point.
     fn set(&self, total: u64) {
-        self.bytes.store(total, Ordering::Relaxed);
         self.live.bytes.store(total, Ordering::Relaxed);
         self.timeline
             .lock()
