@@ -134,8 +134,8 @@ impl Sysfs {
         self.describe_at(name, self.device_of(name).map(|(dir, _)| dir).as_deref())
     }
 
-    /// [`describe`](Sysfs::describe) for a cdev whose device directory
-    /// ([`device_of`](Sysfs::device_of)) the caller already looked up.
+    /// Reads everything this module knows about cdev `name`, whose device directory
+    /// ([`device_of`](Sysfs::device_of)) the caller already looked up (`None`: it has none).
     pub fn describe_at(&self, name: &str, dir: Option<&Path>) -> SysfsDevice {
         let mut d = SysfsDevice {
             bus: "unknown".into(),
