@@ -26,6 +26,7 @@ const RUN: &[(&str, &str, &str)] = &[
     ("livemig-iommu-pt", "harvest", "model"),
     ("livemig-hisi-qm", "vf_migrate", "model,vfio"),
     ("livemig-viommu", "requests", ""),
+    ("livemig-viommu", "virtqueue", "virtio-queue"),
 ];
 
 /// Built only: their main use needs `/dev/iommu` and VFIO cdevs, which CI machines do not

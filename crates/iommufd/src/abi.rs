@@ -89,6 +89,23 @@ pub const IOMMU_HWPT_FAULT_ID_VALID: u32 = 1 << 2;
 /// `IOMMU_HWPT_DATA_NONE`: a kernel-managed (paging) HWPT.
 pub const IOMMU_HWPT_DATA_NONE: u32 = 0;
 
+/// `IOMMU_PGFAULT_FLAGS_PASID_VALID`: the record's `pasid` is valid.
+pub const IOMMU_PGFAULT_FLAGS_PASID_VALID: u32 = 1 << 0;
+/// `IOMMU_PGFAULT_FLAGS_LAST_PAGE`: the last record of its page request group.
+pub const IOMMU_PGFAULT_FLAGS_LAST_PAGE: u32 = 1 << 1;
+/// `IOMMU_PGFAULT_PERM_READ`.
+pub const IOMMU_PGFAULT_PERM_READ: u32 = 1 << 0;
+/// `IOMMU_PGFAULT_PERM_WRITE`.
+pub const IOMMU_PGFAULT_PERM_WRITE: u32 = 1 << 1;
+/// `IOMMU_PGFAULT_PERM_EXEC` (PCIe 10.4.1, Execute Requested).
+pub const IOMMU_PGFAULT_PERM_EXEC: u32 = 1 << 2;
+/// `IOMMU_PGFAULT_PERM_PRIV` (PCIe 10.4.1, Privileged Mode Requested).
+pub const IOMMU_PGFAULT_PERM_PRIV: u32 = 1 << 3;
+/// `IOMMUFD_PAGE_RESP_SUCCESS`: the fault was handled, the device retries (PCIe "Success").
+pub const IOMMUFD_PAGE_RESP_SUCCESS: u32 = 0;
+/// `IOMMUFD_PAGE_RESP_INVALID`: the fault cannot be handled, no retry (PCIe "Invalid Request").
+pub const IOMMUFD_PAGE_RESP_INVALID: u32 = 1;
+
 /// `IOMMU_HW_INFO_TYPE_NONE`.
 pub const IOMMU_HW_INFO_TYPE_NONE: u32 = 0;
 /// `IOMMU_HW_INFO_TYPE_INTEL_VTD`.
@@ -426,6 +443,54 @@ pub struct iommu_hwpt_get_dirty_bitmap {
     pub data: u64,
 }
 
+/// `struct iommu_fault_alloc` (`IOMMU_FAULT_QUEUE_ALLOC`, Linux 6.11+).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct iommu_fault_alloc {
+    /// sizeof(struct iommu_fault_alloc).
+    pub size: u32,
+    /// must be 0.
+    pub flags: u32,
+    /// out: the fault object's id.
+    pub out_fault_id: u32,
+    /// out: the fault object's file descriptor.
+    pub out_fault_fd: u32,
+}
+
+/// `struct iommu_hwpt_pgfault`: one record read from a fault queue's fd.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct iommu_hwpt_pgfault {
+    /// `IOMMU_PGFAULT_FLAGS_*`.
+    pub flags: u32,
+    /// The iommufd device id of the requester.
+    pub dev_id: u32,
+    /// PASID, valid with `IOMMU_PGFAULT_FLAGS_PASID_VALID`.
+    pub pasid: u32,
+    /// Page Request Group Index.
+    pub grpid: u32,
+    /// `IOMMU_PGFAULT_PERM_*`.
+    pub perm: u32,
+    /// must be 0.
+    pub __reserved: u32,
+    /// Faulting address.
+    pub addr: u64,
+    /// Hint of how many bytes the requester wants (0: none).
+    pub length: u32,
+    /// Kernel cookie of the group; echoed in the response to the group's last record.
+    pub cookie: u32,
+}
+
+/// `struct iommu_hwpt_page_response`: one record written to a fault queue's fd.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct iommu_hwpt_page_response {
+    /// The cookie of the group answered.
+    pub cookie: u32,
+    /// `IOMMUFD_PAGE_RESP_*`.
+    pub code: u32,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -501,6 +566,11 @@ mod tests {
         assert_eq!(offset_of!(iommu_hwpt_get_dirty_bitmap, iova), 16);
         assert_eq!(offset_of!(iommu_hwpt_get_dirty_bitmap, page_size), 32);
         assert_eq!(offset_of!(iommu_hwpt_get_dirty_bitmap, data), 40);
+        assert_eq!(size_of::<iommu_fault_alloc>(), 16);
+        assert_eq!(size_of::<iommu_hwpt_pgfault>(), 40);
+        assert_eq!(offset_of!(iommu_hwpt_pgfault, addr), 24);
+        assert_eq!(offset_of!(iommu_hwpt_pgfault, cookie), 36);
+        assert_eq!(size_of::<iommu_hwpt_page_response>(), 8);
     }
 
     /// Cross-check with rust-vmm's bindgen output (from a newer kernel).
@@ -532,6 +602,26 @@ mod tests {
         assert_eq!(
             size_of::<ib::iommu_hw_info_arm_smmuv3>(),
             size_of::<iommu_hw_info_arm_smmuv3>()
+        );
+        assert_eq!(
+            size_of::<ib::iommu_fault_alloc>(),
+            size_of::<iommu_fault_alloc>()
+        );
+        assert_eq!(
+            size_of::<ib::iommu_hwpt_pgfault>(),
+            size_of::<iommu_hwpt_pgfault>()
+        );
+        assert_eq!(
+            size_of::<ib::iommu_hwpt_page_response>(),
+            size_of::<iommu_hwpt_page_response>()
+        );
+        assert_eq!(
+            ib::iommu_hwpt_pgfault_flags_IOMMU_PGFAULT_FLAGS_LAST_PAGE,
+            IOMMU_PGFAULT_FLAGS_LAST_PAGE
+        );
+        assert_eq!(
+            ib::iommufd_page_response_code_IOMMUFD_PAGE_RESP_INVALID,
+            IOMMUFD_PAGE_RESP_INVALID
         );
         assert_eq!(ib::IOMMUFD_CMD_IOAS_MAP_FILE, 0x8f);
         assert_eq!(

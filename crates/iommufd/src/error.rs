@@ -41,6 +41,12 @@ pub enum Op {
     DeviceAttach,
     /// A [`DirtyBitmap`](crate::DirtyBitmap) operation.
     Bitmap,
+    /// `IOMMU_FAULT_QUEUE_ALLOC`.
+    FaultQueueAlloc,
+    /// A read of page requests from a fault queue.
+    FaultRead,
+    /// A page response written to a fault queue.
+    FaultRespond,
 }
 
 impl fmt::Display for Op {
@@ -62,6 +68,9 @@ impl fmt::Display for Op {
             Op::HwptGetDirtyBitmap => "IOMMU_HWPT_GET_DIRTY_BITMAP",
             Op::DeviceAttach => "VFIO_DEVICE_ATTACH_IOMMUFD_PT",
             Op::Bitmap => "dirty bitmap",
+            Op::FaultQueueAlloc => "IOMMU_FAULT_QUEUE_ALLOC",
+            Op::FaultRead => "fault queue read",
+            Op::FaultRespond => "fault queue page response",
         })
     }
 }

@@ -5,7 +5,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::c_void;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::rc::Rc;
 
@@ -27,6 +27,8 @@ enum Obj {
         tracking: bool,
         dirty: BTreeSet<u64>, // dirty 4K page addresses
     },
+    /// A fault queue; the test holds the other end of its socket pair in `fault_peers`.
+    Fault,
 }
 
 #[derive(Debug, Clone)]
@@ -47,6 +49,8 @@ struct State {
     rlimit_process: bool,
     vfio_ioas: Option<u32>,
     calls: Vec<u64>,
+    /// The test's end of each fault queue's socket pair, by fault id.
+    fault_peers: HashMap<u32, OwnedFd>,
 }
 
 struct FakeIommufd {
@@ -152,6 +156,30 @@ impl fake::Kernel for FakeIommufd {
         let mut st = self.st.borrow_mut();
         st.calls.push(request);
         match request {
+            abi::IOMMU_FAULT_QUEUE_ALLOC => {
+                let a = arg!(p, abi::iommu_fault_alloc);
+                if a.flags != 0 {
+                    return err(libc::EOPNOTSUPP);
+                }
+                let mut fds = [0; 2];
+                // SAFETY: `fds` has room for the two descriptors socketpair returns.
+                let rc = unsafe {
+                    libc::socketpair(
+                        libc::AF_UNIX,
+                        libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+                        0,
+                        fds.as_mut_ptr(),
+                    )
+                };
+                assert_eq!(rc, 0, "socketpair: {}", io::Error::last_os_error());
+                let id = st.alloc(Obj::Fault);
+                // SAFETY: `fds[1]` was just created and is owned by nobody else.
+                st.fault_peers
+                    .insert(id, unsafe { OwnedFd::from_raw_fd(fds[1]) });
+                a.out_fault_id = id;
+                a.out_fault_fd = fds[0] as u32;
+                Ok(0)
+            }
             abi::IOMMU_IOAS_ALLOC => {
                 let a = arg!(p, abi::iommu_ioas_alloc);
                 if a.flags != 0 {
@@ -1009,4 +1037,73 @@ fn auto_domains_union_dirty_over_all_hwpts() {
     let mut bm = DirtyBitmap::new(0, 64 * PAGE, PAGE).unwrap();
     auto.read_dirty(0, 64 * PAGE, &mut bm, true).unwrap();
     assert_eq!(bm.words(), &[0b1010]);
+}
+
+/// The fault queue's file: records the "kernel" writes are decoded, a response reaches it as
+/// one 8-byte record, an empty queue reads as no requests, and a short record is refused.
+#[test]
+fn fault_queue_reads_records_and_writes_responses() {
+    use crate::fault::{PageResponse, RECORD_LEN};
+    use std::io::{Read, Write};
+    use std::time::Duration;
+
+    let (fd, st, _g) = setup();
+    let q = fd.alloc_fault_queue().unwrap();
+    assert!(q.read_requests(None).unwrap().is_empty());
+    let peer = st.borrow_mut().fault_peers.remove(&q.id()).unwrap();
+    let mut peer = std::fs::File::from(peer);
+    let mut rec = [0u8; RECORD_LEN];
+    rec[0] = abi::IOMMU_PGFAULT_FLAGS_LAST_PAGE as u8;
+    rec[4] = 5; // dev_id
+    rec[16] = (abi::IOMMU_PGFAULT_PERM_WRITE) as u8;
+    rec[24..32].copy_from_slice(&0x1234_5000u64.to_le_bytes());
+    rec[36] = 77; // cookie
+    peer.write_all(&rec).unwrap();
+    let got = q.read_requests(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        (got[0].dev_id, got[0].addr, got[0].cookie),
+        (5, 0x1234_5000, 77)
+    );
+    assert!(got[0].perm.write && !got[0].perm.read && got[0].last_page);
+
+    q.respond(77, PageResponse::Invalid).unwrap();
+    let mut resp = [0u8; 16];
+    let n = peer.read(&mut resp).unwrap();
+    assert_eq!(n, 8);
+    assert_eq!(&resp[..8], &[77, 0, 0, 0, 1, 0, 0, 0]);
+
+    peer.write_all(&rec[..30]).unwrap();
+    let e = q.read_requests(Some(Duration::from_secs(5))).unwrap_err();
+    assert!(e.to_string().contains("30 bytes"), "{e}");
+}
+
+/// A HWPT that is not a nesting parent cannot have a nested child, and nested driver data
+/// cannot be empty; both are refused before any ioctl.
+#[test]
+fn alloc_nested_refuses_a_non_parent_and_empty_data() {
+    let (fd, st, _g) = setup();
+    add_dev(
+        &st,
+        1,
+        FakeDev {
+            caps: 0,
+            data_type: 0,
+            data: vec![],
+            alloc_errno: None,
+        },
+    );
+    let ioas = fd.alloc_ioas().unwrap();
+    let plain = ioas.alloc_hwpt(1, HwptFlags::empty()).unwrap();
+    let before = st.borrow().calls.len();
+    let e = plain.alloc_nested(1, 0xdead, &[0; 4], None).unwrap_err();
+    assert!(e.to_string().contains("NEST_PARENT"), "{e}");
+    let parent = ioas.alloc_hwpt(1, HwptFlags::NEST_PARENT).unwrap();
+    let e = parent.alloc_nested(1, 0xdead, &[], None).unwrap_err();
+    assert!(e.to_string().contains("driver data"), "{e}");
+    assert_eq!(
+        st.borrow().calls.len(),
+        before + 1,
+        "only the parent's HWPT_ALLOC ran"
+    );
 }

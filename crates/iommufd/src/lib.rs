@@ -11,6 +11,8 @@
 //! * a private `sys` module: every ioctl goes through it; unit tests replace it with a fake.
 //! * typed RAII objects: [`Iommufd`], [`Ioas`], [`Hwpt`] (destroyed on drop), [`IommuDevice`]
 //!   (hardware info probed once), [`DirtyBitmap`], and [`AutoDomains`].
+//! * [`fault`]: I/O page-fault queues ([`FaultQueue`]): page requests a device raised on a
+//!   nested HWPT, read and answered by the VMM.
 //!
 //! # Flow of a migration with IOMMU dirty tracking
 //! ```no_run
@@ -40,6 +42,7 @@ pub mod abi;
 mod auto;
 mod bitmap;
 mod error;
+pub mod fault;
 mod hw_info;
 mod objects;
 #[cfg(feature = "selftest")]
@@ -49,6 +52,7 @@ mod sys;
 pub use auto::{AutoDomain, AutoDomains, DomainPath};
 pub use bitmap::{DirtyBitmap, DirtyRun, Runs};
 pub use error::{Error, Op, Reason};
+pub use fault::{FaultPerm, FaultQueue, PageRequest, PageResponse};
 pub use hw_info::{HwCaps, HwInfo, HwInfoType, VendorInfo, decode_vendor};
 pub use objects::{
     DmaAccess, Hwpt, HwptFlags, Ioas, IommuDevice, Iommufd, IovaRange, IovaRanges, Placement,

@@ -296,9 +296,9 @@ impl IommuDevice {
 }
 
 #[derive(Debug)]
-struct Object {
-    iommufd: Iommufd,
-    id: u32,
+pub(crate) struct Object {
+    pub(crate) iommufd: Iommufd,
+    pub(crate) id: u32,
 }
 
 impl Drop for Object {
@@ -663,16 +663,21 @@ impl Ioas {
             }),
             ioas: self.clone(),
             flags,
+            holds: Vec::new(),
         })
     }
 }
 
-/// A kernel-managed hardware page table (`IOMMU_HWPT_ALLOC` on an IOAS). Cloning shares it.
+/// A hardware page table (`IOMMU_HWPT_ALLOC`): kernel-managed on an IOAS, or nested on a
+/// parent HWPT ([`Hwpt::alloc_nested`]). Cloning shares it.
 #[derive(Debug, Clone)]
 pub struct Hwpt {
     obj: Arc<Object>,
     ioas: Ioas,
     flags: HwptFlags,
+    /// A nested HWPT keeps its parent (and a fault queue it reports to) alive; declared after
+    /// `obj`, so the nested object is destroyed first.
+    holds: Vec<Arc<Object>>,
 }
 
 impl Hwpt {
@@ -699,6 +704,83 @@ impl Hwpt {
     /// Destroys the HWPT now and reports the kernel's answer (EBUSY while a device is attached).
     pub fn destroy(self) -> Result<(), Error> {
         destroy_object(self.obj)
+    }
+
+    /// Whether this is a nested HWPT ([`alloc_nested`](Self::alloc_nested)).
+    pub fn is_nested(&self) -> bool {
+        !self.holds.is_empty()
+    }
+
+    /// `IOMMU_HWPT_ALLOC` with this HWPT as the parent: a nested (user-managed stage-1) HWPT
+    /// for `dev_id`, described by driver data `data` of type `data_type`
+    /// (`IOMMU_HWPT_DATA_VTD_S1`, `_ARM_SMMUV3`, or the selftest's `0xdead`). With `fault`,
+    /// the HWPT reports I/O page faults to that queue (`IOMMU_HWPT_FAULT_ID_VALID`); Linux 6.12
+    /// accepts a fault queue only on a nested HWPT (`iommufd_hwpt_paging_alloc` refuses the
+    /// flag with EOPNOTSUPP), so this is the one way to get page requests to user space there.
+    ///
+    /// This HWPT must have been allocated with [`HwptFlags::NEST_PARENT`]; it and `fault` stay
+    /// alive as long as the nested HWPT does.
+    pub fn alloc_nested(
+        &self,
+        dev_id: u32,
+        data_type: u32,
+        data: &[u8],
+        fault: Option<&crate::fault::FaultQueue>,
+    ) -> Result<Hwpt, Error> {
+        if !self.flags.contains(HwptFlags::NEST_PARENT) {
+            return Err(Error::invalid(
+                Op::HwptAlloc,
+                format!(
+                    "HWPT {} was allocated without IOMMU_HWPT_ALLOC_NEST_PARENT and cannot be a parent",
+                    self.id()
+                ),
+            ));
+        }
+        if data_type == abi::IOMMU_HWPT_DATA_NONE || data.is_empty() {
+            return Err(Error::invalid(
+                Op::HwptAlloc,
+                "a nested HWPT needs driver data (a data type other than IOMMU_HWPT_DATA_NONE)",
+            ));
+        }
+        let data_len = u32::try_from(data.len()).map_err(|_| {
+            Error::invalid(
+                Op::HwptAlloc,
+                format!("{} bytes of driver data", data.len()),
+            )
+        })?;
+        let mut arg = abi::iommu_hwpt_alloc {
+            size: size_of::<abi::iommu_hwpt_alloc>() as u32,
+            flags: if fault.is_some() {
+                abi::IOMMU_HWPT_FAULT_ID_VALID
+            } else {
+                0
+            },
+            dev_id,
+            pt_id: self.id(),
+            data_type,
+            data_len,
+            data_uptr: data.as_ptr() as u64,
+            fault_id: fault.map_or(0, |f| f.id()),
+            ..Default::default()
+        };
+        // SAFETY: `arg` is an iommu_hwpt_alloc whose data pointer and length describe `data`,
+        // which the kernel only reads during the call.
+        unsafe {
+            self.obj
+                .iommufd
+                .ioctl(Op::HwptAlloc, abi::IOMMU_HWPT_ALLOC, &mut arg)
+        }?;
+        let mut holds = vec![Arc::clone(&self.obj)];
+        holds.extend(fault.map(|f| Arc::clone(f.object())));
+        Ok(Hwpt {
+            obj: Arc::new(Object {
+                iommufd: self.obj.iommufd.clone(),
+                id: arg.out_hwpt_id,
+            }),
+            ioas: self.ioas.clone(),
+            flags: HwptFlags::empty(),
+            holds,
+        })
     }
 
     fn require_dirty(&self, op: Op) -> Result<(), Error> {

@@ -26,6 +26,16 @@ pub const OP_MOCK_DOMAIN_REPLACE: u32 = 10;
 pub const OP_MOCK_DOMAIN_FLAGS: u32 = 12;
 /// `IOMMU_TEST_OP_DIRTY`: mark mock PTEs dirty.
 pub const OP_DIRTY: u32 = 13;
+/// `IOMMU_TEST_OP_TRIGGER_IOPF`: report a page request from a mock device, as if its DMA
+/// missed (Linux 6.11+; `iommufd_test_trigger_iopf` flags it `LAST_PAGE`, so each call is a
+/// group of one).
+pub const OP_TRIGGER_IOPF: u32 = 15;
+
+/// `IOMMU_HWPT_DATA_SELFTEST`: driver data type of a mock nested HWPT.
+pub const HWPT_DATA_SELFTEST: u32 = 0xdead;
+/// `IOMMU_TEST_IOTLB_DEFAULT`: the mock nested HWPT's initial IOTLB value
+/// (`struct iommu_hwpt_selftest { __u32 iotlb; }`).
+pub const IOTLB_DEFAULT: u32 = 0xbadbeef;
 
 /// `MOCK_FLAGS_DEVICE_NO_DIRTY`: the mock device's IOMMU has no dirty tracking.
 pub const MOCK_FLAGS_DEVICE_NO_DIRTY: u32 = 1 << 0;
@@ -193,4 +203,33 @@ pub fn mark_dirty(
     test_cmd(fd, &mut cmd)
         .map_err(|e| io::Error::new(e.kind(), format!("IOMMU_TEST_OP_DIRTY: {e}")))?;
     Ok(cmd.u[5])
+}
+
+/// `IOMMU_TEST_OP_TRIGGER_IOPF`: the mock device `dev_id` (its iommufd device id) reports a
+/// page request for `addr` with `IOMMU_PGFAULT_PERM_*` bits `perm`; `pasid` 0 is
+/// `IOMMU_NO_PASID` (no PASID in the request). The kernel routes it to the fault queue of the
+/// HWPT the device is attached to; without one it answers the request itself.
+pub fn trigger_iopf(
+    fd: &Iommufd,
+    dev_id: u32,
+    pasid: u32,
+    grpid: u32,
+    perm: u32,
+    addr: u64,
+) -> io::Result<()> {
+    let mut cmd = TestCmd::new(OP_TRIGGER_IOPF, 0);
+    // trigger_iopf: dev_id u32 @0, pasid u32 @4, grpid u32 @8, perm u32 @12, addr u64 @16
+    cmd.set_u32_at(0, dev_id);
+    cmd.set_u32_at(4, pasid);
+    cmd.set_u32_at(8, grpid);
+    cmd.set_u32_at(12, perm);
+    cmd.u[2] = addr;
+    test_cmd(fd, &mut cmd)
+        .map_err(|e| io::Error::new(e.kind(), format!("IOMMU_TEST_OP_TRIGGER_IOPF: {e}")))
+}
+
+/// Driver data for a mock nested HWPT ([`crate::Hwpt::alloc_nested`] with
+/// [`HWPT_DATA_SELFTEST`]).
+pub fn nested_data() -> [u8; 4] {
+    IOTLB_DEFAULT.to_le_bytes()
 }

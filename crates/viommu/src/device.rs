@@ -40,9 +40,22 @@ use std::sync::Arc;
 use crate::listener::{MapListener, Mapping, Perm};
 use crate::policy::{MigrationGuard, ViommuEvent, ViommuView};
 use crate::proto::{
-    ATTACH_F_BYPASS, Config, F_BYPASS, F_BYPASS_CONFIG, F_MAP_UNMAP, F_MMIO, F_PROBE, MAP_F_MMIO,
-    MAP_F_READ, MAP_F_WRITE, Request, ResvMem, Status, TAIL_LEN,
+    ATTACH_F_BYPASS, Config, F_BYPASS, F_BYPASS_CONFIG, F_MAP_UNMAP, F_MMIO, F_PROBE,
+    FAULT_F_ADDRESS, FAULT_F_EXEC, FAULT_F_READ, FAULT_F_WRITE, FAULT_R_DOMAIN, FAULT_R_MAPPING,
+    FAULT_R_UNKNOWN, FaultEvent, MAP_F_MMIO, MAP_F_READ, MAP_F_WRITE, Request, ResvMem, Status,
+    TAIL_LEN,
 };
+
+/// The access a faulting request asked for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Access {
+    /// Read.
+    pub read: bool,
+    /// Write.
+    pub write: bool,
+    /// Execute.
+    pub exec: bool,
+}
 
 /// Why a configuration or endpoint cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -649,6 +662,60 @@ impl VirtioIommu {
     fn notify(&self, ev: ViommuEvent) {
         if let Some(g) = &self.guard {
             g.on_event(&ev, &self.view());
+        }
+    }
+
+    /// Whether `endpoint` may access `iova` as `access` asks under the guest's current
+    /// translation: `None` if it may (the access is recoverable: the host side can retry it),
+    /// otherwise the fault event the guest is told of (virtio 1.3 §5.13.6.9):
+    /// * an endpoint this device does not manage: `FAULT_R_UNKNOWN`;
+    /// * an endpoint attached to no domain, while unattached endpoints do not bypass:
+    ///   `FAULT_R_DOMAIN`;
+    /// * an address no mapping of its (non-bypass) domain covers, or covers without the
+    ///   access: `FAULT_R_MAPPING`.
+    ///
+    /// A virtio-iommu mapping has no execute permission (MAP flags are READ, WRITE and MMIO), so
+    /// an execute request is checked as a read. The event carries the access flags and the
+    /// address (`FAULT_F_ADDRESS`).
+    pub fn fault_for(&self, endpoint: u32, iova: u64, access: Access) -> Option<FaultEvent> {
+        let mut flags = FAULT_F_ADDRESS;
+        if access.read {
+            flags |= FAULT_F_READ;
+        }
+        if access.write {
+            flags |= FAULT_F_WRITE;
+        }
+        if access.exec {
+            flags |= FAULT_F_EXEC;
+        }
+        let event = |reason| {
+            Some(FaultEvent {
+                reason,
+                flags,
+                endpoint,
+                address: iova,
+            })
+        };
+        let Some(ep) = self.endpoints.get(&endpoint) else {
+            return event(FAULT_R_UNKNOWN);
+        };
+        let Some(domain) = ep.domain.and_then(|d| self.domains.get(&d)) else {
+            return if self.unattached_bypass() {
+                None
+            } else {
+                event(FAULT_R_DOMAIN)
+            };
+        };
+        if domain.bypass {
+            return None;
+        }
+        let permitted = domain.overlapping(iova, iova).first().is_some_and(|m| {
+            (m.perm.read || !(access.read || access.exec)) && (m.perm.write || !access.write)
+        });
+        if permitted {
+            None
+        } else {
+            event(FAULT_R_MAPPING)
         }
     }
 

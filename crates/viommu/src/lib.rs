@@ -8,6 +8,10 @@
 //!                          IommufdListener (IOAS map/unmap;       (block / cancel / allow)
 //!                          read-dirty-then-unmap while tracking)
 //!  pagesize::Negotiation: page_size_mask = AND of the host IOMMUs' masks, hotplug rules
+//!
+//!  requestq (virtio-queue Queue) ──queue::process_requests──> VirtioIommu::handle
+//!  iommufd fault queue ──faults::FaultRelay──> SUCCESS/INVALID to the kernel
+//!                                   └─ unrecoverable ─> queue::EventQueue ──eventq──> guest
 //! ```
 //!
 //! A VMM that gives its guest a virtio-iommu with an assigned device must mirror every guest
@@ -36,12 +40,22 @@
 //!
 //! # Features
 //! None by default: the protocol, the device model, page-size negotiation and the migration
-//! policy build anywhere. `iommufd` adds `listener::IommufdListener`, which mirrors mappings
-//! into a `livemig-iommufd` IOAS (Linux).
+//! policy build anywhere.
+//! * `virtio-queue` adds `queue`: the request queue served from a rust-vmm `virtio-queue`
+//!   `Queue` over `vm-memory` guest memory (chains of any shape, used ring, notification
+//!   suppression), and the event queue that carries fault events to the guest.
+//! * `iommufd` adds `listener::IommufdListener`, which mirrors mappings into a
+//!   `livemig-iommufd` IOAS, and `faults::FaultRelay`, which answers the page requests of
+//!   iommufd's fault queue for the guest's translation and turns the unrecoverable ones into
+//!   fault events (Linux).
 #![deny(missing_docs)]
 
 pub mod device;
+#[cfg(feature = "iommufd")]
+pub mod faults;
 pub mod listener;
 pub mod pagesize;
 pub mod policy;
 pub mod proto;
+#[cfg(feature = "virtio-queue")]
+pub mod queue;

@@ -462,9 +462,87 @@ impl ResvMem {
     }
 }
 
+/// `VIRTIO_IOMMU_FAULT_R_UNKNOWN`.
+pub const FAULT_R_UNKNOWN: u8 = 0;
+/// `VIRTIO_IOMMU_FAULT_R_DOMAIN`: the endpoint is not attached to a domain.
+pub const FAULT_R_DOMAIN: u8 = 1;
+/// `VIRTIO_IOMMU_FAULT_R_MAPPING`: the address is not mapped, or not with that access.
+pub const FAULT_R_MAPPING: u8 = 2;
+/// `VIRTIO_IOMMU_FAULT_F_READ`.
+pub const FAULT_F_READ: u32 = 1 << 0;
+/// `VIRTIO_IOMMU_FAULT_F_WRITE`.
+pub const FAULT_F_WRITE: u32 = 1 << 1;
+/// `VIRTIO_IOMMU_FAULT_F_EXEC`.
+pub const FAULT_F_EXEC: u32 = 1 << 2;
+/// `VIRTIO_IOMMU_FAULT_F_ADDRESS`: `address` is valid.
+pub const FAULT_F_ADDRESS: u32 = 1 << 8;
+
+/// A fault event on the event queue (virtio 1.3 §5.13.6.9, `struct virtio_iommu_fault`):
+/// `reason u8 | reserved[3] | flags le32 | endpoint le32 | reserved2[4] | address le64`, 24
+/// bytes. It has no reply path: the driver only logs it (Linux's `viommu_fault_handler`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FaultEvent {
+    /// `FAULT_R_*`.
+    pub reason: u8,
+    /// `FAULT_F_*`.
+    pub flags: u32,
+    /// The endpoint that faulted.
+    pub endpoint: u32,
+    /// The faulting address, valid with `FAULT_F_ADDRESS`.
+    pub address: u64,
+}
+
+impl FaultEvent {
+    /// Bytes of the event.
+    pub const LEN: usize = 24;
+
+    /// The wire form.
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[0] = self.reason;
+        b[4..8].copy_from_slice(&self.flags.to_le_bytes());
+        b[8..12].copy_from_slice(&self.endpoint.to_le_bytes());
+        b[16..24].copy_from_slice(&self.address.to_le_bytes());
+        b
+    }
+
+    /// Decodes an event a device wrote (what a driver does); `None` if `b` is shorter than
+    /// [`LEN`](Self::LEN) or a reserved byte is set (Linux ignores such an event).
+    pub fn decode(b: &[u8]) -> Option<FaultEvent> {
+        if b.len() < Self::LEN || b[1..4] != [0; 3] || b[12..16] != [0; 4] {
+            return None;
+        }
+        Some(FaultEvent {
+            reason: b[0],
+            flags: le32(b, 4),
+            endpoint: le32(b, 8),
+            address: le64(b, 16),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fault_event_round_trips_and_refuses_reserved_bytes() {
+        let e = FaultEvent {
+            reason: FAULT_R_MAPPING,
+            flags: FAULT_F_WRITE | FAULT_F_ADDRESS,
+            endpoint: 8,
+            address: 0xdead_b000,
+        };
+        let b = e.encode();
+        assert_eq!(b[0], 2);
+        assert_eq!(&b[4..8], &[2, 1, 0, 0]);
+        assert_eq!(&b[16..24], &0xdead_b000u64.to_le_bytes());
+        assert_eq!(FaultEvent::decode(&b), Some(e));
+        assert_eq!(FaultEvent::decode(&b[..23]), None);
+        let mut r = b;
+        r[13] = 1;
+        assert_eq!(FaultEvent::decode(&r), None);
+    }
 
     #[test]
     fn layouts_match_the_uapi_header() {
