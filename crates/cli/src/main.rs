@@ -876,6 +876,7 @@ fn compat_export(sim: &SimArgs, precopy: bool, host: bool, open: bool) -> Result
                     },
                     page_size_mask: unit.map_or(0, |u| u.page_sizes),
                     migration_flags_known: d.opened,
+                    dma_logging_limits: d.dma_logging_limits,
                 }
             })
             .collect();
@@ -913,11 +914,47 @@ fn compat_export(sim: &SimArgs, precopy: bool, host: bool, open: bool) -> Result
 
 fn read_descriptor(p: &PathBuf) -> Result<HostDescriptor> {
     let t = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-    let d: HostDescriptor = serde_json::from_str(&t)
-        .map_err(|e| anyhow::anyhow!("{}: not a compatibility descriptor: {e}", p.display()))?;
-    d.check_format()
-        .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
-    Ok(d)
+    parse_descriptor(&t).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
+}
+
+/// A descriptor from JSON: the format tag first (a newer livemig's descriptor is named as
+/// such, not reported as a missing field), then every field must be one this livemig knows
+/// ([`compat::KNOWN_FIELDS`]), then the structure.
+fn parse_descriptor(text: &str) -> Result<HostDescriptor, String> {
+    let v: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("not a compatibility descriptor: {e}"))?;
+    let format = v
+        .get("format")
+        .and_then(|f| f.as_str())
+        .ok_or("not a compatibility descriptor: no \"format\" string")?;
+    compat::check_format(format)?;
+    let (top, device, limits) = compat::KNOWN_FIELDS;
+    let unknown = |o: &serde_json::Value, known: &[&str], at: &str| -> Result<(), String> {
+        let Some(o) = o.as_object() else {
+            return Ok(()); // the structure parse below names a wrong type
+        };
+        match o.keys().find(|k| !known.contains(&k.as_str())) {
+            Some(k) => Err(format!(
+                "unknown field {k:?} {at}: written by a newer livemig or edited; refusing \
+                 rather than ignoring it"
+            )),
+            None => Ok(()),
+        }
+    };
+    unknown(&v, top, "at the top level")?;
+    for (i, d) in v
+        .get("devices")
+        .and_then(|d| d.as_array())
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        unknown(d, device, &format!("in device {i}"))?;
+        if let Some(l) = d.get("dma_logging_limits") {
+            unknown(l, limits, &format!("in device {i}'s dma_logging_limits"))?;
+        }
+    }
+    serde_json::from_value(v).map_err(|e| format!("not a compatibility descriptor: {e}"))
 }
 
 fn main() -> Result<()> {
@@ -974,7 +1011,17 @@ fn main() -> Result<()> {
                             d.migration_error.as_deref().unwrap_or("unknown")
                         ),
                     }
-                    println!("  DMA logging {}", if d.dma_logging { "yes" } else { "no" });
+                    match (&d.dma_logging_limits, &d.dma_logging_error) {
+                        (Some(l), _) => println!(
+                            "  DMA logging yes ({} KiB pages for a 4 KiB hint, {} ranges)",
+                            l.page_size >> 10,
+                            l.max_ranges
+                        ),
+                        (None, Some(e)) => println!("  DMA logging yes (limits unreadable: {e})"),
+                        (None, None) => {
+                            println!("  DMA logging {}", if d.dma_logging { "yes" } else { "no" })
+                        }
+                    }
                     if let Some(a) = &d.auto_domain {
                         println!("  auto domain: {a}");
                     }

@@ -14,10 +14,10 @@ use std::path::{Path, PathBuf};
 
 use livemig_iommufd::selftest::{MOCK_FLAGS_DEVICE_NO_DIRTY, MockDevice};
 use livemig_iommufd::{AutoDomains, HwInfo, HwptFlags, Iommufd, VendorInfo};
-use livemig_vfio::{MigrationDevice, VfioDevice};
+use livemig_vfio::{DmaLogger, DmaRange, MigrationDevice, VfioDevice};
 use serde::Serialize;
 
-use livemig::compat::flag_names;
+use livemig::compat::{DmaLoggingLimits, flag_names};
 use livemig::error::chain;
 
 use crate::sysfs::{Sysfs, SysfsDevice};
@@ -79,6 +79,12 @@ pub struct DeviceProbe {
     pub migration_error: Option<String>,
     /// `VFIO_DEVICE_FEATURE_DMA_LOGGING_START` supported.
     pub dma_logging: bool,
+    /// The DMA log's limits: a START over one 2 MiB range with a 4 KiB hint, then STOP, gives
+    /// the page size the device chose; the range budget is the kernel's (only with `--open`
+    /// on a device with a DMA log).
+    pub dma_logging_limits: Option<DmaLoggingLimits>,
+    /// Why the limits could not be read.
+    pub dma_logging_error: Option<String>,
     /// The auto-domain outcome (HWPT with dirty tracking, HWPT without, or the IOAS).
     pub auto_domain: Option<String>,
     /// IOMMU dirty tracking is available for the device's domain.
@@ -178,7 +184,7 @@ fn describe_device(sys: &Sysfs, cdev: &Path) -> DeviceProbe {
 fn probe_device(fd: &Iommufd, sys: &Sysfs, cdev: &Path) -> DeviceProbe {
     let mut p = describe_device(sys, cdev);
     p.opened = true;
-    let dev = match VfioDevice::open(cdev) {
+    let mut dev = match VfioDevice::open(cdev) {
         Ok(d) => d,
         Err(e) => {
             p.error = Some(chain(&e));
@@ -220,6 +226,12 @@ fn probe_device(fd: &Iommufd, sys: &Sysfs, cdev: &Path) -> DeviceProbe {
                     p.auto_domain = Some(a.to_string());
                 }
                 Err(e) => p.auto_domain = Some(format!("attach failed: {}", chain(&e))),
+            }
+            if p.dma_logging {
+                match dma_logging_limits(&mut dev) {
+                    Ok(l) => p.dma_logging_limits = Some(l),
+                    Err(e) => p.dma_logging_error = Some(chain(&e)),
+                }
             }
             let _ = dev.detach_pt();
         }
@@ -366,9 +378,86 @@ pub fn probe_at(iommu: &Path, vfio_dir: &Path, sys: &Sysfs, open: bool) -> Probe
     r
 }
 
+/// Starts the device's DMA log over one 2 MiB range at IOVA 0 with a 4 KiB hint and stops it
+/// again: the page size START returns is the granularity the device tracks at. The device is
+/// attached to an empty IOAS at this point, so it can do no DMA while the log runs.
+fn dma_logging_limits(dev: &mut impl DmaLogger) -> Result<DmaLoggingLimits, livemig_vfio::Error> {
+    let session = dev.start(4096, &[DmaRange::new(0, 2 << 20)])?;
+    let stopped = dev.dma_logging_stop();
+    let limits = DmaLoggingLimits {
+        page_size: session.page_size,
+        max_ranges: u32::try_from(dev.dma_logging_max_ranges()).unwrap_or(u32::MAX),
+    };
+    stopped.map(|()| limits)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A DMA log that rounds the hint up to its own granularity, as a driver may.
+    struct Log {
+        granule: u64,
+        started: Vec<(u64, Vec<DmaRange>)>,
+        stopped: u32,
+        stop_fails: bool,
+    }
+
+    impl DmaLogger for Log {
+        fn dma_logging_max_ranges(&self) -> usize {
+            64
+        }
+        fn dma_logging_start_raw(
+            &mut self,
+            page_size: u64,
+            ranges: &[DmaRange],
+        ) -> Result<u64, livemig_vfio::Error> {
+            self.started.push((page_size, ranges.to_vec()));
+            Ok(page_size.max(self.granule))
+        }
+        fn dma_logging_report(
+            &mut self,
+            _: u64,
+            _: u64,
+            _: u64,
+            _: &mut [u64],
+        ) -> Result<(), livemig_vfio::Error> {
+            unreachable!("the probe reads no report")
+        }
+        fn dma_logging_stop(&mut self) -> Result<(), livemig_vfio::Error> {
+            self.stopped += 1;
+            if self.stop_fails {
+                Err(livemig_vfio::Error::InvalidArgument {
+                    op: livemig_vfio::Op::Feature(
+                        livemig_vfio::Access::Set,
+                        livemig_vfio::Feature::DmaLoggingStop,
+                    ),
+                    rule: "stop refused".into(),
+                })
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    #[test]
+    fn dma_logging_limits_are_what_start_returns_and_the_log_is_stopped() {
+        let mut log = Log {
+            granule: 64 << 10,
+            started: vec![],
+            stopped: 0,
+            stop_fails: false,
+        };
+        let l = dma_logging_limits(&mut log).unwrap();
+        assert_eq!(l.page_size, 64 << 10);
+        assert_eq!(l.max_ranges, 64);
+        assert_eq!(log.started, vec![(4096, vec![DmaRange::new(0, 2 << 20)])]);
+        assert_eq!(log.stopped, 1);
+        log.stop_fails = true;
+        let e = dma_logging_limits(&mut log).unwrap_err();
+        assert!(e.to_string().contains("stop refused"), "{e}");
+        assert_eq!(log.stopped, 2);
+    }
 
     #[test]
     fn a_host_without_iommufd_says_so() {

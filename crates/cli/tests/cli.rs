@@ -150,6 +150,46 @@ fn compat_export_and_check() {
         "{}",
         String::from_utf8_lossy(&e.stderr)
     );
+    // A descriptor from a newer livemig: a later format, or a field this one does not know, is
+    // refused by name, never passed by ignoring it.
+    let good: serde_json::Value = serde_json::from_slice(&std::fs::read(&a).unwrap()).unwrap();
+    let refusal = |v: &serde_json::Value| {
+        std::fs::write(&c, serde_json::to_vec(v).unwrap()).unwrap();
+        let o = Command::new(BIN)
+            .args(["compat", "check"])
+            .args([&a, &c])
+            .output()
+            .unwrap();
+        assert!(!o.status.success() && o.stdout.is_empty(), "{o:?}");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let mut newer = good.clone();
+    newer["format"] = "livemig-compat/2".into();
+    newer["devices"][0]["identity"] = serde_json::Value::Null;
+    let e = refusal(&newer);
+    assert!(e.contains("written by a newer livemig"), "{e}");
+    let mut extra = good.clone();
+    extra["devices"][1]["pasid_width"] = 20.into();
+    let e = refusal(&extra);
+    assert!(
+        e.contains("unknown field \"pasid_width\" in device 1"),
+        "{e}"
+    );
+    let mut extra = good.clone();
+    extra["signature"] = "x".into();
+    let e = refusal(&extra);
+    assert!(
+        e.contains("unknown field \"signature\" at the top level"),
+        "{e}"
+    );
+    // Negative control: the unchanged descriptor passes the same path.
+    std::fs::write(&c, serde_json::to_vec(&good).unwrap()).unwrap();
+    let o = Command::new(BIN)
+        .args(["compat", "check"])
+        .args([&a, &c])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -25,6 +25,21 @@ pub struct DeviceDescriptor {
     /// without the field (older exports) always read them.
     #[serde(default = "yes")]
     pub migration_flags_known: bool,
+    /// The device's DMA-logging limits, when it has a DMA log and they were probed
+    /// (`livemig probe --open`); absent otherwise and in older descriptors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dma_logging_limits: Option<DmaLoggingLimits>,
+}
+
+/// What a device's DMA log can do (`VFIO_DEVICE_FEATURE_DMA_LOGGING_START`, vfio.h).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DmaLoggingLimits {
+    /// The granularity the device chose when asked for 4 KiB (START returns the page size it
+    /// uses; a driver may round the hint up).
+    pub page_size: u64,
+    /// How many IOVA ranges one START takes: the kernel's `LOG_MAX_RANGES` (`PAGE_SIZE / 16`,
+    /// vfio_main.c), or less for a driver known to track fewer.
+    pub max_ranges: u32,
 }
 
 fn yes() -> bool {
@@ -48,15 +63,51 @@ impl HostDescriptor {
     /// Checks the format tag of a parsed descriptor (the serialisation itself, JSON in the
     /// CLI, is the caller's choice: the engine carries no JSON dependency).
     pub fn check_format(&self) -> Result<(), String> {
-        if self.format != FORMAT {
-            return Err(format!(
-                "descriptor format {:?} is not {FORMAT:?}",
-                self.format
-            ));
-        }
-        Ok(())
+        check_format(&self.format)
     }
 }
+
+/// Checks a descriptor's format tag: [`FORMAT`] is read; a later `livemig-compat/N` is
+/// refused as written by a newer livemig (its fields may mean something this one does not
+/// know), anything else as not a descriptor.
+pub fn check_format(format: &str) -> Result<(), String> {
+    if format == FORMAT {
+        return Ok(());
+    }
+    let ours: u32 = FORMAT
+        .rsplit_once('/')
+        .and_then(|(_, n)| n.parse().ok())
+        .unwrap_or(1);
+    match format
+        .strip_prefix("livemig-compat/")
+        .and_then(|n| n.parse::<u32>().ok())
+    {
+        Some(n) if n > ours => Err(format!(
+            "descriptor format {format:?} was written by a newer livemig; this one reads \
+             {FORMAT:?}: upgrade livemig here or export with the older one"
+        )),
+        _ => Err(format!("descriptor format {format:?} is not {FORMAT:?}")),
+    }
+}
+
+/// The fields a [`FORMAT`] descriptor may have, at the top level, in a device, and in a
+/// device's `dma_logging_limits`. A field outside them comes from a newer livemig (or an
+/// edit) and is refused rather than ignored: a compatibility check must not pass by skipping
+/// what it does not understand.
+pub const KNOWN_FIELDS: (&[&str], &[&str], &[&str]) = (
+    &["format", "host", "iommu", "devices"],
+    &[
+        "identity",
+        "compat",
+        "migration_flags",
+        "dma_logging",
+        "iommu_dirty_tracking",
+        "page_size_mask",
+        "migration_flags_known",
+        "dma_logging_limits",
+    ],
+    &["page_size", "max_ranges"],
+);
 
 /// A verdict: blocking reasons and non-blocking notes.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -143,6 +194,24 @@ pub fn check(src: &[DeviceDescriptor], dst: &[DeviceDescriptor]) -> Verdict {
                 ));
             }
         }
+        if let (Some(sl), Some(dl)) = (s.dma_logging_limits, d.dma_logging_limits) {
+            if dl.page_size > sl.page_size {
+                v.notes.push(format!(
+                    "device {i} ({}): the destination's DMA log is coarser ({} KiB pages, the \
+                     source's {} KiB): a later migration from there sends more per write",
+                    sd.identity,
+                    dl.page_size >> 10,
+                    sl.page_size >> 10
+                ));
+            }
+            if dl.max_ranges < sl.max_ranges {
+                v.notes.push(format!(
+                    "device {i} ({}): the destination's DMA log takes {} ranges, the source's \
+                     {}: guest RAM is covered with fewer, larger ranges there",
+                    sd.identity, dl.max_ranges, sl.max_ranges
+                ));
+            }
+        }
         if !d.iommu_dirty_tracking && !dd.dma_logging && d.migration_flags_known {
             v.notes.push(format!(
                 "device {i} ({}): the destination has neither IOMMU dirty tracking nor DMA \
@@ -187,6 +256,7 @@ mod tests {
             iommu_dirty_tracking: true,
             page_size_mask: 0x4020_1000,
             migration_flags_known: true,
+            dma_logging_limits: None,
         }
     }
 
@@ -242,6 +312,84 @@ mod tests {
         assert!(v.reasons[2].contains("cannot map 4 KiB pages"));
         let v = check(&a, &[]);
         assert_eq!(v.reasons, ["the source has 1 device(s), the destination 0"]);
+    }
+
+    #[test]
+    fn dma_logging_limits_are_optional_compared_and_noted() {
+        let mut a = [dev("pci 15b3:101e mlx5_vfio_pci", b"", 5)];
+        a[0].device.dma_logging = true;
+        let mut b = a.clone();
+        let j = serde_json::to_string(&a[0]).unwrap();
+        assert!(
+            !j.contains("dma_logging_limits"),
+            "absent when not probed: {j}"
+        );
+        a[0].dma_logging_limits = Some(DmaLoggingLimits {
+            page_size: 4096,
+            max_ranges: 256,
+        });
+        b[0].dma_logging_limits = Some(DmaLoggingLimits {
+            page_size: 2 << 20,
+            max_ranges: 32,
+        });
+        let v = check(&a, &b);
+        assert!(v.compatible, "{v:?}");
+        assert!(
+            v.notes[0].contains("coarser (2048 KiB pages, the source's 4 KiB)"),
+            "{v:?}"
+        );
+        assert!(
+            v.notes[1].contains("takes 32 ranges, the source's 256"),
+            "{v:?}"
+        );
+        assert!(check(&b, &a).notes.is_empty(), "finer is not worth a note");
+        let j = serde_json::to_string(&b[0]).unwrap();
+        let back: DeviceDescriptor = serde_json::from_str(&j).unwrap();
+        assert_eq!(back, b[0]);
+    }
+
+    /// The known-field lists match what a descriptor with every optional part serialises to.
+    #[test]
+    fn known_fields_are_exactly_the_serialised_ones() {
+        let mut d = dev("x", &[1], 5);
+        d.dma_logging_limits = Some(DmaLoggingLimits {
+            page_size: 4096,
+            max_ranges: 1,
+        });
+        let h = HostDescriptor {
+            format: FORMAT.into(),
+            host: "h".into(),
+            iommu: "i".into(),
+            devices: vec![d],
+        };
+        let v = serde_json::to_value(&h).unwrap();
+        let keys = |o: &serde_json::Value| {
+            let mut k: Vec<String> = o.as_object().unwrap().keys().cloned().collect();
+            k.sort();
+            k
+        };
+        let sorted = |l: &[&str]| {
+            let mut k: Vec<String> = l.iter().map(|s| s.to_string()).collect();
+            k.sort();
+            k
+        };
+        assert_eq!(keys(&v), sorted(KNOWN_FIELDS.0));
+        assert_eq!(keys(&v["devices"][0]), sorted(KNOWN_FIELDS.1));
+        assert_eq!(
+            keys(&v["devices"][0]["dma_logging_limits"]),
+            sorted(KNOWN_FIELDS.2)
+        );
+    }
+
+    #[test]
+    fn a_newer_format_is_named_as_such() {
+        let e = check_format("livemig-compat/2").unwrap_err();
+        assert!(e.contains("newer livemig"), "{e}");
+        let e = check_format("livemig-compat/x").unwrap_err();
+        assert!(e.contains("is not"), "{e}");
+        let e = check_format("livemig-compat/0").unwrap_err();
+        assert!(!e.contains("newer"), "{e}");
+        check_format(FORMAT).unwrap();
     }
 
     fn from_json(text: &str) -> Result<HostDescriptor, String> {

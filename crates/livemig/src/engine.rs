@@ -141,6 +141,7 @@ impl SourcePlatform {
                 iommu_dirty_tracking: d.iommu_dirty.is_ok(),
                 page_size_mask: self.page_size_mask,
                 migration_flags_known: true,
+                dma_logging_limits: None,
             })
             .collect()
     }
@@ -2149,6 +2150,7 @@ impl DestinationPlatform {
                 iommu_dirty_tracking: self.iommu_dirty.get(i).copied().unwrap_or(false),
                 page_size_mask: self.page_size_mask,
                 migration_flags_known: true,
+                dma_logging_limits: None,
             })
             .collect()
     }
@@ -2358,6 +2360,7 @@ impl Destination {
                         iommu_dirty_tracking: c.dirty_caps.iommu(),
                         page_size_mask: c.page_size_mask,
                         migration_flags_known: true,
+                        dma_logging_limits: None,
                     });
                 }
                 Some(Record::Round(r)) if r.round == 0 => break,
