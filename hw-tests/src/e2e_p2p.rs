@@ -133,6 +133,12 @@ impl MigDevice for Watched {
     fn precopy_pending(&mut self) -> Result<u64, VfioError> {
         self.inner.precopy_pending()
     }
+    fn precopy_info(&mut self) -> Result<livemig_vfio::data::PrecopyInfo, VfioError> {
+        self.inner.precopy_info()
+    }
+    fn enable_precopy_info_v2(&mut self) -> Result<livemig_vfio::PrecopyInfoV2, VfioError> {
+        self.inner.enable_precopy_info_v2()
+    }
     fn stop_copy_size(&self) -> Result<u64, VfioError> {
         self.inner.stop_copy_size()
     }

@@ -566,6 +566,14 @@ impl MigDevice for Faulty {
     fn precopy_pending(&mut self) -> Result<u64, livemig_vfio::Error> {
         self.inner.precopy_pending()
     }
+    fn precopy_info(&mut self) -> Result<livemig_vfio::data::PrecopyInfo, livemig_vfio::Error> {
+        self.inner.precopy_info()
+    }
+    fn enable_precopy_info_v2(
+        &mut self,
+    ) -> Result<livemig_vfio::PrecopyInfoV2, livemig_vfio::Error> {
+        self.inner.enable_precopy_info_v2()
+    }
     fn stop_copy_size(&self) -> Result<u64, livemig_vfio::Error> {
         self.inner.stop_copy_size()
     }

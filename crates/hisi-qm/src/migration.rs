@@ -389,6 +389,7 @@ impl<R: QmRegisters, P: PfRegisters, D: Delay> DataChannel for AccData<R, P, D> 
             return Err(fail(libc::EINVAL));
         }
         Ok(PrecopyInfo {
+            reinit: false,
             initial_bytes: (buf.total - buf.pos) as u64,
             dirty_bytes: 0,
         })

@@ -2,8 +2,12 @@
 //! implementation over any `livemig-vfio` [`MigrationDevice`] (the kernel device, the simulated
 //! device, the HiSilicon ACC driver over the QM model).
 
-use livemig_vfio::data::{DataChannel, PrecopyRound, save_precopy, save_stop_copy, write_resuming};
-use livemig_vfio::{Error as VfioError, MigrationDevice, MigrationFlags, MigrationState, Op};
+use livemig_vfio::data::{
+    DataChannel, PrecopyInfo, PrecopyRound, save_precopy, save_stop_copy, write_resuming,
+};
+use livemig_vfio::{
+    Error as VfioError, MigrationDevice, MigrationFlags, MigrationState, Op, PrecopyInfoV2,
+};
 use serde::{Deserialize, Serialize};
 
 /// What a destination checks about a device before accepting its state.
@@ -64,6 +68,23 @@ pub trait MigDevice: Send {
     fn precopy(&mut self, sink: &mut Vec<u8>, max: u64) -> Result<PrecopyRound, VfioError>;
     /// Bytes the device still has queued in PRE_COPY (initial + dirty), 0 outside PRE_COPY.
     fn precopy_pending(&mut self) -> Result<u64, VfioError>;
+    /// The device's PRE_COPY estimate split as the kernel reports it, with
+    /// `VFIO_PRECOPY_INFO_REINIT`. The default knows only the total (as dirty bytes, so the
+    /// engine never waits on initial data it cannot see).
+    fn precopy_info(&mut self) -> Result<PrecopyInfo, VfioError> {
+        Ok(PrecopyInfo {
+            initial_bytes: 0,
+            dirty_bytes: self.precopy_pending()?,
+            reinit: false,
+        })
+    }
+    /// Opts in to `VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2` before PRE_COPY begins; the
+    /// default is not supported.
+    fn enable_precopy_info_v2(&mut self) -> Result<PrecopyInfoV2, VfioError> {
+        Ok(PrecopyInfoV2::NotSupported(
+            "this device does not report re-initialisation".into(),
+        ))
+    }
     /// Estimated STOP_COPY size.
     fn stop_copy_size(&self) -> Result<u64, VfioError>;
     /// Reads the STOP_COPY data to its end into `sink`.
@@ -190,13 +211,21 @@ where
     }
 
     fn precopy_pending(&mut self) -> Result<u64, VfioError> {
+        Ok(self.precopy_info()?.total())
+    }
+
+    fn precopy_info(&mut self) -> Result<PrecopyInfo, VfioError> {
         if !matches!(
             self.dev.migration_state()?,
             MigrationState::PreCopy | MigrationState::PreCopyP2p
         ) {
-            return Ok(0);
+            return Ok(PrecopyInfo::default());
         }
-        Ok(self.session(Op::PrecopyInfo)?.precopy_info()?.total())
+        self.session(Op::PrecopyInfo)?.precopy_info()
+    }
+
+    fn enable_precopy_info_v2(&mut self) -> Result<PrecopyInfoV2, VfioError> {
+        self.dev.enable_precopy_info_v2()
     }
 
     fn stop_copy_size(&self) -> Result<u64, VfioError> {

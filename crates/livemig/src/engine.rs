@@ -36,7 +36,7 @@ use livemig_stream::{
     Channel as StreamChannel, Compat as StreamCompat, DirtyCaps, Limits, Phase as StreamPhase,
     Reader, Record, Round, Writer, WriterOptions,
 };
-use livemig_vfio::{MigrationFlags, MigrationState};
+use livemig_vfio::{MigrationFlags, MigrationState, PrecopyInfoV2};
 use livemig_viommu::policy::MigrationGuard;
 use serde::Serialize;
 
@@ -316,6 +316,19 @@ pub struct MigrationReport {
     /// a point at least every [`TIMELINE_STEP_US`] while data moves and at every round's end,
     /// for charts (bytes against time, QEMU's `query-migrate` polled the same way).
     pub timeline: Vec<(u64, u64)>,
+    /// Times a device put new initial data on its PRE_COPY stream
+    /// (`VFIO_PRECOPY_INFO_REINIT`, Linux 7.3 after the PRECOPY_INFOv2 opt-in); each one held
+    /// the switchover back until that data was sent again.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub device_reinits: u32,
+    /// The devices that report re-initialisation (the PRECOPY_INFOv2 opt-in succeeded; not
+    /// on Linux 6.12).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reinit_reporting: Vec<usize>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// The spacing of [`MigrationReport::timeline`] points while pages move, microseconds.
@@ -536,6 +549,10 @@ struct Attempt<W: Write> {
     dirty: PageBitmap,
     /// Devices that use PRE_COPY.
     precopy: Vec<bool>,
+    /// Per device: its initial PRE_COPY data was all read (it reported `initial_bytes` 0 since
+    /// it last re-initialised). The switchover waits for every device (vfio.h recommends
+    /// leaving PRE_COPY only then); a REINIT clears it again.
+    initial_sent: Vec<bool>,
     /// Devices that support the P2P quiescent states.
     p2p: Vec<bool>,
     /// Best measured link rate, bytes/s.
@@ -960,7 +977,13 @@ impl Source {
                 Ordering::Relaxed,
             );
             let mut load_note = String::new();
-            if remaining <= budget && round < self.cfg.max_rounds && settle < SETTLE_ROUNDS {
+            let initial_pending: Vec<usize> = (0..a.initial_sent.len())
+                .filter(|&i| !a.initial_sent[i])
+                .collect();
+            // Fits the downtime, and every device's initial data has been read (after a
+            // re-initialisation too).
+            let fits = remaining <= budget && initial_pending.is_empty();
+            if fits && round < self.cfg.max_rounds && settle < SETTLE_ROUNDS {
                 // It fits, but while the guest dirties pages much slower than the link moves
                 // them, one more short round shrinks what the stop must send (QEMU likewise
                 // iterates while its pending estimate keeps falling).
@@ -973,7 +996,7 @@ impl Source {
                     continue;
                 }
             }
-            if remaining <= budget {
+            if fits {
                 if !a.round_acks {
                     a.report.converged = true;
                     break;
@@ -1007,6 +1030,12 @@ impl Source {
             if round >= self.cfg.max_rounds {
                 let precopy_us = precopy_t0.elapsed().as_micros().max(1) as u64;
                 let rate = dirty_reported * PAGE_SIZE * 1_000_000 / precopy_us;
+                if !initial_pending.is_empty() {
+                    load_note += &format!(
+                        "; the initial PRE_COPY data of device(s) {initial_pending:?} was not all \
+                         read yet"
+                    );
+                }
                 a.report.non_convergence = Some(format!(
                     "pre-copy did not converge in {round} round(s): the guest dirtied {rate} \
                      B/s against a link rate of {} B/s; {remaining} bytes were left against a \
@@ -1147,7 +1176,7 @@ impl Source {
             .iter()
             .map(|d| has_p2p(&*d.dev))
             .collect();
-        let precopy = self
+        let precopy: Vec<bool> = self
             .platform
             .devices
             .iter()
@@ -1157,12 +1186,14 @@ impl Source {
                         .contains(MigrationFlags::PRE_COPY)
             })
             .collect();
+        let initial_sent = precopy.iter().map(|&p: &bool| !p).collect();
         Ok(Attempt {
             plan,
             w,
             pages: page_writers,
             report,
             dirty: PageBitmap::new(pages, PAGE_SIZE),
+            initial_sent,
             precopy,
             p2p,
             bandwidth: 0,
@@ -1189,6 +1220,16 @@ impl Source {
         }
         for (i, d) in self.platform.devices.iter_mut().enumerate() {
             if a.precopy[i] {
+                // Before the session opens: a device that can re-initialise its initial data
+                // says so from then on. Not supported (Linux 6.12, most devices) changes
+                // nothing: such a device's initial data is sent once.
+                if d.dev
+                    .enable_precopy_info_v2()
+                    .map_err(|source| dev_err(phase, i, &*d.dev, source))?
+                    == PrecopyInfoV2::Enabled
+                {
+                    a.report.reinit_reporting.push(i);
+                }
                 d.dev
                     .transition(MigrationState::PreCopy)
                     .map_err(|source| dev_err(phase, i, &*d.dev, source))?;
@@ -1231,9 +1272,14 @@ impl Source {
                 continue;
             }
             let mut buf = Vec::new();
-            d.dev
+            let pr = d
+                .dev
                 .precopy(&mut buf, self.cfg.device_precopy_max)
                 .map_err(|source| dev_err(phase, i, &*d.dev, source))?;
+            if pr.info.reinit {
+                a.initial_sent[i] = false;
+                a.report.device_reinits += 1;
+            }
             if !buf.is_empty() {
                 a.w.device_state(i as u32, StreamPhase::PreCopy, &buf)
                     .map_err(serr(phase))?;
@@ -1266,9 +1312,18 @@ impl Source {
         let mut device_estimate = 0u64;
         for (i, d) in self.platform.devices.iter_mut().enumerate() {
             let pending = if a.precopy[i] {
-                d.dev
-                    .precopy_pending()
-                    .map_err(|source| dev_err(phase, i, &*d.dev, source))?
+                let info = d
+                    .dev
+                    .precopy_info()
+                    .map_err(|source| dev_err(phase, i, &*d.dev, source))?;
+                if info.reinit {
+                    a.initial_sent[i] = false;
+                    a.report.device_reinits += 1;
+                }
+                if info.initial_bytes == 0 && !info.reinit {
+                    a.initial_sent[i] = true;
+                }
+                info.total()
             } else {
                 0
             };

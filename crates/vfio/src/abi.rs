@@ -71,6 +71,15 @@ pub const VFIO_DEVICE_FEATURE_DMA_LOGGING_START: u32 = 6;
 pub const VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP: u32 = 7;
 /// `VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT`: GET reads and clears the DMA log of a range.
 pub const VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT: u32 = 8;
+/// `VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2`: SET (no payload) opts in to `vfio_precopy_info`
+/// `flags` as an output (Linux 7.3.4 `include/uapi/linux/vfio.h` lines 1528-1535; the opt-in
+/// is `vfio_ioctl_device_feature_migration_precopy_info_v2`, `drivers/vfio/vfio_main.c` lines
+/// 1008-1023: EINVAL without PRE_COPY; cleared when the device is closed, line 595). Linux 6.12
+/// answers ENOTTY.
+pub const VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFO_V2: u32 = 12;
+/// `VFIO_PRECOPY_INFO_REINIT`: new initial data is on the stream (7.3.4 vfio.h line 1317);
+/// reported only after the v2 opt-in.
+pub const VFIO_PRECOPY_INFO_REINIT: u32 = 1 << 0;
 /// `VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`: GET the estimated STOP_COPY length.
 pub const VFIO_DEVICE_FEATURE_MIG_DATA_SIZE: u32 = 9;
 /// `VFIO_DEVICE_FEATURE_BUS_MASTER`.

@@ -22,6 +22,8 @@ pub enum Feature {
     DmaLoggingStop,
     /// `VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT`.
     DmaLoggingReport,
+    /// `VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2` (Linux 7.3).
+    MigPrecopyInfoV2,
     /// Any other feature index.
     Other(u32),
 }
@@ -37,6 +39,7 @@ impl Feature {
             Feature::DmaLoggingStart => VFIO_DEVICE_FEATURE_DMA_LOGGING_START,
             Feature::DmaLoggingStop => VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP,
             Feature::DmaLoggingReport => VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT,
+            Feature::MigPrecopyInfoV2 => VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFO_V2,
             Feature::Other(n) => n,
         }
     }
@@ -51,6 +54,7 @@ impl fmt::Display for Feature {
             Feature::DmaLoggingStart => f.write_str("DMA_LOGGING_START"),
             Feature::DmaLoggingStop => f.write_str("DMA_LOGGING_STOP"),
             Feature::DmaLoggingReport => f.write_str("DMA_LOGGING_REPORT"),
+            Feature::MigPrecopyInfoV2 => f.write_str("MIG_PRECOPY_INFOv2"),
             Feature::Other(n) => write!(f, "feature {n}"),
         }
     }

@@ -51,4 +51,4 @@ pub use device::{
 pub use dma_log::{DmaLogSession, DmaLogger, DmaRange};
 pub use error::{Access, Error, Feature, Op};
 pub use fsm::{MigrationFlags, MigrationState};
-pub use migration::{MigrationDevice, Transition};
+pub use migration::{MigrationDevice, PrecopyInfoV2, Transition};

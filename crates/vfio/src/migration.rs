@@ -19,6 +19,15 @@ pub struct Transition<D> {
     pub data: Option<D>,
 }
 
+/// The outcome of [`MigrationDevice::enable_precopy_info_v2`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PrecopyInfoV2 {
+    /// The device reports `VFIO_PRECOPY_INFO_REINIT` from now on (until it is closed).
+    Enabled,
+    /// It does not; why (the kernel's answer).
+    NotSupported(String),
+}
+
 /// A device that takes part in VFIO migration v2.
 ///
 /// `set_migration_state` is one `VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE` SET: like the kernel it
@@ -44,6 +53,17 @@ pub trait MigrationDevice {
 
     /// Resets the device (`VFIO_DEVICE_RESET`): the way out of ERROR, back to RUNNING.
     fn reset(&mut self) -> Result<(), Error>;
+
+    /// Opts in to `VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2` (Linux 7.3), after which data
+    /// sessions report [`PrecopyInfo::reinit`](crate::PrecopyInfo::reinit). Probed at run
+    /// time: a kernel or device without it is [`PrecopyInfoV2::NotSupported`] with the
+    /// reason, never an error. The default (devices that cannot re-initialise) is not
+    /// supported.
+    fn enable_precopy_info_v2(&mut self) -> Result<PrecopyInfoV2, Error> {
+        Ok(PrecopyInfoV2::NotSupported(
+            "this device type has no PRECOPY_INFOv2".into(),
+        ))
+    }
 
     /// The arcs the kernel would take from the current state to `target`.
     fn plan(&self, target: MigrationState) -> Result<Vec<MigrationState>, Error> {

@@ -55,6 +55,10 @@ pub struct SimConfig {
     pub device_id: u32,
     /// Seed for the initial state and the activity pattern.
     pub seed: u64,
+    /// The device accepts the `VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2` opt-in (a Linux 7.3
+    /// kernel with a PRE_COPY device) and then reports [`SimDevice::reinit`] as
+    /// `VFIO_PRECOPY_INFO_REINIT`.
+    pub precopy_info_v2: bool,
 }
 
 impl SimConfig {
@@ -67,6 +71,7 @@ impl SimConfig {
             dma_logging_max_ranges: None,
             device_id: 0x5157_0001,
             seed: 1,
+            precopy_info_v2: false,
         }
     }
 }
@@ -145,6 +150,12 @@ struct Inner {
     dma_log: Option<DmaLog>,
     arcs: Vec<(MigrationState, MigrationState)>,
     last_rejection: Option<String>,
+    /// Opted in to PRECOPY_INFOv2.
+    precopy_v2: bool,
+    /// New initial data was queued and not reported yet.
+    reinit_pending: bool,
+    /// Times [`SimDevice::reinit`] queued new initial data.
+    reinits: u32,
 }
 
 /// A simulated migratable device. Cloning gives another handle to the same device, so a test or
@@ -507,12 +518,58 @@ impl SimDevice {
                 dma_log: None,
                 arcs: Vec::new(),
                 last_rejection: None,
+                precopy_v2: false,
+                reinit_pending: false,
+                reinits: 0,
             })),
         }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         Inner::lock(&self.inner)
+    }
+
+    /// The device re-initialises during PRE_COPY (as a reconfigured device does): its whole
+    /// state is queued again as new initial data, `initial_bytes` counts it again, and the next
+    /// `VFIO_MIG_GET_PRECOPY_INFO` reports `VFIO_PRECOPY_INFO_REINIT` if the opt-in was made.
+    /// Returns whether a saving session in PRE_COPY was there to re-initialise.
+    pub fn reinit(&self) -> bool {
+        let mut g = self.lock();
+        if !matches!(
+            g.state,
+            MigrationState::PreCopy | MigrationState::PreCopyP2p
+        ) {
+            return false;
+        }
+        // Every chunk again (the stream's header was sent once; chunk records overwrite).
+        let mut fresh = VecDeque::new();
+        for c in 0..g.chunks() {
+            g.push_chunk(&mut fresh, c);
+        }
+        g.dirty.clear();
+        let Some(s) = g.session.as_mut().filter(|s| s.kind == SessionKind::Save) else {
+            return false;
+        };
+        s.out.extend(fresh);
+        s.initial_left = s.out.len() as u64;
+        g.reinit_pending = true;
+        g.reinits += 1;
+        true
+    }
+
+    /// Initial bytes the saving session has not had read yet (`None` without one): what
+    /// `initial_bytes` would report now.
+    pub fn precopy_initial_left(&self) -> Option<u64> {
+        let g = self.lock();
+        g.session
+            .as_ref()
+            .filter(|s| s.kind == SessionKind::Save)
+            .map(|s| s.initial_left)
+    }
+
+    /// Times [`reinit`](Self::reinit) queued new initial data.
+    pub fn reinits(&self) -> u32 {
+        self.lock().reinits
     }
 
     /// Arms a fault.
@@ -611,6 +668,24 @@ impl SimDevice {
 impl MigrationDevice for SimDevice {
     type Data = SimData;
 
+    /// As Linux 7.3 for a PRE_COPY device when [`SimConfig::precopy_info_v2`] is set; ENOTTY
+    /// (Linux 6.12) otherwise.
+    fn enable_precopy_info_v2(&mut self) -> Result<crate::PrecopyInfoV2, Error> {
+        let mut g = self.lock();
+        if !g.cfg.precopy_info_v2 {
+            return Ok(crate::PrecopyInfoV2::NotSupported(
+                "the kernel has no VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2 (ENOTTY)".into(),
+            ));
+        }
+        if !g.cfg.flags.contains(MigrationFlags::PRE_COPY) {
+            return Ok(crate::PrecopyInfoV2::NotSupported(
+                "the kernel refused the opt-in (EINVAL: the device has no PRE_COPY)".into(),
+            ));
+        }
+        g.precopy_v2 = true;
+        Ok(crate::PrecopyInfoV2::Enabled)
+    }
+
     fn migration_flags(&self) -> Result<MigrationFlags, Error> {
         Ok(self.lock().cfg.flags)
     }
@@ -648,6 +723,7 @@ impl MigrationDevice for SimDevice {
         g.regs = Inner::initial_regs(&g.cfg);
         g.dirty.clear();
         g.session = None;
+        g.reinit_pending = false;
         g.state = MigrationState::Running;
         Ok(())
     }
@@ -731,11 +807,15 @@ impl DataChannel for SimData {
             return Err(op(errno(libc::EINVAL)));
         }
         let pending_dirty: u64 = g.dirty.iter().map(|&c| g.chunk_wire_len(c)).sum();
-        let s = g.session_for(self.id, SessionKind::Save).map_err(op)?;
-        let queued = s.out.len() as u64;
+        let (initial_left, queued) = {
+            let s = g.session_for(self.id, SessionKind::Save).map_err(op)?;
+            (s.initial_left, s.out.len() as u64)
+        };
+        let reinit = g.precopy_v2 && std::mem::take(&mut g.reinit_pending);
         Ok(PrecopyInfo {
-            initial_bytes: s.initial_left,
-            dirty_bytes: queued - s.initial_left.min(queued) + pending_dirty,
+            initial_bytes: initial_left,
+            dirty_bytes: queued - initial_left.min(queued) + pending_dirty,
+            reinit,
         })
     }
 }
