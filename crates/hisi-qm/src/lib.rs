@@ -62,8 +62,11 @@ pub use access::MappedVf;
 #[cfg(feature = "std")]
 pub use access::StdDelay;
 pub use access::{
-    Bar2, Delay, GuestWindow, MigrationWindow, MmioPf, MmioVf, NoDelay, PfRegisters, QmRegisters,
+    Bar2, Delay, GuestWindow, MigRegion, MigrationRegs, MigrationWindow, MmioPf, MmioVf, NoDelay,
+    PfBar2, PfRegisters, PfWindow, QmRegisters, RegionError, open_migration_regs,
+    select_mig_region,
 };
 pub use error::Error;
 pub use ids::AccKind;
-pub use seq::{AccVf, LoadOutcome, PfQm, Timing, VfQm};
+pub use regs::{MigCtrl, QmRevision};
+pub use seq::{AccVf, Bar2Layout, CompatBlock, LoadOutcome, PfQm, Timing, VfQm};
