@@ -14,7 +14,7 @@
 //! ```
 //!
 //! # Where the migration registers are (Linux 7.3.4)
-//! `hisi_acc_vf_qm_init` (`hisi_acc_vfio_pci.c:1188-1241`) reads `QM_MIG_REGION_SEL` from the
+//! `hisi_acc_vf_qm_init` (`hisi_acc_vfio_pci.c:1188-1242`) reads `QM_MIG_REGION_SEL` from the
 //! PF's BAR2 (1196); if the QM is above `QM_HW_V3` and `QM_MIG_REGION_EN` is set (1197) the VF's
 //! migration registers are the PF's BAR2 from `QM_MIG_REGION_OFFSET + vf_id *
 //! QM_MIG_REGION_SIZE` (1208-1209), else the VF's whole BAR2 (1230-1232).
@@ -353,7 +353,7 @@ impl<R: QmRegisters> Bar2<R> {
 
     /// The guest's window when the migration registers are where `mode` says: the first half
     /// of BAR2 for [`MigCtrl::VfBar2`], all of it for [`MigCtrl::PfBar2`]
-    /// (`hisi_acc_get_resource_len`, Linux 7.3.4 `hisi_acc_vfio_pci.c:1276-1294`). In PF-control
+    /// (`hisi_acc_get_resource_len`, Linux 7.3.4 `hisi_acc_vfio_pci.c:1274-1294`). In PF-control
     /// mode nothing of the VF's BAR2 is migration control, so there is no [`MigrationWindow`].
     pub fn guest_window(self, mode: MigCtrl) -> GuestWindow<R> {
         GuestWindow {

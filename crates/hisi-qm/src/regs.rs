@@ -11,7 +11,11 @@
 //!  0x8000 ┼ 0x8000 QM_EQC_DW0..6       0x8020 QM_AEQC_DW0..6      <- migration half
 //!  0xffff ┘
 //!  PF: 0x0030 QM_QUE_ISO_CFG_V, 0x100008 QM_ABNORMAL_INT_STATUS, 0x100054..0x10006c VFT_CFG
-//!      protocol, 0x301008 SEC / 0x301800 HPRE / 0x3010ac ZIP core interrupt status
+//!      protocol, 0x100198 QM_MIG_REGION_SEL, 0x301008 SEC / 0x301800 HPRE / 0x3010ac ZIP core
+//!      interrupt status
+//!  PF BAR2, above QM_HW_V3 with QM_MIG_REGION_EN (Linux 7.3.4): VF n's migration window at
+//!      0x180000 + n * 0x2000, 8 KiB: the VF offsets above up to 0x1000, then
+//!      0x1c00 QM_EQC_PF_DW0..6, 0x1c20 QM_AEQC_PF_DW0..6; the VF's whole BAR2 is the guest's
 //! ```
 //!
 //! Offsets and names: Linux 6.12 `include/linux/hisi_acc_qm.h` (`QM_MB_CMD_SEND_BASE`,
@@ -19,7 +23,9 @@
 //! `QM_VF_STATE`) and `drivers/vfio/pci/hisilicon/hisi_acc_vfio_pci.h` (everything else). The maps
 //! are `register_structs!` with explicit offsets and reserved gaps; [`VfReg`] and [`PfReg`] name
 //! single registers for the [`QmRegisters`](crate::QmRegisters) interface, and take their offsets
-//! from the maps (`offset_of!`), so each offset is written once.
+//! from the maps (`offset_of!`), so each offset is written once. The new-revision additions
+//! ([`QmRevision`], [`MigCtrl`], [`QmPfMigWindowRegisters`], `QM_MIG_REGION_*`) come from Linux
+//! 7.3.4, cited where they are defined.
 
 use core::mem::offset_of;
 
@@ -209,7 +215,7 @@ register_structs! {
     ///
     /// The driver reaches every register at the same offset from the window base as from the
     /// VF's BAR2 (`qm_read_regs` / `qm_write_regs` / `hisi_qm_mb` use `io_base + offset`,
-    /// `hisi_acc_vfio_pci.c:48-74`), except the event-queue contexts: `QM_EQC_PF_DW0` 0x1c00 and
+    /// `hisi_acc_vfio_pci.c:48-76`), except the event-queue contexts: `QM_EQC_PF_DW0` 0x1c00 and
     /// `QM_AEQC_PF_DW0` 0x1c20 instead of 0x8000 / 0x8020 (`hisi_acc_vfio_pci.h:54-57`,
     /// `qm_xqc_reg_offsets`, `hisi_acc_vfio_pci.c:95-108`). The EQ/AEQ doorbell the driver
     /// writes at `io_base + 0x2000` (`qm_db`, `hisi_acc_vfio_pci.c:245-263`) lies one byte past
@@ -283,7 +289,7 @@ pub const QM_MIG_REGION_SEL_DEFINED: u32 = QM_MIG_REGION_EN;
 pub const PF_WINDOW_EQ_AEQ_DOORBELL_OFFSET: usize = 0x2000;
 /// The size of a Kunpeng 920 ACC VF's BAR2, 64 KiB: the old revision shows the guest its first
 /// half (`pci_resource_len >> 1`), the new one all of it (`hisi_acc_get_resource_len`, Linux
-/// 7.3.4 `hisi_acc_vfio_pci.c:1276-1294`).
+/// 7.3.4 `hisi_acc_vfio_pci.c:1274-1294`).
 pub const VF_BAR2_LEN: usize = 0x1_0000;
 
 /// A QM hardware revision as the PF driver records it in `qm->ver`: the PF's PCI revision ID,
@@ -335,7 +341,7 @@ impl core::fmt::Display for QmRevision {
 }
 
 /// Where a VF's migration registers are, the driver's `enum hw_drv_mode` (Linux 7.3.4
-/// `hisi_acc_vfio_pci.h:68-80`).
+/// `hisi_acc_vfio_pci.h:68-79`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum MigCtrl {
     /// `HW_ACC_MIG_VF_CTRL`: in the second half of the VF's own BAR2 ([`QmVfRegisters`]); the
@@ -349,7 +355,7 @@ pub enum MigCtrl {
 impl MigCtrl {
     /// Bytes of a `vf_bar2_len`-byte VF BAR2 the guest is given (region info, mmap, read and
     /// write all use this bound: `hisi_acc_get_resource_len`, Linux 7.3.4
-    /// `hisi_acc_vfio_pci.c:1276-1294`, used at 1307, 1331 and 1376).
+    /// `hisi_acc_vfio_pci.c:1274-1294`, used at 1308, 1331 and 1384).
     pub const fn guest_bar2_len(self, vf_bar2_len: usize) -> usize {
         match self {
             MigCtrl::VfBar2 => vf_bar2_len >> 1,

@@ -420,8 +420,8 @@ pub enum LoadOutcome {
 ///
 /// Linux 6.12 and an old-revision QM under Linux 7.3.4 give the guest the first 32 KiB of the
 /// 64 KiB BAR2; a new-revision QM with `QM_MIG_REGION_EN` under 7.3.4 gives it all 64 KiB
-/// (`hisi_acc_get_resource_len`, Linux 7.3.4 `hisi_acc_vfio_pci.c:1276-1294`, which the region
-/// info, mmap, read and write paths use: 1307, 1331, 1376). A guest that has seen one cannot
+/// (`hisi_acc_get_resource_len`, Linux 7.3.4 `hisi_acc_vfio_pci.c:1274-1294`, which the region
+/// info, mmap, read and write paths use: 1308, 1331, 1384). A guest that has seen one cannot
 /// be moved to the other: the BAR is part of what it was given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Bar2Layout {
