@@ -1,5 +1,6 @@
 //! The crate's error type.
 
+use crate::access::RegionError;
 use crate::mailbox::MbCmd;
 use crate::state::StateError;
 
@@ -78,6 +79,21 @@ pub enum Error {
         iova: u64,
         /// Whether it was a write.
         write: bool,
+    },
+    /// Where the VF's migration registers are could not be decided.
+    #[error("cannot locate the VF's migration registers")]
+    Region(#[from] RegionError),
+    /// The source's VF BAR layout is not the destination's (old vs new QM revision or kernel):
+    /// refused before any destination register is touched.
+    #[error(
+        "VF BAR2 layout differs: the source gives the guest {theirs}, this VF {ours}; a guest \
+         cannot move between them"
+    )]
+    LayoutMismatch {
+        /// The source's layout.
+        theirs: crate::seq::Bar2Layout,
+        /// This VF's layout.
+        ours: crate::seq::Bar2Layout,
     },
     /// A transition the driver does not implement.
     #[error("no arc from {from} to {to}")]

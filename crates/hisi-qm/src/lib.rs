@@ -6,6 +6,7 @@
 //!   mailbox ─ 128-bit mailbox, V2 doorbells, SQC VFT             state ─ acc_vf_data:
 //!   access ── QmRegisters / PfRegisters, MmioVf / MmioPf,              RFC v2, V1, V2
 //!             Bar2::split -> GuestWindow | MigrationWindow
+//!             QM_MIG_REGION_SEL -> MigrationRegs: VfBar2 | PfWindow (PF BAR2, new revisions)
 //!   seq ───── VfQm / PfQm / AccVf: stop, save, check_match, load, start (bounded polls)
 //!   migration (feature "vfio") ── AccMigration: a livemig-vfio MigrationDevice
 //!   model (feature "model") ───── QmVfModel / QmPfModel, queues, DMA, faults, GuestDriver
@@ -18,6 +19,17 @@
 //! sequence here; seed 003 (its RFC v2 and the review) for the design, including the 40-byte
 //! match block sent early so the destination can refuse an incompatible device before any state
 //! moves.
+//!
+//! # QM revisions
+//! Up to `QM_HW_V3`, and under Linux 6.12 on any revision, a VF's migration registers are in the
+//! second half of its 64 KiB BAR2 and the guest gets the first 32 KiB. Linux 7.3.4 adds a
+//! layout for QMs above V3 whose PF sets `QM_MIG_REGION_EN` in `QM_MIG_REGION_SEL`: the
+//! migration registers move to an 8 KiB window of the PF's BAR2 and the guest gets all 64 KiB
+//! of the VF's ([`regs::QmRevision`], [`regs::MigCtrl`], [`access::select_mig_region`],
+//! [`AccVf::open`]). A guest cannot move between the two layouts; the driver's match block
+//! cannot tell them apart, so [`CompatBlock`] carries the layout for the engine's compatibility
+//! exchange, checked before any destination register is written
+//! ([`AccVf::check_compat`]).
 //!
 //! # Example: decode a captured blob
 //! ```
@@ -62,8 +74,11 @@ pub use access::MappedVf;
 #[cfg(feature = "std")]
 pub use access::StdDelay;
 pub use access::{
-    Bar2, Delay, GuestWindow, MigrationWindow, MmioPf, MmioVf, NoDelay, PfRegisters, QmRegisters,
+    Bar2, Delay, GuestWindow, MigRegion, MigrationRegs, MigrationWindow, MmioPf, MmioVf, NoDelay,
+    PfBar2, PfRegisters, PfWindow, QmRegisters, RegionError, open_migration_regs,
+    select_mig_region,
 };
 pub use error::Error;
 pub use ids::AccKind;
-pub use seq::{AccVf, LoadOutcome, PfQm, Timing, VfQm};
+pub use regs::{MigCtrl, QmRevision};
+pub use seq::{AccVf, Bar2Layout, CompatBlock, LoadOutcome, PfQm, Timing, VfQm};

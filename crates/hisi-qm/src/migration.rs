@@ -145,6 +145,19 @@ impl<R: QmRegisters, P: PfRegisters, D: Delay> AccMigration<R, P, D> {
         lock(&self.inner).last_rejection.clone()
     }
 
+    /// The device's compatibility block (device and BAR layout; see
+    /// [`CompatBlock`](crate::seq::CompatBlock)): an engine exchanges it before any state moves.
+    pub fn compat_block(&self) -> crate::seq::CompatBlock {
+        lock(&self.inner).dev.compat_block()
+    }
+
+    /// Check a source's compatibility block against this (destination) device without
+    /// touching a register: a different BAR layout is refused here, since the driver's match
+    /// block cannot tell.
+    pub fn check_compat(&self, source: &crate::seq::CompatBlock) -> Result<(), Error> {
+        lock(&self.inner).dev.check_compat(source)
+    }
+
     /// Run `f` on the device (for tests and diagnostics).
     pub fn with_device<T>(&self, f: impl FnOnce(&mut AccVf<R, P, D>) -> T) -> T {
         f(&mut lock(&self.inner).dev)

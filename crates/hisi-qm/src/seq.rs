@@ -20,11 +20,13 @@
 //! `drivers/crypto/hisilicon/qm.c` (`hisi_qm_mb`, `qm_mb_nolock`, `hisi_qm_wait_mb_ready`); the
 //! restart on failure is the RFC v2 driver's (`vf_qm_state_save`, `state_error:`).
 
-use crate::access::{Delay, PfRegisters, QmRegisters};
+use core::fmt;
+
+use crate::access::{Delay, MigrationRegs, PfBar2, PfRegisters, QmRegisters, open_migration_regs};
 use crate::error::Error;
 use crate::ids::AccKind;
 use crate::mailbox::{DbCmd, Doorbell, Mailbox, MbCmd, MbStatus, Vft};
-use crate::regs::{PfReg, VfReg};
+use crate::regs::{MigCtrl, PfReg, QmRevision, VF_BAR2_LEN, VfReg};
 use crate::state::{
     ACC_DRV_MAJOR_VER, ACC_DRV_MINOR_VER, AccVfData, Layout, QmRegState, VfQmState,
 };
@@ -413,6 +415,107 @@ pub enum LoadOutcome {
     AddressesMissing,
 }
 
+/// A VF's BAR2 as the migration driver arranges it: its size and where the migration
+/// registers are, which together fix how much of it the guest is given.
+///
+/// Linux 6.12 and an old-revision QM under Linux 7.3.4 give the guest the first 32 KiB of the
+/// 64 KiB BAR2; a new-revision QM with `QM_MIG_REGION_EN` under 7.3.4 gives it all 64 KiB
+/// (`hisi_acc_get_resource_len`, Linux 7.3.4 `hisi_acc_vfio_pci.c:1274-1294`, which the region
+/// info, mmap, read and write paths use: 1308, 1331, 1384). A guest that has seen one cannot
+/// be moved to the other: the BAR is part of what it was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Bar2Layout {
+    /// Where the migration registers are.
+    pub mode: MigCtrl,
+    /// Bytes of the VF's BAR2 (the PCI resource).
+    pub vf_bar2_len: usize,
+}
+
+impl Bar2Layout {
+    /// Migration registers in the VF's 64 KiB BAR2, guest gets 32 KiB (QM_HW_V3, or any
+    /// revision under Linux 6.12).
+    pub const VF_CTRL: Bar2Layout = Bar2Layout {
+        mode: MigCtrl::VfBar2,
+        vf_bar2_len: VF_BAR2_LEN,
+    };
+    /// Migration registers in the PF's BAR2, guest gets all 64 KiB of the VF's BAR2 (above
+    /// QM_HW_V3 with `QM_MIG_REGION_EN`, Linux 7.3.4).
+    pub const PF_CTRL: Bar2Layout = Bar2Layout {
+        mode: MigCtrl::PfBar2,
+        vf_bar2_len: VF_BAR2_LEN,
+    };
+
+    /// Bytes of BAR2 the guest is given.
+    pub const fn guest_len(self) -> usize {
+        self.mode.guest_bar2_len(self.vf_bar2_len)
+    }
+}
+
+impl fmt::Display for Bar2Layout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:#x} of a {:#x}-byte BAR2 ({})",
+            self.guest_len(),
+            self.vf_bar2_len,
+            self.mode.name()
+        )
+    }
+}
+
+/// What a destination must agree with before a QM VF's state may move to it, beyond what the
+/// driver's match block carries: the device and the BAR layout the guest was given. The
+/// match block (`acc_vf_data`, the same in 6.12 and 7.3.4) has no field for the layout, so it
+/// cannot refuse an old-to-new migration; this block does, before anything is written.
+///
+/// [`encode`](Self::encode) gives the bytes an engine compares byte for byte (`livemig`'s
+/// `DeviceCompat.compat`): printable text, e.g.
+/// `hisi-qm/1 19e5:a256 bar2 guest 0x8000 of 0x10000 mig vf-bar2`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CompatBlock {
+    /// The accelerator (its VF device ID).
+    pub kind: AccKind,
+    /// The VF's BAR2 layout.
+    pub layout: Bar2Layout,
+}
+
+impl CompatBlock {
+    /// The block as text.
+    pub fn encode(&self) -> alloc::vec::Vec<u8> {
+        let mig = match self.layout.mode {
+            MigCtrl::VfBar2 => "vf-bar2",
+            MigCtrl::PfBar2 => "pf-bar2",
+        };
+        alloc::format!(
+            "hisi-qm/1 {:04x}:{:04x} bar2 guest {:#x} of {:#x} mig {mig}",
+            crate::ids::PCI_VENDOR_ID_HUAWEI,
+            self.kind.vf_device_id(),
+            self.layout.guest_len(),
+            self.layout.vf_bar2_len,
+        )
+        .into_bytes()
+    }
+
+    /// Whether a VF described by `self` may take state from one described by `source`: the
+    /// same device, the same BAR layout.
+    pub fn accepts(&self, source: &CompatBlock) -> Result<(), Error> {
+        if source.kind != self.kind {
+            return Err(Error::Mismatch {
+                field: "dev_id",
+                theirs: u64::from(source.kind.vf_device_id()),
+                ours: u64::from(self.kind.vf_device_id()),
+            });
+        }
+        if source.layout != self.layout {
+            return Err(Error::LayoutMismatch {
+                theirs: source.layout,
+                ours: self.layout,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// One ACC VF with its PF: the operations the migration driver composes.
 #[derive(Debug)]
 pub struct AccVf<R, P, D> {
@@ -427,6 +530,39 @@ pub struct AccVf<R, P, D> {
     qp_num: u32,
     /// `QM_READY` as last established (`hisi_acc_vdev->vf_qm_state`).
     ready: bool,
+    /// The VF's BAR2 layout.
+    layout: Bar2Layout,
+}
+
+impl<V: QmRegisters, B: PfBar2 + PfRegisters + Clone, D: Delay + Clone>
+    AccVf<MigrationRegs<V, B>, B, D>
+{
+    /// VF `fun` (1-based) of a PF of `revision`, with its migration registers wherever
+    /// `QM_MIG_REGION_SEL` on `pf` puts them ([`open_migration_regs`]): the PF's BAR2 window
+    /// on a new revision with `QM_MIG_REGION_EN`, else `vf_bar2` (`vf_bar2_len` bytes). The
+    /// layout the compatibility block reports follows from the same selection.
+    pub fn open(
+        kind: AccKind,
+        fun: u32,
+        revision: QmRevision,
+        vf_bar2: V,
+        vf_bar2_len: usize,
+        pf: B,
+        delay: D,
+    ) -> Result<Self, Error> {
+        let regs = open_migration_regs(pf.clone(), revision, fun, vf_bar2)?;
+        let layout = Bar2Layout {
+            mode: regs.mode(),
+            vf_bar2_len,
+        };
+        Ok(AccVf::new(
+            kind,
+            fun,
+            VfQm::new(regs, delay.clone()),
+            PfQm::new(pf, delay),
+        )
+        .with_layout(layout))
+    }
 }
 
 impl<R: QmRegisters, P: PfRegisters, D: Delay> AccVf<R, P, D> {
@@ -439,12 +575,39 @@ impl<R: QmRegisters, P: PfRegisters, D: Delay> AccVf<R, P, D> {
             fun,
             qp_num: 0,
             ready: false,
+            layout: Bar2Layout::VF_CTRL,
         }
+    }
+
+    /// The same VF with another BAR2 layout ([`new`](Self::new) assumes
+    /// [`Bar2Layout::VF_CTRL`], the only one before Linux 7.3.4).
+    pub fn with_layout(mut self, layout: Bar2Layout) -> Self {
+        self.layout = layout;
+        self
     }
 
     /// The accelerator kind.
     pub fn kind(&self) -> AccKind {
         self.kind
+    }
+
+    /// The VF's BAR2 layout.
+    pub fn layout(&self) -> Bar2Layout {
+        self.layout
+    }
+
+    /// This VF's compatibility block (reads and writes no register).
+    pub fn compat_block(&self) -> CompatBlock {
+        CompatBlock {
+            kind: self.kind,
+            layout: self.layout,
+        }
+    }
+
+    /// The destination's check of the source's compatibility block, before RESUMING: the
+    /// same device and BAR layout ([`CompatBlock::accepts`]). Reads and writes no register.
+    pub fn check_compat(&self, source: &CompatBlock) -> Result<(), Error> {
+        self.compat_block().accepts(source)
     }
 
     /// Whether the VF is considered ready (started by its guest driver).

@@ -9,7 +9,10 @@ use livemig_hisi_qm::mailbox::{MbCmd, Vft};
 use livemig_hisi_qm::migration::AccMigration;
 use livemig_hisi_qm::model::{Dma, DmaError, Fault, FlatMemory, GuestDriver, QmPfModel, QmVfModel};
 use livemig_hisi_qm::seq::dump_registers;
-use livemig_hisi_qm::{AccKind, AccVf, LoadOutcome, NoDelay, PfQm, VfQm};
+use livemig_hisi_qm::{
+    AccKind, AccVf, Bar2Layout, LoadOutcome, MigCtrl, MigrationRegs, NoDelay, PfQm, QmRevision,
+    VfQm,
+};
 use livemig_vfio::data::{save_precopy, save_stop_copy, write_resuming};
 use livemig_vfio::{MigrationDevice, MigrationState};
 
@@ -19,12 +22,37 @@ const FUN: u32 = 1;
 const VFT: Vft = Vft { base: 64, num: 4 };
 
 type Mig = AccMigration<Arc<QmVfModel>, Arc<QmPfModel>, NoDelay>;
+/// A driver whose VF migration registers are wherever QM_MIG_REGION_SEL puts them.
+type NewMig = AccMigration<MigrationRegs<Arc<QmVfModel>, Arc<QmPfModel>>, Arc<QmPfModel>, NoDelay>;
 
-struct Host {
+struct Host<M = Mig> {
     mem: Arc<FlatMemory>,
     pf: Arc<QmPfModel>,
     vf: Arc<QmVfModel>,
-    mig: Mig,
+    mig: M,
+}
+
+/// A host whose PF is of `revision`, its VF opened as the 7.3.4 driver opens it.
+fn host_rev(kind: AccKind, iso: u32, vft: Vft, revision: QmRevision) -> Host<NewMig> {
+    let mem = Arc::new(FlatMemory::new(RAM, RAM_SIZE));
+    let pf = QmPfModel::with_revision(kind, iso, revision);
+    let vf = pf.create_vf(FUN, vft, mem.clone() as Arc<dyn Dma>);
+    let dev = AccVf::open(
+        kind,
+        FUN,
+        revision,
+        vf.clone(),
+        vf.bar2_len(),
+        pf.clone(),
+        NoDelay,
+    )
+    .unwrap();
+    Host {
+        mem,
+        pf,
+        vf,
+        mig: AccMigration::new(dev),
+    }
 }
 
 fn host(kind: AccKind, iso: u32, vft: Vft) -> Host {
@@ -46,7 +74,7 @@ fn host(kind: AccKind, iso: u32, vft: Vft) -> Host {
 }
 
 /// A guest with four queues, some jobs done and some still queued in the SQs.
-fn busy_guest(h: &Host) -> (GuestDriver<Arc<QmVfModel>>, u64, Vec<u16>) {
+fn busy_guest<M>(h: &Host<M>) -> (GuestDriver<Arc<QmVfModel>>, u64, Vec<u16>) {
     let mut g = GuestDriver::init(h.vf.clone(), h.mem.clone(), RAM, VFT.num, 64).unwrap();
     let bufs = g.free_base();
     // Source data for 64 jobs.
@@ -150,6 +178,11 @@ fn save_on_a_resume_on_b_keeps_the_queues_running() {
     // Identical register state and contexts.
     assert_eq!(b.vf.migratable_state(), saved);
     insta::assert_snapshot!("destination_registers", dump_registers(&*b.vf));
+    // The old revision never goes through a PF window.
+    assert_eq!(
+        a.vf.stats().window_accesses + b.vf.stats().window_accesses,
+        0
+    );
 
     // The guest carries on on B: the 15 queued jobs complete, new ones too.
     let mut g = g.migrate_to(b.vf.clone(), b.mem.clone());
@@ -536,4 +569,270 @@ fn device_writes_dirty_pages_through_the_iommu_model() {
     assert!(dirty.contains(&(bufs + 0x3000)), "result page: {dirty:x?}");
     assert!(dirty.contains(&cq), "completion queue page: {dirty:x?}");
     assert!(!dirty.contains(&bufs), "the source page was only read");
+}
+
+/// Source PRE_COPY + STOP_COPY into destination RESUMING, memory copied, destination RUNNING;
+/// returns the source's state as it stopped.
+fn migrate<M: MigrationDevice>(
+    a: &mut Host<M>,
+    b: &mut Host<M>,
+) -> Result<livemig_hisi_qm::model::ModelState, String> {
+    let e = |e: &dyn std::error::Error| chain(e);
+    let mut src = a
+        .mig
+        .transition(MigrationState::PreCopy)
+        .map_err(|x| e(&x))?
+        .data
+        .unwrap();
+    let mut dst = b
+        .mig
+        .transition(MigrationState::Resuming)
+        .map_err(|x| e(&x))?
+        .data
+        .unwrap();
+    let mut early = Vec::new();
+    save_precopy(&mut src, &mut early, u64::MAX).map_err(|x| e(&x))?;
+    write_resuming(&mut dst, &early).map_err(|x| e(&x))?;
+    a.mig
+        .transition(MigrationState::StopCopy)
+        .map_err(|x| e(&x))?;
+    let mut rest = Vec::new();
+    save_stop_copy(&mut src, &mut rest).map_err(|x| e(&x))?;
+    let saved = a.vf.migratable_state();
+    write_resuming(&mut dst, &rest).map_err(|x| e(&x))?;
+    assert!(b.mem.restore(&a.mem.snapshot()));
+    b.mig
+        .transition(MigrationState::Running)
+        .map_err(|x| e(&x))?;
+    Ok(saved)
+}
+
+/// Two QM_HW_V4 PFs with QM_MIG_REGION_EN: the driver reaches each VF's migration registers
+/// through its PF's BAR2 window, the guest has all of the VF's BAR2, and a migration carries
+/// the state and the queued jobs as on the old revision.
+#[test]
+fn new_revision_vfs_migrate_through_the_pf_window() {
+    let mut a = host_rev(AccKind::Sec, 1, VFT, QmRevision::V4);
+    let mut b = host_rev(AccKind::Sec, 1, VFT, QmRevision::V4);
+    for h in [&a, &b] {
+        assert_eq!(h.vf.mig_ctrl(), MigCtrl::PfBar2);
+        assert_eq!((h.vf.bar2_len(), h.vf.guest_bar2_len()), (0x10000, 0x10000));
+        assert_eq!(h.mig.compat_block().layout, Bar2Layout::PF_CTRL);
+    }
+    let (g, bufs, mut done) = busy_guest(&a);
+    let before = a.vf.stats().window_accesses;
+    let saved = migrate(&mut a, &mut b).unwrap();
+    assert!(a.vf.is_paused());
+    assert_eq!(b.mig.last_load(), Some(LoadOutcome::Loaded));
+    // The event-queue contexts (only in the window on this revision) came across.
+    assert_ne!(
+        saved.regs.eqc_dw[1], 0,
+        "the guest configured an event queue"
+    );
+    assert_eq!(b.vf.migratable_state(), saved);
+    // Both drivers went through the PF window; the EQ/AEQ doorbells the driver aims just
+    // past the window reach no register.
+    assert!(a.vf.stats().window_accesses > before);
+    assert!(b.vf.stats().window_accesses > 0);
+    assert_eq!(a.pf.stats().unrouted_stores, 2, "{:?}", a.pf.stats());
+
+    // The guest carries on on B: the 15 queued jobs complete, new ones too.
+    let mut g = g.migrate_to(b.vf.clone(), b.mem.clone());
+    assert_eq!(b.vf.process(100), 15);
+    for j in 40..64u16 {
+        let off = u64::from(j) * 512;
+        assert!(
+            g.submit(j % VFT.num, bufs + off, bufs + off + 256, 256, j)
+                .unwrap()
+        );
+    }
+    assert_eq!(b.vf.process(100), 24);
+    for q in 0..VFT.num {
+        done.extend(g.poll(q).unwrap().into_iter().map(|c| c.tag));
+    }
+    done.sort_unstable();
+    assert_eq!(done, (0..64).collect::<Vec<u16>>());
+    check_results(&b.mem, bufs, &done);
+    assert_eq!(g.events.len(), 64, "one event per completion");
+}
+
+/// Negative control for the path: the same new-revision pair driven through the VFs' own
+/// BAR2 (the 6.12 path) does not carry the event-queue state, so the test above would catch
+/// a driver that ignored QM_MIG_REGION_SEL.
+#[test]
+fn new_revision_vfs_through_their_own_bar_lose_the_event_queues() {
+    let old_path = |h: Host<NewMig>| -> Host<Mig> {
+        let dev = AccVf::new(
+            AccKind::Sec,
+            FUN,
+            VfQm::new(h.vf.clone(), NoDelay),
+            PfQm::new(h.pf.clone(), NoDelay),
+        );
+        Host {
+            mem: h.mem,
+            pf: h.pf,
+            vf: h.vf,
+            mig: AccMigration::new(dev),
+        }
+    };
+    let mut a = old_path(host_rev(AccKind::Sec, 1, VFT, QmRevision::V4));
+    let mut b = old_path(host_rev(AccKind::Sec, 1, VFT, QmRevision::V4));
+    let _ = busy_guest(&a);
+    let wrong = match migrate(&mut a, &mut b) {
+        Ok(saved) => b.vf.migratable_state() != saved,
+        Err(_) => true,
+    };
+    assert!(wrong, "state moved without the PF window");
+    assert_eq!(b.vf.stats().window_accesses, 0);
+}
+
+/// A 6.12 / QM_HW_V3 VF (guest BAR2 32 KiB) and a 7.3.4 new-revision VF (64 KiB) cannot trade
+/// a guest: the destination refuses the source's compatibility block before any of its
+/// registers is written, in both directions. The driver's own match block would not.
+#[test]
+fn a_bar_layout_difference_is_refused_before_any_destination_write() {
+    let refuse = |src: livemig_hisi_qm::CompatBlock,
+                  b_vf: &QmVfModel,
+                  b_pf: &QmPfModel,
+                  check: &dyn Fn() -> Result<(), livemig_hisi_qm::Error>| {
+        let (vf0, pf0) = (b_vf.stats(), b_pf.stats());
+        let e = check().unwrap_err();
+        assert!(
+            matches!(e, livemig_hisi_qm::Error::LayoutMismatch { theirs, .. } if theirs == src.layout),
+            "{e}"
+        );
+        assert_eq!(
+            b_vf.stats().register_writes,
+            vf0.register_writes,
+            "VF written"
+        );
+        assert_eq!(
+            b_pf.stats().register_writes,
+            pf0.register_writes,
+            "PF written"
+        );
+        assert_eq!((vf0.register_writes, pf0.register_writes), (0, 0));
+        e.to_string()
+    };
+
+    // New source, old destination.
+    let a = host_rev(AccKind::Sec, 1, VFT, QmRevision::V4);
+    let b = host(AccKind::Sec, 1, VFT);
+    let _ = busy_guest(&a);
+    let src = a.mig.compat_block();
+    let msg = refuse(src, &b.vf, &b.pf, &|| b.mig.check_compat(&src));
+    assert_eq!(
+        msg,
+        "VF BAR2 layout differs: the source gives the guest 0x10000 of a 0x10000-byte BAR2 \
+         (HW_ACC_MIG_PF_CTRL), this VF 0x8000 of a 0x10000-byte BAR2 (HW_ACC_MIG_VF_CTRL); a \
+         guest cannot move between them"
+    );
+    assert_eq!(b.mig.migration_state().unwrap(), MigrationState::Running);
+    // The bytes an engine compares differ, and say why.
+    assert_eq!(
+        String::from_utf8(src.encode()).unwrap(),
+        "hisi-qm/1 19e5:a256 bar2 guest 0x10000 of 0x10000 mig pf-bar2"
+    );
+    assert_eq!(
+        String::from_utf8(b.mig.compat_block().encode()).unwrap(),
+        "hisi-qm/1 19e5:a256 bar2 guest 0x8000 of 0x10000 mig vf-bar2"
+    );
+
+    // Old source, new destination.
+    let a = host(AccKind::Sec, 1, VFT);
+    let b = host_rev(AccKind::Sec, 1, VFT, QmRevision::V4);
+    let src = a.mig.compat_block();
+    refuse(src, &b.vf, &b.pf, &|| b.mig.check_compat(&src));
+
+    // Why the block is needed: acc_vf_data has no layout field, so the driver's match check
+    // accepts the old source's match block on the new destination.
+    let mut a = host(AccKind::Sec, 1, VFT);
+    let mut b = host_rev(AccKind::Sec, 1, VFT, QmRevision::V4);
+    let mut s = a
+        .mig
+        .transition(MigrationState::PreCopy)
+        .unwrap()
+        .data
+        .unwrap();
+    let mut d = b
+        .mig
+        .transition(MigrationState::Resuming)
+        .unwrap()
+        .data
+        .unwrap();
+    let mut early = Vec::new();
+    save_precopy(&mut s, &mut early, u64::MAX).unwrap();
+    write_resuming(&mut d, &early).unwrap();
+    assert_eq!(b.mig.last_rejection(), None);
+
+    // Negative controls: the same layout on both sides is accepted.
+    let (n1, n2) = (
+        host_rev(AccKind::Sec, 1, VFT, QmRevision::V4),
+        host_rev(AccKind::Sec, 1, VFT, QmRevision::V5),
+    );
+    n2.mig.check_compat(&n1.mig.compat_block()).unwrap();
+    assert_eq!(
+        n1.mig.compat_block().encode(),
+        n2.mig.compat_block().encode()
+    );
+    let (o1, o2) = (host(AccKind::Sec, 1, VFT), host(AccKind::Sec, 1, VFT));
+    o2.mig.check_compat(&o1.mig.compat_block()).unwrap();
+    // A V3 PF is old whatever the model is asked for.
+    let v3 = host_rev(AccKind::Sec, 1, VFT, QmRevision::V3);
+    v3.mig.check_compat(&o1.mig.compat_block()).unwrap();
+    // And a different device is still a different device.
+    let zip = host_rev(AccKind::Zip, 1, VFT, QmRevision::V4);
+    let e = zip.mig.check_compat(&n1.mig.compat_block()).unwrap_err();
+    assert!(e.to_string().contains("dev_id is 0xa256"), "{e}");
+}
+
+/// What the driver makes of QM_MIG_REGION_SEL on the model: garbage is an error naming the
+/// register and the value, not a fallback to the VF's BAR2.
+#[test]
+fn garbage_in_qm_mig_region_sel_is_refused_on_the_model() {
+    let mem = Arc::new(FlatMemory::new(RAM, RAM_SIZE));
+    let pf = QmPfModel::with_revision(AccKind::Hpre, 0, QmRevision::V4);
+    let vf = pf.create_vf(FUN, VFT, mem as Arc<dyn Dma>);
+    let open = |rev| {
+        AccVf::open(
+            AccKind::Hpre,
+            FUN,
+            rev,
+            vf.clone(),
+            0x10000,
+            pf.clone(),
+            NoDelay,
+        )
+        .map(|_| ())
+    };
+    open(QmRevision::V4).unwrap();
+    pf.set_mig_region_sel(0x0000_0101);
+    let e = open(QmRevision::V4).unwrap_err();
+    assert_eq!(
+        chain(&e),
+        "cannot locate the VF's migration registers / QM_MIG_REGION_SEL reads 0x00000101: \
+         reserved bits 0x00000100 are set"
+    );
+    pf.set_mig_region_sel(1);
+    let e = open(QmRevision::V3).unwrap_err();
+    assert!(
+        chain(&e).contains("QM_MIG_REGION_EN is set on QM_HW_V3 (0x30)"),
+        "{e}"
+    );
+    // Negative control: EN clear on V4 is the VF's own BAR2, no error.
+    pf.set_mig_region_sel(0);
+    assert_eq!(
+        AccVf::open(
+            AccKind::Hpre,
+            FUN,
+            QmRevision::V4,
+            vf.clone(),
+            0x10000,
+            pf.clone(),
+            NoDelay
+        )
+        .unwrap()
+        .layout(),
+        Bar2Layout::VF_CTRL
+    );
 }

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use livemig_hisi_qm::mailbox::Vft;
 use livemig_hisi_qm::migration::AccMigration;
 use livemig_hisi_qm::model::{Dma, DmaError, GuestDriver, QmPfModel, QmVfModel};
-use livemig_hisi_qm::{AccKind, AccVf, NoDelay, PfQm, VfQm};
+use livemig_hisi_qm::{AccKind, AccVf, CompatBlock, MigrationRegs, NoDelay, QmRevision};
 use livemig_iommu_pt::config::{AmdDte, SmmuCd, SmmuSte, VtdPasidEntry};
 use livemig_iommu_pt::format::{AmdV1, ArmS1, VtdSecondStage};
 use livemig_iommu_pt::model::{DataMem, DeviceContext, DmaPort, Iommu, ModelOptions};
@@ -506,10 +506,14 @@ fn sim_device_config(spec: &SimSpec, i: u32, seed: u64) -> SimDevConfig {
     c
 }
 
-fn qm_compat(kind: AccKind, vft: Vft) -> DeviceCompat {
-    let mut compat = vec![kind.vf_device_id() as u8, (kind.vf_device_id() >> 8) as u8];
-    compat.extend_from_slice(&QM_QUE_ISO_CFG.to_le_bytes());
-    compat.extend_from_slice(&u32::from(vft.num).to_le_bytes());
+/// A QM VF's compatibility descriptor: livemig-hisi-qm's block (device and BAR2 layout, so
+/// a 32 KiB-guest-BAR2 VF and a 64 KiB one refuse each other before any state moves), then
+/// the queue count and isolation state the simulated PF gives it.
+fn qm_compat(block: CompatBlock, vft: Vft) -> DeviceCompat {
+    let mut compat = block.encode();
+    compat
+        .extend_from_slice(format!(" qp_num {} que_iso_cfg {QM_QUE_ISO_CFG}", vft.num).as_bytes());
+    let kind = block.kind;
     DeviceCompat {
         identity: format!("19e5:{:04x} hisi_acc_vfio_pci", kind.vf_device_id()),
         compat,
@@ -533,7 +537,7 @@ fn flags_mask(precopy: bool) -> MigrationFlags {
     }
 }
 
-type QmMig = AccMigration<Arc<QmVfModel>, Arc<QmPfModel>, NoDelay>;
+type QmMig = AccMigration<MigrationRegs<Arc<QmVfModel>, Arc<QmPfModel>>, Arc<QmPfModel>, NoDelay>;
 
 /// QM VF `i` of `pf` with its DMA going to `dma`, wrapped for the engine.
 fn qm_device(
@@ -545,15 +549,22 @@ fn qm_device(
     let fun = i + 1;
     let v = vft(i);
     let vf = pf.create_vf(fun, v, dma);
-    let acc = AccVf::new(
+    // Opened as hisi_acc_vfio_pci opens it: the migration registers are wherever the PF's
+    // QM_MIG_REGION_SEL puts them.
+    let acc = AccVf::open(
         AccKind::Sec,
         fun,
-        VfQm::new(Arc::clone(&vf), NoDelay),
-        PfQm::new(Arc::clone(pf), NoDelay),
-    );
+        pf.revision(),
+        Arc::clone(&vf),
+        vf.bar2_len(),
+        Arc::clone(pf),
+        NoDelay,
+    )
+    .map_err(|e| format!("QM VF {i}: {e}"))?;
+    let compat = qm_compat(acc.compat_block(), v);
     let dev = VfioMigDevice::new(
         format!("qm{i}"),
-        qm_compat(AccKind::Sec, v),
+        compat,
         AccMigration::new(acc),
         flags_mask(precopy),
     )
@@ -604,17 +615,32 @@ impl std::fmt::Debug for SimSource {
     }
 }
 
-/// Builds the source host of `spec` and starts its guest.
+/// Builds the source host of `spec` and starts its guest. Its QM PF is a `QM_HW_V3`: each VF
+/// keeps its migration registers in its own BAR2 and the guest has 32 KiB of it.
 pub fn source(spec: &SimSpec, precopy: bool) -> Result<SimSource, String> {
+    source_with_qm_revision(spec, precopy, QmRevision::V3)
+}
+
+/// As [`source`], with a QM PF of `revision`: above `QM_HW_V3` the VFs' migration registers
+/// are in the PF's BAR2 and the guest has all 64 KiB of each VF's BAR2 (Linux 7.3.4).
+pub fn source_with_qm_revision(
+    spec: &SimSpec,
+    precopy: bool,
+    revision: QmRevision,
+) -> Result<SimSource, String> {
     spec.validate()?;
     match spec.vendor {
-        Vendor::Amd => source_with::<AmdV1>(spec, precopy),
-        Vendor::Vtd => source_with::<VtdSecondStage>(spec, precopy),
-        Vendor::Smmuv3 => source_with::<ArmS1>(spec, precopy),
+        Vendor::Amd => source_with::<AmdV1>(spec, precopy, revision),
+        Vendor::Vtd => source_with::<VtdSecondStage>(spec, precopy, revision),
+        Vendor::Smmuv3 => source_with::<ArmS1>(spec, precopy, revision),
     }
 }
 
-fn source_with<F: SimFormat>(spec: &SimSpec, precopy: bool) -> Result<SimSource, String> {
+fn source_with<F: SimFormat>(
+    spec: &SimSpec,
+    precopy: bool,
+    revision: QmRevision,
+) -> Result<SimSource, String> {
     let ram = Arc::new(SparseRam::new(spec.ram).map_err(|e| e.to_string())?);
     ram.fill_pattern(0, spec.populated, spec.seed)
         .map_err(|e| e.to_string())?;
@@ -666,7 +692,7 @@ fn source_with<F: SimFormat>(spec: &SimSpec, precopy: bool) -> Result<SimSource,
     let mut devices = Vec::new();
     let mut qm = Vec::new();
     let mut qm_devs = Vec::new();
-    let pf = QmPfModel::new(AccKind::Sec, QM_QUE_ISO_CFG);
+    let pf = QmPfModel::with_revision(AccKind::Sec, QM_QUE_ISO_CFG, revision);
     let cpu: Arc<dyn Dma> = Arc::new(CpuDma(Arc::clone(&ram)));
     for i in 0..spec.qm_vfs {
         let (dev, vf) = qm_device(&pf, i, handle.port(i), precopy)?;
@@ -869,11 +895,21 @@ impl std::fmt::Debug for SimDestination {
     }
 }
 
-/// Builds the destination host of `spec`: empty RAM, the same devices freshly created.
+/// Builds the destination host of `spec`: empty RAM, the same devices freshly created, on a
+/// `QM_HW_V3` QM PF (as [`source`]).
 pub fn destination(spec: &SimSpec, precopy: bool) -> Result<SimDestination, String> {
+    destination_with_qm_revision(spec, precopy, QmRevision::V3)
+}
+
+/// As [`destination`], with a QM PF of `revision` (see [`source_with_qm_revision`]).
+pub fn destination_with_qm_revision(
+    spec: &SimSpec,
+    precopy: bool,
+    revision: QmRevision,
+) -> Result<SimDestination, String> {
     spec.validate()?;
     let ram = Arc::new(SparseRam::new(spec.ram).map_err(|e| e.to_string())?);
-    let pf = QmPfModel::new(AccKind::Sec, QM_QUE_ISO_CFG);
+    let pf = QmPfModel::with_revision(AccKind::Sec, QM_QUE_ISO_CFG, revision);
     let mut devices: Vec<Box<dyn MigDevice>> = Vec::new();
     let mut qm = Vec::new();
     for i in 0..spec.qm_vfs {

@@ -243,6 +243,71 @@ fn compat_mismatch_is_refused_before_any_state_moves() {
     run.assert_source_running();
 }
 
+/// A QM VF under a 6.12-style driver (or on a QM_HW_V3) gives its guest 32 KiB of BAR2; under
+/// Linux 7.3.4 on a QM above V3 with QM_MIG_REGION_EN it gives all 64 KiB. The engine's compat
+/// exchange refuses the difference, in both directions, before any destination QM register is
+/// written; the same new layout on both sides migrates, through the PF BAR2 windows.
+#[test]
+#[serial]
+fn a_qm_bar_layout_difference_is_refused_before_any_destination_write() {
+    use livemig_hisi_qm::{MigCtrl, QmRevision};
+    let s = common::spec(Vendor::Amd);
+    let (old, new) = (QmRevision::V3, QmRevision::V4);
+    for (from, to) in [(old, new), (new, old)] {
+        let src = sim::source_with_qm_revision(&s, true, from).unwrap();
+        let dst = sim::destination_with_qm_revision(&s, true, to).unwrap();
+        let mut run = common::setup_from(src, dst, precopy_cfg(true));
+        let (r, d) = run.go();
+        let e = r.unwrap_err().to_string();
+        assert!(
+            e.starts_with("compat exchange: the destination refused: device 0 (19e5:a256 hisi_acc_vfio_pci): compatibility block differs"),
+            "{e}"
+        );
+        let (small, big) = (
+            "bar2 guest 0x8000 of 0x10000 mig vf-bar2",
+            "bar2 guest 0x10000 of 0x10000 mig pf-bar2",
+        );
+        let (sb, db) = if from == old {
+            (small, big)
+        } else {
+            (big, small)
+        };
+        assert!(
+            e.contains(&format!("(source \"hisi-qm/1 19e5:a256 {sb}")),
+            "{e}"
+        );
+        assert!(
+            e.contains(&format!("destination \"hisi-qm/1 19e5:a256 {db}")),
+            "{e}"
+        );
+        assert!(d.is_err());
+        for vf in run.dst.host.qm_vfs() {
+            assert_eq!(
+                vf.stats().register_writes,
+                0,
+                "a destination QM VF was written"
+            );
+        }
+        assert!(run.dst.host.logging_devices()[0].arcs().is_empty());
+        run.assert_source_running();
+    }
+
+    // Negative control: the new layout on both sides is compatible and migrates, the QM VFs'
+    // migration registers reached through the PF's BAR2 on both hosts.
+    let src = sim::source_with_qm_revision(&s, true, new).unwrap();
+    let dst = sim::destination_with_qm_revision(&s, true, new).unwrap();
+    let mut run = common::setup_from(src, dst, precopy_cfg(true));
+    let (r, d) = run.go();
+    r.unwrap_or_else(|e| panic!("{}", e.chain()));
+    d.unwrap();
+    drop(run.src.workload);
+    run.src.host.compare(&run.dst.host).unwrap();
+    for vf in run.src.host.qm_vfs().iter().chain(run.dst.host.qm_vfs()) {
+        assert_eq!(vf.mig_ctrl(), MigCtrl::PfBar2);
+        assert!(vf.stats().window_accesses > 0, "{:?}", vf.stats());
+    }
+}
+
 /// Flips one byte of the stream at `at`.
 struct Corrupt<W> {
     inner: W,

@@ -20,15 +20,36 @@
 //! 4096), 20..22 a tag echoed in the CQE's `cmd_id`; the "accelerator" writes
 //! `dst[i] = src[i] ^ 0x5a`. `QM_IFC_INT_SOURCE_V` is write-1-to-clear (the driver clears it by
 //! writing 1 in `qm_dev_cmd_init`).
+//!
+//! # Revisions
+//! [`QmPfModel::new`] is a `QM_HW_V3` PF: each VF's migration registers are in the second half
+//! of its own 64 KiB BAR2 and the guest gets the first half. [`QmPfModel::with_revision`] makes
+//! a PF of any revision; above V3 it sets `QM_MIG_REGION_EN` in `QM_MIG_REGION_SEL`, and then
+//! its VFs' migration registers are reached through the PF's BAR2 ([`PfBar2`]) at
+//! `0x180000 + vf_id * 0x2000` (Linux 7.3.4 `hisi_acc_vfio_pci.c:1196-1209`), with the
+//! EQC/AEQC words at 0x1c00/0x1c20 of the window (`hisi_acc_vfio_pci.h:56-57`), while the
+//! VF's own BAR2 is all the guest's: there, the old EQC/AEQC offsets read 0 and ignore
+//! writes, so a migration that used the wrong path loses the event-queue state. The model's
+//! PF BAR2 is [`PF_BAR2_LEN`] bytes (the real size is the hardware's; the model picks one
+//! that holds 64 windows). A 64-bit store the driver aims at a VF's EQ/AEQ doorbell lands on
+//! the next window's offset 0 (see [`PF_WINDOW_EQ_AEQ_DOORBELL_OFFSET`](crate::regs::PF_WINDOW_EQ_AEQ_DOORBELL_OFFSET)); what the hardware
+//! does with it is not known, so the model counts it ([`PfStats::unrouted_stores`]) and does
+//! nothing else.
+//!
+//! Both models count every register store, from any path ([`VfStats::register_writes`],
+//! [`PfStats::register_writes`]), so a test can prove that a refusal wrote nothing.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
-use crate::access::{PfRegisters, QmRegisters};
+use crate::access::{PfBar2, PfRegisters, QmRegisters};
 use crate::ids::AccKind;
 use crate::mailbox::{DbCmd, Doorbell, Mailbox, MbCmd, Vft};
-use crate::regs::{PfReg, VfReg};
+use crate::regs::{
+    MigCtrl, PF_WINDOW_DOORBELL_SQ_CQ_OFFSET, PF_WINDOW_MAILBOX_OFFSET, PfReg, QM_MIG_REGION_EN,
+    QM_MIG_REGION_OFFSET, QM_MIG_REGION_SIZE, QmRevision, VF_BAR2_LEN, VfReg,
+};
 use crate::state::QmRegState;
 
 mod guest;
@@ -101,9 +122,23 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Bytes of the model PF's BAR2: 4 MiB, room for the named registers (up to 0x301804) and
+/// 64 migration windows (the real size is the hardware's).
+pub const PF_BAR2_LEN: usize = 0x40_0000;
+
+/// PF counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PfStats {
+    /// Stores to the PF's own registers or, through its BAR2, to a VF's window.
+    pub register_writes: u64,
+    /// Stores into the window area that reach no VF register (see the module docs).
+    pub unrouted_stores: u64,
+}
+
 /// The PF: per-function VFTs, isolation state, and the state registers the checks read.
 pub struct QmPfModel {
     kind: AccKind,
+    revision: QmRevision,
     inner: Mutex<PfInner>,
 }
 
@@ -112,28 +147,44 @@ struct PfInner {
     que_iso_cfg: u32,
     regs: HashMap<usize, u32>,
     faults: Vec<Fault>,
+    vfs: HashMap<u32, Weak<QmVfModel>>,
+    stats: PfStats,
 }
 
 impl fmt::Debug for QmPfModel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("QmPfModel")
             .field("kind", &self.kind)
+            .field("revision", &self.revision)
             .finish()
     }
 }
 
 impl QmPfModel {
-    /// A PF of `kind` with the given queue isolation configuration.
+    /// A `QM_HW_V3` PF of `kind` with the given queue isolation configuration: its VFs keep
+    /// their migration registers in their own BAR2.
     pub fn new(kind: AccKind, que_iso_cfg: u32) -> Arc<Self> {
+        Self::with_revision(kind, que_iso_cfg, QmRevision::V3)
+    }
+
+    /// A PF of `revision`. Above `QM_HW_V3` it reports `QM_MIG_REGION_EN`, and its VFs'
+    /// migration registers are in its BAR2; at or below, `QM_MIG_REGION_SEL` reads 0.
+    pub fn with_revision(kind: AccKind, que_iso_cfg: u32, revision: QmRevision) -> Arc<Self> {
         let mut regs = HashMap::new();
         regs.insert(PfReg::VftCfgRdy.offset(), 1);
+        if revision.is_new() {
+            regs.insert(PfReg::MigRegionSel.offset(), QM_MIG_REGION_EN);
+        }
         Arc::new(QmPfModel {
             kind,
+            revision,
             inner: Mutex::new(PfInner {
                 vft: HashMap::new(),
                 que_iso_cfg,
                 regs,
                 faults: Vec::new(),
+                vfs: HashMap::new(),
+                stats: PfStats::default(),
             }),
         })
     }
@@ -143,6 +194,64 @@ impl QmPfModel {
         self.kind
     }
 
+    /// The QM revision (`qm->ver`).
+    pub fn revision(&self) -> QmRevision {
+        self.revision
+    }
+
+    /// Make `QM_MIG_REGION_SEL` read `value` (to test what the driver makes of it). VFs
+    /// created afterwards follow it; the window routing follows it at once.
+    pub fn set_mig_region_sel(&self, value: u32) {
+        lock(&self.inner)
+            .regs
+            .insert(PfReg::MigRegionSel.offset(), value);
+    }
+
+    /// Where this PF's VFs have their migration registers: the PF's BAR2 when the revision
+    /// is above V3 and `QM_MIG_REGION_EN` is set, else their own BAR2.
+    pub fn mig_ctrl(&self) -> MigCtrl {
+        let sel = lock(&self.inner)
+            .regs
+            .get(&PfReg::MigRegionSel.offset())
+            .copied()
+            .unwrap_or(0);
+        if self.revision.is_new() && sel & QM_MIG_REGION_EN != 0 {
+            MigCtrl::PfBar2
+        } else {
+            MigCtrl::VfBar2
+        }
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> PfStats {
+        lock(&self.inner).stats
+    }
+
+    /// The VF whose window holds PF BAR2 offset `off`, and the offset in the window.
+    fn window(&self, off: usize) -> Option<(Arc<QmVfModel>, usize)> {
+        if self.mig_ctrl() != MigCtrl::PfBar2 {
+            return None;
+        }
+        let rel = off.checked_sub(QM_MIG_REGION_OFFSET)?;
+        let fun = u32::try_from(rel / QM_MIG_REGION_SIZE).ok()?;
+        let vf = lock(&self.inner).vfs.get(&fun)?.upgrade()?;
+        Some((vf, rel % QM_MIG_REGION_SIZE))
+    }
+
+    /// Whether `off` lies in the window area (VF 1's window onwards, as far as 64 VFs reach).
+    fn in_window_area(off: usize) -> bool {
+        (QM_MIG_REGION_OFFSET + QM_MIG_REGION_SIZE..QM_MIG_REGION_OFFSET + 65 * QM_MIG_REGION_SIZE)
+            .contains(&off)
+    }
+
+    fn count_store(&self, routed: bool) {
+        let mut g = lock(&self.inner);
+        g.stats.register_writes += 1;
+        if !routed {
+            g.stats.unrouted_stores += 1;
+        }
+    }
+
     /// Give function `fun` (1-based VF number) its queue range.
     pub fn set_vft(&self, fun: u32, vft: Vft) {
         lock(&self.inner).vft.insert(fun, vft);
@@ -150,10 +259,16 @@ impl QmPfModel {
 
     /// Create VF `fun` of this PF: its VFT entry here, and a VF model whose
     /// `QM_QUE_ISO_CFG_V` mirrors the PF's (as the PF driver configures it).
+    ///
+    /// The VF's BAR2 layout follows the PF: in PF-control mode ([`mig_ctrl`](Self::mig_ctrl))
+    /// its migration registers are reached only through this PF's BAR2 window.
     pub fn create_vf(&self, fun: u32, vft: Vft, dma: Arc<dyn Dma>) -> Arc<QmVfModel> {
         self.set_vft(fun, vft);
-        let vf = QmVfModel::new(self.kind, vft, dma);
-        let iso = lock(&self.inner).que_iso_cfg;
+        let vf = QmVfModel::with_mode(self.kind, vft, dma, self.mig_ctrl());
+        let mut g = lock(&self.inner);
+        g.vfs.insert(fun, Arc::downgrade(&vf));
+        let iso = g.que_iso_cfg;
+        drop(g);
         lock(&vf.inner).regs.insert(VfReg::QueIsoCfgV.offset(), iso);
         vf
     }
@@ -195,6 +310,10 @@ impl PfRegisters for QmPfModel {
 
     fn write(&self, reg: PfReg, value: u32) {
         let mut g = lock(&self.inner);
+        g.stats.register_writes += 1;
+        if reg == PfReg::MigRegionSel {
+            return; // read-only
+        }
         g.regs.insert(reg.offset(), value);
         if reg == PfReg::VftCfgOpEnable && value & 1 != 0 {
             let read = g.regs.get(&PfReg::VftCfgOpWr.offset()).copied() == Some(1);
@@ -214,6 +333,78 @@ impl PfRegisters for QmPfModel {
         }
     }
 }
+
+impl PfBar2 for QmPfModel {
+    fn len(&self) -> usize {
+        PF_BAR2_LEN
+    }
+
+    fn read32(&self, off: usize) -> u32 {
+        if let Some((vf, w)) = self.window(off) {
+            return match VfReg::at(w, MigCtrl::PfBar2) {
+                Some(reg) => vf.window_read(reg),
+                None => 0,
+            };
+        }
+        match PF_REGS.iter().find(|r| r.offset() == off) {
+            Some(&reg) => PfRegisters::read(self, reg),
+            None => 0,
+        }
+    }
+
+    fn write32(&self, off: usize, value: u32) {
+        if let Some((vf, w)) = self.window(off) {
+            let reg = VfReg::at(w, MigCtrl::PfBar2);
+            self.count_store(reg.is_some());
+            if let Some(reg) = reg {
+                vf.window_write(reg, value);
+            }
+            return;
+        }
+        match PF_REGS.iter().find(|r| r.offset() == off) {
+            Some(&reg) => PfRegisters::write(self, reg, value),
+            None => self.count_store(!Self::in_window_area(off)),
+        }
+    }
+
+    fn write64(&self, off: usize, value: u64) {
+        match self.window(off) {
+            Some((vf, PF_WINDOW_DOORBELL_SQ_CQ_OFFSET)) => {
+                self.count_store(true);
+                vf.window_doorbell(value);
+            }
+            // Among others, a VF's EQ/AEQ doorbell: window + 0x2000 is the next window's 0.
+            _ => self.count_store(false),
+        }
+    }
+
+    fn write128(&self, off: usize, value: &[u8; 16]) {
+        match self.window(off) {
+            Some((vf, PF_WINDOW_MAILBOX_OFFSET)) => {
+                self.count_store(true);
+                vf.window_mailbox(value);
+            }
+            _ => self.count_store(false),
+        }
+    }
+}
+
+/// The PF registers the model answers by offset.
+const PF_REGS: [PfReg; 13] = [
+    PfReg::QueIsoCfgV,
+    PfReg::AbnormalIntStatus,
+    PfReg::VftCfgOpEnable,
+    PfReg::VftCfgOpWr,
+    PfReg::VftCfgType,
+    PfReg::VftCfg,
+    PfReg::VftCfgDataL,
+    PfReg::VftCfgDataH,
+    PfReg::VftCfgRdy,
+    PfReg::MigRegionSel,
+    PfReg::SecCoreIntStatus,
+    PfReg::HpreHacIntStatus,
+    PfReg::HzipCoreIntStatus,
+];
 
 /// Runtime state of one queue pair, as the device caches it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -246,6 +437,10 @@ pub struct VfStats {
     pub writebacks: u64,
     /// DMA faults met while processing.
     pub dma_faults: u64,
+    /// Register stores (writes, doorbells, mailbox commands) from either path.
+    pub register_writes: u64,
+    /// Register accesses (reads and stores) through the PF's BAR2 window.
+    pub window_accesses: u64,
 }
 
 struct VfInner {
@@ -266,6 +461,7 @@ struct VfInner {
 /// A QM VF.
 pub struct QmVfModel {
     kind: AccKind,
+    mode: MigCtrl,
     dma: Arc<dyn Dma>,
     inner: Mutex<VfInner>,
 }
@@ -295,10 +491,16 @@ pub struct ModelState {
 
 impl QmVfModel {
     /// A VF of `kind` with queue range `vft`, doing DMA through `dma`. It starts ready
-    /// (`QM_VF_STATE` = 0) with nothing configured.
+    /// (`QM_VF_STATE` = 0) with nothing configured; its migration registers are in its own
+    /// BAR2 (old revision).
     pub fn new(kind: AccKind, vft: Vft, dma: Arc<dyn Dma>) -> Arc<Self> {
+        Self::with_mode(kind, vft, dma, MigCtrl::VfBar2)
+    }
+
+    fn with_mode(kind: AccKind, vft: Vft, dma: Arc<dyn Dma>, mode: MigCtrl) -> Arc<Self> {
         Arc::new(QmVfModel {
             kind,
+            mode,
             dma,
             inner: Mutex::new(VfInner {
                 regs: HashMap::new(),
@@ -325,6 +527,47 @@ impl QmVfModel {
     /// Inject a fault.
     pub fn inject(&self, fault: Fault) {
         lock(&self.inner).faults.push(fault);
+    }
+
+    /// Where the migration registers are.
+    pub fn mig_ctrl(&self) -> MigCtrl {
+        self.mode
+    }
+
+    /// Bytes of the VF's BAR2 (64 KiB).
+    pub fn bar2_len(&self) -> usize {
+        VF_BAR2_LEN
+    }
+
+    /// Bytes of BAR2 the guest is given: half in VF-control mode, all in PF-control mode.
+    pub fn guest_bar2_len(&self) -> usize {
+        self.mode.guest_bar2_len(VF_BAR2_LEN)
+    }
+
+    /// Whether `reg` is reachable through the VF's own BAR2: in PF-control mode the
+    /// migration-only EQC/AEQC copies are not there.
+    fn on_own_bar(&self, reg: VfReg) -> bool {
+        self.mode == MigCtrl::VfBar2 || !matches!(reg, VfReg::EqcDw(_) | VfReg::AeqcDw(_))
+    }
+
+    fn window_read(&self, reg: VfReg) -> u32 {
+        lock(&self.inner).stats.window_accesses += 1;
+        self.reg_read(reg)
+    }
+
+    fn window_write(&self, reg: VfReg, value: u32) {
+        lock(&self.inner).stats.window_accesses += 1;
+        self.reg_write(reg, value)
+    }
+
+    fn window_doorbell(&self, value: u64) {
+        lock(&self.inner).stats.window_accesses += 1;
+        self.ring(true, value)
+    }
+
+    fn window_mailbox(&self, command: &[u8; 16]) {
+        lock(&self.inner).stats.window_accesses += 1;
+        self.command(command)
     }
 
     /// Remove every injected fault (a stuck mailbox becomes idle again).
@@ -625,8 +868,8 @@ impl QmVfModel {
     }
 }
 
-impl QmRegisters for QmVfModel {
-    fn read(&self, reg: VfReg) -> u32 {
+impl QmVfModel {
+    fn reg_read(&self, reg: VfReg) -> u32 {
         let g = lock(&self.inner);
         let plain = |r: VfReg| g.regs.get(&r.offset()).copied().unwrap_or(0);
         match reg {
@@ -647,8 +890,9 @@ impl QmRegisters for QmVfModel {
         }
     }
 
-    fn write(&self, reg: VfReg, value: u32) {
+    fn reg_write(&self, reg: VfReg, value: u32) {
         let mut g = lock(&self.inner);
+        g.stats.register_writes += 1;
         match reg {
             VfReg::CacheWbStart => {
                 g.wb_done = false;
@@ -672,9 +916,10 @@ impl QmRegisters for QmVfModel {
         }
     }
 
-    fn doorbell(&self, sq_cq: bool, value: u64) {
+    fn ring(&self, sq_cq: bool, value: u64) {
         let mut g = lock(&self.inner);
         g.stats.doorbells += 1;
+        g.stats.register_writes += 1;
         let Some(db) = Doorbell::decode(value) else {
             return;
         };
@@ -714,8 +959,9 @@ impl QmRegisters for QmVfModel {
         }
     }
 
-    fn mailbox(&self, command: &[u8; 16]) {
+    fn command(&self, command: &[u8; 16]) {
         let mut g = lock(&self.inner);
+        g.stats.register_writes += 1;
         let (mb, _) = Mailbox::decode(command);
         let w0 = u32::from_le_bytes(command[0..4].try_into().expect("4 bytes"));
         if Self::has(&g, Fault::MailboxStuckBusy) {
@@ -729,5 +975,30 @@ impl QmRegisters for QmVfModel {
         let status = self.exec_mailbox(&mut g, mb);
         g.mb_busy = false;
         g.mb_w0 = (w0 & !(1 << 13) & !(0xf << 9)) | (u32::from(status & 0xf) << 9);
+    }
+}
+
+/// Access through the VF's own BAR2.
+impl QmRegisters for QmVfModel {
+    fn read(&self, reg: VfReg) -> u32 {
+        if self.on_own_bar(reg) {
+            self.reg_read(reg)
+        } else {
+            0
+        }
+    }
+
+    fn write(&self, reg: VfReg, value: u32) {
+        if self.on_own_bar(reg) {
+            self.reg_write(reg, value)
+        }
+    }
+
+    fn doorbell(&self, sq_cq: bool, value: u64) {
+        self.ring(sq_cq, value)
+    }
+
+    fn mailbox(&self, command: &[u8; 16]) {
+        self.command(command)
     }
 }

@@ -36,8 +36,14 @@ pub struct Run {
 
 /// Builds both sides; the source's platform moves into the engine.
 pub fn setup(s: &SimSpec, d: &SimSpec, cfg: SourceConfig) -> Run {
-    let mut src = sim::source(s, cfg.precopy).unwrap();
-    let mut dst = sim::destination(d, cfg.precopy).unwrap();
+    let src = sim::source(s, cfg.precopy).unwrap();
+    let dst = sim::destination(d, cfg.precopy).unwrap();
+    setup_from(src, dst, cfg)
+}
+
+/// As [`setup`], from hosts already built.
+#[allow(dead_code)]
+pub fn setup_from(mut src: sim::SimSource, mut dst: sim::SimDestination, cfg: SourceConfig) -> Run {
     let platform = std::mem::replace(&mut src.platform, empty_source());
     let dplatform = std::mem::replace(&mut dst.platform, empty_destination());
     // Let the guest get work in flight.
