@@ -21,6 +21,22 @@ pub struct Runner {
 
 pub const TAG: &str = "[hw-tests]";
 
+/// The running kernel's (major, minor), from `/proc/sys/kernel/osrelease` (`(0, 0)` if it
+/// cannot be read, which makes every version check false).
+pub fn kernel_version() -> (u32, u32) {
+    let text = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = text
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+/// Whether the running kernel is at least `major.minor`.
+pub fn kernel_at_least(major: u32, minor: u32) -> bool {
+    kernel_version() >= (major, minor)
+}
+
 fn say(line: &str) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{TAG} {line}");

@@ -73,6 +73,9 @@ fn unmap(iova: u64, len: u64) -> Request {
 fn iommufd_listener() -> Result<Outcome> {
     let fd = Iommufd::open()?;
     let ioas = fd.alloc_ioas()?;
+    if crate::harness::kernel_at_least(7, 0) {
+        ioas.set_huge_pages(false)?; // one leaf per host page (see `dirty_grain`)
+    }
     let mock = MockDevice::new(&fd, ioas.id(), 0)?;
     let mut auto = AutoDomains::new(ioas.clone());
     let placed = auto.attach(&fd.probe_device(mock.idev_id), |pt| mock.replace(pt))?;
@@ -131,9 +134,17 @@ fn iommufd_listener() -> Result<Outcome> {
     marks[0] = 0b1001; // pages 0 and 3 of the mapping
     check_eq!(mark_dirty(&fd, hwpt.id(), iova, len, page, &marks)?, 2);
     check_eq!(dev.request(&unmap(iova, len)), Status::Ok);
+    // Pages 0 and 3 (6.12); their whole 4 KiB leaves on 7.3 (see `dirty_grain`), merged.
+    let mut want: Vec<(u64, u64)> = Vec::new();
+    for p in reported_dirty(&[0, 3]) {
+        match want.last_mut() {
+            Some((at, len)) if *at + *len == gpa + p * page => *len += page,
+            _ => want.push((gpa + p * page, page)),
+        }
+    }
     check_eq!(
         dev.take_dirty(),
-        vec![(gpa, page), (gpa + 3 * page, page)],
+        want,
         "dirty guest-physical ranges from the unmap"
     );
     check_eq!(

@@ -332,9 +332,99 @@ fn ensure(pick: impl Fn(&Need) -> bool) -> Result<()> {
     Ok(())
 }
 
+/// A deb822 stanza for `suite`, on the mirror and keyring of the source that carries the
+/// machine's own release (`codename`). `None` if no source carries it.
+pub fn suite_stanza(sources: &[Source], codename: &str, suite: &str) -> Option<String> {
+    let main = sources
+        .iter()
+        .find(|s| s.suites.iter().any(|x| x == codename))?;
+    let mut s = format!(
+        "Types: deb\nURIs: {}\nSuites: {suite}\nComponents: main\n",
+        main.uris.join(" ")
+    );
+    if let Some(k) = &main.signed_by {
+        s.push_str(&format!("Signed-By: {k}\n"));
+    }
+    Some(s)
+}
+
+/// Downloads the `.deb` of `package` from `suite` (e.g. `trixie-backports` on a bookworm
+/// machine) with a private APT state in `dir`: the machine's sources, lists and cache are
+/// not touched, so nothing from that suite can be installed by accident. Returns its path.
+pub fn download_from_suite(package: &str, suite: &str, dir: &Path) -> Result<PathBuf> {
+    let (sources, _) = read_sources();
+    let stanza = suite_stanza(&sources, &codename()?, suite)
+        .context("no APT source carries this machine's release: cannot derive a mirror")?;
+    let parts = dir.join("sources.list.d");
+    let lists = dir.join("lists");
+    let archives = dir.join("archives");
+    for d in [&parts, &lists.join("partial"), &archives.join("partial")] {
+        std::fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
+    }
+    std::fs::write(parts.join(format!("{suite}.sources")), stanza)?;
+    let opts = [
+        "-o".to_string(),
+        "Dir::Etc::sourcelist=/dev/null".to_string(),
+        "-o".to_string(),
+        format!("Dir::Etc::sourceparts={}", parts.display()),
+        "-o".to_string(),
+        format!("Dir::State::Lists={}", lists.display()),
+        "-o".to_string(),
+        format!("Dir::Cache::archives={}", archives.display()),
+        "-o".to_string(),
+        "APT::Sandbox::User=root".to_string(),
+    ];
+    run(Command::new("apt-get").args(&opts).args(["update", "-q"]))?;
+    run(Command::new("apt-get")
+        .current_dir(dir)
+        .args(&opts)
+        .args(["download", "-q", package]))?;
+    let deb = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("{package}_")) && n.ends_with(".deb"))
+        })
+        .with_context(|| {
+            format!(
+                "apt-get download left no {package}_*.deb in {}",
+                dir.display()
+            )
+        })?;
+    Ok(deb)
+}
+
+/// The `Version` field of a `.deb`.
+pub fn deb_version(deb: &Path) -> Result<String> {
+    let out = Command::new("dpkg-deb")
+        .args(["-f"])
+        .arg(deb)
+        .arg("Version")
+        .output()
+        .context("cannot run dpkg-deb")?;
+    let v = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if !out.status.success() || v.is_empty() {
+        bail!("{}: no Version field", deb.display());
+    }
+    Ok(v)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_suite_stanza_copies_the_mirror_and_keyring_of_the_release() {
+        let src = parse_deb822(
+            "Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n",
+        );
+        let s = suite_stanza(&src, "bookworm", "trixie-backports").unwrap();
+        assert!(s.contains("URIs: http://mirror.example/debian\n"), "{s}");
+        assert!(s.contains("Suites: trixie-backports\n"), "{s}");
+        assert!(s.contains("Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg"));
+        assert!(suite_stanza(&src, "trixie", "trixie-backports").is_none());
+    }
 
     const DEB822: &str = "Types: deb\n# http://snapshot.debian.org/archive/debian/20250520T000000Z\nURIs: http://deb.debian.org/debian\nSuites: bookworm bookworm-updates\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\nTypes: deb\nURIs: http://deb.debian.org/debian-security\nSuites: bookworm-security\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n";
 

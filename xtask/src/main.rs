@@ -7,8 +7,9 @@
 //!   features), the examples (`examples`), rustdoc `-D warnings`, then the rig.
 //! * `cargo xtask examples` — builds every example and runs those whose main use works here
 //!   (a ci step).
-//! * `cargo xtask rig [--profile NAME]... [--accel auto|kvm|tcg] [--keep-artifacts]
-//!   [--timeout SECS] [--filter SUBSTRING]` — the QEMU conformance rig.
+//! * `cargo xtask rig [--profile NAME]... [--kernel 6.12|7.3]... [--accel auto|kvm|tcg]
+//!   [--keep-artifacts] [--timeout SECS] [--filter SUBSTRING]` — the QEMU conformance rig, on
+//!   every kernel of its matrix.
 //! * `cargo xtask hw-test [--config FILE] [--dry-run] [--nested] [--filter SUBSTRING]` — the
 //!   hardware tests on a lab host.
 //! * `cargo xtask bench-peer [--sizes LIST] [--nonzero PCT] [--channels N] [--reps R]
@@ -55,8 +56,9 @@ commands:
             (a ci step)
   no-std    build the no_std binary ci/no-std for x86_64-unknown-none, and its negative
             control (a ci step)
-  rig       build a kernel, boot it under QEMU per machine profile, run hw-tests
+  rig       build the kernels, boot each under QEMU per machine profile, run hw-tests
               --profile NAME     mock | vtd | amdvi (repeatable; default: all)
+              --kernel NAME      6.12 | 7.3 (repeatable; default: all)
               --accel MODE       auto (probe KVM, else TCG) | kvm | tcg   [auto]
               --keep-artifacts   keep the initramfs, print QEMU command lines
               --timeout SECS     wall-clock limit per profile             [600]
@@ -136,6 +138,7 @@ fn run() -> Result<()> {
 fn rig_options<'a>(it: &mut impl Iterator<Item = &'a String>) -> Result<rig::Options> {
     let mut o = rig::Options {
         profiles: Vec::new(),
+        kernels: Vec::new(),
         accel: rig::AccelChoice::Auto,
         keep_artifacts: false,
         timeout: Duration::from_secs(600),
@@ -144,6 +147,7 @@ fn rig_options<'a>(it: &mut impl Iterator<Item = &'a String>) -> Result<rig::Opt
     while let Some(a) = it.next() {
         match a.as_str() {
             "--profile" => o.profiles.push(value(it, a)?.clone()),
+            "--kernel" => o.kernels.push(value(it, a)?.clone()),
             "--accel" => o.accel = value(it, a)?.parse()?,
             "--keep-artifacts" => o.keep_artifacts = true,
             "--timeout" => {

@@ -17,8 +17,69 @@ use crate::qemu::{self, Accel, Profile};
 
 /// The kernel config fragment, merged onto `make tinyconfig`.
 pub const KERNEL_FRAGMENT: &str = include_str!("../rig/kernel.config");
-const KERNEL_TARBALL: &str = "/usr/src/linux-source-6.12.tar.xz";
-const KERNEL_PACKAGE: &str = "linux-source-6.12";
+
+/// Where a kernel's source comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelSource {
+    /// A Debian package the host installs (from its release's backports suite, see
+    /// [`apt::NEEDS`]); the tarball is under `/usr/src`.
+    Installed,
+    /// A package of another Debian suite: downloaded with a private APT state under
+    /// `<target>/rig/apt-<suite>` (the host's sources are not touched) and unpacked there.
+    Downloaded {
+        /// The suite, e.g. `trixie-backports`.
+        suite: &'static str,
+    },
+}
+
+/// One kernel of the rig's matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelSpec {
+    /// Its name in options, case lists (`@7.3`) and log names.
+    pub name: &'static str,
+    /// The `linux-source-*` package.
+    pub package: &'static str,
+    /// Where the package comes from.
+    pub source: KernelSource,
+    /// Fragment options this kernel no longer has, with where that is seen in its source: the
+    /// check that every fragment option survived `olddefconfig` skips them here.
+    pub absent: &'static [(&'static str, &'static str)],
+}
+
+/// The kernel matrix: what distributions ship (6.12) and the newest Debian packages (7.3).
+pub const KERNELS: &[KernelSpec] = &[
+    KernelSpec {
+        name: "6.12",
+        package: "linux-source-6.12",
+        source: KernelSource::Installed,
+        absent: &[],
+    },
+    KernelSpec {
+        name: "7.3",
+        package: "linux-source-7.3",
+        source: KernelSource::Downloaded {
+            suite: "trixie-backports",
+        },
+        absent: &[(
+            "CONFIG_PROC_SYSCTL",
+            "folded into CONFIG_SYSCTL (7.3.4 fs/proc/Kconfig:83), which tinyconfig keeps on",
+        )],
+    },
+];
+
+/// The kernel named `name`.
+pub fn kernel_spec(name: &str) -> Result<&'static KernelSpec> {
+    KERNELS.iter().find(|k| k.name == name).with_context(|| {
+        format!(
+            "unknown kernel {name:?} (have: {})",
+            KERNELS
+                .iter()
+                .map(|k| k.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })
+}
 const QEMU: &str = "qemu-system-x86_64";
 const GUEST_MEMORY_MIB: u32 = 512;
 
@@ -26,6 +87,8 @@ const GUEST_MEMORY_MIB: u32 = 512;
 #[derive(Debug, Clone)]
 pub struct Options {
     pub profiles: Vec<String>,
+    /// Kernels of [`KERNELS`] to run on (empty: all).
+    pub kernels: Vec<String>,
     pub accel: AccelChoice,
     pub keep_artifacts: bool,
     pub timeout: Duration,
@@ -151,28 +214,65 @@ fn jobs() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
-/// Builds the rig kernel, or returns the cached one.
-pub fn kernel(rig: &Path) -> Result<PathBuf> {
-    let version = package_version(KERNEL_PACKAGE)?;
+/// The source tarball and package version of `spec`, fetching it if needed.
+fn kernel_tarball(rig: &Path, spec: &KernelSpec) -> Result<(PathBuf, String)> {
+    let series = spec.package.trim_start_matches("linux-source-");
+    match spec.source {
+        KernelSource::Installed => Ok((
+            PathBuf::from(format!("/usr/src/{}.tar.xz", spec.package)),
+            package_version(spec.package)?,
+        )),
+        KernelSource::Downloaded { suite } => {
+            let dir = rig.join("pkgs").join(spec.package);
+            let tarball = dir.join(format!("linux-source-{series}.tar.xz"));
+            let version_file = dir.join("version");
+            if let (true, Ok(v)) = (tarball.exists(), std::fs::read_to_string(&version_file)) {
+                return Ok((tarball, v.trim().to_string()));
+            }
+            let deb =
+                apt::download_from_suite(spec.package, suite, &rig.join(format!("apt-{suite}")))?;
+            let version = apt::deb_version(&deb)?;
+            std::fs::create_dir_all(&dir)?;
+            let log = rig.join("kernel-fetch.log");
+            let member = format!("./usr/src/linux-source-{series}.tar.xz");
+            sh(
+                Command::new("sh").arg("-c").arg(format!(
+                    "dpkg-deb --fsys-tarfile '{}' | tar -x -O '{member}' > '{}.partial'",
+                    deb.display(),
+                    tarball.display()
+                )),
+                &log,
+            )?;
+            std::fs::rename(tarball.with_extension("xz.partial"), &tarball)?;
+            std::fs::write(&version_file, &version)?;
+            let _ = std::fs::remove_file(&deb);
+            Ok((tarball, version))
+        }
+    }
+}
+
+/// Builds the rig kernel `spec`, or returns the cached one.
+pub fn kernel(rig: &Path, spec: &KernelSpec) -> Result<PathBuf> {
+    let (tarball, version) = kernel_tarball(rig, spec)?;
     let key = format!("{version}-{:016x}", fragment_hash(KERNEL_FRAGMENT)).replace(['~', '+'], "_");
     let cached = rig.join("kernel").join(&key).join("bzImage");
     if cached.exists() {
-        eprintln!("rig: kernel {key} (cached)");
+        eprintln!("rig: kernel {} {key} (cached)", spec.name);
         return Ok(cached);
     }
     let start = Instant::now();
     let src = rig.join("linux").join(version.replace(['~', '+'], "_"));
-    let log = rig.join("kernel-build.log");
+    let log = rig.join(format!("kernel-build-{}.log", spec.name));
     let _ = std::fs::remove_file(&log);
     if !src.join("Makefile").exists() {
-        eprintln!("rig: extracting {KERNEL_TARBALL}");
+        eprintln!("rig: extracting {}", tarball.display());
         let tmp = src.with_extension("partial");
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp)?;
         sh(
             Command::new("tar")
                 .arg("xf")
-                .arg(KERNEL_TARBALL)
+                .arg(&tarball)
                 .arg("-C")
                 .arg(&tmp)
                 .arg("--strip-components=1"),
@@ -180,7 +280,10 @@ pub fn kernel(rig: &Path) -> Result<PathBuf> {
         )?;
         std::fs::rename(&tmp, &src)?;
     }
-    eprintln!("rig: configuring the kernel (tinyconfig + xtask/rig/kernel.config)");
+    eprintln!(
+        "rig: configuring kernel {} (tinyconfig + xtask/rig/kernel.config)",
+        spec.name
+    );
     let frag = rig.join("kernel.config");
     std::fs::write(&frag, KERNEL_FRAGMENT)?;
     sh(
@@ -199,15 +302,25 @@ pub fn kernel(rig: &Path) -> Result<PathBuf> {
         &log,
     )?;
     let config = std::fs::read_to_string(src.join(".config"))?;
-    let bad = config_mismatches(KERNEL_FRAGMENT, &config);
+    let bad: Vec<String> = config_mismatches(KERNEL_FRAGMENT, &config)
+        .into_iter()
+        .filter(|b| {
+            !spec
+                .absent
+                .iter()
+                .any(|(o, _)| b.split(['=', ' ']).next() == Some(*o))
+        })
+        .collect();
     if !bad.is_empty() {
         bail!(
-            "these kernel options did not survive olddefconfig (dependencies missing?): {}",
+            "kernel {}: these options did not survive olddefconfig (dependencies missing?): {}",
+            spec.name,
             bad.join(", ")
         );
     }
     eprintln!(
-        "rig: building bzImage with {} jobs (log: {})",
+        "rig: building kernel {} bzImage with {} jobs (log: {})",
+        spec.name,
         jobs(),
         log.display()
     );
@@ -222,7 +335,7 @@ pub fn kernel(rig: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(cached.parent().expect("has parent"))?;
     std::fs::copy(src.join("arch/x86/boot/bzImage"), &cached)?;
     std::fs::write(cached.with_file_name("config"), config)?;
-    eprintln!("rig: kernel built in {:.0?}", start.elapsed());
+    eprintln!("rig: kernel {} built in {:.0?}", spec.name, start.elapsed());
     Ok(cached)
 }
 
@@ -343,19 +456,41 @@ pub enum Verdict {
     Fail,
 }
 
-/// The committed list of cases a profile must run (`xtask/rig/cases/<profile>.txt`).
-pub fn case_list(profile: &str) -> Result<Vec<String>> {
+/// The committed list of cases a profile must run on `kernel`
+/// (`xtask/rig/cases/<profile>.txt`): every line is a case name, optionally followed by the
+/// kernels it runs on (`name @7.3`); a line without kernels applies to all of them.
+pub fn case_list(profile: &str, kernel: &str) -> Result<Vec<String>> {
     let path = workspace_root()
         .join("xtask/rig/cases")
         .join(format!("{profile}.txt"));
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("reading the case list {}", path.display()))?;
-    Ok(text
+    cases_for(&text, kernel).with_context(|| format!("in {}", path.display()))
+}
+
+/// The cases of a case-list text that apply to `kernel`.
+pub fn cases_for(text: &str, kernel: &str) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for l in text
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(str::to_string)
-        .collect())
+    {
+        let mut words = l.split_whitespace();
+        let name = words.next().expect("a non-empty line has a word");
+        let mut kernels = Vec::new();
+        for w in words {
+            let k = w.strip_prefix('@').with_context(|| {
+                format!("{l:?}: expected @KERNEL after the case name, got {w:?}")
+            })?;
+            kernel_spec(k).with_context(|| format!("{l:?}"))?;
+            kernels.push(k);
+        }
+        if kernels.is_empty() || kernels.contains(&kernel) {
+            out.push(name.to_string());
+        }
+    }
+    Ok(out)
 }
 
 /// Compares what a profile ran with its committed list: a case missing or extra is a
@@ -499,7 +634,18 @@ pub fn rig(opts: &Options) -> Result<()> {
     let rig = target_dir().join("rig");
     let logs = rig.join("logs");
     std::fs::create_dir_all(&logs)?;
-    let kernel = kernel(&rig)?;
+    let kernels: Vec<&KernelSpec> = if opts.kernels.is_empty() {
+        KERNELS.iter().collect()
+    } else {
+        opts.kernels
+            .iter()
+            .map(|k| kernel_spec(k))
+            .collect::<Result<_>>()?
+    };
+    let mut images = Vec::new();
+    for spec in &kernels {
+        images.push((*spec, kernel(&rig, spec)?));
+    }
     let init = std::fs::read(hw_tests_static()?)?;
     let cli = std::fs::read(livemig_static())?;
     let initrd = rig.join("initramfs.cpio");
@@ -509,7 +655,7 @@ pub fn rig(opts: &Options) -> Result<()> {
         AccelChoice::Tcg => Accel::Tcg,
         AccelChoice::Kvm => Accel::Kvm,
         AccelChoice::Auto => {
-            if probe_kvm(&kernel, &initrd, &logs) {
+            if probe_kvm(&images[0].1, &initrd, &logs) {
                 Accel::Kvm
             } else {
                 Accel::Tcg
@@ -519,99 +665,102 @@ pub fn rig(opts: &Options) -> Result<()> {
 
     let mut total = (0usize, 0usize, 0usize);
     let mut problems = Vec::new();
-    for p in chosen {
-        eprintln!("rig: profile {} ({})", p.name, accel.name());
-        let mut extra = Vec::new();
-        if let Some(f) = &opts.filter {
-            extra.push(format!("livemig.filter={f}"));
-        }
-        let mut argv =
-            qemu::command_line(QEMU, accel, GUEST_MEMORY_MIB, &kernel, &initrd, p, &extra);
-        if p.name == "mock" {
-            // QEMU as a migration peer inside the guest (hw-tests qemu_peer): this machine's
-            // root, read-only, so the guest runs the very QEMU and libraries installed here,
-            // and a writable directory for the files it writes (kept as fixtures).
-            let out = rig.join("out");
-            std::fs::create_dir_all(&out)?;
-            argv.extend(qemu::shares(&out));
-        }
-        let log = logs.join(format!("{}.log", p.name));
-        if opts.keep_artifacts {
-            eprintln!("rig: {}", argv.join(" "));
-        }
-        let name = p.name;
-        let run = qemu::run(
-            &argv,
-            &log,
-            opts.timeout,
-            |line| {
-                if let Some(i) = line.find("[hw-tests] ") {
-                    let rest = &line[i + 11..];
-                    if !rest.starts_with("run ") {
-                        eprintln!("  {name}: {rest}");
+    for (spec, kernel) in &images {
+        for p in &chosen {
+            let kname = spec.name;
+            eprintln!("rig: profile {} on {kname} ({})", p.name, accel.name());
+            let mut extra = Vec::new();
+            if let Some(f) = &opts.filter {
+                extra.push(format!("livemig.filter={f}"));
+            }
+            let mut argv =
+                qemu::command_line(QEMU, accel, GUEST_MEMORY_MIB, kernel, &initrd, p, &extra);
+            if p.name == "mock" {
+                // QEMU as a migration peer inside the guest (hw-tests qemu_peer): this machine's
+                // root, read-only, so the guest runs the very QEMU and libraries installed here,
+                // and a writable directory for the files it writes (kept as fixtures).
+                let out = rig.join("out");
+                std::fs::create_dir_all(&out)?;
+                argv.extend(qemu::shares(&out));
+            }
+            let log = logs.join(format!("{}-{kname}.log", p.name));
+            if opts.keep_artifacts {
+                eprintln!("rig: {}", argv.join(" "));
+            }
+            let name = p.name;
+            let run = qemu::run(
+                &argv,
+                &log,
+                opts.timeout,
+                |line| {
+                    if let Some(i) = line.find("[hw-tests] ") {
+                        let rest = &line[i + 11..];
+                        if !rest.starts_with("run ") {
+                            eprintln!("  {name}@{kname}: {rest}");
+                        }
                     }
-                }
-            },
-            |line| {
-                line.contains("[hw-tests] ")
-                    && line.ends_with(" failed")
-                    && line.contains(" passed, ")
-            },
-        )?;
-        let o = parse(&run.lines);
-        total.0 += o.passed;
-        total.1 += o.failed;
-        total.2 += o.skipped;
-        let whence = |what: &str| {
-            format!(
-                "profile {name}: {what}{}; console log {}",
-                match (&o.last_started, &o.last_finished) {
-                    (Some(c), _) => format!(" (during case {c})"),
-                    (None, Some(c)) => format!(" (after case {c})"),
-                    (None, None) => " (before the first case)".to_string(),
                 },
-                run.log.display()
-            )
-        };
-        if run.timed_out && !o.complete {
-            problems.push(whence(&format!(
-                "no result within {:?}: guest hung, QEMU killed",
-                opts.timeout
-            )));
-            total.1 += 1;
-        } else if !o.complete {
-            let what = if o.panicked {
-                "the guest kernel panicked before hw-tests finished"
-            } else if run.exited {
-                "the guest stopped before hw-tests printed its results"
-            } else {
-                "QEMU had to be stopped before hw-tests printed its results"
+                |line| {
+                    line.contains("[hw-tests] ")
+                        && line.ends_with(" failed")
+                        && line.contains(" passed, ")
+                },
+            )?;
+            let o = parse(&run.lines);
+            total.0 += o.passed;
+            total.1 += o.failed;
+            total.2 += o.skipped;
+            let whence = |what: &str| {
+                format!(
+                    "profile {name} on {kname}: {what}{}; console log {}",
+                    match (&o.last_started, &o.last_finished) {
+                        (Some(c), _) => format!(" (during case {c})"),
+                        (None, Some(c)) => format!(" (after case {c})"),
+                        (None, None) => " (before the first case)".to_string(),
+                    },
+                    run.log.display()
+                )
             };
-            problems.push(whence(what));
-            total.1 += 1;
-        } else if o.failed > 0 {
-            problems.push(format!(
-                "profile {name}: {} failed: {}; console log {}",
-                o.failed,
-                o.failures.join("; "),
-                run.log.display()
-            ));
-        }
-        if opts.filter.is_none() && o.complete {
-            let strict = std::env::var("CI").is_ok_and(|v| v == "true");
-            let listed = check_cases(&case_list(name)?, &o.results, strict);
-            if !listed.is_empty() {
+            if run.timed_out && !o.complete {
+                problems.push(whence(&format!(
+                    "no result within {:?}: guest hung, QEMU killed",
+                    opts.timeout
+                )));
                 total.1 += 1;
+            } else if !o.complete {
+                let what = if o.panicked {
+                    "the guest kernel panicked before hw-tests finished"
+                } else if run.exited {
+                    "the guest stopped before hw-tests printed its results"
+                } else {
+                    "QEMU had to be stopped before hw-tests printed its results"
+                };
+                problems.push(whence(what));
+                total.1 += 1;
+            } else if o.failed > 0 {
                 problems.push(format!(
-                    "profile {name}: {} (xtask/rig/cases/{name}.txt)",
-                    listed.join("; ")
+                    "profile {name} on {kname}: {} failed: {}; console log {}",
+                    o.failed,
+                    o.failures.join("; "),
+                    run.log.display()
                 ));
             }
+            if opts.filter.is_none() && o.complete {
+                let strict = std::env::var("CI").is_ok_and(|v| v == "true");
+                let listed = check_cases(&case_list(name, kname)?, &o.results, strict);
+                if !listed.is_empty() {
+                    total.1 += 1;
+                    problems.push(format!(
+                        "profile {name} on {kname}: {} (xtask/rig/cases/{name}.txt)",
+                        listed.join("; ")
+                    ));
+                }
+            }
+            eprintln!(
+                "rig: profile {name} on {kname}: {} passed, {} failed, {} skipped in {:.1?}",
+                o.passed, o.failed, o.skipped, run.elapsed
+            );
         }
-        eprintln!(
-            "rig: profile {name}: {} passed, {} failed, {} skipped in {:.1?}",
-            o.passed, o.failed, o.skipped, run.elapsed
-        );
     }
     if !opts.keep_artifacts {
         let _ = std::fs::remove_file(&initrd);
@@ -742,8 +891,23 @@ mod tests {
         let p = check_cases(&list, &o.results, true);
         assert!(p.contains(&"case a.two was skipped (not allowed under CI=true)".to_string()));
         for profile in ["mock", "vtd", "amdvi"] {
-            assert!(!case_list(profile).unwrap().is_empty(), "{profile}");
+            for k in KERNELS {
+                assert!(!case_list(profile, k.name).unwrap().is_empty(), "{profile}");
+            }
         }
+        let text = "a.all\nb.new @7.3\nc.old @6.12\n# comment\nd.both @6.12 @7.3\n";
+        assert_eq!(
+            cases_for(text, "6.12").unwrap(),
+            ["a.all", "c.old", "d.both"]
+        );
+        assert_eq!(
+            cases_for(text, "7.3").unwrap(),
+            ["a.all", "b.new", "d.both"]
+        );
+        let e = cases_for("x @9.9\n", "7.3").unwrap_err();
+        assert!(format!("{e:#}").contains("unknown kernel \"9.9\""), "{e:#}");
+        let e = cases_for("x 7.3\n", "7.3").unwrap_err();
+        assert!(format!("{e:#}").contains("expected @KERNEL"), "{e:#}");
     }
 
     #[test]

@@ -54,6 +54,10 @@ pub const IOMMU_HWPT_INVALIDATE: u64 = io(IOMMUFD_TYPE, 0x8d);
 pub const IOMMU_FAULT_QUEUE_ALLOC: u64 = io(IOMMUFD_TYPE, 0x8e);
 /// `IOMMU_IOAS_MAP_FILE` (Linux 6.13+; ENOTTY on 6.12).
 pub const IOMMU_IOAS_MAP_FILE: u64 = io(IOMMUFD_TYPE, 0x8f);
+/// `IOMMU_VIOMMU_ALLOC` (Linux 7.3.4 `include/uapi/linux/iommufd.h` line 55; ENOTTY on 6.12).
+pub const IOMMU_VIOMMU_ALLOC: u64 = io(IOMMUFD_TYPE, 0x90);
+/// `IOMMU_VDEVICE_ALLOC` (7.3.4 iommufd.h line 56; ENOTTY on 6.12).
+pub const IOMMU_VDEVICE_ALLOC: u64 = io(IOMMUFD_TYPE, 0x91);
 /// `IOMMU_TEST_CMD` (`_IO(';', IOMMUFD_CMD_BASE + 32)`, iommufd_test.h; `CONFIG_IOMMUFD_TEST`).
 pub const IOMMU_TEST_CMD: u64 = io(IOMMUFD_TYPE, 0x80 + 32);
 
@@ -88,6 +92,14 @@ pub const IOMMU_HWPT_ALLOC_DIRTY_TRACKING: u32 = 1 << 1;
 pub const IOMMU_HWPT_FAULT_ID_VALID: u32 = 1 << 2;
 /// `IOMMU_HWPT_DATA_NONE`: a kernel-managed (paging) HWPT.
 pub const IOMMU_HWPT_DATA_NONE: u32 = 0;
+
+/// `IOMMU_VIOMMU_TYPE_DEFAULT`: reserved; the kernel refuses it (EOPNOTSUPP, 7.3.4
+/// `drivers/iommu/iommufd/viommu.c` line 33).
+pub const IOMMU_VIOMMU_TYPE_DEFAULT: u32 = 0;
+/// `IOMMU_VIOMMU_TYPE_ARM_SMMUV3` (7.3.4 iommufd.h line 1103).
+pub const IOMMU_VIOMMU_TYPE_ARM_SMMUV3: u32 = 1;
+/// `IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV` (7.3.4 iommufd.h line 1109).
+pub const IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV: u32 = 2;
 
 /// `IOMMU_PGFAULT_FLAGS_PASID_VALID`: the record's `pasid` is valid.
 pub const IOMMU_PGFAULT_FLAGS_PASID_VALID: u32 = 1 << 0;
@@ -481,6 +493,46 @@ pub struct iommu_hwpt_pgfault {
     pub cookie: u32,
 }
 
+/// `struct iommu_viommu_alloc` (7.3.4 iommufd.h lines 1152-1162).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct iommu_viommu_alloc {
+    /// sizeof(struct iommu_viommu_alloc).
+    pub size: u32,
+    /// must be 0.
+    pub flags: u32,
+    /// `IOMMU_VIOMMU_TYPE_*` (not DEFAULT).
+    pub r#type: u32,
+    /// The device whose physical IOMMU backs the vIOMMU.
+    pub dev_id: u32,
+    /// A nesting-parent HWPT.
+    pub hwpt_id: u32,
+    /// out: the vIOMMU id.
+    pub out_viommu_id: u32,
+    /// Length of the type's driver data.
+    pub data_len: u32,
+    /// must be 0.
+    pub __reserved: u32,
+    /// User pointer to the driver data (in/out).
+    pub data_uptr: u64,
+}
+
+/// `struct iommu_vdevice_alloc` (7.3.4 iommufd.h lines 1182-1188).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct iommu_vdevice_alloc {
+    /// sizeof(struct iommu_vdevice_alloc).
+    pub size: u32,
+    /// The vIOMMU.
+    pub viommu_id: u32,
+    /// The physical device.
+    pub dev_id: u32,
+    /// out: the vDEVICE id.
+    pub out_vdevice_id: u32,
+    /// The device's ID as the guest's IOMMU knows it (vSID, vDeviceID, vRID).
+    pub virt_id: u64,
+}
+
 /// `struct iommu_hwpt_page_response`: one record written to a fault queue's fd.
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -515,6 +567,8 @@ mod tests {
         assert_eq!(IOMMU_FAULT_QUEUE_ALLOC, 0x3b8e);
         assert_eq!(IOMMU_IOAS_MAP_FILE, 0x3b8f);
         assert_eq!(IOMMU_TEST_CMD, 0x3ba0);
+        assert_eq!(IOMMU_VIOMMU_ALLOC, 0x3b90);
+        assert_eq!(IOMMU_VDEVICE_ALLOC, 0x3b91);
     }
 
     #[test]
@@ -571,6 +625,11 @@ mod tests {
         assert_eq!(offset_of!(iommu_hwpt_pgfault, addr), 24);
         assert_eq!(offset_of!(iommu_hwpt_pgfault, cookie), 36);
         assert_eq!(size_of::<iommu_hwpt_page_response>(), 8);
+        assert_eq!(size_of::<iommu_viommu_alloc>(), 40);
+        assert_eq!(offset_of!(iommu_viommu_alloc, out_viommu_id), 20);
+        assert_eq!(offset_of!(iommu_viommu_alloc, data_uptr), 32);
+        assert_eq!(size_of::<iommu_vdevice_alloc>(), 24);
+        assert_eq!(offset_of!(iommu_vdevice_alloc, virt_id), 16);
     }
 
     /// Cross-check with rust-vmm's bindgen output (from a newer kernel).
@@ -623,6 +682,15 @@ mod tests {
             ib::iommufd_page_response_code_IOMMUFD_PAGE_RESP_INVALID,
             IOMMUFD_PAGE_RESP_INVALID
         );
+        assert_eq!(
+            size_of::<ib::iommu_viommu_alloc>(),
+            size_of::<iommu_viommu_alloc>()
+        );
+        assert_eq!(
+            size_of::<ib::iommu_vdevice_alloc>(),
+            size_of::<iommu_vdevice_alloc>()
+        );
+        assert_eq!(ib::IOMMUFD_CMD_VIOMMU_ALLOC, 0x90);
         assert_eq!(ib::IOMMUFD_CMD_IOAS_MAP_FILE, 0x8f);
         assert_eq!(
             ib::iommu_hw_info_type_IOMMU_HW_INFO_TYPE_ARM_SMMUV3,

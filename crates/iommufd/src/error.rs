@@ -47,6 +47,10 @@ pub enum Op {
     FaultRead,
     /// A page response written to a fault queue.
     FaultRespond,
+    /// `IOMMU_VIOMMU_ALLOC`.
+    ViommuAlloc,
+    /// `IOMMU_VDEVICE_ALLOC`.
+    VdeviceAlloc,
 }
 
 impl fmt::Display for Op {
@@ -71,6 +75,8 @@ impl fmt::Display for Op {
             Op::FaultQueueAlloc => "IOMMU_FAULT_QUEUE_ALLOC",
             Op::FaultRead => "fault queue read",
             Op::FaultRespond => "fault queue page response",
+            Op::ViommuAlloc => "IOMMU_VIOMMU_ALLOC",
+            Op::VdeviceAlloc => "IOMMU_VDEVICE_ALLOC",
         })
     }
 }

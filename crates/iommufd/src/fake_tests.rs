@@ -26,7 +26,12 @@ enum Obj {
         dirty_cap: bool,
         tracking: bool,
         dirty: BTreeSet<u64>, // dirty 4K page addresses
+        nest_parent: bool,
     },
+    /// A vIOMMU on a nesting-parent HWPT.
+    Viommu { hwpt: u32 },
+    /// A vDEVICE on a vIOMMU.
+    Vdevice,
     /// A fault queue; the test holds the other end of its socket pair in `fault_peers`.
     Fault,
 }
@@ -51,6 +56,8 @@ struct State {
     calls: Vec<u64>,
     /// The test's end of each fault queue's socket pair, by fault id.
     fault_peers: HashMap<u32, OwnedFd>,
+    /// The kernel has the vIOMMU commands (Linux 7.3; 6.12 answers ENOTTY).
+    viommu_cmds: bool,
 }
 
 struct FakeIommufd {
@@ -156,6 +163,40 @@ impl fake::Kernel for FakeIommufd {
         let mut st = self.st.borrow_mut();
         st.calls.push(request);
         match request {
+            abi::IOMMU_VIOMMU_ALLOC | abi::IOMMU_VDEVICE_ALLOC if !st.viommu_cmds => {
+                err(libc::ENOTTY)
+            }
+            abi::IOMMU_VIOMMU_ALLOC => {
+                let a = arg!(p, abi::iommu_viommu_alloc);
+                if a.flags != 0 || a.r#type == abi::IOMMU_VIOMMU_TYPE_DEFAULT || a.__reserved != 0 {
+                    return err(libc::EOPNOTSUPP);
+                }
+                if !st.devs.contains_key(&a.dev_id) {
+                    return err(libc::ENOENT);
+                }
+                if a.r#type != abi::IOMMU_VIOMMU_TYPE_ARM_SMMUV3 {
+                    return err(libc::EOPNOTSUPP);
+                }
+                match st.objs.get(&a.hwpt_id) {
+                    Some(Obj::Hwpt {
+                        nest_parent: true, ..
+                    }) => {}
+                    Some(Obj::Hwpt { .. }) => return err(libc::EINVAL),
+                    _ => return err(libc::ENOENT),
+                }
+                a.out_viommu_id = st.alloc(Obj::Viommu { hwpt: a.hwpt_id });
+                Ok(0)
+            }
+            abi::IOMMU_VDEVICE_ALLOC => {
+                let a = arg!(p, abi::iommu_vdevice_alloc);
+                if !matches!(st.objs.get(&a.viommu_id), Some(Obj::Viommu { .. }))
+                    || !st.devs.contains_key(&a.dev_id)
+                {
+                    return err(libc::ENOENT);
+                }
+                a.out_vdevice_id = st.alloc(Obj::Vdevice);
+                Ok(0)
+            }
             abi::IOMMU_FAULT_QUEUE_ALLOC => {
                 let a = arg!(p, abi::iommu_fault_alloc);
                 if a.flags != 0 {
@@ -193,10 +234,11 @@ impl fake::Kernel for FakeIommufd {
             }
             abi::IOMMU_DESTROY => {
                 let a = arg!(p, abi::iommu_destroy);
-                let in_use = st
-                    .objs
-                    .values()
-                    .any(|o| matches!(o, Obj::Hwpt { ioas, .. } if *ioas == a.id));
+                let in_use = st.objs.values().any(|o| match o {
+                    Obj::Hwpt { ioas, .. } => *ioas == a.id,
+                    Obj::Viommu { hwpt } => *hwpt == a.id,
+                    _ => false,
+                });
                 if in_use {
                     return err(libc::EBUSY);
                 }
@@ -393,6 +435,7 @@ impl fake::Kernel for FakeIommufd {
                     dirty_cap: dirty,
                     tracking: false,
                     dirty: BTreeSet::new(),
+                    nest_parent: a.flags & abi::IOMMU_HWPT_ALLOC_NEST_PARENT != 0,
                 });
                 Ok(0)
             }
@@ -1106,4 +1149,56 @@ fn alloc_nested_refuses_a_non_parent_and_empty_data() {
         before + 1,
         "only the parent's HWPT_ALLOC ran"
     );
+}
+
+/// vIOMMU and vDEVICE: a 6.12 kernel (ENOTTY) is "not supported" by the probe and by the
+/// allocation's error reason; a 7.3 kernel allocates on a nesting parent, refuses a plain HWPT
+/// (EINVAL) and an unknown type (EOPNOTSUPP); the objects are destroyed child first.
+#[test]
+fn viommu_and_vdevice_are_probed_and_allocated() {
+    let (fd, st, _g) = setup();
+    add_dev(
+        &st,
+        1,
+        FakeDev {
+            caps: 0,
+            data_type: 0,
+            data: vec![],
+            alloc_errno: None,
+        },
+    );
+    let ioas = fd.alloc_ioas().unwrap();
+    let parent = ioas.alloc_hwpt(1, HwptFlags::NEST_PARENT).unwrap();
+    match fd.viommu_support() {
+        Support::NotSupported(why) => assert!(why.contains("ENOTTY"), "{why}"),
+        Support::Supported => panic!("a 6.12 kernel has no vIOMMU"),
+    }
+    let e = parent
+        .alloc_viommu(1, abi::IOMMU_VIOMMU_TYPE_ARM_SMMUV3, &mut [])
+        .unwrap_err();
+    assert_eq!(e.reason(), Some(Reason::NotSupported));
+
+    st.borrow_mut().viommu_cmds = true;
+    assert_eq!(fd.viommu_support(), Support::Supported);
+    let v = parent
+        .alloc_viommu(1, abi::IOMMU_VIOMMU_TYPE_ARM_SMMUV3, &mut [])
+        .unwrap();
+    let d = v.alloc_vdevice(1, 0x42).unwrap();
+    assert_eq!(d.virt_id(), 0x42);
+    let plain = ioas.alloc_hwpt(1, HwptFlags::empty()).unwrap();
+    let e = plain
+        .alloc_viommu(1, abi::IOMMU_VIOMMU_TYPE_ARM_SMMUV3, &mut [])
+        .unwrap_err();
+    assert!(e.to_string().contains("NEST_PARENT"), "{e}");
+    let e = parent.alloc_viommu(1, 7, &mut []).unwrap_err();
+    assert_eq!(e.errno(), Some(libc::EOPNOTSUPP));
+    let e = parent
+        .alloc_viommu(1, abi::IOMMU_VIOMMU_TYPE_DEFAULT, &mut [])
+        .unwrap_err();
+    assert!(e.to_string().contains("reserved"), "{e}");
+    let (vid, did) = (v.id(), d.id());
+    drop(d);
+    drop(v);
+    let st = st.borrow();
+    assert!(!st.objs.contains_key(&vid) && !st.objs.contains_key(&did));
 }

@@ -13,6 +13,8 @@
 //!   (hardware info probed once), [`DirtyBitmap`], and [`AutoDomains`].
 //! * [`fault`]: I/O page-fault queues ([`FaultQueue`]): page requests a device raised on a
 //!   nested HWPT, read and answered by the VMM.
+//! * [`viommu`]: vIOMMU and vDEVICE objects (Linux 7.3), probed at run time
+//!   ([`Iommufd::viommu_support`]).
 //!
 //! # Flow of a migration with IOMMU dirty tracking
 //! ```no_run
@@ -48,6 +50,7 @@ mod objects;
 #[cfg(feature = "selftest")]
 pub mod selftest;
 mod sys;
+pub mod viommu;
 
 pub use auto::{AutoDomain, AutoDomains, DomainPath};
 pub use bitmap::{DirtyBitmap, DirtyRun, Runs};
@@ -57,6 +60,7 @@ pub use hw_info::{HwCaps, HwInfo, HwInfoType, VendorInfo, decode_vendor};
 pub use objects::{
     DmaAccess, Hwpt, HwptFlags, Ioas, IommuDevice, Iommufd, IovaRange, IovaRanges, Placement,
 };
+pub use viommu::{Support, Vdevice, Viommu};
 
 #[cfg(test)]
 mod fake_tests;

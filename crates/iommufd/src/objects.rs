@@ -706,6 +706,10 @@ impl Hwpt {
         destroy_object(self.obj)
     }
 
+    pub(crate) fn object(&self) -> &Arc<Object> {
+        &self.obj
+    }
+
     /// Whether this is a nested HWPT ([`alloc_nested`](Self::alloc_nested)).
     pub fn is_nested(&self) -> bool {
         !self.holds.is_empty()

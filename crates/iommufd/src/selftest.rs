@@ -31,6 +31,24 @@ pub const OP_DIRTY: u32 = 13;
 /// group of one).
 pub const OP_TRIGGER_IOPF: u32 = 15;
 
+/// `IOMMU_VIOMMU_TYPE_SELFTEST`: the mock's vIOMMU type (Linux 7.3.4 iommufd_test.h line
+/// 246); its driver data is `struct iommu_viommu_selftest` ([`viommu_data`]).
+pub const VIOMMU_TYPE_SELFTEST: u32 = 0xdead_beef;
+
+/// `struct iommu_viommu_selftest` (7.3.4 iommufd_test.h lines 258-263): `in_data u32`,
+/// `out_data u32` (the mock copies `in_data` there), `out_mmap_offset u64`,
+/// `out_mmap_length u64`; 24 bytes.
+pub fn viommu_data(in_data: u32) -> [u8; 24] {
+    let mut b = [0u8; 24];
+    b[..4].copy_from_slice(&in_data.to_le_bytes());
+    b
+}
+
+/// `out_data` of a [`viommu_data`] buffer after the kernel wrote it.
+pub fn viommu_out_data(b: &[u8; 24]) -> u32 {
+    u32::from_le_bytes([b[4], b[5], b[6], b[7]])
+}
+
 /// `IOMMU_HWPT_DATA_SELFTEST`: driver data type of a mock nested HWPT.
 pub const HWPT_DATA_SELFTEST: u32 = 0xdead;
 /// `IOMMU_TEST_IOTLB_DEFAULT`: the mock nested HWPT's initial IOTLB value
