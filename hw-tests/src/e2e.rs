@@ -261,7 +261,15 @@ fn run(p: &Pairs, o: &Opts<'_>) -> Result<Run> {
             .collect()
     };
     let mut dst = Command::new(LIVEMIG)
-        .args(["host", "incoming", "--listen", "127.0.0.1:0", "--ram", RAM])
+        .args([
+            "host",
+            "incoming",
+            "--listen",
+            "127.0.0.1:0",
+            "--plain",
+            "--ram",
+            RAM,
+        ])
         .arg("--mem-file")
         .arg(&dst_ram)
         .arg("--report")
@@ -289,7 +297,16 @@ fn run(p: &Pairs, o: &Opts<'_>) -> Result<Run> {
         );
     };
     let mut src = Command::new(LIVEMIG)
-        .args(["host", "migrate", "--to", addr, "--ram", RAM, "--mock-dma"])
+        .args([
+            "host",
+            "migrate",
+            "--to",
+            addr,
+            "--plain",
+            "--ram",
+            RAM,
+            "--mock-dma",
+        ])
         .args(["--dma-rate", o.dma_rate.unwrap_or("400")])
         .args(["--cpu-rate", o.cpu_rate.unwrap_or("1500")])
         .args(["--events", "--save-again"])

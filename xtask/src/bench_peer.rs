@@ -854,7 +854,14 @@ impl Ctx<'_> {
         let deadline = deadline_for(case.mem());
         let mut dst_cmd = Command::new(&self.livemig);
         dst_cmd
-            .args(["vm", "incoming", "--listen", "127.0.0.1:0", "--json"])
+            .args([
+                "vm",
+                "incoming",
+                "--listen",
+                "127.0.0.1:0",
+                "--json",
+                "--plain",
+            ])
             .args(&flags)
             .stdout(Stdio::piped())
             .stderr(self.log("livemig-incoming")?);
@@ -877,7 +884,7 @@ impl Ctx<'_> {
         });
         let mut src_cmd = Command::new(&self.livemig);
         src_cmd
-            .args(["vm", "migrate", "--to", &addr, "--json"])
+            .args(["vm", "migrate", "--to", &addr, "--json", "--plain"])
             .args(&flags)
             .arg(format!("--downtime={}ms", self.o.downtime_ms))
             .stdout(Stdio::piped())

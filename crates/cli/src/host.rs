@@ -5,7 +5,6 @@
 //! cases) and are hidden from `--help`, like QEMU's `x-` properties: they are not an interface.
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +17,6 @@ use livemig::engine::{
     Destination, DestinationEvent, Event, MigrationReport, ReceiveReport, Source, SourceConfig,
 };
 use livemig::tracker::{BoxError, DirtyTracker, TrackingMode};
-use livemig::transport::TcpChannel;
 use livemig::{Error as EngineError, Phase};
 use livemig_host::workload::{WorkloadConfig, vmm_writer};
 use livemig_host::{Host, HostConfig, Workload};
@@ -38,6 +36,8 @@ pub enum HostCmd {
         listen: String,
         #[command(flatten)]
         host: HostArgs,
+        #[command(flatten)]
+        chan: crate::secure::ChannelArgs,
         /// After RUNNING, save every device's state once more (RUNNING → STOP → STOP_COPY,
         /// read, → STOP → RUNNING) and put it in the report, to compare with the source's.
         #[arg(long)]
@@ -53,6 +53,8 @@ pub enum HostCmd {
         to: String,
         #[command(flatten)]
         host: HostArgs,
+        #[command(flatten)]
+        chan: crate::secure::ChannelArgs,
         #[command(flatten)]
         work: WorkArgs,
         /// How device DMA is tracked: auto, iommu or device.
@@ -238,6 +240,9 @@ struct DestinationJson {
     devices: Vec<DeviceJson>,
     fds_before: usize,
     fds_after: usize,
+    /// The source that connected (with its certificate's fingerprint under TLS).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peer: Option<String>,
 }
 
 fn hex(b: &[u8]) -> String {
@@ -253,12 +258,14 @@ pub fn run(cmd: HostCmd) -> Result<()> {
         HostCmd::Incoming {
             listen,
             host,
+            chan,
             save_again,
             faults,
-        } => incoming(&listen, &host, save_again, &faults),
+        } => incoming(&listen, &host, save_again, &faults, &chan.security()?),
         HostCmd::Migrate {
             to,
             host,
+            chan,
             work,
             tracking,
             downtime,
@@ -277,7 +284,15 @@ pub fn run(cmd: HostCmd) -> Result<()> {
                 channels,
                 ..SourceConfig::default()
             };
-            migrate(&to, &host, &work, cfg, save_again, events, &faults)
+            migrate(
+                (&to, &chan.security()?),
+                &host,
+                &work,
+                cfg,
+                save_again,
+                events,
+                &faults,
+            )
         }
     }
 }
@@ -354,7 +369,7 @@ impl DirtyTracker for DropFinalHarvest {
 }
 
 fn migrate(
-    to: &str,
+    (to, sec): (&str, &crate::secure::Security),
     args: &HostArgs,
     work: &WorkArgs,
     cfg: SourceConfig,
@@ -451,11 +466,8 @@ fn migrate(
                 }
             }
         });
-        let stream = TcpStream::connect(to).with_context(|| format!("connecting to {to}"))?;
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(Duration::from_secs(120)))?;
-        let result =
-            source.migrate_channels(TcpChannel(stream), &mut crate::tcp_page_channels(to, 0));
+        let conn = crate::secure::dial(to, sec)?;
+        let result = source.migrate_channels(conn, &mut crate::page_channels(to, 0, sec));
         let writes_then = workload.writes();
         out.cpu_writes = writes_then;
         match result {
@@ -612,7 +624,13 @@ fn die_matches(spec: &str, e: DestinationEvent) -> bool {
     }
 }
 
-fn incoming(listen: &str, args: &HostArgs, again: bool, faults: &DestFaults) -> Result<()> {
+fn incoming(
+    listen: &str,
+    args: &HostArgs,
+    again: bool,
+    faults: &DestFaults,
+    sec: &crate::secure::Security,
+) -> Result<()> {
     if let Some(s) = &faults.x_die_at {
         let known = ["compat", "receive", "stop-copy", "resume"].contains(&s.as_str())
             || s.strip_prefix("round:")
@@ -660,16 +678,12 @@ fn incoming(listen: &str, args: &HostArgs, again: bool, faults: &DestFaults) -> 
             .with_context(|| format!("listening on {listen}"))?;
         println!("listening on {}", l.local_addr()?);
         std::io::stdout().flush()?;
-        let (stream, _) = l.accept()?;
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(Duration::from_secs(120)))?;
-        let back = stream.try_clone()?;
-        let abort = stream.try_clone()?;
-        let abort: livemig::transport::Abort = Box::new(move || {
-            let _ = abort.shutdown(std::net::Shutdown::Both);
-        });
+        // Under TLS the peer is authenticated here, before anything of the migration is read.
+        let conn = crate::secure::accept_one(&l, sec)?;
+        out.peer = Some(conn.peer.clone());
+        let (stream, back, abort) = (conn.back, conn.data, conn.abort);
         // One connection, or the main one of several: the stream's first record says.
-        let mut accept = crate::tcp_accept_page_channels(&l);
+        let mut accept = crate::accept_page_channels(&l, sec);
         let result = match faults.x_corrupt_stream_at {
             Some(at) => dest.receive_channels(
                 Corrupt {

@@ -4,11 +4,12 @@
 mod chart;
 mod host;
 mod probe;
+mod secure;
 mod sysfs;
 mod vm;
 
 use std::io::{IsTerminal, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -36,6 +37,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// TLS credentials for migration channels.
+    #[command(subcommand)]
+    Tls(TlsCmd),
     /// Report this host's iommufd, VFIO devices, dirty tracking and migration support.
     ///
     /// Read-only by default: device files are not opened (opening a VFIO device can reset
@@ -78,6 +82,8 @@ enum Cmd {
         /// Pace the stream to this bandwidth (0 = as fast as TCP goes).
         #[arg(long, default_value = "0", value_parser = parse_bandwidth)]
         bandwidth: u64,
+        #[command(flatten)]
+        chan: secure::ChannelArgs,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -89,6 +95,8 @@ enum Cmd {
         listen: String,
         #[command(flatten)]
         sim: SimArgs,
+        #[command(flatten)]
+        chan: secure::ChannelArgs,
         /// The source does not use device PRE_COPY (the destination's devices must match).
         #[arg(long)]
         no_precopy: bool,
@@ -215,6 +223,23 @@ impl SimArgs {
     }
 }
 
+#[derive(Subcommand)]
+enum TlsCmd {
+    /// Make a self-signed certificate and key for this host; prints the certificate's
+    /// SHA-256 fingerprint, which the other host passes as --tls-peer.
+    Keygen {
+        /// A name the certificate carries (repeatable; default "livemig").
+        #[arg(long)]
+        name: Vec<String>,
+        /// Where to write the certificate (PEM).
+        #[arg(long, value_name = "FILE")]
+        cert: PathBuf,
+        /// Where to write the private key (PEM, mode 0600).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+    },
+}
+
 #[derive(Args, Clone)]
 struct MigArgs {
     /// Dirty tracking for device DMA: auto, iommu, device.
@@ -256,32 +281,29 @@ impl MigArgs {
     }
 }
 
-/// Opens page channel connections to `to` (each paced to `bandwidth`, 0 for none), for
-/// [`Source::migrate_channels`].
-pub(crate) fn tcp_page_channels(
-    to: &str,
+/// Opens page channel connections to `to` (each paced to `bandwidth`, 0 for none, and secured
+/// as `sec` says), for [`Source::migrate_channels`].
+pub(crate) fn page_channels<'a>(
+    to: &'a str,
     bandwidth: u64,
-) -> impl FnMut(u32) -> std::io::Result<(Box<dyn DataSink>, Abort)> + '_ {
+    sec: &'a secure::Security,
+) -> impl FnMut(u32) -> std::io::Result<(Box<dyn DataSink>, Abort)> + 'a {
     move |_index| {
-        let s = TcpStream::connect(to)?;
-        s.set_nodelay(true)?;
-        s.set_write_timeout(Some(Duration::from_secs(120)))?;
-        let abort = s.try_clone()?;
+        let c = secure::dial(to, sec).map_err(std::io::Error::other)?;
         Ok((
-            Box::new(Paced::new(s, bandwidth, Cut::new())) as Box<dyn DataSink>,
-            Box::new(move || {
-                let _ = abort.shutdown(std::net::Shutdown::Both);
-            }) as Abort,
+            Box::new(Paced::new(c.data, bandwidth, Cut::new())) as Box<dyn DataSink>,
+            c.abort,
         ))
     }
 }
 
 /// Accepts page channel connections on `l` (a source that announced page channels and does
-/// not connect them within 30 s fails the migration, naming the wait), for
-/// [`Destination::receive_channels`].
-pub(crate) fn tcp_accept_page_channels(
-    l: &TcpListener,
-) -> impl FnMut() -> std::io::Result<(Box<dyn std::io::Read + Send>, Abort)> + '_ {
+/// not connect them within 30 s fails the migration, naming the wait), each secured as `sec`
+/// says, for [`Destination::receive_channels`].
+pub(crate) fn accept_page_channels<'a>(
+    l: &'a TcpListener,
+    sec: &'a secure::Security,
+) -> impl FnMut() -> std::io::Result<(Box<dyn std::io::Read + Send>, Abort)> + 'a {
     move || {
         l.set_nonblocking(true)?;
         let t0 = std::time::Instant::now();
@@ -302,15 +324,8 @@ pub(crate) fn tcp_accept_page_channels(
         };
         l.set_nonblocking(false)?;
         s.set_nonblocking(false)?;
-        s.set_nodelay(true)?;
-        s.set_read_timeout(Some(Duration::from_secs(120)))?;
-        let abort = s.try_clone()?;
-        Ok((
-            Box::new(s) as Box<dyn std::io::Read + Send>,
-            Box::new(move || {
-                let _ = abort.shutdown(std::net::Shutdown::Both);
-            }) as Abort,
-        ))
+        let c = secure::answer(s, sec).map_err(std::io::Error::other)?;
+        Ok((c.back, c.abort))
     }
 }
 
@@ -647,6 +662,7 @@ fn receive_one(
     dest: &mut Destination,
     stdout: bool,
     what: Option<&str>,
+    sec: &secure::Security,
 ) -> Result<livemig::engine::ReceiveReport> {
     let l = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
     if stdout {
@@ -656,22 +672,19 @@ fn receive_one(
         eprintln!("listening on {}", l.local_addr()?);
         std::io::stderr().flush()?;
     }
-    let (stream, peer) = l.accept()?;
-    stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
-    if let Some(w) = what {
-        eprintln!("receiving {w}from {peer}");
+    // Under TLS the peer is authenticated here, before anything of the migration is read.
+    let conn = secure::accept_one(&l, sec)?;
+    // On stderr whenever stdout is not the report's (the peer names its certificate's
+    // fingerprint under TLS).
+    if what.is_some() || !stdout {
+        eprintln!("receiving {}from {}", what.unwrap_or(""), conn.peer);
     }
-    let back = stream.try_clone()?;
-    let abort = stream.try_clone()?;
     // One connection, or the main one of several: the stream's first record says.
     dest.receive_channels(
-        stream,
-        back,
-        Box::new(move || {
-            let _ = abort.shutdown(std::net::Shutdown::Both);
-        }),
-        &mut tcp_accept_page_channels(&l),
+        conn.back,
+        conn.data,
+        conn.abort,
+        &mut accept_page_channels(&l, sec),
     )
     .map_err(|e| anyhow::anyhow!("incoming migration failed: {}", e.chain()))
 }
@@ -692,33 +705,6 @@ fn simulate_default(json: bool) -> Result<()> {
     simulate(&sim, &mig, LinkConfig { bandwidth, latency }, json)
 }
 
-/// A paced TCP connection as the main channel.
-struct PacedChannel {
-    data: Paced<TcpStream>,
-    back: TcpStream,
-    abort: TcpStream,
-}
-
-impl livemig::transport::Channel for PacedChannel {
-    type Data = Paced<TcpStream>;
-    type Back = TcpStream;
-    fn peer(&self) -> String {
-        self.back
-            .peer_addr()
-            .map_or_else(|e| format!("tcp (unknown: {e})"), |a| format!("tcp {a}"))
-    }
-    fn split(self) -> std::io::Result<(Self::Data, Self::Back, Abort)> {
-        let abort = self.abort;
-        Ok((
-            self.data,
-            self.back,
-            Box::new(move || {
-                let _ = abort.shutdown(std::net::Shutdown::Both);
-            }),
-        ))
-    }
-}
-
 #[derive(Serialize)]
 struct SideJson<T: Serialize> {
     role: &'static str,
@@ -726,7 +712,14 @@ struct SideJson<T: Serialize> {
     digest: sim::HostDigest,
 }
 
-fn migrate(to: &str, sim: &SimArgs, mig: &MigArgs, bandwidth: u64, json: bool) -> Result<()> {
+fn migrate(
+    to: &str,
+    sim: &SimArgs,
+    mig: &MigArgs,
+    bandwidth: u64,
+    sec: &secure::Security,
+    json: bool,
+) -> Result<()> {
     let spec = sim.spec();
     let cfg = SourceConfig {
         link_rate: (bandwidth > 0).then_some(bandwidth),
@@ -736,23 +729,14 @@ fn migrate(to: &str, sim: &SimArgs, mig: &MigArgs, bandwidth: u64, json: bool) -
     let host = src.host.clone();
     let mut source = Source::new(src.platform, cfg);
     let pb = progress(json, &mut source);
-    let stream = TcpStream::connect(to).with_context(|| format!("connecting to {to}"))?;
-    stream.set_nodelay(true)?;
-    let back = stream.try_clone()?;
-    back.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let conn = secure::dial(to, sec)?;
     std::thread::sleep(Duration::from_millis(200));
-    let r = if mig.channels >= 2 {
-        let page_bw = bandwidth / u64::from(mig.channels);
-        let abort = stream.try_clone()?;
-        let main = PacedChannel {
-            data: Paced::new(stream, bandwidth, Cut::new()),
-            back,
-            abort,
-        };
-        source.migrate_channels(main, &mut tcp_page_channels(to, page_bw))
-    } else {
-        source.migrate(Paced::new(stream, bandwidth, Cut::new()), back)
+    let page_bw = bandwidth / u64::from(mig.channels);
+    let main = secure::Conn {
+        data: Box::new(Paced::new(conn.data, bandwidth, Cut::new())),
+        ..conn
     };
+    let r = source.migrate_channels(main, &mut page_channels(to, page_bw, sec));
     pb.finish_and_clear();
     drop(src.workload);
     let report = r.map_err(|e| {
@@ -781,12 +765,24 @@ fn migrate(to: &str, sim: &SimArgs, mig: &MigArgs, bandwidth: u64, json: bool) -
     Ok(())
 }
 
-fn incoming(listen: &str, sim: &SimArgs, precopy: bool, json: bool) -> Result<()> {
+fn incoming(
+    listen: &str,
+    sim: &SimArgs,
+    precopy: bool,
+    sec: &secure::Security,
+    json: bool,
+) -> Result<()> {
     let spec = sim.spec();
     let dst = sim::destination(&spec, precopy).map_err(anyhow::Error::msg)?;
     let host = dst.host.clone();
     let mut dest = Destination::new(dst.platform);
-    let report = receive_one(listen, &mut dest, false, if json { None } else { Some("") })?;
+    let report = receive_one(
+        listen,
+        &mut dest,
+        false,
+        if json { None } else { Some("") },
+        sec,
+    )?;
     let digest = host.digest();
     if json {
         println!(
@@ -1040,14 +1036,30 @@ fn main() -> Result<()> {
             sim,
             mig,
             bandwidth,
+            chan,
             json,
-        } => migrate(&to, &sim, &mig, bandwidth, json)?,
+        } => migrate(&to, &sim, &mig, bandwidth, &chan.security()?, json)?,
         Cmd::Incoming {
             listen,
             sim,
+            chan,
             no_precopy,
             json,
-        } => incoming(&listen, &sim, !no_precopy, json)?,
+        } => incoming(&listen, &sim, !no_precopy, &chan.security()?, json)?,
+        Cmd::Tls(TlsCmd::Keygen { name, cert, key }) => {
+            let names = if name.is_empty() {
+                vec!["livemig".to_string()]
+            } else {
+                name
+            };
+            let fp = secure::keygen(&names, &cert, &key)?;
+            println!("{fp}");
+            eprintln!(
+                "wrote {} and {} (mode 0600); give the other host --tls-peer {fp}",
+                cert.display(),
+                key.display()
+            );
+        }
         Cmd::Inspect {
             file,
             json,

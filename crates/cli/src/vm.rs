@@ -2,7 +2,6 @@
 //! one-command demonstration (`vm demo`) that does both and verifies the guest.
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -11,7 +10,6 @@ use clap::{Args, Subcommand};
 use livemig::engine::{
     AutoConverge, Destination, MigrationReport, ReceiveReport, Source, SourceConfig,
 };
-use livemig::transport::TcpChannel;
 use livemig_kvm::{Backing, DirtyMode, GuestEvent, TestVm, TestVmConfig, platform};
 use serde::Serialize;
 
@@ -38,6 +36,8 @@ pub enum VmCmd {
         listen: String,
         #[command(flatten)]
         vm: VmArgs,
+        #[command(flatten)]
+        chan: crate::secure::ChannelArgs,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -51,6 +51,8 @@ pub enum VmCmd {
         vm: VmArgs,
         #[command(flatten)]
         mig: VmMigArgs,
+        #[command(flatten)]
+        chan: crate::secure::ChannelArgs,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -322,7 +324,7 @@ struct IncomingJson {
     verification: Verification,
 }
 
-fn incoming(listen: &str, vm: &VmArgs, json: bool) -> Result<()> {
+fn incoming(listen: &str, vm: &VmArgs, sec: &crate::secure::Security, json: bool) -> Result<()> {
     kvm_ok()?;
     let t = TestVm::incoming(&vm.config()).map_err(|e| anyhow::anyhow!("{e}"))?;
     let dp = platform::destination(&t.vm, vec![], true).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -333,6 +335,7 @@ fn incoming(listen: &str, vm: &VmArgs, json: bool) -> Result<()> {
         &mut dest,
         true,
         (!json).then_some("a running test VM "),
+        sec,
     )?;
     let cpu_us = process_cpu_us() - cpu0;
     // The vCPUs run from here: the guest carries on where the source stopped (an idle guest
@@ -385,7 +388,13 @@ struct MigrateJson {
     report: MigrationReport,
 }
 
-fn migrate(to: &str, vm: &VmArgs, mig: &VmMigArgs, json: bool) -> Result<MigrateJson> {
+fn migrate(
+    to: &str,
+    vm: &VmArgs,
+    mig: &VmMigArgs,
+    sec: &crate::secure::Security,
+    json: bool,
+) -> Result<MigrateJson> {
     kvm_ok()?;
     let t = TestVm::boot(&vm.config()).map_err(|e| anyhow::anyhow!("{e}"))?;
     if !json {
@@ -399,10 +408,8 @@ fn migrate(to: &str, vm: &VmArgs, mig: &VmMigArgs, json: bool) -> Result<Migrate
     let mut source = Source::new(sp, mig.config());
     let pb = crate::progress(json, &mut source);
     let cpu0 = process_cpu_us();
-    let stream = TcpStream::connect(to).with_context(|| format!("connecting to {to}"))?;
-    stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
-    let r = source.migrate_channels(TcpChannel(stream), &mut crate::tcp_page_channels(to, 0));
+    let conn = crate::secure::dial(to, sec)?;
+    let r = source.migrate_channels(conn, &mut crate::page_channels(to, 0, sec));
     let cpu_us = process_cpu_us() - cpu0;
     pb.finish_and_clear();
     let report = match r {
@@ -445,9 +452,29 @@ fn demo(vm: &VmArgs, mig: &VmMigArgs, json: bool) -> Result<()> {
         println!("{e}; running the simulated migration instead");
         return crate::simulate_default(json);
     }
+    // Mutual TLS between the two processes, with a self-signed certificate each made for
+    // this run (each pins the other's): the demo runs the way a migration should.
+    let dir = std::env::temp_dir().join(format!("livemig-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let file = |n: &str| dir.join(n);
+    let names = ["livemig-demo".to_string()];
+    let src_fp = crate::secure::keygen(&names, &file("src.pem"), &file("src.key"))?;
+    let dst_fp = crate::secure::keygen(&names, &file("dst.pem"), &file("dst.key"))?;
+    let sec = crate::secure::ChannelArgs {
+        tls_cert: Some(file("src.pem")),
+        tls_key: Some(file("src.key")),
+        tls_peer: vec![dst_fp],
+        ..Default::default()
+    }
+    .security();
     let exe = std::env::current_exe().context("finding the livemig binary")?;
     let mut child = Command::new(exe)
         .args(["vm", "incoming", "--listen", "127.0.0.1:0", "--json"])
+        .arg("--tls-cert")
+        .arg(file("dst.pem"))
+        .arg("--tls-key")
+        .arg(file("dst.key"))
+        .args(["--tls-peer", &src_fp])
         .args(vm.to_flags())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -465,7 +492,8 @@ fn demo(vm: &VmArgs, mig: &VmMigArgs, json: bool) -> Result<()> {
         eprintln!("destination process {} listening on {addr}", child.id());
     }
     let t0 = Instant::now();
-    let src = migrate(&addr, vm, mig, json);
+    let src = sec.and_then(|sec| migrate(&addr, vm, mig, &sec, json));
+    let _ = std::fs::remove_dir_all(&dir);
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut out, &mut rest)?;
     let status = child.wait()?;
@@ -507,15 +535,21 @@ fn demo(vm: &VmArgs, mig: &VmMigArgs, json: bool) -> Result<()> {
 pub fn main(cmd: VmCmd) -> Result<()> {
     match cmd {
         VmCmd::Run { vm, time, json } => run(&vm, time, json),
-        VmCmd::Incoming { listen, vm, json } => incoming(&listen, &vm, json),
+        VmCmd::Incoming {
+            listen,
+            vm,
+            chan,
+            json,
+        } => incoming(&listen, &vm, &chan.security()?, json),
         VmCmd::Migrate {
             to,
             vm,
             mig,
+            chan,
             json,
             chart,
         } => {
-            let out = migrate(&to, &vm, &mig, json)?;
+            let out = migrate(&to, &vm, &mig, &chan.security()?, json)?;
             if let Some(path) = chart {
                 let title = format!(
                     "livemig vm migrate: {} vCPU(s) x {} pages at {} pages/s{}",

@@ -62,9 +62,9 @@ fn two_processes_migrate_over_three_page_channels() {
 
 /// A migration between two processes; the source's JSON.
 fn two_processes(extra: &[&str]) -> serde_json::Value {
-    let (dst, addr, _stderr) = spawn_incoming(&["--json"]);
+    let (dst, addr, _stderr) = spawn_incoming(&["--json", "--plain"]);
     let src = Command::new(BIN)
-        .args(["migrate", "--to", &addr, "--json"])
+        .args(["migrate", "--to", &addr, "--json", "--plain"])
         .args(extra)
         .args(SIM)
         .output()
@@ -90,9 +90,9 @@ fn two_processes(extra: &[&str]) -> serde_json::Value {
 
 #[test]
 fn incoming_refuses_a_mismatched_source_and_the_source_says_why() {
-    let (mut dst, addr, _stderr) = spawn_incoming(&["--qm-vfs", "1"]);
+    let (mut dst, addr, _stderr) = spawn_incoming(&["--qm-vfs", "1", "--plain"]);
     let src = Command::new(BIN)
-        .args(["migrate", "--to", &addr])
+        .args(["migrate", "--to", &addr, "--plain"])
         .args(SIM)
         .output()
         .unwrap();
@@ -295,4 +295,94 @@ fn inspect_caps_what_it_reads_whole_and_says_so() {
     );
     let j = json(&out.stdout);
     assert!(j.get("read_only_first").is_none(), "{j}");
+}
+
+/// `livemig tls keygen` for a host: (certificate, key, fingerprint).
+fn keygen(dir: &std::path::Path, name: &str) -> (String, String, String) {
+    let (cert, key) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
+    let out = Command::new(BIN)
+        .args(["tls", "keygen", "--name", name, "--cert"])
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fp = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(fp.starts_with("sha256:") && fp.len() == 71, "{fp}");
+    (cert.display().to_string(), key.display().to_string(), fp)
+}
+
+fn tls_args<'a>(cert: &'a str, key: &'a str, peer: &'a str) -> [&'a str; 6] {
+    ["--tls-cert", cert, "--tls-key", key, "--tls-peer", peer]
+}
+
+/// Two processes over mutual TLS with pinned self-signed certificates (made by `livemig tls
+/// keygen`): the migration arrives whole, and the destination names the source's fingerprint.
+/// A third certificate the destination did not pin is refused before anything is read, and
+/// the destination stays as it was (it exits with the refusal; the source fails naming the
+/// handshake or the closed connection). Without --plain or TLS options nothing starts.
+#[test]
+fn two_processes_migrate_over_mutual_tls_and_a_stranger_is_refused() {
+    let dir = std::env::temp_dir().join(format!("livemig-cli-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (sc, sk, sfp) = keygen(&dir, "source");
+    let (dc, dk, dfp) = keygen(&dir, "destination");
+    let (xc, xk, _) = keygen(&dir, "stranger");
+
+    let mut dargs = vec!["--json"];
+    dargs.extend(tls_args(&dc, &dk, &sfp));
+    let (dst, addr, mut derr) = spawn_incoming(&dargs);
+    let src = Command::new(BIN)
+        .args(["migrate", "--to", &addr, "--json"])
+        .args(tls_args(&sc, &sk, &dfp))
+        .args(SIM)
+        .output()
+        .unwrap();
+    let mut said = String::new();
+    derr.read_line(&mut said).unwrap();
+    let dout = dst.wait_with_output().unwrap();
+    assert!(
+        src.status.success(),
+        "source: {}",
+        String::from_utf8_lossy(&src.stderr)
+    );
+    assert!(dout.status.success(), "destination failed");
+    assert_eq!(json(&src.stdout)["digest"], json(&dout.stdout)["digest"]);
+    assert!(
+        said.contains(&sfp),
+        "the destination names the source: {said:?}"
+    );
+
+    let (mut dst, addr, derr) = spawn_incoming(&tls_args(&dc, &dk, &sfp));
+    let src = Command::new(BIN)
+        .args(["migrate", "--to", &addr])
+        .args(tls_args(&xc, &xk, &dfp))
+        .args(SIM)
+        .output()
+        .unwrap();
+    assert!(
+        !dst.wait().unwrap().success(),
+        "the destination took a stranger"
+    );
+    let rest: String = derr.lines().map(|l| l.unwrap() + "\n").collect();
+    assert!(rest.contains("is not pinned"), "{rest}");
+    assert!(!src.status.success(), "the stranger believed it migrated");
+
+    let none = Command::new(BIN)
+        .args(["incoming", "--listen", "127.0.0.1:0"])
+        .args(SIM)
+        .output()
+        .unwrap();
+    assert!(!none.status.success());
+    let e = String::from_utf8_lossy(&none.stderr);
+    assert!(e.contains("--plain") && e.contains("--tls-cert"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -114,7 +114,14 @@ fn bad_vm_values_are_named() {
 fn spawn_destination() -> (std::process::Child, String) {
     use std::io::{BufRead, BufReader};
     let mut child = Command::new(BIN)
-        .args(["vm", "incoming", "--listen", "127.0.0.1:0", "--json"])
+        .args([
+            "vm",
+            "incoming",
+            "--listen",
+            "127.0.0.1:0",
+            "--json",
+            "--plain",
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -198,7 +205,14 @@ fn file_backed_migration(
     f.write_all_at(&data, 64 << 20).unwrap();
     drop(f);
     let mut dst = Command::new(BIN)
-        .args(["vm", "incoming", "--listen", "127.0.0.1:0", "--json"])
+        .args([
+            "vm",
+            "incoming",
+            "--listen",
+            "127.0.0.1:0",
+            "--json",
+            "--plain",
+        ])
         .args(["--vcpus=1", "--pages=64", "--ram=256MiB", "--high-ram=0"])
         .args(vm)
         .stdout(std::process::Stdio::piped())
@@ -214,7 +228,7 @@ fn file_backed_migration(
         .unwrap()
         .to_string();
     let src = Command::new(BIN)
-        .args(["vm", "migrate", "--to", &addr, "--json"])
+        .args(["vm", "migrate", "--to", &addr, "--json", "--plain"])
         .args(["--vcpus=1", "--pages=64", "--ram=256MiB", "--high-ram=0"])
         .args(vm)
         .args(migrate)

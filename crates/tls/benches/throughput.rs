@@ -15,8 +15,11 @@ const PIECE: usize = 1 << 20;
 
 fn identity(name: &str) -> Identity {
     let c = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
-    Identity::from_pem(c.cert.pem().as_bytes(), c.signing_key.serialize_pem().as_bytes())
-        .unwrap()
+    Identity::from_pem(
+        c.cert.pem().as_bytes(),
+        c.signing_key.serialize_pem().as_bytes(),
+    )
+    .unwrap()
 }
 
 fn drain(mut r: impl Read) -> usize {

@@ -78,6 +78,11 @@ fn handshake(mut conn: Connection, mut sock: TcpStream) -> Result<TlsStream, Tls
         peer: peer.clone(),
         source,
     };
+    // The handshake has its own deadline; the caller's socket timeouts apply again after.
+    let (read_timeout, write_timeout) = (
+        sock.read_timeout().map_err(fail)?,
+        sock.write_timeout().map_err(fail)?,
+    );
     sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
         .map_err(fail)?;
     sock.set_write_timeout(Some(HANDSHAKE_TIMEOUT))
@@ -89,8 +94,8 @@ fn handshake(mut conn: Connection, mut sock: TcpStream) -> Result<TlsStream, Tls
     while conn.wants_write() {
         conn.write_tls(&mut sock).map_err(fail)?;
     }
-    sock.set_read_timeout(None).map_err(fail)?;
-    sock.set_write_timeout(None).map_err(fail)?;
+    sock.set_read_timeout(read_timeout).map_err(fail)?;
+    sock.set_write_timeout(write_timeout).map_err(fail)?;
     let peer_fingerprint = conn
         .peer_certificates()
         .and_then(|c| c.first())

@@ -1,0 +1,254 @@
+//! The migration connections of the CLI: plain TCP, chosen explicitly with `--plain`, or
+//! mutual TLS (`livemig-tls`) with this host's certificate and the peer's fingerprint or CA.
+//! Every command that opens a migration connection takes these options; with neither it
+//! refuses to start, so an unauthenticated channel is never the silent default.
+
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use livemig::link::DataSink;
+use livemig::transport::{Abort, Channel};
+use livemig_tls::{Fingerprint, Identity, TlsConfig, Trust};
+
+/// How long a read on a migration connection may wait (a peer that stops sending).
+pub const READ_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a write may wait (a peer that stops reading).
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Channel security options.
+#[derive(Args, Clone, Debug, Default)]
+pub struct ChannelArgs {
+    /// Use plain TCP: no authentication and no encryption, so any peer that reaches the port
+    /// can write guest RAM and device state. Either this or the TLS options is required.
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_peer", "tls_ca"])]
+    pub plain: bool,
+    /// This host's TLS certificate chain (PEM; `livemig tls keygen` makes a self-signed one).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Accept only a peer whose certificate has this SHA-256 fingerprint (repeatable; what
+    /// `livemig tls keygen` printed on the other host).
+    #[arg(long, value_name = "sha256:HEX")]
+    pub tls_peer: Vec<String>,
+    /// Accept peers whose certificates this CA bundle issued (PEM).
+    #[arg(long, value_name = "FILE", conflicts_with = "tls_peer")]
+    pub tls_ca: Option<PathBuf>,
+    /// With --tls-ca: the name the destination's certificate must carry (default: the host
+    /// part of --to).
+    #[arg(long, value_name = "NAME")]
+    pub tls_server_name: Option<String>,
+}
+
+/// What the options resolved to.
+#[derive(Clone, Debug)]
+pub enum Security {
+    /// Plain TCP, asked for.
+    Plain,
+    /// Mutual TLS.
+    Tls {
+        /// This side's settings.
+        cfg: Arc<TlsConfig>,
+        /// The destination's name for the source's verification (CA mode).
+        server_name: Option<String>,
+    },
+}
+
+impl ChannelArgs {
+    /// Checks and loads the options.
+    pub fn security(&self) -> Result<Security> {
+        if self.plain {
+            return Ok(Security::Plain);
+        }
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            bail!(
+                "choose the channel's security: --tls-cert/--tls-key with --tls-peer or --tls-ca \
+                 (mutual TLS), or --plain (no authentication: any peer can write guest memory)"
+            );
+        };
+        let read =
+            |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        let identity = Identity::from_pem(&read(cert)?, &read(key)?)
+            .with_context(|| format!("{} / {}", cert.display(), key.display()))?;
+        let trust = match (&self.tls_ca, self.tls_peer.is_empty()) {
+            (Some(ca), _) => {
+                Trust::ca_from_pem(&read(ca)?).with_context(|| format!("{}", ca.display()))?
+            }
+            (None, false) => Trust::Pinned(
+                self.tls_peer
+                    .iter()
+                    .map(|f| f.parse::<Fingerprint>())
+                    .collect::<Result<_, _>>()?,
+            ),
+            (None, true) => bail!("--tls-cert needs --tls-peer FINGERPRINT or --tls-ca FILE"),
+        };
+        Ok(Security::Tls {
+            cfg: Arc::new(TlsConfig { identity, trust }),
+            server_name: self.tls_server_name.clone(),
+        })
+    }
+}
+
+/// One migration connection, plain or TLS, split into the engine's directions.
+pub struct Conn {
+    /// The sending direction.
+    pub data: Box<dyn DataSink>,
+    /// The receiving direction.
+    pub back: Box<dyn Read + Send>,
+    /// Aborts both.
+    pub abort: Abort,
+    /// The peer, with its certificate's fingerprint under TLS.
+    pub peer: String,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn").field("peer", &self.peer).finish()
+    }
+}
+
+impl Channel for Conn {
+    type Data = Box<dyn DataSink>;
+    type Back = Box<dyn Read + Send>;
+    fn peer(&self) -> String {
+        self.peer.clone()
+    }
+    fn split(self) -> std::io::Result<(Self::Data, Self::Back, Abort)> {
+        Ok((self.data, self.back, self.abort))
+    }
+}
+
+fn prepare(sock: &TcpStream) -> std::io::Result<()> {
+    sock.set_nodelay(true)?;
+    sock.set_read_timeout(Some(READ_TIMEOUT))?;
+    sock.set_write_timeout(Some(WRITE_TIMEOUT))
+}
+
+fn host_of(to: &str) -> &str {
+    let h = to.rsplit_once(':').map_or(to, |(h, _)| h);
+    h.trim_start_matches('[').trim_end_matches(']')
+}
+
+fn finish(sock: TcpStream, tls: Option<livemig_tls::TlsStream>) -> Result<Conn> {
+    match tls {
+        None => {
+            let peer = sock
+                .peer_addr()
+                .map_or_else(|e| format!("tcp (unknown: {e})"), |a| format!("tcp {a}"));
+            let back = sock.try_clone()?;
+            let abort = sock.try_clone()?;
+            Ok(Conn {
+                data: Box::new(sock),
+                back: Box::new(back),
+                abort: Box::new(move || {
+                    let _ = abort.shutdown(std::net::Shutdown::Both);
+                }),
+                peer,
+            })
+        }
+        Some(t) => {
+            let peer = match t.peer_fingerprint() {
+                Some(f) => format!("tls {} ({f})", t.peer()),
+                None => format!("tls {}", t.peer()),
+            };
+            let (w, r, abort) = t.split()?;
+            Ok(Conn {
+                data: Box::new(w),
+                back: Box::new(r),
+                abort,
+                peer,
+            })
+        }
+    }
+}
+
+/// Connects to `to` (the source's side).
+pub fn dial(to: &str, sec: &Security) -> Result<Conn> {
+    let sock = TcpStream::connect(to).with_context(|| format!("connecting to {to}"))?;
+    prepare(&sock)?;
+    match sec {
+        Security::Plain => finish(sock, None),
+        Security::Tls { cfg, server_name } => {
+            let name = server_name.as_deref().unwrap_or_else(|| host_of(to));
+            let name = if name.is_empty() { "localhost" } else { name };
+            let t = livemig_tls::connect(sock.try_clone()?, cfg, name)?;
+            finish(sock, Some(t))
+        }
+    }
+}
+
+/// Takes an accepted connection (the destination's side). Under TLS the peer is
+/// authenticated here, before anything of the migration is read.
+pub fn answer(sock: TcpStream, sec: &Security) -> Result<Conn> {
+    prepare(&sock)?;
+    match sec {
+        Security::Plain => finish(sock, None),
+        Security::Tls { cfg, .. } => {
+            let t = livemig_tls::accept(sock.try_clone()?, cfg)?;
+            finish(sock, Some(t))
+        }
+    }
+}
+
+/// Accepts one connection on `l` and answers it.
+pub fn accept_one(l: &TcpListener, sec: &Security) -> Result<Conn> {
+    let (sock, _) = l.accept().context("accepting the migration connection")?;
+    answer(sock, sec)
+}
+
+/// `livemig tls keygen`: a self-signed certificate and key for `names`, and its fingerprint
+/// (what the other host passes as --tls-peer).
+pub fn keygen(names: &[String], cert: &PathBuf, key: &PathBuf) -> Result<String> {
+    let c =
+        rcgen::generate_simple_self_signed(names.to_vec()).context("generating the certificate")?;
+    let id = Identity::from_pem(
+        c.cert.pem().as_bytes(),
+        c.signing_key.serialize_pem().as_bytes(),
+    )?;
+    std::fs::write(cert, c.cert.pem()).with_context(|| format!("writing {}", cert.display()))?;
+    write_private(key, c.signing_key.serialize_pem().as_bytes())?;
+    Ok(id.fingerprint().to_string())
+}
+
+fn write_private(path: &PathBuf, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(bytes)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn neither_plain_nor_tls_is_refused_with_both_choices_named() {
+        let e = ChannelArgs::default().security().unwrap_err().to_string();
+        assert!(e.contains("--plain") && e.contains("--tls-cert"), "{e}");
+        let a = ChannelArgs {
+            plain: true,
+            ..Default::default()
+        };
+        assert!(matches!(a.security().unwrap(), Security::Plain));
+    }
+
+    #[test]
+    fn host_of_strips_the_port_and_brackets() {
+        assert_eq!(host_of("dest.example:4444"), "dest.example");
+        assert_eq!(host_of("[::1]:4444"), "::1");
+        assert_eq!(host_of("10.0.0.2:1"), "10.0.0.2");
+    }
+}
