@@ -2042,6 +2042,36 @@ impl Gate {
     }
 }
 
+/// The destination's page-channel reader on `bytes`, as the one page channel of a migration
+/// whose main channel carried `token`, loading into `mem`: the entry point of the
+/// `page_channel` fuzz target (`fuzz/`), so the fuzzer drives exactly the code a connection
+/// does. Not part of the API.
+#[doc(hidden)]
+pub fn x_receive_page_channel(
+    bytes: Vec<u8>,
+    token: [u8; 16],
+    mem: &dyn GuestMemory,
+) -> Result<()> {
+    let main = StreamChannel {
+        index: 0,
+        count: 1,
+        token,
+    };
+    let claimed = Mutex::new(vec![false]);
+    let gate = Gate::new(1, false);
+    let ranges = mem.ranges();
+    receive_pages(
+        Box::new(io::Cursor::new(bytes)),
+        main,
+        &claimed,
+        Limits::default(),
+        mem,
+        &ranges,
+        &gate,
+    )
+    .map(drop)
+}
+
 /// One page channel on the destination: its Channel record checked against the main one
 /// (token, count, an index no other connection claimed), then pages into guest RAM (inside RAM
 /// only), a Sync at each round's end (consecutive rounds from 1) through the gate, End, then
