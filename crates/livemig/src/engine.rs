@@ -166,7 +166,9 @@ pub struct SourceConfig {
     pub auto_converge: Option<AutoConverge>,
     /// A hard limit on the stop: stop-and-copy is not started when the estimate already
     /// exceeds it, and is abandoned (the source runs again, with the reason) if it has not
-    /// sent End when the limit passes. `None`: the downtime limit is a target only.
+    /// sent End when the limit passes — also when a write is blocked on a destination that
+    /// stopped reading: a watchdog aborts the channel at the limit ([`Error::Deadline`]).
+    /// `None`: the downtime limit is a target only.
     pub hard_deadline: Option<Duration>,
     /// Connections that carry pages. 1: one connection carries everything. N ≥ 2: the main
     /// connection carries compat, device state and the round summaries, and N more carry the
@@ -445,6 +447,8 @@ pub struct Source {
     /// The tracker plan while tracking runs (what was started is what gets stopped).
     tracking: Option<Vec<Chosen>>,
     cancel: CancelHandle,
+    /// The hard deadline's watchdog while stop-and-copy runs.
+    watchdog: Option<Watchdog>,
     /// Where the current attempt is (for a cancel's error).
     phase: Phase,
     /// The vCPU throttle in force (percent), 0 when none.
@@ -599,6 +603,7 @@ impl Source {
             paused: false,
             tracking: None,
             cancel: CancelHandle::new(),
+            watchdog: None,
             phase: Phase::Compat,
             throttle: 0,
             live: Arc::default(),
@@ -652,14 +657,25 @@ impl Source {
         }
     }
 
-    /// Returns the operator's cancel as an error if one was requested.
+    /// Returns the operator's cancel (or the hard deadline's) as an error if one was requested.
     fn check_cancel(&self) -> Result<()> {
         match self.cancel.reason() {
-            Some(reason) => Err(Error::Cancelled {
+            Some(reason) => Err(self.cancel_error(reason)),
+            None => Ok(()),
+        }
+    }
+
+    fn cancel_error(&self, reason: String) -> Error {
+        if self.cancel.by_deadline() {
+            Error::Deadline {
+                phase: self.phase,
+                reason,
+            }
+        } else {
+            Error::Cancelled {
                 phase: self.phase,
                 reason: format!("operator cancel: {reason}"),
-            }),
-            None => Ok(()),
+            }
         }
     }
 
@@ -809,6 +825,7 @@ impl Source {
         })));
         let t0 = Instant::now();
         let result = self.run(plan, data, &mut back, connect, &aborts);
+        self.watchdog = None;
         self.cancel.disarm();
         if let Some((guard, _)) = &self.platform.viommu {
             guard.end();
@@ -823,11 +840,8 @@ impl Source {
             Err(mut f) if f.resume => {
                 if let Some(reason) = self.cancel.reason() {
                     // Whatever broke after the cancel broke because of it.
-                    if !matches!(f.error, Error::Cancelled { .. }) {
-                        f.error = Error::Cancelled {
-                            phase: self.phase,
-                            reason: format!("operator cancel: {reason}"),
-                        };
+                    if !matches!(f.error, Error::Cancelled { .. } | Error::Deadline { .. }) {
+                        f.error = self.cancel_error(reason);
                     }
                 } else if matches!(f.error, Error::Stream { .. } | Error::Link { .. }) {
                     // A write that failed because the destination gave up: its reason is on
@@ -1410,6 +1424,12 @@ impl Source {
             }
         }
         let down = Instant::now();
+        // A write blocked on a destination that stopped reading never returns to the checks
+        // below: the watchdog aborts the channel at the deadline instead (until End).
+        self.watchdog = self
+            .cfg
+            .hard_deadline
+            .map(|limit| Watchdog::start(self.cancel.clone(), limit));
         self.platform.vcpus.pause();
         self.paused = true;
         // The P2P quiescent state first (vfio.h: RUNNING_P2P and PRE_COPY_P2P "must prevent
@@ -1477,7 +1497,9 @@ impl Source {
         r: RoundReport,
     ) -> std::result::Result<MigrationReport, Failure> {
         let phase = Phase::StopCopy;
-        if !self.cancel.close() {
+        let closed = self.cancel.close();
+        self.watchdog = None;
+        if !closed {
             self.check_cancel()?;
         }
         let mut report = a.report;
@@ -1641,6 +1663,46 @@ impl Source {
             })?;
         }
         Ok(n)
+    }
+}
+
+/// Aborts the channel if stop-and-copy is still running `limit` after it began (a write the
+/// destination does not take blocks where no deadline check can run). Dropping it (End sent,
+/// or the attempt over) stops it.
+struct Watchdog {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    fn start(cancel: CancelHandle, limit: Duration) -> Watchdog {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("livemig-deadline".into())
+            .spawn(move || {
+                if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+                    cancel.expire(format!(
+                        "stop-and-copy reached the hard deadline of {} ms with the stream not \
+                         ended (the destination was not taking it); the channel was aborted and \
+                         the source runs again",
+                        limit.as_secs_f64() * 1000.0
+                    ));
+                }
+            })
+            .ok();
+        Watchdog {
+            stop: Some(tx),
+            thread,
+        }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.stop.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 

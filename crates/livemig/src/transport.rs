@@ -90,6 +90,8 @@ impl Channel for LinkChannel {
 #[derive(Default)]
 struct CancelState {
     reason: Option<String>,
+    /// The cancel came from the hard deadline's watchdog, not the operator.
+    deadline: bool,
     /// After the stream's End a cancel is refused: the destination may already run.
     closed: bool,
     abort: Option<Arc<Abort>>,
@@ -126,12 +128,28 @@ impl CancelHandle {
 
     /// Requests the cancel; `false` if it came too late (the stream has ended) or twice.
     pub fn cancel(&self, reason: impl Into<String>) -> bool {
+        self.stop(reason.into(), false)
+    }
+
+    /// The hard deadline passed in stop-and-copy: as [`cancel`](Self::cancel), reported as
+    /// [`Error::Deadline`](crate::Error::Deadline).
+    pub(crate) fn expire(&self, reason: String) -> bool {
+        self.stop(reason, true)
+    }
+
+    /// Whether the cancel came from the hard deadline.
+    pub(crate) fn by_deadline(&self) -> bool {
+        self.lock().deadline
+    }
+
+    fn stop(&self, reason: String, deadline: bool) -> bool {
         let abort = {
             let mut s = self.lock();
             if s.closed || s.reason.is_some() {
                 return false;
             }
-            s.reason = Some(reason.into());
+            s.reason = Some(reason);
+            s.deadline = deadline;
             s.abort.clone()
         };
         if let Some(a) = abort {
@@ -154,6 +172,7 @@ impl CancelHandle {
     pub(crate) fn arm(&self, abort: Option<Abort>) {
         let mut s = self.lock();
         s.reason = None;
+        s.deadline = false;
         s.closed = false;
         s.abort = abort.map(Arc::new);
     }
