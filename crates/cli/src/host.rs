@@ -261,7 +261,7 @@ pub fn run(cmd: HostCmd) -> Result<()> {
             chan,
             save_again,
             faults,
-        } => incoming(&listen, &host, save_again, &faults, &chan.security()?),
+        } => incoming(&listen, &host, save_again, &faults, &chan),
         HostCmd::Migrate {
             to,
             host,
@@ -629,8 +629,9 @@ fn incoming(
     args: &HostArgs,
     again: bool,
     faults: &DestFaults,
-    sec: &crate::secure::Security,
+    chan: &crate::secure::ChannelArgs,
 ) -> Result<()> {
+    let sec = &chan.security()?;
     if let Some(s) = &faults.x_die_at {
         let known = ["compat", "receive", "stop-copy", "resume"].contains(&s.as_str())
             || s.strip_prefix("round:")
@@ -663,6 +664,7 @@ fn incoming(
             );
         }
         let mut dest = Destination::new(platform);
+        dest.set_phase_deadline(chan.phase_deadline());
         if let Some(spec) = faults.x_die_at.clone() {
             dest.on_event(move |e| {
                 if die_matches(&spec, e) {

@@ -769,13 +769,15 @@ fn incoming(
     listen: &str,
     sim: &SimArgs,
     precopy: bool,
-    sec: &secure::Security,
+    chan: &secure::ChannelArgs,
     json: bool,
 ) -> Result<()> {
+    let sec = &chan.security()?;
     let spec = sim.spec();
     let dst = sim::destination(&spec, precopy).map_err(anyhow::Error::msg)?;
     let host = dst.host.clone();
     let mut dest = Destination::new(dst.platform);
+    dest.set_phase_deadline(chan.phase_deadline());
     let report = receive_one(
         listen,
         &mut dest,
@@ -1045,7 +1047,7 @@ fn main() -> Result<()> {
             chan,
             no_precopy,
             json,
-        } => incoming(&listen, &sim, !no_precopy, &chan.security()?, json)?,
+        } => incoming(&listen, &sim, !no_precopy, &chan, json)?,
         Cmd::Tls(TlsCmd::Keygen { name, cert, key }) => {
             let names = if name.is_empty() {
                 vec!["livemig".to_string()]

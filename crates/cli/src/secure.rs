@@ -44,6 +44,18 @@ pub struct ChannelArgs {
     /// part of --to).
     #[arg(long, value_name = "NAME")]
     pub tls_server_name: Option<String>,
+    /// Destination: the longest one phase (compat, receive, resume) may take before the
+    /// connections are aborted, so a source that trickles bytes cannot hold this host; 0 for
+    /// no limit.
+    #[arg(long, value_name = "DURATION", default_value = "3600s", value_parser = crate::parse_duration)]
+    pub phase_deadline: Duration,
+}
+
+impl ChannelArgs {
+    /// The destination's phase deadline (`None`: no limit).
+    pub fn phase_deadline(&self) -> Option<Duration> {
+        (!self.phase_deadline.is_zero()).then_some(self.phase_deadline)
+    }
 }
 
 /// What the options resolved to.
@@ -243,6 +255,26 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(a.security().unwrap(), Security::Plain));
+    }
+
+    #[test]
+    fn the_phase_deadline_defaults_to_an_hour_and_0_turns_it_off() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct T {
+            #[command(flatten)]
+            c: ChannelArgs,
+        }
+        let t = T::try_parse_from(["t", "--plain"]).unwrap();
+        assert_eq!(t.c.phase_deadline(), Some(Duration::from_secs(3600)));
+        let t = T::try_parse_from(["t", "--plain", "--phase-deadline", "0s"]).unwrap();
+        assert_eq!(t.c.phase_deadline(), None);
+        let e = T::try_parse_from(["t", "--plain", "--tls-cert", "x"])
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("cannot be used with"), "{e}");
+        let e = T::try_parse_from(["t", "--tls-cert", "x"]).err().unwrap();
+        assert!(e.to_string().contains("--tls-key"), "{e}");
     }
 
     #[test]

@@ -324,11 +324,18 @@ struct IncomingJson {
     verification: Verification,
 }
 
-fn incoming(listen: &str, vm: &VmArgs, sec: &crate::secure::Security, json: bool) -> Result<()> {
+fn incoming(
+    listen: &str,
+    vm: &VmArgs,
+    chan: &crate::secure::ChannelArgs,
+    json: bool,
+) -> Result<()> {
+    let sec = &chan.security()?;
     kvm_ok()?;
     let t = TestVm::incoming(&vm.config()).map_err(|e| anyhow::anyhow!("{e}"))?;
     let dp = platform::destination(&t.vm, vec![], true).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut dest = Destination::new(dp);
+    dest.set_phase_deadline(chan.phase_deadline());
     let cpu0 = process_cpu_us();
     let received = crate::receive_one(
         listen,
@@ -540,7 +547,7 @@ pub fn main(cmd: VmCmd) -> Result<()> {
             vm,
             chan,
             json,
-        } => incoming(&listen, &vm, &chan.security()?, json),
+        } => incoming(&listen, &vm, &chan, json),
         VmCmd::Migrate {
             to,
             vm,

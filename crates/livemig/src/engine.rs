@@ -2329,6 +2329,87 @@ pub struct Destination {
     skip_round_barrier: bool,
     /// Test hook: no round acknowledgements, as a destination from before them.
     no_round_acks: bool,
+    /// The longest any one phase may take (see [`Destination::set_phase_deadline`]).
+    phase_deadline: Option<Duration>,
+    /// The running receive's phase watch.
+    watch: Option<Arc<PhaseWatch>>,
+}
+
+/// The destination's phase deadline: a thread that aborts the connections when the current
+/// phase has run longer than the limit (a peer that trickles bytes just fast enough to beat
+/// every per-read timeout holds nothing longer than that).
+struct PhaseWatch {
+    limit: Duration,
+    state: Mutex<WatchState>,
+    cv: Condvar,
+}
+
+struct WatchState {
+    phase: Phase,
+    since: Instant,
+    /// The phase that ran out, once one did.
+    expired: Option<Phase>,
+    done: bool,
+}
+
+impl PhaseWatch {
+    fn start(limit: Duration, abort: Arc<Abort>) -> Arc<PhaseWatch> {
+        let w = Arc::new(PhaseWatch {
+            limit,
+            state: Mutex::new(WatchState {
+                phase: Phase::Compat,
+                since: Instant::now(),
+                expired: None,
+                done: false,
+            }),
+            cv: Condvar::new(),
+        });
+        let watch = Arc::clone(&w);
+        let _ = std::thread::Builder::new()
+            .name("livemig-phase-deadline".into())
+            .spawn(move || {
+                let mut st = watch.state.lock().unwrap_or_else(|p| p.into_inner());
+                loop {
+                    if st.done {
+                        return;
+                    }
+                    let left = watch.limit.saturating_sub(st.since.elapsed());
+                    if left.is_zero() {
+                        st.expired = Some(st.phase);
+                        drop(st);
+                        abort();
+                        return;
+                    }
+                    st = watch
+                        .cv
+                        .wait_timeout(st, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            });
+        w
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, WatchState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new phase: its own full limit.
+    fn enter(&self, phase: Phase) {
+        let mut st = self.lock();
+        st.phase = phase;
+        st.since = Instant::now();
+        self.cv.notify_all();
+    }
+
+    fn expired(&self) -> Option<Phase> {
+        self.lock().expired
+    }
+
+    fn finish(&self) {
+        self.lock().done = true;
+        self.cv.notify_all();
+    }
 }
 
 impl std::fmt::Debug for Destination {
@@ -2348,7 +2429,18 @@ impl Destination {
             hook: None,
             skip_round_barrier: false,
             no_round_acks: false,
+            phase_deadline: None,
+            watch: None,
         }
+    }
+
+    /// Ends a migration whose phase (compat exchange, receiving, resume) runs longer than
+    /// `limit`: the connections are aborted and the error ([`Error::Deadline`]) names the phase
+    /// and the limit, so a peer that trickles bytes just fast enough to beat every per-read
+    /// timeout cannot hold the destination. It needs an abort hook, i.e.
+    /// [`receive_channels`](Self::receive_channels). `None` (the default): no limit.
+    pub fn set_phase_deadline(&mut self, limit: Option<Duration>) {
+        self.phase_deadline = limit;
     }
 
     /// Calls `hook` as the migration moves (see [`DestinationEvent`]).
@@ -2357,6 +2449,9 @@ impl Destination {
     }
 
     fn emit(&mut self, e: DestinationEvent) {
+        if let (DestinationEvent::Phase(p), Some(w)) = (e, &self.watch) {
+            w.enter(p);
+        }
         if let Some(h) = self.hook.as_mut() {
             h(e);
         }
@@ -2421,7 +2516,29 @@ impl Destination {
         accept: Option<&mut Accept<'_>>,
     ) -> Result<ReceiveReport> {
         let mut touched = false;
-        match self.run(data, &mut back, &mut touched, abort, accept) {
+        let abort = abort.map(Arc::new);
+        self.watch = match (self.phase_deadline, &abort) {
+            (Some(limit), Some(a)) => Some(PhaseWatch::start(limit, Arc::clone(a))),
+            _ => None,
+        };
+        let abort: Option<Abort> = abort.map(|a| Box::new(move || a()) as Abort);
+        let result = self.run(data, &mut back, &mut touched, abort, accept);
+        let expired = self.watch.take().and_then(|w| {
+            w.finish();
+            w.expired()
+        });
+        let result = match (result, expired) {
+            (Err(_), Some(phase)) => Err(Error::Deadline {
+                phase,
+                reason: format!(
+                    "the {phase} phase ran past the destination's phase deadline of {:.1} s (the \
+                     source sent too slowly); the connections were aborted",
+                    self.phase_deadline.map_or(0.0, |d| d.as_secs_f64())
+                ),
+            }),
+            (r, _) => r,
+        };
+        match result {
             Ok(r) => Ok(r),
             Err(e) => {
                 if !matches!(e, Error::Refused { .. }) {
