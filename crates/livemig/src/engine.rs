@@ -2342,6 +2342,8 @@ struct PhaseWatch {
     limit: Duration,
     state: Mutex<WatchState>,
     cv: Condvar,
+    /// Joined by `finish`: the thread holds the abort hook, and with it a connection's fd.
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 struct WatchState {
@@ -2363,9 +2365,10 @@ impl PhaseWatch {
                 done: false,
             }),
             cv: Condvar::new(),
+            thread: Mutex::new(None),
         });
         let watch = Arc::clone(&w);
-        let _ = std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("livemig-phase-deadline".into())
             .spawn(move || {
                 let mut st = watch.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -2386,7 +2389,9 @@ impl PhaseWatch {
                         .unwrap_or_else(|p| p.into_inner())
                         .0;
                 }
-            });
+            })
+            .ok();
+        *w.thread.lock().unwrap_or_else(|p| p.into_inner()) = thread;
         w
     }
 
@@ -2406,9 +2411,15 @@ impl PhaseWatch {
         self.lock().expired
     }
 
+    /// Stops the watch and waits for its thread, so the abort hook (and the connection it
+    /// holds) is gone when the receive returns.
     fn finish(&self) {
         self.lock().done = true;
         self.cv.notify_all();
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
     }
 }
 
