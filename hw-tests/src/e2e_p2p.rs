@@ -161,6 +161,7 @@ fn host(devs: &[Mdev]) -> Result<(Host, Vec<VfioDevice>)> {
     let cfg = HostConfig {
         devices: devs.iter().map(|m| m.0.clone()).collect(),
         mock_dma: false,
+        ..Default::default()
     };
     let h = Host::open(&cfg, mem).map_err(|e| anyhow::anyhow!("{}", livemig::error::chain(&e)))?;
     let peers = h

@@ -31,6 +31,7 @@ fn host(pci: &str, memory: Arc<VmMemory>) -> Result<Host> {
     let cfg = HostConfig {
         devices: vec![pci.to_string()],
         mock_dma: false,
+        ..Default::default()
     };
     Host::open(&cfg, memory).map_err(|e| anyhow::anyhow!("{}", livemig::error::chain(&e)))
 }

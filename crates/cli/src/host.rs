@@ -181,6 +181,7 @@ impl HostArgs {
         let cfg = HostConfig {
             devices: self.devices.clone(),
             mock_dma: self.mock_dma,
+            ..Default::default()
         };
         let host = Host::open(&cfg, memory.clone())
             .map_err(|e| anyhow::anyhow!("{}", livemig::error::chain(&e)))?;

@@ -565,6 +565,9 @@ fn print_report(r: &MigrationReport) {
         p.destination_load_us as f64 / 1e3,
         p.destination_run_us as f64 / 1e3
     );
+    for w in &r.source_cleanup {
+        println!("warning: {w}");
+    }
 }
 
 #[derive(Serialize)]

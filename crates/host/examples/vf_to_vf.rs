@@ -50,6 +50,7 @@ fn host(dev: &str, memory: Arc<VmMemory>) -> Result<Host, BoxError> {
     let cfg = HostConfig {
         devices: vec![dev.to_string()],
         mock_dma: false,
+        ..Default::default()
     };
     let h = Host::open(&cfg, memory).map_err(|e| livemig::error::chain(&e))?;
     for line in h.describe() {

@@ -40,11 +40,16 @@ pub fn resolve(spec: &str) -> Result<PathBuf, Error> {
 /// (`mdev mtty-2`), for a PCI device vendor, device and driver (`pci 8086:10ca igbvf`); read
 /// from the cdev's sysfs node (`/sys/class/vfio-dev/vfioN/device`).
 pub fn identity(cdev: &Path) -> Result<String, Error> {
+    identity_in(Path::new("/sys"), cdev)
+}
+
+/// As [`identity`], with sysfs mounted at `sysfs`.
+pub fn identity_in(sysfs: &Path, cdev: &Path) -> Result<String, Error> {
     let name = cdev
         .file_name()
         .and_then(|n| n.to_str())
         .ok_or_else(|| Error::Config(format!("{} is not a VFIO cdev path", cdev.display())))?;
-    let dev = Path::new("/sys/class/vfio-dev").join(name).join("device");
+    let dev = sysfs.join("class/vfio-dev").join(name).join("device");
     let io = |what: String| move |source| Error::Io { what, source };
     let link_name = |p: PathBuf| -> Option<String> {
         std::fs::read_link(&p)
@@ -93,6 +98,16 @@ impl HostDevice {
         iommufd: &Iommufd,
         auto: &mut AutoDomains,
     ) -> Result<HostDevice, Error> {
+        HostDevice::open_in(Path::new("/sys"), spec, iommufd, auto)
+    }
+
+    /// As [`HostDevice::open`], reading the identity from sysfs mounted at `sysfs`.
+    pub fn open_in(
+        sysfs: &Path,
+        spec: &str,
+        iommufd: &Iommufd,
+        auto: &mut AutoDomains,
+    ) -> Result<HostDevice, Error> {
         let vfio = |what: &str| {
             let device = spec.to_string();
             let what = what.to_string();
@@ -103,7 +118,7 @@ impl HostDevice {
             }
         };
         let path = resolve(spec)?;
-        let identity = identity(&path)?;
+        let identity = identity_in(sysfs, &path)?;
         let dev = VfioDevice::open(&path).map_err(vfio("opening the cdev"))?;
         let dev_id = dev
             .bind_iommufd(iommufd.as_fd())

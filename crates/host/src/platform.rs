@@ -28,6 +28,9 @@ pub struct HostConfig {
     pub devices: Vec<String>,
     /// Add the iommufd selftest's mock device as a DMA endpoint (feature `selftest`).
     pub mock_dma: bool,
+    /// Where sysfs is mounted, for the devices' identities (`None`: `/sys`; tests and
+    /// containers that mount it elsewhere set it).
+    pub sysfs: Option<std::path::PathBuf>,
 }
 
 /// The open host.
@@ -74,7 +77,8 @@ impl Host {
         }
         let mut devices = Vec::new();
         for spec in &cfg.devices {
-            let d = HostDevice::open(spec, &iommufd, &mut auto)?;
+            let sysfs = cfg.sysfs.as_deref().unwrap_or(std::path::Path::new("/sys"));
+            let d = HostDevice::open_in(sysfs, spec, &iommufd, &mut auto)?;
             descriptions.push(format!(
                 "{} ({}, {}): {}{}",
                 d.name,

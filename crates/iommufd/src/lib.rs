@@ -44,6 +44,8 @@ pub mod abi;
 mod auto;
 mod bitmap;
 mod error;
+#[cfg(feature = "fake-kernel")]
+pub mod fake_kernel;
 pub mod fault;
 mod hw_info;
 mod objects;

@@ -2,7 +2,9 @@
 //!
 //! Every ioctl and every open of `/dev/iommu` goes through here. In `cfg(test)` builds the
 //! functions dispatch to a per-thread fake kernel ([`fake`]) so unit tests exercise the real
-//! argument encoding, validation and errno handling without `/dev/iommu`.
+//! argument encoding, validation and errno handling without `/dev/iommu`. With the
+//! `fake-kernel` feature every call first asks the process-wide fake
+//! ([`crate::fake_kernel`]), if one is installed.
 
 use std::ffi::c_void;
 use std::io;
@@ -25,6 +27,16 @@ mod imp {
         request: u64,
         arg: *mut c_void,
     ) -> io::Result<i32> {
+        #[cfg(feature = "fake-kernel")]
+        {
+            let call = |k: &mut (dyn crate::fake_kernel::Kernel + 'static)| {
+                // SAFETY: forwarded under the caller's guarantee about `arg`.
+                unsafe { k.ioctl(fd.as_raw_fd(), request, arg) }
+            };
+            if let Some(r) = crate::fake_kernel::with(call) {
+                return r;
+            }
+        }
         // SAFETY: `fd` is open for the borrow; the caller guarantees `arg`.
         let rc = unsafe { libc::ioctl(fd.as_raw_fd(), request as libc::Ioctl, arg) };
         if rc < 0 {
@@ -35,6 +47,10 @@ mod imp {
     }
 
     pub(crate) fn open(path: &Path) -> io::Result<OwnedFd> {
+        #[cfg(feature = "fake-kernel")]
+        if let Some(r) = crate::fake_kernel::with(|k| k.open(path)) {
+            return r;
+        }
         OpenOptions::new()
             .read(true)
             .write(true)

@@ -29,6 +29,8 @@
 
 pub mod device;
 pub mod dirty;
+#[cfg(feature = "fake-kernel")]
+pub mod fake_kernel;
 pub mod guest;
 pub mod memory;
 pub mod platform;

@@ -19,6 +19,7 @@
 //! are errors naming the section and offset. The CPUID and XSAVE size are compared with the
 //! destination before anything is written to a vCPU.
 
+use crate::sys::kvm_call;
 use kvm_bindings::{
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, Msrs, kvm_clock_data,
     kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
@@ -186,15 +187,21 @@ pub fn saveable_msrs(kvm: &Kvm, fd: &VcpuFd) -> Result<Vec<u32>, Error> {
 /// Captures one paused vCPU.
 pub fn save_vcpu(fd: &VcpuFd, i: u32, msrs: &[u32]) -> Result<VcpuRecord, Error> {
     let at = |what: &str| format!("{what} on vCPU {i}");
-    let regs = fd.get_regs().map_err(kerr(at("KVM_GET_REGS")))?;
-    let sregs = fd.get_sregs().map_err(kerr(at("KVM_GET_SREGS")))?;
-    let xsave = Box::new(fd.get_xsave().map_err(kerr(at("KVM_GET_XSAVE")))?.region);
-    let xcrs = fd.get_xcrs().map_err(kerr(at("KVM_GET_XCRS")))?;
-    let debugregs = fd.get_debug_regs().map_err(kerr(at("KVM_GET_DEBUGREGS")))?;
-    let lapic = Box::new(fd.get_lapic().map_err(kerr(at("KVM_GET_LAPIC")))?);
-    let mp_state = fd.get_mp_state().map_err(kerr(at("KVM_GET_MP_STATE")))?;
-    let events = fd
-        .get_vcpu_events()
+    let regs = kvm_call("KVM_GET_REGS", || fd.get_regs()).map_err(kerr(at("KVM_GET_REGS")))?;
+    let sregs = kvm_call("KVM_GET_SREGS", || fd.get_sregs()).map_err(kerr(at("KVM_GET_SREGS")))?;
+    let xsave = Box::new(
+        kvm_call("KVM_GET_XSAVE", || fd.get_xsave())
+            .map_err(kerr(at("KVM_GET_XSAVE")))?
+            .region,
+    );
+    let xcrs = kvm_call("KVM_GET_XCRS", || fd.get_xcrs()).map_err(kerr(at("KVM_GET_XCRS")))?;
+    let debugregs = kvm_call("KVM_GET_DEBUGREGS", || fd.get_debug_regs())
+        .map_err(kerr(at("KVM_GET_DEBUGREGS")))?;
+    let lapic =
+        Box::new(kvm_call("KVM_GET_LAPIC", || fd.get_lapic()).map_err(kerr(at("KVM_GET_LAPIC")))?);
+    let mp_state =
+        kvm_call("KVM_GET_MP_STATE", || fd.get_mp_state()).map_err(kerr(at("KVM_GET_MP_STATE")))?;
+    let events = kvm_call("KVM_GET_VCPU_EVENTS", || fd.get_vcpu_events())
         .map_err(kerr(at("KVM_GET_VCPU_EVENTS")))?;
     let entries: Vec<kvm_msr_entry> = msrs
         .iter()
@@ -204,7 +211,7 @@ pub fn save_vcpu(fd: &VcpuFd, i: u32, msrs: &[u32]) -> Result<VcpuRecord, Error>
         })
         .collect();
     let mut m = Msrs::from_entries(&entries).map_err(|e| Error::Config(format!("{e:?}")))?;
-    let n = fd.get_msrs(&mut m).map_err(kerr(at("KVM_GET_MSRS")))?;
+    let n = kvm_call("KVM_GET_MSRS", || fd.get_msrs(&mut m)).map_err(kerr(at("KVM_GET_MSRS")))?;
     if n != entries.len() {
         return Err(Error::Vcpu(format!(
             "vCPU {i}: KVM_GET_MSRS read {n} of {} MSRs (stopped at {:#x})",
@@ -230,16 +237,17 @@ pub fn restore_vcpu(fd: &VcpuFd, i: u32, r: &VcpuRecord) -> Result<(), Error> {
     let at = |what: &str| format!("{what} on vCPU {i}");
     // Order after QEMU's kvm_arch_put_registers (target/i386/kvm/kvm.c): xsave/xcrs/sregs
     // before MSRs (EFER), the LAPIC after the MSRs (APIC base), MP state and events last.
-    fd.set_regs(&r.regs).map_err(kerr(at("KVM_SET_REGS")))?;
+    kvm_call("KVM_SET_REGS", || fd.set_regs(&r.regs)).map_err(kerr(at("KVM_SET_REGS")))?;
     let xsave = kvm_xsave {
         region: *r.xsave,
         ..Default::default()
     };
     // SAFETY: the buffer is a whole 4096-byte kvm_xsave, the size this host's KVM uses
     // (KVM_CAP_XSAVE2 checked at VM creation, the record's size checked before restore).
-    unsafe { fd.set_xsave(&xsave) }.map_err(kerr(at("KVM_SET_XSAVE")))?;
-    fd.set_xcrs(&r.xcrs).map_err(kerr(at("KVM_SET_XCRS")))?;
-    fd.set_sregs(&r.sregs).map_err(kerr(at("KVM_SET_SREGS")))?;
+    kvm_call("KVM_SET_XSAVE", || unsafe { fd.set_xsave(&xsave) })
+        .map_err(kerr(at("KVM_SET_XSAVE")))?;
+    kvm_call("KVM_SET_XCRS", || fd.set_xcrs(&r.xcrs)).map_err(kerr(at("KVM_SET_XCRS")))?;
+    kvm_call("KVM_SET_SREGS", || fd.set_sregs(&r.sregs)).map_err(kerr(at("KVM_SET_SREGS")))?;
     let entries: Vec<kvm_msr_entry> = r
         .msrs
         .iter()
@@ -250,7 +258,7 @@ pub fn restore_vcpu(fd: &VcpuFd, i: u32, r: &VcpuRecord) -> Result<(), Error> {
         })
         .collect();
     let m = Msrs::from_entries(&entries).map_err(|e| Error::Config(format!("{e:?}")))?;
-    let n = fd.set_msrs(&m).map_err(kerr(at("KVM_SET_MSRS")))?;
+    let n = kvm_call("KVM_SET_MSRS", || fd.set_msrs(&m)).map_err(kerr(at("KVM_SET_MSRS")))?;
     if n != entries.len() {
         return Err(Error::Vcpu(format!(
             "vCPU {i}: KVM_SET_MSRS wrote {n} of {} MSRs (refused {:#x} = {:#x})",
@@ -259,12 +267,12 @@ pub fn restore_vcpu(fd: &VcpuFd, i: u32, r: &VcpuRecord) -> Result<(), Error> {
             entries[n].data
         )));
     }
-    fd.set_lapic(&r.lapic).map_err(kerr(at("KVM_SET_LAPIC")))?;
-    fd.set_debug_regs(&r.debugregs)
+    kvm_call("KVM_SET_LAPIC", || fd.set_lapic(&r.lapic)).map_err(kerr(at("KVM_SET_LAPIC")))?;
+    kvm_call("KVM_SET_DEBUGREGS", || fd.set_debug_regs(&r.debugregs))
         .map_err(kerr(at("KVM_SET_DEBUGREGS")))?;
-    fd.set_mp_state(r.mp_state)
+    kvm_call("KVM_SET_MP_STATE", || fd.set_mp_state(r.mp_state))
         .map_err(kerr(at("KVM_SET_MP_STATE")))?;
-    fd.set_vcpu_events(&r.events)
+    kvm_call("KVM_SET_VCPU_EVENTS", || fd.set_vcpu_events(&r.events))
         .map_err(kerr(at("KVM_SET_VCPU_EVENTS")))?;
     Ok(())
 }
@@ -272,7 +280,7 @@ pub fn restore_vcpu(fd: &VcpuFd, i: u32, r: &VcpuRecord) -> Result<(), Error> {
 fn irqchip(vm: &VmFd, id: u32) -> Result<Box<kvm_irqchip>, Error> {
     let mut c = zeroed_box::<kvm_irqchip>();
     c.chip_id = id;
-    vm.get_irqchip(&mut c)
+    kvm_call("KVM_GET_IRQCHIP", || vm.get_irqchip(&mut c))
         .map_err(kerr(format!("KVM_GET_IRQCHIP {id}")))?;
     Ok(c)
 }
@@ -285,7 +293,8 @@ pub fn save_vm(
     xsave_size: u32,
     msrs: &[u32],
 ) -> Result<VmState, Error> {
-    let clock = vm.get_clock().map_err(kerr("KVM_GET_CLOCK".into()))?;
+    let clock =
+        kvm_call("KVM_GET_CLOCK", || vm.get_clock()).map_err(kerr("KVM_GET_CLOCK".into()))?;
     let pics = [
         irqchip(vm, KVM_IRQCHIP_PIC_MASTER)?,
         irqchip(vm, KVM_IRQCHIP_PIC_SLAVE)?,
@@ -365,7 +374,7 @@ impl VmState {
             restore_vcpu(fd, i as u32, r)?;
         }
         for c in &self.pics {
-            vm.set_irqchip(c)
+            kvm_call("KVM_SET_IRQCHIP", || vm.set_irqchip(c))
                 .map_err(kerr(format!("KVM_SET_IRQCHIP {}", c.chip_id)))?;
         }
         // KVM_SET_CLOCK: only `clock` (and the REALTIME flag) are inputs; let KVM take the
@@ -374,7 +383,7 @@ impl VmState {
             clock: self.clock.clock,
             ..Default::default()
         };
-        vm.set_clock(&clock).map_err(kerr("KVM_SET_CLOCK".into()))?;
+        kvm_call("KVM_SET_CLOCK", || vm.set_clock(&clock)).map_err(kerr("KVM_SET_CLOCK".into()))?;
         Ok(())
     }
 

@@ -41,6 +41,27 @@ struct ClearDirtyLog {
 const _: () = assert!(std::mem::size_of::<DirtyLog>() == 16);
 const _: () = assert!(std::mem::size_of::<ClearDirtyLog>() == 24);
 
+/// Runs a `kvm-ioctls` call, unless the fault layer (feature `fake-kernel`) fails it first.
+pub(crate) fn kvm_call<T>(
+    what: &'static str,
+    f: impl FnOnce() -> Result<T, kvm_ioctls::Error>,
+) -> Result<T, kvm_ioctls::Error> {
+    #[cfg(feature = "fake-kernel")]
+    crate::fake_kernel::check(what).map_err(kvm_ioctls::Error::new)?;
+    #[cfg(not(feature = "fake-kernel"))]
+    let _ = what;
+    f()
+}
+
+/// The fault layer's answer for one of this module's own calls.
+fn fault(what: &'static str) -> io::Result<()> {
+    #[cfg(feature = "fake-kernel")]
+    crate::fake_kernel::check(what).map_err(io::Error::from_raw_os_error)?;
+    #[cfg(not(feature = "fake-kernel"))]
+    let _ = what;
+    Ok(())
+}
+
 fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret < 0 {
         Err(io::Error::last_os_error())
@@ -52,6 +73,7 @@ fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
 /// `KVM_GET_DIRTY_LOG` of `slot` into `bitmap` (one bit per page of the slot; the caller sizes
 /// it to the slot, rounded up to 64 pages).
 pub fn get_dirty_log(vm: &impl AsRawFd, slot: u32, bitmap: &mut [u64]) -> io::Result<()> {
+    fault("KVM_GET_DIRTY_LOG")?;
     let arg = DirtyLog {
         slot,
         padding1: 0,
@@ -74,6 +96,7 @@ pub fn clear_dirty_log(
     bitmap: &[u64],
 ) -> io::Result<()> {
     debug_assert!(bitmap.len() as u64 * 64 >= u64::from(num_pages));
+    fault("KVM_CLEAR_DIRTY_LOG")?;
     let arg = ClearDirtyLog {
         slot,
         num_pages,
@@ -98,6 +121,7 @@ pub fn clear_dirty_log(
 /// `signal_pending()` is false for the whole call. (Observed here first: with vCPU threads
 /// kicked by signals, 3 of 5 migrations lost pages; with signals blocked, none.)
 pub fn reset_dirty_rings(vm: &impl AsRawFd) -> io::Result<u32> {
+    fault("KVM_RESET_DIRTY_RINGS")?;
     // SAFETY: fills a local signal set and swaps this thread's mask; `old` receives the
     // previous mask, restored below whatever the ioctl returned.
     let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };

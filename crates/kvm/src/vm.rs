@@ -860,7 +860,10 @@ pub(crate) fn set_slot_logging(s: &Shared, on: bool) -> Result<(), Error> {
             userspace_addr: r.host,
         };
         // SAFETY: the same live mapping as at creation, only the flags change.
-        unsafe { s.vm.set_user_memory_region(region) }.map_err(kvm_err(format!(
+        sys::kvm_call("KVM_SET_USER_MEMORY_REGION", || unsafe {
+            s.vm.set_user_memory_region(region)
+        })
+        .map_err(kvm_err(format!(
             "KVM_SET_USER_MEMORY_REGION slot {slot} (dirty logging {})",
             if on { "on" } else { "off" }
         )))?;

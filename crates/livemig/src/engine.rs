@@ -327,6 +327,12 @@ pub struct MigrationReport {
     /// on Linux 6.12).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub reinit_reporting: Vec<usize>,
+    /// What went wrong on the source after the destination took over: a device that could not
+    /// be moved from STOP_COPY to STOP. The migration still completed (the VM runs on the
+    /// destination and the source stays stopped); the device needs attention before it is
+    /// reused.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub source_cleanup: Vec<String>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -1580,14 +1586,16 @@ impl Source {
                 });
             }
         }
-        // The VM runs on the destination: the source's devices go to STOP and stay there.
+        // The VM runs on the destination: the source's devices go to STOP and stay there. A
+        // device that cannot does not undo the migration (the destination already runs); it
+        // is reported, and the source stays stopped either way.
         for (i, d) in self.platform.devices.iter_mut().enumerate() {
-            d.dev
-                .transition(MigrationState::Stop)
-                .map_err(|source| Failure {
-                    error: dev_err(phase, i, &*d.dev, source),
-                    resume: false,
-                })?;
+            if let Err(source) = d.dev.transition(MigrationState::Stop) {
+                report.source_cleanup.push(format!(
+                    "{}; the VM runs on the destination and the source stays stopped",
+                    dev_err(phase, i, &*d.dev, source)
+                ));
+            }
         }
         self.emit(Event::Round(&r));
         report.stop_copy = r;

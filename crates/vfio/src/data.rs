@@ -95,13 +95,13 @@ impl DataFile {
 
 impl Read for DataFile {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.file.read(buf)
+        sys::read(self.file.as_fd(), buf)
     }
 }
 
 impl Write for DataFile {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.file.write(buf)
+        sys::write(self.file.as_fd(), buf)
     }
 
     fn flush(&mut self) -> io::Result<()> {

@@ -34,6 +34,8 @@
 pub mod abi;
 pub mod data;
 pub mod dma_log;
+#[cfg(feature = "fake-kernel")]
+pub mod fake_kernel;
 pub mod fsm;
 #[cfg(feature = "sim")]
 pub mod sim;

@@ -3,8 +3,9 @@
 //! Every ioctl, open and positioned read/write of a device fd goes through the functions here.
 //! In `cfg(test)` builds they are replaced by a per-thread fake kernel (see [`fake`]), so unit
 //! tests exercise the real argument encoding and errno handling without `/dev/vfio`. Reads and
-//! writes of a migration data fd use the fd directly (`std::fs::File`): in tests the fake kernel
-//! hands out real memfds for those.
+//! writes of a migration data fd go through here too ([`read`], [`write`]); the per-thread fakes
+//! hand out real memfds for those and they are read directly. With the `fake-kernel` feature
+//! every call first asks the process-wide fake ([`crate::fake_kernel`]), if one is installed.
 
 use std::ffi::c_void;
 use std::io;
@@ -26,6 +27,16 @@ mod imp {
         request: u64,
         arg: *mut c_void,
     ) -> io::Result<i32> {
+        #[cfg(feature = "fake-kernel")]
+        {
+            let call = |k: &mut (dyn crate::fake_kernel::Kernel + 'static)| {
+                // SAFETY: forwarded under the caller's guarantee about `arg`.
+                unsafe { k.ioctl(fd.as_raw_fd(), request, arg) }
+            };
+            if let Some(r) = crate::fake_kernel::with(call) {
+                return r;
+            }
+        }
         // SAFETY: `fd` is open for the lifetime of the borrow; the caller guarantees `arg`.
         let rc = unsafe { libc::ioctl(fd.as_raw_fd(), request as libc::Ioctl, arg) };
         if rc < 0 {
@@ -36,6 +47,10 @@ mod imp {
     }
 
     pub(crate) fn open(path: &Path) -> io::Result<OwnedFd> {
+        #[cfg(feature = "fake-kernel")]
+        if let Some(r) = crate::fake_kernel::with(|k| k.open(path)) {
+            return r;
+        }
         OpenOptions::new()
             .read(true)
             .write(true)
@@ -45,6 +60,10 @@ mod imp {
     }
 
     pub(crate) fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        #[cfg(feature = "fake-kernel")]
+        if let Some(r) = crate::fake_kernel::with(|k| k.pread(fd.as_raw_fd(), buf, offset)) {
+            return r;
+        }
         let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         // SAFETY: `buf` is valid for writes of `buf.len()` bytes; `fd` is open.
         let n = unsafe { libc::pread(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), off) };
@@ -56,6 +75,10 @@ mod imp {
     }
 
     pub(crate) fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> io::Result<usize> {
+        #[cfg(feature = "fake-kernel")]
+        if let Some(r) = crate::fake_kernel::with(|k| k.pwrite(fd.as_raw_fd(), buf, offset)) {
+            return r;
+        }
         let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         // SAFETY: `buf` is valid for reads of `buf.len()` bytes; `fd` is open.
         let n = unsafe { libc::pwrite(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), off) };
@@ -69,22 +92,60 @@ mod imp {
     /// A shared read/write mapping of `len` bytes of `fd` at `offset`.
     pub(crate) fn mmap(fd: BorrowedFd<'_>, len: usize, offset: u64) -> io::Result<*mut c_void> {
         let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        #[allow(unused_mut)]
+        let (mut flags, mut fd) = (libc::MAP_SHARED, fd.as_raw_fd());
+        #[cfg(feature = "fake-kernel")]
+        if let Some(r) = crate::fake_kernel::with(|k| k.mmap(fd, len, offset)) {
+            // The fake kernel accepted the request: anonymous memory stands in for the BAR.
+            r?;
+            (flags, fd) = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1);
+        }
         // SAFETY: a new mapping chosen by the kernel (addr NULL) touches no existing memory;
-        // `fd` is open.
+        // `fd` is open (or -1 for an anonymous mapping).
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                off,
+                flags,
+                fd,
+                if fd < 0 { 0 } else { off },
             )
         };
         if p == libc::MAP_FAILED {
             Err(io::Error::last_os_error())
         } else {
             Ok(p)
+        }
+    }
+
+    /// `read(2)` of a migration data fd.
+    pub(crate) fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+        #[cfg(feature = "fake-kernel")]
+        if let Some(r) = crate::fake_kernel::with(|k| k.read(fd.as_raw_fd(), buf)) {
+            return r;
+        }
+        // SAFETY: `buf` is valid for writes of `buf.len()` bytes; `fd` is open.
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    /// `write(2)` to a migration data fd.
+    pub(crate) fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+        #[cfg(feature = "fake-kernel")]
+        if let Some(r) = crate::fake_kernel::with(|k| k.write(fd.as_raw_fd(), buf)) {
+            return r;
+        }
+        // SAFETY: `buf` is valid for reads of `buf.len()` bytes; `fd` is open.
+        let n = unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
         }
     }
 
@@ -99,6 +160,7 @@ mod imp {
 #[cfg(test)]
 mod imp {
     use super::*;
+    use std::io::{Read, Write};
     use std::os::fd::AsRawFd;
 
     /// # Safety
@@ -145,6 +207,16 @@ mod imp {
         }
     }
 
+    /// Data fds are real memfds in the per-thread fakes: read them directly.
+    pub(crate) fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+        std::fs::File::from(fd.try_clone_to_owned()?).read(buf)
+    }
+
+    /// Data fds are real memfds in the per-thread fakes: write them directly.
+    pub(crate) fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+        std::fs::File::from(fd.try_clone_to_owned()?).write(buf)
+    }
+
     /// # Safety
     /// As the real `munmap`.
     pub(crate) unsafe fn munmap(addr: *mut c_void, len: usize) {
@@ -158,7 +230,7 @@ mod imp {
     }
 }
 
-pub(crate) use imp::{ioctl, mmap, munmap, open, pread, pwrite};
+pub(crate) use imp::{ioctl, mmap, munmap, open, pread, pwrite, read, write};
 
 /// The test double: a fake kernel installed per test thread.
 #[cfg(test)]
