@@ -571,6 +571,8 @@ struct Attempt<W: Write> {
     acked: u32,
     /// The destination's device loads so far, from its acknowledgements: microseconds, bytes.
     dest_load: (u64, u64),
+    /// When the compat exchange began (no destination figure can span more time than this).
+    started: Instant,
 }
 
 impl<W: Write> Attempt<W> {
@@ -578,7 +580,37 @@ impl<W: Write> Attempt<W> {
     /// rate they loaded pre-copy state; `None` before they loaded any.
     fn device_load_estimate_us(&self, bytes: u64) -> Option<u64> {
         let (us, loaded) = self.dest_load;
-        (loaded > 0).then(|| (u128::from(bytes) * u128::from(us) / u128::from(loaded)) as u64)
+        (loaded > 0).then(|| {
+            (u128::from(bytes) * u128::from(us) / u128::from(loaded)).min(u128::from(u64::MAX))
+                as u64
+        })
+    }
+
+    /// Refuses a round acknowledgement whose figures cannot be true: more device state loaded
+    /// than this source sent in the round, or more time spent loading it than the migration
+    /// has lasted (the destination's figures steer convergence and the hard deadline).
+    fn check_round_ack(&self, round: u32, load_us: u64, bytes: u64) -> Result<(), String> {
+        let sent = self
+            .report
+            .rounds
+            .iter()
+            .find(|r| r.round == round)
+            .map_or(0, |r| r.device_bytes);
+        if bytes > sent {
+            return Err(format!(
+                "the destination says its devices loaded {bytes} bytes in round {round}; the \
+                 source sent {sent} bytes of device state in that round"
+            ));
+        }
+        let lasted = self.started.elapsed().as_micros();
+        // The two hosts' clocks may run at slightly different rates: 1% and 1 ms of slack.
+        if u128::from(load_us) > lasted + lasted / 100 + 1000 {
+            return Err(format!(
+                "the destination says its devices spent {load_us} us loading round {round}, \
+                 longer than the migration has lasted ({lasted} us)"
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -1089,6 +1121,7 @@ impl Source {
         aborts: &Mutex<Vec<Abort>>,
     ) -> std::result::Result<Attempt<W>, Failure> {
         let phase = Phase::Compat;
+        let started = Instant::now();
         self.enter(phase);
         self.check_cancel()?;
         let report = MigrationReport {
@@ -1216,6 +1249,7 @@ impl Source {
             round_acks,
             acked: 0,
             dest_load: (0, 0),
+            started,
         })
     }
 
@@ -1611,6 +1645,8 @@ impl Source {
                     device_load_us,
                     device_bytes,
                 } if r > a.acked && r <= round => {
+                    a.check_round_ack(r, device_load_us, device_bytes)
+                        .map_err(|reason| Error::Protocol { phase, reason })?;
                     a.acked = r;
                     a.dest_load.0 = a.dest_load.0.saturating_add(device_load_us);
                     a.dest_load.1 = a.dest_load.1.saturating_add(device_bytes);
