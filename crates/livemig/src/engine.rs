@@ -1962,10 +1962,35 @@ fn send_pages<W: Write>(
     Ok(())
 }
 
-/// Writes a Pages or ZeroPages record into guest RAM, refusing anything outside RAM, and
-/// counts it in `t` (any other record is left alone).
+/// Where a record starts in its stream, for the engine's errors about it (as the stream
+/// reader reports its own: "at byte N (record I)").
+#[derive(Debug, Clone, Copy)]
+struct RecordAt {
+    offset: u64,
+    index: u64,
+}
+
+impl RecordAt {
+    /// The record `rd` reads next.
+    fn next<R: Read>(rd: &Reader<R>) -> RecordAt {
+        RecordAt {
+            offset: rd.offset(),
+            index: rd.totals().records,
+        }
+    }
+}
+
+impl std::fmt::Display for RecordAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "at byte {} (record {})", self.offset, self.index)
+    }
+}
+
+/// Writes a Pages or ZeroPages record (the one `at`) into guest RAM, refusing anything
+/// outside RAM, and counts it in `t` (any other record is left alone).
 fn apply_pages(
     rec: &Record<'_>,
+    at: RecordAt,
     mem: &dyn GuestMemory,
     ranges: &[(u64, u64)],
     t: &mut PageTotals,
@@ -1981,13 +2006,13 @@ fn apply_pages(
     match rec {
         Record::Pages(p) => {
             let len = u64::from(p.count) * u64::from(p.page_size);
-            check_in_ram(ranges, "Pages", p.gpa, len, phase)?;
+            check_in_ram(ranges, at, "Pages", p.gpa, len, phase)?;
             mem.write(p.gpa, p.payload).map_err(memerr(p.gpa))?;
             t.pages += u64::from(p.count);
         }
         Record::ZeroPages(z) => {
             let len = u64::from(z.count) * u64::from(z.page_size);
-            check_in_ram(ranges, "ZeroPages", z.gpa, len, phase)?;
+            check_in_ram(ranges, at, "ZeroPages", z.gpa, len, phase)?;
             mem.zero(z.gpa, len).map_err(memerr(z.gpa))?;
             t.zero_pages += u64::from(z.count);
         }
@@ -2234,15 +2259,19 @@ fn receive_checked_pages(
     let mut t = PageTotals::default();
     let mut round = 1u32;
     loop {
+        let at = RecordAt::next(&rd);
         match rd.next().map_err(serr)? {
             Some(rec @ (Record::Pages(_) | Record::ZeroPages(_))) => {
-                apply_pages(&rec, mem, ranges, &mut t)?;
+                apply_pages(&rec, at, mem, ranges, &mut t)?;
             }
             Some(Record::Sync(y)) => {
                 if y.round != round {
                     return Err(Error::Protocol {
                         phase,
-                        reason: format!("Sync for round {} where round {round} ends", y.round),
+                        reason: format!(
+                            "{at}: Sync for round {} where round {round} ends",
+                            y.round
+                        ),
                     });
                 }
                 gate.wait(index, round)?;
@@ -2252,10 +2281,12 @@ fn receive_checked_pages(
                 })?;
             }
             Some(Record::End(_)) => break,
+            // An optional record of a type this version does not know (the format's rule).
+            Some(Record::Skipped { .. }) => {}
             Some(other) => {
                 return Err(Error::Protocol {
                     phase,
-                    reason: format!("unexpected {} record on a page channel", other.name()),
+                    reason: format!("{at}: unexpected {} record on a page channel", other.name()),
                 });
             }
             None => {
@@ -2279,7 +2310,14 @@ fn receive_checked_pages(
 
 /// Refuses `[gpa, gpa + len)` unless one RAM range holds all of it (nothing is written
 /// outside guest RAM, holes included).
-fn check_in_ram(ranges: &[(u64, u64)], what: &str, gpa: u64, len: u64, phase: Phase) -> Result<()> {
+fn check_in_ram(
+    ranges: &[(u64, u64)],
+    at: RecordAt,
+    what: &str,
+    gpa: u64,
+    len: u64,
+    phase: Phase,
+) -> Result<()> {
     let inside = gpa.checked_add(len).is_some_and(|end| {
         ranges
             .iter()
@@ -2295,7 +2333,7 @@ fn check_in_ram(ranges: &[(u64, u64)], what: &str, gpa: u64, len: u64, phase: Ph
     Err(Error::Protocol {
         phase,
         reason: format!(
-            "{what} at {gpa:#x} (+{len:#x} bytes) outside guest RAM ({})",
+            "{at}: {what} at {gpa:#x} (+{len:#x} bytes) outside guest RAM ({})",
             map.join(", ")
         ),
     })
@@ -2615,6 +2653,7 @@ impl Destination {
         let mut seen: Vec<DeviceDescriptor> = Vec::new();
         let mut multi: Option<StreamChannel> = None;
         loop {
+            let at = RecordAt::next(&rd);
             match rd.next().map_err(serr(phase))? {
                 // The stream reader admits it only as the first record.
                 Some(Record::Channel(c)) => {
@@ -2655,7 +2694,7 @@ impl Destination {
                         return Err(Error::Protocol {
                             phase,
                             reason: format!(
-                                "Compat for device {} where device {} was expected",
+                                "{at}: Compat for device {} where device {} was expected",
                                 c.device,
                                 seen.len()
                             ),
@@ -2675,10 +2714,15 @@ impl Destination {
                     });
                 }
                 Some(Record::Round(r)) if r.round == 0 => break,
+                // An optional record of a type this version does not know (the format's rule).
+                Some(Record::Skipped { .. }) => {}
                 Some(other) => {
                     return Err(Error::Protocol {
                         phase,
-                        reason: format!("{} before the end of the compat section", other.name()),
+                        reason: format!(
+                            "{at}: {} before the end of the compat section",
+                            other.name()
+                        ),
                     });
                 }
                 None => {
@@ -2783,25 +2827,27 @@ impl Destination {
                 // This round's device loads: microseconds, bytes (for the acknowledgement).
                 let mut round_load = (0u64, 0u64);
                 loop {
+                    let at = RecordAt::next(&rd);
                     let rec = rd.next().map_err(serr(phase))?;
                     match rec {
                         Some(Record::Pages(_) | Record::ZeroPages(_)) if multi.is_some() => {
                             return Err(Error::Protocol {
                                 phase,
-                                reason: "pages on the main channel of a multi-channel \
-                                         migration (they travel on the page channels)"
-                                    .into(),
+                                reason: format!(
+                                    "{at}: pages on the main channel of a multi-channel \
+                                     migration (they travel on the page channels)"
+                                ),
                             });
                         }
                         Some(rec @ (Record::Pages(_) | Record::ZeroPages(_))) => {
-                            apply_pages(&rec, &*mem, &ranges, &mut main_pages)?;
+                            apply_pages(&rec, at, &*mem, &ranges, &mut main_pages)?;
                         }
                         Some(Record::DeviceState(s)) => {
                             let i = s.device as usize;
                             let Some(d) = self.platform.devices.get_mut(i) else {
                                 return Err(Error::Protocol {
                                     phase,
-                                    reason: format!("DeviceState for unknown device {i}"),
+                                    reason: format!("{at}: DeviceState for unknown device {i}"),
                                 });
                             };
                             if s.phase == StreamPhase::StopCopy {
@@ -2820,7 +2866,26 @@ impl Destination {
                             report.device_bytes[i] += s.data.len() as u64;
                         }
                         Some(Record::Round(r)) => {
-                            report.rounds += 1;
+                            // Rounds come in order from 1: an acknowledgement names a round
+                            // the source sent, and the page channels' barrier waits for it.
+                            let expected =
+                                report
+                                    .rounds
+                                    .checked_add(1)
+                                    .ok_or_else(|| Error::Protocol {
+                                        phase,
+                                        reason: "more than 2^32 rounds".into(),
+                                    })?;
+                            if r.round != expected {
+                                return Err(Error::Protocol {
+                                    phase,
+                                    reason: format!(
+                                        "{at}: Round {} where round {expected} was expected",
+                                        r.round
+                                    ),
+                                });
+                            }
+                            report.rounds = expected;
                             if let Some(h) = self.hook.as_mut() {
                                 h(DestinationEvent::Round(r.round));
                             }
@@ -2849,10 +2914,12 @@ impl Destination {
                             end_at = Instant::now();
                             break;
                         }
+                        // An optional record of a type this version does not know.
+                        Some(Record::Skipped { .. }) => {}
                         Some(other) => {
                             return Err(Error::Protocol {
                                 phase,
-                                reason: format!("unexpected {} record", other.name()),
+                                reason: format!("{at}: unexpected {} record", other.name()),
                             });
                         }
                         None => {
