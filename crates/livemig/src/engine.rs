@@ -875,9 +875,13 @@ impl Source {
                     if !matches!(f.error, Error::Cancelled { .. } | Error::Deadline { .. }) {
                         f.error = self.cancel_error(reason);
                     }
-                } else if matches!(f.error, Error::Stream { .. } | Error::Link { .. }) {
+                } else if matches!(f.error, Error::Stream { .. })
+                    || matches!(f.error, Error::Link { what, .. } if what != RETURN_PATH)
+                {
                     // A write that failed because the destination gave up: its reason is on
-                    // the return path.
+                    // the return path. (Not when the return path itself failed: after a frame
+                    // refused there another read finds no reason, and a destination that went
+                    // silent would hold the source here, stopped.)
                     if let (Some(phase), Ok(Message::Failed(reason))) =
                         (f.error.phase(), read_past_acks(&mut back))
                     {
@@ -1786,10 +1790,13 @@ fn read_past_acks<R: Read>(back: &mut R) -> io::Result<Message> {
     }
 }
 
+/// [`Error::Link`]'s `what` for a failed read of the return path.
+const RETURN_PATH: &str = "return path";
+
 fn read_reply<R: Read>(back: &mut R, phase: Phase) -> Result<Message> {
     Message::read_from(back).map_err(|source| Error::Link {
         phase,
-        what: "return path",
+        what: RETURN_PATH,
         source,
     })
 }

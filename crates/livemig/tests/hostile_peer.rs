@@ -12,6 +12,7 @@
 mod common;
 
 use std::io::{self, Cursor, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use common::{NoVcpus, Quiet, Ram};
@@ -1716,6 +1717,43 @@ struct Src {
     sink: Sink,
 }
 
+/// The scripted destination's return path: its script, then the end of the connection or
+/// silence. A silent peer would leave a read blocked for good; here the read fails at once and
+/// is recorded, so a test sees whether the source waited on a peer it had already refused.
+struct Peer {
+    script: Cursor<Vec<u8>>,
+    closes: bool,
+    waited: Arc<AtomicBool>,
+}
+
+impl io::Read for Peer {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.script.read(buf)?;
+        if n == 0 && !buf.is_empty() && !self.closes {
+            self.waited.store(true, Ordering::SeqCst);
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the scripted destination says nothing more (a real one would leave this read \
+                 blocked)",
+            ));
+        }
+        Ok(n)
+    }
+}
+
+/// A scripted return path: its bytes, and whether the connection closes after them.
+type Back = (Vec<u8>, bool);
+
+/// A return path that ends after `script`.
+fn closes(script: Vec<u8>) -> Back {
+    (script, true)
+}
+
+/// A return path that goes silent after `script`.
+fn stalls(script: Vec<u8>) -> Back {
+    (script, false)
+}
+
 fn source() -> Src {
     let sim = SimDevice::new(sim_cfg(7, DEVICE_ID, 1024));
     let platform = SourcePlatform {
@@ -1774,8 +1812,17 @@ fn ack(round: u32) -> Message {
 const CAPS: Message = Message::Capabilities(CAP_ROUND_ACKS);
 
 impl Src {
-    fn run(&mut self, back: Vec<u8>) -> livemig::Result<MigrationReport> {
-        self.s.migrate(self.sink.clone(), Cursor::new(back))
+    /// Migrates against `back` (a script, and whether the connection then closes); returns
+    /// the outcome and whether the source read on after the script (waited on silence).
+    fn run(&mut self, back: Back) -> (livemig::Result<MigrationReport>, bool) {
+        let waited = Arc::new(AtomicBool::new(false));
+        let peer = Peer {
+            script: Cursor::new(back.0),
+            closes: back.1,
+            waited: Arc::clone(&waited),
+        };
+        let r = self.s.migrate(self.sink.clone(), peer);
+        (r, waited.load(Ordering::SeqCst))
     }
 
     /// The records the source wrote, by name, up to the stream's end or first error.
@@ -1794,12 +1841,14 @@ impl Src {
     }
 }
 
-/// Runs the source against `back`; checks the refusal names `expect`, and that the source runs
-/// again with its device in RUNNING. Returns the error text and the source.
+/// Runs the source against `back`; checks the refusal names `expect`, that the source did not
+/// wait on the peer after refusing it, and that it runs again with its device in RUNNING.
+/// Returns the error text and the source.
 #[track_caller]
-fn source_refuses(back: Vec<u8>, expect: &[&str]) -> (String, Src) {
+fn source_refuses(back: Back, expect: &[&str]) -> (String, Src) {
     let mut src = source();
-    let e = match src.run(back) {
+    let (r, waited) = src.run(back);
+    let e = match r {
         Ok(r) => panic!("the source accepted a lying destination ({expect:?}): {r:?}"),
         Err(e) => e,
     };
@@ -1807,6 +1856,10 @@ fn source_refuses(back: Vec<u8>, expect: &[&str]) -> (String, Src) {
     for want in expect {
         assert!(text.contains(want), "expected {want:?} in: {text}");
     }
+    assert!(
+        !waited,
+        "the source waited on a destination it had refused (a silent one would hold it): {text}"
+    );
     assert!(
         !matches!(e, livemig::Error::RecoveryFailed { .. }),
         "{text}"
@@ -1826,20 +1879,20 @@ fn hostile_peer_negative_control_a_valid_scripted_destination_lets_the_source_co
     for (case, back) in [
         (
             "no acknowledgements",
-            script(&[Message::CompatOk, resumed.clone()], &[]),
+            stalls(script(&[Message::CompatOk, resumed.clone()], &[])),
         ),
         (
             "round acknowledgements",
-            script(
+            stalls(script(
                 &[CAPS, Message::CompatOk, ack(1), ack(2), ack(3), resumed],
                 &[],
-            ),
+            )),
         ),
     ] {
         let mut src = source();
-        let r = src
-            .run(back)
-            .unwrap_or_else(|e| panic!("{case}: {}", e.chain()));
+        let (r, waited) = src.run(back);
+        let r = r.unwrap_or_else(|e| panic!("{case}: {}", e.chain()));
+        assert!(!waited, "{case}");
         assert!(src.s.is_stopped(), "{case}: the VM runs at the destination");
         assert_eq!(src.device_state(), S::Stop, "{case}");
         assert_eq!(r.downtime_phases.destination_load_us, 10, "{case}");
@@ -1853,7 +1906,7 @@ fn hostile_peer_negative_control_a_valid_scripted_destination_lets_the_source_co
     // And the refusal check itself fails on a valid destination: the suite can fail.
     let caught = std::panic::catch_unwind(|| {
         source_refuses(
-            script(
+            stalls(script(
                 &[
                     Message::CompatOk,
                     Message::Resumed {
@@ -1862,7 +1915,7 @@ fn hostile_peer_negative_control_a_valid_scripted_destination_lets_the_source_co
                     },
                 ],
                 &[],
-            ),
+            )),
             &["anything"],
         );
     });
@@ -1877,10 +1930,10 @@ fn hostile_peer_destination_lies_in_the_compat_answer_and_nothing_moves() {
     let mut oversized = b"LMRP\x02".to_vec();
     oversized.extend_from_slice(&u32::MAX.to_le_bytes());
     let ok = script(&[Message::CompatOk], &[]);
-    let cases: Vec<(&str, Vec<u8>, Vec<&str>)> = vec![
+    let cases: Vec<(&str, Back, Vec<&str>)> = vec![
         (
             "garbage magic",
-            b"HTTP/1.1 200 OK\r\n".to_vec(),
+            stalls(b"HTTP/1.1 200 OK\r\n".to_vec()),
             vec![
                 "compat exchange: link return path: ",
                 "bad magic [48, 54, 54, 50]",
@@ -1888,7 +1941,7 @@ fn hostile_peer_destination_lies_in_the_compat_answer_and_nothing_moves() {
         ),
         (
             "unknown type",
-            frame(9, b""),
+            stalls(frame(9, b"")),
             vec![
                 "compat exchange: link return path: ",
                 "unknown message type 9",
@@ -1896,38 +1949,38 @@ fn hostile_peer_destination_lies_in_the_compat_answer_and_nothing_moves() {
         ),
         (
             "oversized length",
-            oversized,
+            stalls(oversized),
             vec!["message type 2 claims 4294967295 bytes (limit 65536)"],
         ),
         (
             "CompatOk with a payload",
-            frame(1, b"x"),
+            stalls(frame(1, b"x")),
             vec!["message type 1 with a 1-byte payload"],
         ),
         (
             "Capabilities twice",
-            script(&[CAPS, CAPS, Message::CompatOk], &[]),
+            stalls(script(&[CAPS, CAPS, Message::CompatOk], &[])),
             vec!["compat exchange: protocol: expected the compat answer, got Capabilities(1)"],
         ),
         (
             "Resumed before anything was sent",
-            script(
+            stalls(script(
                 &[Message::Resumed {
                     load_us: 0,
                     run_us: 0,
                 }],
                 &[],
-            ),
+            )),
             vec!["compat exchange: protocol: expected the compat answer, got Resumed"],
         ),
         (
             "a round acknowledged before the compat answer",
-            script(&[CAPS, ack(1), Message::CompatOk], &[]),
+            stalls(script(&[CAPS, ack(1), Message::CompatOk], &[])),
             vec!["compat exchange: protocol: expected the compat answer, got RoundAck"],
         ),
         (
             "Failed with invalid UTF-8",
-            frame(4, b"\xff\xfe device on fire"),
+            stalls(frame(4, b"\xff\xfe device on fire")),
             vec![
                 "compat exchange: link return path: ",
                 "message type 4 is not UTF-8",
@@ -1935,17 +1988,17 @@ fn hostile_peer_destination_lies_in_the_compat_answer_and_nothing_moves() {
         ),
         (
             "CompatRefused with invalid UTF-8",
-            frame(2, b"\xc3\x28"),
+            stalls(frame(2, b"\xc3\x28")),
             vec!["message type 2 is not UTF-8"],
         ),
         (
             "EOF before any answer",
-            Vec::new(),
+            closes(Vec::new()),
             vec!["compat exchange: link return path: ", "closed before"],
         ),
         (
             "EOF inside a frame header",
-            ok[..5].to_vec(),
+            closes(ok[..5].to_vec()),
             vec![
                 "compat exchange: link return path: ",
                 "inside a frame header (5 of 9 bytes)",
@@ -1953,7 +2006,7 @@ fn hostile_peer_destination_lies_in_the_compat_answer_and_nothing_moves() {
         ),
         (
             "EOF inside a payload",
-            frame(4, b"the reason is")[..14].to_vec(),
+            closes(frame(4, b"the reason is")[..14].to_vec()),
             vec!["inside a type-4 message (5 of 13 payload bytes)"],
         ),
     ];
@@ -1987,9 +2040,9 @@ fn hostile_peer_destination_lies_during_pre_copy_and_the_source_runs_again() {
     let with = |tail: &[Message], raw: &[u8]| {
         let mut m = pre.to_vec();
         m.extend_from_slice(tail);
-        script(&m, raw)
+        stalls(script(&m, raw))
     };
-    let cases: Vec<(&str, Vec<u8>, Vec<&str>)> = vec![
+    let cases: Vec<(&str, Back, Vec<&str>)> = vec![
         (
             "Capabilities after CompatOk",
             with(&[CAPS], &[]),
@@ -2054,7 +2107,7 @@ fn hostile_peer_destination_lies_during_pre_copy_and_the_source_runs_again() {
         ),
         (
             "EOF inside a frame",
-            with(&[], &script(&[ack(1)], &[])[..20]),
+            closes(with(&[], &script(&[ack(1)], &[])[..20]).0),
             vec![
                 "pre-copy round 1: link return path: ",
                 "inside a type-6 message (11 of 24",
@@ -2062,7 +2115,7 @@ fn hostile_peer_destination_lies_during_pre_copy_and_the_source_runs_again() {
         ),
         (
             "EOF",
-            with(&[], &[]),
+            closes(with(&[], &[]).0),
             vec!["pre-copy round 1: link return path: ", "closed before"],
         ),
     ];
@@ -2082,10 +2135,10 @@ fn hostile_peer_destination_lies_after_end_leave_the_source_stopped_with_its_sta
     let unknown = "the destination's outcome is unknown, so the source stays stopped with its \
                    state intact";
     let ok = [Message::CompatOk];
-    let cases: Vec<(&str, Vec<u8>, Vec<String>)> = vec![
+    let cases: Vec<(&str, Back, Vec<String>)> = vec![
         (
             "garbage",
-            script(&ok, b"garbage!!"),
+            stalls(script(&ok, b"garbage!!")),
             vec![
                 format!(
                     "handover: link lost after the stream ended ({unknown}; resume it only once the destination is known not to run)"
@@ -2095,7 +2148,7 @@ fn hostile_peer_destination_lies_after_end_leave_the_source_stopped_with_its_sta
         ),
         (
             "EOF",
-            script(&ok, &[]),
+            closes(script(&ok, &[])),
             vec![
                 format!("handover: link lost after the stream ended ({unknown}"),
                 "closed before".into(),
@@ -2103,7 +2156,7 @@ fn hostile_peer_destination_lies_after_end_leave_the_source_stopped_with_its_sta
         ),
         (
             "EOF inside a frame",
-            script(&ok, b"LMRP\x03\x10\0\0\0\x01"),
+            closes(script(&ok, b"LMRP\x03\x10\0\0\0\x01")),
             vec![
                 format!("({unknown}"),
                 "inside a type-3 message (1 of 16 payload bytes)".into(),
@@ -2111,29 +2164,29 @@ fn hostile_peer_destination_lies_after_end_leave_the_source_stopped_with_its_sta
         ),
         (
             "Failed with invalid UTF-8",
-            script(&ok, &frame(4, b"\xff")),
+            stalls(script(&ok, &frame(4, b"\xff"))),
             vec![format!("({unknown}"), "message type 4 is not UTF-8".into()],
         ),
         (
             "CompatOk again",
-            script(&[Message::CompatOk, Message::CompatOk], &[]),
+            stalls(script(&[Message::CompatOk, Message::CompatOk], &[])),
             vec![format!(
                 "handover: protocol: expected Resumed or Failed, got CompatOk; {unknown}"
             )],
         ),
         (
             "Capabilities after CompatOk",
-            script(&[Message::CompatOk, CAPS], &[]),
+            stalls(script(&[Message::CompatOk, CAPS], &[])),
             vec![format!(
                 "expected Resumed or Failed, got Capabilities(1); {unknown}"
             )],
         ),
         (
             "CompatRefused after End",
-            script(
+            stalls(script(
                 &[Message::CompatOk, Message::CompatRefused("no".into())],
                 &[],
-            ),
+            )),
             vec![format!(
                 "expected Resumed or Failed, got CompatRefused(\"no\"); {unknown}"
             )],
@@ -2141,8 +2194,9 @@ fn hostile_peer_destination_lies_after_end_leave_the_source_stopped_with_its_sta
     ];
     for (case, back, expect) in cases {
         let mut src = source();
-        let e = src.run(back).expect_err(case);
-        let text = e.chain();
+        let (r, waited) = src.run(back);
+        let text = r.expect_err(case).chain();
+        assert!(!waited, "{case}: {text}");
         for want in &expect {
             assert!(
                 text.contains(want.as_str()),
@@ -2168,16 +2222,15 @@ fn hostile_peer_destination_lies_after_end_leave_the_source_stopped_with_its_sta
 fn hostile_peer_destination_failed_after_end_resumes_the_source() {
     let (text, src) = {
         let mut src = source();
-        let e = src
-            .run(script(
-                &[
-                    Message::CompatOk,
-                    Message::Failed("resume: device 0: EIO".into()),
-                ],
-                &[],
-            ))
-            .expect_err("the destination failed");
-        (e.chain(), src)
+        let (r, waited) = src.run(stalls(script(
+            &[
+                Message::CompatOk,
+                Message::Failed("resume: device 0: EIO".into()),
+            ],
+            &[],
+        )));
+        assert!(!waited);
+        (r.expect_err("the destination failed").chain(), src)
     };
     assert!(
         text.contains("handover: the destination failed: resume: device 0: EIO"),
