@@ -96,10 +96,14 @@ impl Message {
         w.flush()
     }
 
-    /// Reads one frame. A clean end of input before a frame starts is `UnexpectedEof`.
+    /// Reads one frame. The end of input is `UnexpectedEof`, saying whether it came before a
+    /// frame or inside one (and how much of it arrived).
     pub fn read_from<R: Read + ?Sized>(r: &mut R) -> io::Result<Message> {
         let mut h = [0u8; 9];
-        r.read_exact(&mut h)?;
+        fill(r, &mut h, |n| match n {
+            0 => "return path: closed before the next message".into(),
+            n => format!("return path: ended inside a frame header ({n} of 9 bytes)"),
+        })?;
         if &h[..4] != MAGIC {
             return Err(bad(format!(
                 "return path: bad magic {:02x?} (expected \"LMRP\")",
@@ -114,7 +118,9 @@ impl Message {
             )));
         }
         let mut payload = vec![0u8; len as usize];
-        r.read_exact(&mut payload)?;
+        fill(r, &mut payload, |n| {
+            format!("return path: ended inside a type-{ty} message ({n} of {len} payload bytes)")
+        })?;
         let text = |p: Vec<u8>| {
             String::from_utf8(p)
                 .map_err(|_| bad(format!("return path: message type {ty} is not UTF-8")))
@@ -158,6 +164,24 @@ impl Message {
             other => Err(bad(format!("return path: unknown message type {other}"))),
         }
     }
+}
+
+/// Fills `buf`; at the end of input, `UnexpectedEof` with `eof(bytes read)` as its text.
+fn fill<R: Read + ?Sized>(
+    r: &mut R,
+    buf: &mut [u8],
+    eof: impl FnOnce(usize) -> String,
+) -> io::Result<()> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, eof(n))),
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn truncate(s: &str) -> Vec<u8> {
@@ -223,5 +247,21 @@ mod tests {
         );
         let e = Message::read_from(&mut &b"LMRP\x03\x01\0\0\0\0"[..]).unwrap_err();
         assert!(e.to_string().contains("1-byte payload"), "{e}");
+        // The end of input says where it came.
+        let e = Message::read_from(&mut &b""[..]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(e.to_string(), "return path: closed before the next message");
+        let e = Message::read_from(&mut &b"LMRP\x04"[..]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(
+            e.to_string(),
+            "return path: ended inside a frame header (5 of 9 bytes)"
+        );
+        let e = Message::read_from(&mut &b"LMRP\x04\x03\0\0\0ab"[..]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(
+            e.to_string(),
+            "return path: ended inside a type-4 message (2 of 3 payload bytes)"
+        );
     }
 }

@@ -577,6 +577,8 @@ struct Attempt<W: Write> {
     acked: u32,
     /// The destination's device loads so far, from its acknowledgements: microseconds, bytes.
     dest_load: (u64, u64),
+    /// When the compat exchange began (no destination figure can span more time than this).
+    started: Instant,
 }
 
 impl<W: Write> Attempt<W> {
@@ -584,7 +586,37 @@ impl<W: Write> Attempt<W> {
     /// rate they loaded pre-copy state; `None` before they loaded any.
     fn device_load_estimate_us(&self, bytes: u64) -> Option<u64> {
         let (us, loaded) = self.dest_load;
-        (loaded > 0).then(|| (u128::from(bytes) * u128::from(us) / u128::from(loaded)) as u64)
+        (loaded > 0).then(|| {
+            (u128::from(bytes) * u128::from(us) / u128::from(loaded)).min(u128::from(u64::MAX))
+                as u64
+        })
+    }
+
+    /// Refuses a round acknowledgement whose figures cannot be true: more device state loaded
+    /// than this source sent in the round, or more time spent loading it than the migration
+    /// has lasted (the destination's figures steer convergence and the hard deadline).
+    fn check_round_ack(&self, round: u32, load_us: u64, bytes: u64) -> Result<(), String> {
+        let sent = self
+            .report
+            .rounds
+            .iter()
+            .find(|r| r.round == round)
+            .map_or(0, |r| r.device_bytes);
+        if bytes > sent {
+            return Err(format!(
+                "the destination says its devices loaded {bytes} bytes in round {round}; the \
+                 source sent {sent} bytes of device state in that round"
+            ));
+        }
+        let lasted = self.started.elapsed().as_micros();
+        // The two hosts' clocks may run at slightly different rates: 1% and 1 ms of slack.
+        if u128::from(load_us) > lasted + lasted / 100 + 1000 {
+            return Err(format!(
+                "the destination says its devices spent {load_us} us loading round {round}, \
+                 longer than the migration has lasted ({lasted} us)"
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -849,9 +881,13 @@ impl Source {
                     if !matches!(f.error, Error::Cancelled { .. } | Error::Deadline { .. }) {
                         f.error = self.cancel_error(reason);
                     }
-                } else if matches!(f.error, Error::Stream { .. } | Error::Link { .. }) {
+                } else if matches!(f.error, Error::Stream { .. })
+                    || matches!(f.error, Error::Link { what, .. } if what != RETURN_PATH)
+                {
                     // A write that failed because the destination gave up: its reason is on
-                    // the return path.
+                    // the return path. (Not when the return path itself failed: after a frame
+                    // refused there another read finds no reason, and a destination that went
+                    // silent would hold the source here, stopped.)
                     if let (Some(phase), Ok(Message::Failed(reason))) =
                         (f.error.phase(), read_past_acks(&mut back))
                     {
@@ -1095,6 +1131,7 @@ impl Source {
         aborts: &Mutex<Vec<Abort>>,
     ) -> std::result::Result<Attempt<W>, Failure> {
         let phase = Phase::Compat;
+        let started = Instant::now();
         self.enter(phase);
         self.check_cancel()?;
         let report = MigrationReport {
@@ -1222,6 +1259,7 @@ impl Source {
             round_acks,
             acked: 0,
             dest_load: (0, 0),
+            started,
         })
     }
 
@@ -1619,6 +1657,8 @@ impl Source {
                     device_load_us,
                     device_bytes,
                 } if r > a.acked && r <= round => {
+                    a.check_round_ack(r, device_load_us, device_bytes)
+                        .map_err(|reason| Error::Protocol { phase, reason })?;
                     a.acked = r;
                     a.dest_load.0 = a.dest_load.0.saturating_add(device_load_us);
                     a.dest_load.1 = a.dest_load.1.saturating_add(device_bytes);
@@ -1758,10 +1798,13 @@ fn read_past_acks<R: Read>(back: &mut R) -> io::Result<Message> {
     }
 }
 
+/// [`Error::Link`]'s `what` for a failed read of the return path.
+const RETURN_PATH: &str = "return path";
+
 fn read_reply<R: Read>(back: &mut R, phase: Phase) -> Result<Message> {
     Message::read_from(back).map_err(|source| Error::Link {
         phase,
-        what: "return path",
+        what: RETURN_PATH,
         source,
     })
 }
@@ -1934,10 +1977,35 @@ fn send_pages<W: Write>(
     Ok(())
 }
 
-/// Writes a Pages or ZeroPages record into guest RAM, refusing anything outside RAM, and
-/// counts it in `t` (any other record is left alone).
+/// Where a record starts in its stream, for the engine's errors about it (as the stream
+/// reader reports its own: "at byte N (record I)").
+#[derive(Debug, Clone, Copy)]
+struct RecordAt {
+    offset: u64,
+    index: u64,
+}
+
+impl RecordAt {
+    /// The record `rd` reads next.
+    fn next<R: Read>(rd: &Reader<R>) -> RecordAt {
+        RecordAt {
+            offset: rd.offset(),
+            index: rd.totals().records,
+        }
+    }
+}
+
+impl std::fmt::Display for RecordAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "at byte {} (record {})", self.offset, self.index)
+    }
+}
+
+/// Writes a Pages or ZeroPages record (the one `at`) into guest RAM, refusing anything
+/// outside RAM, and counts it in `t` (any other record is left alone).
 fn apply_pages(
     rec: &Record<'_>,
+    at: RecordAt,
     mem: &dyn GuestMemory,
     ranges: &[(u64, u64)],
     t: &mut PageTotals,
@@ -1953,13 +2021,13 @@ fn apply_pages(
     match rec {
         Record::Pages(p) => {
             let len = u64::from(p.count) * u64::from(p.page_size);
-            check_in_ram(ranges, "Pages", p.gpa, len, phase)?;
+            check_in_ram(ranges, at, "Pages", p.gpa, len, phase)?;
             mem.write(p.gpa, p.payload).map_err(memerr(p.gpa))?;
             t.pages += u64::from(p.count);
         }
         Record::ZeroPages(z) => {
             let len = u64::from(z.count) * u64::from(z.page_size);
-            check_in_ram(ranges, "ZeroPages", z.gpa, len, phase)?;
+            check_in_ram(ranges, at, "ZeroPages", z.gpa, len, phase)?;
             mem.zero(z.gpa, len).map_err(memerr(z.gpa))?;
             t.zero_pages += u64::from(z.count);
         }
@@ -2206,15 +2274,19 @@ fn receive_checked_pages(
     let mut t = PageTotals::default();
     let mut round = 1u32;
     loop {
+        let at = RecordAt::next(&rd);
         match rd.next().map_err(serr)? {
             Some(rec @ (Record::Pages(_) | Record::ZeroPages(_))) => {
-                apply_pages(&rec, mem, ranges, &mut t)?;
+                apply_pages(&rec, at, mem, ranges, &mut t)?;
             }
             Some(Record::Sync(y)) => {
                 if y.round != round {
                     return Err(Error::Protocol {
                         phase,
-                        reason: format!("Sync for round {} where round {round} ends", y.round),
+                        reason: format!(
+                            "{at}: Sync for round {} where round {round} ends",
+                            y.round
+                        ),
                     });
                 }
                 gate.wait(index, round)?;
@@ -2224,10 +2296,12 @@ fn receive_checked_pages(
                 })?;
             }
             Some(Record::End(_)) => break,
+            // An optional record of a type this version does not know (the format's rule).
+            Some(Record::Skipped { .. }) => {}
             Some(other) => {
                 return Err(Error::Protocol {
                     phase,
-                    reason: format!("unexpected {} record on a page channel", other.name()),
+                    reason: format!("{at}: unexpected {} record on a page channel", other.name()),
                 });
             }
             None => {
@@ -2251,7 +2325,14 @@ fn receive_checked_pages(
 
 /// Refuses `[gpa, gpa + len)` unless one RAM range holds all of it (nothing is written
 /// outside guest RAM, holes included).
-fn check_in_ram(ranges: &[(u64, u64)], what: &str, gpa: u64, len: u64, phase: Phase) -> Result<()> {
+fn check_in_ram(
+    ranges: &[(u64, u64)],
+    at: RecordAt,
+    what: &str,
+    gpa: u64,
+    len: u64,
+    phase: Phase,
+) -> Result<()> {
     let inside = gpa.checked_add(len).is_some_and(|end| {
         ranges
             .iter()
@@ -2267,7 +2348,7 @@ fn check_in_ram(ranges: &[(u64, u64)], what: &str, gpa: u64, len: u64, phase: Ph
     Err(Error::Protocol {
         phase,
         reason: format!(
-            "{what} at {gpa:#x} (+{len:#x} bytes) outside guest RAM ({})",
+            "{at}: {what} at {gpa:#x} (+{len:#x} bytes) outside guest RAM ({})",
             map.join(", ")
         ),
     })
@@ -2587,6 +2668,7 @@ impl Destination {
         let mut seen: Vec<DeviceDescriptor> = Vec::new();
         let mut multi: Option<StreamChannel> = None;
         loop {
+            let at = RecordAt::next(&rd);
             match rd.next().map_err(serr(phase))? {
                 // The stream reader admits it only as the first record.
                 Some(Record::Channel(c)) => {
@@ -2627,7 +2709,7 @@ impl Destination {
                         return Err(Error::Protocol {
                             phase,
                             reason: format!(
-                                "Compat for device {} where device {} was expected",
+                                "{at}: Compat for device {} where device {} was expected",
                                 c.device,
                                 seen.len()
                             ),
@@ -2647,10 +2729,15 @@ impl Destination {
                     });
                 }
                 Some(Record::Round(r)) if r.round == 0 => break,
+                // An optional record of a type this version does not know (the format's rule).
+                Some(Record::Skipped { .. }) => {}
                 Some(other) => {
                     return Err(Error::Protocol {
                         phase,
-                        reason: format!("{} before the end of the compat section", other.name()),
+                        reason: format!(
+                            "{at}: {} before the end of the compat section",
+                            other.name()
+                        ),
                     });
                 }
                 None => {
@@ -2755,25 +2842,27 @@ impl Destination {
                 // This round's device loads: microseconds, bytes (for the acknowledgement).
                 let mut round_load = (0u64, 0u64);
                 loop {
+                    let at = RecordAt::next(&rd);
                     let rec = rd.next().map_err(serr(phase))?;
                     match rec {
                         Some(Record::Pages(_) | Record::ZeroPages(_)) if multi.is_some() => {
                             return Err(Error::Protocol {
                                 phase,
-                                reason: "pages on the main channel of a multi-channel \
-                                         migration (they travel on the page channels)"
-                                    .into(),
+                                reason: format!(
+                                    "{at}: pages on the main channel of a multi-channel \
+                                     migration (they travel on the page channels)"
+                                ),
                             });
                         }
                         Some(rec @ (Record::Pages(_) | Record::ZeroPages(_))) => {
-                            apply_pages(&rec, &*mem, &ranges, &mut main_pages)?;
+                            apply_pages(&rec, at, &*mem, &ranges, &mut main_pages)?;
                         }
                         Some(Record::DeviceState(s)) => {
                             let i = s.device as usize;
                             let Some(d) = self.platform.devices.get_mut(i) else {
                                 return Err(Error::Protocol {
                                     phase,
-                                    reason: format!("DeviceState for unknown device {i}"),
+                                    reason: format!("{at}: DeviceState for unknown device {i}"),
                                 });
                             };
                             if s.phase == StreamPhase::StopCopy {
@@ -2792,7 +2881,26 @@ impl Destination {
                             report.device_bytes[i] += s.data.len() as u64;
                         }
                         Some(Record::Round(r)) => {
-                            report.rounds += 1;
+                            // Rounds come in order from 1: an acknowledgement names a round
+                            // the source sent, and the page channels' barrier waits for it.
+                            let expected =
+                                report
+                                    .rounds
+                                    .checked_add(1)
+                                    .ok_or_else(|| Error::Protocol {
+                                        phase,
+                                        reason: "more than 2^32 rounds".into(),
+                                    })?;
+                            if r.round != expected {
+                                return Err(Error::Protocol {
+                                    phase,
+                                    reason: format!(
+                                        "{at}: Round {} where round {expected} was expected",
+                                        r.round
+                                    ),
+                                });
+                            }
+                            report.rounds = expected;
                             if let Some(h) = self.hook.as_mut() {
                                 h(DestinationEvent::Round(r.round));
                             }
@@ -2821,10 +2929,12 @@ impl Destination {
                             end_at = Instant::now();
                             break;
                         }
+                        // An optional record of a type this version does not know.
+                        Some(Record::Skipped { .. }) => {}
                         Some(other) => {
                             return Err(Error::Protocol {
                                 phase,
-                                reason: format!("unexpected {} record", other.name()),
+                                reason: format!("{at}: unexpected {} record", other.name()),
                             });
                         }
                         None => {
