@@ -808,6 +808,12 @@ fn incoming(
             report.load_us as f64 / 1e3
         );
         println!(
+            "destination buffers: {:.1} MiB of records, {} bytes of descriptors (bound {:.1} MiB)",
+            report.memory.record_buffers as f64 / 1048576.0,
+            report.memory.compat,
+            report.memory.bound as f64 / 1048576.0
+        );
+        println!(
             "destination digest: memory {} devices {:?}",
             digest.memory, digest.devices
         );

@@ -2042,6 +2042,8 @@ struct PageTotals {
     pages: u64,
     zero_pages: u64,
     bytes: u64,
+    /// The channel's largest record buffer.
+    buffer: u64,
 }
 
 /// The page channels' round barrier: a channel that has read round r's Sync applies nothing
@@ -2320,7 +2322,14 @@ fn receive_checked_pages(
         });
     }
     t.bytes = rd.offset();
+    t.buffer = rd.buffer_capacity() as u64;
     Ok(t)
+}
+
+/// The most the compat descriptors of `devices` destination devices can hold: each one's text
+/// is a Compat record's body, at most `max_record` bytes.
+fn compat_bound(devices: usize, max_record: u64) -> u64 {
+    (devices as u64).saturating_mul(max_record)
 }
 
 /// Refuses `[gpa, gpa + len)` unless one RAM range holds all of it (nothing is written
@@ -2407,6 +2416,28 @@ pub struct ReceiveReport {
     pub bytes: u64,
     /// End to RUNNING, microseconds.
     pub load_us: u64,
+    /// What the destination held in memory to receive (guest RAM and what the devices keep
+    /// are not counted: they are written in place).
+    pub memory: ReceiveMemory,
+}
+
+/// The destination's own memory while receiving, and its bound.
+///
+/// Records are read one at a time into one buffer per connection, sized to the record
+/// (`Limits::max_record` at most); pages are written into guest RAM and device state into the
+/// device as each record arrives; the compat descriptors are kept until the verdict, at most
+/// one per destination device with its text (a source that describes more devices is counted,
+/// not stored).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ReceiveMemory {
+    /// The largest record buffer of each connection, added up (main channel first).
+    pub record_buffers: u64,
+    /// The compat descriptors' bytes kept until the verdict.
+    pub compat: u64,
+    /// The bound for this migration's connections under the destination's limits:
+    /// connections × `max_record` + one `max_record` per destination device for the
+    /// descriptors.
+    pub bound: u64,
 }
 
 /// The destination side.
@@ -2543,6 +2574,13 @@ impl Destination {
         self.phase_deadline = limit;
     }
 
+    /// The stream limits the destination reads with (record size, device state, stream size,
+    /// devices); [`Limits::default`] unless set. `max_record` bounds each connection's buffer,
+    /// see [`ReceiveMemory`].
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
     /// Calls `hook` as the migration moves (see [`DestinationEvent`]).
     pub fn on_event(&mut self, hook: impl FnMut(DestinationEvent) + Send + 'static) {
         self.hook = Some(Box::new(hook));
@@ -2666,6 +2704,7 @@ impl Destination {
         let serr = |phase: Phase| move |source| Error::Stream { phase, source };
         let mut rd = Reader::new(data, self.limits).map_err(serr(phase))?;
         let mut seen: Vec<DeviceDescriptor> = Vec::new();
+        let mut compat_bytes = 0u64;
         let mut multi: Option<StreamChannel> = None;
         loop {
             let at = RecordAt::next(&rd);
@@ -2715,10 +2754,20 @@ impl Destination {
                             ),
                         });
                     }
+                    // Beyond this destination's devices only the count matters (the verdict
+                    // refuses it): an empty descriptor keeps the memory bounded.
+                    let keep = seen.len() < self.platform.devices.len();
+                    let text = |b: &[u8]| if keep { b.to_vec() } else { Vec::new() };
+                    compat_bytes +=
+                        (text(c.identity.as_bytes()).len() + text(c.compat).len()) as u64;
                     seen.push(DeviceDescriptor {
                         device: DeviceCompat {
-                            identity: c.identity.to_string(),
-                            compat: c.compat.to_vec(),
+                            identity: if keep {
+                                c.identity.to_string()
+                            } else {
+                                String::new()
+                            },
+                            compat: text(c.compat),
                             migration_flags: c.migration_flags,
                             dma_logging: c.dirty_caps.device(),
                         },
@@ -2807,8 +2856,16 @@ impl Destination {
         self.emit(DestinationEvent::Phase(phase));
         let mem = Arc::clone(&self.platform.memory);
         let n = self.platform.devices.len();
+        let connections = 1 + page_conns.len() as u64;
         let mut report = ReceiveReport {
             device_bytes: vec![0; n],
+            memory: ReceiveMemory {
+                compat: compat_bytes,
+                bound: connections
+                    .saturating_mul(self.limits.max_record)
+                    .saturating_add(compat_bound(n, self.limits.max_record)),
+                ..Default::default()
+            },
             ..Default::default()
         };
         let mut stop_copy_seen = vec![false; n];
@@ -2984,6 +3041,7 @@ impl Destination {
                     report.pages += t.pages;
                     report.zero_pages += t.zero_pages;
                     report.bytes += t.bytes;
+                    report.memory.record_buffers += t.buffer;
                 }
                 Err(e) if first == Some(index) || (first.is_none() && page_failure.is_none()) => {
                     page_failure = Some(e);
@@ -3002,6 +3060,7 @@ impl Destination {
             }
         };
         report.bytes += rd.offset();
+        report.memory.record_buffers += rd.buffer_capacity() as u64;
         phase = Phase::Resume;
         self.emit(DestinationEvent::Phase(phase));
         if let Some(i) = stop_copy_seen.iter().position(|s| !s) {

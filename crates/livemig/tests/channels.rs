@@ -528,3 +528,35 @@ fn the_progress_view_counts_every_page_of_each_round() {
         );
     }
 }
+
+/// The destination reports what it held to receive (issue 19: memory bounded and reported):
+/// one record buffer per connection, never above the record limit, within the reported bound;
+/// with a smaller limit set, a record above it is refused by name before it is buffered.
+#[test]
+fn the_destination_reports_its_buffers_within_the_bound_its_limits_set() {
+    for channels in [Vec::new(), vec![fast(), fast()]] {
+        let (_, _, r, dr) = run(&channels, 0, false);
+        r.expect("migrates");
+        let m = dr.expect("receives").memory;
+        let connections = 1 + channels.len() as u64;
+        let limit = livemig_stream::Limits::default().max_record;
+        assert!(m.record_buffers > 0, "{m:?}");
+        assert!(m.record_buffers <= connections * limit, "{m:?}");
+        assert_eq!(m.bound, connections * limit, "no devices: no descriptors");
+        assert!(m.record_buffers + m.compat <= m.bound, "{m:?}");
+    }
+    // A destination that takes records of at most 64 KiB: the source's 1 MiB page batches are
+    // refused at their header.
+    let (_, _, sp, dp) = platforms(0);
+    let mut s = Source::new(sp, cfg(1));
+    let mut d = Destination::new(dp);
+    d.set_limits(livemig_stream::Limits {
+        max_record: 64 << 10,
+        ..livemig_stream::Limits::default()
+    });
+    let (r, dr) = migrate_local(&mut s, &mut d, fast(), &Cut::new());
+    let e = livemig::error::chain(&dr.expect_err("a record above the limit"));
+    assert!(e.contains("exceeds the limit of 65536"), "{e}");
+    r.expect_err("the source sees the refusal");
+    assert!(!s.is_stopped());
+}

@@ -123,10 +123,211 @@ struct Session {
     initial_left: u64,
     /// Saving: the end record was queued (STOP_COPY); an empty queue is then EOF.
     ended: bool,
-    /// Resuming: everything written so far.
-    written: Vec<u8>,
+    /// Resuming: the stream parsed as it arrives (at most one partial record is held).
+    loader: Loader,
     /// Bytes moved through this session (for data faults).
     moved: u64,
+}
+
+/// A RESUMING stream parsed as it arrives, the way a driver consumes its data fd: the header
+/// is checked first, each chunk is checked and applied to a copy of the state as soon as it is
+/// whole, and only one partial record is ever held (at most a chunk header, the largest chunk
+/// the geometry allows and its checksum). A chunk that would write outside the state is passed
+/// over without being kept, and nothing after an error or after the end record is kept either,
+/// so a peer cannot make the device buffer more than one chunk. The errors are reported when
+/// the session ends (RESUMING → STOP); nothing changes unless all of it was valid.
+#[derive(Debug, Default)]
+struct Loader {
+    /// Unparsed bytes: a partial header or record.
+    pending: Vec<u8>,
+    /// Stream offset of `pending[0]`.
+    at: usize,
+    /// The state being rebuilt, once the header was accepted.
+    scratch: Option<Vec<u8>>,
+    /// A chunk passed over: its offset, its bytes still to come, and whether it was whole
+    /// enough to have a header and checksum (for the error's wording).
+    skipping: Option<(usize, u64)>,
+    /// The first error, and the end record's digest.
+    err: Option<String>,
+    digest: Option<u64>,
+    /// Bytes received after the end record.
+    after_end: u64,
+    /// Every byte received.
+    total: u64,
+}
+
+impl Loader {
+    fn take(&mut self) -> Loader {
+        std::mem::take(self)
+    }
+
+    fn fail(&mut self, why: String) {
+        if self.err.is_none() {
+            self.err = Some(why);
+        }
+        self.pending = Vec::new();
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.pending.drain(..n);
+        self.at += n;
+    }
+
+    /// Takes the next bytes written to the data fd.
+    fn feed(&mut self, bytes: &[u8], dev: &Inner) {
+        self.total += bytes.len() as u64;
+        if self.err.is_some() {
+            return;
+        }
+        if self.digest.is_some() {
+            self.after_end += bytes.len() as u64;
+            return;
+        }
+        // A chunk being passed over takes its bytes without keeping them (what follows it
+        // is not looked at: the stream is refused once it is whole).
+        if let Some((at, left)) = self.skipping {
+            let n = left.min(bytes.len() as u64);
+            self.at += n as usize;
+            if n == left {
+                self.skipping = None;
+                self.fail(format!(
+                    "chunk at byte {at} writes outside the device state"
+                ));
+                return;
+            }
+            self.skipping = Some((at, left - n));
+            return;
+        }
+        self.pending.extend_from_slice(bytes);
+        let word =
+            |p: &[u8], at: usize| u32::from_le_bytes(p[at..at + 4].try_into().expect("4 bytes"));
+        loop {
+            if self.scratch.is_none() {
+                if self.pending.len() < HEADER_LEN {
+                    return;
+                }
+                let p = &self.pending;
+                if &p[..8] != MAGIC {
+                    return self.fail("bad magic".into());
+                }
+                let (version, id, size, chunk) =
+                    (word(p, 8), word(p, 12), word(p, 16), word(p, 20));
+                if version != VERSION {
+                    return self.fail(format!("unsupported stream version {version}"));
+                }
+                if id != dev.cfg.device_id {
+                    return self.fail(format!(
+                        "stream is for device id {id:#x}, this device is {:#x}",
+                        dev.cfg.device_id
+                    ));
+                }
+                if size as usize != dev.cfg.state_size || chunk as usize != dev.cfg.chunk_size {
+                    return self.fail(format!(
+                        "stream geometry {size}/{chunk} differs from device {}/{}",
+                        dev.cfg.state_size, dev.cfg.chunk_size
+                    ));
+                }
+                self.scratch = Some(dev.regs.clone());
+                self.consume(HEADER_LEN);
+            }
+            let Some(&tag) = self.pending.first() else {
+                return;
+            };
+            let at = self.at;
+            match tag {
+                TAG_CHUNK => {
+                    if self.pending.len() < 9 {
+                        return;
+                    }
+                    let off = word(&self.pending, 1) as usize;
+                    let len = word(&self.pending, 5) as usize;
+                    if off.checked_add(len).is_none_or(|e| e > dev.cfg.state_size) {
+                        // Not kept: whatever of it arrived goes, the rest is passed over.
+                        let whole = 9 + len as u64 + 4;
+                        let have = self.pending.len() as u64;
+                        self.pending = Vec::new();
+                        self.at += have.min(whole) as usize;
+                        if have >= whole {
+                            return self.fail(format!(
+                                "chunk at byte {at} writes outside the device state"
+                            ));
+                        }
+                        self.skipping = Some((at, whole - have));
+                        return;
+                    }
+                    let end = 9 + len + 4;
+                    if self.pending.len() < end {
+                        return;
+                    }
+                    let p = &self.pending;
+                    let crc = word(p, 9 + len);
+                    if crc != fnv1a32(&[&p[1..5], &p[5..9], &p[9..9 + len]]) {
+                        return self.fail(format!("chunk at byte {at} fails its checksum"));
+                    }
+                    if let Some(state) = self.scratch.as_mut() {
+                        state[off..off + len].copy_from_slice(&p[9..9 + len]);
+                    }
+                    self.consume(end);
+                }
+                TAG_END => {
+                    if self.pending.len() < END_LEN {
+                        return;
+                    }
+                    self.digest = Some(u64::from_le_bytes(
+                        self.pending[1..9].try_into().expect("8 bytes"),
+                    ));
+                    self.after_end = (self.pending.len() - END_LEN) as u64;
+                    self.pending = Vec::new();
+                    return;
+                }
+                t => return self.fail(format!("unknown record tag {t} at byte {at}")),
+            }
+        }
+    }
+
+    /// The end of the session: the rebuilt state, or why the stream is refused.
+    fn finish(&self) -> Result<Vec<u8>, String> {
+        if let Some(e) = &self.err {
+            return Err(e.clone());
+        }
+        if let Some((at, _)) = self.skipping {
+            return Err(format!("chunk at byte {at} runs past the stream end"));
+        }
+        let Some(scratch) = &self.scratch else {
+            return Err(format!(
+                "stream of {} bytes has no complete header",
+                self.total
+            ));
+        };
+        if self.after_end > 0 {
+            return Err(format!("{} bytes after the end record", self.after_end));
+        }
+        match self.pending.first() {
+            Some(&TAG_CHUNK) if self.pending.len() < CHUNK_OVERHEAD => {
+                return Err(format!("truncated chunk record at byte {}", self.at));
+            }
+            Some(&TAG_CHUNK) => {
+                return Err(format!(
+                    "chunk at byte {} runs past the stream end",
+                    self.at
+                ));
+            }
+            Some(_) => return Err(format!("truncated end record at byte {}", self.at)),
+            None => {}
+        }
+        let Some(digest) = self.digest else {
+            return Err("stream ends without an end record".into());
+        };
+        if fnv1a64(scratch) != digest {
+            return Err("rebuilt state does not match the sender's digest".into());
+        }
+        Ok(scratch.clone())
+    }
+
+    /// Bytes the session holds beyond the state copy (the partial record).
+    fn held(&self) -> usize {
+        self.pending.len()
+    }
 }
 
 #[derive(Debug)]
@@ -270,7 +471,7 @@ impl Inner {
             out: VecDeque::new(),
             initial_left: 0,
             ended: false,
-            written: Vec::new(),
+            loader: Loader::default(),
             moved: 0,
         });
         id
@@ -317,92 +518,6 @@ impl Inner {
         }
     }
 
-    /// Parses and applies a RESUMING stream; nothing changes unless all of it is valid.
-    fn load(&mut self, data: &[u8]) -> Result<(), String> {
-        if data.len() < HEADER_LEN {
-            return Err(format!(
-                "stream of {} bytes has no complete header",
-                data.len()
-            ));
-        }
-        if &data[..8] != MAGIC {
-            return Err("bad magic".into());
-        }
-        let word = |at: usize| u32::from_le_bytes(data[at..at + 4].try_into().expect("4 bytes"));
-        let (version, id, size, chunk) = (word(8), word(12), word(16), word(20));
-        if version != VERSION {
-            return Err(format!("unsupported stream version {version}"));
-        }
-        if id != self.cfg.device_id {
-            return Err(format!(
-                "stream is for device id {id:#x}, this device is {:#x}",
-                self.cfg.device_id
-            ));
-        }
-        if size as usize != self.cfg.state_size || chunk as usize != self.cfg.chunk_size {
-            return Err(format!(
-                "stream geometry {size}/{chunk} differs from device {}/{}",
-                self.cfg.state_size, self.cfg.chunk_size
-            ));
-        }
-        let mut scratch = self.regs.clone();
-        let mut at = HEADER_LEN;
-        let mut digest = None;
-        while at < data.len() {
-            if digest.is_some() {
-                return Err(format!("{} bytes after the end record", data.len() - at));
-            }
-            match data[at] {
-                TAG_CHUNK => {
-                    if data.len() - at < CHUNK_OVERHEAD {
-                        return Err(format!("truncated chunk record at byte {at}"));
-                    }
-                    let off = word(at + 1) as usize;
-                    let len = word(at + 5) as usize;
-                    let body = at + 9;
-                    let Some(crc_at) = body.checked_add(len).filter(|&e| e + 4 <= data.len())
-                    else {
-                        return Err(format!("chunk at byte {at} runs past the stream end"));
-                    };
-                    if off.checked_add(len).is_none_or(|e| e > self.cfg.state_size) {
-                        return Err(format!(
-                            "chunk at byte {at} writes outside the device state"
-                        ));
-                    }
-                    let crc = word(crc_at);
-                    let calc = fnv1a32(&[
-                        &data[at + 1..at + 5],
-                        &data[at + 5..at + 9],
-                        &data[body..crc_at],
-                    ]);
-                    if crc != calc {
-                        return Err(format!("chunk at byte {at} fails its checksum"));
-                    }
-                    scratch[off..off + len].copy_from_slice(&data[body..crc_at]);
-                    at = crc_at + 4;
-                }
-                TAG_END => {
-                    if data.len() - at < END_LEN {
-                        return Err(format!("truncated end record at byte {at}"));
-                    }
-                    digest = Some(u64::from_le_bytes(
-                        data[at + 1..at + 9].try_into().expect("8 bytes"),
-                    ));
-                    at += END_LEN;
-                }
-                t => return Err(format!("unknown record tag {t} at byte {at}")),
-            }
-        }
-        let Some(digest) = digest else {
-            return Err("stream ends without an end record".into());
-        };
-        if fnv1a64(&scratch) != digest {
-            return Err("rebuilt state does not match the sender's digest".into());
-        }
-        self.regs = scratch;
-        Ok(())
-    }
-
     fn fault_arc(&self, from: MigrationState, to: MigrationState) -> Option<bool> {
         self.faults.iter().find_map(|f| match *f {
             Fault::Arc {
@@ -444,13 +559,19 @@ impl Inner {
             (Stop, Resuming) => created = Some(self.new_session(SessionKind::Resume)),
             (Resuming, Stop) => {
                 let session = self.session.take_if(|s| s.kind == SessionKind::Resume);
-                let written = session.as_ref().map_or(&[][..], |s| &s.written[..]);
-                if let Err(reason) = self.load(written) {
-                    // Refuse and stay in RESUMING with the data kept, as vfio.h allows; a reset
-                    // (or leaving for a fresh RESUMING) is the way out.
-                    self.last_rejection = Some(reason.clone());
-                    self.session = session;
-                    return Err(crate::Error::InvalidDeviceState(reason));
+                let result = match &session {
+                    Some(s) => s.loader.finish(),
+                    None => Loader::default().finish(),
+                };
+                match result {
+                    Ok(regs) => self.regs = regs,
+                    Err(reason) => {
+                        // Refuse and stay in RESUMING with the session kept, as vfio.h allows;
+                        // a reset (or leaving for a fresh RESUMING) is the way out.
+                        self.last_rejection = Some(reason.clone());
+                        self.session = session;
+                        return Err(crate::Error::InvalidDeviceState(reason));
+                    }
                 }
             }
             _ => {}
@@ -652,6 +773,17 @@ impl SimDevice {
         self.lock().last_rejection.clone()
     }
 
+    /// Bytes a RESUMING session holds besides the state it rebuilds: the partial record not
+    /// parsed yet, never more than one chunk with its header and checksum (`None` outside a
+    /// RESUMING session).
+    pub fn resume_held(&self) -> Option<usize> {
+        let g = self.lock();
+        g.session
+            .as_ref()
+            .filter(|s| s.kind == SessionKind::Resume)
+            .map(|s| s.loader.held())
+    }
+
     /// The configuration.
     pub fn config(&self) -> SimConfig {
         self.lock().cfg.clone()
@@ -786,8 +918,14 @@ impl Write for SimData {
             }
             n = n.min(usize::try_from(room).unwrap_or(usize::MAX));
         }
-        s.written.extend_from_slice(&buf[..n]);
         s.moved += n as u64;
+        let mut s = s.loader.take();
+        s.feed(&buf[..n], &g);
+        // What one write brought is transient; keep no more room than a record needs.
+        if s.pending.capacity() > 2 * (CHUNK_OVERHEAD + g.cfg.state_size) {
+            s.pending.shrink_to(CHUNK_OVERHEAD + g.cfg.state_size);
+        }
+        g.session_for(self.id, SessionKind::Resume)?.loader = s;
         Ok(n)
     }
 

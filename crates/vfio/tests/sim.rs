@@ -237,3 +237,59 @@ fn dma_logging_absent_is_enotty() {
         "VFIO_DEVICE_FEATURE(SET DMA_LOGGING_START) failed"
     );
 }
+
+/// The device parses RESUMING data as it arrives: a stream many times the state's size holds no
+/// more than one partial record at any time, and a chunk that claims to reach outside the state
+/// is passed over without being kept (issue 19: the destination's memory stays bounded whatever
+/// the source sends).
+#[test]
+fn resume_data_is_parsed_as_it_arrives_and_never_buffered_whole() {
+    let (mut src, mut dst) = pair(MigrationFlags::STOP_COPY);
+    src.tick(100);
+    let mut out = src.transition(StopCopy).unwrap().data.unwrap();
+    let mut stream = Vec::new();
+    data::save_stop_copy(&mut out, &mut stream).unwrap();
+    drop(out);
+    // Header (24 bytes), the chunk records, the end record (9 bytes): repeat the chunks 200
+    // times, a stream 200 times the state, still valid (the last copy of each chunk wins).
+    let (header, rest) = stream.split_at(24);
+    let (chunks, end) = rest.split_at(rest.len() - 9);
+    let mut big = header.to_vec();
+    for _ in 0..200 {
+        big.extend_from_slice(chunks);
+    }
+    big.extend_from_slice(end);
+    let mut input = dst.transition(Resuming).unwrap().data.unwrap();
+    let mut most = 0;
+    for piece in big.chunks(64 << 10) {
+        data::write_resuming(&mut input, piece).unwrap();
+        most = most.max(dst.resume_held().unwrap());
+    }
+    let chunk_record = 13 + 64;
+    assert!(
+        most < chunk_record,
+        "held {most} bytes of {} written",
+        big.len()
+    );
+    drop(input);
+    dst.transition(Running).unwrap();
+    assert_eq!(dst.state_bytes(), src.state_bytes());
+
+    // A chunk claiming 4 GiB: nothing of it is kept, and the end of the session names it.
+    let mut input = dst.transition(Resuming).unwrap().data.unwrap();
+    let mut hostile = header.to_vec();
+    hostile.push(1);
+    hostile.extend_from_slice(&0u32.to_le_bytes());
+    hostile.extend_from_slice(&u32::MAX.to_le_bytes());
+    data::write_resuming(&mut input, &hostile).unwrap();
+    for _ in 0..64 {
+        data::write_resuming(&mut input, &[0x5a; 64 << 10]).unwrap();
+        assert_eq!(dst.resume_held(), Some(0));
+    }
+    drop(input);
+    dst.transition(Stop).unwrap_err();
+    assert_eq!(
+        dst.last_rejection().as_deref(),
+        Some("chunk at byte 24 runs past the stream end")
+    );
+}
