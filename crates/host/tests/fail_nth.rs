@@ -374,7 +374,12 @@ fn sweep(k: &Kernel, sysfs: &Path, blob: &[u8], vm: Vm) -> String {
         for &errno in errnos(what) {
             runs += 1;
             match one(Some((side, n, errno))) {
-                Ok(true) => completed += 1,
+                Ok(true) => {
+                    completed += 1;
+                    if std::env::var_os("FAIL_NTH_LIST").is_some() {
+                        println!("completed with {side:?} call {n} ({what}) errno {errno}");
+                    }
+                }
                 Ok(false) => {}
                 Err(e) => failures.push(format!("{side:?} call {n} ({what}) errno {errno}: {e}")),
             }
