@@ -284,12 +284,16 @@ fn check_with(
                     "the source reports success but the destination did not complete",
                 ));
             }
-            // A source device that failed to reach STOP after the handover is reported.
-            if src.state != fake::ST_STOP && r.source_cleanup.is_empty() {
+            // A source device that failed to reach STOP after the handover, or an HWPT left
+            // tracking, is reported.
+            if (src.state != fake::ST_STOP || w.tracking(Side::Source))
+                && r.source_cleanup.is_empty()
+            {
                 return Err(what(&format!(
-                    "the source's device is in state {} after the handover and the report \
-                     does not say so",
-                    src.state
+                    "the source's device is in state {} (tracking left on: {}) after the \
+                     handover and the report does not say so",
+                    src.state,
+                    w.tracking(Side::Source)
                 )));
             }
         }
@@ -419,6 +423,8 @@ fn fail_nth_sweep_every_vfio_and_iommufd_call_of_a_whole_migration() {
 /// layer to the real /dev/kvm.
 #[test]
 fn fail_nth_sweep_a_kvm_vm_with_a_vfio_device() {
+    // Before anything opens a file: the other tests count the process's fds.
+    let _s = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     if let Err(why) = livemig_kvm::kvm_usable() {
         let ci = std::env::var("CI").is_ok_and(|v| v == "true");
         assert!(
@@ -428,7 +434,6 @@ fn fail_nth_sweep_a_kvm_vm_with_a_vfio_device() {
         eprintln!("the KVM fail_nth sweep did not run: {why}");
         return;
     }
-    let _s = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let (k, _g1, _g2) = kernel();
     let _g3 = livemig_kvm::fake_kernel::install(Box::new(k.clone()));
     let dir = sysfs();

@@ -328,9 +328,9 @@ pub struct MigrationReport {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub reinit_reporting: Vec<usize>,
     /// What went wrong on the source after the destination took over: a device that could not
-    /// be moved from STOP_COPY to STOP. The migration still completed (the VM runs on the
-    /// destination and the source stays stopped); the device needs attention before it is
-    /// reused.
+    /// be moved from STOP_COPY to STOP, a dirty tracker that could not be stopped. The
+    /// migration still completed (the VM runs on the destination and the source stays
+    /// stopped); what is named needs attention before it is reused.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub source_cleanup: Vec<String>,
 }
@@ -870,7 +870,13 @@ impl Source {
         }
         match result {
             Ok(mut report) => {
-                self.stop_trackers();
+                // The VM runs on the destination; a tracker that cannot be stopped is the
+                // source's to clean up, not a failed migration.
+                for e in self.stop_trackers() {
+                    report
+                        .source_cleanup
+                        .push(format!("stopping dirty tracking: {e}"));
+                }
                 self.set_throttle(0);
                 report.total_us = t0.elapsed().as_micros() as u64;
                 Ok(report)

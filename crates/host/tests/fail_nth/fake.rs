@@ -120,6 +120,8 @@ pub struct World {
     pub fail: Option<(Side, u64, i32)>,
     /// Whether the armed failure happened.
     pub failed: bool,
+    /// Sides that destroyed an HWPT with dirty tracking still on.
+    destroyed_tracking: BTreeSet<Side>,
     /// Negative control: harvests report nothing (a dropped harvest).
     pub drop_harvest: bool,
     /// Negative control: `VFIO_DEVICE_RESET` does nothing.
@@ -191,11 +193,14 @@ impl World {
         self.objs.values().filter(|(s, _)| *s == side).count()
     }
 
-    /// Whether any HWPT of `side` still tracks dirty pages.
+    /// Whether any HWPT of `side` still tracks dirty pages, or was destroyed while it did
+    /// (nobody switched it off).
     pub fn tracking(&self, side: Side) -> bool {
-        self.objs
-            .values()
-            .any(|(s, o)| *s == side && matches!(o, Obj::Hwpt { tracking: true, .. }))
+        self.destroyed_tracking.contains(&side)
+            || self
+                .objs
+                .values()
+                .any(|(s, o)| *s == side && matches!(o, Obj::Hwpt { tracking: true, .. }))
     }
 
     fn alloc(&mut self, side: Side, o: Obj) -> u32 {
@@ -507,7 +512,10 @@ impl Kernel {
                 // SAFETY: the caller passes an iommu_destroy.
                 let a = unsafe { &*(arg as *const iob::iommu_destroy) };
                 match w.objs.get(&a.id) {
-                    Some((s, _)) if *s == side => {
+                    Some((s, o)) if *s == side => {
+                        if matches!(o, Obj::Hwpt { tracking: true, .. }) {
+                            w.destroyed_tracking.insert(side);
+                        }
                         w.objs.remove(&a.id);
                         Ok(0)
                     }
