@@ -8,7 +8,9 @@
 //!
 //! # Layers
 //! * [`abi`]: kernel structures and ioctl numbers, pinned by layout tests.
-//! * a private `sys` module: every ioctl goes through it; unit tests replace it with a fake.
+//! * a private `sys` module: every ioctl goes through it; unit tests replace it with a fake,
+//!   and with the `fake-kernel` feature (dev-dependencies only) other crates' whole-migration
+//!   fault sweeps install a process-wide one (`fake_kernel`).
 //! * typed RAII objects: [`Iommufd`], [`Ioas`], [`Hwpt`] (destroyed on drop), [`IommuDevice`]
 //!   (hardware info probed once), [`DirtyBitmap`], and [`AutoDomains`].
 //! * [`fault`]: I/O page-fault queues ([`FaultQueue`]): page requests a device raised on a

@@ -18,6 +18,9 @@
 //! - [`platform`]: a running VM as the engine's source platform, a prepared one as its
 //!   destination.
 //!
+//! Feature `fake-kernel` (dev-dependencies only) adds `fake_kernel`: a process-wide fault
+//! layer in front of every KVM call a migration makes, for fail-nth sweeps over the real KVM.
+//!
 //! `cargo bench -p livemig-kvm --bench harvest` times the harvest of pages already dirtied
 //! (bitmap against ring, 1%, 10% and 50% of 4 GiB) against a plain read of the bitmap.
 //!

@@ -2764,8 +2764,9 @@ impl Destination {
                     // refuses it): an empty descriptor keeps the memory bounded.
                     let keep = seen.len() < self.platform.devices.len();
                     let text = |b: &[u8]| if keep { b.to_vec() } else { Vec::new() };
-                    compat_bytes +=
-                        (text(c.identity.as_bytes()).len() + text(c.compat).len()) as u64;
+                    if keep {
+                        compat_bytes += (c.identity.len() + c.compat.len()) as u64;
+                    }
                     seen.push(DeviceDescriptor {
                         device: DeviceCompat {
                             identity: if keep {

@@ -16,6 +16,9 @@
 //! # Features
 //! None by default. `sim` adds `sim::SimDevice`, which implements the same traits in memory,
 //! with DMA logging and fault injection, so engines and tests run without hardware.
+//! `fake-kernel` adds `fake_kernel`: a process-wide fake kernel behind the private `sys`
+//! module, for other crates' whole-migration fault sweeps (dev-dependencies only; with no fake
+//! installed every call still reaches the kernel).
 //!
 //! # Example: save a device's state
 //! ```no_run
