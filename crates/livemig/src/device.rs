@@ -10,6 +10,8 @@ use livemig_vfio::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::error::{Error, Phase};
+
 /// What a destination checks about a device before accepting its state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceCompat {
@@ -245,5 +247,21 @@ where
     fn reset(&mut self) -> Result<(), VfioError> {
         self.data = None;
         self.dev.reset()
+    }
+}
+
+/// Whether `d` reports `VFIO_MIGRATION_P2P`.
+pub(crate) fn has_p2p(d: &dyn MigDevice) -> bool {
+    MigrationFlags::from_bits_truncate(u64::from(d.compat().migration_flags))
+        .contains(MigrationFlags::P2P)
+}
+
+/// The engine's error for device `i` failing in `phase`.
+pub(crate) fn dev_err(phase: Phase, i: usize, d: &dyn MigDevice, source: VfioError) -> Error {
+    Error::Device {
+        phase,
+        index: i as u32,
+        name: d.name().to_string(),
+        source,
     }
 }

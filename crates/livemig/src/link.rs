@@ -1,45 +1,20 @@
-//! Transports: the [`DataSink`] trait the source writes the stream to, an in-process link with
-//! bandwidth and latency ([`pipe`]), TCP, pacing for TCP ([`Paced`]), and a cut switch for
-//! failure injection ([`Cut`]).
+//! The simulated link: an in-process pipe with bandwidth and latency ([`pipe`]), pacing for a
+//! real connection that should behave like a slower network ([`Paced`]), a cut switch for
+//! failure injection ([`Cut`]), and the [`LinkChannel`] that puts a pair of pipes behind the
+//! engine's [`Channel`]. Whole in-process migrations over it are in [`crate::local`].
+//!
+//! ```text
+//!   LinkWriter ──(frames, paced to `bandwidth`, delivered after `latency`)──> LinkReader
+//!        └──────────── Cut::cut(): both ends fail (BrokenPipe / ConnectionReset)
+//! ```
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
-/// Where the source writes the migration stream. `close` ends the stream for the reader (a
-/// reader checks that nothing follows End, so the sink must be closed after it).
-pub trait DataSink: Write + Send {
-    /// Ends the data direction (TCP: shutdown of the write half).
-    fn close(&mut self) -> io::Result<()>;
-}
-
-impl DataSink for TcpStream {
-    fn close(&mut self) -> io::Result<()> {
-        self.flush()?;
-        self.shutdown(Shutdown::Write)
-    }
-}
-
-impl DataSink for Vec<u8> {
-    fn close(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl DataSink for std::fs::File {
-    fn close(&mut self) -> io::Result<()> {
-        self.flush()
-    }
-}
-
-impl<T: DataSink + ?Sized> DataSink for Box<T> {
-    fn close(&mut self) -> io::Result<()> {
-        (**self).close()
-    }
-}
+use crate::transport::{Abort, Channel};
 
 /// Bandwidth and latency of a link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -330,104 +305,37 @@ impl<W: DataSink> DataSink for Paced<W> {
     }
 }
 
-/// Runs one migration between `source` and `destination` in this process over an in-process
-/// link (the destination on a second thread). Throwing `cut` drops both directions.
-pub fn migrate_local(
-    source: &mut crate::engine::Source,
-    destination: &mut crate::engine::Destination,
-    link: crate::link::LinkConfig,
-    cut: &crate::link::Cut,
-) -> (
-    crate::Result<crate::engine::MigrationReport>,
-    crate::Result<crate::engine::ReceiveReport>,
-) {
-    let (data_w, data_r) = crate::link::pipe(link, cut.clone());
-    let (back_w, back_r) = crate::link::pipe(link, cut.clone());
-    std::thread::scope(|s| {
-        let d = s.spawn(move || destination.receive(data_r, back_w));
-        let r = source.migrate(data_w, back_r);
-        let dr = d.join().unwrap_or_else(|_| {
-            Err(crate::Error::Protocol {
-                phase: crate::Phase::Receive,
-                reason: "the destination thread panicked".into(),
-            })
-        });
-        (r, dr)
-    })
+/// The in-process link: a writer, the return path's reader, and the switch that cuts them.
+#[derive(Debug)]
+pub struct LinkChannel {
+    /// The stream direction.
+    pub data: LinkWriter,
+    /// The return path.
+    pub back: LinkReader,
+    /// Cuts both (the links must have been made with this switch).
+    pub cut: Cut,
 }
 
-/// As [`migrate_local`], with page channels: the main channel over `link`, page channel i over
-/// `pages[i - 1]` (so one can be slower than the others). The source's
-/// [`SourceConfig::channels`](crate::engine::SourceConfig::channels) must be `pages.len()`. The
-/// destination is handed the page channels in reverse order (it must sort them by the index
-/// each one names). Throwing `cut` drops every link.
-pub fn migrate_local_channels(
-    source: &mut crate::engine::Source,
-    destination: &mut crate::engine::Destination,
-    link: crate::link::LinkConfig,
-    pages: &[crate::link::LinkConfig],
-    cut: &crate::link::Cut,
-) -> (
-    crate::Result<crate::engine::MigrationReport>,
-    crate::Result<crate::engine::ReceiveReport>,
-) {
-    let (data_w, data_r) = crate::link::pipe(link, cut.clone());
-    let (back_w, back_r) = crate::link::pipe(link, cut.clone());
-    let mut writers: Vec<Option<LinkWriter>> = Vec::new();
-    let mut readers: Vec<LinkReader> = Vec::new();
-    for cfg in pages {
-        let (w, r) = crate::link::pipe(*cfg, cut.clone());
-        writers.push(Some(w));
-        readers.push(r);
+impl Channel for LinkChannel {
+    type Data = LinkWriter;
+    type Back = LinkReader;
+
+    fn peer(&self) -> String {
+        "in-process link".into()
     }
-    let channel = crate::transport::LinkChannel {
-        data: data_w,
-        back: back_r,
-        cut: cut.clone(),
-    };
-    std::thread::scope(|s| {
-        let dcut = cut.clone();
-        let d = s.spawn(move || {
-            let abort_cut = dcut.clone();
-            destination.receive_channels(
-                data_r,
-                back_w,
-                Box::new(move || abort_cut.cut()),
-                &mut || {
-                    let r = readers.pop().ok_or_else(|| {
-                        io::Error::new(io::ErrorKind::NotFound, "no more page channels")
-                    })?;
-                    let c = dcut.clone();
-                    Ok((
-                        Box::new(r) as Box<dyn Read + Send>,
-                        Box::new(move || c.cut()),
-                    ))
-                },
-            )
-        });
-        let r = source.migrate_channels(channel, &mut |index| {
-            let w = (index as usize)
-                .checked_sub(1)
-                .and_then(|i| writers.get_mut(i))
-                .and_then(Option::take)
-                .ok_or_else(|| {
-                    io::Error::new(io::ErrorKind::NotFound, format!("no page channel {index}"))
-                })?;
-            let c = cut.clone();
-            Ok((
-                Box::new(w) as Box<dyn DataSink>,
-                Box::new(move || c.cut()) as crate::transport::Abort,
-            ))
-        });
-        let dr = d.join().unwrap_or_else(|_| {
-            Err(crate::Error::Protocol {
-                phase: crate::Phase::Receive,
-                reason: "the destination thread panicked".into(),
-            })
-        });
-        (r, dr)
-    })
+
+    fn split(self) -> io::Result<(LinkWriter, LinkReader, Abort)> {
+        let cut = self.cut;
+        Ok((self.data, self.back, Box::new(move || cut.cut())))
+    }
 }
+
+// Paths of the previous release (items that moved out of this module), kept for one release.
+// `DataSink` is also what this module implements for its writers.
+#[doc(no_inline)]
+pub use crate::local::{migrate_local, migrate_local_channels};
+#[doc(no_inline)]
+pub use crate::transport::DataSink;
 
 #[cfg(test)]
 mod tests {

@@ -1,5 +1,7 @@
-//! What a migration runs over: a [`Channel`] (the stream one way, the return path the other),
-//! and the operator's [`CancelHandle`].
+//! What a migration runs over, at the bottom of the engine: the [`DataSink`] the source writes
+//! the stream to, a [`Channel`] (the stream one way, the return path the other) with the
+//! [`Abort`] hook that unblocks both, plain TCP ([`TcpChannel`]), and the [`Connect`] /
+//! [`Accept`] hooks that open page channels.
 //!
 //! ```text
 //!   Source ── Channel::split ──> DataSink (stream) ───────────────> Destination
@@ -11,13 +13,44 @@
 //! The engine only needs the two directions and a way to abort them, so a channel can add
 //! what it likes underneath: TLS or another authentication before [`Channel::split`] returns,
 //! deadlines on its sockets, or several connections behind one `DataSink`. [`TcpChannel`] is
-//! the plain one; [`LinkChannel`] is the in-process link of [`crate::link`].
+//! the plain one; the in-process link's channel is [`crate::link::LinkChannel`], and the
+//! operator's cancel is [`crate::cancel::CancelHandle`]. This module imports nothing else of
+//! the crate.
 
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::sync::{Arc, Mutex};
 
-use crate::link::{Cut, DataSink, LinkReader, LinkWriter};
+/// Where the source writes the migration stream. `close` ends the stream for the reader (a
+/// reader checks that nothing follows End, so the sink must be closed after it).
+pub trait DataSink: Write + Send {
+    /// Ends the data direction (TCP: shutdown of the write half).
+    fn close(&mut self) -> io::Result<()>;
+}
+
+impl DataSink for TcpStream {
+    fn close(&mut self) -> io::Result<()> {
+        self.flush()?;
+        self.shutdown(Shutdown::Write)
+    }
+}
+
+impl DataSink for Vec<u8> {
+    fn close(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl DataSink for std::fs::File {
+    fn close(&mut self) -> io::Result<()> {
+        self.flush()
+    }
+}
+
+impl<T: DataSink + ?Sized> DataSink for Box<T> {
+    fn close(&mut self) -> io::Result<()> {
+        (**self).close()
+    }
+}
 
 /// Aborts both directions of a channel (a cancel wakes the engine from a blocked read/write).
 pub type Abort = Box<dyn Fn() + Send + Sync>;
@@ -33,6 +66,14 @@ pub trait Channel {
     /// The two directions, and a hook that aborts both.
     fn split(self) -> io::Result<(Self::Data, Self::Back, Abort)>;
 }
+
+/// Opens page channel `index` (1-based) of a multi-channel migration: its data direction and a
+/// hook that aborts it (see [`Source::migrate_channels`](crate::engine::Source::migrate_channels)).
+pub type Connect<'a> = dyn FnMut(u32) -> io::Result<(Box<dyn DataSink>, Abort)> + 'a;
+
+/// Accepts the next page channel of a multi-channel migration (in any order: each names its
+/// index): its data direction and a hook that aborts it (see [`Destination::receive_channels`](crate::engine::Destination::receive_channels)).
+pub type Accept<'a> = dyn FnMut() -> io::Result<(Box<dyn Read + Send>, Abort)> + 'a;
 
 /// A plain TCP connection (no authentication: the caller chose it explicitly).
 #[derive(Debug)]
@@ -62,167 +103,16 @@ impl Channel for TcpChannel {
     }
 }
 
-/// The in-process link: a writer, the return path's reader, and the switch that cuts them.
-#[derive(Debug)]
-pub struct LinkChannel {
-    /// The stream direction.
-    pub data: LinkWriter,
-    /// The return path.
-    pub back: LinkReader,
-    /// Cuts both (the links must have been made with this switch).
-    pub cut: Cut,
-}
-
-impl Channel for LinkChannel {
-    type Data = LinkWriter;
-    type Back = LinkReader;
-
-    fn peer(&self) -> String {
-        "in-process link".into()
-    }
-
-    fn split(self) -> io::Result<(LinkWriter, LinkReader, Abort)> {
-        let cut = self.cut;
-        Ok((self.data, self.back, Box::new(move || cut.cut())))
-    }
-}
-
-#[derive(Default)]
-struct CancelState {
-    reason: Option<String>,
-    /// The cancel came from the hard deadline's watchdog, not the operator.
-    deadline: bool,
-    /// After the stream's End a cancel is refused: the destination may already run.
-    closed: bool,
-    abort: Option<Arc<Abort>>,
-}
-
-/// Stops a running migration from another thread, like QEMU's `migrate_cancel`: the source
-/// engine notices at its next check (every phase, every round, every batch of pages), aborts
-/// the channel so no read or write stays blocked, and returns the source to RUNNING with
-/// [`Error::Cancelled`](crate::Error::Cancelled). Once the source has sent the stream's End
-/// the destination may already run, and a cancel is refused (`cancel` returns `false`).
-/// Clones share the state.
-#[derive(Clone, Default)]
-pub struct CancelHandle(Arc<Mutex<CancelState>>);
-
-impl std::fmt::Debug for CancelHandle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let s = self.lock();
-        f.debug_struct("CancelHandle")
-            .field("reason", &s.reason)
-            .field("closed", &s.closed)
-            .finish()
-    }
-}
-
-impl CancelHandle {
-    /// A handle not cancelled.
-    pub fn new() -> CancelHandle {
-        CancelHandle::default()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, CancelState> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Requests the cancel; `false` if it came too late (the stream has ended) or twice.
-    pub fn cancel(&self, reason: impl Into<String>) -> bool {
-        self.stop(reason.into(), false)
-    }
-
-    /// The hard deadline passed in stop-and-copy: as [`cancel`](Self::cancel), reported as
-    /// [`Error::Deadline`](crate::Error::Deadline).
-    pub(crate) fn expire(&self, reason: String) -> bool {
-        self.stop(reason, true)
-    }
-
-    /// Whether the cancel came from the hard deadline.
-    pub(crate) fn by_deadline(&self) -> bool {
-        self.lock().deadline
-    }
-
-    fn stop(&self, reason: String, deadline: bool) -> bool {
-        let abort = {
-            let mut s = self.lock();
-            if s.closed || s.reason.is_some() {
-                return false;
-            }
-            s.reason = Some(reason);
-            s.deadline = deadline;
-            s.abort.clone()
-        };
-        if let Some(a) = abort {
-            a();
-        }
-        true
-    }
-
-    /// The reason, if cancelled.
-    pub fn reason(&self) -> Option<String> {
-        self.lock().reason.clone()
-    }
-
-    /// Whether a cancel was requested.
-    pub fn is_cancelled(&self) -> bool {
-        self.lock().reason.is_some()
-    }
-
-    /// Arms the handle for a new attempt over a channel aborted by `abort`.
-    pub(crate) fn arm(&self, abort: Option<Abort>) {
-        let mut s = self.lock();
-        s.reason = None;
-        s.deadline = false;
-        s.closed = false;
-        s.abort = abort.map(Arc::new);
-    }
-
-    /// The stream has ended: from now on a cancel is refused. `false` if a cancel came first
-    /// (the caller must not send End then).
-    pub(crate) fn close(&self) -> bool {
-        let mut s = self.lock();
-        if s.reason.is_some() {
-            return false;
-        }
-        s.closed = true;
-        s.abort = None;
-        true
-    }
-
-    /// The attempt is over: drop the abort hook.
-    pub(crate) fn disarm(&self) {
-        let mut s = self.lock();
-        s.closed = true;
-        s.abort = None;
-    }
-}
+// Paths of the previous release (items that moved out of this module), kept for one release.
+#[doc(no_inline)]
+pub use crate::cancel::CancelHandle;
+#[doc(no_inline)]
+pub use crate::link::LinkChannel;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU32, Ordering};
-
-    #[test]
-    fn cancel_runs_the_abort_once_and_is_refused_after_close() {
-        let h = CancelHandle::new();
-        let n = Arc::new(AtomicU32::new(0));
-        let n2 = n.clone();
-        h.arm(Some(Box::new(move || {
-            n2.fetch_add(1, Ordering::SeqCst);
-        })));
-        assert!(!h.is_cancelled());
-        assert!(h.clone().cancel("operator"));
-        assert!(!h.cancel("again"), "a second cancel changes nothing");
-        assert_eq!(n.load(Ordering::SeqCst), 1);
-        assert_eq!(h.reason().as_deref(), Some("operator"));
-        assert!(!h.close(), "a cancelled attempt must not send End");
-
-        h.arm(None);
-        assert!(!h.is_cancelled(), "arming starts a new attempt");
-        assert!(h.close());
-        assert!(!h.cancel("too late"), "after End the destination may run");
-        assert!(!h.is_cancelled());
-    }
+    use std::io::Read;
 
     #[test]
     fn tcp_channel_abort_unblocks_a_reader() {
