@@ -216,7 +216,7 @@ impl Host {
             memory,
             devices,
             iommu: self.iommu_tracker()?,
-            cpu: Box::new(VmmDirtyLog(self.memory.clone())),
+            cpu: Box::new(VmmDirtyLog::new(self.memory.clone())),
             vcpus: workload.vcpus(),
             page_size_mask: 0x1000,
             viommu: None,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use livemig::bitmap::PageBitmap;
 use livemig::engine::Vcpus;
 use livemig::memory::{GuestMemory, PAGE_SIZE};
-use livemig::tracker::{BoxError, DirtyTracker};
+use livemig::tracker::{BoxError, DirtyTracker, not_tracking};
 use livemig_kvm::VmMemory;
 
 use crate::Error;
@@ -220,22 +220,40 @@ impl Vcpus for WorkloadVcpus {
 /// The dirty log of writes made through `vm-memory` (the VMM's own tracking, standing in for
 /// KVM's vCPU dirty log on a host without KVM).
 #[derive(Debug)]
-pub struct VmmDirtyLog(pub Arc<VmMemory>);
+pub struct VmmDirtyLog {
+    memory: Arc<VmMemory>,
+    tracking: bool,
+}
+
+impl VmmDirtyLog {
+    /// The log of writes into `memory` (not tracking until started).
+    pub fn new(memory: Arc<VmMemory>) -> VmmDirtyLog {
+        VmmDirtyLog {
+            memory,
+            tracking: false,
+        }
+    }
+}
 
 impl DirtyTracker for VmmDirtyLog {
     fn name(&self) -> String {
         "VMM write log".into()
     }
     fn start(&mut self) -> Result<(), BoxError> {
-        self.0.reset_vmm_dirty();
+        self.memory.reset_vmm_dirty();
+        self.tracking = true;
         Ok(())
     }
     fn harvest(&mut self, into: &mut PageBitmap) -> Result<u64, BoxError> {
-        Ok(self.0.harvest_vmm_dirty(|pfn| {
+        if !self.tracking {
+            return Err(not_tracking(&self.name()));
+        }
+        Ok(self.memory.harvest_vmm_dirty(|pfn| {
             into.set(pfn);
         }))
     }
     fn stop(&mut self) -> Result<(), BoxError> {
+        self.tracking = false;
         Ok(())
     }
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use livemig::bitmap::PageBitmap;
 use livemig::memory::PAGE_SIZE;
-use livemig::tracker::{BoxError, DirtyTracker};
+use livemig::tracker::{BoxError, DirtyTracker, not_tracking};
 
 use crate::sys;
 use crate::vm::{Mechanism, Shared, Vm, set_slot_logging};
@@ -40,6 +40,8 @@ pub struct KvmDirtyLog {
     words: Vec<Vec<u64>>,
     /// The last harvest's figures.
     pub last: HarvestStats,
+    /// A start was attempted and no stop completed since.
+    tracking: bool,
 }
 
 impl KvmDirtyLog {
@@ -56,6 +58,7 @@ impl KvmDirtyLog {
             shared,
             words,
             last: HarvestStats::default(),
+            tracking: false,
         }
     }
 
@@ -142,6 +145,8 @@ impl DirtyTracker for KvmDirtyLog {
     }
 
     fn start(&mut self) -> Result<(), BoxError> {
+        // Before the first ioctl: a start that fails part-way leaves `stop` to undo it.
+        self.tracking = true;
         self.shared.memory.reset_vmm_dirty();
         set_slot_logging(&self.shared, true)?;
         // Forget what was logged before: round 1 sends everything anyway.
@@ -151,6 +156,9 @@ impl DirtyTracker for KvmDirtyLog {
     }
 
     fn harvest(&mut self, into: &mut PageBitmap) -> Result<u64, BoxError> {
+        if !self.tracking {
+            return Err(not_tracking(&self.name()));
+        }
         let mut st = HarvestStats::default();
         match self.shared.dirty.mechanism {
             Mechanism::Bitmap { manual_protect, .. } => {
@@ -166,7 +174,11 @@ impl DirtyTracker for KvmDirtyLog {
     }
 
     fn stop(&mut self) -> Result<(), BoxError> {
+        if !self.tracking {
+            return Ok(());
+        }
         set_slot_logging(&self.shared, false)?;
+        self.tracking = false;
         Ok(())
     }
 }

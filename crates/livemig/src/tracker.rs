@@ -11,20 +11,70 @@ use livemig_vfio::{DmaLogSession, DmaLogger, DmaRange};
 use crate::bitmap::PageBitmap;
 use crate::memory::PAGE_SIZE;
 
+#[cfg(feature = "testing")]
+pub mod testing;
+
 /// A tracker's error.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A source of dirty pages, in guest-physical 4 KiB pages.
+///
+/// # Contract
+///
+/// Every implementation behaves like this, and runs [`testing::check`] in its own tests to
+/// show it (the sim, KVM, VMM-log, HWPT and DMA-log trackers do):
+///
+/// ```text
+///            start                 harvest: pages dirtied since start / the last harvest
+///   idle ──────────────> tracking ──┐       (read and clear)
+///    ^  stop: Ok, nothing    │  ^    └─ start again: Ok, restarts (what was dirty is forgotten)
+///    │  harvest: Err         │  └── harvest Err part-way: still tracking, stop still ends it
+///    └──────── stop ─────────┘
+/// ```
+///
+/// - **Harvest** reports every page dirtied while tracking, once: the next harvest after the
+///   write reports it (a tracker with a coarser granule may also report the rest of that
+///   granule, nothing else), and a later one only if it was written again.
+/// - **Double start** (start while tracking) is `Ok` and restarts tracking: pages dirtied
+///   before it are forgotten, as at the first start.
+/// - **Stop without start**, or a second stop, is `Ok` and does nothing. A start that failed
+///   part-way counts as started: `stop` undoes whatever part of it took effect.
+/// - **Harvest when not tracking** (never started, or stopped) is an `Err`: a tracker never
+///   answers "nothing dirty" while it is not watching.
+/// - **An error part-way through a harvest** is returned; `into` may hold pages read before
+///   it. The tracker is still tracking, `stop` still ends it, and a later start tracks afresh.
+///   The engine ends the attempt on such an error (the source runs again and the next attempt
+///   sends all of RAM), so nothing relies on what the failed harvest cleared.
 pub trait DirtyTracker: Send {
     /// A name for reports and errors.
     fn name(&self) -> String;
-    /// Starts tracking; what was dirty before is forgotten.
+    /// Starts tracking (or restarts it); what was dirty before is forgotten.
     fn start(&mut self) -> Result<(), BoxError>;
     /// Reads and clears the pages dirtied since the last harvest (or start), ORing them into
-    /// `into`; returns how many pages the tracker reported.
+    /// `into`; returns how many pages the tracker reported. An error when not tracking.
     fn harvest(&mut self, into: &mut PageBitmap) -> Result<u64, BoxError>;
-    /// Stops tracking.
+    /// Stops tracking (nothing to do when not tracking).
     fn stop(&mut self) -> Result<(), BoxError>;
+}
+
+impl<T: DirtyTracker + ?Sized> DirtyTracker for Box<T> {
+    fn name(&self) -> String {
+        (**self).name()
+    }
+    fn start(&mut self) -> Result<(), BoxError> {
+        (**self).start()
+    }
+    fn harvest(&mut self, into: &mut PageBitmap) -> Result<u64, BoxError> {
+        (**self).harvest(into)
+    }
+    fn stop(&mut self) -> Result<(), BoxError> {
+        (**self).stop()
+    }
+}
+
+/// The error of a harvest while not tracking (see the [`DirtyTracker`] contract).
+pub fn not_tracking(name: &str) -> BoxError {
+    format!("{name}: harvest while not tracking (start it first)").into()
 }
 
 /// How dirty pages of device DMA are tracked.
@@ -125,6 +175,8 @@ pub fn plan(mode: TrackingMode, devices: &[DeviceDirtyCaps]) -> Result<Vec<Chose
 pub struct HwptTracker {
     hwpts: Vec<Hwpt>,
     bitmaps: Vec<DirtyBitmap>,
+    /// A start was attempted and no stop completed since.
+    tracking: bool,
 }
 
 impl HwptTracker {
@@ -138,6 +190,7 @@ impl HwptTracker {
         Ok(HwptTracker {
             hwpts: hwpts.into_iter().filter(|h| h.dirty_capable()).collect(),
             bitmaps,
+            tracking: false,
         })
     }
 }
@@ -148,6 +201,8 @@ impl DirtyTracker for HwptTracker {
         format!("iommufd HWPT {}", ids.join(","))
     }
     fn start(&mut self) -> Result<(), BoxError> {
+        // Before the first ioctl: a start that fails part-way leaves `stop` to undo it.
+        self.tracking = true;
         for h in &self.hwpts {
             h.set_dirty_tracking(true)?;
         }
@@ -157,6 +212,9 @@ impl DirtyTracker for HwptTracker {
         Ok(())
     }
     fn harvest(&mut self, into: &mut PageBitmap) -> Result<u64, BoxError> {
+        if !self.tracking {
+            return Err(not_tracking(&self.name()));
+        }
         let mut n = 0;
         for h in &self.hwpts {
             for b in &mut self.bitmaps {
@@ -169,9 +227,13 @@ impl DirtyTracker for HwptTracker {
         Ok(n)
     }
     fn stop(&mut self) -> Result<(), BoxError> {
+        if !self.tracking {
+            return Ok(());
+        }
         for h in &self.hwpts {
             h.set_dirty_tracking(false)?;
         }
+        self.tracking = false;
         Ok(())
     }
 }
@@ -221,6 +283,8 @@ impl<L: DmaLogger + Send> DirtyTracker for DmaLogTracker<L> {
         format!("DMA log of {}", self.name)
     }
     fn start(&mut self) -> Result<(), BoxError> {
+        // A restart: the device refuses a second START while logging.
+        self.stop()?;
         let ranges: Vec<DmaRange> = self
             .ranges
             .iter()
@@ -231,7 +295,7 @@ impl<L: DmaLogger + Send> DirtyTracker for DmaLogTracker<L> {
     }
     fn harvest(&mut self, into: &mut PageBitmap) -> Result<u64, BoxError> {
         let Some(s) = self.session.as_ref() else {
-            return Err("DMA logging is not started".into());
+            return Err(not_tracking(&self.name()));
         };
         let page = s.page_size;
         let mut n = 0;
@@ -258,8 +322,12 @@ impl<L: DmaLogger + Send> DirtyTracker for DmaLogTracker<L> {
         Ok(n)
     }
     fn stop(&mut self) -> Result<(), BoxError> {
-        self.session = None;
+        // A failed START leaves no log running (the device refused it whole).
+        if self.session.is_none() {
+            return Ok(());
+        }
         self.logger.dma_logging_stop()?;
+        self.session = None;
         Ok(())
     }
 }

@@ -37,7 +37,7 @@ use livemig::bitmap::PageBitmap;
 use livemig::device::{DeviceCompat, MigDevice, VfioMigDevice};
 use livemig::engine::{DestinationPlatform, SourceDevice, SourcePlatform, Vcpus};
 use livemig::memory::{GuestMemory, PAGE_SIZE};
-use livemig::tracker::{BoxError, DirtyTracker, DmaLogTracker};
+use livemig::tracker::{BoxError, DirtyTracker, DmaLogTracker, not_tracking};
 
 pub mod ram;
 
@@ -276,6 +276,8 @@ struct ModelTracker<F: SimFormat> {
     devices: Vec<u32>,
     size: u64,
     bits: DirtyBits,
+    /// A start was attempted and no stop completed since.
+    tracking: bool,
 }
 
 impl<F: SimFormat> ModelTracker<F> {
@@ -295,12 +297,16 @@ impl<F: SimFormat> DirtyTracker for ModelTracker<F> {
         format!("{} model dirty tracking", self.vendor.name())
     }
     fn start(&mut self) -> Result<(), BoxError> {
+        self.tracking = true;
         self.set(true)?;
         let mut sink = PageBitmap::new(self.size / PAGE_SIZE, PAGE_SIZE);
         self.harvest(&mut sink)?;
         Ok(())
     }
     fn harvest(&mut self, into: &mut PageBitmap) -> Result<u64, BoxError> {
+        if !self.tracking {
+            return Err(not_tracking(&self.name()));
+        }
         self.bits.clear();
         self.pt.read_and_clear_dirty(
             0,
@@ -317,7 +323,12 @@ impl<F: SimFormat> DirtyTracker for ModelTracker<F> {
         Ok(n)
     }
     fn stop(&mut self) -> Result<(), BoxError> {
-        self.set(false)
+        if !self.tracking {
+            return Ok(());
+        }
+        self.set(false)?;
+        self.tracking = false;
+        Ok(())
     }
 }
 
@@ -636,6 +647,38 @@ pub fn source_with_qm_revision(
     }
 }
 
+/// A page table and the IOMMU model walking it.
+type IdentityModel<F> = (PageTable<F, Arena>, Arc<Iommu<F, Arena>>);
+
+/// The IOMMU model over `ram`: all of its `size` bytes mapped identity at 4 KiB, devices
+/// `0..ndev` attached with dirty tracking off.
+fn identity_model<F: SimFormat>(
+    ram: &Arc<SparseRam>,
+    size: u64,
+    ndev: u32,
+) -> Result<IdentityModel<F>, String> {
+    // IOMMU: all RAM mapped identity at 4 KiB.
+    let leaf_tables = size / (2 << 20);
+    let frames =
+        usize::try_from(leaf_tables + leaf_tables / 512 + 64).map_err(|e| e.to_string())?;
+    let arena = Arc::new(TableArena::new(ARENA_BASE, frames).map_err(|e| e.to_string())?);
+    let mut pt = PageTable::new(F::make(), Arc::clone(&arena)).map_err(|e| e.to_string())?;
+    pt.map_sizes(0, 0, size, Perm::RW, PAGE_SIZE)
+        .map_err(|e| format!("mapping guest RAM in the IOMMU model: {e}"))?;
+    let iommu = Arc::new(Iommu::new(
+        F::make(),
+        Arc::clone(&arena),
+        Arc::clone(ram) as Arc<dyn DataMem>,
+        ModelOptions::default(),
+    ));
+    for d in 0..ndev {
+        iommu
+            .attach(d, F::context(pt.root(), false))
+            .map_err(|e| e.to_string())?;
+    }
+    Ok((pt, iommu))
+}
+
 fn source_with<F: SimFormat>(
     spec: &SimSpec,
     precopy: bool,
@@ -645,29 +688,11 @@ fn source_with<F: SimFormat>(
     ram.fill_pattern(0, spec.populated, spec.seed)
         .map_err(|e| e.to_string())?;
 
-    // IOMMU: all RAM mapped identity at 4 KiB.
-    let leaf_tables = spec.ram / (2 << 20);
-    let frames =
-        usize::try_from(leaf_tables + leaf_tables / 512 + 64).map_err(|e| e.to_string())?;
-    let arena = Arc::new(TableArena::new(ARENA_BASE, frames).map_err(|e| e.to_string())?);
-    let mut pt = PageTable::new(F::make(), Arc::clone(&arena)).map_err(|e| e.to_string())?;
-    pt.map_sizes(0, 0, spec.ram, Perm::RW, PAGE_SIZE)
-        .map_err(|e| format!("mapping guest RAM in the IOMMU model: {e}"))?;
-    let iommu = Arc::new(Iommu::new(
-        F::make(),
-        Arc::clone(&arena),
-        Arc::clone(&ram) as Arc<dyn DataMem>,
-        ModelOptions::default(),
-    ));
+    let ndev = spec.qm_vfs + spec.logging_devices;
+    let (pt, iommu) = identity_model::<F>(&ram, spec.ram, ndev)?;
     let handle = ModelHandle {
         iommu: Arc::clone(&iommu),
     };
-    let ndev = spec.qm_vfs + spec.logging_devices;
-    for d in 0..ndev {
-        iommu
-            .attach(d, F::context(pt.root(), false))
-            .map_err(|e| e.to_string())?;
-    }
     let iommu_dirty: Result<(), String> = if spec.iommu_dirty {
         Ok(())
     } else {
@@ -684,6 +709,7 @@ fn source_with<F: SimFormat>(
             devices: (0..ndev).collect(),
             size: spec.ram,
             bits: DirtyBits::new(0, spec.ram, PAGE_SIZE).map_err(|e| e.to_string())?,
+            tracking: false,
         }))
     } else {
         None
@@ -981,5 +1007,107 @@ mod tests {
         assert!(odd.validate().unwrap_err().contains("multiple of 2 MiB"));
         assert!(SimSpec::default().validate().is_ok());
         assert_eq!("SMMU".parse::<Vendor>(), Ok(Vendor::Smmuv3));
+    }
+}
+
+#[cfg(test)]
+mod tracker_contract {
+    //! The dirty-tracker contract (`livemig::tracker::testing`) for the simulated platform's
+    //! trackers: the vCPU dirty log and the IOMMU model's dirty bits, for all three formats.
+
+    use super::*;
+    use livemig::tracker::testing::{self, Dirtied, Subject};
+
+    const RAM: u64 = 4 << 20;
+
+    struct Model<F: SimFormat> {
+        port: Arc<dyn Dma>,
+        _f: std::marker::PhantomData<F>,
+    }
+
+    impl<F: SimFormat> Subject for Model<F> {
+        type Tracker = ModelTracker<F>;
+        fn pages(&self) -> u64 {
+            RAM / PAGE_SIZE
+        }
+        fn dirty(&mut self, _: &mut ModelTracker<F>, nth: u32) -> Dirtied {
+            let pfn = 5 + 97 * u64::from(nth);
+            self.port.write(pfn * PAGE_SIZE + 8, &[0xa5; 8]).unwrap();
+            Dirtied::page(pfn, 1)
+        }
+    }
+
+    fn model<F: SimFormat>(vendor: Vendor) -> (Model<F>, ModelTracker<F>) {
+        let ram = Arc::new(SparseRam::new(RAM).unwrap());
+        let (pt, iommu) = identity_model::<F>(&ram, RAM, 1).unwrap();
+        let handle = ModelHandle {
+            iommu: Arc::clone(&iommu),
+        };
+        let tracker = ModelTracker {
+            vendor,
+            pt,
+            iommu,
+            devices: vec![0],
+            size: RAM,
+            bits: DirtyBits::new(0, RAM, PAGE_SIZE).unwrap(),
+            tracking: false,
+        };
+        let subject = Model {
+            port: handle.port(0),
+            _f: std::marker::PhantomData,
+        };
+        (subject, tracker)
+    }
+
+    #[test]
+    fn the_iommu_model_trackers_meet_the_contract() {
+        let (mut s, t) = model::<AmdV1>(Vendor::Amd);
+        testing::check(&mut s, t).unwrap();
+        let (mut s, t) = model::<VtdSecondStage>(Vendor::Vtd);
+        testing::check(&mut s, t).unwrap();
+        let (mut s, t) = model::<ArmS1>(Vendor::Smmuv3);
+        testing::check(&mut s, t).unwrap();
+    }
+
+    struct Cpu(Arc<SparseRam>);
+
+    impl Subject for Cpu {
+        type Tracker = CpuDirtyLog;
+        fn pages(&self) -> u64 {
+            RAM / PAGE_SIZE
+        }
+        fn dirty(&mut self, _: &mut CpuDirtyLog, nth: u32) -> Dirtied {
+            let pfn = 9 + 61 * u64::from(nth);
+            self.0.cpu_write(pfn * PAGE_SIZE + 1, b"dirty").unwrap();
+            Dirtied::page(pfn, 1)
+        }
+    }
+
+    #[test]
+    fn the_vcpu_dirty_log_meets_the_contract() {
+        let ram = Arc::new(SparseRam::new(RAM).unwrap());
+        testing::check(&mut Cpu(Arc::clone(&ram)), CpuDirtyLog(ram)).unwrap();
+    }
+
+    #[test]
+    fn negative_control_writes_the_model_does_not_see_fail_the_check() {
+        // Raw writes bypass the IOMMU: no dirty bit, and the check must say so.
+        struct Raw(Arc<SparseRam>);
+        impl Subject for Raw {
+            type Tracker = ModelTracker<AmdV1>;
+            fn pages(&self) -> u64 {
+                RAM / PAGE_SIZE
+            }
+            fn dirty(&mut self, _: &mut ModelTracker<AmdV1>, nth: u32) -> Dirtied {
+                let pfn = 5 + u64::from(nth);
+                self.0.write_raw(pfn * PAGE_SIZE, &[1]).unwrap();
+                Dirtied::page(pfn, 1)
+            }
+        }
+        let (s, t) = model::<AmdV1>(Vendor::Amd);
+        let ram = Arc::new(SparseRam::new(RAM).unwrap());
+        drop(s);
+        let e = testing::check(&mut Raw(ram), t).unwrap_err();
+        assert!(e.contains("page 0x5 was dirtied and not reported"), "{e}");
     }
 }

@@ -399,6 +399,9 @@ impl DirtyTracker for CpuDirtyLog {
         Ok(())
     }
     fn harvest(&mut self, into: &mut PageBitmap) -> Result<u64, BoxError> {
+        if !self.0.logging.load(Ordering::SeqCst) {
+            return Err(livemig::tracker::not_tracking(&self.name()));
+        }
         Ok(self.0.harvest_cpu_dirty(into))
     }
     fn stop(&mut self) -> Result<(), BoxError> {

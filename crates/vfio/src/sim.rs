@@ -105,6 +105,9 @@ pub enum Fault {
     StateRead,
     /// `VFIO_DEVICE_RESET` fails with EIO.
     Reset,
+    /// The next `DMA_LOGGING_REPORT` fails with EIO; the fault then disarms itself (a report
+    /// that failed part-way through a harvest).
+    DmaLogReport,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1006,6 +1009,10 @@ impl DmaLogger for SimDevice {
         let mut g = self.lock();
         if g.cfg.dma_logging_max_ranges.is_none() {
             return Err(Error::ioctl(op, errno(libc::ENOTTY)));
+        }
+        if let Some(i) = g.faults.iter().position(|f| *f == Fault::DmaLogReport) {
+            g.faults.remove(i);
+            return Err(Error::ioctl(op, errno(libc::EIO)));
         }
         let Some(log) = g.dma_log.as_mut() else {
             return Err(Error::ioctl(op, errno(libc::EINVAL)));

@@ -203,6 +203,33 @@ impl World {
                 .any(|(s, o)| *s == side && matches!(o, Obj::Hwpt { tracking: true, .. }))
     }
 
+    /// A DMA write of `side`'s device to `gpa`, as the HWPTs that track see it (a dirty bit;
+    /// the page itself is left alone).
+    #[allow(dead_code)]
+    pub fn mark_dirty(&mut self, side: Side, gpa: u64) {
+        for (s, o) in self.objs.values_mut() {
+            if let (
+                true,
+                Obj::Hwpt {
+                    tracking: true,
+                    dirty,
+                    ..
+                },
+            ) = (*s == side, o)
+            {
+                dirty.insert(gpa & !(PAGE - 1));
+            }
+        }
+    }
+
+    /// Makes the next call of `side` fail with `errno`.
+    #[allow(dead_code)]
+    pub fn fail_next(&mut self, side: Side, errno: i32) {
+        let at = self.counts.get(&side).copied().unwrap_or(0);
+        self.fail = Some((side, at, errno));
+        self.failed = false;
+    }
+
     fn alloc(&mut self, side: Side, o: Obj) -> u32 {
         let id = self.next_id;
         self.next_id += 1;
@@ -735,6 +762,7 @@ impl livemig_iommufd::fake_kernel::Kernel for Kernel {
 
 /// The errnos the uAPI documents for each call (vfio.h, iommufd.h and the kernel functions
 /// behind them): argument errors, missing objects, allocation failures, device I/O errors.
+#[allow(dead_code)]
 pub fn errnos(what: &str) -> &'static [i32] {
     use libc::*;
     match what {
