@@ -266,6 +266,12 @@ pub fn run(r: &mut Runner) {
 
     r.case("iommufd.dirty_bitmap_unaligned_starts", unaligned_starts);
     r.case("iommufd.read_dirty_and_unmap", read_dirty_and_unmap);
+    r.case("iommufd.hwpt_tracker_contract", || {
+        hwpt_tracker_contract(false)
+    });
+    r.case("iommufd.hwpt_tracker_contract_negative_control", || {
+        hwpt_tracker_contract(true)
+    });
     r.case("iommufd.auto_domain_mock", auto_domain);
     if crate::harness::kernel_at_least(7, 0) {
         r.case("iommufd.viommu_vdevice_mock", viommu_vdevice);
@@ -588,4 +594,77 @@ fn viommu_vdevice() -> Result<Outcome> {
     drop(vd);
     drop(v);
     Ok(Outcome::Pass)
+}
+
+/// `livemig::tracker::HwptTracker` over a dirty-tracking HWPT of the mock IOMMU, checked
+/// against the dirty-tracker contract (`livemig::tracker::testing`): the kernel's mock marks a
+/// page dirty as a device write would (`IOMMU_TEST_OP_DIRTY`), the tracker reads and clears
+/// it through `IOMMU_HWPT_GET_DIRTY_BITMAP`. With `lost` (the negative control) the marks go
+/// to a second HWPT the tracker does not read, and the check must fail.
+fn hwpt_tracker_contract(lost: bool) -> Result<Outcome> {
+    use livemig::tracker::HwptTracker;
+    use livemig::tracker::testing::{self, Dirtied, Subject};
+
+    const SIZE: u64 = 1 << 20;
+    let fd = Iommufd::open()?;
+    let ioas = fd.alloc_ioas()?;
+    if crate::harness::kernel_at_least(7, 0) {
+        ioas.set_huge_pages(false)?;
+    }
+    let dev = MockDevice::new(&fd, ioas.id(), 0)?;
+    let buf = DmaBuf::with_alignment(SIZE as usize, 2 << 20, false)?;
+    map_fixed(&ioas, &buf, MOCK_APERTURE_START)?;
+    let hwpt = ioas.alloc_hwpt(dev.idev_id, HwptFlags::DIRTY_TRACKING)?;
+    let other = ioas.alloc_hwpt(dev.idev_id, HwptFlags::DIRTY_TRACKING)?;
+    other.set_dirty_tracking(true)?;
+    let marked = if lost { other.id() } else { hwpt.id() };
+    let tracker = HwptTracker::new(vec![hwpt], &[(MOCK_APERTURE_START, SIZE)])
+        .map_err(|e| anyhow::anyhow!("HwptTracker: {e}"))?;
+
+    struct Mock<'a> {
+        fd: &'a Iommufd,
+        hwpt: u32,
+    }
+    impl Subject for Mock<'_> {
+        type Tracker = HwptTracker;
+        fn pages(&self) -> u64 {
+            (MOCK_APERTURE_START + SIZE) / PAGE_SIZE
+        }
+        fn dirty(&mut self, _: &mut HwptTracker, nth: u32) -> Dirtied {
+            let pfn = MOCK_APERTURE_START / PAGE_SIZE + 1 + 7 * u64::from(nth);
+            // One mock page (2 KiB) of the 4 KiB page: the harvest reports the whole page.
+            let marked = mark_dirty(
+                self.fd,
+                self.hwpt,
+                pfn * PAGE_SIZE,
+                PAGE_SIZE,
+                MOCK_PAGE_SIZE,
+                &[1],
+            );
+            // A failed mark shows up as the page not reported.
+            if let Err(e) = marked {
+                eprintln!("hwpt_tracker_contract: {e}");
+            }
+            Dirtied::page(pfn, 1)
+        }
+    }
+    let result = testing::check(
+        &mut Mock {
+            fd: &fd,
+            hwpt: marked,
+        },
+        tracker,
+    );
+    drop(other);
+    drop(dev);
+    match (lost, result) {
+        (false, Ok(c)) => {
+            ensure!(c.rules >= 9, "only {} rules ran", c.rules);
+            Ok(Outcome::Pass)
+        }
+        (false, Err(e)) => bail!("{e}"),
+        (true, Err(e)) if e.contains("was dirtied and not reported") => Ok(Outcome::Pass),
+        (true, Err(e)) => bail!("the negative control failed for another reason: {e}"),
+        (true, Ok(_)) => bail!("marks on another HWPT passed the contract check"),
+    }
 }

@@ -202,6 +202,36 @@ pub fn run(r: &mut Runner) {
         Ok(Outcome::Pass)
     });
 
+    // The dirty-tracker contract where a device has no DMA log (mtty, like most devices: the
+    // VFIO core answers ENOTTY without `log_ops`): the start fails and names it, nothing is
+    // left started, a harvest is refused and a stop is a no-op.
+    r.case("vfio.mtty_dma_log_tracker_contract", || {
+        use livemig::bitmap::PageBitmap;
+        use livemig::memory::PAGE_SIZE;
+        use livemig::tracker::{DirtyTracker, DmaLogTracker};
+        let mut t = DmaLogTracker::new("mtty", &mut ctx.a.dev, &[(0, 1 << 20)], None)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut bits = PageBitmap::new(256, PAGE_SIZE);
+        ensure!(t.harvest(&mut bits).is_err(), "a harvest before start");
+        t.stop()
+            .map_err(|e| anyhow::anyhow!("stop before start: {e}"))?;
+        let e = t.start().err().context("mtty started DMA logging")?;
+        check_eq!(
+            e.downcast_ref::<livemig_vfio::Error>()
+                .and_then(livemig_vfio::Error::errno),
+            Some(libc::ENOTTY),
+            "start: {e}"
+        );
+        ensure!(
+            t.harvest(&mut bits).is_err(),
+            "a harvest after a failed start"
+        );
+        t.stop()
+            .map_err(|e| anyhow::anyhow!("stop after a failed start: {e}"))?;
+        check_eq!(bits.count(), 0);
+        Ok(Outcome::Pass)
+    });
+
     r.case("vfio.mtty_data_size", || {
         check_eq!(ctx.a.dev.stop_copy_size()?, MTTY_DATA_SIZE as u64);
         Ok(Outcome::Pass)

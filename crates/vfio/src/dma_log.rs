@@ -238,6 +238,28 @@ pub trait DmaLogger {
     }
 }
 
+/// A logger borrowed for a while (a tracker over a device its owner keeps).
+impl<T: DmaLogger + ?Sized> DmaLogger for &mut T {
+    fn dma_logging_max_ranges(&self) -> usize {
+        (**self).dma_logging_max_ranges()
+    }
+    fn dma_logging_start_raw(&mut self, page_size: u64, ranges: &[DmaRange]) -> Result<u64, Error> {
+        (**self).dma_logging_start_raw(page_size, ranges)
+    }
+    fn dma_logging_report(
+        &mut self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        bitmap: &mut [u64],
+    ) -> Result<(), Error> {
+        (**self).dma_logging_report(iova, length, page_size, bitmap)
+    }
+    fn dma_logging_stop(&mut self) -> Result<(), Error> {
+        (**self).dma_logging_stop()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
