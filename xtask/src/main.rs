@@ -1,10 +1,13 @@
 //! `cargo xtask`: project automation.
 //!
 //! * `cargo xtask ci` — the full test run (the README's test command; `.ci/run` calls it):
-//!   format check, the dependency-set check, clippy `-D warnings` (all features), every
-//!   library crate checked alone with its default features and with none, the `no_std` binary
+//!   format check, the dependency-set check, the module-cycle check (`cycles`), clippy
+//!   `-D warnings` (all features), every library crate checked alone with its default features
+//!   and with none, the `no_std` binary
 //!   (`ci/no-std`, for `x86_64-unknown-none`) with its negative control, all tests (all
 //!   features), the examples (`examples`), rustdoc `-D warnings`, then the rig.
+//! * `cargo xtask cycles [--path DIR]` — no import circle between the modules of any crate
+//!   (`cycles`; a ci step).
 //! * `cargo xtask examples` — builds every example and runs those whose main use works here
 //!   (a ci step).
 //! * `cargo xtask rig [--profile NAME]... [--kernel 6.12|7.3]... [--accel auto|kvm|tcg]
@@ -19,6 +22,7 @@
 mod apt;
 mod bench_peer;
 mod cpio;
+mod cycles;
 mod deps;
 mod examples;
 mod hwtest;
@@ -44,11 +48,13 @@ const USAGE: &str = "\
 usage: cargo xtask <command> [options]
 
 commands:
-  ci        format check, dependency sets, clippy -D warnings, each library crate alone
-            (default / no default features), the no_std binary, all tests, the examples,
-            docs -D warnings, the rig
+  ci        format check, dependency sets, module cycles, clippy -D warnings, each library
+            crate alone (default / no default features), the no_std binary, all tests, the
+            examples, docs -D warnings, the rig
   deps      check each library crate's resolved dependency set against ci/deps/
               --bless            rewrite ci/deps/ after a deliberate change
+  cycles    no import circle between the modules of any workspace crate (a ci step)
+              --path DIR         check only the crate in DIR
   features  clippy -D warnings on each library crate alone, with default features and with
             none (a ci step)
   examples  build every example (all features) and run each whose main use works on this
@@ -107,6 +113,16 @@ fn run() -> Result<()> {
             Some("--bless") => deps::deps(true),
             Some(other) => bail!("deps: unknown option {other:?}\n\n{USAGE}"),
         },
+        "cycles" => {
+            let mut dir = None;
+            while let Some(a) = it.next() {
+                match a.as_str() {
+                    "--path" => dir = Some(std::path::PathBuf::from(value(&mut it, a)?)),
+                    other => bail!("cycles: unknown option {other:?}\n\n{USAGE}"),
+                }
+            }
+            cycles::cycles(dir.as_deref())
+        }
         "features" => features(),
         "examples" => examples::examples(),
         "no-std" => no_std(),
@@ -278,6 +294,7 @@ fn ci() -> Result<()> {
         cargo(&["fmt", "--all", "--", "--check"], &[])
     })?;
     step("deps", &mut || deps::deps(false))?;
+    step("cycles", &mut || cycles::cycles(None))?;
     let r = ci_rest(&mut step);
     for (n, d) in &times {
         eprintln!("==> ci time: {n:<10} {:>6.0} s", d.as_secs_f64());
