@@ -582,10 +582,11 @@ impl<F: PageTableFormat, M: PhysMem> PageTable<F, M> {
     /// to, if it is a table pointer into this memory. A hint only: nothing is read.
     #[inline(always)]
     fn prefetch_table(&self, raw: u64, level: u8) {
-        if let Pte::Table { pa } = self.fmt.decode(raw, level)
-            && let Some(f) = self.mem.frame(pa)
-        {
-            prefetch_frame(f);
+        // Nested, not a let chain: those need Rust 1.88, the workspace declares 1.85.
+        if let Pte::Table { pa } = self.fmt.decode(raw, level) {
+            if let Some(f) = self.mem.frame(pa) {
+                prefetch_frame(f);
+            }
         }
     }
 
