@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use hw_tests::lab_config::{Device, LabConfig};
 use livemig::engine::{Destination, MigrationReport, Source, SourceConfig};
 use livemig::transport::TcpChannel;
 use livemig_host::workload::{WorkloadConfig, vmm_writer};
@@ -20,7 +21,6 @@ use livemig_kvm::{Backing, TestVm, TestVmConfig, VmMemory, platform};
 use livemig_vfio::MigrationState;
 
 use crate::harness::Outcome;
-use crate::lab::Device;
 use crate::trace;
 
 fn err(e: impl std::fmt::Display) -> anyhow::Error {
@@ -149,7 +149,7 @@ pub fn migrate_kvm_vm(d: &Device, into: &Device) -> Result<Outcome> {
 }
 
 /// The pair's target, if configured and present.
-pub fn target<'a>(cfg: &'a crate::lab::LabConfig, d: &Device) -> Result<Option<&'a Device>> {
+pub fn target<'a>(cfg: &'a LabConfig, d: &Device) -> Result<Option<&'a Device>> {
     match &d.resume_into {
         None => Ok(None),
         Some(t) => cfg

@@ -1,10 +1,16 @@
 //! `cargo xtask`: project automation.
 //!
 //! * `cargo xtask ci` — the full test run (the README's test command; `.ci/run` calls it):
-//!   format check, the dependency-set check, clippy `-D warnings` (all features), every
-//!   library crate checked alone with its default features and with none, the `no_std` binary
+//!   format check, the dependency-set check, the module-cycle check (`cycles`), the library
+//!   crates checked with the declared minimum Rust (`msrv`), clippy
+//!   `-D warnings` (all features), every library crate checked alone with its default features
+//!   and with none, the `no_std` binary
 //!   (`ci/no-std`, for `x86_64-unknown-none`) with its negative control, all tests (all
 //!   features), the examples (`examples`), rustdoc `-D warnings`, then the rig.
+//! * `cargo xtask cycles [--path DIR]` — no import circle between the modules of any crate
+//!   (`cycles`; a ci step).
+//! * `cargo xtask msrv` — every library crate checked with the declared `rust-version` (a ci
+//!   step).
 //! * `cargo xtask examples` — builds every example and runs those whose main use works here
 //!   (a ci step).
 //! * `cargo xtask rig [--profile NAME]... [--kernel 6.12|7.3]... [--accel auto|kvm|tcg]
@@ -19,6 +25,7 @@
 mod apt;
 mod bench_peer;
 mod cpio;
+mod cycles;
 mod deps;
 mod examples;
 mod hwtest;
@@ -44,11 +51,16 @@ const USAGE: &str = "\
 usage: cargo xtask <command> [options]
 
 commands:
-  ci        format check, dependency sets, clippy -D warnings, each library crate alone
-            (default / no default features), the no_std binary, all tests, the examples,
-            docs -D warnings, the rig
+  ci        format check, dependency sets, module cycles, the MSRV check, clippy -D warnings,
+            each library crate alone (default / no default features), the no_std binary, all
+            tests, the examples, docs -D warnings, the rig
   deps      check each library crate's resolved dependency set against ci/deps/
               --bless            rewrite ci/deps/ after a deliberate change
+  cycles    no import circle between the modules of any workspace crate (a ci step)
+              --path DIR         check only the crate in DIR
+  msrv      cargo check --lib --locked of every library crate with the toolchain of
+            workspace.package.rust-version (rustup installs it, minimal profile, if missing;
+            target dir target/msrv) (a ci step)
   features  clippy -D warnings on each library crate alone, with default features and with
             none (a ci step)
   examples  build every example (all features) and run each whose main use works on this
@@ -106,6 +118,20 @@ fn run() -> Result<()> {
             None => deps::deps(false),
             Some("--bless") => deps::deps(true),
             Some(other) => bail!("deps: unknown option {other:?}\n\n{USAGE}"),
+        },
+        "cycles" => {
+            let mut dir = None;
+            while let Some(a) = it.next() {
+                match a.as_str() {
+                    "--path" => dir = Some(std::path::PathBuf::from(value(&mut it, a)?)),
+                    other => bail!("cycles: unknown option {other:?}\n\n{USAGE}"),
+                }
+            }
+            cycles::cycles(dir.as_deref())
+        }
+        "msrv" => match it.next() {
+            None => msrv(),
+            Some(a) => bail!("msrv takes no arguments (got {a:?})"),
         },
         "features" => features(),
         "examples" => examples::examples(),
@@ -264,6 +290,88 @@ fn no_std() -> Result<()> {
     Ok(())
 }
 
+/// `rust-version` of `[workspace.package]` in a Cargo.toml's text.
+fn declared_msrv(manifest: &str) -> Option<String> {
+    let mut table = "";
+    for line in manifest.lines().map(str::trim) {
+        if let Some(t) = line.strip_prefix('[') {
+            table = t.trim_end_matches(']').trim();
+        } else if table == "workspace.package" {
+            if let Some((k, v)) = line.split_once('=') {
+                if k.trim() == "rust-version" {
+                    return Some(v.trim().trim_matches('"').to_string());
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Every library crate checked (`cargo check --lib --locked`, default features, one
+/// invocation) with the toolchain of the workspace's declared `rust-version`, which rustup
+/// installs (minimal profile) when it is missing. Its own target dir, `target/msrv`, keeps the
+/// main build's artifacts valid. A dependency whose new release needs a newer Rust fails here
+/// by name instead of reaching users of the declared version.
+fn msrv() -> Result<()> {
+    let root = rig::workspace_root();
+    let manifest =
+        std::fs::read_to_string(root.join("Cargo.toml")).context("reading Cargo.toml")?;
+    let ver =
+        declared_msrv(&manifest).context("Cargo.toml: no rust-version in [workspace.package]")?;
+    let list = Command::new("rustup")
+        .args(["toolchain", "list"])
+        .output()
+        .context("the MSRV check needs rustup (to run the declared toolchain)")?;
+    let installed = String::from_utf8_lossy(&list.stdout).lines().any(|l| {
+        let name = l.split_whitespace().next().unwrap_or("");
+        name == ver || name.starts_with(&format!("{ver}-"))
+    });
+    if !installed {
+        eprintln!(
+            "==> rustup toolchain install {ver} --profile minimal (the declared MSRV is not \
+             installed)"
+        );
+        let status = Command::new("rustup")
+            .args(["toolchain", "install", &ver, "--profile", "minimal"])
+            .status()
+            .context("cannot run rustup")?;
+        if !status.success() {
+            bail!("rustup toolchain install {ver} failed ({status})");
+        }
+    }
+    let target_dir = rig::target_dir().join("msrv");
+    let target_dir = target_dir.to_str().context("target dir is not UTF-8")?;
+    let libs = deps::libraries()?;
+    let mut args = vec!["check", "--lib", "--locked", "--target-dir", target_dir];
+    for l in &libs {
+        args.extend(["-p", l.as_str()]);
+    }
+    eprintln!("==> rustup run {ver} cargo {}", args.join(" "));
+    // The toolchain's own cargo and rustc, not the ones running xtask.
+    let status = Command::new("rustup")
+        .current_dir(&root)
+        .args(["run", &ver, "cargo"])
+        .args(&args)
+        .env_remove("CARGO")
+        .env_remove("RUSTC")
+        .env_remove("RUSTDOC")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .status()
+        .context("cannot run rustup")?;
+    if !status.success() {
+        bail!(
+            "the library crates do not build with Rust {ver}, the rust-version Cargo.toml \
+             declares ([workspace.package]); hold back the dependency that needs a newer Rust or \
+             raise the declaration (docs/decisions.md, Workspace: MSRV)"
+        );
+    }
+    eprintln!(
+        "==> msrv: {} library crates check with Rust {ver}",
+        libs.len()
+    );
+    Ok(())
+}
+
 fn ci() -> Result<()> {
     let t0 = std::time::Instant::now();
     let mut times: Vec<(&str, Duration)> = Vec::new();
@@ -278,6 +386,8 @@ fn ci() -> Result<()> {
         cargo(&["fmt", "--all", "--", "--check"], &[])
     })?;
     step("deps", &mut || deps::deps(false))?;
+    step("cycles", &mut || cycles::cycles(None))?;
+    step("msrv", &mut msrv)?;
     let r = ci_rest(&mut step);
     for (n, d) in &times {
         eprintln!("==> ci time: {n:<10} {:>6.0} s", d.as_secs_f64());
@@ -362,4 +472,19 @@ fn ci_rest(step: &mut Step<'_>) -> Result<()> {
     })?;
     eprintln!("==> ci: all steps passed");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_declared_msrv_is_read_from_workspace_package() {
+        let m = "[workspace]\nrust-version = \"9\"\n\n[workspace.package]\nversion = \"0.1.0\"\n\
+                 rust-version = \"1.85\"\n\n[package]\nrust-version = \"1.99\"\n";
+        assert_eq!(declared_msrv(m).as_deref(), Some("1.85"));
+        assert_eq!(declared_msrv("[package]\nrust-version = \"1.80\"\n"), None);
+        let real = std::fs::read_to_string(rig::workspace_root().join("Cargo.toml")).unwrap();
+        assert!(declared_msrv(&real).is_some());
+    }
 }

@@ -24,7 +24,7 @@ use livemig_kvm::{Backing, VmMemory};
 use livemig_vfio::MigrationState;
 use serde::Serialize;
 
-use crate::{parse_duration, parse_size};
+use crate::args::{parse_duration, parse_size};
 
 #[derive(Subcommand)]
 pub enum HostCmd {
@@ -468,7 +468,7 @@ fn migrate(
             }
         });
         let conn = crate::secure::dial(to, sec)?;
-        let result = source.migrate_channels(conn, &mut crate::page_channels(to, 0, sec));
+        let result = source.migrate_channels(conn, &mut crate::net::page_channels(to, 0, sec));
         let writes_then = workload.writes();
         out.cpu_writes = writes_then;
         match result {
@@ -510,7 +510,7 @@ fn migrate(
     args.emit(&out)?;
     if !args.json {
         match &out.report {
-            Some(r) => crate::print_report(r),
+            Some(r) => crate::report::print_report(r),
             None => eprintln!(
                 "migration failed: {}; the source {}",
                 out.error.as_deref().unwrap_or("?"),
@@ -686,7 +686,7 @@ fn incoming(
         out.peer = Some(conn.peer.clone());
         let (stream, back, abort) = (conn.back, conn.data, conn.abort);
         // One connection, or the main one of several: the stream's first record says.
-        let mut accept = crate::accept_page_channels(&l, sec);
+        let mut accept = crate::net::accept_page_channels(&l, sec);
         let result = match faults.x_corrupt_stream_at {
             Some(at) => dest.receive_channels(
                 Corrupt {

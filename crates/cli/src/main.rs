@@ -1,28 +1,35 @@
 //! `livemig`: probe a host, run a simulated migration, migrate between two processes, run and
 //! migrate the KVM test VM, inspect streams, and check compatibility.
+//!
+//! This file holds the commands and their dispatch; `args` the shared argument groups and value
+//! parsers, `report` the progress bar and the printed report, `net` the connections.
 
+mod args;
 mod chart;
 mod host;
+mod net;
 mod probe;
+mod report;
 mod secure;
 mod sysfs;
 mod vm;
 
-use std::io::{IsTerminal, Write};
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Parser, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
+use clap::{Parser, Subcommand};
 use livemig::compat::{self, HostDescriptor};
-use livemig::engine::{Destination, Event, MigrationReport, Source, SourceConfig};
-use livemig::link::{Cut, DataSink, LinkConfig, Paced};
-use livemig::tracker::TrackingMode;
-use livemig::transport::Abort;
-use livemig_sim::{self as sim, SimSpec, Vendor};
+use livemig::engine::{Destination, MigrationReport, Source, SourceConfig};
+use livemig::link::{Cut, LinkConfig, Paced};
+use livemig_sim::{self as sim, SimSpec};
 use serde::Serialize;
+
+use crate::args::{
+    CompatCmd, MigArgs, SimArgs, TlsCmd, parse_bandwidth, parse_duration, parse_size,
+};
+use crate::net::{page_channels, receive_one};
+use crate::report::{print_report, progress, source_state};
 
 #[derive(Parser)]
 #[command(
@@ -143,433 +150,6 @@ enum Cmd {
     },
 }
 
-#[derive(Subcommand)]
-enum CompatCmd {
-    /// Write this host's descriptor (the simulated platform's, or `--host` for the probe's).
-    Export {
-        #[command(flatten)]
-        sim: SimArgs,
-        /// The source does not use device PRE_COPY.
-        #[arg(long)]
-        no_precopy: bool,
-        /// Describe the real host from `livemig probe` instead of the simulated platform
-        /// (read-only: device identity, driver and BAR layout from sysfs).
-        #[arg(long)]
-        host: bool,
-        /// With `--host`: open the idle devices for their migration flags and DMA logging
-        /// (`livemig probe --open`); without it those are not known and the descriptor says 0.
-        #[arg(long, requires = "host")]
-        open: bool,
-        /// Write to this file instead of standard output.
-        #[arg(short, long)]
-        output: Option<PathBuf>,
-    },
-    /// Can the VM of descriptor A migrate to the host of descriptor B? Exit status 1 if not.
-    Check {
-        /// Source descriptor.
-        a: PathBuf,
-        /// Destination descriptor.
-        b: PathBuf,
-        /// Machine-readable verdict.
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-#[derive(Args, Clone)]
-struct SimArgs {
-    /// IOMMU vendor model: amd, vtd, smmuv3.
-    #[arg(long, default_value = "amd")]
-    vendor: Vendor,
-    /// Guest RAM (sparse).
-    #[arg(long, default_value = "16GiB", value_parser = parse_size)]
-    ram: u64,
-    /// Guest RAM filled with data before the migration.
-    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
-    populated: u64,
-    /// HiSilicon QM VF models (tracked by the IOMMU only).
-    #[arg(long, default_value_t = 2)]
-    qm_vfs: u32,
-    /// Simulated devices with DMA logging.
-    #[arg(long, default_value_t = 1)]
-    logging_devices: u32,
-    /// Model an IOMMU without dirty tracking.
-    #[arg(long)]
-    no_iommu_dirty: bool,
-    /// Pages per second the vCPUs dirty.
-    #[arg(long, default_value_t = 5000)]
-    cpu_dirty_rate: u64,
-    /// Jobs or DMA writes per second per device.
-    #[arg(long, default_value_t = 2000)]
-    dma_rate: u64,
-    /// Seed for memory contents and activity.
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
-}
-
-impl SimArgs {
-    fn spec(&self) -> SimSpec {
-        SimSpec {
-            vendor: self.vendor,
-            ram: self.ram,
-            populated: self.populated,
-            iommu_dirty: !self.no_iommu_dirty,
-            qm_vfs: self.qm_vfs,
-            logging_devices: self.logging_devices,
-            cpu_dirty_rate: self.cpu_dirty_rate,
-            dma_rate: self.dma_rate,
-            seed: self.seed,
-        }
-    }
-}
-
-#[derive(Subcommand)]
-enum TlsCmd {
-    /// Make a self-signed certificate and key for this host; prints the certificate's
-    /// SHA-256 fingerprint, which the other host passes as --tls-peer.
-    Keygen {
-        /// A name the certificate carries (repeatable; default "livemig").
-        #[arg(long)]
-        name: Vec<String>,
-        /// Where to write the certificate (PEM).
-        #[arg(long, value_name = "FILE")]
-        cert: PathBuf,
-        /// Where to write the private key (PEM, mode 0600).
-        #[arg(long, value_name = "FILE")]
-        key: PathBuf,
-    },
-}
-
-#[derive(Args, Clone)]
-struct MigArgs {
-    /// Dirty tracking for device DMA: auto, iommu, device.
-    #[arg(long, default_value = "auto")]
-    tracking: TrackingMode,
-    /// Do not use device PRE_COPY.
-    #[arg(long)]
-    no_precopy: bool,
-    /// Downtime limit.
-    #[arg(long, default_value = "300ms", value_parser = parse_duration)]
-    downtime: Duration,
-    /// Stop-and-copy after this many rounds regardless.
-    #[arg(long, default_value_t = 30)]
-    max_rounds: u32,
-    /// Never stop the VM longer than this: stop-and-copy is not started when the estimate is
-    /// over it, and abandoned (the source runs again) if it has not ended in time.
-    #[arg(long, value_parser = parse_duration)]
-    hard_deadline: Option<Duration>,
-    /// Connections that carry pages: 1 (one connection carries everything) or 2 to 64 page
-    /// channels beside the main connection (QEMU's multifd layout).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
-    channels: u32,
-    /// Also draw the migration (bytes sent against time, downtime by phase) as an SVG chart.
-    #[arg(long, value_name = "FILE")]
-    chart: Option<PathBuf>,
-}
-
-impl MigArgs {
-    fn config(&self) -> SourceConfig {
-        SourceConfig {
-            tracking: self.tracking,
-            precopy: !self.no_precopy,
-            downtime_limit: self.downtime,
-            max_rounds: self.max_rounds,
-            hard_deadline: self.hard_deadline,
-            channels: self.channels,
-            ..SourceConfig::default()
-        }
-    }
-}
-
-/// Opens page channel connections to `to` (each paced to `bandwidth`, 0 for none, and secured
-/// as `sec` says), for [`Source::migrate_channels`].
-pub(crate) fn page_channels<'a>(
-    to: &'a str,
-    bandwidth: u64,
-    sec: &'a secure::Security,
-) -> impl FnMut(u32) -> std::io::Result<(Box<dyn DataSink>, Abort)> + 'a {
-    move |_index| {
-        let c = secure::dial(to, sec).map_err(std::io::Error::other)?;
-        Ok((
-            Box::new(Paced::new(c.data, bandwidth, Cut::new())) as Box<dyn DataSink>,
-            c.abort,
-        ))
-    }
-}
-
-/// Accepts page channel connections on `l` (a source that announced page channels and does
-/// not connect them within 30 s fails the migration, naming the wait), each secured as `sec`
-/// says, for [`Destination::receive_channels`].
-pub(crate) fn accept_page_channels<'a>(
-    l: &'a TcpListener,
-    sec: &'a secure::Security,
-) -> impl FnMut() -> std::io::Result<(Box<dyn std::io::Read + Send>, Abort)> + 'a {
-    move || {
-        l.set_nonblocking(true)?;
-        let t0 = std::time::Instant::now();
-        let (s, _) = loop {
-            match l.accept() {
-                Ok(c) => break c,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if t0.elapsed() > Duration::from_secs(30) {
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "no page channel connected within 30 s",
-                        ));
-                    }
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                Err(e) => return Err(e),
-            }
-        };
-        l.set_nonblocking(false)?;
-        s.set_nonblocking(false)?;
-        let c = secure::answer(s, sec).map_err(std::io::Error::other)?;
-        Ok((c.back, c.abort))
-    }
-}
-
-fn split_unit(s: &str) -> Result<(f64, String), String> {
-    let s = s.trim();
-    let at = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (n, u) = s.split_at(at);
-    let n: f64 = n
-        .parse()
-        .map_err(|_| format!("{s:?}: expected a number followed by a unit"))?;
-    Ok((n, u.trim().to_string()))
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    let (n, u) = split_unit(s)?;
-    let m: u64 = match u.as_str() {
-        "" | "B" => 1,
-        "K" | "KiB" | "k" => 1 << 10,
-        "M" | "MiB" => 1 << 20,
-        "G" | "GiB" => 1 << 30,
-        "T" | "TiB" => 1 << 40,
-        other => {
-            return Err(format!(
-                "{s:?}: unknown size unit {other:?} (B, KiB, MiB, GiB, TiB)"
-            ));
-        }
-    };
-    Ok((n * m as f64) as u64)
-}
-
-fn parse_bandwidth(s: &str) -> Result<u64, String> {
-    let (n, u) = split_unit(s)?;
-    let bytes = match u.as_str() {
-        "" | "B/s" => n,
-        "kbit" | "Kbit" => n * 1e3 / 8.0,
-        "Mbit" => n * 1e6 / 8.0,
-        "Gbit" => n * 1e9 / 8.0,
-        "KiB/s" => n * 1024.0,
-        "MiB/s" => n * 1048576.0,
-        "GiB/s" => n * 1073741824.0,
-        other => {
-            return Err(format!(
-                "{s:?}: unknown bandwidth unit {other:?} (B/s, MiB/s, GiB/s, Mbit, Gbit)"
-            ));
-        }
-    };
-    Ok(bytes as u64)
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (n, u) = split_unit(s)?;
-    let secs = match u.as_str() {
-        "s" => n,
-        "ms" => n / 1e3,
-        "us" => n / 1e6,
-        other => {
-            return Err(format!(
-                "{s:?}: unknown duration unit {other:?} (s, ms, us)"
-            ));
-        }
-    };
-    Ok(Duration::from_secs_f64(secs))
-}
-
-/// The progress display of a source: a bar of the round's pages (bytes of guest memory, with
-/// rate and ETA), the phase, the dirty rate, the downtime stopping now would cost and the
-/// stream bytes so far, refreshed from the engine's [`livemig::engine::ProgressView`] ten times
-/// a second; a line per finished round above it. Hidden under `--json` or without a terminal.
-struct LiveBar {
-    pb: ProgressBar,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl LiveBar {
-    fn finish_and_clear(mut self) {
-        self.stop_thread();
-        self.pb.finish_and_clear();
-    }
-
-    fn stop_thread(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for LiveBar {
-    fn drop(&mut self) {
-        self.stop_thread();
-    }
-}
-
-fn progress(quiet: bool, source: &mut Source) -> LiveBar {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, Mutex};
-    let stop = Arc::new(AtomicBool::new(false));
-    if quiet || !std::io::stderr().is_terminal() {
-        return LiveBar {
-            pb: ProgressBar::hidden(),
-            stop,
-            thread: None,
-        };
-    }
-    let pb = ProgressBar::new(0);
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{spinner} {elapsed} {msg}\n  [{wide_bar}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
-        )
-        .expect("template"),
-    );
-    let phase = Arc::new(Mutex::new(String::from("starting")));
-    let (p, bar) = (Arc::clone(&phase), pb.clone());
-    source.on_event(move |e| match e {
-        Event::Phase(ph) => *p.lock().unwrap_or_else(|e| e.into_inner()) = ph.to_string(),
-        Event::Round(r) => bar.println(format!(
-            "round {:>3}: {:>8} dirty, {:>8} pages, {:>6} zero, {:>9} device bytes, {:>6.1} MiB, {:>6.1} ms",
-            r.round,
-            r.dirty_pages,
-            r.pages,
-            r.zero_pages,
-            r.device_bytes,
-            r.bytes as f64 / 1048576.0,
-            r.elapsed_us as f64 / 1e3
-        )),
-    });
-    let view = source.progress_view();
-    let (bar, halt) = (pb.clone(), Arc::clone(&stop));
-    let thread = std::thread::spawn(move || {
-        let mut round = u32::MAX;
-        while !halt.load(Ordering::Relaxed) {
-            let s = view.snapshot();
-            if s.round != round {
-                round = s.round;
-                bar.reset_eta();
-            }
-            // Position first: a frame drawn in between shows the new round's start against
-            // the old length, never the old round's end against the new one.
-            bar.set_position(s.round_done.min(s.round_pages) * 4096);
-            bar.set_length(s.round_pages * 4096);
-            let phase = phase.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            let mut msg = phase;
-            if s.round > 0 {
-                msg.push_str(&format!(
-                    " | dirty {} pages/s | downtime now ~{} | {} sent",
-                    // Measured from the end of round 1 on.
-                    if s.round <= 1 {
-                        "?".to_string()
-                    } else {
-                        s.dirty_rate.to_string()
-                    },
-                    if s.expected_downtime_us == 0 {
-                        "?".to_string()
-                    } else {
-                        format!("{:.1} ms", s.expected_downtime_us as f64 / 1e3)
-                    },
-                    indicatif::HumanBytes(s.bytes)
-                ));
-            }
-            bar.set_message(msg);
-            bar.tick();
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    });
-    LiveBar {
-        pb,
-        stop,
-        thread: Some(thread),
-    }
-}
-
-/// The state a failed migration leaves the source in, for its error message.
-fn source_state(source: &Source) -> &'static str {
-    if source.is_stopped() {
-        "the source stays stopped with its state intact (the destination may be running the VM)"
-    } else {
-        "the source runs again"
-    }
-}
-
-fn print_report(r: &MigrationReport) {
-    println!("dirty tracking:");
-    for (d, c) in &r.tracking {
-        println!("  {d}: {c:?}");
-    }
-    println!("round  dirty pages   pages sent   zero pages   device bytes   MiB sent    ms");
-    for x in r.rounds.iter().chain(std::iter::once(&r.stop_copy)) {
-        println!(
-            "{:>5}  {:>11}  {:>11}  {:>11}  {:>13}  {:>8.1}  {:>6.1}{}",
-            x.round,
-            x.dirty_pages,
-            x.pages,
-            x.zero_pages,
-            x.device_bytes,
-            x.bytes as f64 / 1048576.0,
-            x.elapsed_us as f64 / 1e3,
-            if x.round == r.stop_copy.round {
-                "  (stop-and-copy)"
-            } else {
-                ""
-            }
-        );
-    }
-    println!(
-        "dirty rate {} pages/s; {} after {} pre-copy round(s)",
-        r.dirty_rate,
-        if r.converged {
-            "converged"
-        } else {
-            "round limit reached"
-        },
-        r.rounds.len()
-    );
-    println!(
-        "downtime {:.1} ms (limit {:.1} ms{}), total {:.2} s, {:.1} MiB sent",
-        r.downtime_us as f64 / 1e3,
-        r.downtime_limit_us as f64 / 1e3,
-        if r.downtime_us <= r.downtime_limit_us {
-            ", met"
-        } else {
-            ", EXCEEDED"
-        },
-        r.total_us as f64 / 1e6,
-        r.bytes as f64 / 1048576.0
-    );
-    let p = &r.downtime_phases;
-    println!(
-        "downtime by phase (ms): stop + final harvest {:.1}, device save {:.1}, send {:.1}, in \
-         flight {:.1}, destination load {:.1}, destination run {:.1}",
-        p.stop_and_harvest_us as f64 / 1e3,
-        p.device_save_us as f64 / 1e3,
-        p.send_us as f64 / 1e3,
-        p.in_flight_us as f64 / 1e3,
-        p.destination_load_us as f64 / 1e3,
-        p.destination_run_us as f64 / 1e3
-    );
-    for w in &r.source_cleanup {
-        println!("warning: {w}");
-    }
-}
-
 #[derive(Serialize)]
 struct SimulateJson<'a> {
     spec: &'a SimSpec,
@@ -655,41 +235,6 @@ fn simulate(sim: &SimArgs, mig: &MigArgs, link: LinkConfig, json: bool) -> Resul
         bail!("verification failed: {e}");
     }
     Ok(())
-}
-
-/// Listens on `listen`, announces the address ("listening on ADDR", on standard output when
-/// `stdout`, else standard error), accepts one peer and receives its migration into `dest`.
-/// With `what`, says "receiving {what}from PEER" on standard error.
-fn receive_one(
-    listen: &str,
-    dest: &mut Destination,
-    stdout: bool,
-    what: Option<&str>,
-    sec: &secure::Security,
-) -> Result<livemig::engine::ReceiveReport> {
-    let l = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
-    if stdout {
-        println!("listening on {}", l.local_addr()?);
-        std::io::stdout().flush()?;
-    } else {
-        eprintln!("listening on {}", l.local_addr()?);
-        std::io::stderr().flush()?;
-    }
-    // Under TLS the peer is authenticated here, before anything of the migration is read.
-    let conn = secure::accept_one(&l, sec)?;
-    // On stderr whenever stdout is not the report's (the peer names its certificate's
-    // fingerprint under TLS).
-    if what.is_some() || !stdout {
-        eprintln!("receiving {}from {}", what.unwrap_or(""), conn.peer);
-    }
-    // One connection, or the main one of several: the stream's first record says.
-    dest.receive_channels(
-        conn.back,
-        conn.data,
-        conn.abort,
-        &mut accept_page_channels(&l, sec),
-    )
-    .map_err(|e| anyhow::anyhow!("incoming migration failed: {}", e.chain()))
 }
 
 /// `livemig simulate` with its defaults (where KVM is not usable, `vm demo` runs this).
@@ -1076,7 +621,7 @@ fn main() -> Result<()> {
             json,
             max_bytes,
         } => inspect(&file, json, max_bytes)?,
-        Cmd::Vm(cmd) => vm::main(cmd)?,
+        Cmd::Vm(cmd) => vm::main(cmd, simulate_default)?,
         Cmd::Host(cmd) => host::run(cmd)?,
         Cmd::Chart { input, output } => chart::run(&input, &output)?,
         Cmd::Compat(CompatCmd::Export {

@@ -47,7 +47,7 @@ pub struct ChannelArgs {
     /// Destination: the longest one phase (compat, receive, resume) may take before the
     /// connections are aborted, so a source that trickles bytes cannot hold this host; 0 for
     /// no limit.
-    #[arg(long, value_name = "DURATION", default_value = "3600s", value_parser = crate::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "3600s", value_parser = crate::args::parse_duration)]
     pub phase_deadline: Duration,
 }
 

@@ -13,7 +13,8 @@ use livemig::engine::{
 use livemig_kvm::{Backing, DirtyMode, GuestEvent, TestVm, TestVmConfig, platform};
 use serde::Serialize;
 
-use crate::{parse_duration, parse_size, print_report};
+use crate::args::{parse_duration, parse_size};
+use crate::report::print_report;
 
 #[derive(Subcommand)]
 pub enum VmCmd {
@@ -337,7 +338,7 @@ fn incoming(
     let mut dest = Destination::new(dp);
     dest.set_phase_deadline(chan.phase_deadline());
     let cpu0 = process_cpu_us();
-    let received = crate::receive_one(
+    let received = crate::net::receive_one(
         listen,
         &mut dest,
         true,
@@ -413,10 +414,10 @@ fn migrate(
     }
     let sp = platform::source(&t.vm, vec![], None, None).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut source = Source::new(sp, mig.config());
-    let pb = crate::progress(json, &mut source);
+    let pb = crate::report::progress(json, &mut source);
     let cpu0 = process_cpu_us();
     let conn = crate::secure::dial(to, sec)?;
-    let r = source.migrate_channels(conn, &mut crate::page_channels(to, 0, sec));
+    let r = source.migrate_channels(conn, &mut crate::net::page_channels(to, 0, sec));
     let cpu_us = process_cpu_us() - cpu0;
     pb.finish_and_clear();
     let report = match r {
@@ -454,10 +455,10 @@ fn migrate(
     Ok(out)
 }
 
-fn demo(vm: &VmArgs, mig: &VmMigArgs, json: bool) -> Result<()> {
+fn demo(vm: &VmArgs, mig: &VmMigArgs, json: bool, fallback: fn(bool) -> Result<()>) -> Result<()> {
     if let Err(e) = kvm_ok() {
         println!("{e}; running the simulated migration instead");
-        return crate::simulate_default(json);
+        return fallback(json);
     }
     // Mutual TLS between the two processes, with a self-signed certificate each made for
     // this run (each pins the other's): the demo runs the way a migration should.
@@ -539,7 +540,9 @@ fn demo(vm: &VmArgs, mig: &VmMigArgs, json: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn main(cmd: VmCmd) -> Result<()> {
+/// Runs a `livemig vm` command. Where KVM is not usable, `vm demo` runs `fallback` instead
+/// (`livemig simulate` with its defaults, which `main` passes).
+pub fn main(cmd: VmCmd, fallback: fn(bool) -> Result<()>) -> Result<()> {
     match cmd {
         VmCmd::Run { vm, time, json } => run(&vm, time, json),
         VmCmd::Incoming {
@@ -572,7 +575,7 @@ pub fn main(cmd: VmCmd) -> Result<()> {
             }
             Ok(())
         }
-        VmCmd::Demo { vm, mig, json } => demo(&vm, &mig, json),
+        VmCmd::Demo { vm, mig, json } => demo(&vm, &mig, json, fallback),
         VmCmd::Image {
             output,
             print_append,

@@ -91,9 +91,9 @@ pub enum Error {
     )]
     LayoutMismatch {
         /// The source's layout.
-        theirs: crate::seq::Bar2Layout,
+        theirs: crate::regs::Bar2Layout,
         /// This VF's layout.
-        ours: crate::seq::Bar2Layout,
+        ours: crate::regs::Bar2Layout,
     },
     /// A transition the driver does not implement.
     #[error("no arc from {from} to {to}")]

@@ -80,5 +80,5 @@ pub use access::{
 };
 pub use error::Error;
 pub use ids::AccKind;
-pub use regs::{MigCtrl, QmRevision};
-pub use seq::{AccVf, Bar2Layout, CompatBlock, LoadOutcome, PfQm, Timing, VfQm};
+pub use regs::{Bar2Layout, MigCtrl, QmRevision};
+pub use seq::{AccVf, CompatBlock, LoadOutcome, PfQm, Timing, VfQm};

@@ -27,6 +27,7 @@
 //! ([`QmRevision`], [`MigCtrl`], [`QmPfMigWindowRegisters`], `QM_MIG_REGION_*`) come from Linux
 //! 7.3.4, cited where they are defined.
 
+use core::fmt;
 use core::mem::offset_of;
 
 use tock_registers::register_structs;
@@ -369,6 +370,54 @@ impl MigCtrl {
             MigCtrl::VfBar2 => "HW_ACC_MIG_VF_CTRL",
             MigCtrl::PfBar2 => "HW_ACC_MIG_PF_CTRL",
         }
+    }
+}
+
+/// A VF's BAR2 as the migration driver arranges it: its size and where the migration
+/// registers are, which together fix how much of it the guest is given.
+///
+/// Linux 6.12 and an old-revision QM under Linux 7.3.4 give the guest the first 32 KiB of the
+/// 64 KiB BAR2; a new-revision QM with `QM_MIG_REGION_EN` under 7.3.4 gives it all 64 KiB
+/// (`hisi_acc_get_resource_len`, Linux 7.3.4 `hisi_acc_vfio_pci.c:1274-1294`, which the region
+/// info, mmap, read and write paths use: 1308, 1331, 1384). A guest that has seen one cannot
+/// be moved to the other: the BAR is part of what it was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Bar2Layout {
+    /// Where the migration registers are.
+    pub mode: MigCtrl,
+    /// Bytes of the VF's BAR2 (the PCI resource).
+    pub vf_bar2_len: usize,
+}
+
+impl Bar2Layout {
+    /// Migration registers in the VF's 64 KiB BAR2, guest gets 32 KiB (QM_HW_V3, or any
+    /// revision under Linux 6.12).
+    pub const VF_CTRL: Bar2Layout = Bar2Layout {
+        mode: MigCtrl::VfBar2,
+        vf_bar2_len: VF_BAR2_LEN,
+    };
+    /// Migration registers in the PF's BAR2, guest gets all 64 KiB of the VF's BAR2 (above
+    /// QM_HW_V3 with `QM_MIG_REGION_EN`, Linux 7.3.4).
+    pub const PF_CTRL: Bar2Layout = Bar2Layout {
+        mode: MigCtrl::PfBar2,
+        vf_bar2_len: VF_BAR2_LEN,
+    };
+
+    /// Bytes of BAR2 the guest is given.
+    pub const fn guest_len(self) -> usize {
+        self.mode.guest_bar2_len(self.vf_bar2_len)
+    }
+}
+
+impl fmt::Display for Bar2Layout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:#x} of a {:#x}-byte BAR2 ({})",
+            self.guest_len(),
+            self.vf_bar2_len,
+            self.mode.name()
+        )
     }
 }
 

@@ -20,61 +20,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use crate::Error;
 use crate::format::{BitOp, PageTableFormat, Pte, level_size};
 use crate::mem::PhysMem;
-use crate::table::{PageTable, span};
-
-/// Receives the dirty IOVA ranges a harvest finds.
-pub trait DirtySink {
-    /// `[iova, iova + len)` was written.
-    fn record(&mut self, iova: u64, len: u64);
-
-    /// Pages `iova + k * page` for every bit `k` set in `mask` were written. Implementations
-    /// with a bitmap of granule `page` can OR the mask in directly.
-    fn record_mask(&mut self, iova: u64, page: u64, mask: u64) {
-        let mut m = mask;
-        while m != 0 {
-            let k = m.trailing_zeros();
-            m &= m - 1;
-            self.record(iova + u64::from(k) * page, page);
-        }
-    }
-}
-
-/// Discards everything (plain unmap).
-impl DirtySink for () {
-    fn record(&mut self, _iova: u64, _len: u64) {}
-    fn record_mask(&mut self, _iova: u64, _page: u64, _mask: u64) {}
-}
-
-/// Any `FnMut(iova, len)` is a sink.
-impl<F: FnMut(u64, u64)> DirtySink for F {
-    fn record(&mut self, iova: u64, len: u64) {
-        self(iova, len)
-    }
-}
-
-/// Invalidates IOTLB entries for an IOVA range after entries were cleaned or removed.
-///
-/// For a real IOMMU this issues the invalidation (and waits for it); for the IOMMU model
-/// (module `model`, feature "model") it drops cached translations and drains in-flight DMA.
-pub trait IotlbFlush {
-    /// Invalidate every cached translation of `[iova, iova + size)`.
-    fn flush(&mut self, iova: u64, size: u64);
-}
-
-impl<F: FnMut(u64, u64)> IotlbFlush for F {
-    fn flush(&mut self, iova: u64, size: u64) {
-        self(iova, size)
-    }
-}
-
-/// Skips invalidation. Correct only for tables no IOMMU is using; with a live IOMMU it loses
-/// dirty pages (the `model` tests demonstrate exactly that).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NoFlush;
-
-impl IotlbFlush for NoFlush {
-    fn flush(&mut self, _iova: u64, _size: u64) {}
-}
+use crate::table::{DirtySink, IotlbFlush, PageTable, span};
 
 /// A dirty bitmap over `[base, base + len)` with a power-of-two granule, one bit per granule,
 /// little-endian 64-bit words (the layout of iommufd's `IOMMU_HWPT_GET_DIRTY_BITMAP`).
@@ -636,10 +582,11 @@ impl<F: PageTableFormat, M: PhysMem> PageTable<F, M> {
     /// to, if it is a table pointer into this memory. A hint only: nothing is read.
     #[inline(always)]
     fn prefetch_table(&self, raw: u64, level: u8) {
-        if let Pte::Table { pa } = self.fmt.decode(raw, level)
-            && let Some(f) = self.mem.frame(pa)
-        {
-            prefetch_frame(f);
+        // Nested, not a let chain: those need Rust 1.88, the workspace declares 1.85.
+        if let Pte::Table { pa } = self.fmt.decode(raw, level) {
+            if let Some(f) = self.mem.frame(pa) {
+                prefetch_frame(f);
+            }
         }
     }
 
@@ -917,7 +864,7 @@ mod tests {
     #[test]
     fn plain_store_only_for_settled_entries() {
         use crate::format::AmdV1;
-        use crate::{PageTable, Perm, TableArena};
+        use crate::{NoFlush, PageTable, Perm, TableArena};
         let arena = TableArena::new(0x10_0000, 16).unwrap();
         let mut pt = PageTable::new(AmdV1::new(3).unwrap(), &arena).unwrap();
         pt.map_sizes(0x40_0000, 0x80_0000, 0x4000, Perm::RW, 4096)

@@ -79,9 +79,9 @@ mod split;
 mod table;
 pub mod vtd;
 
-pub use dirty::{DirtyBits, DirtySink, HarvestOptions, HarvestStats, IotlbFlush, NoFlush};
+pub use dirty::{DirtyBits, HarvestOptions, HarvestStats};
 pub use error::Error;
 pub use format::{FormatKind, Leaf, PageTableFormat, Perm, Pte};
 pub use mem::{FRAME_SIZE, Frame, PhysMem, TableArena};
 pub use split::{CollapseStats, SplitStats};
-pub use table::{Mapping, PageTable, Translation};
+pub use table::{DirtySink, IotlbFlush, Mapping, NoFlush, PageTable, Translation};

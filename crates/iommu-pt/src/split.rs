@@ -24,9 +24,9 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::Error;
-use crate::dirty::IotlbFlush;
 use crate::format::{BitOp, Leaf, PageTableFormat, Pte, level_size};
 use crate::mem::{Frame, PhysMem};
+use crate::table::IotlbFlush;
 use crate::table::{PageTable, span};
 
 /// What [`PageTable::split`] did.

@@ -1,4 +1,5 @@
-//! The page-table tree: map, unmap, translate, walk.
+//! The page-table tree: map, unmap, translate, walk; and the two callbacks its operations take,
+//! [`DirtySink`] (the dirty pages an unmap or a harvest finds) and [`IotlbFlush`].
 //!
 //! ```text
 //!   root (level N) ──> table (N-1) ──> ... ──> table (1) ──> 4 KiB leaves
@@ -19,7 +20,6 @@ use core::fmt::Write as _;
 use core::sync::atomic::Ordering;
 
 use crate::Error;
-use crate::dirty::{DirtySink, IotlbFlush};
 use crate::format::{ENTRIES, Leaf, PageTableFormat, Perm, Pte, level_shift, level_size};
 use crate::mem::{Frame, PhysMem};
 
@@ -47,6 +47,60 @@ pub struct Mapping {
     pub leaf: Leaf,
     /// The raw entry (the first replica, for replicated AMD-Vi pages).
     pub raw: u64,
+}
+
+/// Receives the dirty IOVA ranges a harvest finds.
+pub trait DirtySink {
+    /// `[iova, iova + len)` was written.
+    fn record(&mut self, iova: u64, len: u64);
+
+    /// Pages `iova + k * page` for every bit `k` set in `mask` were written. Implementations
+    /// with a bitmap of granule `page` can OR the mask in directly.
+    fn record_mask(&mut self, iova: u64, page: u64, mask: u64) {
+        let mut m = mask;
+        while m != 0 {
+            let k = m.trailing_zeros();
+            m &= m - 1;
+            self.record(iova + u64::from(k) * page, page);
+        }
+    }
+}
+
+/// Discards everything (plain unmap).
+impl DirtySink for () {
+    fn record(&mut self, _iova: u64, _len: u64) {}
+    fn record_mask(&mut self, _iova: u64, _page: u64, _mask: u64) {}
+}
+
+/// Any `FnMut(iova, len)` is a sink.
+impl<F: FnMut(u64, u64)> DirtySink for F {
+    fn record(&mut self, iova: u64, len: u64) {
+        self(iova, len)
+    }
+}
+
+/// Invalidates IOTLB entries for an IOVA range after entries were cleaned or removed.
+///
+/// For a real IOMMU this issues the invalidation (and waits for it); for the IOMMU model
+/// (module `model`, feature "model") it drops cached translations and drains in-flight DMA.
+pub trait IotlbFlush {
+    /// Invalidate every cached translation of `[iova, iova + size)`.
+    fn flush(&mut self, iova: u64, size: u64);
+}
+
+impl<F: FnMut(u64, u64)> IotlbFlush for F {
+    fn flush(&mut self, iova: u64, size: u64) {
+        self(iova, size)
+    }
+}
+
+/// Skips invalidation. Correct only for tables no IOMMU is using; with a live IOMMU it loses
+/// dirty pages (the `model` tests demonstrate exactly that).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoFlush;
+
+impl IotlbFlush for NoFlush {
+    fn flush(&mut self, _iova: u64, _size: u64) {}
 }
 
 /// An IO page table in format `F` over table memory `M`.

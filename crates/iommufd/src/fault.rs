@@ -22,27 +22,21 @@
 //!
 //! [`Hwpt::alloc_nested`]: crate::Hwpt::alloc_nested
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::sync::Arc;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::time::Duration;
 
 use crate::abi;
 use crate::error::{Error, Op};
-use crate::objects::{Iommufd, Object};
+
+/// Moved to `objects` with the other iommufd objects; this path is kept for one release.
+#[doc(no_inline)]
+pub use crate::objects::FaultQueue;
 
 /// Bytes of one fault record.
 pub const RECORD_LEN: usize = size_of::<abi::iommu_hwpt_pgfault>();
 
 /// At most this many records are read per [`FaultQueue::read_requests`] call.
 pub const MAX_RECORDS_PER_READ: usize = 64;
-
-/// An iommufd fault object and its file. Dropping it closes the file and destroys the object
-/// (the kernel answers what is still pending with `INVALID`).
-#[derive(Debug)]
-pub struct FaultQueue {
-    obj: Arc<Object>,
-    fd: OwnedFd,
-}
 
 /// What access a page request asked for (`IOMMU_PGFAULT_PERM_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -167,36 +161,7 @@ pub fn decode_requests(bytes: &[u8]) -> Result<Vec<PageRequest>, Error> {
         .collect()
 }
 
-impl Iommufd {
-    /// `IOMMU_FAULT_QUEUE_ALLOC`: a new fault object and the file its records are read from.
-    /// `ENOTTY` before Linux 6.11.
-    pub fn alloc_fault_queue(&self) -> Result<FaultQueue, Error> {
-        let mut arg = abi::iommu_fault_alloc {
-            size: size_of::<abi::iommu_fault_alloc>() as u32,
-            ..Default::default()
-        };
-        // SAFETY: `arg` is an iommu_fault_alloc with size set.
-        unsafe { self.ioctl(Op::FaultQueueAlloc, abi::IOMMU_FAULT_QUEUE_ALLOC, &mut arg) }?;
-        let obj = Arc::new(Object {
-            iommufd: self.clone(),
-            id: arg.out_fault_id,
-        });
-        // SAFETY: the kernel just installed this descriptor for us and nothing else owns it.
-        let fd = unsafe { OwnedFd::from_raw_fd(arg.out_fault_fd as i32) };
-        Ok(FaultQueue { obj, fd })
-    }
-}
-
 impl FaultQueue {
-    /// The fault object's id (what `IOMMU_HWPT_ALLOC` takes as `fault_id`).
-    pub fn id(&self) -> u32 {
-        self.obj.id
-    }
-
-    pub(crate) fn object(&self) -> &Arc<Object> {
-        &self.obj
-    }
-
     /// Waits up to `timeout` (`None`: no wait) for page requests and reads those waiting, at
     /// most [`MAX_RECORDS_PER_READ`] records. An empty list means none arrived in time.
     pub fn read_requests(&self, timeout: Option<Duration>) -> Result<Vec<PageRequest>, Error> {

@@ -59,10 +59,11 @@ pub mod viommu;
 pub use auto::{AutoDomain, AutoDomains, DomainPath};
 pub use bitmap::{DirtyBitmap, DirtyRun, Runs};
 pub use error::{Error, Op, Reason};
-pub use fault::{FaultPerm, FaultQueue, PageRequest, PageResponse};
+pub use fault::{FaultPerm, PageRequest, PageResponse};
 pub use hw_info::{HwCaps, HwInfo, HwInfoType, VendorInfo, decode_vendor};
 pub use objects::{
-    DmaAccess, Hwpt, HwptFlags, Ioas, IommuDevice, Iommufd, IovaRange, IovaRanges, Placement,
+    DmaAccess, FaultQueue, Hwpt, HwptFlags, Ioas, IommuDevice, Iommufd, IovaRange, IovaRanges,
+    Placement,
 };
 pub use viommu::{Support, Vdevice, Viommu};
 

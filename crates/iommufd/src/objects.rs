@@ -7,7 +7,7 @@
 //! the error instead of it being swallowed by `Drop`.
 
 use std::ffi::c_void;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -729,7 +729,7 @@ impl Hwpt {
         dev_id: u32,
         data_type: u32,
         data: &[u8],
-        fault: Option<&crate::fault::FaultQueue>,
+        fault: Option<&FaultQueue>,
     ) -> Result<Hwpt, Error> {
         if !self.flags.contains(HwptFlags::NEST_PARENT) {
             return Err(Error::invalid(
@@ -920,5 +920,45 @@ impl Hwpt {
     ) -> Result<u64, Error> {
         self.get_dirty_bitmap(iova, length, bitmap, false)?;
         self.ioas.unmap(iova, length)
+    }
+}
+
+/// An iommufd fault object and its file. Dropping it closes the file and destroys the object
+/// (the kernel answers what is still pending with `INVALID`). Its page requests are read and
+/// answered with the methods of [`crate::fault`].
+#[derive(Debug)]
+pub struct FaultQueue {
+    obj: Arc<Object>,
+    pub(crate) fd: OwnedFd,
+}
+
+impl FaultQueue {
+    /// The fault object's id (what `IOMMU_HWPT_ALLOC` takes as `fault_id`).
+    pub fn id(&self) -> u32 {
+        self.obj.id
+    }
+
+    pub(crate) fn object(&self) -> &Arc<Object> {
+        &self.obj
+    }
+}
+
+impl Iommufd {
+    /// `IOMMU_FAULT_QUEUE_ALLOC`: a new fault object and the file its records are read from.
+    /// `ENOTTY` before Linux 6.11.
+    pub fn alloc_fault_queue(&self) -> Result<FaultQueue, Error> {
+        let mut arg = abi::iommu_fault_alloc {
+            size: size_of::<abi::iommu_fault_alloc>() as u32,
+            ..Default::default()
+        };
+        // SAFETY: `arg` is an iommu_fault_alloc with size set.
+        unsafe { self.ioctl(Op::FaultQueueAlloc, abi::IOMMU_FAULT_QUEUE_ALLOC, &mut arg) }?;
+        let obj = Arc::new(Object {
+            iommufd: self.clone(),
+            id: arg.out_fault_id,
+        });
+        // SAFETY: the kernel just installed this descriptor for us and nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(arg.out_fault_fd as i32) };
+        Ok(FaultQueue { obj, fd })
     }
 }

@@ -31,9 +31,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use crate::config::{AdUpdate, AmdDte, Pgtt, SmmuCd, SmmuSte, SteConfig, VtdPasidEntry};
-use crate::dirty::IotlbFlush;
 use crate::format::{FaultKind, FormatKind, HwAccess, PageTableFormat, Pte};
 use crate::mem::PhysMem;
+use crate::table::IotlbFlush;
 use crate::table::index;
 
 mod ram;

@@ -1,0 +1,96 @@
+//! Migration connections: the page channels a source opens and a destination accepts, and a
+//! destination's listen, accept and receive.
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use livemig::engine::Destination;
+use livemig::link::{Cut, DataSink, Paced};
+use livemig::transport::Abort;
+
+use crate::secure;
+
+/// Opens page channel connections to `to` (each paced to `bandwidth`, 0 for none, and secured
+/// as `sec` says), for [`Source::migrate_channels`](livemig::engine::Source::migrate_channels).
+pub(crate) fn page_channels<'a>(
+    to: &'a str,
+    bandwidth: u64,
+    sec: &'a secure::Security,
+) -> impl FnMut(u32) -> std::io::Result<(Box<dyn DataSink>, Abort)> + 'a {
+    move |_index| {
+        let c = secure::dial(to, sec).map_err(std::io::Error::other)?;
+        Ok((
+            Box::new(Paced::new(c.data, bandwidth, Cut::new())) as Box<dyn DataSink>,
+            c.abort,
+        ))
+    }
+}
+
+/// Accepts page channel connections on `l` (a source that announced page channels and does
+/// not connect them within 30 s fails the migration, naming the wait), each secured as `sec`
+/// says, for [`Destination::receive_channels`].
+pub(crate) fn accept_page_channels<'a>(
+    l: &'a TcpListener,
+    sec: &'a secure::Security,
+) -> impl FnMut() -> std::io::Result<(Box<dyn std::io::Read + Send>, Abort)> + 'a {
+    move || {
+        l.set_nonblocking(true)?;
+        let t0 = std::time::Instant::now();
+        let (s, _) = loop {
+            match l.accept() {
+                Ok(c) => break c,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if t0.elapsed() > Duration::from_secs(30) {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "no page channel connected within 30 s",
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        l.set_nonblocking(false)?;
+        s.set_nonblocking(false)?;
+        let c = secure::answer(s, sec).map_err(std::io::Error::other)?;
+        Ok((c.back, c.abort))
+    }
+}
+
+/// Listens on `listen`, announces the address ("listening on ADDR", on standard output when
+/// `stdout`, else standard error), accepts one peer and receives its migration into `dest`.
+/// With `what`, says "receiving {what}from PEER" on standard error.
+pub(crate) fn receive_one(
+    listen: &str,
+    dest: &mut Destination,
+    stdout: bool,
+    what: Option<&str>,
+    sec: &secure::Security,
+) -> Result<livemig::engine::ReceiveReport> {
+    let l = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
+    if stdout {
+        println!("listening on {}", l.local_addr()?);
+        std::io::stdout().flush()?;
+    } else {
+        eprintln!("listening on {}", l.local_addr()?);
+        std::io::stderr().flush()?;
+    }
+    // Under TLS the peer is authenticated here, before anything of the migration is read.
+    let conn = secure::accept_one(&l, sec)?;
+    // On stderr whenever stdout is not the report's (the peer names its certificate's
+    // fingerprint under TLS).
+    if what.is_some() || !stdout {
+        eprintln!("receiving {}from {}", what.unwrap_or(""), conn.peer);
+    }
+    // One connection, or the main one of several: the stream's first record says.
+    dest.receive_channels(
+        conn.back,
+        conn.data,
+        conn.abort,
+        &mut accept_page_channels(&l, sec),
+    )
+    .map_err(|e| anyhow::anyhow!("incoming migration failed: {}", e.chain()))
+}
