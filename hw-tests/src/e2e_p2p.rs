@@ -101,10 +101,10 @@ impl Watched {
                 self.side, self.me
             ));
         }
-        if let Some(v) = violation(self.side, self.me, target, &others) {
-            if let Ok(mut l) = self.violations.lock() {
-                l.push(v);
-            }
+        if let Some(v) = violation(self.side, self.me, target, &others)
+            && let Ok(mut l) = self.violations.lock()
+        {
+            l.push(v);
         }
     }
 }

@@ -75,7 +75,7 @@ impl Phys {
 
     pub(crate) fn at(&self, off: u64, size: usize) -> *mut u8 {
         assert!(
-            off as usize + size <= self.len && off as usize % size == 0,
+            off as usize + size <= self.len && (off as usize).is_multiple_of(size),
             "access at {off:#x} (+{size}) outside the {:#x}-byte mapping or misaligned",
             self.len
         );
@@ -429,10 +429,10 @@ impl livemig_iommu_pt::PhysMem for DevMemTables {
     }
 
     fn free_frame(&self, pa: u64) {
-        if let (Some(off), Ok(mut used)) = (pa.checked_sub(self.base), self.used.lock()) {
-            if let Some(u) = used.get_mut((off / 4096) as usize) {
-                *u = false;
-            }
+        if let (Some(off), Ok(mut used)) = (pa.checked_sub(self.base), self.used.lock())
+            && let Some(u) = used.get_mut((off / 4096) as usize)
+        {
+            *u = false;
         }
     }
 

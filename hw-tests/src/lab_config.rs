@@ -113,17 +113,16 @@ impl LabConfig {
                     bail!("device {:?}: flag {f:?} is not one of {FLAGS:?}", d.name);
                 }
             }
-            if let Some(other) = &d.resume_into {
-                if !self
+            if let Some(other) = &d.resume_into
+                && !self
                     .devices
                     .iter()
                     .any(|x| &x.name == other && x.name != d.name)
-                {
-                    bail!(
-                        "device {:?}: resume_into names no other device {other:?}",
-                        d.name
-                    );
-                }
+            {
+                bail!(
+                    "device {:?}: resume_into names no other device {other:?}",
+                    d.name
+                );
             }
         }
         if let Some(n) = &self.nested {

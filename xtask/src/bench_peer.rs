@@ -130,7 +130,7 @@ pub fn parse_size(s: &str) -> Result<u64> {
 }
 
 fn size_name(b: u64) -> String {
-    if b % GIB == 0 {
+    if b.is_multiple_of(GIB) {
         format!("{} GiB", b / GIB)
     } else {
         format!("{} MiB", b / MIB)

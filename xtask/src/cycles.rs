@@ -731,10 +731,10 @@ fn scan(src: &str) -> Scan {
                     {
                         no_inline = true;
                     }
-                    if let [Tok::Ident(p), Tok::Punct('='), Tok::Str(v)] = &words[..] {
-                        if p == "path" {
-                            path_attr = Some(v.clone());
-                        }
+                    if let [Tok::Ident(p), Tok::Punct('='), Tok::Str(v)] = &words[..]
+                        && p == "path"
+                    {
+                        path_attr = Some(v.clone());
                     }
                 }
                 i = end + 1;

@@ -296,12 +296,11 @@ fn declared_msrv(manifest: &str) -> Option<String> {
     for line in manifest.lines().map(str::trim) {
         if let Some(t) = line.strip_prefix('[') {
             table = t.trim_end_matches(']').trim();
-        } else if table == "workspace.package" {
-            if let Some((k, v)) = line.split_once('=') {
-                if k.trim() == "rust-version" {
-                    return Some(v.trim().trim_matches('"').to_string());
-                }
-            }
+        } else if table == "workspace.package"
+            && let Some((k, v)) = line.split_once('=')
+            && k.trim() == "rust-version"
+        {
+            return Some(v.trim().trim_matches('"').to_string());
         }
     }
     None

@@ -339,17 +339,17 @@ pub fn run(
                 });
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                if let Some(t) = finished_at {
-                    if t.elapsed() >= Duration::from_secs(10) {
-                        // Results are in but the guest did not power off: stop it.
-                        return Ok(Run {
-                            lines,
-                            exited: false,
-                            timed_out: false,
-                            elapsed: start.elapsed(),
-                            log: log.to_path_buf(),
-                        });
-                    }
+                if let Some(t) = finished_at
+                    && t.elapsed() >= Duration::from_secs(10)
+                {
+                    // Results are in but the guest did not power off: stop it.
+                    return Ok(Run {
+                        lines,
+                        exited: false,
+                        timed_out: false,
+                        elapsed: start.elapsed(),
+                        log: log.to_path_buf(),
+                    });
                 }
             }
         }

@@ -134,12 +134,12 @@ pub fn fragment_options(text: &str) -> (Vec<String>, Vec<String>) {
             if opt.starts_with("CONFIG_") {
                 on.push(opt.to_string());
             }
-        } else if let Some(rest) = line.strip_prefix("# ") {
-            if let Some(opt) = rest.strip_suffix(" is not set") {
-                if opt.starts_with("CONFIG_") && !opt.contains(' ') {
-                    off.push(opt.to_string());
-                }
-            }
+        } else if let Some(rest) = line.strip_prefix("# ")
+            && let Some(opt) = rest.strip_suffix(" is not set")
+            && opt.starts_with("CONFIG_")
+            && !opt.contains(' ')
+        {
+            off.push(opt.to_string());
         }
     }
     (on, off)

@@ -164,12 +164,12 @@ fn a_killed_destination_process_leaves_the_source_vm_running() {
         );
         let c = child.clone();
         source.on_event(move |e| {
-            if let Event::Phase(p) = e {
-                if *p == at {
-                    let mut c = c.lock().unwrap();
-                    c.kill().unwrap();
-                    c.wait().unwrap();
-                }
+            if let Event::Phase(p) = e
+                && *p == at
+            {
+                let mut c = c.lock().unwrap();
+                c.kill().unwrap();
+                c.wait().unwrap();
             }
         });
         let stream = std::net::TcpStream::connect(&addr).unwrap();

@@ -139,7 +139,7 @@ struct Window {
 impl Window {
     fn check(&self, off: usize, width: usize) {
         assert!(
-            off % width == 0 && off.checked_add(width).is_some_and(|e| e <= self.len),
+            off.is_multiple_of(width) && off.checked_add(width).is_some_and(|e| e <= self.len),
             "register access at {off:#x} (+{width}) outside the {:#x}-byte window",
             self.len
         );
@@ -216,7 +216,7 @@ impl MmioVf {
     /// `base..base + len` must be a mapping of the VF's BAR2 (device memory, uncached) that stays
     /// mapped and is not accessed as ordinary memory for the lifetime of the returned value.
     pub unsafe fn new(base: NonNull<u8>, len: usize) -> Option<MmioVf> {
-        (len >= VF_MAP_LEN && base.as_ptr() as usize % 16 == 0).then_some(MmioVf {
+        (len >= VF_MAP_LEN && (base.as_ptr() as usize).is_multiple_of(16)).then_some(MmioVf {
             w: Window { base, len },
         })
     }
@@ -305,7 +305,7 @@ impl MmioPf {
     /// As [`MmioVf::new`], for the PF's register BAR. The PF belongs to the host's crypto driver;
     /// reading these registers is harmless, and only the VFT read protocol writes any.
     pub unsafe fn new(base: NonNull<u8>, len: usize) -> Option<MmioPf> {
-        (len >= PF_MAP_LEN && base.as_ptr() as usize % 8 == 0).then_some(MmioPf {
+        (len >= PF_MAP_LEN && (base.as_ptr() as usize).is_multiple_of(8)).then_some(MmioPf {
             w: Window { base, len },
         })
     }

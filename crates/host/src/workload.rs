@@ -142,18 +142,18 @@ fn run(s: &Shared, cfg: WorkloadConfig, mut write: WriteFn) {
     let mut done = 0u64;
     while !s.stop.load(Ordering::SeqCst) {
         // The gate: park while paused (the pause returns once every thread is parked).
-        if let Ok(mut g) = s.gate.lock() {
-            if g.paused {
-                g.parked += 1;
-                s.cv.notify_all();
-                while g.paused && !s.stop.load(Ordering::SeqCst) {
-                    g = match s.cv.wait(g) {
-                        Ok(g) => g,
-                        Err(_) => return,
-                    };
-                }
-                g.parked -= 1;
+        if let Ok(mut g) = s.gate.lock()
+            && g.paused
+        {
+            g.parked += 1;
+            s.cv.notify_all();
+            while g.paused && !s.stop.load(Ordering::SeqCst) {
+                g = match s.cv.wait(g) {
+                    Ok(g) => g,
+                    Err(_) => return,
+                };
             }
+            g.parked -= 1;
         }
         // Woken to stop: not one more write (the pause's promise outlives the workload).
         if s.stop.load(Ordering::SeqCst) {

@@ -243,10 +243,10 @@ fn check_with(
     }
     let (src, dst) = (&w.devs[0], &w.devs[1]);
     let chain = |r: &livemig::Error| livemig::error::chain(r);
-    if let Some(Err(e)) = &run.dest {
-        if chain(e).contains("panicked") {
-            return Err(what(&format!("the destination panicked: {}", chain(e))));
-        }
+    if let Some(Err(e)) = &run.dest
+        && chain(e).contains("panicked")
+    {
+        return Err(what(&format!("the destination panicked: {}", chain(e))));
     }
     let dest_done = matches!(run.dest, Some(Ok(_)));
     if dest_done {

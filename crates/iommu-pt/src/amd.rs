@@ -842,7 +842,7 @@ impl AmdEvent {
                 "set while GN is clear (the field is a 16-bit DomainID)",
             ));
         }
-        if code == EventCode::IllegalCommandError && words[1] % 16 != 0 {
+        if code == EventCode::IllegalCommandError && !words[1].is_multiple_of(16) {
             return Err(decode_err(
                 EVT_WHAT,
                 "ILLEGAL_COMMAND_ERROR.Address",

@@ -157,7 +157,7 @@ impl DirtySink for DirtyBits {
     fn record_mask(&mut self, iova: u64, page: u64, mask: u64) {
         let fits = page == 1 << self.shift
             && iova >= self.base
-            && (iova - self.base) % page == 0
+            && (iova - self.base).is_multiple_of(page)
             && iova.saturating_add(64 * page) <= self.base + self.len;
         if !fits {
             let mut m = mask;
@@ -310,7 +310,7 @@ impl<F: PageTableFormat, M: PhysMem> PageTable<F, M> {
         flush: &mut impl IotlbFlush,
     ) -> Result<HarvestStats, Error> {
         let end = self.check_range(iova, size)?;
-        if opts.batch == 0 || opts.batch % 4096 != 0 {
+        if opts.batch == 0 || !opts.batch.is_multiple_of(4096) {
             return Err(Error::Unaligned {
                 what: "batch size",
                 value: opts.batch,
@@ -583,10 +583,10 @@ impl<F: PageTableFormat, M: PhysMem> PageTable<F, M> {
     #[inline(always)]
     fn prefetch_table(&self, raw: u64, level: u8) {
         // Nested, not a let chain: those need Rust 1.88, the workspace declares 1.85.
-        if let Pte::Table { pa } = self.fmt.decode(raw, level) {
-            if let Some(f) = self.mem.frame(pa) {
-                prefetch_frame(f);
-            }
+        if let Pte::Table { pa } = self.fmt.decode(raw, level)
+            && let Some(f) = self.mem.frame(pa)
+        {
+            prefetch_frame(f);
         }
     }
 
@@ -952,7 +952,11 @@ mod tests {
             let common = rnd();
             let chunk: Vec<AtomicU64> = (0..n)
                 .map(|_| {
-                    let noise = if rnd() % 8 == 0 { 1 << (rnd() % 64) } else { 0 };
+                    let noise = if rnd().is_multiple_of(8) {
+                        1 << (rnd() % 64)
+                    } else {
+                        0
+                    };
                     AtomicU64::new(common ^ noise)
                 })
                 .collect();

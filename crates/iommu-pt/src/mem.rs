@@ -104,7 +104,7 @@ impl TableArena {
     /// An arena of `capacity` frames starting at physical address `base` (4 KiB-aligned,
     /// non-zero so that a zero pointer is never a valid table).
     pub fn new(base: u64, capacity: usize) -> Result<Self, crate::Error> {
-        if base == 0 || base % FRAME_SIZE != 0 {
+        if base == 0 || !base.is_multiple_of(FRAME_SIZE) {
             return Err(crate::Error::Config(
                 "arena base must be a non-zero multiple of 4 KiB",
             ));

@@ -202,14 +202,14 @@ impl<F: PageTableFormat, M: PhysMem> PageTable<F, M> {
                     }
                     Err(cur) => {
                         // The IOMMU set A/D meanwhile; discard what we built and retry.
-                        if to_level != level {
-                            if let Pte::Table { pa } = self.fmt.decode(new, level) {
-                                let mut v = Vec::new();
-                                self.collect_tables(pa, level - 1, &mut v);
-                                stats.tables -= v.len() as u64;
-                                for t in v {
-                                    self.mem.free_frame(t);
-                                }
+                        if to_level != level
+                            && let Pte::Table { pa } = self.fmt.decode(new, level)
+                        {
+                            let mut v = Vec::new();
+                            self.collect_tables(pa, level - 1, &mut v);
+                            stats.tables -= v.len() as u64;
+                            for t in v {
+                                self.mem.free_frame(t);
                             }
                         }
                         old = cur;

@@ -610,10 +610,10 @@ impl<F: PageTableFormat, M: PhysMem> PageTable<F, M> {
         };
         for slot in frame.iter() {
             let raw = slot.load(Ordering::Acquire);
-            if let Pte::Table { pa } = self.fmt.decode(raw, level) {
-                if self.mem.frame(pa).is_some() {
-                    self.collect_tables(pa, level - 1, out);
-                }
+            if let Pte::Table { pa } = self.fmt.decode(raw, level)
+                && self.mem.frame(pa).is_some()
+            {
+                self.collect_tables(pa, level - 1, out);
             }
         }
     }
@@ -634,10 +634,10 @@ impl<F: PageTableFormat, M: PhysMem> PageTable<F, M> {
             return;
         };
         for slot in frame.iter() {
-            if let Pte::Table { pa } = self.fmt.decode(slot.load(Ordering::Acquire), level) {
-                if self.mem.frame(pa).is_some() {
-                    self.tables_in(pa, level - 1, out);
-                }
+            if let Pte::Table { pa } = self.fmt.decode(slot.load(Ordering::Acquire), level)
+                && self.mem.frame(pa).is_some()
+            {
+                self.tables_in(pa, level - 1, out);
             }
         }
     }

@@ -1043,7 +1043,7 @@ impl InvDesc {
             return Err(Error::Config("address mask beyond the address width"));
         }
         let align = 4096u64 << am;
-        if addr % align != 0 {
+        if !addr.is_multiple_of(align) {
             return Err(Error::Unaligned {
                 what: "invalidation address",
                 value: addr,

@@ -35,12 +35,12 @@ fn image<F: PageTableFormat>(f: F) -> String {
             let frame = arena.frame(table).unwrap();
             let idx = ((iova >> (12 + 9 * (u32::from(level) - 1))) & 511) as usize;
             let raw = frame[idx].load(std::sync::atomic::Ordering::Relaxed);
-            if let livemig_iommu_pt::Pte::Leaf(l) = f.decode(raw, level) {
-                if l.pa == t.leaf.pa {
-                    let dirty = f.dirty_op().apply(raw) | f.accessed_bit();
-                    frame[idx].store(dirty, std::sync::atomic::Ordering::Relaxed);
-                    done = true;
-                }
+            if let livemig_iommu_pt::Pte::Leaf(l) = f.decode(raw, level)
+                && l.pa == t.leaf.pa
+            {
+                let dirty = f.dirty_op().apply(raw) | f.accessed_bit();
+                frame[idx].store(dirty, std::sync::atomic::Ordering::Relaxed);
+                done = true;
             }
         }
     }

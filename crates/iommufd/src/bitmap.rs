@@ -199,12 +199,11 @@ impl DirtyBitmap {
 
     fn check_tail(&self) -> Result<(), Error> {
         let used = self.nbits % 64;
-        if used != 0 {
-            if let Some(&last) = self.words.last() {
-                if last & !low_mask(used) != 0 {
-                    return Err(bad("bits beyond the end of the range are set"));
-                }
-            }
+        if used != 0
+            && let Some(&last) = self.words.last()
+            && last & !low_mask(used) != 0
+        {
+            return Err(bad("bits beyond the end of the range are set"));
         }
         Ok(())
     }
@@ -440,7 +439,7 @@ pub(crate) fn check_range(iova: u64, length: u64, page_size: u64) -> Result<(), 
     if length == 0 {
         return Err(bad("length must be non-zero"));
     }
-    if iova % page_size != 0 || length % page_size != 0 {
+    if !iova.is_multiple_of(page_size) || !length.is_multiple_of(page_size) {
         return Err(bad(format!(
             "range {iova:#x}+{length:#x} is not aligned to the page size {page_size:#x}"
         )));

@@ -100,7 +100,7 @@ impl State {
     }
 
     fn place(&mut self, ioas: u32, fixed: Option<u64>, len: u64) -> io::Result<u64> {
-        if len % PAGE != 0 {
+        if !len.is_multiple_of(PAGE) {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
         let allowed = self.allowed();

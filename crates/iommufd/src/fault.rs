@@ -110,7 +110,7 @@ impl PageResponse {
 /// (a length that is not a multiple of [`RECORD_LEN`], unknown flag or permission bits, a
 /// non-zero reserved field) is refused with a message naming it, never guessed at.
 pub fn decode_requests(bytes: &[u8]) -> Result<Vec<PageRequest>, Error> {
-    if bytes.len() % RECORD_LEN != 0 {
+    if !bytes.len().is_multiple_of(RECORD_LEN) {
         return Err(Error::invalid(
             Op::FaultRead,
             format!(

@@ -855,7 +855,7 @@ impl Hwpt {
             ));
         }
         let first_bit = (iova - bitmap.iova()) / page;
-        if first_bit % 64 == 0 {
+        if first_bit.is_multiple_of(64) {
             // The range starts on a word of the caller's bitmap: the kernel writes into it.
             let words = &mut bitmap.words_mut()[(first_bit / 64) as usize..];
             // SAFETY: `words` holds at least the range's bits (checked above) for the call.

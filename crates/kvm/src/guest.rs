@@ -318,10 +318,9 @@ impl GuestMonitor {
         if let GuestEvent::Progress { cpu, steps, .. }
         | GuestEvent::VerifyDone { cpu, steps, .. }
         | GuestEvent::PassDone { cpu, steps } = &e
+            && let Some(s) = g.steps.get_mut(*cpu as usize)
         {
-            if let Some(s) = g.steps.get_mut(*cpu as usize) {
-                *s = (*s).max(*steps);
-            }
+            *s = (*s).max(*steps);
         }
         g.events.push_back(e);
         if g.events.len() > RETAIN {

@@ -191,10 +191,10 @@ fn operator_cancel_at_every_phase_leaves_the_source_running() {
         );
         let h = source.cancel_handle();
         source.on_event(move |e| {
-            if let Event::Phase(p) = e {
-                if *p == at {
-                    h.cancel(format!("test cancel at {at}"));
-                }
+            if let Event::Phase(p) = e
+                && *p == at
+            {
+                h.cancel(format!("test cancel at {at}"));
             }
         });
         let mut dest = livemig::engine::Destination::new(dp);
@@ -233,10 +233,10 @@ fn a_corrupted_stream_and_a_dead_destination_leave_the_source_running() {
         let cut = livemig::link::Cut::new();
         let c = cut.clone();
         source.on_event(move |e| {
-            if let Event::Phase(p) = e {
-                if *p == at {
-                    c.cut();
-                }
+            if let Event::Phase(p) = e
+                && *p == at
+            {
+                c.cut();
             }
         });
         let mut dest = livemig::engine::Destination::new(dp);

@@ -85,10 +85,10 @@ impl PageBitmap {
     pub fn set_all(&mut self) {
         self.words.fill(!0);
         let tail = self.pages % 64;
-        if tail != 0 {
-            if let Some(w) = self.words.last_mut() {
-                *w = (1u64 << tail) - 1;
-            }
+        if tail != 0
+            && let Some(w) = self.words.last_mut()
+        {
+            *w = (1u64 << tail) - 1;
         }
     }
 
@@ -99,7 +99,7 @@ impl PageBitmap {
     pub fn or_bits(&mut self, first: u64, src: &[u64], pages: u64) -> u64 {
         let pages = pages.min(src.len() as u64 * 64);
         let mut n = 0;
-        if first % 64 == 0 {
+        if first.is_multiple_of(64) {
             let start = (first / 64) as usize;
             let full = (pages / 64) as usize;
             let dst = self.words.get_mut(start..).unwrap_or_default();

@@ -125,7 +125,7 @@ impl Default for SimSpec {
 impl SimSpec {
     /// Checks the values.
     pub fn validate(&self) -> Result<(), String> {
-        if self.ram < 64 << 20 || self.ram % (2 << 20) != 0 {
+        if self.ram < 64 << 20 || !self.ram.is_multiple_of(2 << 20) {
             return Err(format!(
                 "RAM size {} must be at least 64 MiB and a multiple of 2 MiB",
                 self.ram

@@ -85,7 +85,7 @@ fn zeroed_chunk() -> Chunk {
 impl SparseRam {
     /// `size` bytes (a non-zero multiple of 4 KiB) of zero RAM; nothing allocated yet.
     pub fn new(size: u64) -> Result<SparseRam, MemoryError> {
-        if size == 0 || size % PAGE_SIZE != 0 {
+        if size == 0 || !size.is_multiple_of(PAGE_SIZE) {
             return Err(MemoryError {
                 gpa: 0,
                 len: size,
@@ -191,7 +191,7 @@ impl SparseRam {
         if all_zero && self.known_zero(gpa, data.len() as u64) {
             return Ok(());
         }
-        if gpa % 8 == 0 && data.len() % 8 == 0 {
+        if gpa.is_multiple_of(8) && data.len().is_multiple_of(8) {
             // Whole words: one store each.
             self.for_chunks(gpa, data.len() as u64, true, |c, first, range| {
                 let c = c.expect("allocated");
@@ -313,7 +313,7 @@ impl GuestMemory for SparseRam {
 
     fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
         self.check(gpa, buf.len() as u64)?;
-        if gpa % 8 == 0 && buf.len() % 8 == 0 {
+        if gpa.is_multiple_of(8) && buf.len().is_multiple_of(8) {
             // Whole words: one load each; a chunk never written reads as zero.
             self.for_chunks(gpa, buf.len() as u64, false, |c, first, range| {
                 let out = &mut buf[range];

@@ -517,7 +517,7 @@ fn check_pages(gpa: u64, page_size: u32, count: u32) -> Result<u64, ErrorKind> {
             value: u64::from(page_size),
         });
     }
-    if gpa % u64::from(page_size) != 0 {
+    if !gpa.is_multiple_of(u64::from(page_size)) {
         return Err(ErrorKind::InvalidField {
             field: "gpa (not page aligned)",
             value: gpa,

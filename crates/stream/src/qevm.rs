@@ -1082,10 +1082,9 @@ impl<'a> Walker<'a> {
             .as_ref()
             .and_then(Description::page_size)
             .is_none()
+            && let Some(bits) = cfg.target_page_bits
         {
-            if let Some(bits) = cfg.target_page_bits {
-                self.file.page_size = 1 << bits;
-            }
+            self.file.page_size = 1 << bits;
         }
         self.file.configuration = Some(cfg);
         Ok(())
@@ -1380,16 +1379,16 @@ impl<'a> Walker<'a> {
             }
         }
         self.pos = p.offset() as usize;
-        if let Some(size) = described {
-            if self.pos - body != size {
-                return Err(QevmError::FieldSize {
-                    offset: body as u64,
-                    section: idstr.to_string(),
-                    field: "data".to_string(),
-                    described: size as u64,
-                    walked: (self.pos - body) as u64,
-                });
-            }
+        if let Some(size) = described
+            && self.pos - body != size
+        {
+            return Err(QevmError::FieldSize {
+                offset: body as u64,
+                section: idstr.to_string(),
+                field: "data".to_string(),
+                described: size as u64,
+                walked: (self.pos - body) as u64,
+            });
         }
         Ok(Content::Vfio { items, config })
     }

@@ -239,7 +239,11 @@ impl<W: Write> Writer<W> {
             )));
         }
         let ps = u64::from(page_size);
-        if gpa % ps != 0 || len == 0 || len % ps != 0 || gpa.checked_add(len - 1).is_none() {
+        if !gpa.is_multiple_of(ps)
+            || len == 0
+            || !len.is_multiple_of(ps)
+            || gpa.checked_add(len - 1).is_none()
+        {
             return Err(self.invalid(format!(
                 "pages at {gpa:#x}+{len:#x} are not whole {page_size}-byte pages"
             )));
@@ -373,8 +377,8 @@ impl<W: Write> Writer<W> {
         if !page_size.is_power_of_two()
             || !(MIN_PAGE_SIZE..=MAX_PAGE_SIZE).contains(&page_size)
             || span == 0
-            || span % ps != 0
-            || iova % ps != 0
+            || !span.is_multiple_of(ps)
+            || !iova.is_multiple_of(ps)
             || iova.checked_add(span - 1).is_none()
         {
             return Err(self.invalid(format!(

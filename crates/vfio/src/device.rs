@@ -80,10 +80,11 @@ impl DeviceLocator {
             let entry = entry.map_err(|e| no_cdev(Some(e)))?;
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
-            if let Some(n) = name.strip_prefix("vfio") {
-                if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) {
-                    return Ok(self.dev.join("vfio/devices").join(name));
-                }
+            if let Some(n) = name.strip_prefix("vfio")
+                && !n.is_empty()
+                && n.bytes().all(|b| b.is_ascii_digit())
+            {
+                return Ok(self.dev.join("vfio/devices").join(name));
             }
         }
         Err(no_cdev(None))
@@ -536,7 +537,7 @@ impl VfioDevice {
             });
         }
         let page = page_size();
-        if len == 0 || offset % page != 0 || len as u64 % page != 0 {
+        if len == 0 || !offset.is_multiple_of(page) || !(len as u64).is_multiple_of(page) {
             return Err(Error::InvalidArgument {
                 op,
                 rule: format!(
@@ -922,15 +923,15 @@ mod tests {
                         let Ok(step) = fsm::next_step(self.state, target, flags) else {
                             return einval;
                         };
-                        if let Some((a, b, errno, to_err)) = self.fail_arc {
-                            if (a, b) == (self.state, step) {
-                                if to_err {
-                                    self.state = MigrationState::Error;
-                                }
-                                // SAFETY: argsz covers the payload.
-                                unsafe { (*p).data_fd = -1 };
-                                return Err(std::io::Error::from_raw_os_error(errno));
+                        if let Some((a, b, errno, to_err)) = self.fail_arc
+                            && (a, b) == (self.state, step)
+                        {
+                            if to_err {
+                                self.state = MigrationState::Error;
                             }
+                            // SAFETY: argsz covers the payload.
+                            unsafe { (*p).data_fd = -1 };
+                            return Err(std::io::Error::from_raw_os_error(errno));
                         }
                         if matches!(
                             step,

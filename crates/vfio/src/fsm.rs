@@ -410,12 +410,11 @@ pub fn required_arcs(flags: MigrationFlags) -> Vec<(MigrationState, MigrationSta
     let mut arcs = Vec::new();
     for from in flags.states() {
         for to in flags.states() {
-            if from != to {
-                if let Ok(step) = next_step(from, to, flags) {
-                    if !arcs.contains(&(from, step)) {
-                        arcs.push((from, step));
-                    }
-                }
+            if from != to
+                && let Ok(step) = next_step(from, to, flags)
+                && !arcs.contains(&(from, step))
+            {
+                arcs.push((from, step));
             }
         }
     }

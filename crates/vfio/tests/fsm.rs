@@ -259,29 +259,29 @@ fn full_feature_combinations_match_vfio_main_c_list() {
     let mut multi = 0;
     for cur in NON_ERROR {
         for target in NON_ERROR {
-            if let Ok(path) = fsm::plan(cur, target, f) {
-                if path.len() >= 2 {
-                    multi += 1;
-                    let mut full = vec![cur];
-                    full.extend(path);
-                    let text: Vec<&str> = full
-                        .iter()
-                        .map(|s| match s {
-                            Stop => "S",
-                            Running => "R",
-                            StopCopy => "SC",
-                            Resuming => "RS",
-                            RunningP2p => "RP",
-                            PreCopy => "PC",
-                            PreCopyP2p => "PP",
-                            Error => "E",
-                        })
-                        .collect();
-                    assert!(
-                        listed.contains(&text.join(" ").as_str()),
-                        "{text:?} not in the kernel list"
-                    );
-                }
+            if let Ok(path) = fsm::plan(cur, target, f)
+                && path.len() >= 2
+            {
+                multi += 1;
+                let mut full = vec![cur];
+                full.extend(path);
+                let text: Vec<&str> = full
+                    .iter()
+                    .map(|s| match s {
+                        Stop => "S",
+                        Running => "R",
+                        StopCopy => "SC",
+                        Resuming => "RS",
+                        RunningP2p => "RP",
+                        PreCopy => "PC",
+                        PreCopyP2p => "PP",
+                        Error => "E",
+                    })
+                    .collect();
+                assert!(
+                    listed.contains(&text.join(" ").as_str()),
+                    "{text:?} not in the kernel list"
+                );
             }
         }
     }

@@ -136,10 +136,10 @@ impl Domain {
     /// Mappings overlapping `[start, last]`.
     fn overlapping(&self, start: u64, last: u64) -> Vec<Mapping> {
         let mut out: Vec<Mapping> = Vec::new();
-        if let Some((_, m)) = self.maps.range(..start).next_back() {
-            if m.last >= start {
-                out.push(*m);
-            }
+        if let Some((_, m)) = self.maps.range(..start).next_back()
+            && m.last >= start
+        {
+            out.push(*m);
         }
         out.extend(self.maps.range(start..=last).map(|(_, m)| *m));
         out
@@ -238,13 +238,13 @@ impl VirtioIommu {
             bypass: false,
         };
         let bypass = self.unattached_bypass();
-        if let Some(l) = ep.listener.as_mut() {
-            if bypass {
-                l.set_bypass(true).map_err(|source| DeviceError::Listener {
-                    endpoint: id,
-                    source,
-                })?;
-            }
+        if let Some(l) = ep.listener.as_mut()
+            && bypass
+        {
+            l.set_bypass(true).map_err(|source| DeviceError::Listener {
+                endpoint: id,
+                source,
+            })?;
         }
         ep.bypass = bypass;
         self.endpoints.insert(id, ep);
@@ -385,10 +385,10 @@ impl VirtioIommu {
             return Status::Range;
         }
         let bypass = flags & ATTACH_F_BYPASS != 0;
-        if let Some(d) = self.domains.get(&domain) {
-            if d.bypass != bypass {
-                return Status::Inval;
-            }
+        if let Some(d) = self.domains.get(&domain)
+            && d.bypass != bypass
+        {
+            return Status::Inval;
         }
         let current = self.endpoints[&endpoint].domain;
         if current == Some(domain) {
@@ -497,14 +497,14 @@ impl VirtioIommu {
         }
         // The spec's rules, in its order (§5.13.6.5.2) ...
         let g = self.cfg.config.granule();
-        let end_aligned = last.wrapping_add(1) % g == 0;
-        if start % g != 0 || phys % g != 0 || !end_aligned {
+        let end_aligned = last.wrapping_add(1).is_multiple_of(g);
+        if !start.is_multiple_of(g) || !phys.is_multiple_of(g) || !end_aligned {
             return Status::Range;
         }
-        if let Some(d) = self.domains.get(&domain) {
-            if !d.overlapping(start, last).is_empty() {
-                return Status::Inval;
-            }
+        if let Some(d) = self.domains.get(&domain)
+            && !d.overlapping(start, last).is_empty()
+        {
+            return Status::Inval;
         }
         let known = MAP_F_READ
             | MAP_F_WRITE
@@ -787,10 +787,10 @@ impl VirtioIommu {
                 continue;
             }
             v.vfio_endpoints.push(*id);
-            if let Some(d) = e.domain.and_then(|d| self.domains.get(&d).map(|x| (d, x))) {
-                if !d.1.bypass {
-                    v.translated.push((*id, d.0, d.1.maps.len()));
-                }
+            if let Some(d) = e.domain.and_then(|d| self.domains.get(&d).map(|x| (d, x)))
+                && !d.1.bypass
+            {
+                v.translated.push((*id, d.0, d.1.maps.len()));
             }
         }
         v

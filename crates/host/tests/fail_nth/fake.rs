@@ -272,10 +272,9 @@ impl World {
                 dirty,
                 ..
             } = o
+                && *i == ioas
             {
-                if *i == ioas {
-                    dirty.insert(gpa & !(PAGE - 1));
-                }
+                dirty.insert(gpa & !(PAGE - 1));
             }
         }
     }

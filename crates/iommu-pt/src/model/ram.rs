@@ -64,7 +64,7 @@ impl GuestRam {
         else {
             return false;
         };
-        if off % 8 == 0 && len % 8 == 0 {
+        if off % 8 == 0 && len.is_multiple_of(8) {
             let (s, d) = ((off / 8) as usize, (doff / 8) as usize);
             for k in 0..(len / 8) as usize {
                 dst.words[d + k]

@@ -381,10 +381,11 @@ impl Destination {
                         let index = i as u32 + 1;
                         let r = receive_pages(conn, main, claimed, limits, mem, ranges, gate);
                         // The first failure stops the others, the main channel's read too.
-                        if r.is_err() && gate.fail(index) {
-                            if let Some(a) = abort {
-                                a();
-                            }
+                        if r.is_err()
+                            && gate.fail(index)
+                            && let Some(a) = abort
+                        {
+                            a();
                         }
                         r
                     })
@@ -419,10 +420,10 @@ impl Destination {
                                 });
                             };
                             if s.phase == StreamPhase::StopCopy {
-                                if !stop_copy_seen.contains(&true) {
-                                    if let Some(h) = self.hook.as_mut() {
-                                        h(DestinationEvent::StopCopy);
-                                    }
+                                if !stop_copy_seen.contains(&true)
+                                    && let Some(h) = self.hook.as_mut()
+                                {
+                                    h(DestinationEvent::StopCopy);
                                 }
                                 stop_copy_seen[i] = true;
                             }

@@ -809,13 +809,13 @@ impl Source {
         }
         r.device_estimate = device_estimate;
         r.remaining_estimate = (a.dirty.count() * PAGE_SIZE).saturating_add(device_estimate);
-        if let Some((guard, _)) = &self.platform.viommu {
-            if let Some(c) = guard.cancelled() {
-                return Err(Error::Cancelled {
-                    phase,
-                    reason: c.to_string(),
-                });
-            }
+        if let Some((guard, _)) = &self.platform.viommu
+            && let Some(c) = guard.cancelled()
+        {
+            return Err(Error::Cancelled {
+                phase,
+                reason: c.to_string(),
+            });
         }
         Ok((r, found))
     }

@@ -110,10 +110,10 @@ impl Run {
     pub fn cut_at(&mut self, phase: Phase) {
         let cut = self.cut.clone();
         self.source.on_event(move |e| {
-            if let livemig::engine::Event::Phase(p) = e {
-                if *p == phase {
-                    cut.cut();
-                }
+            if let livemig::engine::Event::Phase(p) = e
+                && *p == phase
+            {
+                cut.cut();
             }
         });
     }
