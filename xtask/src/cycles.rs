@@ -34,7 +34,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
@@ -102,21 +101,7 @@ struct Report {
 }
 
 fn workspace_crates() -> Result<Vec<Crate>> {
-    let root = workspace_root();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(&cargo)
-        .current_dir(&root)
-        .args(["metadata", "--no-deps", "--format-version", "1"])
-        .output()
-        .with_context(|| format!("cannot run {cargo} metadata"))?;
-    if !out.status.success() {
-        bail!(
-            "cargo metadata failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let meta: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("cargo metadata printed no JSON")?;
+    let meta = crate::deps::workspace_metadata()?;
     let mut crates = Vec::new();
     for p in meta["packages"].as_array().context("no packages")? {
         let name = p["name"].as_str().context("a package without name")?;

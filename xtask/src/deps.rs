@@ -23,6 +23,11 @@ use crate::rig::workspace_root;
 /// The library crates whose sets are pinned: the publishable workspace members with a library
 /// target, sorted by name.
 pub fn libraries() -> Result<Vec<String>> {
+    libraries_in(&workspace_metadata()?)
+}
+
+/// `cargo metadata --no-deps` of the workspace, as JSON.
+pub fn workspace_metadata() -> Result<serde_json::Value> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(&cargo)
         .current_dir(workspace_root())
@@ -35,9 +40,7 @@ pub fn libraries() -> Result<Vec<String>> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let meta: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("cargo metadata printed no JSON")?;
-    libraries_in(&meta)
+    serde_json::from_slice(&out.stdout).context("cargo metadata printed no JSON")
 }
 
 fn libraries_in(meta: &serde_json::Value) -> Result<Vec<String>> {
