@@ -216,15 +216,19 @@ pub fn run(r: &mut Runner) {
             let what = what.to_string();
             move |e: livemig::tracker::BoxError| anyhow::anyhow!("{what}: {e}")
         };
-        let mut t = DmaLogTracker::new("mtty", &mut ctx.a.dev, &[(0, 1 << 20)], None)
-            .map_err(e("new"))?;
+        let mut t =
+            DmaLogTracker::new("mtty", &mut ctx.a.dev, &[(0, 1 << 20)], None).map_err(e("new"))?;
         let mut bits = PageBitmap::new(256, PAGE_SIZE);
         ensure!(t.harvest(&mut bits).is_err(), "a harvest before start");
         t.stop().map_err(e("stop before start"))?;
         t.start().map_err(e("DMA_LOGGING_START"))?;
         check_eq!(t.harvest(&mut bits).map_err(e("DMA_LOGGING_REPORT"))?, 0);
         t.start().map_err(e("a restart (STOP, then START)"))?;
-        check_eq!(t.harvest(&mut bits).map_err(e("a report after the restart"))?, 0);
+        check_eq!(
+            t.harvest(&mut bits)
+                .map_err(e("a report after the restart"))?,
+            0
+        );
         t.stop().map_err(e("DMA_LOGGING_STOP"))?;
         ensure!(t.harvest(&mut bits).is_err(), "a harvest after stop");
         t.stop().map_err(e("a second stop"))?;
