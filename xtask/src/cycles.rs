@@ -1049,7 +1049,7 @@ mod tests {
                    #[doc(hidden)]\npub use crate::hidden::D;\n\
                    #[cfg(feature = \"x\")]\n#[doc(no_inline)]\npub use super::E;\n\
                    #[doc(no_inline)]\npub use crate::moved::{F, G as H, module::{self}};\n\
-                   fn f(f: F, h: H) -> module::X { todo!() }\n";
+                   fn f(f: F, h: H) -> module::X { loop {} }\n";
         assert_eq!(
             refs(src),
             [

@@ -533,7 +533,7 @@ impl Source {
             self.wait_round_ack(back, &mut a, round)?;
             a.report.drain_us += t.elapsed().as_micros() as u64;
         }
-        let (down, r) = self.stop_and_copy(&mut a, round + 1)?;
+        let (down, r) = self.stop_and_copy(&mut a, round + 1, &policy)?;
         self.handover(a, back, down, r)
     }
 
@@ -826,6 +826,7 @@ impl Source {
         &mut self,
         a: &mut Attempt<W>,
         round: u32,
+        policy: &Policy,
     ) -> Result<(Instant, RoundReport)> {
         let phase = Phase::StopCopy;
         self.enter(phase);
@@ -834,7 +835,7 @@ impl Source {
         // destination's devices loading their state at the rate they showed.
         let left = a.report.rounds.last().map_or(0, |r| r.remaining_estimate);
         let device = a.report.rounds.last().map_or(0, |r| r.device_estimate);
-        Policy::new(self.policy_config())
+        policy
             .hard_deadline_check(left, a.bandwidth, device, a.device_load_estimate_us(device))
             .map_err(|reason| Error::Deadline { phase, reason })?;
         let down = Instant::now();
