@@ -38,11 +38,14 @@ impl<T: DirtyTracker> Subject for On<T> {
     }
     fn dirty(&mut self, _: &mut T, _: u32) -> Dirtied {
         self.0.run_a_little();
-        // The guest writes its logs (from 8 MiB) and its working set (from 16 MiB), nothing
-        // below its image at 1 MiB.
+        // The guest writes its logs (from 8 MiB) and its working set (from 16 MiB); below its
+        // image at 1 MiB only the CPU itself writes, setting accessed and dirty bits in the
+        // GDT (0x8000) and the page tables livemig-kvm starts it with (0x9000..0xf000) the first
+        // time a 2 MiB page is touched after a boot, and KVM logs those writes too (CI saw page
+        // 0xb, the first page directory). Nothing lies below 0x8000.
         Dirtied {
             must: vec![],
-            within: ((1 << 20) / PAGE, RAM / PAGE),
+            within: (0x8000 / PAGE, RAM / PAGE),
         }
     }
 }
