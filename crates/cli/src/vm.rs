@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use livemig::engine::{
-    AutoConverge, Destination, MigrationReport, ReceiveReport, Source, SourceConfig,
+    AutoConverge, Destination, MigrationReport, ReceiveReport, Runs, Source, SourceConfig,
 };
 use livemig_kvm::{Backing, DirtyMode, GuestEvent, TestVm, TestVmConfig, platform};
 use serde::Serialize;
@@ -190,6 +190,69 @@ pub struct VmMigArgs {
     /// vCPUs stay parked on the source throughout and start on the destination.
     #[arg(long)]
     paused: bool,
+    /// What to do when the destination cannot say whether the VM runs there (it answered
+    /// Undecided, or its answer was lost after End): `ask` the operator on stdin (`resume`
+    /// or `discard`, within the phase deadline; no answer discards), `resume` the source
+    /// (only when the destination is known never to start the VM), or `discard` it.
+    #[arg(long, value_enum, default_value_t = Undecided::Ask)]
+    undecided: Undecided,
+}
+
+/// The operator's choice for a source left stopped by an undecided handover.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Undecided {
+    /// Ask on stdin.
+    Ask,
+    /// Run the VM here again.
+    Resume,
+    /// Give the VM up here.
+    Discard,
+}
+
+/// Asks the operator whether to resume or discard, for at most `wait`; no answer (stdin
+/// closed, or the time is up) is a discard: the VM must not run twice.
+fn ask_operator(wait: Duration) -> (Undecided, String) {
+    use std::io::BufRead;
+    eprintln!(
+        "the source VM is stopped here with its state intact, and the destination may be \
+         running it. Type `resume` (only if the destination is known not to run it) or \
+         `discard`, within {:.0} s:",
+        wait.as_secs_f64()
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let until = Instant::now() + wait;
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) if l.trim() == "resume" => return (Undecided::Resume, "the operator".into()),
+            Ok(l) if l.trim() == "discard" => return (Undecided::Discard, "the operator".into()),
+            Ok(l) => eprintln!("{:?}: type `resume` or `discard`", l.trim()),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                return (
+                    Undecided::Discard,
+                    format!("no answer within {:.0} s", wait.as_secs_f64()),
+                );
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return (Undecided::Discard, "no operator (stdin closed)".into());
+            }
+        }
+    }
+}
+
+fn entries(o: &livemig::engine::Outcome) -> String {
+    match &o.vcpu_entries {
+        Some(e) => format!(" (guest entries per vCPU {e:?})"),
+        None => String::new(),
+    }
 }
 
 impl VmMigArgs {
@@ -338,13 +401,28 @@ fn incoming(
     let mut dest = Destination::new(dp);
     dest.set_phase_deadline(chan.phase_deadline());
     let cpu0 = process_cpu_us();
-    let received = crate::net::receive_one(
+    let received = match crate::net::receive_one(
         listen,
         &mut dest,
         true,
         (!json).then_some("a running test VM "),
         sec,
-    )?;
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            // The engine's decision, not an inference.
+            let o = dest.outcome();
+            let said = match o.runs {
+                Runs::Here => "the VM runs on the destination",
+                Runs::NotHere => "the VM does not run on the destination",
+                Runs::Undecided => {
+                    "whether the VM runs on the destination is undecided (the source stays \
+                     stopped until its operator decides)"
+                }
+            };
+            bail!("{e:#}; {said}: {}{}", o.why, entries(o));
+        }
+    };
     let cpu_us = process_cpu_us() - cpu0;
     // The vCPUs run from here: the guest carries on where the source stopped (an idle guest
     // makes no progress to wait for; its verification below shows it runs).
@@ -368,11 +446,13 @@ fn incoming(
         );
     } else {
         println!(
-            "destination: {} pages and {} zero pages received, loaded in {:.1} ms; the guest runs \
-             on (steps per vCPU {:?})",
+            "destination: {} pages and {} zero pages received, loaded in {:.1} ms; the VM runs \
+             here ({}{}; steps per vCPU {:?})",
             received.pages,
             received.zero_pages,
             received.load_us as f64 / 1e3,
+            received.outcome.why,
+            entries(&received.outcome),
             resumed
         );
         say_verification(&v, "destination");
@@ -401,6 +481,7 @@ fn migrate(
     vm: &VmArgs,
     mig: &VmMigArgs,
     sec: &crate::secure::Security,
+    decision_wait: Duration,
     json: bool,
 ) -> Result<MigrateJson> {
     kvm_ok()?;
@@ -423,18 +504,58 @@ fn migrate(
     let report = match r {
         Ok(r) => r,
         Err(e) => {
-            // The source VM runs again (unless the handover was lost): say so.
-            let steps = t.monitor.steps();
-            let state = if mig.paused {
-                "stays paused"
-            } else if vm.idle {
-                "is idle (no progress to show whether it runs again)"
-            } else if t.wait_progress(&steps, Duration::from_secs(5)).is_ok() {
-                "runs again"
-            } else {
-                "is stopped with its state intact"
-            };
-            bail!("migration failed: {}; the source VM {state}", e.chain());
+            // Where the VM runs is the engine's decision, not a guess from guest progress.
+            let o = source.outcome().clone();
+            match o.runs {
+                Runs::Here => bail!(
+                    "migration failed: {}; the VM runs on the source{}{} (the destination \
+                     discarded it)",
+                    e.chain(),
+                    if mig.paused {
+                        ", paused by its operator"
+                    } else {
+                        ""
+                    },
+                    entries(&o)
+                ),
+                Runs::NotHere => bail!(
+                    "migration failed: {}; the VM does not run on the source: {}",
+                    e.chain(),
+                    o.why
+                ),
+                Runs::Undecided => {
+                    eprintln!("migration failed: {}", e.chain());
+                    let (choice, by) = match mig.undecided {
+                        Undecided::Ask => ask_operator(decision_wait),
+                        other => (other, "--undecided".into()),
+                    };
+                    if choice == Undecided::Resume {
+                        source
+                            .resume()
+                            .map_err(|r| anyhow::anyhow!("resuming the source: {}", r.chain()))?;
+                        bail!(
+                            "migration failed: {}; the VM runs on the source again, resumed by \
+                             {by}{}",
+                            e.chain(),
+                            entries(source.outcome())
+                        );
+                    }
+                    let cleanup = source
+                        .discard()
+                        .map_err(|r| anyhow::anyhow!("discarding the source: {}", r.chain()))?;
+                    bail!(
+                        "migration failed: {}; the source VM was discarded by {by}{}: it runs on \
+                         the destination or nowhere (the destination's log says which){}",
+                        e.chain(),
+                        entries(source.outcome()),
+                        if cleanup.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; cleanup: {}", cleanup.join("; "))
+                        }
+                    );
+                }
+            }
         }
     };
     let out = MigrateJson {
@@ -500,7 +621,7 @@ fn demo(vm: &VmArgs, mig: &VmMigArgs, json: bool, fallback: fn(bool) -> Result<(
         eprintln!("destination process {} listening on {addr}", child.id());
     }
     let t0 = Instant::now();
-    let src = sec.and_then(|sec| migrate(&addr, vm, mig, &sec, json));
+    let src = sec.and_then(|sec| migrate(&addr, vm, mig, &sec, Duration::from_secs(60), json));
     let _ = std::fs::remove_dir_all(&dir);
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut out, &mut rest)?;
@@ -559,7 +680,8 @@ pub fn main(cmd: VmCmd, fallback: fn(bool) -> Result<()>) -> Result<()> {
             json,
             chart,
         } => {
-            let out = migrate(&to, &vm, &mig, &chan.security()?, json)?;
+            let wait = chan.phase_deadline().unwrap_or(Duration::from_secs(3600));
+            let out = migrate(&to, &vm, &mig, &chan.security()?, wait, json)?;
             if let Some(path) = chart {
                 let title = format!(
                     "livemig vm migrate: {} vCPU(s) x {} pages at {} pages/s{}",

@@ -237,6 +237,7 @@ impl Host {
             devices,
             iommu_dirty,
             page_size_mask: 0x1000,
+            vcpus: None,
         })
     }
 }

@@ -1,6 +1,6 @@
 //! The VM as the engine drives it: [`KvmVcpus`] (the engine's vCPU control, with host-enforced
-//! throttling) and [`VcpuStateDevice`], which carries the vCPU state record in the stream as
-//! one more device.
+//! throttling), [`KvmStart`] (the destination's vCPU start, the handover's last step) and
+//! [`VcpuStateDevice`], which carries the vCPU state record in the stream as one more device.
 //!
 //! ```text
 //!  source:       RUNNING ──(vCPUs paused by the engine)──> STOP_COPY: record captured
@@ -8,7 +8,8 @@
 //!                any state -> RUNNING (recovery): the record is dropped, the engine resumes
 //!  destination:  RUNNING -> STOP -> RESUMING: bytes buffered (bounded)
 //!                RESUMING -> STOP: decoded, checked against this VM (vCPU count, CPUID,
-//!                XSAVE), written into the parked vCPUs; STOP -> RUNNING: the vCPUs start
+//!                XSAVE), written into the parked vCPUs; STOP -> RUNNING: nothing runs yet
+//!                (the engine starts the vCPUs through KvmStart once every device is RUNNING)
 //! ```
 
 use std::sync::Arc;
@@ -43,6 +44,41 @@ impl Vcpus for KvmVcpus {
         self.0.set_throttle(percent);
         true
     }
+    fn entries(&self) -> Option<Vec<u64>> {
+        Some(self.0.entries())
+    }
+}
+
+/// The destination's vCPU start over a [`Vm`] created parked (`pause::START`): the engine
+/// calls it once every device is RUNNING. With `autostart` off the engine's start leaves them
+/// parked and the caller starts them (`vm.unpause(pause::START)`), for example after comparing
+/// memory; the entries it reports are counted either way.
+#[derive(Debug)]
+pub struct KvmStart {
+    shared: Arc<Shared>,
+    autostart: bool,
+}
+
+impl KvmStart {
+    /// The start of `vm`'s vCPUs; `autostart` says whether the engine's start lets them run.
+    pub fn new(vm: &Vm, autostart: bool) -> KvmStart {
+        KvmStart {
+            shared: Arc::clone(vm.shared()),
+            autostart,
+        }
+    }
+}
+
+impl livemig::platform::VcpuStart for KvmStart {
+    fn start(&mut self) -> Result<(), String> {
+        if self.autostart {
+            self.shared.unpause(pause::START);
+        }
+        Ok(())
+    }
+    fn entries(&self) -> Option<Vec<u64>> {
+        Some(self.shared.entries())
+    }
 }
 
 /// The vCPU (and VM clock / interrupt controller) state as a migration device.
@@ -55,7 +91,6 @@ pub struct VcpuStateDevice {
     saved: Option<Vec<u8>>,
     incoming: Vec<u8>,
     identity: String,
-    autostart: bool,
 }
 
 impl std::fmt::Debug for VcpuStateDevice {
@@ -93,15 +128,7 @@ impl VcpuStateDevice {
             saved: None,
             incoming: Vec::new(),
             identity,
-            autostart: true,
         })
-    }
-
-    /// Whether STOP -> RUNNING on the destination starts the vCPUs (default); without it the
-    /// caller starts them (`vm.unpause(pause::START)`), for example after comparing memory.
-    pub fn with_autostart(mut self, on: bool) -> Self {
-        self.autostart = on;
-        self
     }
 
     fn all_parked(&self) -> bool {
@@ -139,14 +166,10 @@ impl VcpuStateDevice {
                 self.incoming = Vec::new();
             }
             (S::Stop, S::Running) => {
+                // No vCPU starts here: on a destination the handover starts them once every
+                // device is RUNNING (KvmStart); on a source the engine resumes them.
                 self.saved = None;
                 self.incoming = Vec::new();
-                // On a destination the vCPUs start here (they were parked since creation);
-                // on a source returning to RUNNING they are not parked for START, so this
-                // changes nothing and the engine resumes them.
-                if self.autostart {
-                    self.shared.unpause(pause::START);
-                }
             }
             (from, to) => {
                 return Err(VfioError::InvalidArgument {

@@ -41,7 +41,7 @@ pub mod state;
 mod sys;
 pub mod vm;
 
-pub use device::{KvmVcpus, VcpuStateDevice};
+pub use device::{KvmStart, KvmVcpus, VcpuStateDevice};
 pub use dirty::KvmDirtyLog;
 pub use guest::{GuestEvent, TestVm, TestVmConfig};
 pub use memory::{Backing, VmMemory};

@@ -9,7 +9,7 @@ use livemig::memory::GuestMemory;
 use livemig::tracker::DirtyTracker;
 
 use crate::Error;
-use crate::device::{KvmVcpus, VcpuStateDevice};
+use crate::device::{KvmStart, KvmVcpus, VcpuStateDevice};
 use crate::dirty::KvmDirtyLog;
 use crate::vm::Vm;
 
@@ -43,16 +43,16 @@ pub fn source(
 }
 
 /// The destination platform of a prepared (not started) `vm`: its vCPU state device first,
-/// then `devices`. With `autostart` the vCPUs run once the devices reach RUNNING; without it
-/// the caller starts them (`vm.unpause(vm::pause::START)`).
+/// then `devices`, and its vCPU start ([`KvmStart`]): with `autostart` the engine starts the
+/// vCPUs once every device is RUNNING (the handover's last step); without it the caller starts
+/// them (`vm.unpause(vm::pause::START)`).
 pub fn destination(
     vm: &Vm,
     devices: Vec<Box<dyn livemig::device::MigDevice>>,
     autostart: bool,
 ) -> Result<DestinationPlatform, Error> {
-    let mut all: Vec<Box<dyn livemig::device::MigDevice>> = vec![Box::new(
-        VcpuStateDevice::new(vm)?.with_autostart(autostart),
-    )];
+    let mut all: Vec<Box<dyn livemig::device::MigDevice>> =
+        vec![Box::new(VcpuStateDevice::new(vm)?)];
     all.extend(devices);
     let n = all.len();
     Ok(DestinationPlatform {
@@ -60,5 +60,6 @@ pub fn destination(
         devices: all,
         iommu_dirty: vec![true; n],
         page_size_mask: 0x1000,
+        vcpus: Some(Box::new(KvmStart::new(vm, autostart))),
     })
 }

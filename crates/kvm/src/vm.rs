@@ -148,6 +148,9 @@ pub struct Vcpu {
     run: *mut kvm_run,
     pthread: AtomicU64,
     ring: Option<Mutex<(RingMap, u32)>>,
+    /// `KVM_RUN` calls made to run guest code (the parked thread's completion calls, made
+    /// with `immediate_exit` set, are not counted).
+    entries: AtomicU64,
 }
 
 // SAFETY: `run` points at the vCPU's kvm_run mapping, owned by `fd` for the life of this
@@ -263,6 +266,14 @@ impl Shared {
     pub(crate) fn unpause(&self, reason: u32) {
         self.park().reasons &= !reason;
         self.park_cv.notify_all();
+    }
+
+    /// Guest entries per vCPU (see [`Vm::entries`]).
+    pub(crate) fn entries(&self) -> Vec<u64> {
+        self.vcpus
+            .iter()
+            .map(|v| v.entries.load(Ordering::SeqCst))
+            .collect()
     }
 
     /// Whether every vCPU thread is parked (no vCPU runs guest code).
@@ -509,6 +520,7 @@ impl Vm {
                 run,
                 pthread: AtomicU64::new(0),
                 ring,
+                entries: AtomicU64::new(0),
             }));
         }
         let shared = Arc::new(Shared {
@@ -637,6 +649,12 @@ impl Vm {
     /// `KVM_EXIT_DIRTY_RING_FULL` exits so far.
     pub fn ring_full_exits(&self) -> u64 {
         self.shared.ring_full_exits.load(Ordering::SeqCst)
+    }
+
+    /// `KVM_RUN` calls made to run guest code so far, per vCPU (a call the vCPU thread makes
+    /// while parked, with `immediate_exit` set to complete a pending exit, is not counted).
+    pub fn entries(&self) -> Vec<u64> {
+        self.shared.entries()
     }
 
     /// Exits from KVM_RUN to this VMM so far (all vCPUs).
@@ -781,6 +799,8 @@ fn vcpu_loop(s: &Shared, v: &Vcpu) {
             }
         }
         let mut fd = v.fd();
+        // Counted before the call: a call that may have run guest code is an entry.
+        v.entries.fetch_add(1, Ordering::SeqCst);
         let r = fd.run();
         s.exits.fetch_add(1, Ordering::Relaxed);
         match r {

@@ -133,6 +133,7 @@ fn destination(
         devices: Vec::new(),
         iommu_dirty: Vec::new(),
         page_size_mask: 0x1000,
+        vcpus: None,
     });
     let t = std::thread::spawn(move || {
         let (s, _) = listener.accept().map_err(|e| Error::Link {

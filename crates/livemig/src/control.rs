@@ -17,6 +17,12 @@
 //!                                   round's state, u64 LE bytes they loaded (24 bytes): every
 //!                                   page and record of the round is applied (only after
 //!                                   Capabilities with CAP_ROUND_ACKS)
+//! type 7  Undecided                payload: UTF-8 reason: the destination cannot say the VM
+//!                                   does not run there (a vCPU entered the guest, a device
+//!                                   reset failed, a vCPU start failed uncounted); sent only
+//!                                   to a source whose stream header says minor >= 2 (an
+//!                                   older source gets no answer, which it also reads as an
+//!                                   unknown outcome)
 //! ```
 //!
 //! Frames are validated before anything is allocated: magic, known type, length bound, exact
@@ -47,8 +53,13 @@ pub enum Message {
         /// Microseconds from STOP to RUNNING (P2P pass included).
         run_us: u64,
     },
-    /// The destination failed and discarded what it received.
+    /// The destination failed and discarded what it received: no vCPU entered the guest there
+    /// and every device it gave state to was reset. The VM does not run there.
     Failed(String),
+    /// The destination failed but cannot promise the VM does not run there (a vCPU entered the
+    /// guest, a device reset failed): the source must stay stopped until someone who knows
+    /// decides. Only to sources whose stream is format 1.2 or later.
+    Undecided(String),
     /// What the destination offers beyond the base protocol (`CAP_*` bits).
     Capabilities(u32),
     /// The destination has applied every page and record of this pre-copy round.
@@ -75,6 +86,7 @@ impl Message {
             }
             Message::Failed(r) => (4, truncate(r)),
             Message::Capabilities(bits) => (5, bits.to_le_bytes().to_vec()),
+            Message::Undecided(r) => (7, truncate(r)),
             Message::RoundAck {
                 round,
                 device_load_us,
@@ -158,6 +170,7 @@ impl Message {
                     device_bytes: u64_at(16),
                 })
             }
+            7 => Ok(Message::Undecided(text(payload)?)),
             1 | 3 | 5 | 6 => Err(bad(format!(
                 "return path: message type {ty} with a {len}-byte payload"
             ))),
@@ -210,6 +223,7 @@ mod tests {
                 run_us: 56,
             },
             Message::Failed("resume: device 1".into()),
+            Message::Undecided("resume: vCPUs entered the guest".into()),
             Message::Capabilities(CAP_ROUND_ACKS),
             Message::RoundAck {
                 round: 7,

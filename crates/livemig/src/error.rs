@@ -129,6 +129,21 @@ pub enum Error {
         /// The destination's error text.
         reason: String,
     },
+    /// The destination failed but could not promise the VM does not run there (it answered
+    /// `Undecided`, or the return path was lost after End): the source stays stopped with its
+    /// state intact until the caller resumes it ([`Source::resume`](crate::engine::Source::resume),
+    /// once the destination is known not to run) or discards it.
+    #[error(
+        "{phase}: the destination cannot say whether the VM runs there: {reason}; the source \
+         stays stopped with its state intact (resume it only once the destination is known not \
+         to run, or discard it)"
+    )]
+    Undecided {
+        /// Where (on this side).
+        phase: Phase,
+        /// The destination's reason.
+        reason: String,
+    },
     /// The migration was cancelled (vIOMMU policy, or by the caller).
     #[error("{phase}: cancelled: {reason}")]
     Cancelled {
@@ -178,6 +193,7 @@ impl Error {
             | Error::Memory { phase, .. }
             | Error::Protocol { phase, .. }
             | Error::Remote { phase, .. }
+            | Error::Undecided { phase, .. }
             | Error::Cancelled { phase, .. }
             | Error::Deadline { phase, .. } => Some(*phase),
             Error::RecoveryFailed { error, .. } => error.phase(),

@@ -9,6 +9,7 @@
 //!                  ├─ iommu: DirtyTracker (HWPT dirty bits)   ── dma_endpoints (DMA, no state)
 //!                  └─ vcpus: Vcpus (pause, resume, throttle)  ── viommu guard
 //!   DestinationPlatform ── memory ── devices: MigDevice ── iommu_dirty, page_size_mask
+//!                       └─ vcpus: VcpuStart (the handover's last step; KVM_RUN entries)
 //! ```
 
 use std::sync::Arc;
@@ -32,6 +33,27 @@ pub trait Vcpus: Send {
         let _ = percent;
         false
     }
+    /// How many times each vCPU has entered the guest so far (for KVM: `KVM_RUN` calls made
+    /// to run guest code), or `None` when the platform cannot count. The engine reports it
+    /// next to its own decision of where the VM runs, so a test (or an operator) can check
+    /// the decision against what the vCPUs did.
+    fn entries(&self) -> Option<Vec<u64>> {
+        None
+    }
+}
+
+/// The destination's vCPUs: parked from creation until the handover's last step starts them
+/// ([`DestinationPlatform::vcpus`]). Starting them is the only way the engine lets the VM run
+/// on the destination; no device arc may do it as a side effect.
+pub trait VcpuStart: Send {
+    /// Lets the vCPUs enter the guest. The engine calls it once, after every device reached
+    /// RUNNING; from the moment any vCPU may have entered the guest the destination never
+    /// answers `Failed` (see [`crate::engine::handover`]). An error must say whether any vCPU
+    /// may have entered; the engine also asks [`entries`](Self::entries).
+    fn start(&mut self) -> Result<(), String>;
+    /// How many times each vCPU has entered the guest so far, or `None` when the platform
+    /// cannot count (then a failed [`start`](Self::start) leaves the outcome undecided).
+    fn entries(&self) -> Option<Vec<u64>>;
 }
 
 /// A source device with what can track its DMA.
@@ -127,6 +149,11 @@ pub struct DestinationPlatform {
     pub iommu_dirty: Vec<bool>,
     /// IOMMU page sizes here.
     pub page_size_mask: u64,
+    /// The vCPUs the handover starts once every device is RUNNING. `None`: the platform has
+    /// none the engine starts (the VMM starts its guest itself once
+    /// [`Destination::receive`](crate::engine::Destination::receive) returned `Ok`; the engine's
+    /// decision is then about the devices alone).
+    pub vcpus: Option<Box<dyn VcpuStart>>,
 }
 
 impl std::fmt::Debug for DestinationPlatform {
@@ -134,6 +161,7 @@ impl std::fmt::Debug for DestinationPlatform {
         f.debug_struct("DestinationPlatform")
             .field("memory", &self.memory.size())
             .field("devices", &self.devices.len())
+            .field("vcpus", &self.vcpus.is_some())
             .finish()
     }
 }

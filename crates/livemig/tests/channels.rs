@@ -81,6 +81,7 @@ fn platforms(writes: u32) -> (Arc<Ram>, Arc<Ram>, SourcePlatform, DestinationPla
         devices: Vec::new(),
         iommu_dirty: Vec::new(),
         page_size_mask: 0x1000,
+        vcpus: None,
     };
     (src, dst, sp, dp)
 }

@@ -114,6 +114,7 @@ fn run(hard_deadline: Option<Duration>) -> (livemig::Result<()>, Duration, (u32,
             devices: devices(),
             iommu_dirty: vec![false, false],
             page_size_mask: 0x1000,
+            vcpus: None,
         });
         d.on_event(|e| {
             if e == DestinationEvent::StopCopy {

@@ -117,6 +117,7 @@ fn run_with(
         })],
         iommu_dirty: vec![false],
         page_size_mask: 0x1000,
+        vcpus: None,
     };
     let mut s = Source::new(
         sp,

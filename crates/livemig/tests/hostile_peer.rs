@@ -376,6 +376,7 @@ fn build_destination(hole: bool) -> Dest {
         devices: vec![Box::new(spy)],
         iommu_dirty: vec![false],
         page_size_mask: 0x1000,
+        vcpus: None,
     });
     Dest {
         d,

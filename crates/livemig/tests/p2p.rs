@@ -135,6 +135,7 @@ fn run() -> (Arcs, Arcs) {
         devices: devices(&dlog),
         iommu_dirty: vec![true; 3],
         page_size_mask: 0x1000,
+        vcpus: None,
     };
     let mut s = Source::new(source, SourceConfig::default());
     let mut d = Destination::new(dest);
@@ -247,6 +248,7 @@ fn endpoint_platform(
         ))],
         iommu_dirty: vec![false],
         page_size_mask: 0x1000,
+        vcpus: None,
     };
     (source, dest)
 }

@@ -65,6 +65,7 @@ fn run(deadline: Option<Duration>) -> Option<(livemig::Result<()>, Duration)> {
             devices: Vec::new(),
             iommu_dirty: Vec::new(),
             page_size_mask: 0x1000,
+            vcpus: None,
         });
         d.set_phase_deadline(deadline);
         let back = s.try_clone().unwrap();

@@ -146,6 +146,7 @@ fn run(v2: bool) -> (MigrationReport, Option<u64>, bool) {
         devices: vec![Box::new(adapter(dst.clone()))],
         iommu_dirty: vec![false],
         page_size_mask: 0x1000,
+        vcpus: None,
     };
     let mut s = Source::new(
         sp,

@@ -961,6 +961,7 @@ pub fn destination_with_qm_revision(
             devices,
             iommu_dirty: vec![spec.iommu_dirty; n],
             page_size_mask,
+            vcpus: None,
         },
         host: SimHost { ram, qm, logging },
     })

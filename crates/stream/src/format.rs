@@ -17,6 +17,9 @@ pub const VERSION_MINOR: u16 = 0;
 /// acknowledgements on its return path (the stream's records are those of 1.0, plus Channel
 /// and Sync where the migration uses page channels).
 pub const MINOR_ROUND_ACKS: u16 = 1;
+/// A stream of this minor version or later comes from a source that also reads the
+/// destination's `Undecided` answer on its return path (the records are those of 1.1).
+pub const MINOR_UNDECIDED: u16 = 2;
 /// Stream header length.
 pub const HEADER_LEN: usize = 48;
 /// Record header length.

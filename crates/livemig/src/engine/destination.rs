@@ -1,6 +1,7 @@
 //! The destination side: [`Destination`] checks the source's devices before anything moves,
 //! loads pages and device state as they arrive (page channels through [`super::receive`]),
-//! and after End takes the devices RESUMING → STOP → RUNNING_P2P → RUNNING.
+//! and after End takes the devices RESUMING → STOP → RUNNING_P2P → RUNNING, then starts the
+//! vCPUs (the handover's last step, [`super::handover`]).
 
 use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
@@ -18,6 +19,7 @@ use crate::platform::DestinationPlatform;
 use crate::transport::{Abort, Accept};
 
 use super::config::MAX_CHANNELS;
+use super::handover::{Outcome, Runs, entered, undecided_before_reset};
 use super::receive::{Gate, PageTotals, RecordAt, apply_pages, compat_bound, receive_pages};
 use super::report::{DestinationEvent, ReceiveMemory, ReceiveReport};
 
@@ -36,6 +38,10 @@ pub struct Destination {
     phase_deadline: Option<Duration>,
     /// The running receive's phase watch.
     watch: Option<Arc<PhaseWatch>>,
+    /// The last receive's decision of whether the VM runs here.
+    outcome: Outcome,
+    /// The stream minor version of the source being received.
+    peer_minor: u16,
 }
 
 impl std::fmt::Debug for Destination {
@@ -57,7 +63,18 @@ impl Destination {
             no_round_acks: false,
             phase_deadline: None,
             watch: None,
+            outcome: Outcome::new(Runs::NotHere, "nothing received yet", None),
+            peer_minor: 0,
         }
+    }
+
+    /// Whether the VM runs here after the last receive, as this engine decided it, and why
+    /// (also in [`ReceiveReport::outcome`] after a success). After a failure it is
+    /// [`Runs::NotHere`] when the destination answered `Failed`, and [`Runs::Undecided`] when a
+    /// vCPU entered the guest here or a device could not be reset (see
+    /// [`super::handover`]).
+    pub fn outcome(&self) -> &Outcome {
+        &self.outcome
     }
 
     /// Ends a migration whose phase (compat exchange, receiving, resume) runs longer than
@@ -115,9 +132,12 @@ impl Destination {
         self.no_round_acks = off;
     }
 
-    /// Receives a migration from `data`, answering on `back`. On failure the devices are reset
-    /// (the received state discarded), `Failed` is sent if the return path still works, and
-    /// the error is returned. A source with page channels is refused: see
+    /// Receives a migration from `data`, answering on `back`. On success every device is
+    /// RUNNING, the platform's vCPUs were started and `Resumed` was sent. On failure the
+    /// handover decides ([`super::handover`]): while no vCPU entered the guest here the devices
+    /// are reset (the received state discarded) and `Failed` is sent if the return path still
+    /// works; otherwise, or when a reset fails, `Undecided` is sent and the error is
+    /// [`Error::Undecided`]. [`outcome`](Self::outcome) says which. A source with page channels is refused: see
     /// [`receive_channels`](Self::receive_channels).
     pub fn receive<R: Read, W: Write>(&mut self, data: R, back: W) -> Result<ReceiveReport> {
         self.receive_inner(data, back, None, None)
@@ -149,13 +169,19 @@ impl Destination {
         accept: Option<&mut Accept<'_>>,
     ) -> Result<ReceiveReport> {
         let mut touched = false;
+        self.peer_minor = 0;
+        let before = self.platform.vcpus.as_ref().and_then(|v| v.entries());
+        self.outcome = Outcome::new(Runs::NotHere, "receiving", before.clone());
         let abort = abort.map(Arc::new);
         self.watch = match (self.phase_deadline, &abort) {
             (Some(limit), Some(a)) => Some(PhaseWatch::start(limit, Arc::clone(a))),
             _ => None,
         };
         let abort: Option<Abort> = abort.map(|a| Box::new(move || a()) as Abort);
-        let result = self.run(data, &mut back, &mut touched, abort, accept);
+        let mut started = false;
+        let result = self
+            .run(data, &mut back, &mut touched, abort, accept)
+            .and_then(|ready| self.start_vcpus(ready, &mut started));
         let expired = self.watch.take().and_then(|w| {
             w.finish();
             w.expired()
@@ -172,17 +198,107 @@ impl Destination {
             (r, _) => r,
         };
         match result {
-            Ok(r) => Ok(r),
-            Err(e) => {
+            Ok((mut report, resumed)) => {
+                report.outcome = self.outcome.clone();
+                // From here on the VM runs here: a lost reply must not undo that.
+                let _ = resumed.write_to(&mut back);
+                Ok(report)
+            }
+            Err(e) => self.fail(e, &mut back, touched, started, before),
+        }
+    }
+
+    /// The handover's last step: every device is RUNNING; the vCPUs start. Returns the report
+    /// and the answer to send.
+    fn start_vcpus(
+        &mut self,
+        (mut report, end_at, loaded): (ReceiveReport, Instant, Instant),
+        started: &mut bool,
+    ) -> Result<(ReceiveReport, Message)> {
+        if let Some(v) = self.platform.vcpus.as_mut() {
+            *started = true;
+            v.start().map_err(|reason| Error::Protocol {
+                phase: Phase::Resume,
+                reason: format!("starting the vCPUs: {reason}"),
+            })?;
+        }
+        let entries = self.platform.vcpus.as_ref().and_then(|v| v.entries());
+        self.outcome = Outcome::new(
+            Runs::Here,
+            if self.platform.vcpus.is_some() {
+                "every device is RUNNING and the vCPUs were started"
+            } else {
+                "every device is RUNNING (the platform starts its own vCPUs)"
+            },
+            entries,
+        );
+        report.load_us = end_at.elapsed().as_micros() as u64;
+        let resumed = Message::Resumed {
+            load_us: loaded.duration_since(end_at).as_micros() as u64,
+            run_us: loaded.elapsed().as_micros() as u64,
+        };
+        Ok((report, resumed))
+    }
+
+    /// A failed receive: decide (see [`super::handover`]), answer, report.
+    fn fail<W: Write>(
+        &mut self,
+        e: Error,
+        back: &mut W,
+        touched: bool,
+        started: bool,
+        before: Option<Vec<u64>>,
+    ) -> Result<ReceiveReport> {
+        let phase = e.phase().unwrap_or(Phase::Resume);
+        let has_vcpus = self.platform.vcpus.is_some();
+        let after = self.platform.vcpus.as_ref().and_then(|v| v.entries());
+        let ran = entered(before.as_deref(), after.as_deref());
+        let mut undecided = undecided_before_reset(ran, started, has_vcpus).map(|why| match ran {
+            Some(true) => format!("{why} (guest entries per vCPU {before:?} -> {after:?})"),
+            _ => why.to_string(),
+        });
+        if undecided.is_none() && touched {
+            // Failed promises the received state is gone: every device is reset, and a reset
+            // that fails is reported, never dropped.
+            let failed: Vec<String> = self
+                .platform
+                .devices
+                .iter_mut()
+                .enumerate()
+                .filter_map(|(i, d)| {
+                    d.reset()
+                        .err()
+                        .map(|r| format!("device {i} ({}): reset failed: {r}", d.name()))
+                })
+                .collect();
+            if !failed.is_empty() {
+                undecided = Some(format!(
+                    "{} (no vCPU entered the guest here, but the device state received is not \
+                     known to be gone)",
+                    failed.join("; ")
+                ));
+            }
+        }
+        match undecided {
+            None => {
                 if !matches!(e, Error::Refused { .. }) {
-                    let _ = Message::Failed(e.chain()).write_to(&mut back);
+                    let _ = Message::Failed(e.chain()).write_to(back);
                 }
-                if touched {
-                    for d in &mut self.platform.devices {
-                        let _ = d.reset();
-                    }
-                }
+                self.outcome = Outcome::new(
+                    Runs::NotHere,
+                    format!("the migration failed and this side discarded it: {e}"),
+                    after,
+                );
                 Err(e)
+            }
+            Some(why) => {
+                let reason = format!("{}; {why}", e.chain());
+                // An older source does not know Undecided; no answer tells it the same.
+                if self.peer_minor >= livemig_stream::format::MINOR_UNDECIDED {
+                    let _ = Message::Undecided(reason.clone()).write_to(back);
+                }
+                self.outcome = Outcome::new(Runs::Undecided, reason.clone(), after);
+                Err(Error::Undecided { phase, reason })
             }
         }
     }
@@ -194,10 +310,11 @@ impl Destination {
         touched: &mut bool,
         abort: Option<Abort>,
         mut accept: Option<&mut Accept<'_>>,
-    ) -> Result<ReceiveReport> {
+    ) -> Result<(ReceiveReport, Instant, Instant)> {
         let mut phase = Phase::Compat;
         let serr = |phase: Phase| move |source| Error::Stream { phase, source };
         let mut rd = Reader::new(data, self.limits).map_err(serr(phase))?;
+        self.peer_minor = rd.header().minor;
         let mut seen: Vec<DeviceDescriptor> = Vec::new();
         let mut compat_bytes = 0u64;
         let mut multi: Option<StreamChannel> = None;
@@ -584,13 +701,6 @@ impl Destination {
             d.transition(MigrationState::Running)
                 .map_err(|source| dev_err(phase, i, &**d, source))?;
         }
-        report.load_us = end_at.elapsed().as_micros() as u64;
-        // From here on the VM runs here: a lost reply must not undo that.
-        let _ = Message::Resumed {
-            load_us: loaded.duration_since(end_at).as_micros() as u64,
-            run_us: loaded.elapsed().as_micros() as u64,
-        }
-        .write_to(back);
-        Ok(report)
+        Ok((report, end_at, loaded))
     }
 }

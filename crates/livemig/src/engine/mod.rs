@@ -15,17 +15,20 @@
 //!  pause vCPUs, P2P devices -> RUNNING_P2P | PRE_COPY_P2P
 //!  (all of them), then devices -> STOP_COPY, final harvest,
 //!  pages, device STOP_COPY data, End, close ─────────> End: devices RESUMING -> STOP (validate)
-//!                      <──────────── Resumed | Failed     -> RUNNING_P2P (all P2P
-//!                                                             devices), then -> RUNNING
+//!                      <──────── Resumed | Failed | Undecided -> RUNNING_P2P (all P2P
+//!                                                             devices), then -> RUNNING,
+//!                                                             then the vCPUs start
 //!  devices stay STOP (the VM now runs there)
 //! ```
 //!
 //! Any failure before the source has sent End returns the source to RUNNING (devices back to
 //! RUNNING, resetting those that cannot, trackers stopped, vCPUs resumed) and the destination
-//! discards. After End the destination decides: `Failed` from it also resumes the source; a
-//! lost return path after End leaves the outcome unknown, so the source stays stopped with its
-//! state intact and the error says so ([`Source::resume`] restarts it once an operator knows
-//! the destination did not start). The destination never starts without the whole stream.
+//! discards. After End the destination decides ([`handover`], the written state machine):
+//! `Failed` (no vCPU entered the guest there, every device reset) also resumes the source;
+//! `Undecided`, or a lost return path, leaves the source stopped with its state intact and the
+//! error says so ([`Source::resume`] restarts it once an operator knows the destination does
+//! not run, [`Source::discard`] gives it up). The destination never starts without the whole
+//! stream, and starts its vCPUs only once every device is RUNNING.
 //!
 //! One concept per file, each importing only what is below it (`cargo xtask cycles` keeps it
 //! so):
@@ -33,6 +36,7 @@
 //! ```text
 //!   source.rs       Source: compat, start, pre-copy rounds, stop-and-copy, handover, recovery
 //!   destination.rs  Destination: compat check, receive, resume
+//!   handover.rs     where the VM runs after a migration: the state machine, Outcome
 //!   policy.rs       the round policy, a pure function (continue, settle, switch over, throttle)
 //!   send.rs         a round's pages onto the main stream or the page channels
 //!   receive.rs      page channels on the destination, the round barrier
@@ -49,6 +53,7 @@
 mod attempt;
 mod config;
 mod destination;
+pub mod handover;
 pub mod policy;
 mod progress;
 mod receive;
@@ -58,6 +63,7 @@ mod source;
 
 pub use config::{AutoConverge, MAX_CHANNELS, SETTLE_ROUNDS, SourceConfig};
 pub use destination::Destination;
+pub use handover::{Outcome, Runs};
 pub use progress::{ProgressSnapshot, ProgressView, TIMELINE_STEP_US};
 #[doc(hidden)]
 pub use receive::x_receive_page_channel;

@@ -7,6 +7,8 @@ use serde::Serialize;
 use crate::error::Phase;
 use crate::tracker::Chosen;
 
+use super::handover::Outcome;
+
 /// One round's figures.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct RoundReport {
@@ -104,6 +106,9 @@ pub struct MigrationReport {
     /// stopped); what is named needs attention before it is reused.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub source_cleanup: Vec<String>,
+    /// Whether the VM runs here: after a success it does not (it runs on the destination),
+    /// with the vCPUs' guest entries when the decision was taken.
+    pub outcome: Outcome,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -151,6 +156,8 @@ pub struct ReceiveReport {
     /// What the destination held in memory to receive (guest RAM and what the devices keep
     /// are not counted: they are written in place).
     pub memory: ReceiveMemory,
+    /// Whether the VM runs here (it does, after a success), with the vCPUs' guest entries.
+    pub outcome: Outcome,
 }
 
 /// The destination's own memory while receiving, and its bound.

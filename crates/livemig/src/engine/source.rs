@@ -1,6 +1,7 @@
 //! The source side: [`Source`] runs one migration attempt phase by phase — compat, start,
 //! pre-copy rounds (their policy is [`super::policy`]), stop-and-copy, handover — and recovers
-//! to RUNNING on any failure before End. Its phases stay together in this file.
+//! to RUNNING on any failure before End. After End the destination's answer decides
+//! ([`super::handover`]). Its phases stay together in this file.
 
 use std::io::{self, Read, Write};
 use std::sync::atomic::Ordering;
@@ -25,6 +26,7 @@ use crate::transport::{Abort, Channel, Connect, DataSink};
 
 use super::attempt::{Attempt, Failure, serr};
 use super::config::{MAX_CHANNELS, SourceConfig};
+use super::handover::{Outcome, Runs};
 use super::policy::{
     Convergence, DeviceLoad, Policy, PolicyConfig, RoundFacts, Step, send_time_us,
 };
@@ -51,6 +53,10 @@ pub struct Source {
     throttle: u8,
     /// What progress displays read.
     live: Arc<Live>,
+    /// Where the VM runs, as this side decided.
+    outcome: Outcome,
+    /// The caller gave the VM up on this side ([`Source::discard`]).
+    discarded: bool,
 }
 
 impl std::fmt::Debug for Source {
@@ -77,7 +83,22 @@ impl Source {
             phase: Phase::Compat,
             throttle: 0,
             live: Arc::default(),
+            outcome: Outcome::new(Runs::Here, "no migration yet", None),
+            discarded: false,
         }
+    }
+
+    /// Whether the VM runs here, as this engine decided it, and why (also in
+    /// [`MigrationReport::outcome`] after a success): [`Runs::Here`] before a migration and
+    /// after a failed one the source recovered from, [`Runs::NotHere`] after a success or a
+    /// [`discard`](Self::discard), [`Runs::Undecided`] while the source is stopped after a
+    /// handover whose outcome it does not know (see [`super::handover`]).
+    pub fn outcome(&self) -> &Outcome {
+        &self.outcome
+    }
+
+    fn decide(&mut self, runs: Runs, why: impl Into<String>) {
+        self.outcome = Outcome::new(runs, why, self.platform.vcpus.entries());
     }
 
     /// A live view of the migration for a progress display (bytes and pages of the round
@@ -89,8 +110,9 @@ impl Source {
 
     /// Whether the source's vCPUs are stopped. After a successful migration they are (the VM
     /// runs at the destination). After a failed one this is `false` (the source runs again)
-    /// except when the handover's outcome was lost after End: then the source stays stopped
-    /// with its state intact, because the destination may be running the VM.
+    /// except when the destination answered `Undecided` or the handover's answer was lost
+    /// after End: then the source stays stopped with its state intact, because the
+    /// destination may be running the VM ([`outcome`](Self::outcome) says why).
     pub fn is_stopped(&self) -> bool {
         self.paused
     }
@@ -267,6 +289,13 @@ impl Source {
         abort: Option<Abort>,
         connect: Option<&mut Connect<'_>>,
     ) -> Result<MigrationReport> {
+        if self.discarded {
+            return Err(Error::Config(
+                "this source was discarded after an undecided handover; its VM cannot migrate \
+                 again"
+                    .into(),
+            ));
+        }
         if self.cfg.channels >= 2 && connect.is_none() {
             return Err(Error::Config(format!(
                 "channels {}: page channels need Source::migrate_channels",
@@ -311,6 +340,8 @@ impl Source {
                 }
                 self.set_throttle(0);
                 report.total_us = t0.elapsed().as_micros() as u64;
+                self.decide(Runs::NotHere, "the destination resumed the VM");
+                report.outcome = self.outcome.clone();
                 Ok(report)
             }
             Err(mut f) if f.resume => {
@@ -326,7 +357,7 @@ impl Source {
                     // the return path. (Not when the return path itself failed: after a frame
                     // refused there another read finds no reason, and a destination that went
                     // silent would hold the source here, stopped.)
-                    if let (Some(phase), Ok(Message::Failed(reason))) =
+                    if let (Some(phase), Ok(Message::Failed(reason) | Message::Undecided(reason))) =
                         (f.error.phase(), read_past_acks(&mut back))
                     {
                         f.error = Error::Remote {
@@ -335,7 +366,20 @@ impl Source {
                         };
                     }
                 }
-                match self.recover() {
+                let recovered = self.recover();
+                let why = match &recovered {
+                    Ok(()) => format!(
+                        "the migration failed and the source runs again: {}",
+                        f.error
+                    ),
+                    Err(r) => format!(
+                        "the migration failed and the source runs again, with recovery errors \
+                         ({r}): {}",
+                        f.error
+                    ),
+                };
+                self.decide(Runs::Here, why);
+                match recovered {
                     Ok(()) => Err(f.error),
                     Err(recovery) => Err(Error::RecoveryFailed {
                         error: Box::new(f.error),
@@ -346,21 +390,63 @@ impl Source {
             Err(f) => {
                 self.stop_trackers();
                 self.set_throttle(0);
+                self.decide(
+                    Runs::Undecided,
+                    format!(
+                        "stopped with its state intact until the caller resumes it (once the \
+                         destination is known not to run) or discards it: {}",
+                        f.error
+                    ),
+                );
                 Err(f.error)
             }
         }
     }
 
     /// Returns a stopped source to RUNNING (after a migration whose outcome was unknown, once
-    /// the destination is known not to run).
+    /// the destination is known not to run). Refused after [`discard`](Self::discard).
     pub fn resume(&mut self) -> Result<()> {
-        self.recover().map_err(|recovery| Error::RecoveryFailed {
+        if self.discarded {
+            return Err(Error::Config(
+                "this source was discarded; its VM may run elsewhere and cannot resume here".into(),
+            ));
+        }
+        let r = self.recover().map_err(|recovery| Error::RecoveryFailed {
             error: Box::new(Error::Cancelled {
                 phase: Phase::Recovery,
                 reason: "resume requested".into(),
             }),
             recovery,
-        })
+        });
+        self.decide(Runs::Here, "resumed by the caller");
+        r
+    }
+
+    /// Gives the VM up on this side, for a source left stopped by an undecided handover once
+    /// the caller knows (or decides) the VM runs on the destination: dirty tracking and the
+    /// throttle end, the devices go to STOP as after a success, the vCPUs stay parked, and
+    /// [`resume`](Self::resume) and further migrations are refused. Returns what could not be
+    /// cleaned up (a device that would not stop). Refused while the VM runs here.
+    pub fn discard(&mut self) -> Result<Vec<String>> {
+        if !self.paused {
+            return Err(Error::Config(
+                "the VM runs on this source; only a stopped source can be discarded".into(),
+            ));
+        }
+        let mut cleanup: Vec<String> = self
+            .stop_trackers()
+            .into_iter()
+            .map(|e| format!("stopping dirty tracking: {e}"))
+            .collect();
+        self.set_throttle(0);
+        for (i, d) in self.platform.devices.iter_mut().enumerate() {
+            if let Err(source) = d.dev.transition(MigrationState::Stop) {
+                cleanup.push(dev_err(Phase::Recovery, i, &*d.dev, source).to_string());
+            }
+        }
+        self.discarded = true;
+        self.decide(Runs::NotHere, "discarded by the caller");
+        Ok(cleanup)
     }
 
     /// The round policy's settings.
@@ -566,8 +652,8 @@ impl Source {
         let opts = WriterOptions {
             checksums: self.cfg.checksums,
             producer: format!("livemig {}", env!("CARGO_PKG_VERSION")),
-            // Says this source reads round acknowledgements.
-            minor: livemig_stream::format::MINOR_ROUND_ACKS,
+            // Says this source reads round acknowledgements and the Undecided answer.
+            minor: livemig_stream::format::MINOR_UNDECIDED,
             ..WriterOptions::default()
         };
         let mut w = Writer::new(data, opts.clone()).map_err(serr(phase))?;
@@ -611,7 +697,10 @@ impl Source {
         match reply {
             Message::CompatOk => {}
             Message::CompatRefused(reason) => return Err(Error::Refused { phase, reason }.into()),
-            Message::Failed(reason) => return Err(Error::Remote { phase, reason }.into()),
+            // Before End the destination starts nothing: either answer lets the source run on.
+            Message::Failed(reason) | Message::Undecided(reason) => {
+                return Err(Error::Remote { phase, reason }.into());
+            }
             other => {
                 return Err(Error::Protocol {
                     phase,
@@ -931,13 +1020,19 @@ impl Source {
         report.bytes += a.w.bytes_written();
         a.progress.set(report.bytes);
         report.timeline = a.progress.into_points();
-        let mut sink = a.w.finish().map_err(serr(phase))?;
-        sink.close().map_err(|source| Error::Link {
-            phase,
-            what: "closing the stream",
-            source,
-        })?;
-        drop(sink);
+        // From here End may reach the destination, which then decides: a failure to finish or
+        // close the stream is no longer a reason to run here; only the answer can be.
+        let ended =
+            a.w.finish()
+                .map_err(serr(phase))
+                .and_then(|mut sink| {
+                    sink.close().map_err(|source| Error::Link {
+                        phase,
+                        what: "closing the stream",
+                        source,
+                    })
+                })
+                .err();
         let sent = Instant::now();
         {
             let p = &mut report.downtime_phases;
@@ -947,6 +1042,10 @@ impl Source {
 
         let phase = Phase::Handover;
         self.enter(phase);
+        let seen = |e: &Option<Error>| match e {
+            Some(e) => format!(" (the source saw, ending the stream: {e})"),
+            None => String::new(),
+        };
         match read_past_acks(back) {
             Ok(Message::Resumed { load_us, run_us }) => {
                 report.downtime_us = down.elapsed().as_micros() as u64;
@@ -969,7 +1068,22 @@ impl Source {
                     .saturating_sub(before + p.send_us)
                     .saturating_sub(dest);
             }
-            Ok(Message::Failed(reason)) => return Err(Error::Remote { phase, reason }.into()),
+            Ok(Message::Failed(reason)) => {
+                let reason = format!("{reason}{}", seen(&ended));
+                return Err(Error::Remote { phase, reason }.into());
+            }
+            Ok(Message::Undecided(reason)) => {
+                return Err(Failure {
+                    error: Error::Undecided {
+                        phase,
+                        reason: format!(
+                            "the destination says: {reason}; the source stays stopped with its \
+                             state intact"
+                        ),
+                    },
+                    resume: false,
+                });
+            }
             Ok(other) => {
                 return Err(Failure {
                     error: Error::Protocol {
@@ -977,6 +1091,19 @@ impl Source {
                         reason: format!(
                             "expected Resumed or Failed, got {other:?}; the destination's outcome \
                              is unknown, so the source stays stopped with its state intact"
+                        ),
+                    },
+                    resume: false,
+                });
+            }
+            Err(source) if ended.is_some() => {
+                return Err(Failure {
+                    error: Error::Undecided {
+                        phase,
+                        reason: format!(
+                            "no answer came ({source}) after End may have reached the \
+                             destination{}; the source stays stopped with its state intact",
+                            seen(&ended)
                         ),
                     },
                     resume: false,
@@ -994,6 +1121,11 @@ impl Source {
                     resume: false,
                 });
             }
+        }
+        if let Some(e) = ended {
+            report.source_cleanup.push(format!(
+                "ending the stream: {e} (the destination resumed the VM all the same)"
+            ));
         }
         // The VM runs on the destination: the source's devices go to STOP and stay there. A
         // device that cannot does not undo the migration (the destination already runs); it
@@ -1044,7 +1176,11 @@ impl Source {
                         ),
                     });
                 }
-                Message::Failed(reason) => return Err(Error::Remote { phase, reason }),
+                // Before End the destination starts nothing: either answer lets the source
+                // run on.
+                Message::Failed(reason) | Message::Undecided(reason) => {
+                    return Err(Error::Remote { phase, reason });
+                }
                 other => {
                     return Err(Error::Protocol {
                         phase,
