@@ -99,6 +99,8 @@ enum Obj {
 pub struct Call {
     pub side: Side,
     pub what: &'static str,
+    /// The engine phase its side was in (from the engine's events; "setup" before any).
+    pub phase: String,
 }
 
 /// The state of both fake kernels.
@@ -120,10 +122,18 @@ pub struct World {
     pub fail: Option<(Side, u64, i32)>,
     /// Whether the armed failure happened.
     pub failed: bool,
+    /// A second failure (the error-path pass: a call made only because `fail` happened).
+    pub fail2: Option<(Side, u64, i32)>,
+    /// Whether the second failure happened.
+    pub failed2: bool,
+    /// The engine phase each side is in, from the engines' events.
+    pub phase: HashMap<Side, String>,
     /// Sides that destroyed an HWPT with dirty tracking still on.
     destroyed_tracking: BTreeSet<Side>,
     /// Negative control: harvests report nothing (a dropped harvest).
     pub drop_harvest: bool,
+    /// Negative control: the first call `what` of `side` panics (on whatever thread makes it).
+    pub panic_on: Option<(Side, &'static str)>,
     /// Negative control: `VFIO_DEVICE_RESET` does nothing.
     pub noop_reset: bool,
     /// Negative control: an arc to RUNNING succeeds without the device moving (a no-op
@@ -176,10 +186,23 @@ impl World {
         let n = self.counts.entry(side).or_default();
         let at = *n;
         *n += 1;
-        self.calls.push(Call { side, what });
-        match self.fail {
-            Some((s, k, errno)) if s == side && k == at => {
+        let phase = self
+            .phase
+            .get(&side)
+            .cloned()
+            .unwrap_or_else(|| "setup".into());
+        self.calls.push(Call { side, what, phase });
+        if self.panic_on == Some((side, what)) {
+            self.panic_on = None;
+            panic!("fake kernel: {side:?} {what} panics (the negative control)");
+        }
+        match (self.fail, self.fail2) {
+            (Some((s, k, errno)), _) if s == side && k == at => {
                 self.failed = true;
+                err(errno)
+            }
+            (_, Some((s, k, errno))) if s == side && k == at => {
+                self.failed2 = true;
                 err(errno)
             }
             _ => Ok(()),
@@ -778,8 +801,9 @@ pub fn errnos(what: &str) -> &'static [i32] {
         "FEATURE DMA_LOGGING_START" => &[ENOTTY, EIO],
         "FEATURE MIG_PRECOPY_INFOv2" => &[ENOTTY, EINVAL],
         "VFIO_MIG_GET_PRECOPY_INFO" => &[EINVAL, ENOTTY],
-        "read of a data fd" => &[EIO, EINVAL, ENOMEM],
-        "write to a data fd" => &[EIO, EINVAL, ENOMEM],
+        // EINTR: a signal during the read or write (the crate retries it).
+        "read of a data fd" => &[EIO, EINVAL, ENOMEM, EINTR],
+        "write to a data fd" => &[EIO, EINVAL, ENOMEM, EINTR],
         "IOMMU_IOAS_ALLOC" => &[ENOMEM],
         "IOMMU_IOAS_MAP" => &[ENOMEM, EINVAL, EEXIST, EFAULT],
         "IOMMU_IOAS_UNMAP" => &[ENOENT, EBUSY],
