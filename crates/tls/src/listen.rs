@@ -9,13 +9,15 @@
 //! ```
 //!
 //! Every accepted connection is handshaked on its own thread, so one that never speaks holds
-//! only its own thread, and only for [`AcceptPolicy::handshake_timeout`]. The first connection
-//! that completes its handshake is the peer; the connections still handshaking then are shut
-//! down. Each connection that fails (refused, broken, timed out) is reported to the caller and
-//! counted; the count persists across [`PeerListener::accept`] calls (the main connection and
-//! the page channels of one migration share it), and at [`AcceptPolicy::max_failures`] the
-//! wait ends with [`TlsError::TooManyFailures`]. No more connections are accepted than failures
-//! left, so the threads are bounded too.
+//! only its own thread, and only for [`AcceptPolicy::handshake_timeout`]. Each
+//! [`PeerListener::accept`] returns the next connection that completes its handshake; the
+//! others keep handshaking for the next call (a page channel dialed right behind the main
+//! connection is not lost), and whatever is still handshaking when the listener is dropped,
+//! or when a wait fails, is shut down. Each connection that fails (refused, broken, timed out)
+//! is reported to the caller and counted; the count persists across calls (the main
+//! connection and the page channels of one migration share it), and at
+//! [`AcceptPolicy::max_failures`] the wait ends with [`TlsError::TooManyFailures`]. No more
+//! connections are handshaking at once than failures left, so the threads are bounded too.
 
 use std::io;
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -62,6 +64,9 @@ pub struct Refusal<'a> {
     pub max_failures: u32,
 }
 
+/// One handshake's outcome: its connection's id, address, and result.
+type Outcome = (u64, String, Result<TlsStream, TlsError>);
+
 /// A listener that hands out only authenticated connections.
 #[derive(Debug)]
 pub struct PeerListener<'a> {
@@ -70,6 +75,20 @@ pub struct PeerListener<'a> {
     policy: AcceptPolicy,
     prepare: fn(&TcpStream) -> io::Result<()>,
     failures: u32,
+    /// The rustls server settings, built at the first accept.
+    server: Option<Arc<rustls::ServerConfig>>,
+    /// Connections handshaking: their id and a handle to cut them.
+    pending: Vec<(u64, TcpStream)>,
+    next_id: u64,
+    tx: mpsc::Sender<Outcome>,
+    rx: mpsc::Receiver<Outcome>,
+}
+
+impl Drop for PeerListener<'_> {
+    /// Cuts the connections still handshaking (their threads end with it).
+    fn drop(&mut self) {
+        self.cut_all();
+    }
 }
 
 fn no_preparation(_: &TcpStream) -> io::Result<()> {
@@ -79,12 +98,18 @@ fn no_preparation(_: &TcpStream) -> io::Result<()> {
 impl<'a> PeerListener<'a> {
     /// Waits on `listener` for peers `cfg` accepts.
     pub fn new(listener: &'a TcpListener, cfg: &'a TlsConfig, policy: AcceptPolicy) -> Self {
+        let (tx, rx) = mpsc::channel();
         PeerListener {
             listener,
             cfg,
             policy,
             prepare: no_preparation,
             failures: 0,
+            server: None,
+            pending: Vec::new(),
+            next_id: 0,
+            tx,
+            rx,
         }
     }
 
@@ -127,32 +152,34 @@ impl<'a> PeerListener<'a> {
     ) -> Result<TlsStream, TlsError> {
         let start = Instant::now();
         let max = self.policy.max_failures.max(1);
-        let server = self.cfg.server()?;
-        let (tx, rx) = mpsc::channel::<(u64, String, Result<TlsStream, TlsError>)>();
-        // Connections handshaking: their id and a handle to cut them.
-        let mut pending: Vec<(u64, TcpStream)> = Vec::new();
-        let mut next_id = 0u64;
-        let cut_all = |pending: &mut Vec<(u64, TcpStream)>| {
-            for (_, s) in pending.drain(..) {
-                let _ = s.shutdown(Shutdown::Both);
-            }
+        let server = match &self.server {
+            Some(s) => Arc::clone(s),
+            None => Arc::clone(self.server.insert(self.cfg.server()?)),
         };
         loop {
+            // Handshakes that ended (since the last call too).
+            while let Ok((id, peer, result)) = self.rx.try_recv() {
+                self.pending.retain(|(p, _)| *p != id);
+                match result {
+                    Ok(t) => return Ok(t),
+                    Err(e) => self.failed(peer, &e, refused),
+                }
+            }
             if self.failures >= max {
-                cut_all(&mut pending);
+                self.cut_all();
                 return Err(TlsError::TooManyFailures {
                     bound: max,
                     waited: start.elapsed(),
                 });
             }
             // A new connection, while the failures left cover those in flight.
-            if self.failures as usize + pending.len() < max as usize {
+            if self.failures as usize + self.pending.len() < max as usize {
                 match self.listener.accept() {
                     Ok((sock, addr)) => {
-                        let id = next_id;
-                        next_id += 1;
-                        match self.start(sock, id, Arc::clone(&server), tx.clone()) {
-                            Ok(cut) => pending.push((id, cut)),
+                        let id = self.next_id;
+                        self.next_id += 1;
+                        match self.start(sock, id, Arc::clone(&server)) {
+                            Ok(cut) => self.pending.push((id, cut)),
                             Err(source) => {
                                 let e = TlsError::Handshake {
                                     peer: addr.to_string(),
@@ -166,33 +193,36 @@ impl<'a> PeerListener<'a> {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
-                        cut_all(&mut pending);
+                        self.cut_all();
                         return Err(TlsError::Accept(e));
                     }
                 }
             }
             if until.is_some_and(|u| Instant::now() >= u) {
-                cut_all(&mut pending);
+                self.cut_all();
                 return Err(TlsError::NoPeer {
                     waited: start.elapsed(),
                     failures: self.failures,
                 });
             }
-            match rx.recv_timeout(POLL) {
+            match self.rx.recv_timeout(POLL) {
                 Ok((id, peer, result)) => {
-                    pending.retain(|(p, _)| *p != id);
+                    self.pending.retain(|(p, _)| *p != id);
                     match result {
-                        Ok(t) => {
-                            cut_all(&mut pending);
-                            return Ok(t);
-                        }
+                        Ok(t) => return Ok(t),
                         Err(e) => self.failed(peer, &e, refused),
                     }
                 }
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                // Unreachable while `tx` lives; nothing to do either way.
-                Err(mpsc::RecvTimeoutError::Disconnected) => {}
+                // Nothing ended yet (the sender lives in `self`: never disconnected).
+                Err(mpsc::RecvTimeoutError::Timeout | mpsc::RecvTimeoutError::Disconnected) => {}
             }
+        }
+    }
+
+    /// Shuts down every connection still handshaking.
+    fn cut_all(&mut self) {
+        for (_, s) in self.pending.drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
         }
     }
 
@@ -213,7 +243,6 @@ impl<'a> PeerListener<'a> {
         sock: TcpStream,
         id: u64,
         server: Arc<rustls::ServerConfig>,
-        tx: mpsc::Sender<(u64, String, Result<TlsStream, TlsError>)>,
     ) -> io::Result<TcpStream> {
         sock.set_nonblocking(false)?;
         (self.prepare)(&sock)?;
@@ -223,13 +252,14 @@ impl<'a> PeerListener<'a> {
             .map(|a| a.to_string())
             .unwrap_or_else(|_| "unknown peer".into());
         let timeout = self.policy.handshake_timeout;
+        let tx = self.tx.clone();
         std::thread::Builder::new()
             .name("livemig-tls-handshake".into())
             .spawn(move || {
                 let r = ServerConnection::new(server)
                     .map_err(TlsError::from)
                     .and_then(|c| handshake(Connection::Server(c), sock, timeout));
-                // The receiver is gone once the wait ended; the connection drops with `r`.
+                // The receiver is gone once the listener is; the connection drops with `r`.
                 let _ = tx.send((id, peer, r));
             })?;
         Ok(cut)

@@ -155,8 +155,9 @@ fn a_stranger_and_a_silent_connection_first_then_the_pinned_source_migrates() {
     assert!(report.bytes > 8 << 20, "{}", report.bytes);
     assert_eq!(after, src_host.digest());
     assert_ne!(after, before);
-    // The silent connection was still handshaking (its 30 s run) when the source won: it held
-    // up nothing and was never counted as failed, only cut.
+    // The silent connection was still handshaking (its 30 s run) when the source and its page
+    // channels were taken: it held up nothing, was never counted as failed, and was cut when
+    // the listener went.
     let more: Vec<Reported> = reports.try_iter().collect();
     assert!(
         !more.iter().any(|(a, _)| *a == silent_addr),
@@ -242,4 +243,41 @@ fn negative_control_with_one_attempt_allowed_the_stranger_ends_the_wait() {
     let (who, why) = reports.try_recv().unwrap();
     assert_eq!(who, stranger);
     assert!(why.contains("is not pinned"), "{why}");
+}
+
+/// Two authenticated connections handshaking at once (a main connection and the page channel
+/// dialed right behind it): the first accept returns one, and the other is not cut but
+/// returned by the next accept. Under a listener that dropped the rest at its first success,
+/// the second accept would wait until its deadline.
+#[test]
+fn connections_handshaking_together_are_each_returned_by_an_accept() {
+    let (src_id, dst_id) = (self_signed("source"), self_signed("destination"));
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    // Both in the listener's backlog before the first accept: both handshake at once.
+    let socks = [
+        TcpStream::connect(addr).unwrap(),
+        TcpStream::connect(addr).unwrap(),
+    ];
+    let scfg = pinned(&src_id, &dst_id);
+    let clients: Vec<_> = socks
+        .into_iter()
+        .map(|s| {
+            let scfg = scfg.clone();
+            thread::spawn(move || connect(s, &scfg, "destination").map(|c| c.peer().to_string()))
+        })
+        .collect();
+    let cfg = pinned(&dst_id, &src_id);
+    let mut pl = PeerListener::new(&l, &cfg, AcceptPolicy::default());
+    let deadline = || Some(std::time::Instant::now() + Duration::from_secs(10));
+    let mut no_refusal = |r: &livemig_tls::Refusal<'_>| panic!("refused {}: {}", r.peer, r.error);
+    let a = pl.accept(deadline(), &mut no_refusal).unwrap();
+    let b = pl
+        .accept(deadline(), &mut no_refusal)
+        .expect("the second connection was kept for the next accept");
+    assert_ne!(a.peer(), b.peer());
+    for c in clients {
+        c.join().unwrap().unwrap();
+    }
+    assert_eq!(pl.failures(), 0);
 }
