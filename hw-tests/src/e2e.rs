@@ -529,6 +529,34 @@ fn failing(ty: &str, o: &Opts<'_>, phases: &[&str]) -> Result<(Pairs, Run)> {
     Ok((p, run))
 }
 
+/// The failure a no-op resume (`--x-noop-resume`: device 0 is given none of its state) must
+/// produce: mtty refuses RESUMING -> STOP with EINVAL when its resume file holds less than the
+/// state's size (samples/vfio-mdev/mtty.c, the RESUMING -> STOP arc), so the destination ends
+/// in order (its report written, outcome `failed`) with that arc's error on device 0 at
+/// resume, and the source, told so after End, runs again. A crash (no report), another
+/// device, phase or error does not match.
+fn noop_resume_failure(dst_ok: bool, dst: &Value, src: &Value) -> Result<()> {
+    ensure!(!dst_ok, "the destination exited successfully");
+    check_eq!(dst["outcome"], "failed", "the destination's report");
+    let e = dst["error"].as_str().unwrap_or_default();
+    for want in [
+        "resume: device 0 (",
+        "arc RESUMING -> STOP failed",
+        "(os error 22)",
+    ] {
+        ensure!(
+            e.contains(want),
+            "the destination failed otherwise than by the no-op resume ({want:?} missing): {e}"
+        );
+    }
+    check_eq!(
+        src["outcome"],
+        "recovered",
+        "the source after the destination failed"
+    );
+    Ok(())
+}
+
 /// Negative control: a migration whose `tracker`'s final harvest is dropped must succeed and
 /// then fail the RAM comparison, first in `range` (the pages only that tracker finds).
 fn dropped_harvest(tracker: &str, o: Opts<'_>, range: std::ops::Range<u64>) -> Result<()> {
@@ -644,6 +672,10 @@ pub fn run_cases(r: &mut Runner) {
         match verify_success(&p, &run) {
             Ok(()) => bail!("a destination device that loaded nothing passed the checks"),
             Err(e) => {
+                // Failing is not enough: it must be the no-op resume's own failure, not a
+                // crash or an unrelated error.
+                noop_resume_failure(run.dst_ok, &run.dst, &run.src)
+                    .with_context(|| run.context())?;
                 trace!("negative control failed as expected: {e:#}");
                 Ok(())
             }
@@ -872,4 +904,43 @@ pub fn run_cases(r: &mut Runner) {
     });
 
     crate::e2e_p2p::run(r);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const NOOP: &str = "resume: device 0 (mtty 1234): arc RESUMING -> STOP failed on the way to \
+                        STOP; device left in ERROR (reset required): VFIO_DEVICE_FEATURE(SET \
+                        MIG_DEVICE_STATE) failed: Invalid argument (os error 22)";
+
+    #[test]
+    fn the_noop_resume_control_accepts_only_its_own_failure() {
+        let src = json!({"outcome": "recovered"});
+        let dst = json!({"outcome": "failed", "error": NOOP});
+        noop_resume_failure(false, &dst, &src).unwrap();
+        // A crash: no report at all.
+        let e = noop_resume_failure(false, &Value::Null, &src).unwrap_err();
+        assert!(e.to_string().contains("outcome"), "{e}");
+        // An unrelated error.
+        let other = json!({"outcome": "failed", "error": "receive: stream: truncated"});
+        let e = noop_resume_failure(false, &other, &src).unwrap_err();
+        assert!(
+            e.to_string().contains("otherwise than by the no-op resume"),
+            "{e}"
+        );
+        // The same arc failing on another device, or with another errno.
+        for wrong in [
+            NOOP.replace("device 0", "device 1"),
+            NOOP.replace("os error 22", "os error 5"),
+        ] {
+            let dst = json!({"outcome": "failed", "error": wrong});
+            assert!(noop_resume_failure(false, &dst, &src).is_err(), "{wrong}");
+        }
+        // A destination that said it succeeded, or a source that believes it migrated.
+        assert!(noop_resume_failure(true, &dst, &src).is_err());
+        let migrated = json!({"outcome": "migrated"});
+        assert!(noop_resume_failure(false, &dst, &migrated).is_err());
+    }
 }

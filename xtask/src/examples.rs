@@ -27,6 +27,7 @@ const RUN: &[(&str, &str, &str)] = &[
     ("livemig-hisi-qm", "vf_migrate", "model,vfio"),
     ("livemig-viommu", "requests", ""),
     ("livemig-viommu", "virtqueue", "virtio-queue"),
+    ("livemig-tls", "pinned", ""),
 ];
 
 /// Built only: their main use needs `/dev/iommu` and VFIO cdevs, which CI machines do not

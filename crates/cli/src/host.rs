@@ -681,12 +681,14 @@ fn incoming(
             .with_context(|| format!("listening on {listen}"))?;
         println!("listening on {}", l.local_addr()?);
         std::io::stdout().flush()?;
-        // Under TLS the peer is authenticated here, before anything of the migration is read.
-        let conn = crate::secure::accept_one(&l, sec)?;
+        // Under TLS the peer is authenticated here, before anything of the migration is read;
+        // connections that fail their handshake are logged and do not end the wait.
+        let mut incoming = crate::secure::Incoming::new(&l, sec);
+        let conn = incoming.main()?;
         out.peer = Some(conn.peer.clone());
         let (stream, back, abort) = (conn.back, conn.data, conn.abort);
         // One connection, or the main one of several: the stream's first record says.
-        let mut accept = crate::net::accept_page_channels(&l, sec);
+        let mut accept = crate::net::accept_page_channels(&mut incoming);
         let result = match faults.x_corrupt_stream_at {
             Some(at) => dest.receive_channels(
                 Corrupt {

@@ -28,34 +28,18 @@ pub(crate) fn page_channels<'a>(
     }
 }
 
-/// Accepts page channel connections on `l` (a source that announced page channels and does
-/// not connect them within 30 s fails the migration, naming the wait), each secured as `sec`
-/// says, for [`Destination::receive_channels`].
+/// How long a source that announced page channels has to connect each.
+const PAGE_CHANNEL_WAIT: Duration = Duration::from_secs(30);
+
+/// Accepts page channel connections from `incoming` (a source that announced page channels
+/// and does not connect them within 30 s fails the migration, naming the wait), for
+/// [`Destination::receive_channels`]. Under TLS a connection that fails its handshake is
+/// logged and the wait goes on (see [`secure::Incoming`]).
 pub(crate) fn accept_page_channels<'a>(
-    l: &'a TcpListener,
-    sec: &'a secure::Security,
+    incoming: &'a mut secure::Incoming<'_>,
 ) -> impl FnMut() -> std::io::Result<(Box<dyn std::io::Read + Send>, Abort)> + 'a {
     move || {
-        l.set_nonblocking(true)?;
-        let t0 = std::time::Instant::now();
-        let (s, _) = loop {
-            match l.accept() {
-                Ok(c) => break c,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if t0.elapsed() > Duration::from_secs(30) {
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "no page channel connected within 30 s",
-                        ));
-                    }
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                Err(e) => return Err(e),
-            }
-        };
-        l.set_nonblocking(false)?;
-        s.set_nonblocking(false)?;
-        let c = secure::answer(s, sec).map_err(std::io::Error::other)?;
+        let c = incoming.page(PAGE_CHANNEL_WAIT)?;
         Ok((c.back, c.abort))
     }
 }
@@ -78,8 +62,10 @@ pub(crate) fn receive_one(
         eprintln!("listening on {}", l.local_addr()?);
         std::io::stderr().flush()?;
     }
-    // Under TLS the peer is authenticated here, before anything of the migration is read.
-    let conn = secure::accept_one(&l, sec)?;
+    // Under TLS the peer is authenticated here, before anything of the migration is read;
+    // connections that fail their handshake are logged and do not end the wait.
+    let mut incoming = secure::Incoming::new(&l, sec);
+    let conn = incoming.main()?;
     // On stderr whenever stdout is not the report's (the peer names its certificate's
     // fingerprint under TLS).
     if what.is_some() || !stdout {
@@ -90,7 +76,7 @@ pub(crate) fn receive_one(
         conn.back,
         conn.data,
         conn.abort,
-        &mut accept_page_channels(&l, sec),
+        &mut accept_page_channels(&mut incoming),
     )
     .map_err(|e| anyhow::anyhow!("incoming migration failed: {}", e.chain()))
 }

@@ -7,13 +7,13 @@ use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use livemig::link::DataSink;
 use livemig::transport::{Abort, Channel};
-use livemig_tls::{Fingerprint, Identity, TlsConfig, Trust};
+use livemig_tls::{AcceptPolicy, Fingerprint, Identity, PeerListener, TlsConfig, Trust};
 
 /// How long a read on a migration connection may wait (a peer that stops sending).
 pub const READ_TIMEOUT: Duration = Duration::from_secs(120);
@@ -49,6 +49,12 @@ pub struct ChannelArgs {
     /// no limit.
     #[arg(long, value_name = "DURATION", default_value = "3600s", value_parser = crate::args::parse_duration)]
     pub phase_deadline: Duration,
+    /// Destination under TLS: connections that may fail their handshake (a stranger's
+    /// certificate, no TLS, no handshake within 30 s) before the incoming migration gives up;
+    /// each is logged and the listener keeps waiting for the authenticated source until then
+    /// (and, for the first connection, until the phase deadline).
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_handshake_failures: u32,
 }
 
 impl ChannelArgs {
@@ -69,6 +75,10 @@ pub enum Security {
         cfg: Arc<TlsConfig>,
         /// The destination's name for the source's verification (CA mode).
         server_name: Option<String>,
+        /// How the destination's listener takes its connections.
+        accept: AcceptPolicy,
+        /// How long the destination waits for its authenticated source (`None`: no limit).
+        wait: Option<Duration>,
     },
 }
 
@@ -103,6 +113,11 @@ impl ChannelArgs {
         Ok(Security::Tls {
             cfg: Arc::new(TlsConfig { identity, trust }),
             server_name: self.tls_server_name.clone(),
+            accept: AcceptPolicy {
+                max_failures: self.max_handshake_failures,
+                ..AcceptPolicy::default()
+            },
+            wait: self.phase_deadline(),
         })
     }
 }
@@ -164,19 +179,7 @@ fn finish(sock: TcpStream, tls: Option<livemig_tls::TlsStream>) -> Result<Conn> 
                 peer,
             })
         }
-        Some(t) => {
-            let peer = match t.peer_fingerprint() {
-                Some(f) => format!("tls {} ({f})", t.peer()),
-                None => format!("tls {}", t.peer()),
-            };
-            let (w, r, abort) = t.split()?;
-            Ok(Conn {
-                data: Box::new(w),
-                back: Box::new(r),
-                abort,
-                peer,
-            })
-        }
+        Some(t) => finish_tls(t),
     }
 }
 
@@ -186,7 +189,9 @@ pub fn dial(to: &str, sec: &Security) -> Result<Conn> {
     prepare(&sock)?;
     match sec {
         Security::Plain => finish(sock, None),
-        Security::Tls { cfg, server_name } => {
+        Security::Tls {
+            cfg, server_name, ..
+        } => {
             let name = server_name.as_deref().unwrap_or_else(|| host_of(to));
             let name = if name.is_empty() { "localhost" } else { name };
             let t = livemig_tls::connect(sock.try_clone()?, cfg, name)?;
@@ -195,23 +200,127 @@ pub fn dial(to: &str, sec: &Security) -> Result<Conn> {
     }
 }
 
-/// Takes an accepted connection (the destination's side). Under TLS the peer is
-/// authenticated here, before anything of the migration is read.
-pub fn answer(sock: TcpStream, sec: &Security) -> Result<Conn> {
-    prepare(&sock)?;
-    match sec {
-        Security::Plain => finish(sock, None),
-        Security::Tls { cfg, .. } => {
-            let t = livemig_tls::accept(sock.try_clone()?, cfg)?;
-            finish(sock, Some(t))
+/// The destination's listener for one incoming migration: its main connection, then its page
+/// channels. Plain TCP takes each connection as it comes. Under TLS every connection is
+/// authenticated before anything of the migration is read; one that fails its handshake (or
+/// sends none within 30 s) is logged on stderr with its address and the reason, and the
+/// listener keeps waiting, concurrently handshaking later connections, until the source is
+/// authenticated, the wait ends, or `--max-handshake-failures` connections (for the whole
+/// migration) have failed.
+pub struct Incoming<'a> {
+    l: &'a TcpListener,
+    tls: Option<(PeerListener<'a>, Option<Duration>)>,
+}
+
+impl std::fmt::Debug for Incoming<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming")
+            .field("listener", &self.l)
+            .finish_non_exhaustive()
+    }
+}
+
+fn log_refusal(r: &livemig_tls::Refusal<'_>) {
+    eprintln!(
+        "refused a connection from {} ({} of {} failed handshakes allowed): {}",
+        r.peer, r.failures, r.max_failures, r.error
+    );
+}
+
+impl<'a> Incoming<'a> {
+    /// Takes connections from `l`, secured as `sec` says.
+    pub fn new(l: &'a TcpListener, sec: &'a Security) -> Incoming<'a> {
+        let tls = match sec {
+            Security::Plain => None,
+            Security::Tls {
+                cfg, accept, wait, ..
+            } => Some((
+                PeerListener::new(l, cfg, *accept).with_prepare(prepare),
+                *wait,
+            )),
+        };
+        Incoming { l, tls }
+    }
+
+    /// The migration's main connection: under TLS the authenticated source, waiting at most
+    /// the phase deadline.
+    pub fn main(&mut self) -> Result<Conn> {
+        match &mut self.tls {
+            None => {
+                let (sock, _) = self
+                    .l
+                    .accept()
+                    .context("accepting the migration connection")?;
+                prepare(&sock)?;
+                finish(sock, None)
+            }
+            Some((pl, wait)) => {
+                let until = wait.map(|w| Instant::now() + w);
+                let t = pl.accept(until, &mut log_refusal).map_err(explain)?;
+                finish_tls(t)
+            }
+        }
+    }
+
+    /// A page channel connection: the source that announced page channels must connect each
+    /// within `within`.
+    pub fn page(&mut self, within: Duration) -> std::io::Result<Conn> {
+        let until = Instant::now() + within;
+        match &mut self.tls {
+            None => {
+                self.l.set_nonblocking(true)?;
+                let (s, _) = loop {
+                    match self.l.accept() {
+                        Ok(c) => break c,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            if Instant::now() > until {
+                                return Err(std::io::Error::new(
+                                    std::io::ErrorKind::TimedOut,
+                                    format!("no page channel connected within {within:?}"),
+                                ));
+                            }
+                            std::thread::sleep(Duration::from_millis(2));
+                        }
+                        Err(e) => return Err(e),
+                    }
+                };
+                self.l.set_nonblocking(false)?;
+                s.set_nonblocking(false)?;
+                prepare(&s)?;
+                finish(s, None).map_err(std::io::Error::other)
+            }
+            Some((pl, _)) => {
+                let t = pl.accept(Some(until), &mut log_refusal).map_err(|e| {
+                    std::io::Error::other(format!("page channel: {:#}", explain(e)))
+                })?;
+                finish_tls(t).map_err(std::io::Error::other)
+            }
         }
     }
 }
 
-/// Accepts one connection on `l` and answers it.
-pub fn accept_one(l: &TcpListener, sec: &Security) -> Result<Conn> {
-    let (sock, _) = l.accept().context("accepting the migration connection")?;
-    answer(sock, sec)
+/// The listener's error, naming the option behind a bound.
+fn explain(e: livemig_tls::TlsError) -> anyhow::Error {
+    match e {
+        e @ livemig_tls::TlsError::TooManyFailures { bound, .. } => anyhow::Error::new(e).context(
+            format!("giving up the incoming migration: --max-handshake-failures {bound} reached"),
+        ),
+        e => anyhow::Error::new(e).context("waiting for the migration connection"),
+    }
+}
+
+fn finish_tls(t: livemig_tls::TlsStream) -> Result<Conn> {
+    let peer = match t.peer_fingerprint() {
+        Some(f) => format!("tls {} ({f})", t.peer()),
+        None => format!("tls {}", t.peer()),
+    };
+    let (w, r, abort) = t.split()?;
+    Ok(Conn {
+        data: Box::new(w),
+        back: Box::new(r),
+        abort,
+        peer,
+    })
 }
 
 /// `livemig tls keygen`: a self-signed certificate and key for `names`, and its fingerprint
@@ -275,6 +384,24 @@ mod tests {
         assert!(e.to_string().contains("cannot be used with"), "{e}");
         let e = T::try_parse_from(["t", "--tls-cert", "x"]).err().unwrap();
         assert!(e.to_string().contains("--tls-key"), "{e}");
+    }
+
+    #[test]
+    fn the_handshake_failure_bound_defaults_to_16_and_0_is_refused() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct T {
+            #[command(flatten)]
+            c: ChannelArgs,
+        }
+        let t = T::try_parse_from(["t", "--plain"]).unwrap();
+        assert_eq!(t.c.max_handshake_failures, 16);
+        let t = T::try_parse_from(["t", "--plain", "--max-handshake-failures", "1"]).unwrap();
+        assert_eq!(t.c.max_handshake_failures, 1);
+        let e = T::try_parse_from(["t", "--plain", "--max-handshake-failures", "0"])
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("--max-handshake-failures"), "{e}");
     }
 
     #[test]

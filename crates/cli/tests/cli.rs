@@ -326,9 +326,12 @@ fn tls_args<'a>(cert: &'a str, key: &'a str, peer: &'a str) -> [&'a str; 6] {
 
 /// Two processes over mutual TLS with pinned self-signed certificates (made by `livemig tls
 /// keygen`): the migration arrives whole, and the destination names the source's fingerprint.
-/// A third certificate the destination did not pin is refused before anything is read, and
-/// the destination stays as it was (it exits with the refusal; the source fails naming the
-/// handshake or the closed connection). Without --plain or TLS options nothing starts.
+/// A third certificate the destination did not pin is refused before anything is read, and a
+/// connection that says nothing is not waited on: the destination logs the stranger (address
+/// and reason) and keeps listening, and the pinned source that connects after both migrates
+/// (issue 29, item 5). Negative control: with `--max-handshake-failures 1` the stranger ends
+/// the incoming migration, with an error naming the bound. Without --plain or TLS options
+/// nothing starts.
 #[test]
 fn two_processes_migrate_over_mutual_tls_and_a_stranger_is_refused() {
     let dir = std::env::temp_dir().join(format!("livemig-cli-tls-{}", std::process::id()));
@@ -361,7 +364,47 @@ fn two_processes_migrate_over_mutual_tls_and_a_stranger_is_refused() {
         "the destination names the source: {said:?}"
     );
 
-    let (mut dst, addr, derr) = spawn_incoming(&tls_args(&dc, &dk, &sfp));
+    // A silent connection and a stranger first, then the source.
+    let (dst, addr, derr) = spawn_incoming(&dargs);
+    let silent = std::net::TcpStream::connect(&addr).unwrap();
+    let stranger = Command::new(BIN)
+        .args(["migrate", "--to", &addr])
+        .args(tls_args(&xc, &xk, &dfp))
+        .args(SIM)
+        .output()
+        .unwrap();
+    assert!(
+        !stranger.status.success(),
+        "the stranger believed it migrated"
+    );
+    let src = Command::new(BIN)
+        .args(["migrate", "--to", &addr, "--json"])
+        .args(tls_args(&sc, &sk, &dfp))
+        .args(SIM)
+        .output()
+        .unwrap();
+    let dout = dst.wait_with_output().unwrap();
+    let said: String = derr.lines().map(|l| l.unwrap() + "\n").collect();
+    assert!(
+        src.status.success(),
+        "source: {}\ndestination: {said}",
+        String::from_utf8_lossy(&src.stderr)
+    );
+    assert!(dout.status.success(), "destination failed: {said}");
+    assert_eq!(json(&src.stdout)["digest"], json(&dout.stdout)["digest"]);
+    assert!(
+        said.contains("refused a connection from 127.0.0.1:")
+            && said.contains("(1 of 16 failed handshakes allowed)")
+            && said.contains("is not pinned"),
+        "the stranger is logged with its address and the reason: {said}"
+    );
+    assert!(said.contains(&sfp), "the source is named: {said}");
+    drop(silent);
+
+    // Negative control: one failed handshake allowed; the stranger ends the wait.
+    let mut bounded = tls_args(&dc, &dk, &sfp).to_vec();
+    bounded.extend(["--max-handshake-failures", "1"]);
+    let (mut dst, addr, derr) = spawn_incoming(&bounded);
     let src = Command::new(BIN)
         .args(["migrate", "--to", &addr])
         .args(tls_args(&xc, &xk, &dfp))
@@ -374,6 +417,10 @@ fn two_processes_migrate_over_mutual_tls_and_a_stranger_is_refused() {
     );
     let rest: String = derr.lines().map(|l| l.unwrap() + "\n").collect();
     assert!(rest.contains("is not pinned"), "{rest}");
+    assert!(
+        rest.contains("--max-handshake-failures 1 reached"),
+        "the error names the bound: {rest}"
+    );
     assert!(!src.status.success(), "the stranger believed it migrated");
 
     let none = Command::new(BIN)

@@ -7,7 +7,9 @@
 //!
 //! The negative controls run the same scripted peers with valid bytes and show them accepted
 //! (the destination writes RAM and runs the device; the source completes), so every refusal
-//! here is due to the hostile bytes, not to a broken harness.
+//! here is due to the hostile bytes, not to a broken harness. Two more show the refusal check
+//! itself can fail past its first assertion: a destination device given the refused record,
+//! and guest RAM written before a refusal, are each caught by their own check.
 
 mod common;
 
@@ -91,6 +93,9 @@ fn good_state() -> Vec<u8> {
 struct Spy {
     inner: VfioMigDevice<SimDevice>,
     loaded: Arc<Mutex<Vec<u8>>>,
+    /// Negative control only: bytes the device is given just before its reset, as if the
+    /// destination had fed it the refused record before refusing it.
+    leak: Option<Vec<u8>>,
 }
 
 impl MigDevice for Spy {
@@ -129,6 +134,10 @@ impl MigDevice for Spy {
         self.inner.load(bytes)
     }
     fn reset(&mut self) -> Result<(), VfioError> {
+        if let Some(leak) = self.leak.take() {
+            // Still in RESUMING: the device takes the bytes like any others.
+            self.load(&leak)?;
+        }
         self.inner.reset()
     }
 }
@@ -351,14 +360,14 @@ struct Dest {
 }
 
 fn destination() -> Dest {
-    build_destination(false)
+    build_destination(false, None)
 }
 
 fn destination_with_hole() -> Dest {
-    build_destination(true)
+    build_destination(true, None)
 }
 
-fn build_destination(hole: bool) -> Dest {
+fn build_destination(hole: bool, leak: Option<Vec<u8>>) -> Dest {
     let ram = Ram::filled(RAM as usize, FILL);
     let memory: Arc<dyn GuestMemory> = if hole {
         Arc::new(Holey(ram.clone()))
@@ -370,6 +379,7 @@ fn build_destination(hole: bool) -> Dest {
     let spy = Spy {
         inner: adapter(sim.clone()),
         loaded: Arc::clone(&loaded),
+        leak,
     };
     let d = Destination::new(DestinationPlatform {
         memory,
@@ -409,27 +419,31 @@ impl Dest {
 
 /// How far a refused stream got on the destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum At {
+enum At<'a> {
     /// Refused before the compat verdict: the device was never moved.
     Compat,
-    /// Refused after CompatOk: the device went to RESUMING, was given no byte of the refused
-    /// data, and was reset.
+    /// Refused after CompatOk: the device went to RESUMING, was given no byte of the stream,
+    /// and was reset.
     Receive,
-    /// The device was given the state and refused it when leaving RESUMING (its own
-    /// validation): reset, never ran.
-    Device,
+    /// The device went to RESUMING and was given exactly these bytes, the device-state records
+    /// the stream carried before the refused one, in order (for a refusal at or after End, or
+    /// by the device's own validation when leaving RESUMING: all of them). The refused record
+    /// never reached it; it never left RESUMING (not validated, never ran), the destination
+    /// never reported running, and it was reset.
+    Device(&'a [u8]),
 }
 
 /// Feeds `stream` to a fresh destination and checks the refusal: the error chain holds every
 /// `expect` text; the destination told the source the same on the return path; guest RAM is
-/// untouched; the device is RUNNING and was never given refused data nor ran with it.
+/// untouched; the device is RUNNING, was given no byte of the refused record (only what
+/// [`At::Device`] names) and never ran with what it was given.
 #[track_caller]
-fn refuse(stream: &Script, at: At, expect: &[&str]) -> String {
+fn refuse(stream: &Script, at: At<'_>, expect: &[&str]) -> String {
     refuse_on(&mut destination(), stream, at, expect)
 }
 
 #[track_caller]
-fn refuse_on(dest: &mut Dest, stream: &Script, at: At, expect: &[&str]) -> String {
+fn refuse_on(dest: &mut Dest, stream: &Script, at: At<'_>, expect: &[&str]) -> String {
     let (r, replies) = dest.receive(&stream.bytes);
     let e = match r {
         Ok(rep) => panic!("accepted a hostile stream (expected {expect:?}): {rep:?}"),
@@ -457,7 +471,7 @@ fn refuse_on(dest: &mut Dest, stream: &Script, at: At, expect: &[&str]) -> Strin
             );
             assert!(arcs.is_empty(), "the device was moved: {arcs:?} ({text})");
         }
-        At::Receive | At::Device => {
+        At::Receive | At::Device(_) => {
             assert_eq!(
                 replies[..2],
                 [Message::Capabilities(CAP_ROUND_ACKS), Message::CompatOk],
@@ -471,12 +485,24 @@ fn refuse_on(dest: &mut Dest, stream: &Script, at: At, expect: &[&str]) -> Strin
             );
         }
     }
-    if at != At::Device {
-        assert!(
-            dest.loaded.lock().unwrap().is_empty(),
-            "device data was loaded before the refusal ({text})"
-        );
-    }
+    // The device was given what came before the refused record and nothing of it.
+    let given: &[u8] = match at {
+        At::Device(given) => given,
+        At::Compat | At::Receive => &[],
+    };
+    let loaded = dest.loaded.lock().unwrap().clone();
+    assert!(
+        loaded == given,
+        "refused data reached the device: it was given {} bytes, the {} before the refused \
+         record expected ({text})",
+        loaded.len(),
+        given.len()
+    );
+    // Never ran: the destination never said so (the arcs above: never STOP nor RUNNING).
+    assert!(
+        !replies.iter().any(|m| matches!(m, Message::Resumed { .. })),
+        "the destination reported running: {replies:?} ({text})"
+    );
     assert_eq!(dest.sim.migration_state().unwrap(), S::Running, "{text}");
     assert!(dest.ram_untouched(), "guest RAM was written ({text})");
     text
@@ -517,10 +543,73 @@ fn hostile_peer_negative_control_the_scripted_source_with_a_valid_stream_is_acce
     assert_eq!(dest.sim.state_bytes(), expected);
 
     // And the refusal check itself fails on this stream: the suite can fail.
-    let caught = std::panic::catch_unwind(|| {
-        refuse(&valid(&good_state()), At::Receive, &["anything"]);
-    });
-    assert!(caught.is_err(), "refuse() passed a valid stream");
+    let why = refusal_check_fails(&mut destination(), &valid(&state), At::Receive, &["x"]);
+    assert!(why.contains("accepted a hostile stream"), "{why}");
+}
+
+/// Runs the refusal check expecting it to fail; returns its message.
+fn refusal_check_fails(dest: &mut Dest, stream: &Script, at: At<'_>, expect: &[&str]) -> String {
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        refuse_on(dest, stream, at, expect);
+    }));
+    let payload = caught.expect_err("the refusal check passed");
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
+}
+
+/// Negative control of the device check: a destination that gives its device the refused
+/// record (a chunk after a refused PRE_COPY-after-STOP_COPY record, fed before the reset) fails
+/// it, while every check before it passes; the same stream and device without the leak pass.
+#[test]
+fn hostile_peer_negative_control_a_device_given_the_refused_chunk_fails_the_check() {
+    let state = good_state();
+    let half = state.len() / 2;
+    let mut s = accepted();
+    s.state(0, Phase::StopCopy, 0, &state[..half])
+        .state(0, Phase::PreCopy, 1, &state[half..])
+        .end();
+    let expect = ["device 0: PRE_COPY data after STOP_COPY data"];
+    let mut leaky = build_destination(false, Some(state[half..].to_vec()));
+    let why = refusal_check_fails(&mut leaky, &s, At::Device(&state[..half]), &expect);
+    assert!(
+        why.contains(&format!(
+            "refused data reached the device: it was given {} bytes, the {half} before",
+            state.len()
+        )),
+        "{why}"
+    );
+    assert_eq!(*leaky.loaded.lock().unwrap(), state, "the leak was given");
+    refuse_on(
+        &mut build_destination(false, None),
+        &s,
+        At::Device(&state[..half]),
+        &expect,
+    );
+}
+
+/// Negative control of the RAM check: pages before a refusal after End are written (the
+/// destination applies pages as they come; the VM never runs), and the check says so while
+/// every check before it passes. Without the pages the same refusal passes.
+#[test]
+fn hostile_peer_negative_control_ram_written_before_the_refusal_fails_the_check() {
+    let state = good_state();
+    let expect = ["data after the End record"];
+    let mut s = accepted();
+    s.pages(0x2000, 1, 0x11)
+        .round(1)
+        .state(0, Phase::StopCopy, 0, &state)
+        .end()
+        .end();
+    let mut dest = destination();
+    let why = refusal_check_fails(&mut dest, &s, At::Device(&state), &expect);
+    assert!(why.contains("guest RAM was written"), "{why}");
+    assert_eq!(dest.ram.page(2), vec![0x11; PAGE_SIZE as usize]);
+    let mut s = accepted();
+    s.round(1).state(0, Phase::StopCopy, 0, &state).end().end();
+    refuse(&s, At::Device(&state), &expect);
 }
 
 #[test]
@@ -1005,7 +1094,7 @@ fn hostile_peer_source_out_of_order_records_are_refused() {
     s.end();
     let text = refuse(
         &s,
-        At::Device,
+        At::Device(&state),
         &[&format!(
             "receive: stream: at byte {at}: data after the End record"
         )],
@@ -1016,11 +1105,11 @@ fn hostile_peer_source_out_of_order_records_are_refused() {
     s.state(0, Phase::StopCopy, 0, &state)
         .end()
         .pages(0, 1, 0x11);
-    refuse(&s, At::Device, &["data after the End record"]);
+    refuse(&s, At::Device(&state), &["data after the End record"]);
     // A few stray bytes after End.
     let mut s = accepted();
     s.state(0, Phase::StopCopy, 0, &state).end().raw(&[0]);
-    refuse(&s, At::Device, &["data after the End record"]);
+    refuse(&s, At::Device(&state), &["data after the End record"]);
     // PRE_COPY state after STOP_COPY state.
     let mut s = accepted();
     let half = state.len() / 2;
@@ -1029,7 +1118,7 @@ fn hostile_peer_source_out_of_order_records_are_refused() {
     s.state(0, Phase::PreCopy, 1, &state[half..]).end();
     refuse(
         &s,
-        At::Device,
+        At::Device(&state[..half]),
         &[&at, "device 0: PRE_COPY data after STOP_COPY data"],
     );
     // A Sync (a page channel's record) on the one connection.
@@ -1093,11 +1182,11 @@ fn hostile_peer_source_duplicated_records_are_refused() {
     s.state(0, Phase::StopCopy, 0, &state[..half]);
     let at = s.here();
     s.state(0, Phase::StopCopy, 0, &state[..half]).end();
-    let text = refuse(&s, At::Device, &[&at, "device 0: chunk 0, expected 1"]);
-    assert_eq!(
-        dest_loaded_len_for(&s),
-        half,
-        "only the first chunk reached the device ({text})"
+    // Only the first chunk reached the device.
+    refuse(
+        &s,
+        At::Device(&state[..half]),
+        &[&at, "device 0: chunk 0, expected 1"],
     );
     // The whole STOP_COPY state twice, as chunks 0 and 1 (the stream format allows any
     // segmentation): the device's own validation refuses it when leaving RESUMING.
@@ -1107,7 +1196,7 @@ fn hostile_peer_source_duplicated_records_are_refused() {
         .end();
     refuse(
         &s,
-        At::Device,
+        At::Device(&[state.as_slice(), &state].concat()),
         &["resume: device 0 (sim): ", "bytes after the end record"],
     );
     // Round 0 (the end of the compat section) again.
@@ -1133,14 +1222,6 @@ fn hostile_peer_source_duplicated_records_are_refused() {
             "receive: protocol: {at}: Round 1 where round 2 was expected"
         )],
     );
-}
-
-/// Bytes the device was given when `s` was received by a fresh destination.
-fn dest_loaded_len_for(s: &Script) -> usize {
-    let mut dest = destination();
-    let _ = dest.receive(&s.bytes);
-    let loaded = dest.loaded.lock().unwrap();
-    loaded.len()
 }
 
 #[test]
@@ -1217,7 +1298,8 @@ fn hostile_peer_source_overflowing_lengths_and_counts_are_refused_before_allocat
     b.extend_from_slice(&[0; 8]);
     s.record(Tag::DirtyBitmap as u16, RFLAG_OPTIONAL, &b);
     refuse(&s, At::Receive, &["invalid iova/span: 0xfffffffffffff000"]);
-    // End totals at their maximum.
+    // End totals at their maximum: the device was given the whole state, then the End refused.
+    let state = good_state();
     for (field, edit) in [
         (
             "records",
@@ -1238,10 +1320,10 @@ fn hostile_peer_source_overflowing_lengths_and_counts_are_refused_before_allocat
         ),
     ] {
         let mut s = accepted();
-        s.state(0, Phase::StopCopy, 0, &good_state()).end_with(edit);
+        s.state(0, Phase::StopCopy, 0, &state).end_with(edit);
         let text = refuse(
             &s,
-            At::Device,
+            At::Device(&state),
             &[&format!(
                 "End says {field} = {}",
                 if field == "records" {
@@ -1255,9 +1337,9 @@ fn hostile_peer_source_overflowing_lengths_and_counts_are_refused_before_allocat
     }
     // The digest wrong.
     let mut s = accepted();
-    s.state(0, Phase::StopCopy, 0, &good_state())
+    s.state(0, Phase::StopCopy, 0, &state)
         .end_with(|e| e.digest ^= 1);
-    refuse(&s, At::Device, &["whole-stream digest mismatch"]);
+    refuse(&s, At::Device(&state), &["whole-stream digest mismatch"]);
 }
 
 #[test]
@@ -1422,7 +1504,7 @@ fn hostile_peer_source_device_state_for_a_device_not_there_or_of_another_kind() 
     s.state(0, Phase::StopCopy, 0, &other).end();
     refuse(
         &s,
-        At::Device,
+        At::Device(&other),
         &[
             "resume: device 0 (sim): ",
             "stream is for device id 0x51570002, this device is 0x51570001",
@@ -1434,7 +1516,7 @@ fn hostile_peer_source_device_state_for_a_device_not_there_or_of_another_kind() 
     s.state(0, Phase::StopCopy, 0, &other).end();
     refuse(
         &s,
-        At::Device,
+        At::Device(&other),
         &["stream geometry 2048/256 differs from device 1024/256"],
     );
 }
@@ -1575,7 +1657,7 @@ fn hostile_peer_source_device_reported_sizes_that_overflow() {
     ] {
         let mut s = accepted();
         s.state(0, Phase::StopCopy, 0, &data).end();
-        let text = refuse(&s, At::Device, &["resume: device 0 (sim): ", why]);
+        let text = refuse(&s, At::Device(&data), &["resume: device 0 (sim): ", why]);
         println!("{case}: {text}");
     }
     // Round statistics at their maximum are statistics: the destination does not compute

@@ -15,11 +15,18 @@
 //! without the credential is refused before the engine reads or writes one byte of the
 //! migration: no guest RAM, no device state.
 //!
+//! A destination that listens for its source takes connections through a [`PeerListener`]:
+//! a connection that fails its handshake (a stranger, a port scan) or says nothing is reported
+//! and counted, not taken for the end of the wait, and handshakes run concurrently so a silent
+//! connection holds up no other; the wait ends with the first authenticated peer, after
+//! [`AcceptPolicy::max_failures`] failed handshakes, or at the caller's deadline.
+//!
 //! Only TLS 1.3 is offered. A pinned certificate is checked by its fingerprint and by the
 //! handshake signature made with its key (rustls' signature verification), so holding the
 //! certificate without the key does not pass.
 #![deny(missing_docs)]
 
+mod listen;
 mod stream;
 
 use std::fmt;
@@ -33,7 +40,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 
-pub use stream::{TlsChannel, TlsReader, TlsStream, TlsWriter, accept, connect};
+pub use listen::{AcceptPolicy, PeerListener, Refusal};
+pub use stream::{HANDSHAKE_TIMEOUT, TlsChannel, TlsReader, TlsStream, TlsWriter, accept, connect};
 
 /// Why TLS could not be set up or a peer was refused.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +71,28 @@ pub enum TlsError {
         /// What failed.
         #[source]
         source: std::io::Error,
+    },
+    /// The listener failed.
+    #[error("accepting a connection")]
+    Accept(#[source] std::io::Error),
+    /// A [`PeerListener`] reached its bound of failed handshakes.
+    #[error(
+        "{bound} connection(s) failed the TLS handshake, the bound of failed attempts, in \
+         {waited:.1?}; no authenticated peer"
+    )]
+    TooManyFailures {
+        /// The bound ([`AcceptPolicy::max_failures`]).
+        bound: u32,
+        /// How long the wait lasted.
+        waited: std::time::Duration,
+    },
+    /// A [`PeerListener`] reached its deadline.
+    #[error("no authenticated peer within {waited:.1?} ({failures} failed handshake(s))")]
+    NoPeer {
+        /// How long the wait lasted.
+        waited: std::time::Duration,
+        /// Connections that failed their handshake meanwhile.
+        failures: u32,
     },
 }
 

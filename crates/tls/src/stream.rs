@@ -20,7 +20,8 @@ use rustls::{ClientConnection, Connection, ServerConnection};
 
 use crate::{Fingerprint, TlsConfig, TlsError};
 
-/// How long the handshake may take before the connection is dropped.
+/// How long the handshake may take before the connection is dropped (the default of
+/// [`AcceptPolicy::handshake_timeout`](crate::AcceptPolicy::handshake_timeout)).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Bytes read from the socket at a time (about one TLS record).
@@ -69,24 +70,38 @@ impl std::fmt::Debug for TlsStream {
     }
 }
 
-fn handshake(mut conn: Connection, mut sock: TcpStream) -> Result<TlsStream, TlsError> {
+/// Completes the handshake of `conn` on `sock` within `timeout` (per socket read or write).
+pub(crate) fn handshake(
+    mut conn: Connection,
+    mut sock: TcpStream,
+    timeout: Duration,
+) -> Result<TlsStream, TlsError> {
     let peer = sock
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "unknown peer".into());
     let fail = |source: io::Error| TlsError::Handshake {
         peer: peer.clone(),
-        source,
+        // A socket timeout reads as EAGAIN: say what it means.
+        source: if matches!(
+            source.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ) {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the peer sent no handshake within {timeout:?}"),
+            )
+        } else {
+            source
+        },
     };
     // The handshake has its own deadline; the caller's socket timeouts apply again after.
     let (read_timeout, write_timeout) = (
         sock.read_timeout().map_err(fail)?,
         sock.write_timeout().map_err(fail)?,
     );
-    sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
-        .map_err(fail)?;
-    sock.set_write_timeout(Some(HANDSHAKE_TIMEOUT))
-        .map_err(fail)?;
+    sock.set_read_timeout(Some(timeout)).map_err(fail)?;
+    sock.set_write_timeout(Some(timeout)).map_err(fail)?;
     while conn.is_handshaking() {
         conn.complete_io(&mut sock).map_err(fail)?;
     }
@@ -121,15 +136,16 @@ pub fn connect(sock: TcpStream, cfg: &TlsConfig, server_name: &str) -> Result<Tl
         )))
     })?;
     let conn = ClientConnection::new(cfg.client()?, name)?;
-    handshake(Connection::Client(conn), sock)
+    handshake(Connection::Client(conn), sock, HANDSHAKE_TIMEOUT)
 }
 
 /// The destination's side: a TLS server on `sock` that requires the peer's certificate. When
 /// this returns, the peer is authenticated; a peer that is not is refused here, before the
-/// engine reads anything.
+/// engine reads anything. (A listener that must not be given up by the first stranger takes
+/// its connections through [`PeerListener`](crate::PeerListener).)
 pub fn accept(sock: TcpStream, cfg: &TlsConfig) -> Result<TlsStream, TlsError> {
     let conn = ServerConnection::new(cfg.server()?)?;
-    handshake(Connection::Server(conn), sock)
+    handshake(Connection::Server(conn), sock, HANDSHAKE_TIMEOUT)
 }
 
 impl TlsStream {

@@ -297,35 +297,100 @@ fn a_migration_over_tls_with_page_channels_arrives_whole() {
     assert_eq!(src_host.digest(), dst_host.digest());
 }
 
-/// The unpinned source of a whole migration: the destination's `accept` refuses it, so the
-/// destination engine never starts and its RAM stays as it was.
-#[test]
-fn a_migration_from_an_unpinned_source_never_starts() {
-    let (dst_id, stranger) = (self_signed("destination"), self_signed("stranger"));
-    let src_id = self_signed("source");
-    let dcfg = pinned(&dst_id, &src_id);
-    let scfg = pinned(&stranger, &dst_id);
+/// What one whole migration on one TLS connection did.
+struct Attempt {
+    /// The destination's `accept`: `Ok` when the source was authenticated.
+    accepted: Result<(), String>,
+    /// The destination engine's result (`None`: it never ran, `accept` refused the peer).
+    received: Option<Result<(), String>>,
+    /// The source's result.
+    migrated: Result<(), String>,
+    /// The destination's memory and devices before, and after.
+    before: livemig_sim::HostDigest,
+    after: livemig_sim::HostDigest,
+    /// The source's at the end.
+    source: livemig_sim::HostDigest,
+}
+
+/// A whole migration of the simulated platform on one TLS connection: a real [`Destination`]
+/// receives from the stream `accept` returns, when it returns one.
+fn migrate_once(dcfg: TlsConfig, scfg: TlsConfig) -> Attempt {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let dst = destination(&spec(), true).unwrap();
     let before = dst.host.digest();
     let dst_host = dst.host.clone();
-    let receiver = thread::spawn(move || accept(l.accept().unwrap().0, &dcfg).map(|_| ()));
+    let receiver = thread::spawn(move || {
+        let conn = match accept(l.accept().unwrap().0, &dcfg) {
+            Ok(c) => c,
+            Err(e) => return (Err(e.to_string()), None),
+        };
+        let (w, r, abort) = conn.split().unwrap();
+        let mut d = Destination::new(dst.platform);
+        let received = d
+            .receive_channels(r, w, abort, &mut || {
+                Err(std::io::Error::other("no page channels"))
+            })
+            .map(|_| ())
+            .map_err(|e| e.chain());
+        (Ok(()), Some(received))
+    });
     let src = source(&spec(), true).unwrap();
+    let src_host = src.host.clone();
     let mut s = Source::new(src.platform, SourceConfig::default());
-    let r = connect(TcpStream::connect(addr).unwrap(), &scfg, "destination")
+    let migrated = connect(TcpStream::connect(addr).unwrap(), &scfg, "destination")
         .map_err(|e| e.to_string())
         .and_then(|c| {
             s.migrate_channels(TlsChannel(c), &mut |_| {
                 Err(std::io::Error::other("no page channels"))
             })
-            .map_err(|e| e.to_string())
+            .map(|_| ())
+            .map_err(|e| e.chain())
         });
     drop(src.workload);
-    let refused = receiver.join().unwrap().unwrap_err().to_string();
+    let (accepted, received) = receiver.join().unwrap();
+    Attempt {
+        accepted,
+        received,
+        migrated,
+        before,
+        after: dst_host.digest(),
+        source: src_host.digest(),
+    }
+}
+
+/// The unpinned source of a whole migration: the destination's `accept` refuses it, so the
+/// destination engine waiting behind it never starts and its memory and devices stay as they
+/// were.
+#[test]
+fn a_migration_from_an_unpinned_source_never_starts() {
+    let (dst_id, stranger) = (self_signed("destination"), self_signed("stranger"));
+    let src_id = self_signed("source");
+    let a = migrate_once(pinned(&dst_id, &src_id), pinned(&stranger, &dst_id));
+    let refused = a.accepted.unwrap_err();
     assert!(refused.contains("is not pinned"), "{refused}");
-    assert!(r.is_err(), "the source believed it migrated");
-    assert_eq!(dst_host.digest(), before, "the destination changed");
+    assert!(a.received.is_none(), "the destination engine ran");
+    assert!(a.migrated.is_err(), "the source believed it migrated");
+    assert_eq!(a.after, a.before, "the destination changed");
+}
+
+/// Negative control of the test above: the same source and destination with the source's
+/// certificate pinned migrate, and the destination's digest changes (to the source's), so the
+/// check `after == before` there can fail.
+#[test]
+fn negative_control_the_same_source_pinned_migrates_and_changes_the_destination() {
+    let (dst_id, stranger) = (self_signed("destination"), self_signed("stranger"));
+    let a = migrate_once(pinned(&dst_id, &stranger), pinned(&stranger, &dst_id));
+    a.accepted.unwrap();
+    a.received
+        .expect("the destination engine ran")
+        .unwrap_or_else(|e| panic!("destination: {e}; source: {:?}", a.migrated));
+    a.migrated.unwrap();
+    assert_ne!(
+        a.after, a.before,
+        "a whole migration left the destination as it was"
+    );
+    assert_eq!(a.after, a.source);
 }
 
 #[test]
