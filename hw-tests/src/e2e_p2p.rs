@@ -551,6 +551,7 @@ mod tests {
             devices: side(Side::Destination, &watch, hide_p2p, unreadable),
             iommu_dirty: vec![true; 2],
             page_size_mask: 0x1000,
+            vcpus: None,
         };
         let mut s = Source::new(source, SourceConfig::default());
         let mut d = Destination::new(dest);
