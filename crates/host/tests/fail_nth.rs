@@ -562,7 +562,17 @@ fn check_with(
             }
         }
     }
-    Ok(matches!(run.source, Some(Ok(_))) && dest_done)
+    let completed = matches!(run.source, Some(Ok(_))) && dest_done;
+    if !completed && fail.is_none() {
+        // An unfailed run that does not complete: say why (the sweep then stops on it).
+        eprintln!(
+            "the unfailed run did not complete: setup {:?}; source {:?}; destination {:?}",
+            run.setup,
+            run.source.as_ref().map(|r| r.as_ref().map_err(chain).err()),
+            run.dest.as_ref().map(|r| r.as_ref().map_err(chain).err())
+        );
+    }
+    Ok(completed)
 }
 
 fn kernel() -> (
@@ -580,17 +590,18 @@ fn kernel() -> (
 /// each of its errnos (the first pass); then fails, once per errno, each call that only the
 /// failed runs made, keyed by (side, call, phase), on top of the failure that first led to it
 /// (the second pass). Returns the report line.
-fn sweep(k: &Kernel, sysfs: &Path, blob: &[u8], vm: Vm) -> String {
-    let run = |faults| check_with(k, sysfs, faults, blob, vm, |_| {});
-    assert_eq!(run(Faults::default()), Ok(true), "the unfailed migration");
+fn sweep(k: &Kernel, sysfs: &Path, blob: &[u8], vm: Vm, world: fn(&mut World)) -> String {
+    let run = |faults| check_with(k, sysfs, faults, blob, vm, world);
+    let unfailed = run(Faults::default());
     let calls = k.world().calls.clone();
-    run(Faults::default()).unwrap();
-    let again = k.world().calls.clone();
     if std::env::var_os("FAIL_NTH_LIST").is_some() {
         for c in &calls {
             println!("{:?} {} [{}]", c.side, c.what, c.phase);
         }
     }
+    assert_eq!(unfailed, Ok(true), "the unfailed migration");
+    run(Faults::default()).unwrap();
+    let again = k.world().calls.clone();
     let per_side = |c: &[fake::Call], s| {
         c.iter()
             .filter(|c| c.side == s)
@@ -694,7 +705,7 @@ fn fail_nth_sweep_every_vfio_and_iommufd_call_of_a_whole_migration() {
     let _s = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let (k, _g1, _g2) = kernel();
     let dir = sysfs();
-    let line = sweep(&k, dir.path(), &make_blob(STATE, 7), Vm::Host);
+    let line = sweep(&k, dir.path(), &make_blob(STATE, 7), Vm::Host, |_| {});
     println!("fail_nth (host platform): {line}");
 }
 
@@ -717,8 +728,42 @@ fn fail_nth_sweep_a_kvm_vm_with_a_vfio_device() {
     let (k, _g1, _g2) = kernel();
     let _g3 = livemig_kvm::fake_kernel::install(Box::new(k.clone()));
     let dir = sysfs();
-    let line = sweep(&k, dir.path(), &make_blob(STATE, 7), Vm::Kvm);
+    let line = sweep(&k, dir.path(), &make_blob(STATE, 7), Vm::Kvm, |_| {});
     println!("fail_nth (KVM VM): {line}");
+}
+
+/// A Linux 7.3 device with every optional part (P2P states, device DMA logging, the
+/// PRECOPY_INFOv2 opt-in) behind an IOMMU without dirty tracking, so the device's own log is
+/// what tracks its DMA: those paths' calls are swept too.
+fn full_device(w: &mut World) {
+    w.full = true;
+    w.hwpt_dirty = false;
+}
+
+#[test]
+fn fail_nth_sweep_a_device_with_p2p_dma_logging_and_precopy_info_v2() {
+    let _s = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let (k, _g1, _g2) = kernel();
+    let dir = sysfs();
+    let line = sweep(&k, dir.path(), &make_blob(STATE, 7), Vm::Host, full_device);
+    // The optional paths were taken (their calls are among the points).
+    let calls = k.world().calls.clone();
+    for what in [
+        "FEATURE DMA_LOGGING_START",
+        "FEATURE DMA_LOGGING_REPORT",
+        "FEATURE DMA_LOGGING_STOP",
+        "FEATURE MIG_PRECOPY_INFOv2",
+    ] {
+        assert!(
+            calls.iter().any(|c| c.what == what),
+            "no {what} call: the sweep does not reach that path"
+        );
+    }
+    assert!(
+        k.world().p2p_arcs > 0,
+        "no P2P arc: the sweep does not reach the P2P path"
+    );
+    println!("fail_nth (Linux 7.3 device: P2P, DMA logging, PRECOPY_INFOv2): {line}");
 }
 
 /// The index of the first `what` call of `side` in an unfailed migration.
@@ -745,6 +790,33 @@ fn fail_nth_negative_control_dropped_harvest_is_caught() {
     });
     let e = r.expect_err("a dropped harvest must fail the checks");
     assert!(e.contains(&format!("RAM differs at {DMA_PAGE:#x}")), "{e}");
+}
+
+/// Negative control: the same with the device's own DMA log tracking (a Linux 7.3 device
+/// behind an IOMMU without dirty tracking): reports that drop their bits lose the last write.
+#[test]
+fn fail_nth_negative_control_dropped_dma_log_report_is_caught() {
+    let _s = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let (k, _g1, _g2) = kernel();
+    let dir = sysfs();
+    let blob = make_blob(STATE, 7);
+    let r = check_with(&k, dir.path(), Faults::default(), &blob, Vm::Host, |w| {
+        full_device(w);
+        w.drop_harvest = true
+    });
+    let e = r.expect_err("a dropped DMA log report must fail the checks");
+    assert!(e.contains(&format!("RAM differs at {DMA_PAGE:#x}")), "{e}");
+    assert_eq!(
+        check_with(
+            &k,
+            dir.path(),
+            Faults::default(),
+            &blob,
+            Vm::Host,
+            full_device
+        ),
+        Ok(true)
+    );
 }
 
 /// Negative control: a destination failure with `VFIO_DEVICE_RESET` a no-op leaves the device

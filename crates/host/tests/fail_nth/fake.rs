@@ -9,6 +9,14 @@
 //! a reset back to RUNNING, and dirty bits reported per IOVA page and cleared unless
 //! `NO_CLEAR`.
 //!
+//! With [`World::full`] the devices are those of a Linux 7.3 driver with every optional part:
+//! the P2P states (`RUNNING_P2P`, `PRE_COPY_P2P` and their arcs, vfio.h's FSM), device DMA
+//! logging (`DMA_LOGGING_START`/`STOP`/`REPORT`: the device logs the pages it writes inside
+//! the started ranges; a report sets bits per `page_size` and clears them) and the
+//! `MIG_PRECOPY_INFOv2` opt-in (`flags` becomes an output, 0 here); with [`World::hwpt_dirty`]
+//! off the IOMMU reports no dirty tracking, so the device's log is what tracks its DMA.
+//! Without `full` they answer ENOTTY, as a Linux 6.12 device.
+//!
 //! Every call is counted per host side; [`World::fail`] makes exactly one of them fail with an
 //! errno before the fake looks at it.
 
@@ -40,6 +48,8 @@ const VFIO_DEVICE_BIND_IOMMUFD: u64 = io(100 + 18);
 const VFIO_DEVICE_ATTACH_IOMMUFD_PT: u64 = io(100 + 19);
 const VFIO_DEVICE_DETACH_IOMMUFD_PT: u64 = io(100 + 20);
 const VFIO_MIG_GET_PRECOPY_INFO: u64 = io(100 + 21);
+/// `VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2` (Linux 7.3 vfio.h; not in vfio-bindings 0.6).
+const PRECOPY_INFO_V2: u32 = 12;
 const IOMMU_DESTROY: u64 = io(0x80);
 const IOMMU_IOAS_ALLOC: u64 = io(0x81);
 const IOMMU_IOAS_MAP: u64 = io(0x85);
@@ -56,6 +66,8 @@ pub const ST_RUNNING: u32 = vb::vfio_device_mig_state_VFIO_DEVICE_STATE_RUNNING;
 pub const ST_STOP_COPY: u32 = vb::vfio_device_mig_state_VFIO_DEVICE_STATE_STOP_COPY;
 pub const ST_RESUMING: u32 = vb::vfio_device_mig_state_VFIO_DEVICE_STATE_RESUMING;
 pub const ST_PRE_COPY: u32 = vb::vfio_device_mig_state_VFIO_DEVICE_STATE_PRE_COPY;
+pub const ST_RUNNING_P2P: u32 = vb::vfio_device_mig_state_VFIO_DEVICE_STATE_RUNNING_P2P;
+pub const ST_PRE_COPY_P2P: u32 = vb::vfio_device_mig_state_VFIO_DEVICE_STATE_PRE_COPY_P2P;
 
 /// The part of the device state offered as PRE_COPY initial data.
 const INITIAL: usize = 12 << 10;
@@ -79,7 +91,14 @@ pub struct Dev {
     /// GPA of the page this device writes by DMA while it runs.
     dma_page: u64,
     dma_count: u64,
+    /// Device DMA logging: the started ranges (iova, length), its page size, the logged pages.
+    log: Option<DmaLog>,
+    /// The PRECOPY_INFOv2 opt-in was made.
+    precopy_v2: bool,
 }
+
+/// A device's DMA log: the started ranges (iova, length), its page size, the logged pages.
+type DmaLog = (Vec<(u64, u64)>, u64, BTreeSet<u64>);
 
 #[derive(Debug)]
 enum Obj {
@@ -132,6 +151,12 @@ pub struct World {
     destroyed_tracking: BTreeSet<Side>,
     /// Negative control: harvests report nothing (a dropped harvest).
     pub drop_harvest: bool,
+    /// Devices with P2P, DMA logging and PRECOPY_INFOv2 (a Linux 7.3 driver); off: ENOTTY.
+    pub full: bool,
+    /// The IOMMU offers dirty tracking (on by default; see [`World::new`]).
+    pub hwpt_dirty: bool,
+    /// Arcs into or out of a P2P state so far.
+    pub p2p_arcs: u64,
     /// Negative control: the first call `what` of `side` panics (on whatever thread makes it).
     pub panic_on: Option<(Side, &'static str)>,
     /// Negative control: `VFIO_DEVICE_RESET` does nothing.
@@ -173,10 +198,13 @@ impl World {
             attached: None,
             dma_page,
             dma_count: 0,
+            log: None,
+            precopy_v2: false,
         };
         World {
             devs: vec![dev(Side::Source, blob), dev(Side::Destination, Vec::new())],
             next_id: 1,
+            hwpt_dirty: true,
             ..World::default()
         }
     }
@@ -288,6 +316,12 @@ impl World {
         // while any device is attached (the host unmaps the IOAS before releasing RAM); the
         // write is an aligned u64 inside it, as a device's DMA would be.
         unsafe { p.write_volatile(value) };
+        // The device's own log, if it tracks this IOVA.
+        if let Some((ranges, page, logged)) = &mut self.devs[d].log
+            && ranges.iter().any(|&(i, l)| gpa >= i && gpa < i + l)
+        {
+            logged.insert(gpa & !(*page - 1));
+        }
         for (_, o) in self.objs.values_mut() {
             if let Obj::Hwpt {
                 ioas: i,
@@ -316,12 +350,34 @@ impl World {
                 | (ST_STOP, ST_RESUMING)
                 | (ST_STOP_COPY, ST_STOP)
                 | (ST_RESUMING, ST_STOP)
-        );
+        ) || (self.full
+            && matches!(
+                (from, to),
+                (ST_RUNNING, ST_RUNNING_P2P)
+                    | (ST_RUNNING_P2P, ST_RUNNING)
+                    | (ST_RUNNING_P2P, ST_STOP)
+                    | (ST_STOP, ST_RUNNING_P2P)
+                    | (ST_PRE_COPY, ST_PRE_COPY_P2P)
+                    | (ST_PRE_COPY_P2P, ST_PRE_COPY)
+                    | (ST_PRE_COPY_P2P, ST_STOP_COPY)
+            ));
         if !arc_ok {
             return err(libc::EINVAL);
         }
-        // In-flight DMA lands before the device stops (the final harvest must find it).
-        if from == ST_RUNNING || from == ST_PRE_COPY {
+        if [from, to]
+            .iter()
+            .any(|s| matches!(*s, ST_RUNNING_P2P | ST_PRE_COPY_P2P))
+        {
+            self.p2p_arcs += 1;
+        }
+        // In-flight DMA lands before the device stops (the final harvest must find it); a
+        // device that goes on running (RUNNING_P2P -> RUNNING, a destination starting) has
+        // nothing to land.
+        if matches!(
+            from,
+            ST_RUNNING | ST_PRE_COPY | ST_RUNNING_P2P | ST_PRE_COPY_P2P
+        ) && (from, to) != (ST_RUNNING_P2P, ST_RUNNING)
+        {
             self.dma(d);
         }
         let dev = &mut self.devs[d];
@@ -331,7 +387,9 @@ impl World {
                 dev.consumed = 0;
                 out = Some(memfd(&dev.blob[..INITIAL.min(dev.blob.len())]));
             }
-            (ST_PRE_COPY, ST_STOP_COPY) | (ST_STOP, ST_STOP_COPY) => {
+            (ST_PRE_COPY, ST_STOP_COPY)
+            | (ST_PRE_COPY_P2P, ST_STOP_COPY)
+            | (ST_STOP, ST_STOP_COPY) => {
                 if from == ST_STOP {
                     dev.consumed = 0;
                 }
@@ -353,7 +411,13 @@ impl World {
             }
             _ => {}
         }
-        dev.data_fd = out.as_ref().map(|f| f.as_raw_fd());
+        // PRE_COPY <-> PRE_COPY_P2P keeps the session (vfio.h); every other arc ends it.
+        if !matches!(
+            (from, to),
+            (ST_PRE_COPY, ST_PRE_COPY_P2P) | (ST_PRE_COPY_P2P, ST_PRE_COPY)
+        ) {
+            dev.data_fd = out.as_ref().map(|f| f.as_raw_fd());
+        }
         if !(to == ST_RUNNING && self.noop_running) {
             dev.state = to;
         }
@@ -361,6 +425,22 @@ impl World {
             self.data_fds.insert(fd.as_raw_fd(), d);
         }
         Ok(out)
+    }
+
+    /// The device whose fd `fd` duplicates (the same inode), if any.
+    fn dup_of(&self, fd: RawFd) -> Option<usize> {
+        let ino = |fd: RawFd| {
+            // SAFETY: an all-zero stat is a valid value of this plain C struct.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: fstat writes a stat for a valid fd, or fails for another.
+            let rc = unsafe { libc::fstat(fd, &mut st) };
+            (rc == 0).then_some((st.st_dev, st.st_ino))
+        };
+        let me = ino(fd)?;
+        self.dev_fds
+            .iter()
+            .find(|(f, _)| ino(**f) == Some(me))
+            .map(|(_, &d)| d)
     }
 
     fn side_of_fd(&self, fd: RawFd) -> Option<Side> {
@@ -402,7 +482,10 @@ impl Kernel {
             }
             // SAFETY: the caller passes a vfio_precopy_info.
             let info = unsafe { &mut *(arg as *mut vb::vfio_precopy_info) };
-            if info.argsz < 24 || w.devs[d].state != ST_PRE_COPY || w.devs[d].data_fd != Some(fd) {
+            if info.argsz < 24
+                || !matches!(w.devs[d].state, ST_PRE_COPY | ST_PRE_COPY_P2P)
+                || w.devs[d].data_fd != Some(fd)
+            {
                 return err(libc::EINVAL);
             }
             // The device keeps writing its page while it runs in PRE_COPY.
@@ -413,7 +496,8 @@ impl Kernel {
             info.flags = 0;
             return Ok(0);
         }
-        let Some(&d) = w.dev_fds.get(&fd) else {
+        // A duplicated device fd (the DMA log tracker's handle) is the same open file.
+        let Some(d) = w.dev_fds.get(&fd).copied().or_else(|| w.dup_of(fd)) else {
             return err(libc::EBADF);
         };
         let side = w.devs[d].side;
@@ -427,6 +511,8 @@ impl Kernel {
                     (2, _) => "FEATURE SET MIG_DEVICE_STATE",
                     (9, _) => "FEATURE MIG_DATA_SIZE",
                     (6, _) => "FEATURE DMA_LOGGING_START",
+                    (7, _) => "FEATURE DMA_LOGGING_STOP",
+                    (8, _) => "FEATURE DMA_LOGGING_REPORT",
                     (12, _) => "FEATURE MIG_PRECOPY_INFOv2",
                     _ => "FEATURE (other)",
                 }
@@ -460,7 +546,10 @@ impl Kernel {
                 match feature {
                     vb::VFIO_DEVICE_FEATURE_MIGRATION if probe => Ok(0),
                     vb::VFIO_DEVICE_FEATURE_MIGRATION if get => {
-                        let flags = vb::VFIO_MIGRATION_STOP_COPY | vb::VFIO_MIGRATION_PRE_COPY;
+                        let mut flags = vb::VFIO_MIGRATION_STOP_COPY | vb::VFIO_MIGRATION_PRE_COPY;
+                        if w.full {
+                            flags |= vb::VFIO_MIGRATION_P2P;
+                        }
                         // SAFETY: the payload is a vfio_device_feature_migration.
                         unsafe {
                             (*(payload as *mut vb::vfio_device_feature_migration)).flags =
@@ -496,6 +585,67 @@ impl Kernel {
                         Ok(0)
                     }
                     // No DMA logging and no PRECOPY_INFOv2 (a Linux 6.12 device).
+                    _ if !w.full => err(libc::ENOTTY),
+                    vb::VFIO_DEVICE_FEATURE_DMA_LOGGING_START if probe => Ok(0),
+                    vb::VFIO_DEVICE_FEATURE_DMA_LOGGING_START if set => {
+                        // SAFETY: the payload is a vfio_device_feature_dma_logging_control.
+                        let c = unsafe {
+                            &mut *(payload as *mut vb::vfio_device_feature_dma_logging_control)
+                        };
+                        if c.num_ranges == 0 || c.num_ranges > 256 || w.devs[d].log.is_some() {
+                            return err(libc::EINVAL);
+                        }
+                        c.page_size = c.page_size.max(PAGE).next_power_of_two();
+                        // SAFETY: `ranges` points at `num_ranges` ranges (the caller's array).
+                        let ranges = unsafe {
+                            std::slice::from_raw_parts(
+                                c.ranges as *const vb::vfio_device_feature_dma_logging_range,
+                                c.num_ranges as usize,
+                            )
+                        };
+                        let ranges = ranges.iter().map(|r| (r.iova, r.length)).collect();
+                        w.devs[d].log = Some((ranges, c.page_size, BTreeSet::new()));
+                        Ok(0)
+                    }
+                    vb::VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP if set => {
+                        w.devs[d].log = None;
+                        Ok(0)
+                    }
+                    vb::VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT if get => {
+                        // SAFETY: the payload is a vfio_device_feature_dma_logging_report.
+                        let r = unsafe {
+                            &*(payload as *const vb::vfio_device_feature_dma_logging_report)
+                        };
+                        let Some((_, page, logged)) = &mut w.devs[d].log else {
+                            return err(libc::EINVAL);
+                        };
+                        if r.page_size < *page || !r.page_size.is_power_of_two() {
+                            return err(libc::EINVAL);
+                        }
+                        let end = r.iova.saturating_add(r.length);
+                        let hits: Vec<u64> = logged.range(r.iova..end).copied().collect();
+                        let drop_harvest = w.drop_harvest;
+                        let Some((_, _, logged)) = &mut w.devs[d].log else {
+                            return err(libc::EINVAL);
+                        };
+                        for gpa in hits {
+                            logged.remove(&gpa);
+                            if drop_harvest {
+                                continue;
+                            }
+                            let bit = (gpa - r.iova) / r.page_size;
+                            // SAFETY: the caller's bitmap covers `length / page_size` bits.
+                            unsafe {
+                                let word = (r.bitmap as *mut u64).add((bit / 64) as usize);
+                                word.write(word.read() | 1 << (bit % 64));
+                            }
+                        }
+                        Ok(0)
+                    }
+                    abi_precopy_v2 if abi_precopy_v2 == PRECOPY_INFO_V2 && set => {
+                        w.devs[d].precopy_v2 = true;
+                        Ok(0)
+                    }
                     _ => err(libc::ENOTTY),
                 }
             }
@@ -622,8 +772,11 @@ impl Kernel {
                 // An IOMMU with dirty tracking and no vendor data (type NONE).
                 a.data_len = 0;
                 a.__bindgen_anon_1.out_data_type = 0;
-                a.out_capabilities =
-                    u64::from(iob::iommufd_hw_capabilities_IOMMU_HW_CAP_DIRTY_TRACKING);
+                a.out_capabilities = if w.hwpt_dirty {
+                    u64::from(iob::iommufd_hw_capabilities_IOMMU_HW_CAP_DIRTY_TRACKING)
+                } else {
+                    0
+                };
                 Ok(0)
             }
             IOMMU_HWPT_ALLOC => {
@@ -735,7 +888,12 @@ impl livemig_vfio::fake_kernel::Kernel for Kernel {
             .ok_or(io::Error::from_raw_os_error(libc::EBADF))?;
         w.enter(side, "read of a data fd")?;
         let d = w.data_fds[&fd];
-        if w.devs[d].data_fd != Some(fd) || !matches!(w.devs[d].state, ST_PRE_COPY | ST_STOP_COPY) {
+        if w.devs[d].data_fd != Some(fd)
+            || !matches!(
+                w.devs[d].state,
+                ST_PRE_COPY | ST_PRE_COPY_P2P | ST_STOP_COPY
+            )
+        {
             return err(libc::EINVAL);
         }
         // SAFETY: `buf` is writable for its length; `fd` is the session's memfd.
@@ -743,7 +901,7 @@ impl livemig_vfio::fake_kernel::Kernel for Kernel {
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
-        if w.devs[d].state == ST_PRE_COPY {
+        if matches!(w.devs[d].state, ST_PRE_COPY | ST_PRE_COPY_P2P) {
             w.devs[d].consumed += n as usize;
         }
         Ok(n as usize)
@@ -799,6 +957,8 @@ pub fn errnos(what: &str) -> &'static [i32] {
         "FEATURE SET MIG_DEVICE_STATE" => &[EINVAL, EIO, ENOMEM],
         "FEATURE MIG_DATA_SIZE" => &[ENOTTY, EINVAL],
         "FEATURE DMA_LOGGING_START" => &[ENOTTY, EIO],
+        "FEATURE DMA_LOGGING_STOP" => &[EINVAL, EIO],
+        "FEATURE DMA_LOGGING_REPORT" => &[EINVAL, EIO, ENOMEM],
         "FEATURE MIG_PRECOPY_INFOv2" => &[ENOTTY, EINVAL],
         "VFIO_MIG_GET_PRECOPY_INFO" => &[EINVAL, ENOTTY],
         // EINTR: a signal during the read or write (the crate retries it).
