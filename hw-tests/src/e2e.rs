@@ -369,7 +369,30 @@ fn run(p: &Pairs, o: &Opts<'_>) -> Result<Run> {
         "source: ok {} outcome {} error {}; destination: ok {} outcome {} error {}",
         r.src_ok, r.src["outcome"], r.src["error"], r.dst_ok, r.dst["outcome"], r.dst["error"]
     );
+    // Every e2e case, failed or not: the VM runs on one host, or on none with the reason said.
+    one_host(&r.src, &r.dst, r.killed).with_context(|| r.context())?;
     Ok(r)
+}
+
+/// The two processes' engine decisions (`runs` in their reports): never both `here`; when
+/// neither runs, one of them says why (or the case killed the destination).
+fn one_host(src: &Value, dst: &Value, killed: bool) -> Result<()> {
+    let runs = |v: &Value| v["runs"]["runs"].as_str().unwrap_or("absent").to_string();
+    let why = |v: &Value| v["runs"]["why"].as_str().unwrap_or("").to_string();
+    let (s, d) = (runs(src), runs(dst));
+    ensure!(
+        !(s == "here" && d == "here"),
+        "the VM runs on both hosts (source: {}; destination: {})",
+        why(src),
+        why(dst)
+    );
+    if s != "here" && d != "here" {
+        ensure!(
+            killed || !why(src).is_empty() || !why(dst).is_empty(),
+            "the VM runs on neither host (source {s}, destination {d}) and neither says why"
+        );
+    }
+    Ok(())
 }
 
 impl Run {
@@ -942,5 +965,26 @@ mod tests {
         assert!(noop_resume_failure(true, &dst, &src).is_err());
         let migrated = json!({"outcome": "migrated"});
         assert!(noop_resume_failure(false, &dst, &migrated).is_err());
+    }
+}
+
+#[cfg(test)]
+mod one_host_tests {
+    use super::one_host;
+    use serde_json::json;
+
+    #[test]
+    fn two_running_hosts_and_a_silent_none_fail() {
+        let here = json!({"runs": {"runs": "here", "why": "resumed"}});
+        let not = json!({"runs": {"runs": "not_here", "why": "failed"}});
+        let undecided = json!({"runs": {"runs": "undecided", "why": ""}});
+        assert!(one_host(&here, &not, false).is_ok());
+        assert!(one_host(&not, &here, false).is_ok());
+        assert!(one_host(&undecided, &not, false).is_ok());
+        let e = one_host(&here, &here, false).unwrap_err();
+        assert!(e.to_string().contains("runs on both hosts"), "{e}");
+        let e = one_host(&undecided, &undecided, false).unwrap_err();
+        assert!(e.to_string().contains("neither says why"), "{e}");
+        assert!(one_host(&undecided, &json!({}), true).is_ok());
     }
 }

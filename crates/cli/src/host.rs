@@ -11,13 +11,13 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
+use livemig::Phase;
 use livemig::bitmap::PageBitmap;
 use livemig::device::MigDevice;
 use livemig::engine::{
     Destination, DestinationEvent, Event, MigrationReport, ReceiveReport, Source, SourceConfig,
 };
 use livemig::tracker::{BoxError, DirtyTracker, TrackingMode};
-use livemig::{Error as EngineError, Phase};
 use livemig_host::workload::{WorkloadConfig, vmm_writer};
 use livemig_host::{Host, HostConfig, Workload};
 use livemig_kvm::{Backing, VmMemory};
@@ -216,6 +216,8 @@ struct SourceJson {
     /// `migrated`, `recovered` (the source runs again) or `stopped` (after End: the
     /// destination's outcome is unknown, the source stays stopped with its state intact).
     outcome: &'static str,
+    /// The engine's decision of whether the VM runs here, and why.
+    runs: Option<livemig::engine::Outcome>,
     error: Option<String>,
     error_phase: Option<String>,
     setup: Vec<String>,
@@ -235,6 +237,8 @@ struct DestinationJson {
     role: &'static str,
     /// `running` or `failed` (devices reset, memory released).
     outcome: &'static str,
+    /// The engine's decision of whether the VM runs here, and why.
+    runs: Option<livemig::engine::Outcome>,
     error: Option<String>,
     setup: Vec<String>,
     received: Option<ReceiveReport>,
@@ -479,9 +483,10 @@ fn migrate(
             Err(e) => {
                 out.error = Some(e.chain());
                 out.error_phase = e.phase().map(|p| p.to_string());
-                // After End the source stays stopped; otherwise its writers run again.
-                let stopped =
-                    e.phase() == Some(Phase::Handover) && !matches!(e, EngineError::Remote { .. });
+                // The engine's decision: stopped when the destination may run the VM (it
+                // answered Undecided, or its answer was lost after End); otherwise the writers
+                // run again.
+                let stopped = source.is_stopped();
                 out.outcome = if stopped { "stopped" } else { "recovered" };
                 if !stopped {
                     std::thread::sleep(Duration::from_millis(300));
@@ -489,6 +494,7 @@ fn migrate(
                 }
             }
         }
+        out.runs = Some(source.outcome().clone());
         let from = if out.outcome == "recovered" {
             MigrationState::Running
         } else {
@@ -714,6 +720,7 @@ fn incoming(
                 false
             }
         };
+        out.runs = Some(dest.outcome().clone());
         let platform = dest.platform_mut();
         for d in &mut platform.devices {
             let a = (again && ok).then_some(MigrationState::Running);

@@ -179,7 +179,8 @@ fn operator_cancel_at_every_phase_leaves_the_source_running() {
     ] {
         let dst = TestVm::incoming(&cfg).unwrap();
         let sp = livemig_kvm::platform::source(&src.vm, vec![], None, None).unwrap();
-        let dp = livemig_kvm::platform::destination(&dst.vm, vec![], false).unwrap();
+        // As the CLI builds it (autostart): a failure must not start the destination.
+        let dp = livemig_kvm::platform::destination(&dst.vm, vec![], true).unwrap();
         let mut source = livemig::engine::Source::new(
             sp,
             SourceConfig {
@@ -212,6 +213,7 @@ fn operator_cancel_at_every_phase_leaves_the_source_running() {
             other => panic!("cancel at {at}: {other:?}"),
         }
         assert!(d.is_err(), "the destination discards");
+        assert_one_host(&source, &dest, &dst, &format!("cancel at {at}"));
         runs_again_and_verifies(&src, &format!("source after a cancel at {at}"));
     }
 }
@@ -228,7 +230,7 @@ fn a_corrupted_stream_and_a_dead_destination_leave_the_source_running() {
     for at in [Phase::PreCopy(1), Phase::StopCopy] {
         let dst = TestVm::incoming(&cfg).unwrap();
         let sp = livemig_kvm::platform::source(&src.vm, vec![], None, None).unwrap();
-        let dp = livemig_kvm::platform::destination(&dst.vm, vec![], false).unwrap();
+        let dp = livemig_kvm::platform::destination(&dst.vm, vec![], true).unwrap();
         let mut source = livemig::engine::Source::new(sp, SourceConfig::default());
         let cut = livemig::link::Cut::new();
         let c = cut.clone();
@@ -243,12 +245,13 @@ fn a_corrupted_stream_and_a_dead_destination_leave_the_source_running() {
         let (r, _) = livemig::link::migrate_local(&mut source, &mut dest, link(), &cut);
         let e = r.expect_err("the link was cut");
         assert_eq!(e.phase(), Some(at), "{e}");
+        assert_one_host(&source, &dest, &dst, &format!("link cut at {at}"));
         runs_again_and_verifies(&src, &format!("source after the destination died at {at}"));
     }
     // A corrupted stream: the destination refuses it and the source runs again.
     let dst = TestVm::incoming(&cfg).unwrap();
     let sp = livemig_kvm::platform::source(&src.vm, vec![], None, None).unwrap();
-    let dp = livemig_kvm::platform::destination(&dst.vm, vec![], false).unwrap();
+    let dp = livemig_kvm::platform::destination(&dst.vm, vec![], true).unwrap();
     let mut source = livemig::engine::Source::new(sp, SourceConfig::default());
     let mut dest = livemig::engine::Destination::new(dp);
     let (data_w, data_r) = livemig::link::pipe(link(), livemig::link::Cut::new());
@@ -258,14 +261,16 @@ fn a_corrupted_stream_and_a_dead_destination_leave_the_source_running() {
         at: 200_000,
         seen: 0,
     };
+    let dr = &mut dest;
     let (r, d) = std::thread::scope(|s| {
-        let t = s.spawn(move || dest.receive(data_r, back_w));
+        let t = s.spawn(move || dr.receive(data_r, back_w));
         let r = source.migrate(corrupt, back_r);
         (r, t.join().unwrap())
     });
     let de = d.expect_err("the destination refuses a corrupted stream");
     assert!(de.to_string().contains("stream"), "{de}");
     r.expect_err("the source sees the destination's failure");
+    assert_one_host(&source, &dest, &dst, "a corrupted stream");
     runs_again_and_verifies(&src, "source after a corrupted stream");
 }
 

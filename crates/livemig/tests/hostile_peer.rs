@@ -2322,3 +2322,57 @@ fn hostile_peer_destination_failed_after_end_resumes_the_source() {
     assert!(!src.s.is_stopped(), "{text}");
     assert_eq!(src.device_state(), S::Running);
 }
+
+#[test]
+fn hostile_peer_destination_undecided_after_end_leaves_the_source_stopped_until_its_caller_decides()
+{
+    let mut src = source();
+    let (r, waited) = src.run(stalls(script(
+        &[
+            Message::CompatOk,
+            Message::Undecided("resume: device 0: reset failed: EIO".into()),
+        ],
+        &[],
+    )));
+    assert!(!waited);
+    let e = r.expect_err("undecided");
+    let text = e.chain();
+    assert!(matches!(e, livemig::Error::Undecided { .. }), "{text}");
+    assert!(
+        text.contains("the destination says: resume: device 0: reset failed: EIO"),
+        "{text}"
+    );
+    // Neither side runs, and the source's decision says why.
+    assert!(src.s.is_stopped(), "{text}");
+    assert_eq!(src.s.outcome().runs, livemig::engine::Runs::Undecided);
+    assert!(
+        src.s.outcome().why.contains("reset failed"),
+        "{:?}",
+        src.s.outcome()
+    );
+    assert_eq!(src.device_state(), S::StopCopy);
+    // The caller gives the VM up here: it never runs on this side again.
+    src.s.discard().expect("discard");
+    assert_eq!(src.s.outcome().runs, livemig::engine::Runs::NotHere);
+    assert_eq!(src.device_state(), S::Stop);
+    assert!(src.s.resume().is_err(), "a discarded source resumed");
+}
+
+#[test]
+fn hostile_peer_destination_undecided_before_end_lets_the_source_run_on() {
+    // Before End the destination starts nothing, so Undecided then is as Failed: the source's
+    // pre-copy ends and it runs on.
+    let (text, src) = source_refuses(
+        stalls(script(
+            &[
+                CAPS,
+                Message::CompatOk,
+                Message::Undecided("receive: device 0: reset failed".into()),
+            ],
+            &[],
+        )),
+        &["pre-copy round 1: the destination failed: receive: device 0: reset failed"],
+    );
+    assert!(!src.s.is_stopped(), "{text}");
+    assert_eq!(src.s.outcome().runs, livemig::engine::Runs::Here);
+}

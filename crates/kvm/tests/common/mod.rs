@@ -123,6 +123,23 @@ pub fn migrate(
     }
 }
 
+/// The VM runs on one host, or on none with the reason said (issue 29): the engines'
+/// decisions agree with each other and with what the vCPUs did (a destination that does not
+/// run the VM has no vCPU that entered the guest; a source that runs is not stopped).
+pub fn assert_one_host(source: &Source, dest: &Destination, dst: &TestVm, what: &str) {
+    let (s, d) = (source.outcome(), dest.outcome());
+    let side = livemig::engine::handover::one_host(s, d)
+        .unwrap_or_else(|e| panic!("{what}: {e}: source {s:?}, destination {d:?}"));
+    assert_eq!(side == "source", !source.is_stopped(), "{what}: {s:?}");
+    if d.runs != livemig::engine::Runs::Here {
+        assert!(
+            dst.vm.entries().iter().all(|&n| n == 0),
+            "{what}: the destination does not run the VM, yet its vCPUs entered the guest: {:?}",
+            dst.vm.entries()
+        );
+    }
+}
+
 pub fn start_destination(dst: &TestVm) {
     dst.vm.unpause(pause::START);
 }

@@ -81,6 +81,24 @@ impl Outcome {
     }
 }
 
+/// The promise every failure test holds the two sides to: the VM does not run on both, and
+/// when it runs on neither, at least one side says why. Returns which side runs (`"source"`,
+/// `"destination"` or `"neither"`), or what is wrong.
+pub fn one_host(source: &Outcome, destination: &Outcome) -> Result<&'static str, String> {
+    match (source.runs, destination.runs) {
+        (Runs::Here, Runs::Here) => Err(format!(
+            "the VM runs on both hosts (source: {}; destination: {})",
+            source.why, destination.why
+        )),
+        (Runs::Here, _) => Ok("source"),
+        (_, Runs::Here) => Ok("destination"),
+        _ if source.why.is_empty() && destination.why.is_empty() => {
+            Err("the VM runs on neither host and neither side says why".into())
+        }
+        _ => Ok("neither"),
+    }
+}
+
 /// Whether a vCPU entered the guest between two counts: `Some(true)` if any count grew,
 /// `Some(false)` if none did, `None` when either count is missing or the vCPU sets differ.
 pub(crate) fn entered(before: Option<&[u64]>, after: Option<&[u64]>) -> Option<bool> {
@@ -120,6 +138,25 @@ mod tests {
         assert_eq!(entered(Some(&[3]), Some(&[3, 5])), None);
         assert_eq!(entered(None, Some(&[3])), None);
         assert_eq!(entered(Some(&[3]), None), None);
+    }
+
+    #[test]
+    fn one_host_refuses_two_and_a_silent_none() {
+        let o = |runs, why: &str| Outcome::new(runs, why, None);
+        assert_eq!(
+            one_host(&o(Runs::Here, "a"), &o(Runs::NotHere, "b")),
+            Ok("source")
+        );
+        assert_eq!(
+            one_host(&o(Runs::NotHere, "a"), &o(Runs::Here, "b")),
+            Ok("destination")
+        );
+        assert_eq!(
+            one_host(&o(Runs::Undecided, "lost"), &o(Runs::NotHere, "")),
+            Ok("neither")
+        );
+        assert!(one_host(&o(Runs::Here, "a"), &o(Runs::Here, "b")).is_err());
+        assert!(one_host(&o(Runs::Undecided, ""), &o(Runs::Undecided, "")).is_err());
     }
 
     #[test]

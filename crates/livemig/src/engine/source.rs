@@ -1076,10 +1076,7 @@ impl Source {
                 return Err(Failure {
                     error: Error::Undecided {
                         phase,
-                        reason: format!(
-                            "the destination says: {reason}; the source stays stopped with its \
-                             state intact"
-                        ),
+                        reason: format!("the destination says: {reason}"),
                     },
                     resume: false,
                 });
@@ -1102,7 +1099,7 @@ impl Source {
                         phase,
                         reason: format!(
                             "no answer came ({source}) after End may have reached the \
-                             destination{}; the source stays stopped with its state intact",
+                             destination{}",
                             seen(&ended)
                         ),
                     },

@@ -91,19 +91,38 @@ fn empty_destination() -> livemig::engine::DestinationPlatform {
 
 impl Run {
     pub fn go(&mut self) -> (Result<MigrationReport>, Result<ReceiveReport>) {
-        sim::migrate_local(&mut self.source, &mut self.dest, link(), &self.cut)
+        let r = sim::migrate_local(&mut self.source, &mut self.dest, link(), &self.cut);
+        self.assert_one_host();
+        r
+    }
+
+    /// The VM runs on one host, or on none with the reason said (issue 29), by both engines'
+    /// decisions and by the devices: a side that says it does not run has none RUNNING with
+    /// the guest's state (the destination's were reset).
+    pub fn assert_one_host(&self) {
+        let (s, d) = (self.source.outcome(), self.dest.outcome());
+        let side = livemig::engine::handover::one_host(s, d)
+            .unwrap_or_else(|e| panic!("{e}: source {s:?}, destination {d:?}"));
+        assert_eq!(
+            side == "source",
+            !self.source.is_stopped(),
+            "source decision {s:?} against stopped = {}",
+            self.source.is_stopped()
+        );
     }
 
     /// As [`go`](Self::go) with `n` page channels (the source's config must say `n`).
     pub fn go_channels(&mut self, n: usize) -> (Result<MigrationReport>, Result<ReceiveReport>) {
         let pages = vec![link(); n];
-        livemig::link::migrate_local_channels(
+        let r = livemig::link::migrate_local_channels(
             &mut self.source,
             &mut self.dest,
             link(),
             &pages,
             &self.cut,
-        )
+        );
+        self.assert_one_host();
+        r
     }
 
     /// Throws the cut switch when `phase` begins.
