@@ -226,7 +226,7 @@ impl Destination {
         self.outcome = Outcome::new(
             Runs::Here,
             if self.platform.vcpus.is_some() {
-                "every device is RUNNING and the vCPUs were started"
+                "every device is RUNNING and the platform's vCPU start step ran"
             } else {
                 "every device is RUNNING (the platform starts its own vCPUs)"
             },
