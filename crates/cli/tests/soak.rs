@@ -272,18 +272,25 @@ impl Ctl {
 
     /// The next line of any current peer; `None` in the line: that peer's output closed.
     fn next_any(&mut self) -> Result<(usize, Option<Value>), String> {
+        self.next_within(ANSWER)?
+            .ok_or_else(|| format!("{}: no peer said anything within {ANSWER:?}", self.at))
+    }
+
+    /// As [`Ctl::next_any`], `None` when nothing came within `wait`.
+    fn next_within(&mut self, wait: Duration) -> Result<Option<(usize, Option<Value>)>, String> {
+        let until = Instant::now() + wait;
         loop {
-            let (slot, generation, l) = self
-                .rx
-                .recv_timeout(ANSWER)
-                .map_err(|_| format!("{}: no peer said anything within {ANSWER:?}", self.at))?;
+            let left = until.saturating_duration_since(Instant::now());
+            let Ok((slot, generation, l)) = self.rx.recv_timeout(left) else {
+                return Ok(None);
+            };
             if self.peers[slot].as_ref().map(|p| p.generation) != Some(generation) {
                 continue;
             }
             return match l {
-                None => Ok((slot, None)),
+                None => Ok(Some((slot, None))),
                 Some(l) => serde_json::from_str(&l)
-                    .map(|v| (slot, Some(v)))
+                    .map(|v| Some((slot, Some(v))))
                     .map_err(|e| format!("{}: peer {} printed {l:?}: {e}", self.at, name(slot))),
             };
         }
@@ -394,13 +401,18 @@ fn soak(s: &Soak) -> Result<Summary, String> {
             let kind = *["kill", "cut", "corrupt"]
                 .get(rng.below(3) as usize)
                 .unwrap();
-            let phase = rng
-                .pick(if on_sender {
+            // A kill lands at a phase's start, or (one in three) a random time into the
+            // migration.
+            let phase = if kind == "kill" && rng.below(3) == 0 {
+                format!("after{}ms", rng.below(60))
+            } else {
+                rng.pick(if on_sender {
                     SOURCE_PHASES
                 } else {
                     DEST_PHASES
                 })
-                .to_string();
+                .to_string()
+            };
             Fault {
                 kind,
                 on_sender,
@@ -438,12 +450,28 @@ fn soak(s: &Soak) -> Result<Summary, String> {
             .ok_or_else(|| format!("{}: the receiver said {l}", c.at))?
             .to_string();
         c.write(snd, &format!("send {addr}{}", arg(true)))?;
+        // A kill "after N ms" lands wherever the migration is then.
+        let mut kill_at = victim.and_then(|(vs, p)| {
+            let ms: u64 = p.strip_suffix("ms")?.strip_prefix("after")?.parse().ok()?;
+            Some((vs, Instant::now() + Duration::from_millis(ms)))
+        });
         let mut reply: [Option<Value>; 2] = [None, None];
         let mut done = [false, false];
         let mut killed = None;
-        let mut phases = [Vec::new(), Vec::new()];
         while !(done[0] && done[1]) {
-            let (slot, l) = c.next_any()?;
+            let wait = kill_at.map_or(ANSWER, |(_, t)| t.saturating_duration_since(Instant::now()));
+            let Some((slot, l)) = c.next_within(wait)? else {
+                match kill_at.take() {
+                    Some((vs, _)) => {
+                        c.kill(vs);
+                        killed = Some(vs);
+                        continue;
+                    }
+                    None => {
+                        return Err(format!("{}: no peer said anything within {ANSWER:?}", c.at));
+                    }
+                }
+            };
             let Some(v) = l else {
                 if killed != Some(slot) {
                     return Err(format!("{}: peer {} exited unasked", c.at, name(slot)));
@@ -461,7 +489,6 @@ fn soak(s: &Soak) -> Result<Summary, String> {
                     c.kill(slot);
                     killed = Some(slot);
                 }
-                phases[slot].push(p);
             } else if !v["reply"].is_null() {
                 reply[slot] = Some(v);
                 done[slot] = true;
