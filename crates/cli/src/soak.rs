@@ -253,9 +253,15 @@ impl Peer {
             bail!("the last source awaits resume or discard");
         }
         let t = self.vm.as_ref().context("no VM held here")?;
+        // Until the engine decides, the VM runs here untouched.
+        self.last_source = Some(Outcome {
+            runs: Runs::Here,
+            why: "no migration started".into(),
+            vcpu_entries: Some(t.vm.entries()),
+        });
         let sp = platform::source(&t.vm, vec![], None, None).map_err(|e| anyhow!("{e}"))?;
         let mut source = Source::new(sp, self.args.mig.config());
-        let conn = secure::dial(addr, &self.sec)?;
+        let conn = secure::dial(addr, &self.sec).context("no migration started")?;
         let (conn, armed) = Armed::wrap(conn, fault);
         let hook = armed.hook("source");
         source.on_event(move |e| {
@@ -300,6 +306,8 @@ impl Peer {
         if self.vm.is_some() {
             bail!("a VM is held here already");
         }
+        // No VM here until the engine decides it runs here.
+        self.last_dest = None;
         let t = TestVm::incoming(&self.args.vm.config()).map_err(|e| anyhow!("{e}"))?;
         let dp = platform::destination(&t.vm, vec![], true).map_err(|e| anyhow!("{e}"))?;
         let mut dest = Destination::new(dp);

@@ -49,7 +49,9 @@ const VM: &[&str] = &[
     "--ram=32MiB",
     "--high-ram=0",
     "--warmup=0s",
-    "--phase-deadline=30s",
+    // A receiver whose sender died before its TLS handshake finished waits this long for
+    // another before it gives up, as a destination host would.
+    "--phase-deadline=10s",
 ];
 
 /// How far RSS may grow over the window.
@@ -562,13 +564,18 @@ fn soak(s: &Soak) -> Result<Summary, String> {
                         name(survivor)
                     ));
                 }
+                let said = match &reply[survivor] {
+                    Some(r) if r["ok"] != true => r["error"].clone(),
+                    Some(r) if r["result"]["ok"] != true => r["result"]["error"].clone(),
+                    _ => Value::Null,
+                };
                 let why = format!(
-                    "none: peer {} (the {}) killed; peer {} {}: {}",
+                    "none: peer {} (the {}) killed; peer {}'s engine: {} ({}); it said {said}",
                     name(k),
                     if k == snd { "sender" } else { "receiver" },
                     name(survivor),
                     runs(so),
-                    so["why"]
+                    so["why"],
                 );
                 *sum.outcomes
                     .entry(format!(
