@@ -223,8 +223,9 @@ fn outcome_json(o: &Option<Outcome>) -> Value {
 }
 
 impl Peer {
-    /// Negative controls: what a leaking peer would leave behind after each migration.
-    fn after_migration(&mut self) -> Result<()> {
+    /// Counts a migration this process takes part in; for the negative controls, what a
+    /// leaking peer would leave behind for each.
+    fn count_migration(&mut self) -> Result<()> {
         self.migrations += 1;
         if self.args.x_leak_fd {
             self.leaked_files
@@ -252,6 +253,7 @@ impl Peer {
         if self.pending.is_some() {
             bail!("the last source awaits resume or discard");
         }
+        self.count_migration()?;
         let t = self.vm.as_ref().context("no VM held here")?;
         // Until the engine decides, the VM runs here untouched.
         self.last_source = Some(Outcome {
@@ -298,7 +300,6 @@ impl Peer {
             }
             (_, Runs::Undecided) => self.pending = Some(source),
         }
-        self.after_migration()?;
         Ok(out)
     }
 
@@ -308,6 +309,7 @@ impl Peer {
         }
         // No VM here until the engine decides it runs here.
         self.last_dest = None;
+        self.count_migration()?;
         let t = TestVm::incoming(&self.args.vm.config()).map_err(|e| anyhow!("{e}"))?;
         let dp = platform::destination(&t.vm, vec![], true).map_err(|e| anyhow!("{e}"))?;
         let mut dest = Destination::new(dp);
@@ -343,7 +345,6 @@ impl Peer {
         if o.runs == Runs::Here {
             self.vm = Some(t);
         }
-        self.after_migration()?;
         Ok(out)
     }
 

@@ -148,6 +148,8 @@ struct Summary {
     reboots: u32,
     fds: Vec<String>,
     rss: Vec<String>,
+    /// Earlier processes (killed later) whose RSS was checked over a whole window.
+    rss_lives: u32,
     seconds: f64,
 }
 
@@ -195,6 +197,9 @@ impl Drop for Tls {
 /// A line from a peer (None: its standard output closed), tagged with its slot and generation.
 type Line = (usize, u32, Option<String>);
 
+/// RSS samples: (migration, holds a VM, RSS KiB).
+type Samples = Vec<(usize, bool, u64)>;
+
 /// One peer process.
 struct Peer {
     generation: u32,
@@ -203,7 +208,7 @@ struct Peer {
     /// The first open-fd count seen without and with a VM held.
     fd_base: [Option<u64>; 2],
     /// (migration, holds a VM, RSS KiB) after each migration.
-    rss: Vec<(usize, bool, u64)>,
+    rss: Samples,
 }
 
 impl Drop for Peer {
@@ -222,6 +227,8 @@ struct Ctl {
     rx: mpsc::Receiver<Line>,
     /// Where the current migration is, for messages.
     at: String,
+    /// The RSS samples of processes that were replaced, named.
+    past: Vec<(String, Samples)>,
 }
 
 fn name(slot: usize) -> &'static str {
@@ -254,6 +261,10 @@ impl Ctl {
             }
             let _ = tx.send((slot, generation, None));
         });
+        if let Some(old) = self.peers[slot].take() {
+            let who = format!("peer {} (process {})", name(slot), old.child.id());
+            self.past.push((who, old.rss.clone()));
+        }
         self.peers[slot] = Some(Peer {
             generation,
             child,
@@ -385,6 +396,7 @@ fn soak(s: &Soak) -> Result<Summary, String> {
         tx,
         rx,
         at: "start".into(),
+        past: Vec::new(),
     };
     let mut sum = Summary::default();
     // Baselines: each process's fd count as it starts (no VM), and once it first holds one.
@@ -395,14 +407,25 @@ fn soak(s: &Soak) -> Result<Summary, String> {
     c.cmd(0, "boot")?;
     let mut holder = 0;
     let mut next_fault = 3 + rng.below(3) as usize;
+    let kills_until = s
+        .migrations
+        .saturating_sub(RSS_WINDOW + RSS_WARMUP as usize);
     for i in 1..=s.migrations {
         let (snd, rcv) = (holder, 1 - holder);
         let fault = (s.faults && i == next_fault).then(|| {
             next_fault = i + 3 + rng.below(3) as usize;
             let on_sender = rng.below(2) == 0;
-            let kind = *["kill", "cut", "corrupt"]
-                .get(rng.below(3) as usize)
-                .unwrap();
+            // Kills only before the RSS window (both processes live through it); the first
+            // fault is one, so every run kills a process.
+            let kind = if i > kills_until {
+                *["cut", "corrupt"].get(rng.below(2) as usize).unwrap()
+            } else if sum.faults.keys().all(|k| !k.starts_with("kill")) {
+                "kill"
+            } else {
+                *["kill", "cut", "corrupt"]
+                    .get(rng.below(3) as usize)
+                    .unwrap()
+            };
             // A kill lands at a phase's start, or (one in three) a random time into the
             // migration.
             let phase = if kind == "kill" && rng.below(3) == 0 {
@@ -687,46 +710,72 @@ fn soak(s: &Soak) -> Result<Summary, String> {
         );
         sum.migrations = i;
     }
-    // RSS over the last migrations, per process and state.
+    // RSS over the last migrations, per process and state: the two processes at the end (no
+    // kill comes in the last migrations, so both lived through the whole window), and every
+    // earlier process that took part in a whole window before it was killed.
     let from = s.migrations.saturating_sub(RSS_WINDOW) + 1;
+    let full = s.migrations >= RSS_WINDOW + RSS_WARMUP as usize;
     for slot in 0..2 {
         let p = c.peer(slot);
-        for holds in [false, true] {
-            let w: Vec<&(usize, bool, u64)> = p
-                .rss
-                .iter()
-                .filter(|(m, h, _)| *m >= from && *h == holds)
-                .collect();
-            let (Some(first), Some(last)) = (w.first(), w.last()) else {
-                continue;
-            };
-            let grew = last.2.saturating_sub(first.2);
-            let line = format!(
-                "peer {} {}: RSS {} -> {} KiB over migrations {}..={} ({} samples)",
+        let w: Vec<_> = p
+            .rss
+            .iter()
+            .filter(|(m, _, _)| *m >= from)
+            .copied()
+            .collect();
+        if full && w.len() != RSS_WINDOW {
+            return Err(format!(
+                "peer {} has RSS samples for {} of the last {RSS_WINDOW} migrations (seed {})",
                 name(slot),
-                if holds {
-                    "holding the VM"
-                } else {
-                    "without a VM"
-                },
-                first.2,
-                last.2,
-                first.0,
-                last.0,
-                w.len()
-            );
+                w.len(),
+                s.seed
+            ));
+        }
+        for line in rss_growth(&format!("peer {}", name(slot)), &w, s.seed)? {
             eprintln!("{line}");
-            if grew > RSS_BOUND_KIB {
-                return Err(format!(
-                    "RSS grew by {grew} KiB (bound {RSS_BOUND_KIB} KiB): {line} (seed {})",
-                    s.seed
-                ));
-            }
             sum.rss.push(line);
+        }
+    }
+    for (who, rss) in std::mem::take(&mut c.past) {
+        if rss.len() >= RSS_WINDOW {
+            rss_growth(&who, &rss[rss.len() - RSS_WINDOW..], s.seed)?;
+            sum.rss_lives += 1;
         }
     }
     sum.seconds = t0.elapsed().as_secs_f64();
     Ok(sum)
+}
+
+/// RSS growth in each state over `w` (one process's samples), each within the bound.
+fn rss_growth(who: &str, w: &[(usize, bool, u64)], seed: u64) -> Result<Vec<String>, String> {
+    let mut lines = Vec::new();
+    for holds in [false, true] {
+        let w: Vec<_> = w.iter().filter(|(_, h, _)| *h == holds).collect();
+        let (Some(first), Some(last)) = (w.first(), w.last()) else {
+            continue;
+        };
+        let grew = last.2.saturating_sub(first.2);
+        let line = format!(
+            "{who} {}: RSS {} -> {} KiB over migrations {}..={} ({} samples)",
+            if holds {
+                "holding the VM"
+            } else {
+                "without a VM"
+            },
+            first.2,
+            last.2,
+            first.0,
+            last.0,
+            w.len()
+        );
+        if grew > RSS_BOUND_KIB {
+            return Err(format!(
+                "RSS grew by {grew} KiB (bound {RSS_BOUND_KIB} KiB): {line} (seed {seed})"
+            ));
+        }
+        lines.push(line);
+    }
+    Ok(lines)
 }
 
 /// Checks `slot`'s open fds against its first count in the same state; returns its status.
@@ -790,8 +839,15 @@ fn migrations() -> usize {
 fn report(sum: &Summary) {
     eprintln!(
         "soak: {} migrations in {:.1} s; faults {:?}; outcomes {:?}; {} processes restarted, {} \
-         VMs booted again",
-        sum.migrations, sum.seconds, sum.faults, sum.outcomes, sum.restarts, sum.reboots
+         VMs booted again; RSS checked over {RSS_WINDOW} migrations for the 2 last processes and \
+         {} earlier ones",
+        sum.migrations,
+        sum.seconds,
+        sum.faults,
+        sum.outcomes,
+        sum.restarts,
+        sum.reboots,
+        sum.rss_lives
     );
     for l in sum.fds.iter().chain(&sum.rss) {
         eprintln!("  {l}");
@@ -818,6 +874,10 @@ fn the_vm_ping_pongs_between_two_processes_through_seeded_faults() {
     report(&sum);
     assert_eq!(sum.migrations, s.migrations);
     assert!(s.migrations < 10 || !sum.faults.is_empty(), "{sum:?}");
+    assert!(
+        s.migrations < 50 || sum.faults.keys().any(|k| k.starts_with("kill")),
+        "{sum:?}"
+    );
 }
 
 fn control(extra: [Vec<&'static str>; 2], migrations: usize) -> String {
