@@ -53,6 +53,12 @@ pub struct SoakPeerArgs {
     /// sides).
     #[arg(long, hide = true)]
     x_run_after_send: bool,
+    /// Negative control: park the vCPUs of a VM received (it is held but does not run).
+    #[arg(long, hide = true)]
+    x_park_received: bool,
+    /// Negative control: overwrite the guest's working sets just before it verifies.
+    #[arg(long, hide = true)]
+    x_scribble: bool,
     /// Negative control: leak one open file per migration.
     #[arg(long, hide = true)]
     x_leak_fd: bool,
@@ -342,6 +348,9 @@ impl Peer {
         drop(dest);
         drop(incoming);
         drop(l);
+        if o.runs == Runs::Here && self.args.x_park_received {
+            t.vm.pause(livemig_kvm::vm::pause::OPERATOR);
+        }
         if o.runs == Runs::Here {
             self.vm = Some(t);
         }
@@ -371,6 +380,20 @@ impl Peer {
 
     fn verify(&self) -> Result<Value> {
         let t = self.vm.as_ref().context("no VM held here")?;
+        if self.args.x_scribble {
+            // Negative control: every working-set page (from 16 MiB, the guest's WS_BASE)
+            // overwritten while the vCPUs are parked; after they resume, each rewrites at most
+            // 64 pages (its command poll interval) before it verifies.
+            use livemig::memory::GuestMemory;
+            t.vm.pause(livemig_kvm::vm::pause::OPERATOR);
+            let pages = u64::from(t.cfg.vcpus) * u64::from(t.cfg.pages);
+            for p in 0..pages {
+                t.vm.memory()
+                    .write((16 << 20) + p * 4096, &[0xa5; 4096])
+                    .map_err(|e| anyhow!("{e}"))?;
+            }
+            t.vm.unpause(livemig_kvm::vm::pause::OPERATOR);
+        }
         Ok(json!(crate::vm::verify(t)?))
     }
 

@@ -23,8 +23,9 @@
 //!
 //! The seed is printed; `LIVEMIG_SOAK_SEED=N` replays a run, `LIVEMIG_SOAK_MIGRATIONS=N`
 //! lengthens it (`cargo xtask soak`). Negative controls: peers that run the VM again after a
-//! successful send, leak an fd per migration, or leak 8 MiB per migration each make the soak
-//! fail at the check that catches them.
+//! successful send, park the VM they received, overwrite guest memory before the guest
+//! verifies, leak an fd per migration, or leak 8 MiB per migration each make the soak fail at
+//! the check that catches them.
 //!
 //! Needs a usable /dev/kvm: without one these tests print why and pass, except under CI=true,
 //! where they fail unless LIVEMIG_SKIP_KVM is set.
@@ -659,13 +660,9 @@ fn soak(s: &Soak) -> Result<Summary, String> {
                 ));
             }
         }
-        // The holder's vCPUs run: their KVM_RUN entries grow (checked around the guest's
-        // verification); the other holds no VM, so it has none.
+        // The holder's vCPUs run: their KVM_RUN entries grow; then the guest verifies its
+        // memory. The other holds no VM, so it has no vCPUs.
         let before = entries(&c.status(holder)?).unwrap_or_default();
-        let v = c.cmd(holder, "verify")?;
-        if v["ok"] != true {
-            return Err(format!("{}: the guest's verification failed: {v}", c.at));
-        }
         let until = Instant::now() + Duration::from_secs(5);
         loop {
             let now = entries(&c.status(holder)?).unwrap_or_default();
@@ -674,13 +671,17 @@ fn soak(s: &Soak) -> Result<Summary, String> {
             }
             if Instant::now() > until {
                 return Err(format!(
-                    "{}: peer {} holds the VM but its vCPUs did not enter the guest ({before:?} \
-                     -> {now:?})",
+                    "{}: peer {} holds the VM but its vCPUs did not enter the guest within 5 s \
+                     ({before:?} -> {now:?})",
                     c.at,
                     name(holder)
                 ));
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+        let v = c.cmd(holder, "verify")?;
+        if v["ok"] != true {
+            return Err(format!("{}: the guest's verification failed: {v}", c.at));
         }
         if entries(&c.status(1 - holder)?).is_some() {
             return Err(format!(
@@ -908,6 +909,32 @@ fn control_a_source_that_runs_the_vm_again_after_sending_fails_the_one_host_chec
     let e = control([vec!["--x-run-after-send"], vec![]], 3);
     assert!(
         e.contains("migration 1 A->B") && e.contains("runs on both processes"),
+        "{e}"
+    );
+}
+
+#[test]
+#[serial]
+fn control_a_destination_that_parks_the_vm_it_received_fails_the_entries_check() {
+    if !kvm() {
+        return;
+    }
+    let e = control([vec![], vec!["--x-park-received"]], 3);
+    assert!(
+        e.contains("migration 1 A->B") && e.contains("did not enter the guest"),
+        "{e}"
+    );
+}
+
+#[test]
+#[serial]
+fn control_a_peer_that_overwrites_guest_memory_fails_the_guests_verification() {
+    if !kvm() {
+        return;
+    }
+    let e = control([vec![], vec!["--x-scribble"]], 3);
+    assert!(
+        e.contains("migration 1 A->B") && e.contains("the guest's verification failed"),
         "{e}"
     );
 }
