@@ -21,6 +21,8 @@
 //! * `cargo xtask bench-peer [--sizes LIST] [--nonzero PCT] [--channels N] [--reps R]
 //!   [--downtime MS] [--smoke] [--out DIR] [--keep]` — livemig against QEMU 10.0 on this
 //!   machine (`bench_peer`).
+//! * `cargo xtask soak [--migrations N] [--seed S] [--debug]` — the ping-pong soak
+//!   (`crates/cli/tests/soak.rs`) for longer than the test run's 50 migrations (`soak`).
 
 mod apt;
 mod bench_peer;
@@ -31,6 +33,7 @@ mod examples;
 mod hwtest;
 mod qemu;
 mod rig;
+mod soak;
 
 use std::process::Command;
 use std::time::Duration;
@@ -93,6 +96,12 @@ commands:
               --out DIR          output directory                       [target/bench-peer]
               --keep             keep the image files
               --rig-binary       use the rig's static release livemig (as the CI step does)
+  soak      the ping-pong soak for longer: the running KVM test VM migrated back and forth
+            between two processes over TLS with a seeded fault every 3-5 migrations
+            (crates/cli/tests/soak.rs, which `cargo test` runs with 50); needs /dev/kvm
+              --migrations N     migrations                               [500]
+              --seed S           replay a run (the seed every run prints) [from the clock]
+              --debug            debug build (as `cargo test`) instead of release
 ";
 
 fn value<'a>(it: &mut impl Iterator<Item = &'a String>, flag: &str) -> Result<&'a String> {
@@ -152,6 +161,10 @@ fn run() -> Result<()> {
         "bench-peer" => {
             let rest: Vec<String> = it.cloned().collect();
             bench_peer::bench_peer(&bench_peer::parse_options(&rest)?)
+        }
+        "soak" => {
+            let rest: Vec<String> = it.cloned().collect();
+            soak::soak(&soak::parse_options(&rest)?)
         }
         "help" | "--help" | "-h" => {
             print!("{USAGE}");

@@ -11,6 +11,7 @@ mod net;
 mod probe;
 mod report;
 mod secure;
+mod soak;
 mod sysfs;
 mod vm;
 

@@ -92,6 +92,10 @@ pub enum VmCmd {
         #[arg(long)]
         json: bool,
     },
+    /// One end of the ping-pong soak: holds at most one test VM and obeys line commands on
+    /// standard input (see `crates/cli/src/soak.rs`).
+    #[command(hide = true)]
+    SoakPeer(crate::soak::SoakPeerArgs),
 }
 
 #[derive(Args, Clone, Debug)]
@@ -128,7 +132,7 @@ pub struct VmArgs {
 }
 
 impl VmArgs {
-    fn config(&self) -> TestVmConfig {
+    pub(crate) fn config(&self) -> TestVmConfig {
         let mut ram = vec![(0, self.ram)];
         if self.high_ram > 0 {
             ram.push((4 << 30, self.high_ram));
@@ -256,7 +260,7 @@ fn entries(o: &livemig::engine::Outcome) -> String {
 }
 
 impl VmMigArgs {
-    fn config(&self) -> SourceConfig {
+    pub(crate) fn config(&self) -> SourceConfig {
         SourceConfig {
             downtime_limit: self.downtime,
             max_rounds: self.max_rounds,
@@ -281,7 +285,7 @@ pub struct Verification {
     pub steps: Vec<u64>,
 }
 
-fn verify(vm: &TestVm) -> Result<Verification> {
+pub(crate) fn verify(vm: &TestVm) -> Result<Verification> {
     let f = vm
         .verify(Duration::from_secs(60))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -698,6 +702,7 @@ pub fn main(cmd: VmCmd, fallback: fn(bool) -> Result<()>) -> Result<()> {
             Ok(())
         }
         VmCmd::Demo { vm, mig, json } => demo(&vm, &mig, json, fallback),
+        VmCmd::SoakPeer(args) => crate::soak::peer(args),
         VmCmd::Image {
             output,
             print_append,
