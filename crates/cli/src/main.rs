@@ -13,6 +13,7 @@ mod report;
 mod secure;
 mod soak;
 mod sysfs;
+mod testvm;
 mod vm;
 
 use std::path::PathBuf;

@@ -38,7 +38,7 @@ use livemig_kvm::{TestVm, platform};
 use serde_json::{Value, json};
 
 use crate::secure::{self, ChannelArgs, Conn, Security};
-use crate::vm::{VmArgs, VmMigArgs};
+use crate::testvm::{VmArgs, VmMigArgs};
 
 /// Options of `vm soak-peer`.
 #[derive(Args, Clone, Debug)]
@@ -394,7 +394,7 @@ impl Peer {
             }
             t.vm.unpause(livemig_kvm::vm::pause::OPERATOR);
         }
-        Ok(json!(crate::vm::verify(t)?))
+        Ok(json!(crate::testvm::verify(t)?))
     }
 
     fn status(&self) -> Result<Value> {

@@ -6,15 +6,14 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Subcommand};
-use livemig::engine::{
-    AutoConverge, Destination, MigrationReport, ReceiveReport, Runs, Source, SourceConfig,
-};
-use livemig_kvm::{Backing, DirtyMode, GuestEvent, TestVm, TestVmConfig, platform};
+use clap::Subcommand;
+use livemig::engine::{Destination, MigrationReport, ReceiveReport, Runs, Source};
+use livemig_kvm::{TestVm, platform};
 use serde::Serialize;
 
-use crate::args::{parse_duration, parse_size};
+use crate::args::parse_duration;
 use crate::report::print_report;
+pub use crate::testvm::{Undecided, Verification, VmArgs, VmMigArgs, verify};
 
 #[derive(Subcommand)]
 pub enum VmCmd {
@@ -98,121 +97,6 @@ pub enum VmCmd {
     SoakPeer(crate::soak::SoakPeerArgs),
 }
 
-#[derive(Args, Clone, Debug)]
-pub struct VmArgs {
-    /// vCPUs, each writing its own part of the working set.
-    #[arg(long, default_value_t = 2)]
-    vcpus: u32,
-    /// Working-set pages per vCPU.
-    #[arg(long, default_value_t = 4096)]
-    pages: u32,
-    /// Pages each vCPU writes per second (0: as fast as it can).
-    #[arg(long, default_value_t = 20_000)]
-    rate: u64,
-    /// Low RAM (from 0; the working sets live here), below the PCI hole.
-    #[arg(long, default_value = "128MiB", value_parser = parse_size)]
-    ram: u64,
-    /// RAM above 4 GiB (after the PCI hole; 0 for none).
-    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
-    high_ram: u64,
-    /// vCPU dirty logging: auto, bitmap, ring or ring:ENTRIES.
-    #[arg(long, default_value = "auto")]
-    dirty: DirtyMode,
-    /// Back guest RAM with a memfd instead of anonymous memory.
-    #[arg(long, conflicts_with = "mem_file")]
-    memfd: bool,
-    /// Back guest RAM with this shared file (created sparse or grown; another VMM, e.g. QEMU
-    /// with `memory-backend-file,share=on`, can map the same image).
-    #[arg(long)]
-    mem_file: Option<std::path::PathBuf>,
-    /// Boot the guest idle: its vCPUs start, report ready and then write nothing (only its
-    /// own boot wrote memory), as a benchmark's paused workload.
-    #[arg(long)]
-    idle: bool,
-}
-
-impl VmArgs {
-    pub(crate) fn config(&self) -> TestVmConfig {
-        let mut ram = vec![(0, self.ram)];
-        if self.high_ram > 0 {
-            ram.push((4 << 30, self.high_ram));
-        }
-        TestVmConfig {
-            vcpus: self.vcpus,
-            pages: self.pages,
-            rate: self.rate,
-            ram,
-            backing: match (&self.mem_file, self.memfd) {
-                (Some(p), _) => Backing::File(p.clone()),
-                (None, true) => Backing::Memfd,
-                (None, false) => Backing::Anonymous,
-            },
-            dirty: self.dirty,
-            cpuid_clear: Vec::new(),
-            idle: self.idle,
-        }
-    }
-
-    /// The same VM with the destination's flags (dirty logging is a source choice).
-    fn to_flags(&self) -> Vec<String> {
-        let mut f = vec![
-            format!("--vcpus={}", self.vcpus),
-            format!("--pages={}", self.pages),
-            format!("--rate={}", self.rate),
-            format!("--ram={}", self.ram),
-            format!("--high-ram={}", self.high_ram),
-        ];
-        if self.idle {
-            f.push("--idle".into());
-        }
-        f
-    }
-}
-
-#[derive(Args, Clone, Debug)]
-pub struct VmMigArgs {
-    /// Downtime limit.
-    #[arg(long, default_value = "300ms", value_parser = parse_duration)]
-    downtime: Duration,
-    /// Stop-and-copy after this many rounds regardless.
-    #[arg(long, default_value_t = 30)]
-    max_rounds: u32,
-    /// Throttle the vCPUs when pre-copy does not converge (QEMU's auto-converge steps).
-    #[arg(long)]
-    auto_converge: bool,
-    /// How long the guest runs before the migration starts.
-    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
-    warmup: Duration,
-    /// Never stop the VM longer than this (see `livemig simulate --help`).
-    #[arg(long, value_parser = parse_duration)]
-    hard_deadline: Option<Duration>,
-    /// Connections that carry pages: 1 (one connection carries everything) or 2 to 64 page
-    /// channels beside the main connection (QEMU's multifd layout).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
-    channels: u32,
-    /// Pause the VM after the warm-up and migrate it paused (as QEMU's `-S` or `stop`): its
-    /// vCPUs stay parked on the source throughout and start on the destination.
-    #[arg(long)]
-    paused: bool,
-    /// What to do when the destination cannot say whether the VM runs there (it answered
-    /// Undecided, or its answer was lost after End): `ask` the operator on stdin (`resume`
-    /// or `discard`, within the phase deadline; no answer discards), `resume` the source
-    /// (only when the destination is known never to start the VM), or `discard` it.
-    #[arg(long, value_enum, default_value_t = Undecided::Ask)]
-    undecided: Undecided,
-}
-
-/// The operator's choice for a source left stopped by an undecided handover.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Undecided {
-    /// Ask on stdin.
-    Ask,
-    /// Run the VM here again.
-    Resume,
-    /// Give the VM up here.
-    Discard,
-}
-
 /// Asks the operator whether to resume or discard, for at most `wait`; no answer (stdin
 /// closed, or the time is up) is a discard: the VM must not run twice.
 fn ask_operator(wait: Duration) -> (Undecided, String) {
@@ -257,59 +141,6 @@ fn entries(o: &livemig::engine::Outcome) -> String {
         Some(e) => format!(" (guest entries per vCPU {e:?})"),
         None => String::new(),
     }
-}
-
-impl VmMigArgs {
-    pub(crate) fn config(&self) -> SourceConfig {
-        SourceConfig {
-            downtime_limit: self.downtime,
-            max_rounds: self.max_rounds,
-            auto_converge: self.auto_converge.then(AutoConverge::default),
-            hard_deadline: self.hard_deadline,
-            channels: self.channels,
-            ..SourceConfig::default()
-        }
-    }
-}
-
-/// What the guest said when asked to verify.
-#[derive(Serialize, Debug)]
-pub struct Verification {
-    /// Every page of every vCPU's working set held what the guest last wrote.
-    pub ok: bool,
-    /// Pages checked.
-    pub pages: u64,
-    /// Failures the guest reported (lost pages, with their addresses).
-    pub failures: Vec<String>,
-    /// Steps (pages written since boot) per vCPU when it verified.
-    pub steps: Vec<u64>,
-}
-
-pub(crate) fn verify(vm: &TestVm) -> Result<Verification> {
-    let f = vm
-        .verify(Duration::from_secs(60))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(Verification {
-        ok: f.is_empty(),
-        pages: u64::from(vm.cfg.vcpus) * u64::from(vm.cfg.pages),
-        failures: f
-            .iter()
-            .map(|e| match e {
-                GuestEvent::VerifyFail {
-                    cpu,
-                    gpa,
-                    expected,
-                    found,
-                    reason,
-                    ..
-                } => format!(
-                    "vCPU {cpu}: page {gpa:#x} lost (holds generation {found}, expected {expected}: {reason:?})"
-                ),
-                other => format!("{other:?}"),
-            })
-            .collect(),
-        steps: vm.monitor.steps(),
-    })
 }
 
 fn say_verification(v: &Verification, side: &str) {

@@ -1,0 +1,181 @@
+//! The test VM as `livemig vm` and the soak peer share it: its options (`VmArgs`), a
+//! migration's (`VmMigArgs`), what to do with an undecided handover (`Undecided`), and the
+//! guest's own verification (`verify`).
+
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Args;
+use livemig::engine::{AutoConverge, SourceConfig};
+use livemig_kvm::{Backing, DirtyMode, GuestEvent, TestVm, TestVmConfig};
+use serde::Serialize;
+
+use crate::args::{parse_duration, parse_size};
+
+#[derive(Args, Clone, Debug)]
+pub struct VmArgs {
+    /// vCPUs, each writing its own part of the working set.
+    #[arg(long, default_value_t = 2)]
+    pub(crate) vcpus: u32,
+    /// Working-set pages per vCPU.
+    #[arg(long, default_value_t = 4096)]
+    pub(crate) pages: u32,
+    /// Pages each vCPU writes per second (0: as fast as it can).
+    #[arg(long, default_value_t = 20_000)]
+    pub(crate) rate: u64,
+    /// Low RAM (from 0; the working sets live here), below the PCI hole.
+    #[arg(long, default_value = "128MiB", value_parser = parse_size)]
+    pub(crate) ram: u64,
+    /// RAM above 4 GiB (after the PCI hole; 0 for none).
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    pub(crate) high_ram: u64,
+    /// vCPU dirty logging: auto, bitmap, ring or ring:ENTRIES.
+    #[arg(long, default_value = "auto")]
+    pub(crate) dirty: DirtyMode,
+    /// Back guest RAM with a memfd instead of anonymous memory.
+    #[arg(long, conflicts_with = "mem_file")]
+    pub(crate) memfd: bool,
+    /// Back guest RAM with this shared file (created sparse or grown; another VMM, e.g. QEMU
+    /// with `memory-backend-file,share=on`, can map the same image).
+    #[arg(long)]
+    pub(crate) mem_file: Option<std::path::PathBuf>,
+    /// Boot the guest idle: its vCPUs start, report ready and then write nothing (only its
+    /// own boot wrote memory), as a benchmark's paused workload.
+    #[arg(long)]
+    pub(crate) idle: bool,
+}
+
+impl VmArgs {
+    pub(crate) fn config(&self) -> TestVmConfig {
+        let mut ram = vec![(0, self.ram)];
+        if self.high_ram > 0 {
+            ram.push((4 << 30, self.high_ram));
+        }
+        TestVmConfig {
+            vcpus: self.vcpus,
+            pages: self.pages,
+            rate: self.rate,
+            ram,
+            backing: match (&self.mem_file, self.memfd) {
+                (Some(p), _) => Backing::File(p.clone()),
+                (None, true) => Backing::Memfd,
+                (None, false) => Backing::Anonymous,
+            },
+            dirty: self.dirty,
+            cpuid_clear: Vec::new(),
+            idle: self.idle,
+        }
+    }
+
+    /// The same VM with the destination's flags (dirty logging is a source choice).
+    pub(crate) fn to_flags(&self) -> Vec<String> {
+        let mut f = vec![
+            format!("--vcpus={}", self.vcpus),
+            format!("--pages={}", self.pages),
+            format!("--rate={}", self.rate),
+            format!("--ram={}", self.ram),
+            format!("--high-ram={}", self.high_ram),
+        ];
+        if self.idle {
+            f.push("--idle".into());
+        }
+        f
+    }
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct VmMigArgs {
+    /// Downtime limit.
+    #[arg(long, default_value = "300ms", value_parser = parse_duration)]
+    pub(crate) downtime: Duration,
+    /// Stop-and-copy after this many rounds regardless.
+    #[arg(long, default_value_t = 30)]
+    pub(crate) max_rounds: u32,
+    /// Throttle the vCPUs when pre-copy does not converge (QEMU's auto-converge steps).
+    #[arg(long)]
+    pub(crate) auto_converge: bool,
+    /// How long the guest runs before the migration starts.
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    pub(crate) warmup: Duration,
+    /// Never stop the VM longer than this (see `livemig simulate --help`).
+    #[arg(long, value_parser = parse_duration)]
+    pub(crate) hard_deadline: Option<Duration>,
+    /// Connections that carry pages: 1 (one connection carries everything) or 2 to 64 page
+    /// channels beside the main connection (QEMU's multifd layout).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub(crate) channels: u32,
+    /// Pause the VM after the warm-up and migrate it paused (as QEMU's `-S` or `stop`): its
+    /// vCPUs stay parked on the source throughout and start on the destination.
+    #[arg(long)]
+    pub(crate) paused: bool,
+    /// What to do when the destination cannot say whether the VM runs there (it answered
+    /// Undecided, or its answer was lost after End): `ask` the operator on stdin (`resume`
+    /// or `discard`, within the phase deadline; no answer discards), `resume` the source
+    /// (only when the destination is known never to start the VM), or `discard` it.
+    #[arg(long, value_enum, default_value_t = Undecided::Ask)]
+    pub(crate) undecided: Undecided,
+}
+
+/// The operator's choice for a source left stopped by an undecided handover.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Undecided {
+    /// Ask on stdin.
+    Ask,
+    /// Run the VM here again.
+    Resume,
+    /// Give the VM up here.
+    Discard,
+}
+
+impl VmMigArgs {
+    pub(crate) fn config(&self) -> SourceConfig {
+        SourceConfig {
+            downtime_limit: self.downtime,
+            max_rounds: self.max_rounds,
+            auto_converge: self.auto_converge.then(AutoConverge::default),
+            hard_deadline: self.hard_deadline,
+            channels: self.channels,
+            ..SourceConfig::default()
+        }
+    }
+}
+
+/// What the guest said when asked to verify.
+#[derive(Serialize, Debug)]
+pub struct Verification {
+    /// Every page of every vCPU's working set held what the guest last wrote.
+    pub ok: bool,
+    /// Pages checked.
+    pub pages: u64,
+    /// Failures the guest reported (lost pages, with their addresses).
+    pub failures: Vec<String>,
+    /// Steps (pages written since boot) per vCPU when it verified.
+    pub steps: Vec<u64>,
+}
+
+pub fn verify(vm: &TestVm) -> Result<Verification> {
+    let f = vm
+        .verify(Duration::from_secs(60))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(Verification {
+        ok: f.is_empty(),
+        pages: u64::from(vm.cfg.vcpus) * u64::from(vm.cfg.pages),
+        failures: f
+            .iter()
+            .map(|e| match e {
+                GuestEvent::VerifyFail {
+                    cpu,
+                    gpa,
+                    expected,
+                    found,
+                    reason,
+                    ..
+                } => format!(
+                    "vCPU {cpu}: page {gpa:#x} lost (holds generation {found}, expected {expected}: {reason:?})"
+                ),
+                other => format!("{other:?}"),
+            })
+            .collect(),
+        steps: vm.monitor.steps(),
+    })
+}
