@@ -2,7 +2,9 @@
 //! migrate the KVM test VM, inspect streams, and check compatibility.
 //!
 //! This file holds the commands and their dispatch; `args` the shared argument groups and value
-//! parsers, `report` the progress bar and the printed report, `net` the connections.
+//! parsers, `report` the progress bar and the printed report, `net` the connections, `vm` the
+//! `livemig vm` commands over `testvm` (the test VM's options and its verification), and `soak`
+//! the ping-pong soak's peer.
 
 mod args;
 mod chart;
