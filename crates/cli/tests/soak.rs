@@ -30,6 +30,8 @@
 //! Needs a usable /dev/kvm: without one these tests print why and pass, except under CI=true,
 //! where they fail unless LIVEMIG_SKIP_KVM is set.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
@@ -63,22 +65,6 @@ const RSS_WINDOW: usize = 40;
 const RSS_WARMUP: u64 = 3;
 /// How long any one answer may take.
 const ANSWER: Duration = Duration::from_secs(90);
-
-fn kvm() -> bool {
-    match livemig_kvm::kvm_usable() {
-        Ok(()) => true,
-        Err(why) => {
-            let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-            assert!(
-                !ci || std::env::var_os("LIVEMIG_SKIP_KVM").is_some(),
-                "CI=true and /dev/kvm is unusable ({why}); set LIVEMIG_SKIP_KVM=1 to skip \
-                 explicitly"
-            );
-            eprintln!("the soak did not run: {why}");
-            false
-        }
-    }
-}
 
 /// splitmix64: small, seeded, the same on every machine.
 struct Rng(u64);
@@ -861,7 +847,7 @@ fn report(sum: &Summary) {
 #[test]
 #[serial]
 fn the_vm_ping_pongs_between_two_processes_through_seeded_faults() {
-    if !kvm() {
+    if !common::kvm("the soak") {
         return;
     }
     let s = Soak {
@@ -903,7 +889,7 @@ fn control(extra: [Vec<&'static str>; 2], migrations: usize) -> String {
 #[test]
 #[serial]
 fn control_a_source_that_runs_the_vm_again_after_sending_fails_the_one_host_check() {
-    if !kvm() {
+    if !common::kvm("the soak") {
         return;
     }
     let e = control([vec!["--x-run-after-send"], vec![]], 3);
@@ -916,7 +902,7 @@ fn control_a_source_that_runs_the_vm_again_after_sending_fails_the_one_host_chec
 #[test]
 #[serial]
 fn control_a_destination_that_parks_the_vm_it_received_fails_the_entries_check() {
-    if !kvm() {
+    if !common::kvm("the soak") {
         return;
     }
     let e = control([vec![], vec!["--x-park-received"]], 3);
@@ -929,7 +915,7 @@ fn control_a_destination_that_parks_the_vm_it_received_fails_the_entries_check()
 #[test]
 #[serial]
 fn control_a_peer_that_overwrites_guest_memory_fails_the_guests_verification() {
-    if !kvm() {
+    if !common::kvm("the soak") {
         return;
     }
     let e = control([vec![], vec!["--x-scribble"]], 3);
@@ -942,7 +928,7 @@ fn control_a_peer_that_overwrites_guest_memory_fails_the_guests_verification() {
 #[test]
 #[serial]
 fn control_a_peer_that_leaks_an_fd_per_migration_fails_the_fd_check() {
-    if !kvm() {
+    if !common::kvm("the soak") {
         return;
     }
     let e = control([vec!["--x-leak-fd"], vec!["--x-leak-fd"]], 4);
@@ -952,7 +938,7 @@ fn control_a_peer_that_leaks_an_fd_per_migration_fails_the_fd_check() {
 #[test]
 #[serial]
 fn control_a_peer_that_leaks_8_mib_per_migration_fails_the_rss_check() {
-    if !kvm() {
+    if !common::kvm("the soak") {
         return;
     }
     let e = control([vec!["--x-leak-mib=8"], vec!["--x-leak-mib=8"]], 8);

@@ -3,25 +3,11 @@
 //! destination. Needs a usable /dev/kvm: without one these tests print why and pass, except
 //! under CI=true, where they fail unless LIVEMIG_SKIP_KVM is set.
 
+mod common;
+
 use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_livemig");
-
-fn kvm() -> bool {
-    match livemig_kvm::kvm_usable() {
-        Ok(()) => true,
-        Err(why) => {
-            let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-            assert!(
-                !ci || std::env::var_os("LIVEMIG_SKIP_KVM").is_some(),
-                "CI=true and /dev/kvm is unusable ({why}); set LIVEMIG_SKIP_KVM=1 to skip \
-                 explicitly"
-            );
-            eprintln!("livemig vm tests did not run: {why}");
-            false
-        }
-    }
-}
 
 fn demo(dirty: &str, extra: &[&str]) -> serde_json::Value {
     let out = Command::new(BIN)
@@ -66,7 +52,7 @@ fn check(v: &serde_json::Value, mechanism: &str) {
 
 #[test]
 fn vm_demo_migrates_a_running_vm_between_two_processes_with_the_ring() {
-    if !kvm() {
+    if !common::kvm("livemig vm tests") {
         return;
     }
     check(&demo("ring", &[]), "dirty ring");
@@ -74,7 +60,7 @@ fn vm_demo_migrates_a_running_vm_between_two_processes_with_the_ring() {
 
 #[test]
 fn vm_demo_migrates_a_running_vm_between_two_processes_with_the_bitmap_over_two_page_channels() {
-    if !kvm() {
+    if !common::kvm("livemig vm tests") {
         return;
     }
     // The guest verifies every page it wrote: pages spread over two page channels and the
@@ -145,7 +131,7 @@ fn a_killed_destination_process_leaves_the_source_vm_running() {
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
-    if !kvm() {
+    if !common::kvm("livemig vm tests") {
         return;
     }
     let src = TestVm::boot(&TestVmConfig::default()).unwrap();
@@ -255,7 +241,7 @@ fn file_backed_migration(
 /// guest verifies and writes nothing, both sides report their CPU time, the chart is drawn.
 #[test]
 fn a_paused_idle_vm_on_a_shared_file_migrates_and_is_charted() {
-    if !kvm() {
+    if !common::kvm("livemig vm tests") {
         return;
     }
     let dir = std::env::temp_dir().join(format!("livemig-vm-paused-{}", std::process::id()));
@@ -284,7 +270,7 @@ fn a_paused_idle_vm_on_a_shared_file_migrates_and_is_charted() {
 /// destination the guest runs on either way.
 #[test]
 fn a_paused_writing_vm_dirties_nothing_during_the_migration() {
-    if !kvm() {
+    if !common::kvm("livemig vm tests") {
         return;
     }
     let dir = std::env::temp_dir().join(format!("livemig-vm-paused-w-{}", std::process::id()));
@@ -311,7 +297,7 @@ fn a_paused_writing_vm_dirties_nothing_during_the_migration() {
 
 #[test]
 fn the_image_command_prints_qemus_command_line_for_a_rate() {
-    if !kvm() {
+    if !common::kvm("livemig vm tests") {
         return;
     }
     let dir = std::env::temp_dir().join(format!("livemig-vm-image-{}", std::process::id()));

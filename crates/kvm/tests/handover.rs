@@ -72,6 +72,14 @@ const ARC_FAILS: Fault = Fault::Arc {
     to_error: false,
 };
 
+/// A running source test VM (its workload started) and a destination ready to receive it.
+fn running_pair() -> (TestVm, TestVm) {
+    let src = TestVm::boot(&config()).unwrap();
+    src.wait_progress(&[0, 0], Duration::from_secs(10)).unwrap();
+    let dst = TestVm::incoming(&src.cfg).unwrap();
+    (src, dst)
+}
+
 /// Which of the two VMs runs guest code over `window`: (source, destination).
 fn who_runs(src: &TestVm, dst: &TestVm, window: Duration) -> (bool, bool) {
     let (a, b) = (src.monitor.steps(), dst.monitor.steps());
@@ -91,10 +99,7 @@ fn a_device_that_cannot_run_on_the_destination_leaves_the_vm_on_one_host() {
     let Some(_one_at_a_time) = kvm() else {
         return;
     };
-    let cfg = config();
-    let src = TestVm::boot(&cfg).unwrap();
-    src.wait_progress(&[0, 0], Duration::from_secs(10)).unwrap();
-    let dst = TestVm::incoming(&cfg).unwrap();
+    let (src, dst) = running_pair();
     let (mut source, mut dest, _) = pair(&src, &dst, &[ARC_FAILS]);
     let (r, d) = migrate_local(&mut source, &mut dest, link(), &Cut::new());
     let de = d.expect_err("the destination's device cannot run");
@@ -131,12 +136,9 @@ fn a_reset_that_fails_leaves_the_source_stopped_until_the_caller_decides() {
     let Some(_one_at_a_time) = kvm() else {
         return;
     };
-    let cfg = config();
-    let src = TestVm::boot(&cfg).unwrap();
-    src.wait_progress(&[0, 0], Duration::from_secs(10)).unwrap();
     // The arc fails and so does the reset that would discard the device's state: the
     // destination cannot promise, the source stays stopped, the VM runs nowhere.
-    let dst = TestVm::incoming(&cfg).unwrap();
+    let (src, dst) = running_pair();
     let (mut source, mut dest, _) = pair(&src, &dst, &[ARC_FAILS, Fault::Reset]);
     let (r, d) = migrate_local(&mut source, &mut dest, link(), &Cut::new());
     let de = d.expect_err("the destination failed");
@@ -159,7 +161,7 @@ fn a_reset_that_fails_leaves_the_source_stopped_until_the_caller_decides() {
     runs_again_and_verifies(&src, "source resumed by its caller");
 
     // Again, and this time the caller gives the source up: it stays stopped for good.
-    let dst = TestVm::incoming(&cfg).unwrap();
+    let dst = TestVm::incoming(&src.cfg).unwrap();
     let (mut source, mut dest, ssim) = pair(&src, &dst, &[ARC_FAILS, Fault::Reset]);
     let (r, _) = migrate_local(&mut source, &mut dest, link(), &Cut::new());
     assert!(matches!(r, Err(Error::Undecided { .. })));
@@ -194,10 +196,7 @@ fn once_a_destination_vcpu_entered_the_guest_the_destination_never_answers_faile
     let Some(_one_at_a_time) = kvm() else {
         return;
     };
-    let cfg = config();
-    let src = TestVm::boot(&cfg).unwrap();
-    src.wait_progress(&[0, 0], Duration::from_secs(10)).unwrap();
-    let dst = TestVm::incoming(&cfg).unwrap();
+    let (src, dst) = running_pair();
     let (mut source, mut dest, _) = pair(&src, &dst, &[]);
     dest.platform_mut().vcpus = Some(Box::new(StartsThenFails(livemig_kvm::KvmStart::new(
         &dst.vm, true,
@@ -231,10 +230,7 @@ fn negative_control_the_two_host_check_sees_a_vm_running_twice() {
     };
     // The operator's mistake the library leaves to its caller: resuming a source whose VM
     // runs on the destination. The check must see both run.
-    let cfg = config();
-    let src = TestVm::boot(&cfg).unwrap();
-    src.wait_progress(&[0, 0], Duration::from_secs(10)).unwrap();
-    let dst = TestVm::incoming(&cfg).unwrap();
+    let (src, dst) = running_pair();
     let (mut source, mut dest, _) = pair(&src, &dst, &[]);
     let (r, d) = migrate_local(&mut source, &mut dest, link(), &Cut::new());
     r.expect("migrated");

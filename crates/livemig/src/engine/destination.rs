@@ -414,13 +414,7 @@ impl Destination {
         let verdict = compat::check(&seen, &self.platform.descriptors());
         if !verdict.compatible {
             let reason = verdict.reasons.join("; ");
-            Message::CompatRefused(reason.clone())
-                .write_to(back)
-                .map_err(|source| Error::Link {
-                    phase,
-                    what: "return path",
-                    source,
-                })?;
+            answer(back, phase, Message::CompatRefused(reason.clone()))?;
             return Err(Error::Refused { phase, reason });
         }
         *touched = true;
@@ -430,23 +424,11 @@ impl Destination {
         }
         // Only a source that said it reads them gets acknowledgements.
         let round_acks =
-            rd.header().minor >= livemig_stream::format::MINOR_ROUND_ACKS && !self.no_round_acks;
+            self.peer_minor >= livemig_stream::format::MINOR_ROUND_ACKS && !self.no_round_acks;
         if round_acks {
-            Message::Capabilities(CAP_ROUND_ACKS)
-                .write_to(back)
-                .map_err(|source| Error::Link {
-                    phase,
-                    what: "return path",
-                    source,
-                })?;
+            answer(back, phase, Message::Capabilities(CAP_ROUND_ACKS))?;
         }
-        Message::CompatOk
-            .write_to(back)
-            .map_err(|source| Error::Link {
-                phase,
-                what: "return path",
-                source,
-            })?;
+        answer(back, phase, Message::CompatOk)?;
 
         // The page channels: accepted now, each checked by its own thread before any of its
         // pages is read (so a slow one holds up no other).
@@ -508,123 +490,117 @@ impl Destination {
                     })
                 })
                 .collect();
-            let main_result = (|| -> Result<Instant> {
-                let end_at;
-                // This round's device loads: microseconds, bytes (for the acknowledgement).
-                let mut round_load = (0u64, 0u64);
-                loop {
-                    let at = RecordAt::next(&rd);
-                    let rec = rd.next().map_err(serr(phase))?;
-                    match rec {
-                        Some(Record::Pages(_) | Record::ZeroPages(_)) if multi.is_some() => {
-                            return Err(Error::Protocol {
-                                phase,
-                                reason: format!(
-                                    "{at}: pages on the main channel of a multi-channel \
-                                     migration (they travel on the page channels)"
-                                ),
-                            });
-                        }
-                        Some(rec @ (Record::Pages(_) | Record::ZeroPages(_))) => {
-                            apply_pages(&rec, at, &*mem, &ranges, &mut main_pages)?;
-                        }
-                        Some(Record::DeviceState(s)) => {
-                            let i = s.device as usize;
-                            let Some(d) = self.platform.devices.get_mut(i) else {
-                                return Err(Error::Protocol {
-                                    phase,
-                                    reason: format!("{at}: DeviceState for unknown device {i}"),
-                                });
-                            };
-                            if s.phase == StreamPhase::StopCopy {
-                                if !stop_copy_seen.contains(&true)
-                                    && let Some(h) = self.hook.as_mut()
-                                {
-                                    h(DestinationEvent::StopCopy);
-                                }
-                                stop_copy_seen[i] = true;
-                            }
-                            let t = Instant::now();
-                            d.load(s.data)
-                                .map_err(|source| dev_err(phase, i, &**d, source))?;
-                            round_load.0 += t.elapsed().as_micros() as u64;
-                            round_load.1 += s.data.len() as u64;
-                            report.device_bytes[i] += s.data.len() as u64;
-                        }
-                        Some(Record::Round(r)) => {
-                            // Rounds come in order from 1: an acknowledgement names a round
-                            // the source sent, and the page channels' barrier waits for it.
-                            let expected =
-                                report
-                                    .rounds
-                                    .checked_add(1)
-                                    .ok_or_else(|| Error::Protocol {
-                                        phase,
-                                        reason: "more than 2^32 rounds".into(),
-                                    })?;
-                            if r.round != expected {
+            let main_result =
+                (|| -> Result<Instant> {
+                    let end_at;
+                    // This round's device loads: microseconds, bytes (for the acknowledgement).
+                    let mut round_load = (0u64, 0u64);
+                    loop {
+                        let at = RecordAt::next(&rd);
+                        let rec = rd.next().map_err(serr(phase))?;
+                        match rec {
+                            Some(Record::Pages(_) | Record::ZeroPages(_)) if multi.is_some() => {
                                 return Err(Error::Protocol {
                                     phase,
                                     reason: format!(
-                                        "{at}: Round {} where round {expected} was expected",
-                                        r.round
+                                        "{at}: pages on the main channel of a multi-channel \
+                                     migration (they travel on the page channels)"
                                     ),
                                 });
                             }
-                            report.rounds = expected;
-                            if let Some(h) = self.hook.as_mut() {
-                                h(DestinationEvent::Round(r.round));
+                            Some(rec @ (Record::Pages(_) | Record::ZeroPages(_))) => {
+                                apply_pages(&rec, at, &*mem, &ranges, &mut main_pages)?;
                             }
-                            if round_acks {
-                                // With page channels the round is applied once all of them
-                                // have passed its Sync.
-                                if multi.is_some() {
-                                    gate.reached(r.round)?;
+                            Some(Record::DeviceState(s)) => {
+                                let i = s.device as usize;
+                                let Some(d) = self.platform.devices.get_mut(i) else {
+                                    return Err(Error::Protocol {
+                                        phase,
+                                        reason: format!("{at}: DeviceState for unknown device {i}"),
+                                    });
+                                };
+                                if s.phase == StreamPhase::StopCopy {
+                                    if !stop_copy_seen.contains(&true)
+                                        && let Some(h) = self.hook.as_mut()
+                                    {
+                                        h(DestinationEvent::StopCopy);
+                                    }
+                                    stop_copy_seen[i] = true;
                                 }
-                                let (device_load_us, device_bytes) =
-                                    std::mem::take(&mut round_load);
-                                Message::RoundAck {
-                                    round: r.round,
-                                    device_load_us,
-                                    device_bytes,
-                                }
-                                .write_to(back)
-                                .map_err(|source| Error::Link {
-                                    phase,
-                                    what: "return path",
-                                    source,
+                                let t = Instant::now();
+                                d.load(s.data)
+                                    .map_err(|source| dev_err(phase, i, &**d, source))?;
+                                round_load.0 += t.elapsed().as_micros() as u64;
+                                round_load.1 += s.data.len() as u64;
+                                report.device_bytes[i] += s.data.len() as u64;
+                            }
+                            Some(Record::Round(r)) => {
+                                // Rounds come in order from 1: an acknowledgement names a round
+                                // the source sent, and the page channels' barrier waits for it.
+                                let expected = report.rounds.checked_add(1).ok_or_else(|| {
+                                    Error::Protocol {
+                                        phase,
+                                        reason: "more than 2^32 rounds".into(),
+                                    }
                                 })?;
+                                if r.round != expected {
+                                    return Err(Error::Protocol {
+                                        phase,
+                                        reason: format!(
+                                            "{at}: Round {} where round {expected} was expected",
+                                            r.round
+                                        ),
+                                    });
+                                }
+                                report.rounds = expected;
+                                if let Some(h) = self.hook.as_mut() {
+                                    h(DestinationEvent::Round(r.round));
+                                }
+                                if round_acks {
+                                    // With page channels the round is applied once all of them
+                                    // have passed its Sync.
+                                    if multi.is_some() {
+                                        gate.reached(r.round)?;
+                                    }
+                                    let (device_load_us, device_bytes) =
+                                        std::mem::take(&mut round_load);
+                                    let ack = Message::RoundAck {
+                                        round: r.round,
+                                        device_load_us,
+                                        device_bytes,
+                                    };
+                                    answer(back, phase, ack)?;
+                                }
                             }
-                        }
-                        Some(Record::End(_)) => {
-                            end_at = Instant::now();
-                            break;
-                        }
-                        // An optional record of a type this version does not know.
-                        Some(Record::Skipped { .. }) => {}
-                        Some(other) => {
-                            return Err(Error::Protocol {
-                                phase,
-                                reason: format!("{at}: unexpected {} record", other.name()),
-                            });
-                        }
-                        None => {
-                            return Err(Error::Protocol {
-                                phase,
-                                reason: "the stream ended without End".into(),
-                            });
+                            Some(Record::End(_)) => {
+                                end_at = Instant::now();
+                                break;
+                            }
+                            // An optional record of a type this version does not know.
+                            Some(Record::Skipped { .. }) => {}
+                            Some(other) => {
+                                return Err(Error::Protocol {
+                                    phase,
+                                    reason: format!("{at}: unexpected {} record", other.name()),
+                                });
+                            }
+                            None => {
+                                return Err(Error::Protocol {
+                                    phase,
+                                    reason: "the stream ended without End".into(),
+                                });
+                            }
                         }
                     }
-                }
-                // Nothing may follow End.
-                if rd.next().map_err(serr(phase))?.is_some() {
-                    return Err(Error::Protocol {
-                        phase,
-                        reason: "records after End".into(),
-                    });
-                }
-                Ok(end_at)
-            })();
+                    // Nothing may follow End.
+                    if rd.next().map_err(serr(phase))?.is_some() {
+                        return Err(Error::Protocol {
+                            phase,
+                            reason: "records after End".into(),
+                        });
+                    }
+                    Ok(end_at)
+                })();
             if main_result.is_err() && gate.fail(0) {
                 for a in &page_aborts {
                     a();
@@ -703,4 +679,13 @@ impl Destination {
         }
         Ok((report, end_at, loaded))
     }
+}
+
+/// Writes `m` on the return path; a failure is the link's, in `phase`.
+fn answer<W: Write>(back: &mut W, phase: Phase, m: Message) -> Result<()> {
+    m.write_to(back).map_err(|source| Error::Link {
+        phase,
+        what: "return path",
+        source,
+    })
 }
