@@ -126,6 +126,7 @@ fn run(
     } else {
         migrate_local_channels(&mut s, &mut d, fast(), channels, &Cut::new())
     };
+    common::assert_one_host(&s, &d);
     (src, dst, r, dr)
 }
 
@@ -196,6 +197,7 @@ fn channel_counts_that_cannot_work_are_refused_before_anything_moves() {
     let mut s = Source::new(sp, cfg(2));
     let mut d = Destination::new(dp);
     let (r, _) = migrate_local(&mut s, &mut d, fast(), &Cut::new());
+    common::assert_one_host(&s, &d);
     let e = r.unwrap_err();
     assert!(e.to_string().contains("migrate_channels"), "{e}");
 }
@@ -508,6 +510,7 @@ fn the_progress_view_counts_every_page_of_each_round() {
         } else {
             migrate_local_channels(&mut s, &mut d, fast(), &channels, &Cut::new())
         };
+        common::assert_one_host(&s, &d);
         let r = r.expect("migrates");
         dr.expect("receives");
         let seen = seen.lock().unwrap();
@@ -556,6 +559,7 @@ fn the_destination_reports_its_buffers_within_the_bound_its_limits_set() {
         ..livemig_stream::Limits::default()
     });
     let (r, dr) = migrate_local(&mut s, &mut d, fast(), &Cut::new());
+    common::assert_one_host(&s, &d);
     let e = livemig::error::chain(&dr.expect_err("a record above the limit"));
     assert!(e.contains("exceeds the limit of 65536"), "{e}");
     r.expect_err("the source sees the refusal");

@@ -135,6 +135,7 @@ fn run_with(
         latency: Duration::ZERO,
     };
     let (r, dr) = migrate_local(&mut s, &mut d, link, &Cut::new());
+    common::assert_one_host(&s, &d);
     if r.is_ok() {
         dr.expect("receives");
     }

@@ -144,6 +144,7 @@ fn run() -> (Arcs, Arcs) {
         latency: Duration::ZERO,
     };
     let (r, dr) = migrate_local(&mut s, &mut d, link, &Cut::new());
+    common::assert_one_host(&s, &d);
     r.expect("migrates");
     dr.expect("receives");
     let s = slog.lock().unwrap().clone();
@@ -261,6 +262,7 @@ fn migrate(sp: SourcePlatform, dp: DestinationPlatform) -> livemig::engine::Migr
         latency: Duration::ZERO,
     };
     let (r, dr) = migrate_local(&mut s, &mut d, link, &Cut::new());
+    common::assert_one_host(&s, &d);
     dr.expect("receives");
     r.expect("migrates")
 }

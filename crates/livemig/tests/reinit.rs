@@ -162,6 +162,7 @@ fn run(v2: bool) -> (MigrationReport, Option<u64>, bool) {
         latency: Duration::ZERO,
     };
     let (r, dr) = migrate_local(&mut s, &mut d, link, &Cut::new());
+    common::assert_one_host(&s, &d);
     let report = r.expect("migrates");
     dr.expect("receives");
     let left = *at_switchover.lock().unwrap();
