@@ -63,6 +63,7 @@ impl VmArgs {
             },
             dirty: self.dirty,
             cpuid_clear: Vec::new(),
+            cpuid_set: Vec::new(),
             idle: self.idle,
         }
     }

@@ -204,7 +204,13 @@ impl MigDevice for VcpuStateDevice {
     fn compat(&self) -> DeviceCompat {
         DeviceCompat {
             identity: self.identity.clone(),
-            compat: Vec::new(),
+            // What the record holds, in words: a destination whose CPUID differs in XSAVE is
+            // refused at compat naming the feature, not only as two CPUID digests.
+            compat: format!(
+                "vCPU state: {}",
+                state::Holds::for_cpuid(&self.cpuid).describe()
+            )
+            .into_bytes(),
             migration_flags: MigrationFlags::STOP_COPY.bits() as u32,
             dma_logging: false,
         }

@@ -570,6 +570,8 @@ pub struct TestVmConfig {
     pub dirty: DirtyMode,
     /// CPUID bits to clear (see [`VmConfig::cpuid_clear`]).
     pub cpuid_clear: Vec<(u32, u32, u8, u32)>,
+    /// CPUID bits to set (see [`VmConfig::cpuid_set`]).
+    pub cpuid_set: Vec<(u32, u32, u8, u32)>,
     /// Boot idle: the vCPUs write only when [`TestVm::pass`] asks (one pass each).
     pub idle: bool,
 }
@@ -584,6 +586,7 @@ impl Default for TestVmConfig {
             backing: Backing::Anonymous,
             dirty: DirtyMode::Auto,
             cpuid_clear: Vec::new(),
+            cpuid_set: Vec::new(),
             idle: false,
         }
     }
@@ -656,6 +659,7 @@ impl TestVm {
                 vcpus: cfg.vcpus,
                 dirty: cfg.dirty,
                 cpuid_clear: cfg.cpuid_clear.clone(),
+                cpuid_set: cfg.cpuid_set.clone(),
             },
         )?;
         let monitor = Arc::new(GuestMonitor::new(cfg.vcpus));

@@ -4,33 +4,82 @@
 //! the [`VcpuStateDevice`](crate::device::VcpuStateDevice).
 //!
 //! ```text
-//!  "LMVS" | version u16 = 1 | reserved u16 = 0 | vcpus u32 | xsave_size u32
+//!  "LMVS" | version u16 | holds u16 | vcpus u32 | xsave_size u32
 //!  | cpuid_count u32 | cpuid_count x (function, index, flags, eax, ebx, ecx, edx: u32 LE)
 //!  | sections: tag u16 | reserved u16 = 0 | length u32 | bytes[length]   (until the end)
 //!      VM:    1 clock (kvm_clock_data)  2 PIC master  3 PIC slave  4 IOAPIC (kvm_irqchip)
-//!      vCPU:  16 begin (u32 index, in order), then 17 regs 18 sregs 19 xsave 20 xcrs
+//!      vCPU:  16 begin (u32 index, in order), then 17 regs 18 sregs
+//!             19 xsave 20 xcrs (holds = 0)  or  26 fpu (kvm_fpu, holds = 1)
 //!             21 debugregs 22 lapic 23 mp_state 24 events 25 msrs (count u32, reserved u32,
 //!             count x (index u32, reserved u32, value u64))
 //! ```
 //!
+//! **What the record holds follows the vCPU's CPUID** ([`Holds`]): with XSAVE (leaf 1 ECX bit
+//! 26) the XSAVE area and the XCRs; without it there are no XCRs (`KVM_SET_XCRS` fails on a
+//! host without XSAVE, arch/x86/kvm/x86.c `kvm_vcpu_ioctl_x86_set_xcrs`) and the legacy FPU
+//! state travels through `KVM_GET_FPU`/`KVM_SET_FPU`. Version 1 (every record before this
+//! field) always held XSAVE and had the `holds` field reserved as 0; a record holding XSAVE is
+//! still written as version 1, byte for byte, so older destinations read it. Version 2 carries
+//! `holds` = 1 (the legacy FPU); other values are refused.
+//!
 //! Fixed sections carry the kernel's struct bytes (`include/uapi/linux/kvm.h`,
 //! `arch/x86/include/uapi/asm/kvm.h`) and must have exactly its size. Every section must
 //! appear once per vCPU (once for the VM); unknown tags, reserved bits, short or trailing bytes
-//! are errors naming the section and offset. The CPUID and XSAVE size are compared with the
-//! destination before anything is written to a vCPU.
+//! are errors naming the section and offset. What the record holds, the CPUID and the XSAVE
+//! size are compared with the destination before anything is written to a vCPU.
 
 use crate::sys::kvm_call;
 use kvm_bindings::{
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, Msrs, kvm_clock_data,
-    kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
-    kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 use crate::Error;
 
 const MAGIC: &[u8; 4] = b"LMVS";
-const VERSION: u16 = 1;
+/// The newest version written (2: a record holding the legacy FPU); a record holding XSAVE
+/// is written as version 1, which every earlier livemig reads.
+const VERSION: u16 = 2;
+
+/// What a record's per-vCPU floating-point state is, chosen by the vCPU's CPUID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holds {
+    /// The XSAVE area (`KVM_GET_XSAVE`) and the XCRs (`KVM_GET_XCRS`): CPUID has XSAVE.
+    Xsave,
+    /// The legacy FPU/SSE state (`KVM_GET_FPU`): CPUID has no XSAVE, so there are no XCRs.
+    Fpu,
+}
+
+impl Holds {
+    /// What a VM with this CPUID saves: XSAVE when leaf 1 ECX bit 26 is set (Intel SDM vol. 2A
+    /// CPUID, "XSAVE"; AMD APM vol. 3 appendix E, the same bit).
+    pub fn for_cpuid(cpuid: &[CpuidEntry]) -> Holds {
+        let xsave = cpuid
+            .iter()
+            .any(|e| e.function == 1 && e.index == 0 && e.regs[2] & (1 << 26) != 0);
+        if xsave { Holds::Xsave } else { Holds::Fpu }
+    }
+
+    /// Words for messages: what the record holds and why.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Holds::Xsave => "XSAVE/XCR0 state (CPUID has XSAVE)",
+            Holds::Fpu => "legacy FPU state, no XCRs (CPUID has no XSAVE)",
+        }
+    }
+}
+
+/// One vCPU's floating-point state, as [`Holds`] says.
+#[derive(Clone)]
+enum FpState {
+    Xsave {
+        xsave: Box<[u32; 1024]>,
+        xcrs: kvm_xcrs,
+    },
+    Fpu(Box<kvm_fpu>),
+}
 /// The largest record accepted (8 vCPUs of ~11 KiB plus MSRs, with room).
 pub const MAX_RECORD: usize = 1 << 20;
 
@@ -91,8 +140,7 @@ pub fn cpuid_digest(entries: &[CpuidEntry]) -> u64 {
 pub struct VcpuRecord {
     regs: kvm_regs,
     sregs: kvm_sregs,
-    xsave: Box<[u32; 1024]>,
-    xcrs: kvm_xcrs,
+    fp: FpState,
     debugregs: kvm_debugregs,
     lapic: Box<kvm_lapic_state>,
     mp_state: kvm_mp_state,
@@ -115,6 +163,14 @@ impl VcpuRecord {
     pub fn rip(&self) -> u64 {
         self.regs.rip
     }
+
+    /// What the floating-point part holds.
+    pub fn holds(&self) -> Holds {
+        match self.fp {
+            FpState::Xsave { .. } => Holds::Xsave,
+            FpState::Fpu(_) => Holds::Fpu,
+        }
+    }
 }
 
 /// The whole record.
@@ -124,6 +180,8 @@ pub struct VmState {
     pub cpuid: Vec<CpuidEntry>,
     /// XSAVE area size.
     pub xsave_size: u32,
+    /// What every vCPU's floating-point state is.
+    pub holds: Holds,
     clock: kvm_clock_data,
     pics: [Box<kvm_irqchip>; 3],
     /// Per vCPU, in index order.
@@ -184,17 +242,24 @@ pub fn saveable_msrs(kvm: &Kvm, fd: &VcpuFd) -> Result<Vec<u32>, Error> {
     Ok(out)
 }
 
-/// Captures one paused vCPU.
-pub fn save_vcpu(fd: &VcpuFd, i: u32, msrs: &[u32]) -> Result<VcpuRecord, Error> {
+/// Captures one paused vCPU; its floating-point state as `holds` says.
+pub fn save_vcpu(fd: &VcpuFd, i: u32, msrs: &[u32], holds: Holds) -> Result<VcpuRecord, Error> {
     let at = |what: &str| format!("{what} on vCPU {i}");
     let regs = kvm_call("KVM_GET_REGS", || fd.get_regs()).map_err(kerr(at("KVM_GET_REGS")))?;
     let sregs = kvm_call("KVM_GET_SREGS", || fd.get_sregs()).map_err(kerr(at("KVM_GET_SREGS")))?;
-    let xsave = Box::new(
-        kvm_call("KVM_GET_XSAVE", || fd.get_xsave())
-            .map_err(kerr(at("KVM_GET_XSAVE")))?
-            .region,
-    );
-    let xcrs = kvm_call("KVM_GET_XCRS", || fd.get_xcrs()).map_err(kerr(at("KVM_GET_XCRS")))?;
+    let fp = match holds {
+        Holds::Xsave => FpState::Xsave {
+            xsave: Box::new(
+                kvm_call("KVM_GET_XSAVE", || fd.get_xsave())
+                    .map_err(kerr(at("KVM_GET_XSAVE")))?
+                    .region,
+            ),
+            xcrs: kvm_call("KVM_GET_XCRS", || fd.get_xcrs()).map_err(kerr(at("KVM_GET_XCRS")))?,
+        },
+        Holds::Fpu => FpState::Fpu(Box::new(
+            kvm_call("KVM_GET_FPU", || fd.get_fpu()).map_err(kerr(at("KVM_GET_FPU")))?,
+        )),
+    };
     let debugregs = kvm_call("KVM_GET_DEBUGREGS", || fd.get_debug_regs())
         .map_err(kerr(at("KVM_GET_DEBUGREGS")))?;
     let lapic =
@@ -222,8 +287,7 @@ pub fn save_vcpu(fd: &VcpuFd, i: u32, msrs: &[u32]) -> Result<VcpuRecord, Error>
     Ok(VcpuRecord {
         regs,
         sregs,
-        xsave,
-        xcrs,
+        fp,
         debugregs,
         lapic,
         mp_state,
@@ -235,18 +299,27 @@ pub fn save_vcpu(fd: &VcpuFd, i: u32, msrs: &[u32]) -> Result<VcpuRecord, Error>
 /// Restores one vCPU (parked, never run since its state was last set).
 pub fn restore_vcpu(fd: &VcpuFd, i: u32, r: &VcpuRecord) -> Result<(), Error> {
     let at = |what: &str| format!("{what} on vCPU {i}");
-    // Order after QEMU's kvm_arch_put_registers (target/i386/kvm/kvm.c): xsave/xcrs/sregs
-    // before MSRs (EFER), the LAPIC after the MSRs (APIC base), MP state and events last.
+    // Order after QEMU's kvm_arch_put_registers (target/i386/kvm/kvm.c): xsave/xcrs (or the
+    // FPU)/sregs before MSRs (EFER), the LAPIC after the MSRs (APIC base), MP state and
+    // events last.
     kvm_call("KVM_SET_REGS", || fd.set_regs(&r.regs)).map_err(kerr(at("KVM_SET_REGS")))?;
-    let xsave = kvm_xsave {
-        region: *r.xsave,
-        ..Default::default()
-    };
-    // SAFETY: the buffer is a whole 4096-byte kvm_xsave, the size this host's KVM uses
-    // (KVM_CAP_XSAVE2 checked at VM creation, the record's size checked before restore).
-    kvm_call("KVM_SET_XSAVE", || unsafe { fd.set_xsave(&xsave) })
-        .map_err(kerr(at("KVM_SET_XSAVE")))?;
-    kvm_call("KVM_SET_XCRS", || fd.set_xcrs(&r.xcrs)).map_err(kerr(at("KVM_SET_XCRS")))?;
+    match &r.fp {
+        FpState::Xsave { xsave, xcrs } => {
+            let xsave = kvm_xsave {
+                region: **xsave,
+                ..Default::default()
+            };
+            // SAFETY: the buffer is a whole 4096-byte kvm_xsave, the size this host's KVM
+            // uses (KVM_CAP_XSAVE2 checked at VM creation, the record's size checked before
+            // restore).
+            kvm_call("KVM_SET_XSAVE", || unsafe { fd.set_xsave(&xsave) })
+                .map_err(kerr(at("KVM_SET_XSAVE")))?;
+            kvm_call("KVM_SET_XCRS", || fd.set_xcrs(xcrs)).map_err(kerr(at("KVM_SET_XCRS")))?;
+        }
+        FpState::Fpu(fpu) => {
+            kvm_call("KVM_SET_FPU", || fd.set_fpu(fpu)).map_err(kerr(at("KVM_SET_FPU")))?;
+        }
+    }
     kvm_call("KVM_SET_SREGS", || fd.set_sregs(&r.sregs)).map_err(kerr(at("KVM_SET_SREGS")))?;
     let entries: Vec<kvm_msr_entry> = r
         .msrs
@@ -293,6 +366,7 @@ pub fn save_vm(
     xsave_size: u32,
     msrs: &[u32],
 ) -> Result<VmState, Error> {
+    let holds = Holds::for_cpuid(&cpuid);
     let clock =
         kvm_call("KVM_GET_CLOCK", || vm.get_clock()).map_err(kerr("KVM_GET_CLOCK".into()))?;
     let pics = [
@@ -303,11 +377,12 @@ pub fn save_vm(
     let vcpus = vcpus
         .iter()
         .enumerate()
-        .map(|(i, fd)| save_vcpu(fd, i as u32, msrs))
+        .map(|(i, fd)| save_vcpu(fd, i as u32, msrs, holds))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(VmState {
         cpuid,
         xsave_size,
+        holds,
         clock,
         pics,
         vcpus,
@@ -329,7 +404,15 @@ impl VmState {
                 self.vcpus.len()
             )));
         }
-        if self.xsave_size != xsave_size {
+        let theirs = Holds::for_cpuid(cpuid);
+        if self.holds != theirs {
+            return Err(Error::Vcpu(format!(
+                "the record holds {}; the destination takes {}",
+                self.holds.describe(),
+                theirs.describe()
+            )));
+        }
+        if self.holds == Holds::Xsave && self.xsave_size != xsave_size {
             return Err(Error::Vcpu(format!(
                 "XSAVE layout differs: the record's area is {} bytes, the destination's {xsave_size}",
                 self.xsave_size
@@ -391,8 +474,12 @@ impl VmState {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 << 10);
         out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
-        out.extend_from_slice(&0u16.to_le_bytes());
+        let (version, holds) = match self.holds {
+            Holds::Xsave => (1u16, 0u16),
+            Holds::Fpu => (VERSION, 1),
+        };
+        out.extend_from_slice(&version.to_le_bytes());
+        out.extend_from_slice(&holds.to_le_bytes());
         out.extend_from_slice(&(self.vcpus.len() as u32).to_le_bytes());
         out.extend_from_slice(&self.xsave_size.to_le_bytes());
         out.extend_from_slice(&(self.cpuid.len() as u32).to_le_bytes());
@@ -417,8 +504,13 @@ impl VmState {
             sec(tag::VCPU, &(i as u32).to_le_bytes());
             sec(tag::REGS, bytes_of(&v.regs));
             sec(tag::SREGS, bytes_of(&v.sregs));
-            sec(tag::XSAVE, bytes_of(&*v.xsave));
-            sec(tag::XCRS, bytes_of(&v.xcrs));
+            match &v.fp {
+                FpState::Xsave { xsave, xcrs } => {
+                    sec(tag::XSAVE, bytes_of(&**xsave));
+                    sec(tag::XCRS, bytes_of(xcrs));
+                }
+                FpState::Fpu(fpu) => sec(tag::FPU, bytes_of(&**fpu)),
+            }
             sec(tag::DEBUGREGS, bytes_of(&v.debugregs));
             sec(tag::LAPIC, bytes_of(&*v.lapic));
             sec(tag::MP_STATE, bytes_of(&v.mp_state));
@@ -453,15 +545,26 @@ impl VmState {
             ));
         }
         let version = c.u16().ok_or_else(|| bad(4, "truncated header".into()))?;
-        if version != VERSION {
+        if version == 0 || version > VERSION {
             return Err(bad(
                 4,
-                format!("version {version}; this build reads version {VERSION}"),
+                format!("version {version}; this build reads versions 1 to {VERSION}"),
             ));
         }
-        if c.u16().ok_or_else(|| bad(6, "truncated header".into()))? != 0 {
-            return Err(bad(6, "reserved header bits set".into()));
-        }
+        let holds = match (
+            version,
+            c.u16().ok_or_else(|| bad(6, "truncated header".into()))?,
+        ) {
+            (_, 0) => Holds::Xsave,
+            (2.., 1) => Holds::Fpu,
+            (1, _) => return Err(bad(6, "reserved header bits set (version 1)".into())),
+            (_, h) => {
+                return Err(bad(
+                    6,
+                    format!("holds {h}: 0 (XSAVE) and 1 (legacy FPU) are defined"),
+                ));
+            }
+        };
         let n = c.u32().ok_or_else(|| bad(8, "truncated header".into()))? as usize;
         if n == 0 || n > 8 {
             return Err(bad(8, format!("{n} vCPUs (1 to 8 expected)")));
@@ -549,10 +652,20 @@ impl VmState {
                     }
                     vcpus.push(Partial::default());
                 }
-                tag::REGS..=tag::MSRS => {
+                tag::REGS..=tag::FPU => {
                     let Some(v) = vcpus.last_mut() else {
                         return Err(bad(at, format!("section {t} before any vCPU")));
                     };
+                    let fp = matches!(t, tag::XSAVE | tag::XCRS | tag::FPU);
+                    if fp && (t == tag::FPU) != (holds == Holds::Fpu) {
+                        return Err(bad(
+                            at,
+                            format!(
+                                "section {t}: the header says the record holds {}",
+                                holds.describe()
+                            ),
+                        ));
+                    }
                     v.put(t, body).map_err(|what| bad(at, what))?;
                 }
                 other => return Err(bad(at, format!("unknown section tag {other}"))),
@@ -575,13 +688,14 @@ impl VmState {
             .into_iter()
             .enumerate()
             .map(|(i, p)| {
-                p.finish()
+                p.finish(holds)
                     .map_err(|what| bad(b.len(), format!("vCPU {i}: {what}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(VmState {
             cpuid,
             xsave_size,
+            holds,
             clock,
             pics,
             vcpus,
@@ -604,6 +718,7 @@ mod tag {
     pub const MP_STATE: u16 = 23;
     pub const EVENTS: u16 = 24;
     pub const MSRS: u16 = 25;
+    pub const FPU: u16 = 26;
 }
 
 struct Cursor<'a> {
@@ -633,6 +748,7 @@ struct Partial {
     sregs: Option<kvm_sregs>,
     xsave: Option<Box<[u32; 1024]>>,
     xcrs: Option<kvm_xcrs>,
+    fpu: Option<Box<kvm_fpu>>,
     debugregs: Option<kvm_debugregs>,
     lapic: Option<Box<kvm_lapic_state>>,
     mp_state: Option<kvm_mp_state>,
@@ -672,17 +788,24 @@ impl Partial {
             tag::LAPIC => once(&mut self.lapic, boxed::<kvm_lapic_state>(b), "lapic", l),
             tag::MP_STATE => once(&mut self.mp_state, from_bytes(b), "mp_state", l),
             tag::EVENTS => once(&mut self.events, from_bytes(b), "events", l),
+            tag::FPU => once(&mut self.fpu, boxed::<kvm_fpu>(b), "fpu", l),
             _ => once(&mut self.msrs, parse_msrs(b), "msrs", l),
         }
     }
 
-    fn finish(self) -> Result<VcpuRecord, String> {
+    fn finish(self, holds: Holds) -> Result<VcpuRecord, String> {
         let miss = |n: &str| format!("no {n} section");
+        let fp = match holds {
+            Holds::Xsave => FpState::Xsave {
+                xsave: self.xsave.ok_or_else(|| miss("xsave"))?,
+                xcrs: self.xcrs.ok_or_else(|| miss("xcrs"))?,
+            },
+            Holds::Fpu => FpState::Fpu(self.fpu.ok_or_else(|| miss("fpu"))?),
+        };
         Ok(VcpuRecord {
             regs: self.regs.ok_or_else(|| miss("regs"))?,
             sregs: self.sregs.ok_or_else(|| miss("sregs"))?,
-            xsave: self.xsave.ok_or_else(|| miss("xsave"))?,
-            xcrs: self.xcrs.ok_or_else(|| miss("xcrs"))?,
+            fp,
             debugregs: self.debugregs.ok_or_else(|| miss("debugregs"))?,
             lapic: self.lapic.ok_or_else(|| miss("lapic"))?,
             mp_state: self.mp_state.ok_or_else(|| miss("mp_state"))?,
@@ -737,8 +860,13 @@ pub fn sample_record(vcpus: usize, cpuid: Vec<CpuidEntry>) -> VmState {
             ..Default::default()
         },
         sregs: Default::default(),
-        xsave: Box::new([0; 1024]),
-        xcrs: Default::default(),
+        fp: match Holds::for_cpuid(&cpuid) {
+            Holds::Xsave => FpState::Xsave {
+                xsave: Box::new([0; 1024]),
+                xcrs: Default::default(),
+            },
+            Holds::Fpu => FpState::Fpu(zeroed_box()),
+        },
         debugregs: Default::default(),
         lapic: zeroed_box(),
         mp_state: Default::default(),
@@ -746,6 +874,7 @@ pub fn sample_record(vcpus: usize, cpuid: Vec<CpuidEntry>) -> VmState {
         msrs: vec![(0x10, 12345), (0xc000_0080, 0)],
     };
     VmState {
+        holds: Holds::for_cpuid(&cpuid),
         cpuid,
         xsave_size: 4096,
         clock: Default::default(),
@@ -828,6 +957,65 @@ mod tests {
         assert!(e.contains("XSAVE layout differs"), "{e}");
         assert!(s.check_fits(2, &cpuid(), 4096).is_ok());
         assert_ne!(cpuid_digest(&cpuid()), cpuid_digest(&other));
+    }
+
+    fn no_xsave(mut c: Vec<CpuidEntry>) -> Vec<CpuidEntry> {
+        c[1].regs[2] &= !(1 << 26);
+        c
+    }
+
+    #[test]
+    fn a_vcpu_without_xsave_is_recorded_with_the_legacy_fpu_and_no_xcrs() {
+        let s = sample_record(2, no_xsave(cpuid()));
+        assert_eq!(s.holds, Holds::Fpu);
+        let b = s.encode();
+        assert_eq!(&b[4..8], &[2, 0, 1, 0], "version 2, holds 1");
+        let d = VmState::decode(&b).unwrap();
+        assert_eq!(d.holds, Holds::Fpu);
+        assert!(d.vcpus.iter().all(|v| v.holds() == Holds::Fpu));
+        assert_eq!(d.encode(), b);
+        for cut in 0..b.len() {
+            assert!(VmState::decode(&b[..cut]).is_err(), "cut {cut}");
+        }
+        // A header that claims XSAVE over FPU sections is refused at the first of them.
+        let mut m = b.clone();
+        m[6] = 0;
+        let e = VmState::decode(&m).unwrap_err().to_string();
+        assert!(
+            e.contains("section 26: the header says the record holds XSAVE"),
+            "{e}"
+        );
+        // Version 1 had the field reserved.
+        let mut m = b.clone();
+        m[4] = 1;
+        let e = VmState::decode(&m).unwrap_err().to_string();
+        assert!(e.contains("reserved header bits set (version 1)"), "{e}");
+        m[4] = 2;
+        m[6] = 7;
+        let e = VmState::decode(&m).unwrap_err().to_string();
+        assert!(e.contains("holds 7"), "{e}");
+    }
+
+    #[test]
+    fn a_record_is_refused_by_a_destination_whose_cpuid_differs_in_xsave_naming_it() {
+        let with = sample_record(2, cpuid());
+        let e = with
+            .check_fits(2, &no_xsave(cpuid()), 4096)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "vCPU state: the record holds XSAVE/XCR0 state (CPUID has XSAVE); the destination \
+             takes legacy FPU state, no XCRs (CPUID has no XSAVE)"
+        );
+        let without = sample_record(2, no_xsave(cpuid()));
+        let e = without
+            .check_fits(2, &cpuid(), 4096)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("the record holds legacy FPU state"), "{e}");
+        // The XSAVE size does not matter to a record without XSAVE.
+        assert!(without.check_fits(2, &no_xsave(cpuid()), 8192).is_ok());
     }
 
     #[test]

@@ -106,6 +106,10 @@ pub struct VmConfig {
     /// CPUID changes applied to every vCPU after KVM's supported set: (leaf, subleaf,
     /// register 0..=3 for eax..edx, bits to clear). For tests of a mismatched CPU model.
     pub cpuid_clear: Vec<(u32, u32, u8, u32)>,
+    /// Bits to set, in the same form, applied after `cpuid_clear`: a CPU model with a feature
+    /// KVM's supported set leaves out (this machine's KVM offers no XSAVE in leaf 1 although
+    /// the host has it). KVM takes the bits as given (KVM_SET_CPUID2, api.rst).
+    pub cpuid_set: Vec<(u32, u32, u8, u32)>,
 }
 
 impl Default for VmConfig {
@@ -114,6 +118,7 @@ impl Default for VmConfig {
             vcpus: 2,
             dirty: DirtyMode::Auto,
             cpuid_clear: Vec::new(),
+            cpuid_set: Vec::new(),
         }
     }
 }
@@ -459,14 +464,24 @@ impl Vm {
         let mut cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        for &(leaf, sub, reg, bits) in &cfg.cpuid_clear {
+        let edits = cfg
+            .cpuid_clear
+            .iter()
+            .map(|&(l, s, r, b)| (l, s, r, b, false))
+            .chain(cfg.cpuid_set.iter().map(|&(l, s, r, b)| (l, s, r, b, true)));
+        for (leaf, sub, reg, bits, set) in edits {
             for e in cpuid.as_mut_slice() {
                 if e.function == leaf && e.index == sub {
-                    match reg {
-                        0 => e.eax &= !bits,
-                        1 => e.ebx &= !bits,
-                        2 => e.ecx &= !bits,
-                        _ => e.edx &= !bits,
+                    let r = match reg {
+                        0 => &mut e.eax,
+                        1 => &mut e.ebx,
+                        2 => &mut e.ecx,
+                        _ => &mut e.edx,
+                    };
+                    if set {
+                        *r |= bits;
+                    } else {
+                        *r &= !bits;
                     }
                 }
             }

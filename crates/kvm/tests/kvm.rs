@@ -324,6 +324,72 @@ fn a_vcpu_record_from_another_cpu_model_is_refused() {
     runs_again_and_verifies(&src, "source after a refused destination");
 }
 
+/// CPUID.1:ECX bit 26, XSAVE.
+const NO_XSAVE: (u32, u32, u8, u32) = (1, 0, 2, 1 << 26);
+
+fn migrates_holding(xsave: bool, holds: &str) {
+    let Some(_one_at_a_time) = kvm() else {
+        return;
+    };
+    let mut cfg = config();
+    if xsave {
+        cfg.cpuid_set = vec![NO_XSAVE];
+    } else {
+        cfg.cpuid_clear = vec![NO_XSAVE];
+    }
+    let src = TestVm::boot(&cfg).unwrap();
+    let dst = TestVm::incoming(&cfg).unwrap();
+    let compat =
+        livemig::device::MigDevice::compat(&livemig_kvm::VcpuStateDevice::new(&src.vm).unwrap());
+    assert_eq!(
+        String::from_utf8_lossy(&compat.compat),
+        format!("vCPU state: {holds}")
+    );
+    let o = migrate(&src, &dst, SourceConfig::default(), None, link(), None);
+    o.report.expect("migrates");
+    start_destination(&dst);
+    verify_ok(&dst, holds);
+}
+
+#[test]
+fn a_vm_whose_cpuid_has_no_xsave_migrates_with_the_legacy_fpu() {
+    migrates_holding(false, "legacy FPU state, no XCRs (CPUID has no XSAVE)");
+}
+
+#[test]
+fn a_vm_whose_cpuid_has_xsave_migrates_with_the_xsave_area_and_xcrs() {
+    migrates_holding(true, "XSAVE/XCR0 state (CPUID has XSAVE)");
+}
+
+#[test]
+fn a_destination_whose_cpuid_has_no_xsave_is_refused_at_compat_naming_it() {
+    let Some(_one_at_a_time) = kvm() else {
+        return;
+    };
+    // The source's CPUID has XSAVE whether or not KVM's supported set offers it (this
+    // machine's does not, although the host has XSAVE; the rig's `-cpu EPYC` guest does).
+    let mut cfg = config();
+    cfg.cpuid_set = vec![NO_XSAVE];
+    let src = TestVm::boot(&cfg).unwrap();
+    let mut other = cfg.clone();
+    other.cpuid_set.clear();
+    other.cpuid_clear = vec![NO_XSAVE];
+    let dst = TestVm::incoming(&other).unwrap();
+    let o = migrate(&src, &dst, SourceConfig::default(), None, link(), None);
+    let e = o.report.expect_err("refused");
+    let msg = e.to_string();
+    assert!(matches!(e, Error::Refused { .. }), "{msg}");
+    assert!(
+        msg.contains(
+            "vCPU state: XSAVE/XCR0 state (CPUID has XSAVE) on the source; vCPU state: legacy \
+             FPU state, no XCRs (CPUID has no XSAVE) on the destination"
+        ),
+        "names the feature before the CPUID digests: {msg}"
+    );
+    assert_eq!(dst.vm.entries(), vec![0; cfg.vcpus as usize]);
+    runs_again_and_verifies(&src, "source after a destination without XSAVE");
+}
+
 #[test]
 fn a_dirty_rate_above_the_link_converges_only_with_auto_converge() {
     let Some(_one_at_a_time) = kvm() else {

@@ -143,18 +143,26 @@ pub fn check(src: &[DeviceDescriptor], dst: &[DeviceDescriptor]) -> Verdict {
     }
     for (i, (s, d)) in src.iter().zip(dst).enumerate() {
         let (sd, dd) = (&s.device, &d.device);
+        // A block that is text says what differs in words (e.g. the KVM vCPU state device's
+        // "vCPU state: XSAVE/XCR0 ..."): that reason comes first, before the identities.
+        if sd.compat != dd.compat {
+            v.reasons.push(match (text(&sd.compat), text(&dd.compat)) {
+                (Some(a), Some(b)) => format!(
+                    "device {i} ({}): {a} on the source; {b} on the destination",
+                    sd.identity
+                ),
+                _ => format!(
+                    "device {i} ({}): compatibility block differs (source {}, destination {})",
+                    sd.identity,
+                    show(&sd.compat),
+                    show(&dd.compat)
+                ),
+            });
+        }
         if sd.identity != dd.identity {
             v.reasons.push(format!(
                 "device {i}: identity {:?} on the source, {:?} on the destination",
                 sd.identity, dd.identity
-            ));
-        }
-        if sd.compat != dd.compat {
-            v.reasons.push(format!(
-                "device {i} ({}): compatibility block differs (source {}, destination {})",
-                sd.identity,
-                show(&sd.compat),
-                show(&dd.compat)
             ));
         }
         if !s.migration_flags_known || !d.migration_flags_known {
@@ -225,12 +233,18 @@ pub fn check(src: &[DeviceDescriptor], dst: &[DeviceDescriptor]) -> Verdict {
 }
 
 /// A compatibility block as text when it is printable text (a BAR layout), else in hex.
-fn show(b: &[u8]) -> String {
+/// The block as printable one-line text, if it is that.
+fn text(b: &[u8]) -> Option<&str> {
     match std::str::from_utf8(b) {
-        Ok(t) if !t.is_empty() && t.chars().all(|c| c == ' ' || c.is_ascii_graphic()) => {
-            format!("{t:?}")
-        }
-        _ => hex(b),
+        Ok(t) if !t.is_empty() && t.chars().all(|c| c == ' ' || c.is_ascii_graphic()) => Some(t),
+        _ => None,
+    }
+}
+
+fn show(b: &[u8]) -> String {
+    match text(b) {
+        Some(t) => format!("{t:?}"),
+        None => hex(b),
     }
 }
 
@@ -268,8 +282,8 @@ mod tests {
         assert_eq!(v.reasons.len(), 1, "{v:?}");
         assert!(
             v.reasons[0].contains(
-                "(source \"bar2 0x8000 mem64 prefetchable\", destination \"bar2 0x10000 mem64 \
-                 prefetchable\")"
+                "bar2 0x8000 mem64 prefetchable on the source; bar2 0x10000 mem64 prefetchable \
+                 on the destination"
             ),
             "{v:?}"
         );

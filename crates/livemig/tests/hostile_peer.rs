@@ -1425,8 +1425,8 @@ fn hostile_peer_source_compat_that_lies_about_the_device_is_refused_before_anyth
                 compat: b"bar0 0x2000 mem64",
                 ..matching()
             }],
-            "device 0 (sim 5157:0001): compatibility block differs (source \"bar0 0x2000 \
-             mem64\", destination \"bar0 0x1000 mem32\")",
+            "device 0 (sim 5157:0001): bar0 0x2000 mem64 on the source; bar0 0x1000 mem32 on \
+             the destination",
         ),
         (
             "a binary compat block",
