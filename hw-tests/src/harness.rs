@@ -14,6 +14,10 @@ pub enum Outcome {
 /// Runs cases and counts results.
 pub struct Runner {
     filter: Option<String>,
+    /// Listing only: names are recorded, nothing runs (the lab plan's check).
+    listing: Option<Vec<String>>,
+    /// Only these cases run (others are not registered at all).
+    only: Option<Vec<String>>,
     passed: usize,
     failed: usize,
     skipped: usize,
@@ -47,14 +51,44 @@ impl Runner {
     pub fn new(filter: Option<String>) -> Runner {
         Runner {
             filter,
+            listing: None,
+            only: None,
             passed: 0,
             failed: 0,
             skipped: 0,
         }
     }
 
+    /// A runner that only records the names of the cases it is given.
+    #[cfg(test)]
+    pub fn listing() -> Runner {
+        Runner {
+            listing: Some(Vec::new()),
+            ..Runner::new(None)
+        }
+    }
+
+    /// The names a listing runner recorded.
+    #[cfg(test)]
+    pub fn names(&self) -> &[String] {
+        self.listing.as_deref().unwrap_or(&[])
+    }
+
+    /// From now on only `names` run (None: all again): a profile that runs a few cases of a
+    /// shared suite (the kvm profile's lab migrations) lists exactly those.
+    pub fn only(&mut self, names: Option<&[&str]>) {
+        self.only = names.map(|n| n.iter().map(|s| s.to_string()).collect());
+    }
+
     /// Runs one case unless filtered out.
     pub fn case(&mut self, name: &str, f: impl FnOnce() -> anyhow::Result<Outcome>) {
+        if self.only.as_ref().is_some_and(|o| !o.iter().any(|n| n == name)) {
+            return;
+        }
+        if let Some(l) = &mut self.listing {
+            l.push(name.to_string());
+            return;
+        }
         if self
             .filter
             .as_ref()

@@ -28,6 +28,10 @@ fn sysfs(pci: &str) -> std::path::PathBuf {
 
 /// Why `d` cannot be tested here, if it cannot.
 fn absent(d: &Device) -> Option<String> {
+    if let Some(u) = &d.mdev {
+        let dir = Path::new("/sys/bus/mdev/devices").join(u);
+        return (!dir.exists()).then(|| format!("mdev {u} is not present on this host"));
+    }
     let pci = livemig_vfio::normalize_pci_address(&d.pci).ok()?;
     let dir = sysfs(&pci);
     if !dir.exists() {
@@ -41,6 +45,21 @@ fn absent(d: &Device) -> Option<String> {
         Some(other) => Some(format!("{pci} is bound to {other}, not a VFIO driver")),
         None => Some(format!("{pci} is bound to no driver")),
     }
+}
+
+/// Opens the device's VFIO cdev (PCI or mdev).
+fn open_dev(d: &Device) -> Result<VfioDevice> {
+    Ok(match &d.mdev {
+        Some(u) => VfioDevice::open(livemig_vfio::DeviceLocator::default().mdev_cdev(u)?)?,
+        None => VfioDevice::open_pci(&d.pci)?,
+    })
+}
+
+/// Why an IOMMU case does not apply to `d`: an mdev has no IOMMU of its own.
+fn no_iommu(d: &Device) -> Option<Result<Outcome>> {
+    d.mdev
+        .as_ref()
+        .map(|_| skip("an mdev has no IOMMU of its own (it reaches guest RAM through the IOAS)"))
 }
 
 fn iommu_class_prefix(expected: &str) -> Option<&'static str> {
@@ -76,11 +95,14 @@ pub fn run(r: &mut Runner, cfg: &LabConfig) {
     for d in &cfg.devices {
         let n = &d.name;
         r.case(&format!("lab.{n}.iommufd_bind_hw_info"), || {
+            if let Some(s) = no_iommu(d) {
+                return s;
+            }
             if let Some(why) = absent(d) {
                 return skip(why);
             }
             let iommufd = Iommufd::open()?;
-            let dev = VfioDevice::open_pci(&d.pci)?;
+            let dev = open_dev(d)?;
             let dev_id = dev.bind_iommufd(iommufd.as_fd())?;
             let info = iommufd.hw_info(dev_id)?;
             let ok = match (cfg.host.expected_iommu.as_str(), &info.vendor) {
@@ -128,6 +150,9 @@ pub fn run(r: &mut Runner, cfg: &LabConfig) {
         });
 
         r.case(&format!("lab.{n}.qm_registers"), || {
+            if let Some(s) = no_iommu(d) {
+                return s;
+            }
             if let Some(why) = absent(d) {
                 return skip(why);
             }
@@ -153,7 +178,7 @@ pub fn run(r: &mut Runner, cfg: &LabConfig) {
                      bind the VF to vfio-pci for register-level bring-up",
                 );
             }
-            let dev = VfioDevice::open_pci(&d.pci)?;
+            let dev = open_dev(d)?;
             let bar2 = dev.region_info(2)?;
             let len = usize::try_from(bar2.size)?;
             let map = dev.map_region(&bar2, 0, len)?;
@@ -172,6 +197,9 @@ pub fn run(r: &mut Runner, cfg: &LabConfig) {
         });
 
         r.case(&format!("lab.{n}.iommu_dirty_tracking"), || {
+            if let Some(s) = no_iommu(d) {
+                return s;
+            }
             if let Some(why) = absent(d) {
                 return skip(why);
             }
@@ -186,7 +214,7 @@ pub fn run(r: &mut Runner, cfg: &LabConfig) {
                 return skip(format!("{} is not expected to migrate", d.name));
             }
             let iommufd = Iommufd::open()?;
-            let dev = VfioDevice::open_pci(&d.pci)?;
+            let dev = open_dev(d)?;
             dev.bind_iommufd(iommufd.as_fd())?;
             let mut want = MigrationFlags::empty();
             for f in &d.expect_flags {
@@ -253,7 +281,7 @@ fn attach_auto(
 
 fn dirty_tracking(d: &Device, required: bool) -> Result<Outcome> {
     let iommufd = Iommufd::open()?;
-    let dev = VfioDevice::open_pci(&d.pci)?;
+    let dev = open_dev(d)?;
     let mut auto = AutoDomains::new(iommufd.alloc_ioas()?);
     let chosen = attach_auto(&iommufd, &mut auto, &dev)?;
     if !chosen.dirty_tracking {
@@ -289,7 +317,7 @@ fn dirty_tracking(d: &Device, required: bool) -> Result<Outcome> {
 fn save_restore(d: &Device, into: Option<&Device>) -> Result<Outcome> {
     let iommufd = Iommufd::open()?;
     let mut auto = AutoDomains::new(iommufd.alloc_ioas()?);
-    let mut src = VfioDevice::open_pci(&d.pci)?;
+    let mut src = open_dev(d)?;
     attach_auto(&iommufd, &mut auto, &src)?;
     let t = src.transition(MigrationState::StopCopy)?;
     let mut state = Vec::new();
@@ -302,7 +330,7 @@ fn save_restore(d: &Device, into: Option<&Device>) -> Result<Outcome> {
     saved?;
     ensure!(!state.is_empty(), "empty device state");
     if let Some(td) = into {
-        let mut dst = VfioDevice::open_pci(&td.pci)?;
+        let mut dst = open_dev(td)?;
         attach_auto(&iommufd, &mut auto, &dst)?;
         let mut input = dst
             .transition(MigrationState::Resuming)?
@@ -312,4 +340,29 @@ fn save_restore(d: &Device, into: Option<&Device>) -> Result<Outcome> {
         dst.transition(MigrationState::Running)?;
     }
     Ok(Outcome::Pass)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dry_run_plan_lists_exactly_what_runs() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/lab.example.toml");
+        let cfg = LabConfig::load(path).unwrap();
+        let mut r = Runner::listing();
+        run(&mut r, &cfg);
+        assert_eq!(r.names(), cfg.planned_cases().as_slice());
+        assert!(r.names().contains(&"lab.sec-vf0.migrate_kvm_vm".to_string()));
+    }
+
+    #[test]
+    fn an_mdev_device_is_configured_by_uuid() {
+        let t = "[host]\nexpected_iommu = \"any\"\n[[device]]\nname = \"m\"\nkind = \"mdev\"\n\
+                 mdev = \"83b8f4f2-509f-382f-3c1e-e6bfe0fa1001\"\n";
+        let cfg = LabConfig::parse(t).unwrap();
+        assert_eq!(cfg.devices[0].spec(), "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001");
+        let e = LabConfig::parse(&t.replace("mdev = ", "pci = ")).unwrap_err();
+        assert!(format!("{e:#}").contains("kind mdev needs"), "{e:#}");
+    }
 }

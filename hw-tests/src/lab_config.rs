@@ -37,9 +37,14 @@ pub struct Host {
 pub struct Device {
     /// A short name for case names.
     pub name: String,
-    /// PCI address, `DDDD:BB:DD.F`.
+    /// PCI address, `DDDD:BB:DD.F` (every kind but `mdev`).
+    #[serde(default)]
     pub pci: String,
-    /// `hisi-acc-vf` (hisi_acc_vfio_pci) or `vfio-pci`.
+    /// The mdev's UUID (kind `mdev`, e.g. an mtty the rig's kvm profile creates).
+    #[serde(default)]
+    pub mdev: Option<String>,
+    /// `hisi-acc-vf` (hisi_acc_vfio_pci), `vfio-pci`, or `mdev` (a mediated device: no IOMMU
+    /// of its own, so only the migration cases apply).
     pub kind: String,
     /// Migration flags the device must report (`STOP_COPY`, `P2P`, `PRE_COPY`); empty: the
     /// device is not expected to migrate.
@@ -71,7 +76,25 @@ fn default_memory() -> u32 {
 }
 
 const IOMMUS: [&str; 4] = ["intel-vtd", "amd-vi", "arm-smmuv3", "any"];
-const KINDS: [&str; 2] = ["hisi-acc-vf", "vfio-pci"];
+const KINDS: [&str; 3] = ["hisi-acc-vf", "vfio-pci", "mdev"];
+
+/// Per-device cases, in the order `hw-tests --lab` runs them.
+const DEVICE_CASES: [&str; 7] = [
+    "iommufd_bind_hw_info",
+    "qm_registers",
+    "iommu_dirty_tracking",
+    "migration_flags",
+    "save_restore",
+    "migrate_engine",
+    "migrate_kvm_vm",
+];
+
+impl Device {
+    /// How the host platform names the device: its PCI address or mdev UUID.
+    pub fn spec(&self) -> &str {
+        self.mdev.as_deref().unwrap_or(&self.pci)
+    }
+}
 const FLAGS: [&str; 3] = ["STOP_COPY", "P2P", "PRE_COPY"];
 const VIOMMUS: [&str; 3] = ["intel-iommu", "amd-iommu", "smmuv3"];
 
@@ -99,8 +122,21 @@ impl LabConfig {
             );
         }
         for d in &self.devices {
-            livemig_vfio::normalize_pci_address(&d.pci)
-                .with_context(|| format!("device {:?}", d.name))?;
+            match (&d.mdev, d.kind.as_str()) {
+                (Some(u), "mdev") if d.pci.is_empty() => {
+                    livemig_vfio::normalize_uuid(u)
+                        .with_context(|| format!("device {:?}: mdev", d.name))?;
+                }
+                (None, "mdev") => bail!("device {:?}: kind mdev needs `mdev = UUID`", d.name),
+                (Some(_), _) => bail!(
+                    "device {:?}: `mdev` goes with kind \"mdev\" and no `pci`",
+                    d.name
+                ),
+                (None, _) => {
+                    livemig_vfio::normalize_pci_address(&d.pci)
+                        .with_context(|| format!("device {:?}", d.name))?;
+                }
+            }
             if !KINDS.contains(&d.kind.as_str()) {
                 bail!(
                     "device {:?}: kind {:?} is not one of {KINDS:?}",
@@ -134,6 +170,18 @@ impl LabConfig {
             }
         }
         Ok(())
+    }
+
+    /// Every case `hw-tests --lab` runs for this config, in order (each skips with a reason
+    /// where its device or pair is absent); `cargo xtask hw-test --dry-run` prints it.
+    pub fn planned_cases(&self) -> Vec<String> {
+        let mut v = vec!["lab.host_iommu".to_string()];
+        for d in &self.devices {
+            for c in DEVICE_CASES {
+                v.push(format!("lab.{}.{c}", d.name));
+            }
+        }
+        v
     }
 
     /// The device called `name`.

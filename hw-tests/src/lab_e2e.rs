@@ -76,8 +76,8 @@ pub fn migrate_engine(d: &Device, into: &Device) -> Result<Outcome> {
     let ram = [(4u64 << 30, 256u64 << 20)];
     let smem = Arc::new(VmMemory::new(&ram, Backing::Memfd).map_err(err)?);
     let dmem = Arc::new(VmMemory::new(&ram, Backing::Memfd).map_err(err)?);
-    let mut sh = host(&d.pci, smem.clone())?;
-    let mut dh = host(&into.pci, dmem.clone())?;
+    let mut sh = host(d.spec(), smem.clone())?;
+    let mut dh = host(into.spec(), dmem.clone())?;
     for line in sh.describe().iter().chain(dh.describe()) {
         trace!("{line}");
     }
@@ -118,13 +118,17 @@ pub fn migrate_kvm_vm(d: &Device, into: &Device) -> Result<Outcome> {
     if let Err(why) = livemig_kvm::kvm_usable() {
         return Ok(Outcome::Skip(format!("no usable /dev/kvm: {why}")));
     }
-    let cfg = TestVmConfig::default();
+    // 1024 pages per vCPU: the rig's nested KVM (kvm profile) runs this under TCG too.
+    let cfg = TestVmConfig {
+        pages: 1024,
+        ..TestVmConfig::default()
+    };
     let src = TestVm::boot(&cfg).map_err(err)?;
     src.wait_progress(&[0, 0], Duration::from_secs(10))
         .map_err(err)?;
     let dst = TestVm::incoming(&cfg).map_err(err)?;
-    let mut sh = host(&d.pci, src.vm.memory().clone())?;
-    let mut dh = host(&into.pci, dst.vm.memory().clone())?;
+    let mut sh = host(d.spec(), src.vm.memory().clone())?;
+    let mut dh = host(into.spec(), dst.vm.memory().clone())?;
     let devices = sh.source_devices().map_err(err)?;
     let iommu = sh.iommu_tracker().map_err(err)?;
     let sp = platform::source(&src.vm, devices, iommu, None).map_err(err)?;

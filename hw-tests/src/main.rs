@@ -18,6 +18,7 @@ mod e2e_p2p;
 mod fw;
 mod harness;
 mod iommufd_cases;
+mod kvm_cases;
 mod lab;
 mod lab_e2e;
 mod mock;
@@ -60,6 +61,12 @@ fn run_plan(plan: &Plan, runner: &mut Runner) -> Result<()> {
             "vtd-fw" => vtd_fw::run(runner),
             "vtd-fw-legacy" => vtd_fw_legacy::run(runner),
             "amdvi-fw" => amdvi_fw::run(runner),
+            "kvm" => {
+                kvm_cases::run(runner, kvm_cases::Model::Epyc);
+                kvm_cases::run_refusal(runner);
+                kvm_cases::run_lab(runner);
+            }
+            "kvm-noxsave" => kvm_cases::run(runner, kvm_cases::Model::Qemu64),
             // The L1 guest of `cargo xtask hw-test --nested`: its config is in the initramfs.
             "lab" => lab::run(runner, &lab::LabConfig::load("/lab.toml")?),
             other => bail!("unknown profile {other:?} (expected mock, vtd or amdvi)"),

@@ -29,18 +29,7 @@ pub const NESTED_GUEST_PCI: &str = "0000:00:05.0";
 
 /// The cases hw-tests will run for `cfg`.
 pub fn planned_cases(cfg: &LabConfig) -> Vec<String> {
-    let mut v = vec!["lab.host_iommu".to_string()];
-    for d in &cfg.devices {
-        for c in [
-            "iommufd_bind_hw_info",
-            "iommu_dirty_tracking",
-            "migration_flags",
-            "save_restore",
-        ] {
-            v.push(format!("lab.{}.{c}", d.name));
-        }
-    }
-    v
+    cfg.planned_cases()
 }
 
 /// The L1 guest's lab config: the VF at its guest address, behind the vIOMMU (which has no
@@ -205,7 +194,7 @@ pub fn hw_test(o: &Options) -> Result<()> {
             println!(
                 "  device {} at {} ({}), flags {:?}{}",
                 d.name,
-                d.pci,
+                d.spec(),
                 d.kind,
                 d.expect_flags,
                 d.resume_into
@@ -302,5 +291,8 @@ mod tests {
         let cases = planned_cases(&example());
         assert!(cases.contains(&"lab.sec-vf0.save_restore".to_string()));
         assert!(cases.contains(&"lab.hpre-vf0.iommu_dirty_tracking".to_string()));
+        // The device with a resume_into pair: the plan lists the migrations that will run.
+        assert!(cases.contains(&"lab.sec-vf0.migrate_engine".to_string()));
+        assert!(cases.contains(&"lab.sec-vf0.migrate_kvm_vm".to_string()));
     }
 }

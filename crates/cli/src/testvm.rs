@@ -43,6 +43,10 @@ pub struct VmArgs {
     /// own boot wrote memory), as a benchmark's paused workload.
     #[arg(long)]
     pub(crate) idle: bool,
+    /// Clear XSAVE (CPUID.1:ECX bit 26) from the VM's CPUID: another CPU model, for the rig's
+    /// check that a destination without XSAVE refuses an XSAVE record at compat.
+    #[arg(long, hide = true)]
+    pub(crate) x_no_xsave: bool,
 }
 
 impl VmArgs {
@@ -62,7 +66,11 @@ impl VmArgs {
                 (None, false) => Backing::Anonymous,
             },
             dirty: self.dirty,
-            cpuid_clear: Vec::new(),
+            cpuid_clear: if self.x_no_xsave {
+                vec![(1, 0, 2, 1 << 26)]
+            } else {
+                Vec::new()
+            },
             cpuid_set: Vec::new(),
             idle: self.idle,
         }

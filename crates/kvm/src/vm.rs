@@ -844,7 +844,18 @@ fn vcpu_loop(s: &Shared, v: &Vcpu) {
             }
             Ok(VcpuExit::Intr) | Ok(VcpuExit::Hlt) => {}
             Ok(other) => {
+                let internal = matches!(other, VcpuExit::InternalError);
                 let mut msg = format!("vCPU {i}: unexpected exit {other:?}");
+                if internal {
+                    // KVM_EXIT_INTERNAL_ERROR says why in kvm_run.internal (suberror 1 is an
+                    // emulation failure; include/uapi/linux/kvm.h).
+                    let r = fd.get_kvm_run();
+                    // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so the kernel filled
+                    // the `internal` member of the union; reading integers is always valid.
+                    let int = unsafe { r.__bindgen_anon_1.internal };
+                    let n = (int.ndata as usize).min(int.data.len());
+                    msg += &format!(" (suberror {}, data {:x?})", int.suberror, &int.data[..n]);
+                }
                 if let (Ok(r), Ok(sr)) = (fd.get_regs(), fd.get_sregs()) {
                     msg += &format!(
                         " at rip {:#x} (cr0 {:#x} cr3 {:#x} cr4 {:#x})",
