@@ -82,7 +82,11 @@ impl Runner {
 
     /// Runs one case unless filtered out.
     pub fn case(&mut self, name: &str, f: impl FnOnce() -> anyhow::Result<Outcome>) {
-        if self.only.as_ref().is_some_and(|o| !o.iter().any(|n| n == name)) {
+        if self
+            .only
+            .as_ref()
+            .is_some_and(|o| !o.iter().any(|n| n == name))
+        {
             return;
         }
         if let Some(l) = &mut self.listing {

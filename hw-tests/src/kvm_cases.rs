@@ -169,10 +169,7 @@ impl Mtty {
 
 impl Drop for Mtty {
     fn drop(&mut self) {
-        let _ = crate::util::write_sysfs(
-            format!("/sys/bus/mdev/devices/{}/remove", self.0),
-            "1",
-        );
+        let _ = crate::util::write_sysfs(format!("/sys/bus/mdev/devices/{}/remove", self.0), "1");
     }
 }
 
@@ -258,7 +255,10 @@ pub fn run_refusal(r: &mut Runner) {
         }
         let status = child.wait()?;
         trace!("destination {status}: {}", tail(&derr));
-        ensure!(!ok, "the migration to a destination without XSAVE succeeded");
+        ensure!(
+            !ok,
+            "the migration to a destination without XSAVE succeeded"
+        );
         ensure!(!status.success(), "the destination without XSAVE succeeded");
         let want = "vCPU state: XSAVE/XCR0 state (CPUID has XSAVE) on the source; vCPU state: \
                     legacy FPU state, no XCRs (CPUID has no XSAVE) on the destination";

@@ -353,7 +353,10 @@ mod tests {
         let mut r = Runner::listing();
         run(&mut r, &cfg);
         assert_eq!(r.names(), cfg.planned_cases().as_slice());
-        assert!(r.names().contains(&"lab.sec-vf0.migrate_kvm_vm".to_string()));
+        assert!(
+            r.names()
+                .contains(&"lab.sec-vf0.migrate_kvm_vm".to_string())
+        );
     }
 
     #[test]
@@ -361,7 +364,10 @@ mod tests {
         let t = "[host]\nexpected_iommu = \"any\"\n[[device]]\nname = \"m\"\nkind = \"mdev\"\n\
                  mdev = \"83b8f4f2-509f-382f-3c1e-e6bfe0fa1001\"\n";
         let cfg = LabConfig::parse(t).unwrap();
-        assert_eq!(cfg.devices[0].spec(), "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001");
+        assert_eq!(
+            cfg.devices[0].spec(),
+            "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"
+        );
         let e = LabConfig::parse(&t.replace("mdev = ", "pci = ")).unwrap_err();
         assert!(format!("{e:#}").contains("kind mdev needs"), "{e:#}");
     }

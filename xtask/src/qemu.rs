@@ -431,11 +431,26 @@ mod tests {
                 "mock",
                 "vtd",
                 "amdvi",
+                "kvm",
+                "kvm-noxsave",
                 "vtd-fw",
                 "vtd-fw-legacy",
                 "amdvi-fw"
             ]
         );
+        // The kvm profile: its own CPU model and memory, whatever the rig's default.
+        let k = command_line(
+            "q",
+            Accel::Tcg,
+            512,
+            Path::new("/k"),
+            Path::new("/i"),
+            &p[3],
+            &[],
+        )
+        .join(" ");
+        assert!(k.contains("-cpu EPYC") && k.contains("-m 2048 -smp 1"), "{k}");
+        assert!(p[3].tcg_only && p[4].tcg_only && !p[0].tcg_only);
         let c = command_line(
             "qemu-system-x86_64",
             Accel::Tcg,

@@ -76,7 +76,7 @@ impl Holds {
 enum FpState {
     Xsave {
         xsave: Box<[u32; 1024]>,
-        xcrs: kvm_xcrs,
+        xcrs: Box<kvm_xcrs>,
     },
     Fpu(Box<kvm_fpu>),
 }
@@ -254,7 +254,9 @@ pub fn save_vcpu(fd: &VcpuFd, i: u32, msrs: &[u32], holds: Holds) -> Result<Vcpu
                     .map_err(kerr(at("KVM_GET_XSAVE")))?
                     .region,
             ),
-            xcrs: kvm_call("KVM_GET_XCRS", || fd.get_xcrs()).map_err(kerr(at("KVM_GET_XCRS")))?,
+            xcrs: Box::new(
+                kvm_call("KVM_GET_XCRS", || fd.get_xcrs()).map_err(kerr(at("KVM_GET_XCRS")))?,
+            ),
         },
         Holds::Fpu => FpState::Fpu(Box::new(
             kvm_call("KVM_GET_FPU", || fd.get_fpu()).map_err(kerr(at("KVM_GET_FPU")))?,
@@ -507,7 +509,7 @@ impl VmState {
             match &v.fp {
                 FpState::Xsave { xsave, xcrs } => {
                     sec(tag::XSAVE, bytes_of(&**xsave));
-                    sec(tag::XCRS, bytes_of(xcrs));
+                    sec(tag::XCRS, bytes_of(&**xcrs));
                 }
                 FpState::Fpu(fpu) => sec(tag::FPU, bytes_of(&**fpu)),
             }
@@ -798,7 +800,7 @@ impl Partial {
         let fp = match holds {
             Holds::Xsave => FpState::Xsave {
                 xsave: self.xsave.ok_or_else(|| miss("xsave"))?,
-                xcrs: self.xcrs.ok_or_else(|| miss("xcrs"))?,
+                xcrs: Box::new(self.xcrs.ok_or_else(|| miss("xcrs"))?),
             },
             Holds::Fpu => FpState::Fpu(self.fpu.ok_or_else(|| miss("fpu"))?),
         };
@@ -863,7 +865,7 @@ pub fn sample_record(vcpus: usize, cpuid: Vec<CpuidEntry>) -> VmState {
         fp: match Holds::for_cpuid(&cpuid) {
             Holds::Xsave => FpState::Xsave {
                 xsave: Box::new([0; 1024]),
-                xcrs: Default::default(),
+                xcrs: Box::default(),
             },
             Holds::Fpu => FpState::Fpu(zeroed_box()),
         },

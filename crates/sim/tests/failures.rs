@@ -260,7 +260,7 @@ fn a_qm_bar_layout_difference_is_refused_before_any_destination_write() {
         let (r, d) = run.go();
         let e = r.unwrap_err().to_string();
         assert!(
-            e.starts_with("compat exchange: the destination refused: device 0 (19e5:a256 hisi_acc_vfio_pci): compatibility block differs"),
+            e.starts_with("compat exchange: the destination refused: device 0 (19e5:a256 hisi_acc_vfio_pci): hisi-qm/1"),
             "{e}"
         );
         let (small, big) = (
@@ -273,11 +273,11 @@ fn a_qm_bar_layout_difference_is_refused_before_any_destination_write() {
             (big, small)
         };
         assert!(
-            e.contains(&format!("(source \"hisi-qm/1 19e5:a256 {sb}")),
+            e.contains(&format!("hisi-qm/1 19e5:a256 {sb}")),
             "{e}"
         );
         assert!(
-            e.contains(&format!("destination \"hisi-qm/1 19e5:a256 {db}")),
+            e.contains(&format!("; hisi-qm/1 19e5:a256 {db}")),
             "{e}"
         );
         assert!(d.is_err());
