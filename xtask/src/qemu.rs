@@ -449,7 +449,10 @@ mod tests {
             &[],
         )
         .join(" ");
-        assert!(k.contains("-cpu EPYC") && k.contains("-m 2048 -smp 1"), "{k}");
+        assert!(
+            k.contains("-cpu EPYC") && k.contains("-m 2048 -smp 1"),
+            "{k}"
+        );
         assert!(p[3].tcg_only && p[4].tcg_only && !p[0].tcg_only);
         let c = command_line(
             "qemu-system-x86_64",
