@@ -152,6 +152,25 @@ pub fn run(r: &mut Runner, model: Model) {
     });
 }
 
+/// Negative control: the destination drops the vCPU state record (`--x-drop-vcpu-state`), so
+/// its vCPUs start in the state a new VM has; the guest's own check must fail there. Shows
+/// that `kvm.vm_demo_tls` passing means the vCPU state arrived.
+pub fn run_controls(r: &mut Runner) {
+    r.case("kvm.control_vcpu_state_dropped", || {
+        let mut args = vec!["vm", "demo", "--x-drop-vcpu-state"];
+        args.extend_from_slice(VM);
+        let (ok, _out, err) = livemig(&args, Duration::from_secs(240))?;
+        ensure!(!ok, "vm demo passed with the vCPU state dropped");
+        ensure!(
+            err.contains("the guest made no progress"),
+            "the control failed, but not at the guest's check: {}",
+            tail(&err)
+        );
+        trace!("expected failure: {}", tail(&err));
+        Ok(Outcome::Pass)
+    });
+}
+
 /// An mtty mdev for the lab cases, removed on drop.
 struct Mtty(String);
 

@@ -64,6 +64,7 @@ fn run_plan(plan: &Plan, runner: &mut Runner) -> Result<()> {
             "kvm" => {
                 kvm_cases::run(runner, kvm_cases::Model::Epyc);
                 kvm_cases::run_refusal(runner);
+                kvm_cases::run_controls(runner);
                 kvm_cases::run_lab(runner);
             }
             "kvm-noxsave" => kvm_cases::run(runner, kvm_cases::Model::Qemu64),

@@ -47,6 +47,10 @@ pub struct VmArgs {
     /// check that a destination without XSAVE refuses an XSAVE record at compat.
     #[arg(long, hide = true)]
     pub(crate) x_no_xsave: bool,
+    /// Negative control (destination): the vCPU state record arrives and is dropped, never
+    /// written into the vCPUs, so the guest's own check must fail on the destination.
+    #[arg(long, hide = true)]
+    pub(crate) x_drop_vcpu_state: bool,
 }
 
 impl VmArgs {
@@ -87,6 +91,9 @@ impl VmArgs {
         ];
         if self.idle {
             f.push("--idle".into());
+        }
+        if self.x_drop_vcpu_state {
+            f.push("--x-drop-vcpu-state".into());
         }
         f
     }
@@ -187,4 +194,61 @@ pub fn verify(vm: &TestVm) -> Result<Verification> {
             .collect(),
         steps: vm.monitor.steps(),
     })
+}
+
+/// The negative control of `--x-drop-vcpu-state`: the vCPU state device of a destination whose
+/// record is taken and dropped. It walks the states the engine asks for, but on leaving
+/// RESUMING the inner device is reset instead of restoring, so the vCPUs start with whatever
+/// they had (a fresh destination VM: the reset state).
+pub(crate) struct DropVcpuState {
+    pub(crate) inner: Box<dyn livemig::device::MigDevice>,
+    pub(crate) state: livemig_vfio::MigrationState,
+}
+
+impl livemig::device::MigDevice for DropVcpuState {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn compat(&self) -> livemig::device::DeviceCompat {
+        self.inner.compat()
+    }
+    fn state(&self) -> Result<livemig_vfio::MigrationState, livemig_vfio::Error> {
+        Ok(self.state)
+    }
+    fn transition(
+        &mut self,
+        target: livemig_vfio::MigrationState,
+    ) -> Result<(), livemig_vfio::Error> {
+        use livemig_vfio::MigrationState as S;
+        if self.state == S::Resuming && target != S::Resuming {
+            self.inner.reset()?;
+        } else if target == S::Resuming {
+            self.inner.transition(target)?;
+        }
+        self.state = target;
+        Ok(())
+    }
+    fn precopy(
+        &mut self,
+        sink: &mut Vec<u8>,
+        max: u64,
+    ) -> Result<livemig_vfio::data::PrecopyRound, livemig_vfio::Error> {
+        self.inner.precopy(sink, max)
+    }
+    fn precopy_pending(&mut self) -> Result<u64, livemig_vfio::Error> {
+        self.inner.precopy_pending()
+    }
+    fn stop_copy_size(&self) -> Result<u64, livemig_vfio::Error> {
+        self.inner.stop_copy_size()
+    }
+    fn save(&mut self, sink: &mut Vec<u8>) -> Result<u64, livemig_vfio::Error> {
+        self.inner.save(sink)
+    }
+    fn load(&mut self, bytes: &[u8]) -> Result<(), livemig_vfio::Error> {
+        self.inner.load(bytes)
+    }
+    fn reset(&mut self) -> Result<(), livemig_vfio::Error> {
+        self.state = livemig_vfio::MigrationState::Running;
+        self.inner.reset()
+    }
 }

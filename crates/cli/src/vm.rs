@@ -232,7 +232,14 @@ fn incoming(
     let sec = &chan.security()?;
     kvm_ok()?;
     let t = TestVm::incoming(&vm.config()).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let dp = platform::destination(&t.vm, vec![], true).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut dp = platform::destination(&t.vm, vec![], true).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if vm.x_drop_vcpu_state {
+        eprintln!("negative control: the vCPU state record will be dropped");
+        let inner = dp.devices.remove(0);
+        let state = inner.state().map_err(|e| anyhow::anyhow!("{e}"))?;
+        dp.devices
+            .insert(0, Box::new(crate::testvm::DropVcpuState { inner, state }));
+    }
     let mut dest = Destination::new(dp);
     dest.set_phase_deadline(chan.phase_deadline());
     let cpu0 = process_cpu_us();
