@@ -156,6 +156,11 @@ pub fn run(r: &mut Runner, model: Model) {
 /// its vCPUs start in the state a new VM has; the guest's own check must fail there. Shows
 /// that `kvm.vm_demo_tls` passing means the vCPU state arrived.
 pub fn run_controls(r: &mut Runner) {
+    // The control matrix runs on 6.12 only (issue 30's budget: 7.3 runs the positive case and
+    // the refusal).
+    if crate::harness::kernel_at_least(7, 0) {
+        return;
+    }
     r.case("kvm.control_vcpu_state_dropped", || {
         let mut args = vec!["vm", "demo", "--x-drop-vcpu-state"];
         args.extend_from_slice(VM);
