@@ -15,9 +15,9 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use livemig_iommufd::{AutoDomains, Iommufd};
@@ -26,11 +26,10 @@ use serde_json::Value;
 
 use crate::harness::{Outcome, Runner};
 use crate::mtty::{set_uart, uart};
-use crate::util::{uuid, write_sysfs};
+use crate::util::{Mdev, wait};
 use crate::{check_eq, trace};
 
 const LIVEMIG: &str = "/bin/livemig";
-const MDEV_TYPES: &str = "/sys/class/mdev_bus/mtty/mdev_supported_types";
 const DIR: &str = "/run/e2e";
 /// Guest RAM: inside the mock domain's aperture (16 MiB .. 2 GiB), IOVA = GPA.
 const RAM: &str = "32MiB@16MiB";
@@ -38,19 +37,7 @@ const RAM_BASE: u64 = 16 << 20;
 const RAM_SIZE: u64 = 32 << 20;
 const PAGE: u64 = 4096;
 
-/// An mtty mdev, removed on drop (after every user closed it).
-struct Mdev {
-    uuid: String,
-}
-
 impl Mdev {
-    fn create(ty: &str) -> Result<Mdev> {
-        let uuid = uuid()?;
-        write_sysfs(Path::new(MDEV_TYPES).join(ty).join("create"), &uuid)
-            .with_context(|| format!("creating an {ty} mdev"))?;
-        Ok(Mdev { uuid })
-    }
-
     /// Opens the device on its own iommufd for region access (the livemig processes must
     /// not hold it then: a VFIO cdev is opened once).
     fn with<T>(&self, f: impl FnOnce(&VfioDevice) -> Result<T>) -> Result<T> {
@@ -64,12 +51,6 @@ impl Mdev {
         let r = f(&dev);
         drop(dev);
         r
-    }
-}
-
-impl Drop for Mdev {
-    fn drop(&mut self) {
-        let _ = write_sysfs(format!("/sys/bus/mdev/devices/{}/remove", self.uuid), "1");
     }
 }
 
@@ -212,21 +193,6 @@ struct Opts<'a> {
     cpu_rate: Option<&'a str>,
     /// Mock-device DMA writes per second (default 400).
     dma_rate: Option<&'a str>,
-}
-
-fn wait(child: &mut Child, what: &str, limit: Duration) -> Result<bool> {
-    let until = Instant::now() + limit;
-    loop {
-        if let Some(s) = child.try_wait()? {
-            return Ok(s.success());
-        }
-        if Instant::now() > until {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("{what} did not finish within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn spawn_reader(

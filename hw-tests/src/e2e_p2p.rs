@@ -15,7 +15,6 @@
 //! tests, over devices whose states live in memory.
 
 use std::net::{TcpListener, TcpStream};
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Result, ensure};
@@ -30,25 +29,8 @@ use livemig_vfio::{
 
 use crate::harness::{Outcome, Runner};
 use crate::trace;
-use crate::util::{uuid, write_sysfs};
 
-const MTTY_TYPE: &str = "/sys/class/mdev_bus/mtty/mdev_supported_types/mtty-2";
-
-struct Mdev(String);
-
-impl Mdev {
-    fn create() -> Result<Mdev> {
-        let id = uuid()?;
-        write_sysfs(Path::new(MTTY_TYPE).join("create"), &id)?;
-        Ok(Mdev(id))
-    }
-}
-
-impl Drop for Mdev {
-    fn drop(&mut self) {
-        let _ = write_sysfs(format!("/sys/bus/mdev/devices/{}/remove", self.0), "1");
-    }
-}
+use crate::util::Mdev;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Side {
@@ -271,7 +253,7 @@ fn host(devs: &[Mdev]) -> Result<(Host, Vec<VfioDevice>)> {
             .map_err(|e| anyhow::anyhow!("{e}"))?,
     );
     let cfg = HostConfig {
-        devices: devs.iter().map(|m| m.0.clone()).collect(),
+        devices: devs.iter().map(|m| m.uuid.clone()).collect(),
         mock_dma: false,
         ..Default::default()
     };
@@ -297,8 +279,8 @@ fn peers_of(devs: Vec<VfioDevice>) -> Arc<Vec<Box<dyn PeerState>>> {
 /// whose P2P flag the engine does not see (the negative control).
 fn migrate_watched(hide_p2p: Option<usize>) -> Result<Watch> {
     let (sd, dd) = (
-        [Mdev::create()?, Mdev::create()?],
-        [Mdev::create()?, Mdev::create()?],
+        [Mdev::create("mtty-2")?, Mdev::create("mtty-2")?],
+        [Mdev::create("mtty-2")?, Mdev::create("mtty-2")?],
     );
     let watch: Shared = Arc::default();
     let (mut sh, speers) = host(&sd)?;

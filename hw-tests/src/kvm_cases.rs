@@ -12,10 +12,11 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 
 use crate::harness::{Outcome, Runner};
+use crate::util::{Mdev, wait};
 use crate::{check_eq, trace};
 
 const LIVEMIG: &str = "/bin/livemig";
@@ -66,27 +67,17 @@ fn livemig(args: &[&str], limit: Duration) -> Result<(bool, String, String)> {
         s
     });
     let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait()? {
-            break s;
-        }
-        if t0.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("livemig {} did not end within {limit:?}", args.join(" "));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let ok = wait(&mut child, &format!("livemig {}", args.join(" ")), limit)?;
     let (o, e) = (o.join().unwrap_or_default(), e.join().unwrap_or_default());
     trace!(
-        "livemig {} ended {status} after {:.1?}",
+        "livemig {} ended (success {ok}) after {:.1?}",
         args[..2.min(args.len())].join(" "),
         t0.elapsed()
     );
     for l in e.lines() {
         trace!("  {l}");
     }
-    Ok((status.success(), o, e))
+    Ok((ok, o, e))
 }
 
 fn cpu_flags() -> Result<Vec<String>> {
@@ -176,31 +167,10 @@ pub fn run_controls(r: &mut Runner) {
     });
 }
 
-/// An mtty mdev for the lab cases, removed on drop.
-struct Mtty(String);
-
-impl Mtty {
-    fn create() -> Result<Mtty> {
-        let uuid = crate::util::uuid()?;
-        crate::util::write_sysfs(
-            "/sys/class/mdev_bus/mtty/mdev_supported_types/mtty-2/create",
-            &uuid,
-        )
-        .context("creating an mtty-2 mdev")?;
-        Ok(Mtty(uuid))
-    }
-}
-
-impl Drop for Mtty {
-    fn drop(&mut self) {
-        let _ = crate::util::write_sysfs(format!("/sys/bus/mdev/devices/{}/remove", self.0), "1");
-    }
-}
-
 /// The lab config the kvm profile writes: two mtty mdevs, the first resuming into the second,
 /// so `lab.mtty0.migrate_engine` and `lab.mtty0.migrate_kvm_vm` (the code `cargo xtask
 /// hw-test` runs on a lab host) run here before a lab host sees them.
-fn lab_config(a: &Mtty, b: &Mtty) -> String {
+fn lab_config(a: &Mdev, b: &Mdev) -> String {
     let dev = |name: &str, uuid: &str, into: &str| {
         format!(
             "[[device]]\nname = \"{name}\"\nkind = \"mdev\"\nmdev = \"{uuid}\"\n\
@@ -210,8 +180,8 @@ fn lab_config(a: &Mtty, b: &Mtty) -> String {
     format!(
         "# Written by hw-tests (profile kvm): the mtty pair as a lab's devices.\n\
          [host]\nexpected_iommu = \"any\"\n\n{}{}",
-        dev("mtty0", &a.0, "resume_into = \"mtty1\""),
-        dev("mtty1", &b.0, "")
+        dev("mtty0", &a.uuid, "resume_into = \"mtty1\""),
+        dev("mtty1", &b.uuid, "")
     )
 }
 
@@ -220,7 +190,7 @@ fn lab_config(a: &Mtty, b: &Mtty) -> String {
 /// the guest verifying itself on the destination).
 pub fn run_lab(r: &mut Runner) {
     const CASES: [&str; 2] = ["lab.mtty0.migrate_engine", "lab.mtty0.migrate_kvm_vm"];
-    let made = Mtty::create().and_then(|a| Ok((a, Mtty::create()?)));
+    let made = Mdev::create("mtty-2").and_then(|a| Ok((a, Mdev::create("mtty-2")?)));
     let (a, b) = match made {
         Ok(p) => p,
         Err(e) => return r.fail_all(&CASES, &format!("{e:#}")),

@@ -2,6 +2,7 @@
 
 use std::ffi::CString;
 use std::path::Path;
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -264,4 +265,44 @@ macro_rules! trace {
         let _ = writeln!(e, "[trace] {}", format!($($arg)*));
         let _ = e.flush();
     }};
+}
+
+/// Where the mtty sample offers its mdev types.
+const MDEV_TYPES: &str = "/sys/class/mdev_bus/mtty/mdev_supported_types";
+
+/// An mtty mdev, removed on drop (after every user closed it). The e2e, P2P and kvm cases
+/// all make theirs here (e2e adds region access).
+pub(crate) struct Mdev {
+    pub(crate) uuid: String,
+}
+
+impl Mdev {
+    pub(crate) fn create(ty: &str) -> Result<Mdev> {
+        let uuid = uuid()?;
+        write_sysfs(Path::new(MDEV_TYPES).join(ty).join("create"), &uuid)
+            .with_context(|| format!("creating an {ty} mdev"))?;
+        Ok(Mdev { uuid })
+    }
+}
+
+impl Drop for Mdev {
+    fn drop(&mut self) {
+        let _ = write_sysfs(format!("/sys/bus/mdev/devices/{}/remove", self.uuid), "1");
+    }
+}
+
+/// Waits for `child` at most `limit` (then kills it); whether it exited successfully.
+pub(crate) fn wait(child: &mut Child, what: &str, limit: Duration) -> Result<bool> {
+    let until = Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait()? {
+            return Ok(s.success());
+        }
+        if Instant::now() > until {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{what} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
