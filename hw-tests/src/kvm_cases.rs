@@ -266,6 +266,14 @@ pub fn run_refusal(r: &mut Runner) {
             "the source does not say it runs the VM again: {}",
             tail(&err)
         );
+        // One host: the destination says it does not run the VM, and no vCPU of its entered
+        // the guest.
+        ensure!(
+            derr.contains("the VM does not run on the destination")
+                && derr.contains("(guest entries per vCPU [0, 0])"),
+            "the destination does not say it never ran the VM: {}",
+            tail(&derr)
+        );
         Ok(Outcome::Pass)
     });
 }
