@@ -132,23 +132,105 @@ pub struct SourceFaults {
     /// Negative control: discard one tracker's final (stop-and-copy) harvest, `iommu` (the
     /// pages the mock device dirtied last are never resent) or `cpu` (the writer's).
     #[arg(long, hide = true)]
-    x_drop_final_harvest: Option<String>,
+    pub(crate) x_drop_final_harvest: Option<String>,
 }
 
 #[derive(Args, Clone, Debug, Default)]
 pub struct DestFaults {
     /// Die (SIGKILL) on reaching: compat, receive, round:N, stop-copy or resume.
     #[arg(long, hide = true)]
-    x_die_at: Option<String>,
+    pub(crate) x_die_at: Option<String>,
     /// Flip one byte of the incoming stream at this offset.
     #[arg(long, hide = true)]
-    x_corrupt_stream_at: Option<u64>,
+    pub(crate) x_corrupt_stream_at: Option<u64>,
     /// Hand device 0 a corrupted copy of its state (the kernel driver refuses it).
     #[arg(long, hide = true)]
-    x_corrupt_device_state: bool,
+    pub(crate) x_corrupt_device_state: bool,
     /// Negative control: device 0 ignores the state it is given (a no-op RESUMING).
     #[arg(long, hide = true)]
-    x_noop_resume: bool,
+    pub(crate) x_noop_resume: bool,
+}
+
+impl DestFaults {
+    /// Refuses an unknown `--x-die-at`.
+    pub(crate) fn check(&self) -> Result<()> {
+        if let Some(s) = &self.x_die_at {
+            let known = ["compat", "receive", "stop-copy", "resume"].contains(&s.as_str())
+                || s.strip_prefix("round:")
+                    .is_some_and(|r| r.parse::<u32>().is_ok());
+            if !known {
+                bail!("--x-die-at {s:?}: expected compat, receive, round:N, stop-copy or resume");
+            }
+        }
+        Ok(())
+    }
+
+    /// Wraps `devices[at]` for `--x-corrupt-device-state` / `--x-noop-resume`.
+    pub(crate) fn wrap(&self, devices: &mut Vec<Box<dyn MigDevice>>, at: usize) -> Result<()> {
+        if self.x_corrupt_device_state || self.x_noop_resume {
+            if devices.len() <= at {
+                bail!("device faults need at least one --device");
+            }
+            let inner = devices.remove(at);
+            devices.insert(
+                at,
+                Box::new(Faulty {
+                    inner,
+                    corrupt: self.x_corrupt_device_state,
+                    noop: self.x_noop_resume,
+                }),
+            );
+        }
+        Ok(())
+    }
+
+    /// Arms `--x-die-at` on `dest`: SIGKILL to this process at that point.
+    pub(crate) fn arm(&self, dest: &mut Destination) {
+        if let Some(spec) = self.x_die_at.clone() {
+            dest.on_event(move |e| {
+                if die_matches(&spec, e) {
+                    eprintln!("x-die-at {spec}: killing this process");
+                    // SAFETY: kill(2) on this process; no memory is involved.
+                    unsafe {
+                        libc::kill(libc::getpid(), libc::SIGKILL);
+                    }
+                }
+            });
+        }
+    }
+}
+
+impl SourceFaults {
+    /// Applies `--x-drop-final-harvest` to `platform`; the flag returned must be set when
+    /// stop-and-copy begins.
+    pub(crate) fn apply(
+        &self,
+        platform: &mut livemig::engine::SourcePlatform,
+    ) -> Result<Arc<std::sync::atomic::AtomicBool>> {
+        let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        match self.x_drop_final_harvest.as_deref() {
+            None => {}
+            Some("iommu") => {
+                let inner = platform
+                    .iommu
+                    .take()
+                    .context("--x-drop-final-harvest iommu: there is no IOMMU tracker")?;
+                platform.iommu = Some(Box::new(DropFinalHarvest {
+                    inner,
+                    stopping: stopping.clone(),
+                }));
+            }
+            Some("cpu") => {
+                let inner = std::mem::replace(&mut platform.cpu, Box::new(NoTracker));
+                platform.cpu = Box::new(DropFinalHarvest {
+                    inner,
+                    stopping: stopping.clone(),
+                });
+            }
+            Some(other) => bail!("--x-drop-final-harvest {other:?}: expected iommu or cpu"),
+        }
+        Ok(stopping)
+    }
 }
 
 /// `SIZE` or `SIZE@BASE`.
@@ -432,28 +514,7 @@ fn migrate(
         }
         let workload = Workload::start(writers).map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut platform = host.source(&workload).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        match faults.x_drop_final_harvest.as_deref() {
-            None => {}
-            Some("iommu") => {
-                let inner = platform
-                    .iommu
-                    .take()
-                    .context("--x-drop-final-harvest iommu: there is no IOMMU tracker")?;
-                platform.iommu = Some(Box::new(DropFinalHarvest {
-                    inner,
-                    stopping: stopping.clone(),
-                }));
-            }
-            Some("cpu") => {
-                let inner = std::mem::replace(&mut platform.cpu, Box::new(NoTracker));
-                platform.cpu = Box::new(DropFinalHarvest {
-                    inner,
-                    stopping: stopping.clone(),
-                });
-            }
-            Some(other) => bail!("--x-drop-final-harvest {other:?}: expected iommu or cpu"),
-        }
+        let stopping = faults.apply(&mut platform)?;
         std::thread::sleep(work.warmup);
         let mut source = Source::new(platform, cfg);
         let flag = stopping.clone();
@@ -639,14 +700,7 @@ fn incoming(
     chan: &crate::secure::ChannelArgs,
 ) -> Result<()> {
     let sec = &chan.security()?;
-    if let Some(s) = &faults.x_die_at {
-        let known = ["compat", "receive", "stop-copy", "resume"].contains(&s.as_str())
-            || s.strip_prefix("round:")
-                .is_some_and(|r| r.parse::<u32>().is_ok());
-        if !known {
-            bail!("--x-die-at {s:?}: expected compat, receive, round:N, stop-copy or resume");
-        }
-    }
+    faults.check()?;
     let mut out = DestinationJson {
         role: "destination",
         fds_before: fds()?,
@@ -656,33 +710,10 @@ fn incoming(
         let (mut host, memory) = args.open()?;
         out.setup = host.describe().to_vec();
         let mut platform = host.destination().map_err(|e| anyhow::anyhow!("{e}"))?;
-        if faults.x_corrupt_device_state || faults.x_noop_resume {
-            if platform.devices.is_empty() {
-                bail!("device faults need at least one --device");
-            }
-            let inner = platform.devices.remove(0);
-            platform.devices.insert(
-                0,
-                Box::new(Faulty {
-                    inner,
-                    corrupt: faults.x_corrupt_device_state,
-                    noop: faults.x_noop_resume,
-                }),
-            );
-        }
+        faults.wrap(&mut platform.devices, 0)?;
         let mut dest = Destination::new(platform);
         dest.set_phase_deadline(chan.phase_deadline());
-        if let Some(spec) = faults.x_die_at.clone() {
-            dest.on_event(move |e| {
-                if die_matches(&spec, e) {
-                    eprintln!("x-die-at {spec}: killing this process");
-                    // SAFETY: kill(2) on this process; no memory is involved.
-                    unsafe {
-                        libc::kill(libc::getpid(), libc::SIGKILL);
-                    }
-                }
-            });
-        }
+        faults.arm(&mut dest);
         let l = std::net::TcpListener::bind(listen)
             .with_context(|| format!("listening on {listen}"))?;
         println!("listening on {}", l.local_addr()?);

@@ -53,6 +53,95 @@ pub struct VmArgs {
     pub(crate) x_drop_vcpu_state: bool,
 }
 
+/// What the test VM owns besides its vCPUs and RAM (`vm migrate` and `vm incoming`; the two
+/// sides name their own devices, in the same order).
+#[derive(Args, Clone, Debug, Default)]
+pub struct VmDeviceArgs {
+    /// A VFIO device the VM owns: cdev path, PCI address or mdev UUID (repeat, in migration
+    /// order). Guest RAM is mapped into an iommufd IOAS at IOVA = GPA and the device attached
+    /// to it, as `livemig host` does.
+    #[arg(long = "device", value_name = "SPEC")]
+    pub(crate) devices: Vec<String>,
+    /// vCPU 0 drives the first device's BAR0 (an I/O BAR, e.g. an mtty's 16550) as its UART
+    /// at ports 0x3f8..: it programs registers and FIFO bytes of its own choosing at boot and
+    /// checks them when asked to verify (on the destination: after the migration).
+    #[arg(long, requires = "devices")]
+    pub(crate) guest_uart: bool,
+    /// Add the iommufd selftest's mock device as a DMA endpoint (needs CONFIG_IOMMUFD_TEST);
+    /// on the source it writes guest RAM behind the VMM's back (`--dma-rate`), tracked only by
+    /// its dirty HWPT.
+    #[arg(long)]
+    pub(crate) mock_dma: bool,
+    /// Mock-device DMA writes per second (source), into the last quarter of low RAM, which
+    /// must lie above the guest's working sets.
+    #[arg(long, default_value_t = 2000, requires = "mock_dma")]
+    pub(crate) dma_rate: u64,
+    /// Write guest RAM to FILE: on the source once the migration completed (the VM stopped),
+    /// on the destination the moment before its vCPUs start. Each region is a 16-byte header
+    /// (GPA, size; little-endian u64) and its bytes, for a page-by-page comparison.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) dump_ram: Option<std::path::PathBuf>,
+    /// Negative control (destination): the first device's record is dropped and the device
+    /// reset instead, so it runs with its own fresh state.
+    #[arg(long, hide = true)]
+    pub(crate) x_drop_device_state: bool,
+}
+
+/// The port base the guest's UART is routed at (COM1's).
+pub const GUEST_UART_PORT: u16 = 0x3f8;
+
+impl VmDeviceArgs {
+    /// Whether the VM owns anything that needs the host platform.
+    pub(crate) fn any(&self) -> bool {
+        !self.devices.is_empty() || self.mock_dma
+    }
+}
+
+/// Writes guest RAM to `path` (see `VmDeviceArgs::dump_ram`).
+pub(crate) fn dump_ram(memory: &livemig_kvm::VmMemory, path: &std::path::Path) -> Result<()> {
+    use anyhow::Context;
+    use livemig::memory::GuestMemory;
+    use std::io::Write;
+    let f = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut w = std::io::BufWriter::new(f);
+    let mut buf = vec![0u8; 1 << 20];
+    for r in memory.regions() {
+        w.write_all(&r.gpa.to_le_bytes())?;
+        w.write_all(&r.size.to_le_bytes())?;
+        let mut at = 0;
+        while at < r.size {
+            let n = (r.size - at).min(buf.len() as u64) as usize;
+            memory
+                .read(r.gpa + at, &mut buf[..n])
+                .map_err(|e| anyhow::anyhow!("reading guest RAM at {:#x}: {e}", r.gpa + at))?;
+            w.write_all(&buf[..n])?;
+            at += n as u64;
+        }
+    }
+    w.flush()
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// The destination's vCPU start with guest RAM written to a file first (`--dump-ram`).
+pub(crate) struct DumpThenStart {
+    pub(crate) inner: Box<dyn livemig::platform::VcpuStart>,
+    pub(crate) memory: std::sync::Arc<livemig_kvm::VmMemory>,
+    pub(crate) path: std::path::PathBuf,
+}
+
+impl livemig::platform::VcpuStart for DumpThenStart {
+    fn start(&mut self) -> Result<(), String> {
+        // No vCPU has entered yet; a failed dump leaves the VM stopped here (the engine then
+        // answers Failed, so the source resumes).
+        dump_ram(&self.memory, &self.path)
+            .map_err(|e| format!("--dump-ram before the vCPUs start (none entered): {e:#}"))?;
+        self.inner.start()
+    }
+    fn entries(&self) -> Option<Vec<u64>> {
+        self.inner.entries()
+    }
+}
+
 impl VmArgs {
     pub(crate) fn config(&self) -> TestVmConfig {
         let mut ram = vec![(0, self.ram)];
@@ -77,6 +166,7 @@ impl VmArgs {
             },
             cpuid_set: Vec::new(),
             idle: self.idle,
+            uart: None,
         }
     }
 
@@ -196,16 +286,18 @@ pub fn verify(vm: &TestVm) -> Result<Verification> {
     })
 }
 
-/// The negative control of `--x-drop-vcpu-state`: the vCPU state device of a destination whose
-/// record is taken and dropped. It walks the states the engine asks for, but on leaving
-/// RESUMING the inner device is reset instead of restoring, so the vCPUs start with whatever
-/// they had (a fresh destination VM: the reset state).
-pub(crate) struct DropVcpuState {
+/// The negative controls `--x-drop-vcpu-state` and `--x-drop-device-state`: a destination
+/// device whose record is taken and dropped. It walks the states the engine asks for, but on
+/// leaving RESUMING the inner device is reset instead of restoring, so it starts with whatever
+/// it had: for the vCPU state device of a fresh destination VM the reset state, for a fresh
+/// mtty its power-on registers and an empty FIFO (a VFIO reset moves an mtty in RESUMING back
+/// to RUNNING without loading anything).
+pub(crate) struct DropRecord {
     pub(crate) inner: Box<dyn livemig::device::MigDevice>,
     pub(crate) state: livemig_vfio::MigrationState,
 }
 
-impl livemig::device::MigDevice for DropVcpuState {
+impl livemig::device::MigDevice for DropRecord {
     fn name(&self) -> &str {
         self.inner.name()
     }
@@ -250,5 +342,28 @@ impl livemig::device::MigDevice for DropVcpuState {
     fn reset(&mut self) -> Result<(), livemig_vfio::Error> {
         self.state = livemig_vfio::MigrationState::Running;
         self.inner.reset()
+    }
+}
+
+/// The vCPUs with a flag set when the engine pauses them (stop-and-copy begins), for
+/// `--x-drop-final-harvest` on `vm migrate`.
+pub(crate) struct FlagOnPause {
+    pub(crate) inner: Box<dyn livemig::engine::Vcpus>,
+    pub(crate) flag: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl livemig::engine::Vcpus for FlagOnPause {
+    fn pause(&mut self) {
+        self.flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.inner.pause();
+    }
+    fn resume(&mut self) {
+        self.inner.resume();
+    }
+    fn set_throttle(&mut self, percent: u8) -> bool {
+        self.inner.set_throttle(percent)
+    }
+    fn entries(&self) -> Option<Vec<u64>> {
+        self.inner.entries()
     }
 }

@@ -12,8 +12,13 @@ use livemig_kvm::{TestVm, platform};
 use serde::Serialize;
 
 use crate::args::parse_duration;
+use crate::host::{DestFaults, SourceFaults};
 use crate::report::print_report;
-pub use crate::testvm::{Undecided, Verification, VmArgs, VmMigArgs, verify};
+use crate::testvm::{DropRecord, DumpThenStart, FlagOnPause, GUEST_UART_PORT};
+pub use crate::testvm::{Undecided, Verification, VmArgs, VmDeviceArgs, VmMigArgs, verify};
+use livemig_host::workload::{PauseTogether, WorkloadConfig};
+use livemig_host::{Host, HostConfig, RegionPorts, Workload};
+use std::sync::Arc;
 
 #[derive(Subcommand)]
 pub enum VmCmd {
@@ -37,6 +42,10 @@ pub enum VmCmd {
         #[command(flatten)]
         vm: VmArgs,
         #[command(flatten)]
+        dev: VmDeviceArgs,
+        #[command(flatten)]
+        faults: DestFaults,
+        #[command(flatten)]
         chan: crate::secure::ChannelArgs,
         /// Machine-readable output.
         #[arg(long)]
@@ -49,6 +58,10 @@ pub enum VmCmd {
         to: String,
         #[command(flatten)]
         vm: VmArgs,
+        #[command(flatten)]
+        dev: VmDeviceArgs,
+        #[command(flatten)]
+        faults: SourceFaults,
         #[command(flatten)]
         mig: VmMigArgs,
         #[command(flatten)]
@@ -161,6 +174,111 @@ fn kvm_ok() -> Result<()> {
     livemig_kvm::kvm_usable().map_err(|why| anyhow::anyhow!("KVM is not usable here: {why}"))
 }
 
+/// What a test VM owns through the host platform (`--device`, `--mock-dma`). Drop it after
+/// the engine's `Source`/`Destination` (which own the devices) and after
+/// [`Owned::release`].
+struct Owned {
+    host: Host,
+    uart: Option<Arc<RegionPorts>>,
+}
+
+impl Owned {
+    /// Opens the host platform over `t`'s RAM and routes the guest's UART ports.
+    fn open(t: &TestVm, dev: &VmDeviceArgs) -> Result<Option<Owned>> {
+        if !dev.any() {
+            return Ok(None);
+        }
+        let host = Host::open(
+            &HostConfig {
+                devices: dev.devices.clone(),
+                mock_dma: dev.mock_dma,
+                sysfs: None,
+            },
+            t.vm.memory().clone(),
+        )
+        .map_err(|e| anyhow::anyhow!("{}", livemig::error::chain(&e)))?;
+        for l in host.describe() {
+            eprintln!("host: {l}");
+        }
+        let uart = if dev.guest_uart {
+            let d = host
+                .devices()
+                .first()
+                .context("--guest-uart needs a --device")?;
+            let p = Arc::new(RegionPorts::new(d, 0).map_err(|e| anyhow::anyhow!("{e}"))?);
+            t.monitor
+                .route(GUEST_UART_PORT, p.len(), p.clone())
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            eprintln!(
+                "host: the guest's UART at ports {GUEST_UART_PORT:#x}+{} is {}'s BAR0",
+                p.len(),
+                d.name
+            );
+            Some(p)
+        } else {
+            None
+        };
+        Ok(Some(Owned { host, uart }))
+    }
+
+    /// Port accesses the device refused, as a line (none: `None`).
+    fn uart_errors(&self) -> Option<String> {
+        let (n, first) = self.uart.as_ref()?.errors();
+        (n > 0).then(|| format!("{n} UART port accesses failed: {}", first.join("; ")))
+    }
+}
+
+/// The guest configuration for `dev` (the UART's port base).
+fn guest_config(vm: &VmArgs, dev: &VmDeviceArgs) -> livemig_kvm::TestVmConfig {
+    let mut cfg = vm.config();
+    if dev.guest_uart {
+        cfg.uart = Some(GUEST_UART_PORT);
+    }
+    cfg
+}
+
+/// The mock device's writer over the last quarter of low RAM, which must be above the guest's
+/// working sets and mapped for DMA.
+fn mock_dma_writer(t: &TestVm, o: &Owned, rate: u64) -> Result<Workload> {
+    let mock = o
+        .host
+        .mock()
+        .context("--mock-dma: the host has no mock device")?;
+    let low = t.vm.memory().regions()[0];
+    let quarter = (low.size / 4) & !0xfff;
+    let start = low.gpa + low.size - quarter;
+    let ws_end = (16u64 << 20) + u64::from(t.cfg.vcpus) * u64::from(t.cfg.pages) * 4096;
+    if start < ws_end {
+        bail!(
+            "--mock-dma: the device's range {start:#x}+{quarter:#x} (the last quarter of low RAM)              overlaps the guest's working sets, which end at {ws_end:#x}; give more --ram"
+        );
+    }
+    if !o
+        .host
+        .dma_ranges()
+        .iter()
+        .any(|&(g, s)| start >= g && start + quarter <= g + s)
+    {
+        bail!(
+            "--mock-dma: the device's range {start:#x}+{quarter:#x} is not mapped for DMA              (mapped: {:x?})",
+            o.host.dma_ranges()
+        );
+    }
+    eprintln!(
+        "host: the mock device writes {start:#x}+{quarter:#x} at {rate} writes/s, tracked by its          dirty HWPT only"
+    );
+    Workload::start(vec![(
+        WorkloadConfig {
+            name: "mock DMA".into(),
+            range: (start, quarter),
+            rate,
+            seed: 0xd3a_d3a,
+        },
+        mock.writer(t.vm.memory().clone()),
+    )])
+    .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
 #[derive(Serialize)]
 struct RunJson {
     config: String,
@@ -223,24 +341,66 @@ struct IncomingJson {
     verification: Verification,
 }
 
+/// Wraps `devices[at]` so its record is dropped (a negative control).
+fn drop_record(devices: &mut Vec<Box<dyn livemig::device::MigDevice>>, at: usize) -> Result<()> {
+    if devices.len() <= at {
+        bail!("there is no device {at} whose record could be dropped");
+    }
+    let inner = devices.remove(at);
+    eprintln!(
+        "negative control: the record of {} will be dropped",
+        inner.name()
+    );
+    let state = inner.state().map_err(|e| anyhow::anyhow!("{e}"))?;
+    devices.insert(at, Box::new(DropRecord { inner, state }));
+    Ok(())
+}
+
 fn incoming(
     listen: &str,
-    vm: &VmArgs,
+    (vm, dev, faults): (&VmArgs, &VmDeviceArgs, &DestFaults),
     chan: &crate::secure::ChannelArgs,
     json: bool,
 ) -> Result<()> {
     let sec = &chan.security()?;
+    faults.check()?;
+    if faults.x_corrupt_stream_at.is_some() {
+        bail!("--x-corrupt-stream-at is a `host incoming` control");
+    }
     kvm_ok()?;
-    let t = TestVm::incoming(&vm.config()).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut dp = platform::destination(&t.vm, vec![], true).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let t = TestVm::prepare(&guest_config(vm, dev)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut owned = Owned::open(&t, dev)?;
+    let devices = match owned.as_mut() {
+        Some(o) => {
+            o.host
+                .destination()
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .devices
+        }
+        None => Vec::new(),
+    };
+    let mut dp = platform::destination(&t.vm, devices, true).map_err(|e| anyhow::anyhow!("{e}"))?;
     if vm.x_drop_vcpu_state {
-        eprintln!("negative control: the vCPU state record will be dropped");
-        let inner = dp.devices.remove(0);
-        let state = inner.state().map_err(|e| anyhow::anyhow!("{e}"))?;
-        dp.devices
-            .insert(0, Box::new(crate::testvm::DropVcpuState { inner, state }));
+        drop_record(&mut dp.devices, 0)?;
+    }
+    if dev.x_drop_device_state {
+        drop_record(&mut dp.devices, 1)?;
+    }
+    // Device 0 of `host incoming` is the VM's device 1 (after the vCPU state).
+    faults.wrap(&mut dp.devices, 1)?;
+    if let Some(path) = &dev.dump_ram {
+        let inner = dp
+            .vcpus
+            .take()
+            .context("the destination has no vCPU start")?;
+        dp.vcpus = Some(Box::new(DumpThenStart {
+            inner,
+            memory: t.vm.memory().clone(),
+            path: path.clone(),
+        }));
     }
     let mut dest = Destination::new(dp);
+    faults.arm(&mut dest);
     dest.set_phase_deadline(chan.phase_deadline());
     let cpu0 = process_cpu_us();
     let received = match crate::net::receive_one(
@@ -274,7 +434,14 @@ fn incoming(
         t.wait_progress(&vec![0; vm.vcpus as usize], Duration::from_secs(30))
             .map_err(|e| anyhow::anyhow!("{e}"))?
     };
-    let v = verify(&t)?;
+    let mut v = verify(&t)?;
+    if let Some(e) = owned.as_ref().and_then(Owned::uart_errors) {
+        v.ok = false;
+        v.failures.push(e);
+    }
+    drop(dest);
+    t.monitor.clear_routes();
+    drop(owned);
     let ok = v.ok;
     if json {
         println!(
@@ -318,27 +485,90 @@ struct MigrateJson {
     report: MigrationReport,
 }
 
+/// After a failed migration that left the VM running on the source: the guest moves on and
+/// still verifies, and the attempt left no descriptor behind (connections, data fds); as a
+/// clause of the error message.
+fn runs_here(t: &TestVm, paused: bool, e: &livemig::Error, fds_before: usize) -> Result<String> {
+    let fds = livemig_host::open_fds().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut out = String::new();
+    if !paused {
+        let at = t.monitor.steps();
+        let now = t
+            .wait_progress(&at, Duration::from_secs(60))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let v = verify(t)?;
+        if !v.ok {
+            bail!(
+                "migration failed: {}; the source resumed, but its guest's verification failed: \
+                 {:?}",
+                e.chain(),
+                v.failures
+            );
+        }
+        out = format!(
+            "; its guest moved on (steps per vCPU {at:?} -> {now:?}) and verified {} pages",
+            v.pages
+        );
+    }
+    Ok(format!(
+        "{out}; open fds {fds_before} before the attempt, {fds} after"
+    ))
+}
+
 fn migrate(
     to: &str,
-    vm: &VmArgs,
+    (vm, dev, faults): (&VmArgs, &VmDeviceArgs, &SourceFaults),
     mig: &VmMigArgs,
     sec: &crate::secure::Security,
     decision_wait: Duration,
     json: bool,
 ) -> Result<MigrateJson> {
     kvm_ok()?;
-    let t = TestVm::boot(&vm.config()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let t = TestVm::prepare(&guest_config(vm, dev)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut owned = Owned::open(&t, dev)?;
+    t.start().map_err(|e| anyhow::anyhow!("{e}"))?;
     if !json {
         eprintln!("test VM running; {}", t.vm.dirty_choice().reason);
     }
+    let dma = match &owned {
+        Some(o) if dev.mock_dma => Some(mock_dma_writer(&t, o, dev.dma_rate)?),
+        _ => None,
+    };
     std::thread::sleep(mig.warmup);
     if mig.paused {
         t.vm.pause(livemig_kvm::vm::pause::OPERATOR);
+        if let Some(w) = &dma {
+            w.pause();
+        }
     }
-    let sp = platform::source(&t.vm, vec![], None, None).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (devices, iommu, endpoints) = match owned.as_mut() {
+        Some(o) => (
+            o.host
+                .source_devices()
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+            o.host.iommu_tracker().map_err(|e| anyhow::anyhow!("{e}"))?,
+            o.host.dma_endpoints(),
+        ),
+        None => (Vec::new(), None, Vec::new()),
+    };
+    let mut sp =
+        platform::source(&t.vm, devices, iommu, None).map_err(|e| anyhow::anyhow!("{e}"))?;
+    sp.dma_endpoints = endpoints;
+    if let Some(w) = &dma {
+        // A stopped VM's devices do no DMA: the mock device pauses with the vCPUs.
+        let kvm = std::mem::replace(&mut sp.vcpus, Box::new(PauseTogether(Vec::new())));
+        sp.vcpus = Box::new(PauseTogether(vec![kvm, w.vcpus()]));
+    }
+    let stopping = faults.apply(&mut sp)?;
+    let inner = std::mem::replace(&mut sp.vcpus, Box::new(PauseTogether(Vec::new())));
+    sp.vcpus = Box::new(FlagOnPause {
+        inner,
+        flag: stopping,
+    });
     let mut source = Source::new(sp, mig.config());
     let pb = crate::report::progress(json, &mut source);
     let cpu0 = process_cpu_us();
+    let fds_before = livemig_host::open_fds().map_err(|e| anyhow::anyhow!("{e}"))?;
     let conn = crate::secure::dial(to, sec)?;
     let r = source.migrate_channels(conn, &mut crate::net::page_channels(to, 0, sec));
     let cpu_us = process_cpu_us() - cpu0;
@@ -349,17 +579,20 @@ fn migrate(
             // Where the VM runs is the engine's decision, not a guess from guest progress.
             let o = source.outcome().clone();
             match o.runs {
-                Runs::Here => bail!(
-                    "migration failed: {}; the VM runs on the source{}{} (the destination \
-                     discarded it)",
-                    e.chain(),
-                    if mig.paused {
-                        ", paused by its operator"
-                    } else {
-                        ""
-                    },
-                    entries(&o)
-                ),
+                Runs::Here => {
+                    let runs = runs_here(&t, mig.paused, &e, fds_before)?;
+                    bail!(
+                        "migration failed: {}; the VM runs on the source{}{}{runs} (the \
+                         destination discarded it)",
+                        e.chain(),
+                        if mig.paused {
+                            ", paused by its operator"
+                        } else {
+                            ""
+                        },
+                        entries(&o)
+                    )
+                }
                 Runs::NotHere => bail!(
                     "migration failed: {}; the VM does not run on the source: {}",
                     e.chain(),
@@ -375,9 +608,10 @@ fn migrate(
                         source
                             .resume()
                             .map_err(|r| anyhow::anyhow!("resuming the source: {}", r.chain()))?;
+                        let runs = runs_here(&t, mig.paused, &e, fds_before)?;
                         bail!(
                             "migration failed: {}; the VM runs on the source again, resumed by \
-                             {by}{}",
+                             {by}{}{runs}",
                             e.chain(),
                             entries(source.outcome())
                         );
@@ -400,6 +634,22 @@ fn migrate(
             }
         }
     };
+    if let Some(w) = &dma
+        && let Some(e) = w.error()
+    {
+        bail!("the mock device's DMA failed: {e}");
+    }
+    if let Some(path) = &dev.dump_ram {
+        // The VM (vCPUs and DMA) is stopped: the engine does not resume a migrated source.
+        crate::testvm::dump_ram(t.vm.memory(), path)?;
+    }
+    let uart_errors = owned.as_ref().and_then(Owned::uart_errors);
+    drop(source);
+    t.monitor.clear_routes();
+    drop(owned);
+    if let Some(e) = uart_errors {
+        bail!("the migration completed, but {e}");
+    }
     let out = MigrateJson {
         dirty_logging: t.vm.dirty_choice().reason.clone(),
         cpu_us,
@@ -463,7 +713,17 @@ fn demo(vm: &VmArgs, mig: &VmMigArgs, json: bool, fallback: fn(bool) -> Result<(
         eprintln!("destination process {} listening on {addr}", child.id());
     }
     let t0 = Instant::now();
-    let src = sec.and_then(|sec| migrate(&addr, vm, mig, &sec, Duration::from_secs(60), json));
+    let none = (VmDeviceArgs::default(), SourceFaults::default());
+    let src = sec.and_then(|sec| {
+        migrate(
+            &addr,
+            (vm, &none.0, &none.1),
+            mig,
+            &sec,
+            Duration::from_secs(60),
+            json,
+        )
+    });
     let _ = std::fs::remove_dir_all(&dir);
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut out, &mut rest)?;
@@ -511,19 +771,30 @@ pub fn main(cmd: VmCmd, fallback: fn(bool) -> Result<()>) -> Result<()> {
         VmCmd::Incoming {
             listen,
             vm,
+            dev,
+            faults,
             chan,
             json,
-        } => incoming(&listen, &vm, &chan, json),
+        } => incoming(&listen, (&vm, &dev, &faults), &chan, json),
         VmCmd::Migrate {
             to,
             vm,
+            dev,
+            faults,
             mig,
             chan,
             json,
             chart,
         } => {
             let wait = chan.phase_deadline().unwrap_or(Duration::from_secs(3600));
-            let out = migrate(&to, &vm, &mig, &chan.security()?, wait, json)?;
+            let out = migrate(
+                &to,
+                (&vm, &dev, &faults),
+                &mig,
+                &chan.security()?,
+                wait,
+                json,
+            )?;
             if let Some(path) = chart {
                 let title = format!(
                     "livemig vm migrate: {} vCPU(s) x {} pages at {} pages/s{}",

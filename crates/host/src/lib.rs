@@ -15,6 +15,12 @@
 //! - [`workload::Workload`] threads stand in for vCPUs: they write guest RAM through
 //!   `vm-memory` (so [`workload::VmmDirtyLog`] sees every page), and pausing them is the
 //!   engine's vCPU pause.
+//! - A device's I/O BAR can be the guest's ports ([`ports::RegionPorts`]): the KVM test VM
+//!   drives an assigned mtty's UART through it.
+//! - Guest RAM goes into the IOAS through `IOMMU_IOAS_MAP_FILE` when it is a memfd and the
+//!   kernel has it (6.13+), through the host mapping otherwise; parts outside the IOAS's IOVA
+//!   ranges (an attached device's aperture) are left unmapped and said so
+//!   ([`Host::describe`], [`Host::dma_ranges`]).
 //! - With the `selftest` feature, [`mock::MockDma`] adds the iommufd selftest's mock device
 //!   (`CONFIG_IOMMUFD_TEST`) as a DMA endpoint: it writes guest RAM behind the VMM's back and
 //!   marks those IOVAs dirty in its HWPT with `IOMMU_TEST_OP_DIRTY`, the way hardware sets
@@ -25,10 +31,12 @@ pub mod device;
 #[cfg(feature = "selftest")]
 pub mod mock;
 pub mod platform;
+pub mod ports;
 pub mod workload;
 
 pub use device::HostDevice;
 pub use platform::{Host, HostConfig};
+pub use ports::RegionPorts;
 pub use workload::{Workload, WorkloadConfig};
 
 use std::io;

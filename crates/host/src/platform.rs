@@ -12,8 +12,8 @@ use livemig::device::{DeviceCompat, MigDevice, VfioMigDevice};
 use livemig::engine::{DestinationPlatform, SourceDevice, SourcePlatform};
 use livemig::memory::GuestMemory;
 use livemig::tracker::{DirtyTracker, DmaLogTracker, HwptTracker};
-use livemig_iommufd::{AutoDomains, DmaAccess, Iommufd, Placement};
-use livemig_kvm::VmMemory;
+use livemig_iommufd::{AutoDomains, DmaAccess, Ioas, Iommufd, IovaRanges, Placement};
+use livemig_kvm::{Backing, VmMemory};
 use livemig_vfio::MigrationFlags;
 
 use crate::Error;
@@ -45,6 +45,113 @@ pub struct Host {
     iommufd: Iommufd,
     memory: Arc<VmMemory>,
     descriptions: Vec<String>,
+    mapped: Vec<(u64, u64)>,
+}
+
+/// The parts of `[gpa, gpa + size)` inside `ranges` (inclusive ends), clipped to `align`.
+fn clip(gpa: u64, size: u64, ranges: &IovaRanges) -> Vec<(u64, u64)> {
+    let align = ranges.alignment.max(4096);
+    let last = gpa + (size - 1);
+    let mut out = Vec::new();
+    for r in &ranges.ranges {
+        let start = gpa.max(r.start).next_multiple_of(align);
+        let end = last.min(r.last).saturating_add(1) / align * align;
+        if start < end {
+            out.push((start, end - start));
+        }
+    }
+    out
+}
+
+/// Maps guest RAM into `ioas` at IOVA = GPA, each region clipped to the IOAS's IOVA ranges
+/// (the attached devices' apertures and reserved regions); a memfd through
+/// `IOMMU_IOAS_MAP_FILE` where the kernel has it (Linux 6.13+), else through the host mapping
+/// (`IOMMU_IOAS_MAP`). Returns the mapped ranges and a line for each choice and each part left
+/// out.
+/// Ranges `(gpa, size)` and the lines describing them.
+type Mapped = (Vec<(u64, u64)>, Vec<String>);
+
+fn map_ram(ioas: &Ioas, memory: &VmMemory) -> Result<Mapped, Error> {
+    let iofd = |what: String| move |source| Error::Iommufd { what, source };
+    let ranges = ioas
+        .iova_ranges()
+        .map_err(iofd("IOMMU_IOAS_IOVA_RANGES".into()))?;
+    let file = match (memory.backing(), memory.file()) {
+        (Backing::Memfd, Some(f)) => ioas
+            .supports_map_file()
+            .map_err(iofd("probing IOMMU_IOAS_MAP_FILE".into()))?
+            .then_some(f),
+        _ => None,
+    };
+    let mut lines = vec![format!(
+        "guest RAM into IOAS {} at IOVA = GPA through {}",
+        ioas.id(),
+        match (file.is_some(), memory.backing()) {
+            (true, _) => "IOMMU_IOAS_MAP_FILE (the memfd)",
+            (false, Backing::Memfd) => "IOMMU_IOAS_MAP (this kernel has no IOMMU_IOAS_MAP_FILE)",
+            (false, _) => "IOMMU_IOAS_MAP (the host mapping; RAM is not a memfd)",
+        }
+    )];
+    let mut mapped = Vec::new();
+    for r in memory.regions() {
+        let parts = clip(r.gpa, r.size, &ranges);
+        let mut at = r.gpa;
+        for &(gpa, size) in &parts {
+            if gpa > at {
+                lines.push(format!(
+                    "guest RAM {at:#x}+{:#x} is outside the IOAS's IOVA ranges: not mapped, no \
+                     device can reach it",
+                    gpa - at
+                ));
+            }
+            at = gpa + size;
+            let what = format!(
+                "mapping guest RAM {gpa:#x}+{size:#x} into IOAS {} at IOVA = GPA",
+                ioas.id()
+            );
+            let access = DmaAccess::READ | DmaAccess::WRITE;
+            match file {
+                Some(f) => ioas
+                    .map_file(
+                        f,
+                        r.file_offset + (gpa - r.gpa),
+                        size,
+                        Placement::Fixed(gpa),
+                        access,
+                    )
+                    .map_err(iofd(what))?,
+                // SAFETY: the range is inside a mapping `memory` owns; the Host keeps `memory`
+                // alive and unmaps the IOAS in Drop before releasing it. Guest RAM is never
+                // referenced by Rust code (it is read and written by copies), so device writes
+                // are sound.
+                None => unsafe {
+                    ioas.map_user(
+                        (r.host + (gpa - r.gpa)) as *mut u8,
+                        size,
+                        Placement::Fixed(gpa),
+                        access,
+                    )
+                }
+                .map_err(iofd(what))?,
+            };
+            mapped.push((gpa, size));
+        }
+        if at < r.gpa + r.size {
+            lines.push(format!(
+                "guest RAM {at:#x}+{:#x} is outside the IOAS's IOVA ranges: not mapped, no \
+                 device can reach it",
+                r.gpa + r.size - at
+            ));
+        }
+    }
+    if mapped.is_empty() {
+        return Err(Error::Config(format!(
+            "no part of guest RAM {:x?} lies in the IOAS's IOVA ranges {:x?}",
+            memory.ranges(),
+            ranges.ranges
+        )));
+    }
+    Ok((mapped, lines))
 }
 
 impl Host {
@@ -93,25 +200,8 @@ impl Host {
             ));
             devices.push(d);
         }
-        for r in memory.regions() {
-            // SAFETY: the region is a mapping `memory` owns; the Host keeps `memory` alive and
-            // unmaps the IOAS in Drop before releasing it. Guest RAM is never referenced by
-            // Rust code (it is read and written by copies), so device writes are sound.
-            unsafe {
-                auto.ioas().map_user(
-                    r.host as *mut u8,
-                    r.size,
-                    Placement::Fixed(r.gpa),
-                    DmaAccess::READ | DmaAccess::WRITE,
-                )
-            }
-            .map_err(iofd(&format!(
-                "mapping guest RAM {:#x}+{:#x} into IOAS {} at IOVA = GPA",
-                r.gpa,
-                r.size,
-                auto.ioas().id()
-            )))?;
-        }
+        let (mapped, lines) = map_ram(auto.ioas(), &memory)?;
+        descriptions.extend(lines);
         Ok(Host {
             devices,
             #[cfg(feature = "selftest")]
@@ -120,7 +210,33 @@ impl Host {
             iommufd,
             memory,
             descriptions,
+            mapped,
         })
+    }
+
+    /// The parts of guest RAM mapped into the IOAS, `(gpa, size)`: all of it unless the
+    /// attached devices narrowed the IOAS's IOVA ranges (then no device can reach the rest).
+    pub fn dma_ranges(&self) -> &[(u64, u64)] {
+        &self.mapped
+    }
+
+    /// The DMA endpoints that are not migrated devices (the mock device), for
+    /// [`SourcePlatform::dma_endpoints`].
+    pub fn dma_endpoints(&self) -> Vec<livemig::engine::DmaEndpoint> {
+        #[allow(unused_mut)]
+        let mut out = Vec::new();
+        #[cfg(feature = "selftest")]
+        if let Some(m) = &self.mock {
+            out.push(livemig::engine::DmaEndpoint {
+                name: format!("selftest mock device {}", m.dev_id()),
+                iommu_dirty: if m.domain.dirty_tracking {
+                    Ok(())
+                } else {
+                    Err(m.domain.to_string())
+                },
+            });
+        }
+        out
     }
 
     /// Guest RAM.
@@ -154,7 +270,8 @@ impl Host {
     /// handle of the device (the composition point with `livemig_kvm::platform::source`).
     /// Whether PRE_COPY is used is the engine's `SourceConfig::precopy`.
     pub fn source_devices(&mut self) -> Result<Vec<SourceDevice>, Error> {
-        let ram = self.memory.ranges();
+        // Only mapped IOVAs can be written by a device.
+        let ram = self.mapped.clone();
         let mut out = Vec::new();
         for d in self.devices.drain(..) {
             let dma_log: Option<Box<dyn DirtyTracker>> = if d.dma_logging {
@@ -189,7 +306,7 @@ impl Host {
         if hwpts.is_empty() {
             return Ok(None);
         }
-        let t = HwptTracker::new(hwpts, &self.memory.ranges())
+        let t = HwptTracker::new(hwpts, &self.mapped)
             .map_err(|e| Error::Config(format!("HWPT tracker over guest RAM: {e}")))?;
         Ok(Some(Box::new(t)))
     }
@@ -199,19 +316,7 @@ impl Host {
     pub fn source(&mut self, workload: &Workload) -> Result<SourcePlatform, Error> {
         let devices = self.source_devices()?;
         let memory: Arc<dyn GuestMemory> = self.memory.clone();
-        #[allow(unused_mut)]
-        let mut dma_endpoints = Vec::new();
-        #[cfg(feature = "selftest")]
-        if let Some(m) = &self.mock {
-            dma_endpoints.push(livemig::engine::DmaEndpoint {
-                name: format!("selftest mock device {}", m.dev_id()),
-                iommu_dirty: if m.domain.dirty_tracking {
-                    Ok(())
-                } else {
-                    Err(m.domain.to_string())
-                },
-            });
-        }
+        let dma_endpoints = self.dma_endpoints();
         Ok(SourcePlatform {
             memory,
             devices,
@@ -265,5 +370,46 @@ impl Drop for Host {
         // Devices may still be attached (the engine owns them); unmapping first means no
         // device can reach guest RAM once it is released.
         let _ = self.auto.ioas().unmap_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use livemig_iommufd::IovaRange;
+
+    #[test]
+    fn ram_is_clipped_to_the_iova_ranges_and_their_alignment() {
+        // The iommufd selftest's mock aperture, [16 MiB, 2 GiB), as IOMMU_IOAS_IOVA_RANGES
+        // reports it once the mock device is attached.
+        let mock = IovaRanges {
+            ranges: vec![IovaRange {
+                start: 1 << 24,
+                last: (1 << 31) - 1,
+            }],
+            alignment: 4096,
+        };
+        assert_eq!(clip(0, 32 << 20, &mock), [(16 << 20, 16 << 20)]);
+        assert_eq!(clip(4 << 30, 64 << 20, &mock), []);
+        assert_eq!(clip(1 << 24, 4096, &mock), [(1 << 24, 4096)]);
+        let two = IovaRanges {
+            ranges: vec![
+                IovaRange {
+                    start: 0,
+                    last: 0xfedf_ffff,
+                },
+                IovaRange {
+                    start: 0xfef0_0000,
+                    last: u64::MAX,
+                },
+            ],
+            alignment: 0x10000,
+        };
+        assert_eq!(
+            clip(0xfe00_0000, 0x200_0000, &two),
+            [(0xfe00_0000, 0xe0_0000), (0xfef0_0000, 0x110_0000)],
+            "a hole in the middle; ends rounded to the 64 KiB alignment"
+        );
+        assert_eq!(clip(0x1000, 0x1000, &two), [], "smaller than the alignment");
     }
 }

@@ -257,3 +257,36 @@ impl DirtyTracker for VmmDirtyLog {
         Ok(())
     }
 }
+
+/// Several pausable sets as one: the engine's vCPU pause stops them in order and resumes them
+/// in reverse (a VM's vCPUs, then the DMA writers of its devices: a stopped VM's devices do
+/// no DMA). Throttling goes to every set; guest entries are the first set's that counts them
+/// (put the VM's vCPUs first).
+pub struct PauseTogether(pub Vec<Box<dyn Vcpus>>);
+
+impl std::fmt::Debug for PauseTogether {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PauseTogether({} sets)", self.0.len())
+    }
+}
+
+impl Vcpus for PauseTogether {
+    fn pause(&mut self) {
+        for v in &mut self.0 {
+            v.pause();
+        }
+    }
+    fn resume(&mut self) {
+        for v in self.0.iter_mut().rev() {
+            v.resume();
+        }
+    }
+    fn set_throttle(&mut self, percent: u8) -> bool {
+        self.0
+            .iter_mut()
+            .fold(false, |any, v| v.set_throttle(percent) | any)
+    }
+    fn entries(&self) -> Option<Vec<u64>> {
+        self.0.iter().find_map(|v| v.entries())
+    }
+}

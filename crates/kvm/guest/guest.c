@@ -10,6 +10,12 @@
  *   out 0xec (32-bit)  event data words
  *   in  0xeb (32-bit)  command for this vCPU: 0 (or all ones: no device) none, 1 verify, 2 halt
  *
+ * With `uart=PORT` on the command line, vCPU 0 also owns a 16550-style UART at that port base
+ * (the VMM forwards the eight ports to an assigned device's I/O BAR, e.g. an mtty): at its
+ * first start it enables the FIFO and programs LCR, MCR, SCR and four bytes into the loop-back
+ * FIFO, values of its own choosing (from the TSC) kept in guest memory; on verify it reads them
+ * back, pushes the FIFO bytes in again (the device keeps its state) and reports both.
+ *
  * Memory: logs at 8 MiB (one u32 generation per page), working sets from 16 MiB,
  * vCPU c owns pages [c * pages, (c + 1) * pages).
  *
@@ -26,9 +32,14 @@ typedef unsigned long uptr;
 #define WS_BASE 0x01000000u
 #define PAGE_MAGIC 0x474d504cu /* "LMPG" */
 #define STATE_MAGIC 0x54534d4cu /* "LMST" */
+#define UART_MAGIC 0x5452554cu /* "LURT" */
+
+/* 16550 register offsets (DLAB clear) and the bits used here. */
+enum { UART_DATA = 0, UART_FCR = 2, UART_LCR = 3, UART_MCR = 4, UART_SCR = 7 };
+#define UART_FCR_ENABLE 0x01u
 
 enum { EV_READY = 1, EV_PROGRESS = 2, EV_VERIFY_DONE = 3, EV_VERIFY_FAIL = 4, EV_HALTED = 5,
-       EV_CONFIG = 6, EV_PASS_DONE = 7 };
+       EV_CONFIG = 6, EV_PASS_DONE = 7, EV_UART_SET = 8, EV_UART_CHECK = 9 };
 enum { FAIL_HEADER = 1, FAIL_GENERATION = 2, FAIL_LOG = 3, FAIL_BODY = 4 };
 enum { CMD_NONE = 0, CMD_VERIFY = 1, CMD_HALT = 2, CMD_PASS = 3 };
 
@@ -42,6 +53,12 @@ static inline void outb(unsigned short port, unsigned char v)
 static inline void outl(unsigned short port, u32 v)
 {
     __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port));
+}
+static inline unsigned char inb(unsigned short port)
+{
+    unsigned char v;
+    __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
+    return v;
 }
 static inline u32 inl(unsigned short port)
 {
@@ -75,6 +92,14 @@ static struct cpu_state cpus[MAX_CPUS];
 static volatile u32 cfg_ready;
 static u32 cfg_cpus = 1, cfg_pages = 1024;
 static u64 cfg_period; /* TSC ticks per page write; 0 = as fast as possible */
+static u32 cfg_uart;   /* the UART's port base; 0 = none */
+
+/* What vCPU 0 programmed into the UART (in guest RAM, so it migrates with the pages). */
+static struct {
+    u32 magic;
+    unsigned char lcr, mcr, scr, pad;
+    unsigned char fifo[4];
+} uart;
 static u32 cfg_idle;   /* write only on CMD_PASS: one pass over the working set each */
 
 static void puts(const char *s)
@@ -146,6 +171,53 @@ static u32 check_page(u32 cpu, u32 idx, u32 gen, u32 *found)
     return p[4] == sum ? 0 : FAIL_BODY;
 }
 
+/* The programmed registers as two words: lcr | mcr << 8 | scr << 16, and the FIFO bytes. */
+static void uart_words(u32 *w, unsigned char lcr, unsigned char mcr, unsigned char scr,
+                       const unsigned char *fifo)
+{
+    w[0] = (u32)lcr | (u32)mcr << 8 | (u32)scr << 16;
+    w[1] = (u32)fifo[0] | (u32)fifo[1] << 8 | (u32)fifo[2] << 16 | (u32)fifo[3] << 24;
+}
+
+static void uart_program(void)
+{
+    unsigned short b = (unsigned short)cfg_uart;
+    u32 seed = (u32)rdtsc() * 0x9e3779b9u;
+    uart.lcr = (unsigned char)(0x03 | ((seed >> 3) & 0x3c)); /* 8 bits; parity, stop: chosen */
+    uart.mcr = (unsigned char)(1 + (seed >> 9) % 15);
+    uart.scr = (unsigned char)(1 + (seed >> 17) % 255);
+    for (u32 i = 0; i < 4; i++)
+        uart.fifo[i] = (unsigned char)(0x41 + ((seed >> (4 * i)) & 0x1f));
+    outb(b + UART_FCR, UART_FCR_ENABLE);
+    outb(b + UART_LCR, uart.lcr);
+    outb(b + UART_MCR, uart.mcr);
+    outb(b + UART_SCR, uart.scr);
+    for (u32 i = 0; i < 4; i++)
+        outb(b + UART_DATA, uart.fifo[i]);
+    uart.magic = UART_MAGIC;
+    u32 w[2];
+    uart_words(w, uart.lcr, uart.mcr, uart.scr, uart.fifo);
+    event(EV_UART_SET, 0, w, 2);
+    puts("livemig-guest: uart programmed\n");
+}
+
+static void uart_check(void)
+{
+    unsigned short b = (unsigned short)cfg_uart;
+    unsigned char got[4];
+    unsigned char lcr = inb(b + UART_LCR), mcr = inb(b + UART_MCR), scr = inb(b + UART_SCR);
+    for (u32 i = 0; i < 4; i++)
+        got[i] = inb(b + UART_DATA);
+    for (u32 i = 0; i < 4; i++) /* what was read is pushed back: the device keeps its state */
+        outb(b + UART_DATA, got[i]);
+    u32 w[4];
+    uart_words(w, uart.lcr, uart.mcr, uart.scr, uart.fifo);
+    uart_words(w + 2, lcr, mcr, scr, got);
+    event(EV_UART_CHECK, 0, w, 4);
+    puts(w[0] == w[2] && w[1] == w[3] ? "livemig-guest: uart verify ok\n"
+                                      : "livemig-guest: uart verify FAILED\n");
+}
+
 static void verify(struct cpu_state *s)
 {
     u32 *log = log_of(s->cpu);
@@ -170,6 +242,8 @@ static void verify(struct cpu_state *s)
             failures++;
         }
     }
+    if (s->cpu == 0 && cfg_uart && uart.magic == UART_MAGIC)
+        uart_check();
     s->verifies++;
     u32 w[4] = {cfg_pages, failures, (u32)s->steps, (u32)(s->steps >> 32)};
     event(EV_VERIFY_DONE, s->cpu, w, 4);
@@ -222,6 +296,8 @@ static void parse_cmdline(u32 mbi)
             cfg_period = v;
         else if (key_is(k, "idle"))
             cfg_idle = (u32)v;
+        else if (key_is(k, "uart"))
+            cfg_uart = (u32)v;
         while (*s && *s != ' ')
             s++;
     }
@@ -264,6 +340,8 @@ static void run(u32 cpu)
         s->steps = 0;
         s->deadline = rdtsc();
     }
+    if (cpu == 0 && cfg_uart && uart.magic != UART_MAGIC)
+        uart_program();
     w[0] = cfg_pages;
     w[1] = page_gpa(cpu, 0);
     event(EV_READY, cpu, w, 2);

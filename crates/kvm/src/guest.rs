@@ -12,6 +12,9 @@
 //!          3 verify done [pages, failures, steps lo, hi]
 //!          4 verify failure [gpa, expected generation, found generation, log, reason]
 //!          5 halted []                           6 bad configuration [cpus, pages]
+//!          7 pass done [steps lo, hi]
+//!          8 UART programmed [regs, fifo]        9 UART check [regs, fifo, regs read, fifo read]
+//!                                                  (regs = lcr | mcr << 8 | scr << 16)
 //!
 //!  guest memory: multiboot info 0x7000, command line 0x7100, image at 1 MiB,
 //!                logs at 8 MiB (u32 generation per page), working sets from 16 MiB
@@ -22,6 +25,12 @@
 //! and against its counter (pages before `next` hold the current generation, the others the
 //! one before), so a page the migration lost is reported with its address. The same image boots
 //! under QEMU (`-kernel`, `-append "cpus=1 pages=N period=T"`, `isa-debugcon` on 0xe9).
+//!
+//! With [`TestVmConfig::uart`] vCPU 0 also drives a 16550-style UART at that port base (the
+//! VMM routes the ports, [`GuestMonitor::route`], e.g. to an assigned mtty's I/O BAR): it
+//! programs LCR, MCR, SCR and four loop-back FIFO bytes of its own choosing at boot, and on
+//! verify reads them back and reports what it found ([`GuestEvent::UartCheck`]), so device
+//! state that did not migrate fails the guest's own check.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -70,6 +79,16 @@ const PML4: u64 = 0x9000;
 /// The GDT livemig-kvm gives the vCPUs (null, 64-bit code 0x08, data 0x10).
 const GDT: u64 = 0x8000;
 const CMDLINE_ADDR: u64 = 0x7100;
+/// The TSS (at GPA 0) holds an I/O permission bitmap from this offset that allows every port
+/// (Intel SDM vol. 1, 19.5.2): the workload runs in ring 3 with IOPL 3, which allows port I/O
+/// without the bitmap, but the KVM of the machines this was written on (a Linux 6.18 `-fc`
+/// host whose guest user mode traps to the hypervisor) checks the bitmap for `in`/`out`
+/// through DX: with the bare 0x68-byte TSS, ports past its limit (0x3f8 for one) made vCPU 0
+/// triple-fault.
+const TSS_IOMAP: u64 = 0x68;
+/// The TSS limit: the 104-byte TSS, 8 KiB of bitmap (65536 ports) and the terminating
+/// all-ones byte.
+const TSS_LIMIT: u32 = 0x68 + 8192;
 const LOG_BASE: u64 = 8 << 20;
 const WS_BASE: u64 = 16 << 20;
 /// EAX for vCPUs other than the bootstrap one ("LMAP").
@@ -170,6 +189,21 @@ pub enum GuestEvent {
         /// pages=
         pages: u32,
     },
+    /// vCPU 0 programmed the UART: `[lcr | mcr << 8 | scr << 16, FIFO bytes]`.
+    UartSet {
+        /// The two words.
+        programmed: [u32; 2],
+    },
+    /// vCPU 0 read the UART back.
+    UartCheck {
+        /// What it programmed.
+        expected: [u32; 2],
+        /// What the device returned.
+        found: [u32; 2],
+    },
+    /// The VM has a UART but vCPU 0 reported no check of it on verify (its record of what it
+    /// programmed is gone).
+    UartUnchecked,
     /// An event the protocol does not define (kind, cpu, words).
     Malformed(u32, u32, Vec<u32>),
 }
@@ -207,10 +241,39 @@ impl Log {
     }
 }
 
+/// A port range routed to another handler (an assigned device's I/O BAR).
+struct Route {
+    base: u16,
+    len: u16,
+    to: Arc<dyn PortIo>,
+}
+
+#[derive(Default)]
+struct Routes(std::sync::RwLock<Vec<Route>>);
+
+impl std::fmt::Debug for Routes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let g = self.0.read().unwrap_or_else(|p| p.into_inner());
+        f.debug_list()
+            .entries(g.iter().map(|r| format!("{:#x}+{}", r.base, r.len)))
+            .finish()
+    }
+}
+
+impl Routes {
+    fn find(&self, port: u16) -> Option<(Arc<dyn PortIo>, u16)> {
+        let g = self.0.read().unwrap_or_else(|p| p.into_inner());
+        g.iter()
+            .find(|r| port >= r.base && u32::from(port) < u32::from(r.base) + u32::from(r.len))
+            .map(|r| (r.to.clone(), r.base))
+    }
+}
+
 /// The VMM side of the guest's ports: decodes events, keeps the console text, answers
-/// commands.
+/// commands, and hands routed port ranges to their handlers.
 #[derive(Debug)]
 pub struct GuestMonitor {
+    routes: Routes,
     decoders: Mutex<Vec<Decoder>>,
     log: Mutex<Log>,
     cv: Condvar,
@@ -221,6 +284,7 @@ impl GuestMonitor {
     /// A monitor for `vcpus` vCPUs.
     pub fn new(vcpus: u32) -> GuestMonitor {
         GuestMonitor {
+            routes: Routes::default(),
             decoders: Mutex::new((0..vcpus).map(|_| Decoder::default()).collect()),
             log: Mutex::new(Log {
                 steps: vec![0; vcpus as usize],
@@ -229,6 +293,42 @@ impl GuestMonitor {
             cv: Condvar::new(),
             commands: (0..vcpus).map(|_| AtomicU32::new(command::NONE)).collect(),
         }
+    }
+
+    /// Routes ports `base..base + len` to `to`, which sees the port's offset from `base` as
+    /// its port number (an I/O BAR is addressed from 0). Routes must not overlap the guest's
+    /// own ports (0xe9..=0xec) or each other.
+    pub fn route(&self, base: u16, len: u16, to: Arc<dyn PortIo>) -> Result<(), Error> {
+        let end = u32::from(base) + u32::from(len);
+        let overlaps = |b: u32, e: u32| u32::from(base) < e && b < end;
+        if len == 0 || end > 0x1_0000 || overlaps(u32::from(port::TEXT), u32::from(port::DATA) + 1)
+        {
+            return Err(Error::Config(format!(
+                "port route {base:#x}+{len}: empty, past 0xffff or over the guest's ports                  0xe9..=0xec"
+            )));
+        }
+        let mut g = self.routes.0.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = g
+            .iter()
+            .find(|r| overlaps(u32::from(r.base), u32::from(r.base) + u32::from(r.len)))
+        {
+            return Err(Error::Config(format!(
+                "port route {base:#x}+{len} overlaps {:#x}+{}",
+                r.base, r.len
+            )));
+        }
+        g.push(Route { base, len, to });
+        Ok(())
+    }
+
+    /// Removes every route (the routed ports then read as all ones), e.g. before the device
+    /// behind them is closed.
+    pub fn clear_routes(&self) {
+        self.routes
+            .0
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Log> {
@@ -363,6 +463,13 @@ impl GuestMonitor {
                 cpu,
                 steps: q(0) | q(1) << 32,
             },
+            (8, 2) => GuestEvent::UartSet {
+                programmed: [w[0], w[1]],
+            },
+            (9, 4) => GuestEvent::UartCheck {
+                expected: [w[0], w[1]],
+                found: [w[2], w[3]],
+            },
             (6, 2) => GuestEvent::BadConfig {
                 cpus: w[0],
                 pages: w[1],
@@ -374,6 +481,9 @@ impl GuestMonitor {
 
 impl PortIo for GuestMonitor {
     fn io_out(&self, vcpu: u32, port: u16, data: &[u8]) {
+        if let Some((to, base)) = self.routes.find(port) {
+            return to.io_out(vcpu, port - base, data);
+        }
         let word = |d: &[u8]| {
             let mut b = [0u8; 4];
             let n = d.len().min(4);
@@ -427,6 +537,9 @@ impl PortIo for GuestMonitor {
     }
 
     fn io_in(&self, vcpu: u32, port: u16, data: &mut [u8]) {
+        if let Some((to, base)) = self.routes.find(port) {
+            return to.io_in(vcpu, port - base, data);
+        }
         let v = match (port, self.commands.get(vcpu as usize)) {
             (port::COMMAND, Some(c)) => c.swap(command::NONE, Ordering::SeqCst),
             _ => u32::MAX,
@@ -574,6 +687,9 @@ pub struct TestVmConfig {
     pub cpuid_set: Vec<(u32, u32, u8, u32)>,
     /// Boot idle: the vCPUs write only when [`TestVm::pass`] asks (one pass each).
     pub idle: bool,
+    /// The port base of a 16550-style UART vCPU 0 programs and checks (`None`: no UART).
+    /// The VMM routes `base..base + 8` ([`GuestMonitor::route`]) before [`TestVm::start`].
+    pub uart: Option<u16>,
 }
 
 impl Default for TestVmConfig {
@@ -588,6 +704,7 @@ impl Default for TestVmConfig {
             cpuid_clear: Vec::new(),
             cpuid_set: Vec::new(),
             idle: false,
+            uart: None,
         }
     }
 }
@@ -680,18 +797,38 @@ impl TestVm {
     /// Boots the guest and waits until every vCPU reports its workload started.
     pub fn boot(cfg: &TestVmConfig) -> Result<TestVm, Error> {
         let t = TestVm::build(cfg)?;
+        t.start()?;
+        Ok(t)
+    }
+
+    /// The VM, built and not yet started: its memory can be mapped for devices and its ports
+    /// routed ([`GuestMonitor::route`]) before [`TestVm::start`] boots the guest.
+    pub fn prepare(cfg: &TestVmConfig) -> Result<TestVm, Error> {
+        TestVm::build(cfg)
+    }
+
+    /// Loads and boots the guest of a [`TestVm::prepare`]d VM and waits until every vCPU
+    /// reports its workload started (and vCPU 0 its UART programmed, with
+    /// [`TestVmConfig::uart`]).
+    pub fn start(&self) -> Result<(), Error> {
+        let t = self;
+        let cfg = &self.cfg;
         let mem = t.vm.memory();
         let entry = load_image(mem, IMAGE)?.entry64;
         let tsc_khz = t.vm.vcpus()[0].fd().get_tsc_khz().map_err(|e| Error::Kvm {
             what: "KVM_GET_TSC_KHZ".into(),
             source: std::io::Error::from_raw_os_error(e.errno()),
         })?;
-        let cmdline = cmdline(
+        let mut cmdline = cmdline(
             cfg.vcpus,
             cfg.pages,
             period_ticks(tsc_khz, cfg.rate),
             cfg.idle,
-        ) + "\0";
+        );
+        if let Some(base) = cfg.uart {
+            cmdline += &format!(" uart={base}");
+        }
+        cmdline.push('\0');
         let mut mbi = [0u8; 32];
         mbi[0..4].copy_from_slice(&4u32.to_le_bytes()); // flags: cmdline valid
         mbi[16..20].copy_from_slice(&(CMDLINE_ADDR as u32).to_le_bytes());
@@ -719,6 +856,10 @@ impl TestVm {
         let gdt: Vec<u8> = gdt.iter().flat_map(|d| d.to_le_bytes()).collect();
         mem.write(GDT, &gdt).map_err(werr)?;
         mem.write(CMDLINE_ADDR, cmdline.as_bytes()).map_err(werr)?;
+        let mut tss = vec![0u8; TSS_LIMIT as usize + 1];
+        tss[0x66..0x68].copy_from_slice(&(TSS_IOMAP as u16).to_le_bytes());
+        tss[TSS_LIMIT as usize] = 0xff;
+        mem.write(0, &tss).map_err(werr)?;
         for v in t.vm.vcpus() {
             let fd = v.fd();
             let kerr = |what: &'static str| {
@@ -740,10 +881,11 @@ impl TestVm {
             s.ss = s.ds;
             // A valid busy 32-bit TSS and an unusable LDT: without unrestricted-guest support
             // (nested VMX) KVM would otherwise emulate every instruction of a guest whose
-            // segment state VM entry refuses (Intel SDM vol. 3C, 28.3.1.2).
+            // segment state VM entry refuses (Intel SDM vol. 3C, 28.3.1.2). The TSS carries
+            // an all-clear I/O permission bitmap (see `TSS_IOMAP`).
             s.tr = kvm_segment {
                 base: 0,
-                limit: 0x67,
+                limit: TSS_LIMIT,
                 selector: 0,
                 type_: 11,
                 present: 1,
@@ -819,7 +961,15 @@ impl TestVm {
                 "the guest refused its configuration: {e:?}"
             )));
         }
-        Ok(t)
+        Ok(())
+    }
+
+    /// What vCPU 0 programmed into its UART (`None`: no UART, or not reported).
+    pub fn uart_programmed(&self) -> Option<[u32; 2]> {
+        self.monitor.events().into_iter().find_map(|e| match e {
+            GuestEvent::UartSet { programmed } => Some(programmed),
+            _ => None,
+        })
     }
 
     /// Asks every vCPU to verify its working set; returns the failures (empty: all good).
@@ -839,13 +989,19 @@ impl TestVm {
                     self.monitor.text()
                 ))
             })?;
-        Ok(ev
+        let uart_checked = ev.iter().any(|e| matches!(e, GuestEvent::UartCheck { .. }));
+        let mut bad: Vec<GuestEvent> = ev
             .into_iter()
             .filter(|e| {
                 matches!(e, GuestEvent::VerifyFail { .. })
                     || matches!(e, GuestEvent::VerifyDone { failures, .. } if *failures > 0)
+                    || matches!(e, GuestEvent::UartCheck { expected, found } if expected != found)
             })
-            .collect())
+            .collect();
+        if self.cfg.uart.is_some() && !uart_checked {
+            bad.push(GuestEvent::UartUnchecked);
+        }
+        Ok(bad)
     }
 
     /// Has every vCPU write its working set once (a VM booted `idle`) and waits for all.

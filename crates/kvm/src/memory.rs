@@ -183,6 +183,13 @@ impl VmMemory {
         &self.regions
     }
 
+    /// The file or memfd behind every region (regions sit back to back at
+    /// [`Region::file_offset`]); `None` for anonymous memory. For `IOMMU_IOAS_MAP_FILE`.
+    pub fn file(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.file.as_ref().map(|f| f.as_fd())
+    }
+
     /// What backs the memory.
     pub fn backing(&self) -> &Backing {
         &self.backing

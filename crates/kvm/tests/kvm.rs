@@ -602,3 +602,79 @@ fn ring_resets_under_signal_kicks_lose_nothing() {
         );
     }
 }
+
+/// A 16550-style register file as the UART the guest drives (the rig routes the same ports to
+/// an assigned mtty): FCR enables the loop-back FIFO, data writes push and reads pop, LCR, MCR
+/// and SCR hold what was written.
+#[derive(Default)]
+struct FakeUart(std::sync::Mutex<(u8, [u8; 8], std::collections::VecDeque<u8>)>);
+
+impl livemig_kvm::vm::PortIo for FakeUart {
+    fn io_out(&self, _vcpu: u32, port: u16, data: &[u8]) {
+        let mut g = self.0.lock().unwrap();
+        match (port, data.first().copied()) {
+            (0, Some(b)) if g.0 & 1 != 0 && g.2.len() < 16 => g.2.push_back(b),
+            (2, Some(b)) => g.0 = b,
+            (p @ (3 | 4 | 7), Some(b)) => g.1[p as usize] = b,
+            _ => {}
+        }
+    }
+    fn io_in(&self, _vcpu: u32, port: u16, data: &mut [u8]) {
+        let mut g = self.0.lock().unwrap();
+        let v = match port {
+            0 => g.2.pop_front().unwrap_or(0),
+            3 | 4 | 7 => g.1[port as usize],
+            _ => 0xff,
+        };
+        data.fill(v);
+    }
+}
+
+#[test]
+fn the_guest_uart_state_is_checked_after_a_migration_and_a_lost_one_fails() {
+    let Some(_one_at_a_time) = kvm() else {
+        return;
+    };
+    let cfg = livemig_kvm::TestVmConfig {
+        uart: Some(0x3f8),
+        ..config()
+    };
+    for carried in [true, false] {
+        let src = TestVm::prepare(&cfg).unwrap();
+        let su = Arc::new(FakeUart::default());
+        src.monitor.route(0x3f8, 8, su.clone()).unwrap();
+        src.start().unwrap();
+        let programmed = src
+            .uart_programmed()
+            .expect("the guest programmed its UART");
+        assert_ne!(programmed[1], 0, "four FIFO bytes");
+        let dst = TestVm::prepare(&cfg).unwrap();
+        let du = Arc::new(FakeUart::default());
+        dst.monitor.route(0x3f8, 8, du.clone()).unwrap();
+        let o = migrate(&src, &dst, SourceConfig::default(), None, link(), None);
+        o.report.expect("migrates");
+        if carried {
+            // The device's migration data, as a VFIO device would carry it.
+            let s = std::mem::take(&mut *su.0.lock().unwrap());
+            *du.0.lock().unwrap() = s;
+        }
+        start_destination(&dst);
+        let f = dst.verify(Duration::from_secs(30)).unwrap();
+        if carried {
+            assert!(f.is_empty(), "{f:?}");
+        } else {
+            assert!(
+                f.iter()
+                    .any(|e| matches!(e, GuestEvent::UartCheck { expected, found }
+                    if *expected == programmed && found != expected)),
+                "negative control: a UART whose state did not arrive fails the guest's check: {f:?}"
+            );
+        }
+    }
+    // Routes may not cover the guest's own ports or each other.
+    let vm = TestVm::prepare(&cfg).unwrap();
+    let u: Arc<FakeUart> = Arc::default();
+    assert!(vm.monitor.route(0xe8, 4, u.clone()).is_err());
+    vm.monitor.route(0x3f8, 8, u.clone()).unwrap();
+    assert!(vm.monitor.route(0x3fc, 8, u).is_err());
+}

@@ -52,6 +52,7 @@ const VFIO_MIG_GET_PRECOPY_INFO: u64 = io(100 + 21);
 const PRECOPY_INFO_V2: u32 = 12;
 const IOMMU_DESTROY: u64 = io(0x80);
 const IOMMU_IOAS_ALLOC: u64 = io(0x81);
+const IOMMU_IOAS_IOVA_RANGES: u64 = io(0x84);
 const IOMMU_IOAS_MAP: u64 = io(0x85);
 const IOMMU_IOAS_UNMAP: u64 = io(0x86);
 const IOMMU_HWPT_ALLOC: u64 = io(0x89);
@@ -697,6 +698,7 @@ impl Kernel {
         let what = match request {
             IOMMU_DESTROY => "IOMMU_DESTROY",
             IOMMU_IOAS_ALLOC => "IOMMU_IOAS_ALLOC",
+            IOMMU_IOAS_IOVA_RANGES => "IOMMU_IOAS_IOVA_RANGES",
             IOMMU_IOAS_MAP => "IOMMU_IOAS_MAP",
             IOMMU_IOAS_UNMAP => "IOMMU_IOAS_UNMAP",
             IOMMU_HWPT_ALLOC => "IOMMU_HWPT_ALLOC",
@@ -725,6 +727,30 @@ impl Kernel {
                 let id = w.alloc(side, Obj::Ioas { maps: Vec::new() });
                 // SAFETY: the caller passes an iommu_ioas_alloc.
                 unsafe { (*(arg as *mut iob::iommu_ioas_alloc)).out_ioas_id = id };
+                Ok(0)
+            }
+            IOMMU_IOAS_IOVA_RANGES => {
+                // SAFETY: the caller passes an iommu_ioas_iova_ranges whose `allowed_iovas`
+                // holds `num_iovas` ranges.
+                let a = unsafe { &mut *(arg as *mut iob::iommu_ioas_iova_ranges) };
+                match w.objs.get(&a.ioas_id) {
+                    Some((s, Obj::Ioas { .. })) if *s == side => {}
+                    _ => return err(libc::ENOENT),
+                }
+                // No device narrows this fake's IOAS: all of IOVA space, 4 KiB alignment.
+                let n = a.num_iovas;
+                a.num_iovas = 1;
+                a.out_iova_alignment = PAGE;
+                if n < 1 {
+                    return err(libc::EMSGSIZE);
+                }
+                // SAFETY: at least one range fits (checked above).
+                unsafe {
+                    *(a.allowed_iovas as *mut iob::iommu_iova_range) = iob::iommu_iova_range {
+                        start: 0,
+                        last: u64::MAX,
+                    };
+                }
                 Ok(0)
             }
             IOMMU_IOAS_MAP => {
@@ -965,6 +991,7 @@ pub fn errnos(what: &str) -> &'static [i32] {
         "read of a data fd" => &[EIO, EINVAL, ENOMEM, EINTR],
         "write to a data fd" => &[EIO, EINVAL, ENOMEM, EINTR],
         "IOMMU_IOAS_ALLOC" => &[ENOMEM],
+        "IOMMU_IOAS_IOVA_RANGES" => &[ENOENT, EFAULT, EMSGSIZE],
         "IOMMU_IOAS_MAP" => &[ENOMEM, EINVAL, EEXIST, EFAULT],
         "IOMMU_IOAS_UNMAP" => &[ENOENT, EBUSY],
         "IOMMU_GET_HW_INFO" => &[EOPNOTSUPP, EINVAL, ENOENT],
