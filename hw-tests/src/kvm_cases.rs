@@ -278,6 +278,511 @@ pub fn run_refusal(r: &mut Runner) {
     });
 }
 
+/// A `vm incoming` process: its listening address, and how it ended.
+struct Incoming {
+    child: std::process::Child,
+    addr: String,
+    out: std::io::BufReader<std::process::ChildStdout>,
+    err: std::thread::JoinHandle<String>,
+}
+
+impl Incoming {
+    fn spawn(extra: &[&str]) -> Result<Incoming> {
+        let mut args = vec!["vm", "incoming", "--listen", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(VM);
+        trace!("livemig {}", args.join(" "));
+        let mut child = Command::new(LIVEMIG)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting the destination")?;
+        let mut err_pipe = child.stderr.take().expect("piped");
+        let err = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err_pipe.read_to_string(&mut s);
+            s
+        });
+        let mut out = std::io::BufReader::new(child.stdout.take().expect("piped"));
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line)?;
+        let Some(addr) = line.trim().strip_prefix("listening on ") else {
+            let _ = child.kill();
+            let _ = child.wait();
+            let e = err.join().unwrap_or_default();
+            anyhow::bail!("the destination said {line:?}: {}", tail(&e));
+        };
+        Ok(Incoming {
+            addr: addr.to_string(),
+            child,
+            out,
+            err,
+        })
+    }
+
+    /// Waits for the process; (exit status, stdout after the first line, stderr).
+    fn finish(mut self, limit: Duration) -> Result<(std::process::ExitStatus, String, String)> {
+        let t0 = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait()? {
+                break s;
+            }
+            if t0.elapsed() > limit {
+                let _ = self.child.kill();
+                break self.child.wait()?;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut out = String::new();
+        let _ = self.out.read_to_string(&mut out);
+        let err = self.err.join().unwrap_or_default();
+        trace!("destination {status}: {}", tail(&err));
+        Ok((status, out, err))
+    }
+}
+
+/// The source side of a two-process VM migration: `livemig vm migrate ARGS`, with `answer`
+/// written to its standard input once `dest_gone` says the destination process ended (the
+/// operator's answer to an undecided handover, given only when the destination is known not
+/// to run the VM).
+fn migrate_vm(extra: &[&str], dest: Incoming, answer: Option<&str>) -> Result<Pair> {
+    let mut args = vec!["vm", "migrate", "--to", dest.addr.as_str()];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(VM);
+    trace!("livemig {}", args.join(" "));
+    let mut child = Command::new(LIVEMIG)
+        .args(&args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting the source")?;
+    let mut stdin = child.stdin.take();
+    let mut o = child.stdout.take().expect("piped");
+    let mut e = child.stderr.take().expect("piped");
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = o.read_to_string(&mut s);
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = e.read_to_string(&mut s);
+        s
+    });
+    let (dst_status, dst_out, dst_err) = dest.finish(Duration::from_secs(300))?;
+    if let (Some(a), Some(mut i)) = (answer, stdin.take()) {
+        // The destination process has ended: it does not run the VM.
+        let _ = std::io::Write::write_all(&mut i, format!("{a}\n").as_bytes());
+    }
+    drop(stdin);
+    let ok = wait(&mut child, "livemig vm migrate", Duration::from_secs(300))?;
+    let (src_out, src_err) = (
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default(),
+    );
+    trace!("source (success {ok}): {}", tail(&src_err));
+    Ok(Pair {
+        src_ok: ok,
+        src_out,
+        src_err,
+        dst_status,
+        dst_out,
+        dst_err,
+    })
+}
+
+struct Pair {
+    src_ok: bool,
+    src_out: String,
+    src_err: String,
+    dst_status: std::process::ExitStatus,
+    dst_out: String,
+    dst_err: String,
+}
+
+/// The RAM dumps of `--dump-ram` (16-byte region headers, then bytes): the first GPA whose
+/// page differs, or a layout mismatch.
+fn first_difference(a: &[u8], b: &[u8]) -> Result<Option<u64>> {
+    ensure!(
+        a.len() == b.len(),
+        "the dumps differ in size: {} and {} bytes",
+        a.len(),
+        b.len()
+    );
+    let mut at = 0usize;
+    while at < a.len() {
+        ensure!(at + 16 <= a.len(), "a dump ends inside a region header");
+        ensure!(a[at..at + 16] == b[at..at + 16], "the RAM layouts differ");
+        let gpa = u64::from_le_bytes(a[at..at + 8].try_into()?);
+        let size = u64::from_le_bytes(a[at + 8..at + 16].try_into()?) as usize;
+        at += 16;
+        ensure!(at + size <= a.len(), "a region runs past the dump's end");
+        for p in (0..size).step_by(4096) {
+            let end = (p + 4096).min(size);
+            if a[at + p..at + end] != b[at + p..at + end] {
+                return Ok(Some(gpa + p as u64));
+            }
+        }
+        at += size;
+    }
+    Ok(None)
+}
+
+/// Pages of `dump` in `[start, start + len)` that are not all zero.
+fn written_pages(dump: &[u8], start: u64, len: u64) -> usize {
+    let mut at = 0usize;
+    let mut n = 0;
+    while at + 16 <= dump.len() {
+        let gpa = u64::from_le_bytes(dump[at..at + 8].try_into().unwrap_or_default());
+        let size = u64::from_le_bytes(dump[at + 8..at + 16].try_into().unwrap_or_default());
+        at += 16;
+        for p in (0..size).step_by(4096) {
+            let g = gpa + p;
+            let o = at + p as usize;
+            if g >= start && g < start + len && o + 4096 <= dump.len() {
+                n += usize::from(dump[o..o + 4096].iter().any(|&x| x != 0));
+            }
+        }
+        at += size as usize;
+    }
+    n
+}
+
+/// The mock device's range: the last quarter of the 32 MiB of low RAM.
+const DMA_RANGE: (u64, u64) = (24 << 20, 8 << 20);
+
+/// `livemig tls keygen` into `dir`: (cert, key, fingerprint).
+fn keygen(dir: &str, who: &str) -> Result<(String, String, String)> {
+    let cert = format!("{dir}/{who}.pem");
+    let key = format!("{dir}/{who}.key");
+    let (ok, out, err) = livemig(
+        &["tls", "keygen", "--cert", &cert, "--key", &key],
+        Duration::from_secs(30),
+    )?;
+    ensure!(ok, "tls keygen: {}", tail(&err));
+    Ok((cert, key, out.trim().to_string()))
+}
+
+/// The whole stack in one real kernel (issue 30): the KVM test VM owns an mtty through VFIO
+/// (cdev, iommufd) whose UART its vCPU 0 programs through the forwarded BAR0 ports, and the
+/// iommufd selftest's mock device writes its RAM behind the VMM's back, tracked only by the
+/// IOAS's dirty HWPT. Two `livemig` processes over mutual TLS; the guest verifies its pages
+/// and the UART on the destination; the destination's RAM (the moment before its vCPUs start)
+/// equals the stopped source's, page by page.
+pub fn run_devices(r: &mut Runner) {
+    r.case("kvm.vm_mtty_mock_tls", || {
+        let (a, b) = (Mdev::create("mtty-2")?, Mdev::create("mtty-2")?);
+        let dir = "/tmp/kvm-tls";
+        std::fs::create_dir_all(dir)?;
+        let (scert, skey, sfp) = keygen(dir, "src")?;
+        let (dcert, dkey, dfp) = keygen(dir, "dst")?;
+        let (sdump, ddump) = ("/tmp/kvm-src.ram", "/tmp/kvm-dst.ram");
+        let dest = Incoming::spawn(&[
+            "--json",
+            "--tls-cert",
+            &dcert,
+            "--tls-key",
+            &dkey,
+            "--tls-peer",
+            &sfp,
+            "--device",
+            &b.uuid,
+            "--guest-uart",
+            "--mock-dma",
+            "--memfd",
+            "--dump-ram",
+            ddump,
+        ])?;
+        let p = migrate_vm(
+            &[
+                "--json",
+                "--tls-cert",
+                &scert,
+                "--tls-key",
+                &skey,
+                "--tls-peer",
+                &dfp,
+                "--device",
+                &a.uuid,
+                "--guest-uart",
+                "--mock-dma",
+                "--dma-rate",
+                "5000",
+                "--memfd",
+                "--dump-ram",
+                sdump,
+            ],
+            dest,
+            None,
+        )?;
+        ensure!(p.src_ok, "vm migrate failed: {}", tail(&p.src_err));
+        ensure!(
+            p.dst_status.success(),
+            "vm incoming failed: {}",
+            tail(&p.dst_err)
+        );
+        let src: Value =
+            serde_json::from_str(&p.src_out).with_context(|| format!("source {:?}", p.src_out))?;
+        let dst: Value = serde_json::from_str(&p.dst_out)
+            .with_context(|| format!("destination {:?}", p.dst_out))?;
+        let v = &dst["verification"];
+        ensure!(
+            v["ok"].as_bool() == Some(true) && v["failures"].as_array().is_some_and(Vec::is_empty),
+            "the guest's check on the destination (pages and UART): {v}"
+        );
+        let map = if crate::harness::kernel_at_least(6, 13) {
+            "through IOMMU_IOAS_MAP_FILE (the memfd)"
+        } else {
+            "through IOMMU_IOAS_MAP (this kernel has no IOMMU_IOAS_MAP_FILE)"
+        };
+        for (side, err) in [("source", &p.src_err), ("destination", &p.dst_err)] {
+            ensure!(err.contains(map), "{side}: guest RAM not mapped {map}");
+            ensure!(
+                err.contains("the guest's UART at ports 0x3f8+8 is"),
+                "{side}: the UART is not routed to the mtty: {}",
+                tail(err)
+            );
+        }
+        let tracking = src["report"]["tracking"].to_string();
+        ensure!(
+            tracking.contains("selftest mock device"),
+            "the plan does not track the mock device: {tracking}"
+        );
+        ensure!(
+            src["report"]["stop_copy"]["device_bytes"]
+                .as_u64()
+                .unwrap_or(0)
+                > 0,
+            "no device state in stop-and-copy"
+        );
+        let (sa, da) = (std::fs::read(sdump)?, std::fs::read(ddump)?);
+        let dma = written_pages(&sa, DMA_RANGE.0, DMA_RANGE.1);
+        ensure!(dma > 0, "the mock device wrote no page of {DMA_RANGE:x?}");
+        if let Some(at) = first_difference(&sa, &da)? {
+            anyhow::bail!("the destination's RAM differs from the stopped source's at {at:#x}");
+        }
+        trace!(
+            "RAM equal page by page; the mock device wrote {dma} pages; downtime {} us; \
+             tracking {tracking}",
+            src["report"]["downtime_us"]
+        );
+        let _ = std::fs::remove_file(sdump);
+        let _ = std::fs::remove_file(ddump);
+        drop((a, b));
+        Ok(Outcome::Pass)
+    });
+}
+
+/// Negative controls of the whole stack and its failures (6.12 only; issue 30's budget).
+pub fn run_device_controls(r: &mut Runner) {
+    if crate::harness::kernel_at_least(7, 0) {
+        return;
+    }
+    // Each side owns its own mtty (fresh for every case), its UART driven by the guest.
+    let dev = |m: &Mdev| -> Vec<String> {
+        vec!["--device".into(), m.uuid.clone(), "--guest-uart".into()]
+    };
+    let (src_dev, dst_dev) = (dev, dev);
+    // The HWPT harvest of stop-and-copy dropped: the pages the mock device wrote last are never
+    // resent, and only the host-side comparison can see it (the guest does not check them).
+    r.case("kvm.control_hwpt_harvest_dropped", move || {
+        let (a, b) = (Mdev::create("mtty-2")?, Mdev::create("mtty-2")?);
+        let (sdump, ddump) = ("/tmp/kvm-src.ram", "/tmp/kvm-dst.ram");
+        let mut d: Vec<String> = dst_dev(&b);
+        d.extend(["--plain", "--mock-dma", "--dump-ram", ddump].map(String::from));
+        let dest = Incoming::spawn(&d.iter().map(String::as_str).collect::<Vec<_>>())?;
+        let mut s: Vec<String> = src_dev(&a);
+        s.extend(
+            [
+                "--plain",
+                "--mock-dma",
+                "--dma-rate",
+                "5000",
+                "--dump-ram",
+                sdump,
+                "--x-drop-final-harvest",
+                "iommu",
+            ]
+            .map(String::from),
+        );
+        let p = migrate_vm(
+            &s.iter().map(String::as_str).collect::<Vec<_>>(),
+            dest,
+            None,
+        )?;
+        ensure!(
+            p.src_ok && p.dst_status.success(),
+            "the migration itself failed: {} | {}",
+            tail(&p.src_err),
+            tail(&p.dst_err)
+        );
+        let (sa, da) = (std::fs::read(sdump)?, std::fs::read(ddump)?);
+        let at = first_difference(&sa, &da)?;
+        let in_dma = at.is_some_and(|g| g >= DMA_RANGE.0 && g < DMA_RANGE.0 + DMA_RANGE.1);
+        ensure!(
+            in_dma,
+            "with the final HWPT harvest dropped the RAM must differ in the mock device's range \
+             {DMA_RANGE:x?}; first difference {at:x?}"
+        );
+        trace!("expected failure: RAM differs at {:#x}", at.unwrap_or(0));
+        drop((a, b));
+        Ok(Outcome::Pass)
+    });
+    // The mtty's record dropped on the destination (reset instead of resumed): the guest's UART
+    // check must fail there.
+    r.case("kvm.control_device_state_dropped", move || {
+        let (a, b) = (Mdev::create("mtty-2")?, Mdev::create("mtty-2")?);
+        let mut d = dst_dev(&b);
+        d.extend(["--plain", "--x-drop-device-state"].map(String::from));
+        let dest = Incoming::spawn(&d.iter().map(String::as_str).collect::<Vec<_>>())?;
+        let mut s = src_dev(&a);
+        s.push("--plain".into());
+        let p = migrate_vm(
+            &s.iter().map(String::as_str).collect::<Vec<_>>(),
+            dest,
+            None,
+        )?;
+        ensure!(p.src_ok, "the source failed: {}", tail(&p.src_err));
+        ensure!(
+            !p.dst_status.success(),
+            "the destination passed with the mtty's state dropped"
+        );
+        ensure!(
+            p.dst_out.contains("UartCheck") && p.dst_out.contains("GUEST VERIFICATION FAILED"),
+            "the control failed, but not at the guest's UART check: {} | {}",
+            p.dst_out,
+            tail(&p.dst_err)
+        );
+        trace!(
+            "expected failure: {}",
+            p.dst_out
+                .lines()
+                .find(|l| l.contains("UartCheck"))
+                .unwrap_or("")
+        );
+        drop((a, b));
+        Ok(Outcome::Pass)
+    });
+    // Failures: the destination killed at each step, and the mtty refusing its state.
+    for (name, at, answer) in [
+        ("kvm.vm_dest_killed_at_compat", "compat", None),
+        ("kvm.vm_dest_killed_in_precopy", "round:1", None),
+        (
+            "kvm.vm_dest_killed_in_stop_copy",
+            "stop-copy",
+            Some("resume"),
+        ),
+        ("kvm.vm_dest_killed_after_end", "resume", Some("discard")),
+    ] {
+        r.case(name, move || {
+            let (a, b) = (Mdev::create("mtty-2")?, Mdev::create("mtty-2")?);
+            let mut d = dst_dev(&b);
+            d.extend(["--plain", "--x-die-at", at].map(String::from));
+            let dest = Incoming::spawn(&d.iter().map(String::as_str).collect::<Vec<_>>())?;
+            let mut s = src_dev(&a);
+            s.extend(["--plain", "--undecided", "ask"].map(String::from));
+            let p = migrate_vm(
+                &s.iter().map(String::as_str).collect::<Vec<_>>(),
+                dest,
+                answer,
+            )?;
+            ensure!(
+                !p.src_ok,
+                "the source succeeded although the destination was killed"
+            );
+            ensure!(
+                std::os::unix::process::ExitStatusExt::signal(&p.dst_status) == Some(9),
+                "the destination was not killed: {}",
+                p.dst_status
+            );
+            one_host_after_kill(&p, at)?;
+            drop((a, b));
+            Ok(Outcome::Pass)
+        });
+    }
+    r.case("kvm.vm_device_refuses_state", move || {
+        let (a, b) = (Mdev::create("mtty-2")?, Mdev::create("mtty-2")?);
+        let mut d = dst_dev(&b);
+        d.extend(["--plain", "--x-corrupt-device-state"].map(String::from));
+        let dest = Incoming::spawn(&d.iter().map(String::as_str).collect::<Vec<_>>())?;
+        let mut s = src_dev(&a);
+        s.push("--plain".into());
+        let p = migrate_vm(
+            &s.iter().map(String::as_str).collect::<Vec<_>>(),
+            dest,
+            None,
+        )?;
+        ensure!(
+            !p.src_ok && !p.dst_status.success(),
+            "a refused device state migrated"
+        );
+        // mtty_resume_write answers a header that fails validation (magic, version, flags,
+        // ports) with EFAULT (samples/vfio-mdev/mtty.c in 6.12 and 7.3).
+        ensure!(
+            p.dst_err.contains("migration data write failed: Bad address (os error 14)"),
+            "the mtty did not refuse the state itself (EFAULT from its resume write): {}",
+            tail(&p.dst_err)
+        );
+        ensure!(
+            p.dst_err.contains("the VM does not run on the destination")
+                && p.dst_err.contains("(guest entries per vCPU [0, 0])"),
+            "the destination does not say it never ran the VM: {}",
+            tail(&p.dst_err)
+        );
+        runs_on_source(&p.src_err)?;
+        drop((a, b));
+        Ok(Outcome::Pass)
+    });
+}
+
+/// The source says the VM runs there, its guest moved on and verified, and the failed attempt
+/// left no descriptor open.
+fn runs_on_source(err: &str) -> Result<()> {
+    ensure!(
+        err.contains("runs on the source") && err.contains("moved on") && err.contains("verified"),
+        "the source does not show its guest running on: {}",
+        tail(err)
+    );
+    let fds = err
+        .split("open fds ")
+        .nth(1)
+        .and_then(|r| {
+            let mut w = r.split_whitespace();
+            let before = w.next()?.parse::<u64>().ok();
+            let after = w.nth(3)?.parse::<u64>().ok();
+            Some((before?, after?))
+        })
+        .context("the source did not report its open fds")?;
+    ensure!(
+        fds.0 == fds.1,
+        "the failed attempt leaked descriptors: {fds:?}"
+    );
+    Ok(())
+}
+
+/// One host after the destination was killed at `at`: before End the source resumed and runs
+/// the VM; in stop-and-copy either that or (End already written) the operator's `resume`
+/// once the destination was dead; after End the source discards it and the VM runs nowhere,
+/// with the reason said.
+fn one_host_after_kill(p: &Pair, at: &str) -> Result<()> {
+    match at {
+        "resume" => {
+            ensure!(
+                p.src_err
+                    .contains("the source VM was discarded by the operator"),
+                "after End with the destination dead the source must give the VM up when told: {}",
+                tail(&p.src_err)
+            );
+            trace!("runs nowhere: the destination was killed after End, the source discarded");
+            Ok(())
+        }
+        _ => runs_on_source(&p.src_err),
+    }
+}
+
 /// The last lines of a process's error output, for a failure message.
 fn tail(s: &str) -> String {
     let lines: Vec<&str> = s.lines().collect();

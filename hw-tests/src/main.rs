@@ -65,6 +65,8 @@ fn run_plan(plan: &Plan, runner: &mut Runner) -> Result<()> {
                 kvm_cases::run(runner, kvm_cases::Model::Epyc);
                 kvm_cases::run_refusal(runner);
                 kvm_cases::run_controls(runner);
+                kvm_cases::run_devices(runner);
+                kvm_cases::run_device_controls(runner);
                 kvm_cases::run_lab(runner);
             }
             "kvm-noxsave" => kvm_cases::run(runner, kvm_cases::Model::Qemu64),

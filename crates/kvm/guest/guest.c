@@ -36,7 +36,7 @@ typedef unsigned long uptr;
 
 /* 16550 register offsets (DLAB clear) and the bits used here. */
 enum { UART_DATA = 0, UART_FCR = 2, UART_LCR = 3, UART_MCR = 4, UART_SCR = 7 };
-#define UART_FCR_ENABLE 0x01u
+#define UART_FCR_ENABLE_CLEAR 0x07u /* enable, clear both FIFOs: a used device starts empty */
 
 enum { EV_READY = 1, EV_PROGRESS = 2, EV_VERIFY_DONE = 3, EV_VERIFY_FAIL = 4, EV_HALTED = 5,
        EV_CONFIG = 6, EV_PASS_DONE = 7, EV_UART_SET = 8, EV_UART_CHECK = 9 };
@@ -188,7 +188,7 @@ static void uart_program(void)
     uart.scr = (unsigned char)(1 + (seed >> 17) % 255);
     for (u32 i = 0; i < 4; i++)
         uart.fifo[i] = (unsigned char)(0x41 + ((seed >> (4 * i)) & 0x1f));
-    outb(b + UART_FCR, UART_FCR_ENABLE);
+    outb(b + UART_FCR, UART_FCR_ENABLE_CLEAR);
     outb(b + UART_LCR, uart.lcr);
     outb(b + UART_MCR, uart.mcr);
     outb(b + UART_SCR, uart.scr);

@@ -614,7 +614,12 @@ impl livemig_kvm::vm::PortIo for FakeUart {
         let mut g = self.0.lock().unwrap();
         match (port, data.first().copied()) {
             (0, Some(b)) if g.0 & 1 != 0 && g.2.len() < 16 => g.2.push_back(b),
-            (2, Some(b)) => g.0 = b,
+            (2, Some(b)) => {
+                g.0 = b;
+                if b & 6 != 0 {
+                    g.2.clear();
+                }
+            }
             (p @ (3 | 4 | 7), Some(b)) => g.1[p as usize] = b,
             _ => {}
         }
