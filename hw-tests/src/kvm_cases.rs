@@ -722,7 +722,8 @@ pub fn run_device_controls(r: &mut Runner) {
         // mtty_resume_write answers a header that fails validation (magic, version, flags,
         // ports) with EFAULT (samples/vfio-mdev/mtty.c in 6.12 and 7.3).
         ensure!(
-            p.dst_err.contains("migration data write failed: Bad address (os error 14)"),
+            p.dst_err
+                .contains("migration data write failed: Bad address (os error 14)"),
             "the mtty did not refuse the state itself (EFAULT from its resume write): {}",
             tail(&p.dst_err)
         );
