@@ -789,3 +789,32 @@ fn tail(s: &str) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(6)..].join(" | ")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dump(regions: &[(u64, Vec<u8>)]) -> Vec<u8> {
+        let mut d = Vec::new();
+        for (gpa, bytes) in regions {
+            d.extend(gpa.to_le_bytes());
+            d.extend((bytes.len() as u64).to_le_bytes());
+            d.extend(bytes);
+        }
+        d
+    }
+
+    #[test]
+    fn ram_dumps_are_compared_page_by_page_and_name_the_gpa() {
+        let a = dump(&[(0, vec![0; 8192]), (4 << 30, vec![1; 8192])]);
+        assert_eq!(first_difference(&a, &a).unwrap(), None);
+        let mut b = a.clone();
+        b[16 + 8192 + 16 + 4096 + 7] ^= 1;
+        assert_eq!(first_difference(&a, &b).unwrap(), Some((4 << 30) + 4096));
+        let other = dump(&[(4096, vec![0; 8192]), (4 << 30, vec![1; 8192])]);
+        assert!(first_difference(&a, &other).is_err(), "another layout");
+        assert!(first_difference(&a, &a[..100]).is_err(), "another size");
+        assert_eq!(written_pages(&a, 0, 1 << 40), 2);
+        assert_eq!(written_pages(&a, 4 << 30, 4096), 1);
+    }
+}

@@ -176,7 +176,7 @@ fn kvm_ok() -> Result<()> {
 
 /// What a test VM owns through the host platform (`--device`, `--mock-dma`). Drop it after
 /// the engine's `Source`/`Destination` (which own the devices) and after
-/// [`Owned::release`].
+/// `GuestMonitor::clear_routes` (the routed ports hold a handle on the first device).
 struct Owned {
     host: Host,
     uart: Option<Arc<RegionPorts>>,

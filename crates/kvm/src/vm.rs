@@ -862,6 +862,23 @@ fn vcpu_loop(s: &Shared, v: &Vcpu) {
                         r.rip, sr.cr0, sr.cr3, sr.cr4
                     );
                 }
+                // What KVM holds for the vCPU: how often it was entered, its MP state and
+                // latched events (an INIT latched or delivered shows here).
+                msg += &format!(", entry {}", v.entries.load(Ordering::SeqCst));
+                if let Ok(mp) = fd.get_mp_state() {
+                    msg += &format!(", mp_state {}", mp.mp_state);
+                }
+                if let Ok(ev) = fd.get_vcpu_events() {
+                    msg += &format!(
+                        ", events: exception {}/{} nmi {}/{} smi.latched_init {} flags {:#x}",
+                        ev.exception.injected,
+                        ev.exception.pending,
+                        ev.nmi.injected,
+                        ev.nmi.pending,
+                        ev.smi.latched_init,
+                        ev.flags
+                    );
+                }
                 drop(fd);
                 s.fail(msg);
                 // A guest the VMM does not understand stays stopped.
