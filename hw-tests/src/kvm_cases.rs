@@ -80,6 +80,33 @@ fn livemig(args: &[&str], limit: Duration) -> Result<(bool, String, String)> {
     Ok((ok, o, e))
 }
 
+/// The flags of every processor that differ from processor 0's (a CPU model whose CPUs
+/// disagree makes two processes' KVM CPUID differ).
+fn flags_differing_across_cpus() -> Result<Vec<String>> {
+    let c = std::fs::read_to_string("/proc/cpuinfo")?;
+    let sets: Vec<std::collections::BTreeSet<&str>> = c
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .map(|l| {
+            l.split(':')
+                .nth(1)
+                .unwrap_or("")
+                .split_whitespace()
+                .collect()
+        })
+        .collect();
+    let mut out = Vec::new();
+    for (i, s) in sets.iter().enumerate().skip(1) {
+        for f in s.symmetric_difference(&sets[0]) {
+            out.push(format!(
+                "cpu{i} {}{f}",
+                if s.contains(f) { "+" } else { "-" }
+            ));
+        }
+    }
+    Ok(out)
+}
+
 fn cpu_flags() -> Result<Vec<String>> {
     let c = std::fs::read_to_string("/proc/cpuinfo")?;
     let line = c
@@ -108,6 +135,14 @@ pub fn run(r: &mut Runner, model: Model) {
             flags.iter().any(|x| x == "xsave"),
             model == Model::Epyc,
             "XSAVE in the guest's CPU model"
+        );
+        trace!(
+            "processors: {}; flags differing from cpu0: {:?}",
+            std::fs::read_to_string("/proc/cpuinfo")?
+                .lines()
+                .filter(|l| l.starts_with("processor"))
+                .count(),
+            flags_differing_across_cpus()?
         );
         std::fs::OpenOptions::new()
             .read(true)

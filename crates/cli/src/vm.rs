@@ -228,6 +228,17 @@ impl Owned {
     }
 }
 
+/// One line on the VM's CPU model as the migration sees it: what the vCPU record holds and
+/// the CPUID digest of the compat identity.
+fn say_cpu_model(t: &TestVm) {
+    let entries = livemig_kvm::state::cpuid_entries(t.vm.cpuid());
+    eprintln!(
+        "test VM: vCPU state {}, CPUID digest {:016x} (from this host's KVM_GET_SUPPORTED_CPUID)",
+        livemig_kvm::state::Holds::for_cpuid(&entries).describe(),
+        livemig_kvm::state::cpuid_digest(&entries)
+    );
+}
+
 /// The guest configuration for `dev` (the UART's port base).
 fn guest_config(vm: &VmArgs, dev: &VmDeviceArgs) -> livemig_kvm::TestVmConfig {
     let mut cfg = vm.config();
@@ -369,6 +380,7 @@ fn incoming(
     }
     kvm_ok()?;
     let t = TestVm::prepare(&guest_config(vm, dev)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    say_cpu_model(&t);
     let mut owned = Owned::open(&t, dev)?;
     let devices = match owned.as_mut() {
         Some(o) => {
@@ -525,6 +537,7 @@ fn migrate(
 ) -> Result<MigrateJson> {
     kvm_ok()?;
     let t = TestVm::prepare(&guest_config(vm, dev)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    say_cpu_model(&t);
     let mut owned = Owned::open(&t, dev)?;
     t.start().map_err(|e| anyhow::anyhow!("{e}"))?;
     if !json {

@@ -109,6 +109,38 @@ _start64:
      * unless the guest kernel is PVM-aware. iretq frame: SS, RSP, RFLAGS, CS, RIP.
      */
     movq %rdx, %rsp
+    /*
+     * Exceptions are reported, not fatal in silence: an IDT of 32 interrupt gates to the
+     * reporters below (the same table from every vCPU), and RSP0 of the TSS livemig-kvm
+     * loads (base 0, see guest.rs) pointing at this vCPU's exception stack. The TSS is
+     * shared, so two vCPUs faulting at once share the last one's stack; a report is all
+     * that runs there. Without the gates a fault in the workload is a triple fault, which
+     * KVM reports as a shutdown with the vCPU already reset (rip 0xfff0).
+     */
+    leaq idt(%rip), %r8
+    leaq isr_base(%rip), %r9
+    xorl %ecx, %ecx
+9:  movq %rcx, %r11
+    shlq $4, %r11                /* entry and stub: 16 bytes per vector */
+    leaq (%r9,%r11), %rax
+    movw %ax, (%r8,%r11)         /* offset 15:0 */
+    movw $0x08, 2(%r8,%r11)      /* the 64-bit code selector */
+    movw $0x8e00, 4(%r8,%r11)    /* present, DPL 0, 64-bit interrupt gate, IST 0 */
+    shrq $16, %rax
+    movw %ax, 6(%r8,%r11)        /* offset 31:16 */
+    shrq $16, %rax
+    movl %eax, 8(%r8,%r11)       /* offset 63:32 */
+    movl $0, 12(%r8,%r11)
+    incl %ecx
+    cmpl $32, %ecx
+    jb 9b
+    lidt idt_desc(%rip)
+    movl %esi, %eax
+    incl %eax
+    shll $12, %eax
+    leaq exc_stacks(%rip), %r10
+    addq %rax, %r10
+    movq %r10, 0x4               /* TSS.RSP0 (offset 4 of the TSS at address 0) */
     pushq $0x23
     pushq %rdx
     pushq $0x3002
@@ -119,6 +151,33 @@ _start64:
 7:  call guest_main
 8:  pause
     jmp 8b
+
+    /* Exception stubs, 16 bytes apart: an error code (or 0), the vector, the common path. */
+    .macro ISR vec
+    .align 16
+    .if (\vec == 8) || ((\vec >= 10) && (\vec <= 14)) || (\vec == 17) || (\vec == 21) || (\vec == 29) || (\vec == 30)
+    .else
+    pushq $0
+    .endif
+    pushq $\vec
+    jmp isr_common
+    .endm
+    .align 16
+isr_base:
+    .irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+    ISR \v
+    .endr
+isr_common:
+    movq (%rsp), %rdi            /* vector */
+    movq 8(%rsp), %rsi           /* error code */
+    movq 16(%rsp), %rdx          /* faulting rip */
+    movq %cr2, %rcx
+    movq 40(%rsp), %r8           /* the interrupted rsp */
+    andq $-16, %rsp
+    call guest_exception
+1:  cli
+    hlt
+    jmp 1b
 
     .section .rodata
     .align 8
@@ -131,6 +190,9 @@ gdt:
 gdt_desc:
     .word gdt_desc - gdt - 1
     .long gdt
+idt_desc:
+    .word 32 * 16 - 1
+    .quad idt
 
     .section .bss
     .align 4096
@@ -140,7 +202,14 @@ boot_pdpt:
     .skip 4096
 boot_pd:
     .skip 4 * 4096
+    .globl stacks
 stacks:
     .skip 8 * 16384
+    .align 16
+idt:
+    .skip 32 * 16
+    .align 4096
+exc_stacks:
+    .skip 8 * 4096
 
     .section .note.GNU-stack, "", @progbits

@@ -39,9 +39,9 @@ enum { UART_DATA = 0, UART_FCR = 2, UART_LCR = 3, UART_MCR = 4, UART_SCR = 7 };
 #define UART_FCR_ENABLE_CLEAR 0x07u /* enable, clear both FIFOs: a used device starts empty */
 
 enum { EV_READY = 1, EV_PROGRESS = 2, EV_VERIFY_DONE = 3, EV_VERIFY_FAIL = 4, EV_HALTED = 5,
-       EV_CONFIG = 6, EV_PASS_DONE = 7, EV_UART_SET = 8, EV_UART_CHECK = 9 };
+       EV_CONFIG = 6, EV_PASS_DONE = 7, EV_UART_SET = 8, EV_UART_CHECK = 9, EV_EXCEPTION = 10 };
 enum { FAIL_HEADER = 1, FAIL_GENERATION = 2, FAIL_LOG = 3, FAIL_BODY = 4 };
-enum { CMD_NONE = 0, CMD_VERIFY = 1, CMD_HALT = 2, CMD_PASS = 3 };
+enum { CMD_NONE = 0, CMD_VERIFY = 1, CMD_HALT = 2, CMD_PASS = 3, CMD_FAULT = 4 };
 
 #define PROGRESS_EVERY 1024u
 #define POLL_EVERY 64u
@@ -380,9 +380,34 @@ static void run(u32 cpu)
                 event(EV_HALTED, cpu, w, 0);
                 for (;;)
                     pause();
-            }
+            } else if (cmd == CMD_FAULT) /* hlt in ring 3: #GP(0), for the reporter's test */
+                __asm__ volatile("hlt");
         }
     }
+}
+
+/* The vCPUs' ring-3 stacks (entry64.S), 16 KiB each: which vCPU faulted follows from its rsp. */
+extern char stacks[];
+
+/* Called in ring 0 by entry64.S's exception stubs; reports and returns to a halt. */
+void guest_exception(u64 vector, u64 error, u64 rip, u64 cr2, u64 rsp)
+{
+    u64 base = (u64)(uptr)stacks;
+    u32 cpu = rsp > base && rsp <= base + MAX_CPUS * 16384ull ? (u32)((rsp - base - 1) / 16384)
+                                                               : 0xff;
+    u32 w[6] = {(u32)vector, (u32)error, (u32)rip, (u32)(rip >> 32), (u32)cr2, (u32)(cr2 >> 32)};
+    event(EV_EXCEPTION, cpu, w, 6);
+    puts("livemig-guest: cpu");
+    putu(cpu);
+    puts(" exception ");
+    putu((u32)vector);
+    puts(" error ");
+    putu((u32)error);
+    puts(" rip ");
+    putu((u32)rip);
+    puts(" cr2 ");
+    putu((u32)cr2);
+    puts("\n");
 }
 
 void guest_main(u32 mbi, u32 cpu)

@@ -15,6 +15,7 @@
 //!          7 pass done [steps lo, hi]
 //!          8 UART programmed [regs, fifo]        9 UART check [regs, fifo, regs read, fifo read]
 //!                                                  (regs = lcr | mcr << 8 | scr << 16)
+//!         10 exception [vector, error code, rip lo, hi, cr2 lo, hi] (then the vCPU halts)
 //!
 //!  guest memory: multiboot info 0x7000, command line 0x7100, image at 1 MiB,
 //!                logs at 8 MiB (u32 generation per page), working sets from 16 MiB
@@ -70,6 +71,8 @@ pub mod command {
     pub const HALT: u32 = 2;
     /// Write the working set once (guests booted idle).
     pub const PASS: u32 = 3;
+    /// Take an exception (`hlt` in ring 3: #GP), for the test of the exception reporter.
+    pub const FAULT: u32 = 4;
 }
 
 const MBI_ADDR: u64 = 0x7000;
@@ -204,6 +207,20 @@ pub enum GuestEvent {
     /// The VM has a UART but vCPU 0 reported no check of it on verify (its record of what it
     /// programmed is gone).
     UartUnchecked,
+    /// A vCPU took an exception in the workload (the guest's IDT reports it and halts that
+    /// vCPU): what a triple fault would otherwise hide.
+    Exception {
+        /// vCPU (0xff: not on a workload stack).
+        cpu: u32,
+        /// Vector.
+        vector: u32,
+        /// Error code (0 for vectors without one).
+        error: u32,
+        /// The faulting instruction.
+        rip: u64,
+        /// CR2 (the faulting address of a page fault).
+        cr2: u64,
+    },
     /// An event the protocol does not define (kind, cpu, words).
     Malformed(u32, u32, Vec<u32>),
 }
@@ -462,6 +479,13 @@ impl GuestMonitor {
             (7, 2) => GuestEvent::PassDone {
                 cpu,
                 steps: q(0) | q(1) << 32,
+            },
+            (10, 6) => GuestEvent::Exception {
+                cpu,
+                vector: w[0],
+                error: w[1],
+                rip: q(2) | q(3) << 32,
+                cr2: q(4) | q(5) << 32,
             },
             (8, 2) => GuestEvent::UartSet {
                 programmed: [w[0], w[1]],

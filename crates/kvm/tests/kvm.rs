@@ -683,3 +683,44 @@ fn the_guest_uart_state_is_checked_after_a_migration_and_a_lost_one_fails() {
     vm.monitor.route(0x3f8, 8, u.clone()).unwrap();
     assert!(vm.monitor.route(0x3fc, 8, u).is_err());
 }
+
+#[test]
+fn a_guest_exception_is_reported_with_its_vector_and_address_not_a_silent_reset() {
+    let Some(_one_at_a_time) = kvm() else {
+        return;
+    };
+    let vm = TestVm::boot(&config()).unwrap();
+    vm.wait_progress(&[0, 0], Duration::from_secs(10)).unwrap();
+    vm.monitor.command_all(livemig_kvm::guest::command::FAULT);
+    vm.monitor
+        .wait_for(Duration::from_secs(10), |ev| {
+            ev.iter()
+                .filter(|e| matches!(e, GuestEvent::Exception { vector: 13, .. }))
+                .count()
+                >= 2
+        })
+        .unwrap_or_else(|ev| panic!("no #GP reported by both vCPUs: {ev:?}"));
+    let mut cpus: Vec<u32> = vm
+        .monitor
+        .events()
+        .iter()
+        .filter_map(|e| match e {
+            GuestEvent::Exception {
+                cpu,
+                vector: 13,
+                error: 0,
+                rip,
+                ..
+            } if *rip > 0x10_0000 => Some(*cpu),
+            _ => None,
+        })
+        .collect();
+    cpus.sort();
+    assert_eq!(
+        cpus,
+        [0, 1],
+        "each vCPU names itself and the faulting rip in the image"
+    );
+    assert!(vm.monitor.text().contains("exception 13"));
+    assert!(vm.vm.failures().is_empty(), "{:?}", vm.vm.failures());
+}
