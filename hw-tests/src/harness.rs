@@ -101,7 +101,11 @@ impl Runner {
             return;
         }
         say(&format!("run {name}"));
-        match catch_unwind(AssertUnwindSafe(f)) {
+        let t0 = std::time::Instant::now();
+        let result = catch_unwind(AssertUnwindSafe(f));
+        // What each case costs, for the budget (the status lines keep their format).
+        crate::trace!("{name} took {:.1} s", t0.elapsed().as_secs_f64());
+        match result {
             Ok(Ok(Outcome::Pass)) => {
                 self.passed += 1;
                 say(&format!("ok {name}"));

@@ -768,6 +768,11 @@ pub fn run_device_controls(r: &mut Runner) {
             "the destination does not say it never ran the VM: {}",
             tail(&p.dst_err)
         );
+        let (before, after) = fds(&p.dst_err).context("the destination's fd counts")?;
+        ensure!(
+            before == after,
+            "the refused attempt left descriptors open on the destination: {before} -> {after}"
+        );
         runs_on_source(&p.src_err)?;
         drop((a, b));
         Ok(Outcome::Pass)
@@ -782,21 +787,21 @@ fn runs_on_source(err: &str) -> Result<()> {
         "the source does not show its guest running on: {}",
         tail(err)
     );
-    let fds = err
-        .split("open fds ")
-        .nth(1)
-        .and_then(|r| {
-            let mut w = r.split_whitespace();
-            let before = w.next()?.parse::<u64>().ok();
-            let after = w.nth(3)?.parse::<u64>().ok();
-            Some((before?, after?))
-        })
-        .context("the source did not report its open fds")?;
+    let fds = fds(err).context("the source did not report its open fds")?;
     ensure!(
         fds.0 == fds.1,
         "the failed attempt leaked descriptors: {fds:?}"
     );
     Ok(())
+}
+
+/// "open fds N before the attempt, M after" in a process's error output.
+fn fds(err: &str) -> Option<(u64, u64)> {
+    let r = err.split("open fds ").nth(1)?;
+    let mut w = r.split_whitespace();
+    let before = w.next()?.parse::<u64>().ok()?;
+    let after = w.nth(3)?.trim_end_matches(|c: char| !c.is_ascii_digit());
+    Some((before, after.parse::<u64>().ok()?))
 }
 
 /// One host after the destination was killed at `at`: before End the source resumed and runs
@@ -850,6 +855,15 @@ mod tests {
         assert!(first_difference(&a, &other).is_err(), "another layout");
         assert!(first_difference(&a, &a[..100]).is_err(), "another size");
         assert_eq!(written_pages(&a, 0, 1 << 40), 2);
+        assert_eq!(
+            fds("x; open fds 12 before the attempt, 12 after (the destination"),
+            Some((12, 12))
+        );
+        assert_eq!(
+            fds("open fds 9 before the attempt, 10 after"),
+            Some((9, 10))
+        );
+        assert_eq!(fds("no counts"), None);
         assert_eq!(written_pages(&a, 4 << 30, 4096), 1);
     }
 }

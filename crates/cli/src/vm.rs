@@ -415,6 +415,7 @@ fn incoming(
     faults.arm(&mut dest);
     dest.set_phase_deadline(chan.phase_deadline());
     let cpu0 = process_cpu_us();
+    let fds_before = livemig_host::open_fds().map_err(|e| anyhow::anyhow!("{e}"))?;
     let received = match crate::net::receive_one(
         listen,
         &mut dest,
@@ -434,7 +435,14 @@ fn incoming(
                      stopped until its operator decides)"
                 }
             };
-            bail!("{e:#}; {said}: {}{}", o.why, entries(o));
+            // The attempt's connections and data fds are closed (the VM and its devices
+            // stay open until this process ends).
+            let fds = livemig_host::open_fds().map_err(|e| anyhow::anyhow!("{e}"))?;
+            bail!(
+                "{e:#}; {said}: {}{}; open fds {fds_before} before the attempt, {fds} after",
+                o.why,
+                entries(o)
+            );
         }
     };
     let cpu_us = process_cpu_us() - cpu0;
