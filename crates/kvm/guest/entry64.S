@@ -111,11 +111,10 @@ _start64:
     movq %rdx, %rsp
     /*
      * Exceptions are reported, not fatal in silence: an IDT of 32 interrupt gates to the
-     * reporters below (the same table from every vCPU), and RSP0 of the TSS livemig-kvm
-     * loads (base 0, see guest.rs) pointing at this vCPU's exception stack. The TSS is
-     * shared, so two vCPUs faulting at once share the last one's stack; a report is all
-     * that runs there. Without the gates a fault in the workload is a triple fault, which
-     * KVM reports as a shutdown with the vCPU already reset (rip 0xfff0).
+     * reporters below (the same table from every vCPU), and RSP0 of this vCPU's TSS (the one
+     * livemig-kvm loads for vCPU i is at 0x100 * i, see guest.rs) pointing at its exception
+     * stack. Without the gates a fault in the workload is a triple fault, which KVM reports
+     * as a shutdown with the vCPU already reset (rip 0xfff0).
      */
     leaq idt(%rip), %r8
     leaq isr_base(%rip), %r9
@@ -140,7 +139,9 @@ _start64:
     shll $12, %eax
     leaq exc_stacks(%rip), %r10
     addq %rax, %r10
-    movq %r10, 0x4               /* TSS.RSP0 (offset 4 of the TSS at address 0) */
+    movl %esi, %eax
+    shll $8, %eax
+    movq %r10, 4(%rax)           /* RSP0: offset 4 of this vCPU's TSS at 0x100 * index */
     pushq $0x23
     pushq %rdx
     pushq $0x3002

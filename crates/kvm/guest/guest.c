@@ -396,7 +396,7 @@ void guest_exception(u64 vector, u64 error, u64 rip, u64 cr2, u64 rsp)
     u32 cpu = rsp > base && rsp <= base + MAX_CPUS * 16384ull ? (u32)((rsp - base - 1) / 16384)
                                                                : 0xff;
     u32 w[6] = {(u32)vector, (u32)error, (u32)rip, (u32)(rip >> 32), (u32)cr2, (u32)(cr2 >> 32)};
-    event(EV_EXCEPTION, cpu, w, 6);
+    /* The text first: the event is what the VMM waits for. */
     puts("livemig-guest: cpu");
     putu(cpu);
     puts(" exception ");
@@ -408,6 +408,7 @@ void guest_exception(u64 vector, u64 error, u64 rip, u64 cr2, u64 rsp)
     puts(" cr2 ");
     putu((u32)cr2);
     puts("\n");
+    event(EV_EXCEPTION, cpu, w, 6);
 }
 
 void guest_main(u32 mbi, u32 cpu)

@@ -82,16 +82,22 @@ const PML4: u64 = 0x9000;
 /// The GDT livemig-kvm gives the vCPUs (null, 64-bit code 0x08, data 0x10).
 const GDT: u64 = 0x8000;
 const CMDLINE_ADDR: u64 = 0x7100;
-/// The TSS (at GPA 0) holds an I/O permission bitmap from this offset that allows every port
-/// (Intel SDM vol. 1, 19.5.2): the workload runs in ring 3 with IOPL 3, which allows port I/O
-/// without the bitmap, but the KVM of the machines this was written on (a Linux 6.18 `-fc`
-/// host whose guest user mode traps to the hypervisor) checks the bitmap for `in`/`out`
-/// through DX: with the bare 0x68-byte TSS, ports past its limit (0x3f8 for one) made vCPU 0
-/// triple-fault.
-const TSS_IOMAP: u64 = 0x68;
-/// The TSS limit: the 104-byte TSS, 8 KiB of bitmap (65536 ports) and the terminating
-/// all-ones byte.
-const TSS_LIMIT: u32 = 0x68 + 8192;
+/// Each vCPU has its own TSS, `TSS_STRIDE * index` from GPA 0 (its RSP0 is its own exception
+/// stack, which the guest's entry code sets), and all share one I/O permission bitmap at
+/// `IOPB` that allows every port (Intel SDM vol. 1, 19.5.2; a TSS's bitmap offset may point
+/// past its 104 bytes). The workload runs in ring 3 with IOPL 3, which allows port I/O without
+/// the bitmap, but the KVM of the machines this was written on (a Linux 6.18 `-fc` host whose
+/// guest user mode traps to the hypervisor) checks the bitmap for `in`/`out` through DX: with
+/// a bare 0x68-byte TSS, ports past its limit (0x3f8 for one) made vCPU 0 triple-fault.
+const TSS_STRIDE: u64 = 0x100;
+/// The shared bitmap: 8 KiB (65536 ports), then the terminating all-ones byte.
+const IOPB: u64 = 0x1000;
+/// The TSS of vCPU `index`: (base, I/O map offset, limit).
+fn tss_of(index: u32) -> (u64, u16, u32) {
+    let base = TSS_STRIDE * u64::from(index);
+    let iomap = (IOPB - base) as u16;
+    (base, iomap, u32::from(iomap) + 8192)
+}
 const LOG_BASE: u64 = 8 << 20;
 const WS_BASE: u64 = 16 << 20;
 /// EAX for vCPUs other than the bootstrap one ("LMAP").
@@ -880,9 +886,13 @@ impl TestVm {
         let gdt: Vec<u8> = gdt.iter().flat_map(|d| d.to_le_bytes()).collect();
         mem.write(GDT, &gdt).map_err(werr)?;
         mem.write(CMDLINE_ADDR, cmdline.as_bytes()).map_err(werr)?;
-        let mut tss = vec![0u8; TSS_LIMIT as usize + 1];
-        tss[0x66..0x68].copy_from_slice(&(TSS_IOMAP as u16).to_le_bytes());
-        tss[TSS_LIMIT as usize] = 0xff;
+        let mut tss = vec![0u8; IOPB as usize + 8192 + 1];
+        for i in 0..cfg.vcpus {
+            let (base, iomap, _) = tss_of(i);
+            let at = base as usize + 0x66;
+            tss[at..at + 2].copy_from_slice(&iomap.to_le_bytes());
+        }
+        tss[IOPB as usize + 8192] = 0xff;
         mem.write(0, &tss).map_err(werr)?;
         for v in t.vm.vcpus() {
             let fd = v.fd();
@@ -906,10 +916,11 @@ impl TestVm {
             // A valid busy 32-bit TSS and an unusable LDT: without unrestricted-guest support
             // (nested VMX) KVM would otherwise emulate every instruction of a guest whose
             // segment state VM entry refuses (Intel SDM vol. 3C, 28.3.1.2). The TSS carries
-            // an all-clear I/O permission bitmap (see `TSS_IOMAP`).
+            // the shared all-clear I/O permission bitmap (see `tss_of`).
+            let (tss_base, _, tss_limit) = tss_of(v.index);
             s.tr = kvm_segment {
-                base: 0,
-                limit: TSS_LIMIT,
+                base: tss_base,
+                limit: tss_limit,
                 selector: 0,
                 type_: 11,
                 present: 1,
