@@ -251,39 +251,9 @@ pub fn run_lab(r: &mut Runner) {
 /// source keeps running (`vm migrate` reports the failure after resuming it).
 pub fn run_refusal(r: &mut Runner) {
     r.case("kvm.vm_refused_without_xsave", || {
-        let mut args = vec![
-            "vm",
-            "incoming",
-            "--listen",
-            "127.0.0.1:0",
-            "--plain",
-            "--x-no-xsave",
-        ];
-        args.extend_from_slice(VM);
-        let mut child = Command::new(LIVEMIG)
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting the destination")?;
-        let mut out = std::io::BufReader::new(child.stdout.take().expect("piped"));
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut out, &mut line)?;
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .with_context(|| format!("the destination said {line:?}"))?
-            .to_string();
-        let mut margs = vec!["vm", "migrate", "--to", &addr, "--plain"];
-        margs.extend_from_slice(VM);
-        let (ok, _out, err) = livemig(&margs, Duration::from_secs(240))?;
-        let mut derr = String::new();
-        if let Some(mut e) = child.stderr.take() {
-            let _ = e.read_to_string(&mut derr);
-        }
-        let status = child.wait()?;
-        trace!("destination {status}: {}", tail(&derr));
+        let dest = Incoming::spawn(&["--plain", "--x-no-xsave"])?;
+        let p = migrate_vm(&["--plain"], dest, None)?;
+        let (ok, err, status, derr) = (p.src_ok, p.src_err, p.dst_status, p.dst_err);
         ensure!(
             !ok,
             "the migration to a destination without XSAVE succeeded"
@@ -438,8 +408,38 @@ struct Pair {
     dst_err: String,
 }
 
-/// The RAM dumps of `--dump-ram` (16-byte region headers, then bytes): the first GPA whose
-/// page differs, or a layout mismatch.
+/// A two-process migration of a test VM that owns an mtty on each side (fresh mdevs, each
+/// driven by its guest's UART), with these further flags for each side; the mdevs go once both
+/// processes have ended.
+fn migrate_owning_mttys(dst: &[&str], src: &[&str], answer: Option<&str>) -> Result<Pair> {
+    let (a, b) = (Mdev::create("mtty-2")?, Mdev::create("mtty-2")?);
+    let mut d = vec!["--device", b.uuid.as_str(), "--guest-uart"];
+    d.extend_from_slice(dst);
+    let dest = Incoming::spawn(&d)?;
+    let mut s = vec!["--device", a.uuid.as_str(), "--guest-uart"];
+    s.extend_from_slice(src);
+    let p = migrate_vm(&s, dest, answer);
+    drop((a, b));
+    p
+}
+
+/// The regions of a `--dump-ram` file (16-byte header: GPA, size; then the bytes).
+fn regions(dump: &[u8]) -> Result<Vec<(u64, &[u8])>> {
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    while at < dump.len() {
+        ensure!(at + 16 <= dump.len(), "a dump ends inside a region header");
+        let gpa = u64::from_le_bytes(dump[at..at + 8].try_into()?);
+        let size = usize::try_from(u64::from_le_bytes(dump[at + 8..at + 16].try_into()?))?;
+        at += 16;
+        ensure!(size <= dump.len() - at, "a region runs past the dump's end");
+        out.push((gpa, &dump[at..at + size]));
+        at += size;
+    }
+    Ok(out)
+}
+
+/// Two `--dump-ram` files: the first GPA whose page differs, or a layout mismatch.
 fn first_difference(a: &[u8], b: &[u8]) -> Result<Option<u64>> {
     ensure!(
         a.len() == b.len(),
@@ -447,43 +447,33 @@ fn first_difference(a: &[u8], b: &[u8]) -> Result<Option<u64>> {
         a.len(),
         b.len()
     );
-    let mut at = 0usize;
-    while at < a.len() {
-        ensure!(at + 16 <= a.len(), "a dump ends inside a region header");
-        ensure!(a[at..at + 16] == b[at..at + 16], "the RAM layouts differ");
-        let gpa = u64::from_le_bytes(a[at..at + 8].try_into()?);
-        let size = u64::from_le_bytes(a[at + 8..at + 16].try_into()?) as usize;
-        at += 16;
-        ensure!(at + size <= a.len(), "a region runs past the dump's end");
-        for p in (0..size).step_by(4096) {
-            let end = (p + 4096).min(size);
-            if a[at + p..at + end] != b[at + p..at + end] {
-                return Ok(Some(gpa + p as u64));
-            }
+    let (ra, rb) = (regions(a)?, regions(b)?);
+    ensure!(
+        ra.iter()
+            .map(|r| (r.0, r.1.len()))
+            .eq(rb.iter().map(|r| (r.0, r.1.len()))),
+        "the RAM layouts differ"
+    );
+    for ((gpa, x), (_, y)) in ra.iter().zip(&rb) {
+        if let Some(p) = x.chunks(4096).zip(y.chunks(4096)).position(|(p, q)| p != q) {
+            return Ok(Some(gpa + 4096 * p as u64));
         }
-        at += size;
     }
     Ok(None)
 }
 
 /// Pages of `dump` in `[start, start + len)` that are not all zero.
-fn written_pages(dump: &[u8], start: u64, len: u64) -> usize {
-    let mut at = 0usize;
+fn written_pages(dump: &[u8], start: u64, len: u64) -> Result<usize> {
     let mut n = 0;
-    while at + 16 <= dump.len() {
-        let gpa = u64::from_le_bytes(dump[at..at + 8].try_into().unwrap_or_default());
-        let size = u64::from_le_bytes(dump[at + 8..at + 16].try_into().unwrap_or_default());
-        at += 16;
-        for p in (0..size).step_by(4096) {
-            let g = gpa + p;
-            let o = at + p as usize;
-            if g >= start && g < start + len && o + 4096 <= dump.len() {
-                n += usize::from(dump[o..o + 4096].iter().any(|&x| x != 0));
+    for (gpa, bytes) in regions(dump)? {
+        for (i, page) in bytes.chunks(4096).enumerate() {
+            let g = gpa + 4096 * i as u64;
+            if g >= start && g < start + len && page.iter().any(|&x| x != 0) {
+                n += 1;
             }
         }
-        at += size as usize;
     }
-    n
+    Ok(n)
 }
 
 /// The mock device's range: the last quarter of the 32 MiB of low RAM.
@@ -509,29 +499,25 @@ fn keygen(dir: &str, who: &str) -> Result<(String, String, String)> {
 /// equals the stopped source's, page by page.
 pub fn run_devices(r: &mut Runner) {
     r.case("kvm.vm_mtty_mock_tls", || {
-        let (a, b) = (Mdev::create("mtty-2")?, Mdev::create("mtty-2")?);
         let dir = "/tmp/kvm-tls";
         std::fs::create_dir_all(dir)?;
         let (scert, skey, sfp) = keygen(dir, "src")?;
         let (dcert, dkey, dfp) = keygen(dir, "dst")?;
         let (sdump, ddump) = ("/tmp/kvm-src.ram", "/tmp/kvm-dst.ram");
-        let dest = Incoming::spawn(&[
-            "--json",
-            "--tls-cert",
-            &dcert,
-            "--tls-key",
-            &dkey,
-            "--tls-peer",
-            &sfp,
-            "--device",
-            &b.uuid,
-            "--guest-uart",
-            "--mock-dma",
-            "--memfd",
-            "--dump-ram",
-            ddump,
-        ])?;
-        let p = migrate_vm(
+        let p = migrate_owning_mttys(
+            &[
+                "--json",
+                "--tls-cert",
+                &dcert,
+                "--tls-key",
+                &dkey,
+                "--tls-peer",
+                &sfp,
+                "--mock-dma",
+                "--memfd",
+                "--dump-ram",
+                ddump,
+            ],
             &[
                 "--json",
                 "--tls-cert",
@@ -540,9 +526,6 @@ pub fn run_devices(r: &mut Runner) {
                 &skey,
                 "--tls-peer",
                 &dfp,
-                "--device",
-                &a.uuid,
-                "--guest-uart",
                 "--mock-dma",
                 "--dma-rate",
                 "5000",
@@ -550,7 +533,6 @@ pub fn run_devices(r: &mut Runner) {
                 "--dump-ram",
                 sdump,
             ],
-            dest,
             None,
         )?;
         ensure!(p.src_ok, "vm migrate failed: {}", tail(&p.src_err));
@@ -594,7 +576,7 @@ pub fn run_devices(r: &mut Runner) {
             "no device state in stop-and-copy"
         );
         let (sa, da) = (std::fs::read(sdump)?, std::fs::read(ddump)?);
-        let dma = written_pages(&sa, DMA_RANGE.0, DMA_RANGE.1);
+        let dma = written_pages(&sa, DMA_RANGE.0, DMA_RANGE.1)?;
         ensure!(dma > 0, "the mock device wrote no page of {DMA_RANGE:x?}");
         if let Some(at) = first_difference(&sa, &da)? {
             anyhow::bail!("the destination's RAM differs from the stopped source's at {at:#x}");
@@ -606,7 +588,6 @@ pub fn run_devices(r: &mut Runner) {
         );
         let _ = std::fs::remove_file(sdump);
         let _ = std::fs::remove_file(ddump);
-        drop((a, b));
         Ok(Outcome::Pass)
     });
 }
@@ -616,22 +597,14 @@ pub fn run_device_controls(r: &mut Runner) {
     if crate::harness::kernel_at_least(7, 0) {
         return;
     }
-    // Each side owns its own mtty (fresh for every case), its UART driven by the guest.
-    let dev = |m: &Mdev| -> Vec<String> {
-        vec!["--device".into(), m.uuid.clone(), "--guest-uart".into()]
-    };
-    let (src_dev, dst_dev) = (dev, dev);
+    // Each side owns its own fresh mtty, its UART driven by the guest.
     // The HWPT harvest of stop-and-copy dropped: the pages the mock device wrote last are never
     // resent, and only the host-side comparison can see it (the guest does not check them).
-    r.case("kvm.control_hwpt_harvest_dropped", move || {
-        let (a, b) = (Mdev::create("mtty-2")?, Mdev::create("mtty-2")?);
+    r.case("kvm.control_hwpt_harvest_dropped", || {
         let (sdump, ddump) = ("/tmp/kvm-src.ram", "/tmp/kvm-dst.ram");
-        let mut d: Vec<String> = dst_dev(&b);
-        d.extend(["--plain", "--mock-dma", "--dump-ram", ddump].map(String::from));
-        let dest = Incoming::spawn(&d.iter().map(String::as_str).collect::<Vec<_>>())?;
-        let mut s: Vec<String> = src_dev(&a);
-        s.extend(
-            [
+        let p = migrate_owning_mttys(
+            &["--plain", "--mock-dma", "--dump-ram", ddump],
+            &[
                 "--plain",
                 "--mock-dma",
                 "--dma-rate",
@@ -640,12 +613,7 @@ pub fn run_device_controls(r: &mut Runner) {
                 sdump,
                 "--x-drop-final-harvest",
                 "iommu",
-            ]
-            .map(String::from),
-        );
-        let p = migrate_vm(
-            &s.iter().map(String::as_str).collect::<Vec<_>>(),
-            dest,
+            ],
             None,
         )?;
         ensure!(
@@ -663,23 +631,12 @@ pub fn run_device_controls(r: &mut Runner) {
              {DMA_RANGE:x?}; first difference {at:x?}"
         );
         trace!("expected failure: RAM differs at {:#x}", at.unwrap_or(0));
-        drop((a, b));
         Ok(Outcome::Pass)
     });
     // The mtty's record dropped on the destination (reset instead of resumed): the guest's UART
     // check must fail there.
-    r.case("kvm.control_device_state_dropped", move || {
-        let (a, b) = (Mdev::create("mtty-2")?, Mdev::create("mtty-2")?);
-        let mut d = dst_dev(&b);
-        d.extend(["--plain", "--x-drop-device-state"].map(String::from));
-        let dest = Incoming::spawn(&d.iter().map(String::as_str).collect::<Vec<_>>())?;
-        let mut s = src_dev(&a);
-        s.push("--plain".into());
-        let p = migrate_vm(
-            &s.iter().map(String::as_str).collect::<Vec<_>>(),
-            dest,
-            None,
-        )?;
+    r.case("kvm.control_device_state_dropped", || {
+        let p = migrate_owning_mttys(&["--plain", "--x-drop-device-state"], &["--plain"], None)?;
         ensure!(p.src_ok, "the source failed: {}", tail(&p.src_err));
         ensure!(
             !p.dst_status.success(),
@@ -698,7 +655,6 @@ pub fn run_device_controls(r: &mut Runner) {
                 .find(|l| l.contains("UartCheck"))
                 .unwrap_or("")
         );
-        drop((a, b));
         Ok(Outcome::Pass)
     });
     // Failures: the destination killed at each step, and the mtty refusing its state.
@@ -712,16 +668,10 @@ pub fn run_device_controls(r: &mut Runner) {
         ),
         ("kvm.vm_dest_killed_after_end", "resume", Some("discard")),
     ] {
-        r.case(name, move || {
-            let (a, b) = (Mdev::create("mtty-2")?, Mdev::create("mtty-2")?);
-            let mut d = dst_dev(&b);
-            d.extend(["--plain", "--x-die-at", at].map(String::from));
-            let dest = Incoming::spawn(&d.iter().map(String::as_str).collect::<Vec<_>>())?;
-            let mut s = src_dev(&a);
-            s.extend(["--plain", "--undecided", "ask"].map(String::from));
-            let p = migrate_vm(
-                &s.iter().map(String::as_str).collect::<Vec<_>>(),
-                dest,
+        r.case(name, || {
+            let p = migrate_owning_mttys(
+                &["--plain", "--x-die-at", at],
+                &["--plain", "--undecided", "ask"],
                 answer,
             )?;
             ensure!(
@@ -734,22 +684,11 @@ pub fn run_device_controls(r: &mut Runner) {
                 p.dst_status
             );
             one_host_after_kill(&p, at)?;
-            drop((a, b));
             Ok(Outcome::Pass)
         });
     }
-    r.case("kvm.vm_device_refuses_state", move || {
-        let (a, b) = (Mdev::create("mtty-2")?, Mdev::create("mtty-2")?);
-        let mut d = dst_dev(&b);
-        d.extend(["--plain", "--x-corrupt-device-state"].map(String::from));
-        let dest = Incoming::spawn(&d.iter().map(String::as_str).collect::<Vec<_>>())?;
-        let mut s = src_dev(&a);
-        s.push("--plain".into());
-        let p = migrate_vm(
-            &s.iter().map(String::as_str).collect::<Vec<_>>(),
-            dest,
-            None,
-        )?;
+    r.case("kvm.vm_device_refuses_state", || {
+        let p = migrate_owning_mttys(&["--plain", "--x-corrupt-device-state"], &["--plain"], None)?;
         ensure!(
             !p.src_ok && !p.dst_status.success(),
             "a refused device state migrated"
@@ -774,7 +713,6 @@ pub fn run_device_controls(r: &mut Runner) {
             "the refused attempt left descriptors open on the destination: {before} -> {after}"
         );
         runs_on_source(&p.src_err)?;
-        drop((a, b));
         Ok(Outcome::Pass)
     });
 }
@@ -854,7 +792,7 @@ mod tests {
         let other = dump(&[(4096, vec![0; 8192]), (4 << 30, vec![1; 8192])]);
         assert!(first_difference(&a, &other).is_err(), "another layout");
         assert!(first_difference(&a, &a[..100]).is_err(), "another size");
-        assert_eq!(written_pages(&a, 0, 1 << 40), 2);
+        assert_eq!(written_pages(&a, 0, 1 << 40).unwrap(), 2);
         assert_eq!(
             fds("x; open fds 12 before the attempt, 12 after (the destination"),
             Some((12, 12))
@@ -864,6 +802,6 @@ mod tests {
             Some((9, 10))
         );
         assert_eq!(fds("no counts"), None);
-        assert_eq!(written_pages(&a, 4 << 30, 4096), 1);
+        assert_eq!(written_pages(&a, 4 << 30, 4096).unwrap(), 1);
     }
 }

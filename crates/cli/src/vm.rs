@@ -581,11 +581,14 @@ fn migrate(
         sp.vcpus = Box::new(PauseTogether(vec![kvm, w.vcpus()]));
     }
     let stopping = faults.apply(&mut sp)?;
-    let inner = std::mem::replace(&mut sp.vcpus, Box::new(PauseTogether(Vec::new())));
-    sp.vcpus = Box::new(FlagOnPause {
-        inner,
-        flag: stopping,
-    });
+    if faults.x_drop_final_harvest.is_some() {
+        // The engine pauses the vCPUs once, when stop-and-copy begins: that arms the fault.
+        let inner = std::mem::replace(&mut sp.vcpus, Box::new(PauseTogether(Vec::new())));
+        sp.vcpus = Box::new(FlagOnPause {
+            inner,
+            flag: stopping,
+        });
+    }
     let mut source = Source::new(sp, mig.config());
     let pb = crate::report::progress(json, &mut source);
     let cpu0 = process_cpu_us();
