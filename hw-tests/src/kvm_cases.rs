@@ -408,15 +408,39 @@ struct Pair {
     dst_err: String,
 }
 
-/// A two-process migration of a test VM that owns an mtty on each side (fresh mdevs, each
-/// driven by its guest's UART), with these further flags for each side; the mdevs go once both
-/// processes have ended.
+/// A two-process migration over mutual TLS (as users run it) of a test VM that owns an mtty on
+/// each side (fresh mdevs, each driven by its guest's UART), with these further flags for each
+/// side; the mdevs go once both processes have ended.
 fn migrate_owning_mttys(dst: &[&str], src: &[&str], answer: Option<&str>) -> Result<Pair> {
+    let dir = "/tmp/kvm-tls";
+    std::fs::create_dir_all(dir)?;
+    let (scert, skey, sfp) = keygen(dir, "src")?;
+    let (dcert, dkey, dfp) = keygen(dir, "dst")?;
     let (a, b) = (Mdev::create("mtty-2")?, Mdev::create("mtty-2")?);
-    let mut d = vec!["--device", b.uuid.as_str(), "--guest-uart"];
+    let mut d = vec![
+        "--device",
+        b.uuid.as_str(),
+        "--guest-uart",
+        "--tls-cert",
+        &dcert,
+        "--tls-key",
+        &dkey,
+        "--tls-peer",
+        &sfp,
+    ];
     d.extend_from_slice(dst);
     let dest = Incoming::spawn(&d)?;
-    let mut s = vec!["--device", a.uuid.as_str(), "--guest-uart"];
+    let mut s = vec![
+        "--device",
+        a.uuid.as_str(),
+        "--guest-uart",
+        "--tls-cert",
+        &scert,
+        "--tls-key",
+        &skey,
+        "--tls-peer",
+        &dfp,
+    ];
     s.extend_from_slice(src);
     let p = migrate_vm(&s, dest, answer);
     drop((a, b));
@@ -499,33 +523,11 @@ fn keygen(dir: &str, who: &str) -> Result<(String, String, String)> {
 /// equals the stopped source's, page by page.
 pub fn run_devices(r: &mut Runner) {
     r.case("kvm.vm_mtty_mock_tls", || {
-        let dir = "/tmp/kvm-tls";
-        std::fs::create_dir_all(dir)?;
-        let (scert, skey, sfp) = keygen(dir, "src")?;
-        let (dcert, dkey, dfp) = keygen(dir, "dst")?;
         let (sdump, ddump) = ("/tmp/kvm-src.ram", "/tmp/kvm-dst.ram");
         let p = migrate_owning_mttys(
+            &["--json", "--mock-dma", "--memfd", "--dump-ram", ddump],
             &[
                 "--json",
-                "--tls-cert",
-                &dcert,
-                "--tls-key",
-                &dkey,
-                "--tls-peer",
-                &sfp,
-                "--mock-dma",
-                "--memfd",
-                "--dump-ram",
-                ddump,
-            ],
-            &[
-                "--json",
-                "--tls-cert",
-                &scert,
-                "--tls-key",
-                &skey,
-                "--tls-peer",
-                &dfp,
                 "--mock-dma",
                 "--dma-rate",
                 "5000",
@@ -603,9 +605,8 @@ pub fn run_device_controls(r: &mut Runner) {
     r.case("kvm.control_hwpt_harvest_dropped", || {
         let (sdump, ddump) = ("/tmp/kvm-src.ram", "/tmp/kvm-dst.ram");
         let p = migrate_owning_mttys(
-            &["--plain", "--mock-dma", "--dump-ram", ddump],
+            &["--mock-dma", "--dump-ram", ddump],
             &[
-                "--plain",
                 "--mock-dma",
                 "--dma-rate",
                 "5000",
@@ -636,7 +637,7 @@ pub fn run_device_controls(r: &mut Runner) {
     // The mtty's record dropped on the destination (reset instead of resumed): the guest's UART
     // check must fail there.
     r.case("kvm.control_device_state_dropped", || {
-        let p = migrate_owning_mttys(&["--plain", "--x-drop-device-state"], &["--plain"], None)?;
+        let p = migrate_owning_mttys(&["--x-drop-device-state"], &[], None)?;
         ensure!(p.src_ok, "the source failed: {}", tail(&p.src_err));
         ensure!(
             !p.dst_status.success(),
@@ -669,11 +670,7 @@ pub fn run_device_controls(r: &mut Runner) {
         ("kvm.vm_dest_killed_after_end", "resume", Some("discard")),
     ] {
         r.case(name, || {
-            let p = migrate_owning_mttys(
-                &["--plain", "--x-die-at", at],
-                &["--plain", "--undecided", "ask"],
-                answer,
-            )?;
+            let p = migrate_owning_mttys(&["--x-die-at", at], &["--undecided", "ask"], answer)?;
             ensure!(
                 !p.src_ok,
                 "the source succeeded although the destination was killed"
@@ -688,7 +685,7 @@ pub fn run_device_controls(r: &mut Runner) {
         });
     }
     r.case("kvm.vm_device_refuses_state", || {
-        let p = migrate_owning_mttys(&["--plain", "--x-corrupt-device-state"], &["--plain"], None)?;
+        let p = migrate_owning_mttys(&["--x-corrupt-device-state"], &[], None)?;
         ensure!(
             !p.src_ok && !p.dst_status.success(),
             "a refused device state migrated"
