@@ -556,6 +556,19 @@ fn migrate(
         _ => None,
     };
     std::thread::sleep(mig.warmup);
+    if mig.x_guest_shutdown {
+        t.monitor.command_all(livemig_kvm::guest::command::SHUTDOWN);
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while t.vm.failures().len() < vm.vcpus as usize {
+            if std::time::Instant::now() >= end {
+                bail!(
+                    "--x-guest-shutdown: the vCPUs did not all stop within 10 s (failures: {:?})",
+                    t.vm.failures()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
     if mig.paused {
         t.vm.pause(livemig_kvm::vm::pause::OPERATOR);
         if let Some(w) = &dma {
@@ -662,6 +675,17 @@ fn migrate(
         && let Some(e) = w.error()
     {
         bail!("the mock device's DMA failed: {e}");
+    }
+    // A vCPU that stopped on an exit this VMM does not handle (e.g. KVM_EXIT_SHUTDOWN after a
+    // triple fault, when kvm_amd has already INIT-reset it) is migrated in that state: the
+    // engine moves what KVM holds. Say so here rather than leave it to the destination.
+    let failed = t.vm.failures();
+    if !failed.is_empty() {
+        bail!(
+            "the migration completed and the VM runs on the destination, but on the source it \
+             had stopped before the handover: {} (the destination received it in that state)",
+            failed.join("; ")
+        );
     }
     if let Some(path) = &dev.dump_ram {
         // The VM (vCPUs and DMA) is stopped: the engine does not resume a migrated source.

@@ -124,6 +124,33 @@ fn spawn_destination() -> (std::process::Child, String) {
 }
 
 #[test]
+fn a_vcpu_stopped_by_a_triple_fault_on_the_source_is_reported_not_migrated_silently() {
+    if !common::kvm("livemig vm tests") {
+        return;
+    }
+    let (mut dst, addr) = spawn_destination();
+    let out = Command::new(BIN)
+        .args(["vm", "migrate", "--to", &addr, "--json", "--plain"])
+        .args(["--vcpus", "2", "--warmup", "300ms", "--x-guest-shutdown"])
+        .output()
+        .unwrap();
+    let _ = dst.kill();
+    let _ = dst.wait();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the source said it migrated cleanly: {err}"
+    );
+    for want in [
+        "had stopped before the handover",
+        "vCPU 0: unexpected exit Shutdown",
+        "vCPU 1: unexpected exit Shutdown",
+    ] {
+        assert!(err.contains(want), "{want:?} not in: {err}");
+    }
+}
+
+#[test]
 fn a_killed_destination_process_leaves_the_source_vm_running() {
     use livemig::engine::{Event, Source, SourceConfig};
     use livemig::{Error, Phase};

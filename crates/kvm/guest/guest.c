@@ -8,7 +8,8 @@
  *   out 0xe9 (8-bit)   text, one byte at a time (QEMU's isa-debugcon)
  *   out 0xea (32-bit)  event header: kind << 24 | cpu << 16 | number of data words
  *   out 0xec (32-bit)  event data words
- *   in  0xeb (32-bit)  command for this vCPU: 0 (or all ones: no device) none, 1 verify, 2 halt
+ *   in  0xeb (32-bit)  command for this vCPU: 0 (or all ones: no device) none, 1 verify, 2 halt,
+ *                      3 one pass, 4 take a #GP, 5 triple-fault
  *
  * With `uart=PORT` on the command line, vCPU 0 also owns a 16550-style UART at that port base
  * (the VMM forwards the eight ports to an assigned device's I/O BAR, e.g. an mtty): at its
@@ -41,7 +42,10 @@ enum { UART_DATA = 0, UART_FCR = 2, UART_LCR = 3, UART_MCR = 4, UART_SCR = 7 };
 enum { EV_READY = 1, EV_PROGRESS = 2, EV_VERIFY_DONE = 3, EV_VERIFY_FAIL = 4, EV_HALTED = 5,
        EV_CONFIG = 6, EV_PASS_DONE = 7, EV_UART_SET = 8, EV_UART_CHECK = 9, EV_EXCEPTION = 10 };
 enum { FAIL_HEADER = 1, FAIL_GENERATION = 2, FAIL_LOG = 3, FAIL_BODY = 4 };
-enum { CMD_NONE = 0, CMD_VERIFY = 1, CMD_HALT = 2, CMD_PASS = 3, CMD_FAULT = 4 };
+enum { CMD_NONE = 0, CMD_VERIFY = 1, CMD_HALT = 2, CMD_PASS = 3, CMD_FAULT = 4, CMD_SHUTDOWN = 5 };
+
+/* Set in ring 3 before the #GP of CMD_SHUTDOWN; the ring-0 handler then triple-faults. */
+static volatile u32 shutdown_requested;
 
 #define PROGRESS_EVERY 1024u
 #define POLL_EVERY 64u
@@ -382,6 +386,10 @@ static void run(u32 cpu)
                     pause();
             } else if (cmd == CMD_FAULT) /* hlt in ring 3: #GP(0), for the reporter's test */
                 __asm__ volatile("hlt");
+            else if (cmd == CMD_SHUTDOWN) {
+                shutdown_requested = 1;
+                __asm__ volatile("hlt");
+            }
         }
     }
 }
@@ -393,6 +401,16 @@ extern char stacks[];
 void guest_exception(u64 vector, u64 error, u64 rip, u64 cr2, u64 rsp)
 {
     u64 base = (u64)(uptr)stacks;
+    if (shutdown_requested) {
+        /* A triple fault on purpose (the VMM's test of a vCPU that stops on
+         * KVM_EXIT_SHUTDOWN): with an empty IDT neither #UD nor the #DF it raises can be
+         * delivered. */
+        struct __attribute__((packed)) {
+            unsigned short limit;
+            u64 base;
+        } none = {0, 0};
+        __asm__ volatile("lidt %0; ud2" : : "m"(none));
+    }
     u32 cpu = rsp > base && rsp <= base + MAX_CPUS * 16384ull ? (u32)((rsp - base - 1) / 16384)
                                                                : 0xff;
     u32 w[6] = {(u32)vector, (u32)error, (u32)rip, (u32)(rip >> 32), (u32)cr2, (u32)(cr2 >> 32)};

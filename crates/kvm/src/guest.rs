@@ -73,6 +73,9 @@ pub mod command {
     pub const PASS: u32 = 3;
     /// Take an exception (`hlt` in ring 3: #GP), for the test of the exception reporter.
     pub const FAULT: u32 = 4;
+    /// Triple-fault (the ring-0 handler of that #GP loads an empty IDT and executes `ud2`):
+    /// the vCPU exits `KVM_EXIT_SHUTDOWN`, for the tests of a vCPU the VMM must report stopped.
+    pub const SHUTDOWN: u32 = 5;
 }
 
 const MBI_ADDR: u64 = 0x7000;
