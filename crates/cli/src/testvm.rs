@@ -210,9 +210,9 @@ pub struct VmMigArgs {
     /// channels beside the main connection (QEMU's multifd layout).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub(crate) channels: u32,
-    /// Negative control (source): after the warm-up every vCPU triple-faults (the guest's
-    /// SHUTDOWN command), so the VM stops on KVM_EXIT_SHUTDOWN before it migrates; `vm
-    /// migrate` must report that rather than a clean migration.
+    /// Negative control (source): after the warm-up the vCPUs are told to triple-fault (the
+    /// guest's SHUTDOWN command); the first KVM_EXIT_SHUTDOWN stops the VM before it migrates,
+    /// and `vm migrate` must report that rather than a clean migration.
     #[arg(long, hide = true)]
     pub(crate) x_guest_shutdown: bool,
     /// Pause the VM after the warm-up and migrate it paused (as QEMU's `-S` or `stop`): its

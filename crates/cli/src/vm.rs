@@ -559,12 +559,11 @@ fn migrate(
     if mig.x_guest_shutdown {
         t.monitor.command_all(livemig_kvm::guest::command::SHUTDOWN);
         let end = std::time::Instant::now() + Duration::from_secs(10);
-        while t.vm.failures().len() < vm.vcpus as usize {
+        // The first vCPU's unexpected exit stops the whole VM (livemig-kvm parks every vCPU
+        // for good), so the others may never reach their own triple fault.
+        while t.vm.failures().is_empty() {
             if std::time::Instant::now() >= end {
-                bail!(
-                    "--x-guest-shutdown: the vCPUs did not all stop within 10 s (failures: {:?})",
-                    t.vm.failures()
-                );
+                bail!("--x-guest-shutdown: no vCPU stopped within 10 s");
             }
             std::thread::sleep(Duration::from_millis(10));
         }

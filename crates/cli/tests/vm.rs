@@ -141,10 +141,10 @@ fn a_vcpu_stopped_by_a_triple_fault_on_the_source_is_reported_not_migrated_silen
         !out.status.success(),
         "the source said it migrated cleanly: {err}"
     );
+    // The first vCPU to triple-fault stops the VM; which one it is depends on timing.
     for want in [
         "had stopped before the handover",
-        "vCPU 0: unexpected exit Shutdown",
-        "vCPU 1: unexpected exit Shutdown",
+        ": unexpected exit Shutdown at rip",
     ] {
         assert!(err.contains(want), "{want:?} not in: {err}");
     }
