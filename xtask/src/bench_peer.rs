@@ -18,10 +18,20 @@
 //!   at the same rate: livemig `--rate R` pages/s, QEMU `period=` TSC ticks computed by
 //!   `livemig vm image --print-append` from the host's KVM TSC frequency. Downtime is vCPU stop
 //!   on the source to run on the destination: QMP `STOP` (source) to `RESUME` (destination)
-//!   event timestamps for QEMU, the engine's `downtime_us` for livemig.
-//! * **physical limit** (per size): one loopback TCP stream carrying the image's non-zero bytes
-//!   plus a plain `read` of the whole image file (after one untimed read that puts the file in
-//!   the page cache, as it is for every migration measured), timed and summed.
+//!   event timestamps for QEMU; for livemig the source's stop with every vCPU parked
+//!   (`vcpus_paused_at_ns`) to the destination's first vCPU entry (`first_vcpu_entry_ns`), all
+//!   CLOCK_REALTIME on this one machine (the engine's own `downtime_us` is kept in the JSON).
+//! * **lower bound** (per paused case and repetition, [`crate::floor`]): the fastest copy of
+//!   the image's data between two processes over as many loopback connections as carry pages
+//!   (livemig's `--channels`), pipelined, into fresh anonymous memory; four variants
+//!   (`sendfile` or `write` from a mapping, receiver memory with or without THP), the fastest
+//!   is the bound. Each side's total is reported as a ratio to it.
+//! * **every byte** (paused cases): after each run the destination's guest RAM is digested
+//!   per 2 MiB (CRC-64/NVME; livemig: `vm incoming --ram-digest`, QEMU: `/proc/PID/mem` at
+//!   the host addresses `gpa2hva` gives) and compared with the source's RAM, the image file
+//!   both sources map; a difference fails the run. The lower bound's copies are checked the
+//!   same way.
+//! * **memory copy**: one thread's `memcpy` bandwidth into touched and into fresh memory.
 //!
 //! The image: the first 32 MiB stay zero (the test guest's code, tables, logs and working set,
 //! which livemig's destination has the guest verify), and of the rest whole 2 MiB runs chosen
@@ -34,7 +44,6 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -46,6 +55,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 
+use crate::floor;
 use crate::rig::target_dir;
 
 const QEMU: &str = "qemu-system-x86_64";
@@ -60,13 +70,45 @@ const QEMU_MAX_BANDWIDTH: u64 = 100_000_000_000;
 /// How often QEMU's `query-migrate` is polled for the timeline.
 const POLL: Duration = Duration::from_millis(10);
 
+/// How much of a paused case's image holds data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fill {
+    /// Every page outside the test guest's own first 32 MiB non-zero.
+    Dense,
+    /// That percentage of the image non-zero, in whole 2 MiB runs (the rest holes).
+    Percent(u32),
+}
+
+impl Fill {
+    fn words(self) -> String {
+        match self {
+            Fill::Dense => "dense: every page after the guest's 32 MiB non-zero".into(),
+            Fill::Percent(p) => format!("{p}% non-zero"),
+        }
+    }
+}
+
+/// Parses one paused case, `SIZE:dense` or `SIZE:PCT%`.
+fn parse_paused(s: &str) -> Result<(u64, Fill)> {
+    let (size, fill) = s.split_once(':').with_context(|| {
+        format!("paused case {s:?}: expected SIZE:dense or SIZE:PCT% (e.g. 4GiB:25%)")
+    })?;
+    let fill = match fill {
+        "dense" => Fill::Dense,
+        p => Fill::Percent(
+            p.strip_suffix('%')
+                .and_then(|n| n.parse().ok())
+                .with_context(|| format!("paused case {s:?}: {p:?} is neither `dense` nor a whole percentage like 25%"))?,
+        ),
+    };
+    Ok((parse_size(size)?, fill))
+}
+
 /// What to run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Options {
-    /// Paused-case image sizes, bytes.
-    pub sizes: Vec<u64>,
-    /// Percent of each image that is non-zero.
-    pub nonzero: u32,
+    /// The paused cases: image size in bytes and how much of it holds data.
+    pub paused: Vec<(u64, Fill)>,
     /// QEMU multifd channels (and livemig's, if its CLI has `--channels`).
     pub channels: u32,
     /// Repetitions (medians are reported).
@@ -85,6 +127,9 @@ pub struct Options {
     pub running_pages: u32,
     /// Pages per second the running case's vCPU writes.
     pub running_rate: u64,
+    /// Negative control of the byte check: flip one byte of the first data run in each QEMU
+    /// destination's RAM (through /proc/PID/mem) before its digest; the run must fail.
+    pub x_corrupt_destination: bool,
     /// Use the static release `livemig` the rig builds (CI, after the rig step) instead of
     /// `cargo build --release -p livemig-cli`.
     pub rig_binary: bool,
@@ -93,8 +138,12 @@ pub struct Options {
 impl Options {
     fn defaults() -> Options {
         Options {
-            sizes: vec![4 * GIB, 16 * GIB],
-            nonzero: 25,
+            paused: vec![
+                (4 * GIB, Fill::Dense),
+                (8 * GIB, Fill::Dense),
+                (4 * GIB, Fill::Percent(25)),
+                (16 * GIB, Fill::Percent(25)),
+            ],
             channels: 2,
             reps: 3,
             smoke: false,
@@ -105,6 +154,7 @@ impl Options {
             running_pages: 16384,
             running_rate: 20_000,
             rig_binary: false,
+            x_corrupt_destination: false,
         }
     }
 }
@@ -141,7 +191,7 @@ fn size_name(b: u64) -> String {
 /// anything starts.
 pub fn parse_options(args: &[String]) -> Result<Options> {
     let mut o = Options::defaults();
-    let mut sizes_given = false;
+    let mut paused_given = false;
     let mut reps_given = false;
     let mut it = args.iter();
     let value = |it: &mut std::slice::Iter<'_, String>, flag: &str| -> Result<String> {
@@ -151,19 +201,13 @@ pub fn parse_options(args: &[String]) -> Result<Options> {
     };
     while let Some(a) = it.next() {
         match a.as_str() {
-            "--sizes" => {
+            "--paused" => {
                 let v = value(&mut it, a)?;
-                o.sizes = v
+                o.paused = v
                     .split(',')
-                    .map(|s| parse_size(s).with_context(|| format!("--sizes {v:?}")))
+                    .map(|s| parse_paused(s).with_context(|| format!("--paused {v:?}")))
                     .collect::<Result<_>>()?;
-                sizes_given = true;
-            }
-            "--nonzero" => {
-                let v = value(&mut it, a)?;
-                o.nonzero = v
-                    .parse()
-                    .with_context(|| format!("--nonzero {v:?} is not a whole percentage"))?;
+                paused_given = true;
             }
             "--channels" => {
                 let v = value(&mut it, a)?;
@@ -189,12 +233,13 @@ pub fn parse_options(args: &[String]) -> Result<Options> {
             "--smoke" => o.smoke = true,
             "--keep" => o.keep = true,
             "--rig-binary" => o.rig_binary = true,
+            "--x-corrupt-destination" => o.x_corrupt_destination = true,
             other => bail!("bench-peer: unknown option {other:?}\n\n{}", crate::USAGE),
         }
     }
     if o.smoke {
-        if !sizes_given {
-            o.sizes = vec![64 * MIB];
+        if !paused_given {
+            o.paused = vec![(64 * MIB, Fill::Percent(25)), (64 * MIB, Fill::Dense)];
         }
         if !reps_given {
             o.reps = 1;
@@ -218,19 +263,14 @@ impl Options {
             "--channels {}: at most 64",
             self.channels
         );
-        ensure!(
-            self.nonzero <= 100,
-            "--nonzero {}: a percentage, at most 100",
-            self.nonzero
-        );
         ensure!(self.reps >= 1, "--reps {}: at least 1", self.reps);
         ensure!(
             self.downtime_ms >= 1,
             "--downtime {}: at least 1 ms",
             self.downtime_ms
         );
-        ensure!(!self.sizes.is_empty(), "--sizes: at least one size");
-        for &s in &self.sizes {
+        ensure!(!self.paused.is_empty(), "--paused: at least one case");
+        for &(s, fill) in &self.paused {
             ensure!(
                 s >= 64 * MIB,
                 "size {s} bytes ({}) is below 64 MiB",
@@ -241,16 +281,18 @@ impl Options {
                 "size {s} bytes is not a multiple of 2 MiB (the image's run size)"
             );
             ensure!(s <= GIB << 10, "size {} is above 1 TiB", size_name(s));
-            let want = runs_wanted(s, self.nonzero);
-            let have = (s - GUEST_AREA) / RUN;
-            ensure!(
-                want <= have,
-                "--nonzero {}: at most {}% of a {} image can be non-zero (its first 32 MiB \
-                 are the test guest's)",
-                self.nonzero,
-                have * RUN * 100 / s,
-                size_name(s)
-            );
+            if let Fill::Percent(p) = fill {
+                let want = runs_wanted(s, fill);
+                let have = (s - GUEST_AREA) / RUN;
+                ensure!(
+                    want <= have,
+                    "{}:{p}%: at most {}% of a {} image can be non-zero (its first 32 MiB are \
+                     the test guest's; `dense` fills all the rest)",
+                    size_name(s).replace(' ', ""),
+                    have * RUN * 100 / s,
+                    size_name(s)
+                );
+            }
         }
         Ok(())
     }
@@ -290,17 +332,21 @@ impl Rng {
     }
 }
 
-/// Runs of 2 MiB that `nonzero` percent of `size` needs (rounded to the nearest run).
-fn runs_wanted(size: u64, nonzero: u32) -> u64 {
-    (size / RUN * u64::from(nonzero) + 50) / 100
+/// Runs of 2 MiB that `fill` of `size` needs (a percentage rounded to the nearest run;
+/// dense: every run after the guest's area).
+fn runs_wanted(size: u64, fill: Fill) -> u64 {
+    match fill {
+        Fill::Dense => (size - GUEST_AREA.min(size)) / RUN,
+        Fill::Percent(p) => (size / RUN * u64::from(p) + 50) / 100,
+    }
 }
 
 /// The indices of the 2 MiB runs that hold data: a seeded partial Fisher-Yates shuffle of
 /// the runs after the guest's area, the first `runs_wanted` of it, sorted.
-pub fn image_runs(size: u64, nonzero: u32, seed: u64) -> Vec<u64> {
+pub fn image_runs(size: u64, fill: Fill, seed: u64) -> Vec<u64> {
     let first = GUEST_AREA / RUN;
     let mut idx: Vec<u64> = (first..size / RUN).collect();
-    let k = (runs_wanted(size, nonzero) as usize).min(idx.len());
+    let k = (runs_wanted(size, fill) as usize).min(idx.len());
     let mut rng = Rng(seed);
     for i in 0..k {
         let j = i + rng.below((idx.len() - i) as u64) as usize;
@@ -316,6 +362,9 @@ pub fn image_runs(size: u64, nonzero: u32, seed: u64) -> Vec<u64> {
 pub struct Image {
     pub path: PathBuf,
     pub size: u64,
+    /// How it was filled, and the seed (`image_runs` gives its data runs again).
+    pub fill: Fill,
+    pub seed: u64,
     /// Bytes in non-zero pages.
     pub nonzero_bytes: u64,
     pub runs: u64,
@@ -323,7 +372,7 @@ pub struct Image {
 
 /// Writes the sparse image: `size` bytes, the chosen runs pseudo-random, the rest holes;
 /// synced, so no writeback runs during the measurements.
-pub fn make_image(path: &Path, size: u64, nonzero: u32, seed: u64) -> Result<Image> {
+pub fn make_image(path: &Path, size: u64, fill: Fill, seed: u64) -> Result<Image> {
     let _ = std::fs::remove_file(path);
     let f = File::options()
         .read(true)
@@ -333,7 +382,7 @@ pub fn make_image(path: &Path, size: u64, nonzero: u32, seed: u64) -> Result<Ima
         .with_context(|| format!("creating {}", path.display()))?;
     f.set_len(size)
         .with_context(|| format!("sizing {}", path.display()))?;
-    let runs = image_runs(size, nonzero, seed);
+    let runs = image_runs(size, fill, seed);
     let mut rng = Rng(seed ^ 0x5eed_da7a);
     let mut buf = vec![0u8; RUN as usize];
     for &r in &runs {
@@ -346,6 +395,8 @@ pub fn make_image(path: &Path, size: u64, nonzero: u32, seed: u64) -> Result<Ima
     Ok(Image {
         path: path.to_path_buf(),
         size,
+        fill,
+        seed,
         nonzero_bytes: runs.len() as u64 * RUN,
         runs: runs.len() as u64,
     })
@@ -787,6 +838,11 @@ struct Measured {
     timeline: Vec<(u64, u64)>,
     phases: Vec<(String, u64)>,
     raw: Value,
+    /// Paused cases: the digest of the destination's guest RAM once it held everything
+    /// (`floor::digest_bytes` layout: every 2 MiB, low RAM then high RAM).
+    dest_digest: Option<Vec<u64>>,
+    /// The comparison with the source's RAM (filled in by `run_sides`).
+    verified: Value,
 }
 
 struct Ctx<'a> {
@@ -867,6 +923,11 @@ impl Ctx<'_> {
             .stderr(self.log("livemig-incoming")?);
         if self.livemig_channels.1 {
             dst_cmd.arg(format!("--channels={}", self.o.channels));
+        }
+        let digest_file = self.tmp.join("livemig-destination.digest");
+        let _ = std::fs::remove_file(&digest_file);
+        if matches!(case.kind, Kind::Paused { .. }) {
+            dst_cmd.arg("--ram-digest").arg(&digest_file);
         }
         let mut dst = Proc::spawn("livemig vm incoming", &mut dst_cmd)?;
         let mut out = BufReader::new(dst.child.stdout.take().context("stdout")?);
@@ -961,13 +1022,24 @@ impl Ctx<'_> {
         .map(|(n, k)| Ok(((*n).to_string(), num(&ph[*k], k)?)))
         .collect::<Result<Vec<_>>>()?;
         let running = matches!(case.kind, Kind::Running { .. });
+        // Downtime on one clock across the two processes, as for QEMU: the source's vCPUs
+        // all parked (the engine's stop) to the destination's first vCPU entry after its
+        // start, both CLOCK_REALTIME.
+        let downtime_us = if running {
+            let paused = num(&s["vcpus_paused_at_ns"], "vcpus_paused_at_ns")?;
+            let entered = num(&d["first_vcpu_entry_ns"], "first_vcpu_entry_ns")?;
+            ensure!(
+                entered > paused,
+                "livemig's destination entered a vCPU at {entered} ns, before the source's \
+                 vCPUs were all parked at {paused} ns"
+            );
+            Some((entered - paused) / 1000)
+        } else {
+            None
+        };
         Ok(Measured {
             total_us,
-            downtime_us: if running {
-                Some(num(&r["downtime_us"], "downtime_us")?)
-            } else {
-                None
-            },
+            downtime_us,
             bytes,
             src_cpu_us: num(&s["cpu_us"], "cpu_us")?,
             dst_cpu_us: num(&d["cpu_us"], "cpu_us")?,
@@ -976,10 +1048,18 @@ impl Ctx<'_> {
             raw: json!({
                 "source": s,
                 "destination": {"received": d["received"], "cpu_us": d["cpu_us"],
-                                "verification": d["verification"]},
+                                "verification": d["verification"],
+                                "first_vcpu_entry_ns": d["first_vcpu_entry_ns"]},
+                "engine_downtime_us": r["downtime_us"],
                 "source_process_cpu_us": src_life_cpu,
                 "destination_process_cpu_us": dst_life_cpu,
             }),
+            dest_digest: if matches!(case.kind, Kind::Paused { .. }) {
+                Some(floor::read_digest(&digest_file).context("livemig's --ram-digest")?)
+            } else {
+                None
+            },
+            verified: Value::Null,
         })
     }
 
@@ -1155,6 +1235,17 @@ impl Ctx<'_> {
         timeline.push((total_us, bytes));
         let status = d.execute("query-status", json!({}))?;
         let (src_life, dst_life) = (proc_cpu_us(src.pid())?, proc_cpu_us(dst.pid())?);
+        // The destination stays paused (its source never ran): its RAM, read through
+        // /proc/PID/mem at the host addresses its monitor gives, is what it received.
+        let dest_digest = match &case.kind {
+            Kind::Paused { image } => {
+                if self.o.x_corrupt_destination {
+                    corrupt_qemu_ram(&mut d, dst.pid(), image)?;
+                }
+                Some(qemu_ram_digest(&mut d, dst.pid(), image.size)?)
+            }
+            Kind::Running { .. } => None,
+        };
         for q in [&mut s, &mut d] {
             let _ = q.execute("quit", json!({}));
         }
@@ -1180,8 +1271,74 @@ impl Ctx<'_> {
                 "events_source": s.events.iter().map(|e| json!([e.name, e.timestamp_us, e.data])).collect::<Vec<_>>(),
                 "events_destination": d.events.iter().map(|e| json!([e.name, e.timestamp_us, e.data])).collect::<Vec<_>>(),
             }),
+            dest_digest,
+            verified: Value::Null,
         })
     }
+}
+
+/// Parses HMP `gpa2hva`'s answer: "Host virtual address for 0x0 (ram) is 0x7f...".
+pub fn parse_gpa2hva(s: &str) -> Result<u64> {
+    let hex = s
+        .trim()
+        .rsplit_once(" is 0x")
+        .map(|(_, h)| h)
+        .with_context(|| format!("gpa2hva said {s:?}, not \"... is 0xADDRESS\""))?;
+    u64::from_str_radix(hex, 16).with_context(|| format!("gpa2hva said {s:?}"))
+}
+
+/// The control of the byte check: one byte of the image's first data run flipped in a QEMU
+/// destination's RAM.
+fn corrupt_qemu_ram(q: &mut Qmp, pid: i32, image: &Image) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let run = image_runs(image.size, image.fill, image.seed)
+        .first()
+        .copied()
+        .context("the image has no data run to corrupt")?;
+    let gpa = run * RUN;
+    let (lo, _) = q35_split(image.size);
+    let gpa = if gpa < lo { gpa } else { 4 * GIB + gpa - lo };
+    let a = q.execute(
+        "human-monitor-command",
+        json!({"command-line": format!("gpa2hva {gpa:#x}")}),
+    )?;
+    let hva = parse_gpa2hva(a.as_str().unwrap_or(""))?;
+    let mem = File::options()
+        .read(true)
+        .write(true)
+        .open(format!("/proc/{pid}/mem"))
+        .with_context(|| format!("opening /proc/{pid}/mem for writing"))?;
+    let mut b = [0u8; 1];
+    mem.read_exact_at(&mut b, hva)?;
+    b[0] ^= 0xff;
+    mem.write_all_at(&b, hva)
+        .with_context(|| format!("writing QEMU's RAM at {hva:#x}"))?;
+    eprintln!("bench-peer: control: flipped the byte at GPA {gpa:#x} in QEMU's destination");
+    Ok(())
+}
+
+/// The digest of a QEMU guest's RAM (`size` bytes laid out as q35 does: low RAM at GPA 0, the
+/// rest at 4 GiB), read from `/proc/PID/mem`.
+fn qemu_ram_digest(q: &mut Qmp, pid: i32, size: u64) -> Result<Vec<u64>> {
+    let mem = File::open(format!("/proc/{pid}/mem"))
+        .with_context(|| format!("opening /proc/{pid}/mem"))?;
+    let (lo, hi) = q35_split(size);
+    let mut out = Vec::new();
+    for (gpa, len) in [(0, lo), (4 * GIB, hi)] {
+        if len == 0 {
+            continue;
+        }
+        let a = q.execute(
+            "human-monitor-command",
+            json!({"command-line": format!("gpa2hva {gpa:#x}")}),
+        )?;
+        let hva = parse_gpa2hva(a.as_str().unwrap_or(""))?;
+        out.extend(
+            floor::digest_reader(&mem, hva, len)
+                .with_context(|| format!("QEMU's RAM at GPA {gpa:#x} (host {hva:#x})"))?,
+        );
+    }
+    Ok(out)
 }
 
 trait PipeFile {
@@ -1195,12 +1352,19 @@ impl PipeFile for PathBuf {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The physical limit.
+// The lower bound (`floor`).
 
-#[derive(Debug, Clone, Copy, Default)]
-struct Limit {
-    tcp_us: u64,
-    read_us: u64,
+/// The lower bound of one repetition: every variant the floor measures; the fastest is the
+/// bound.
+#[derive(Debug, Clone, Default)]
+struct Bound {
+    copies: Vec<floor::Copy>,
+}
+
+impl Bound {
+    fn us(&self) -> u64 {
+        self.copies.iter().map(|c| c.us).min().unwrap_or(0)
+    }
 }
 
 /// Touches `bytes` of fresh anonymous memory once and frees it: the kernel reclaims what it
@@ -1214,64 +1378,36 @@ fn make_room(bytes: u64) {
     std::hint::black_box(&v);
 }
 
-fn physical_limit(image: &Image) -> Result<Limit> {
-    // One untimed read puts the file in the page cache, where both migrations find it.
-    let read_all = || -> Result<u64> {
-        let mut f =
-            File::open(&image.path).with_context(|| format!("opening {}", image.path.display()))?;
-        let mut buf = vec![0u8; 8 << 20];
-        let mut n = 0u64;
-        loop {
-            let k = f.read(&mut buf)?;
-            if k == 0 {
-                break;
-            }
-            n += k as u64;
-        }
-        Ok(n)
-    };
-    read_all()?;
-    let t = Instant::now();
-    let n = read_all()?;
-    let read_us = t.elapsed().as_micros() as u64;
-    ensure!(n == image.size, "read {n} bytes of a {} image", image.size);
+/// The image's digest (what every destination must hold), read from the page cache.
+fn image_digest(image: &Image) -> Result<Vec<u64>> {
+    let f = File::open(&image.path).with_context(|| format!("opening {}", image.path.display()))?;
+    floor::digest_reader(&f, 0, image.size)
+        .with_context(|| format!("digesting {}", image.path.display()))
+}
 
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    let addr = l.local_addr()?;
-    let want = image.nonzero_bytes;
-    let rx = std::thread::spawn(move || -> Result<u64> {
-        let (mut s, _) = l.accept()?;
-        let mut buf = vec![0u8; 4 << 20];
-        let mut got = 0u64;
-        loop {
-            let k = s.read(&mut buf)?;
-            if k == 0 {
-                break;
+/// Every variant of the floor over `channels` connections, each copy checked against `want`.
+fn lower_bound(image: &Image, channels: u32, want: &[u64], tmp: &Path) -> Result<Bound> {
+    let mut b = Bound::default();
+    for send in [floor::Send::Sendfile, floor::Send::Write] {
+        for recv in [floor::Recv::Direct, floor::Recv::Bounce] {
+            for thp in [false, true] {
+                b.copies.push(
+                    floor::measure(
+                        &image.path,
+                        image.size,
+                        channels,
+                        send,
+                        recv,
+                        thp,
+                        want,
+                        tmp,
+                    )
+                    .with_context(|| format!("the lower bound ({send:?}, {recv:?}, THP {thp})"))?,
+                );
             }
-            got += k as u64;
         }
-        Ok(got)
-    });
-    let mut buf = vec![0u8; 4 << 20];
-    Rng(7).fill(&mut buf);
-    let t = Instant::now();
-    let mut s = TcpStream::connect(addr)?;
-    let mut sent = 0u64;
-    while sent < want {
-        let k = (want - sent).min(buf.len() as u64) as usize;
-        s.write_all(&buf[..k])?;
-        sent += k as u64;
     }
-    drop(s);
-    let got = rx
-        .join()
-        .map_err(|_| anyhow::anyhow!("the receiving thread panicked"))??;
-    let tcp_us = t.elapsed().as_micros() as u64;
-    ensure!(
-        got == want,
-        "the raw transfer received {got} of {want} bytes"
-    );
-    Ok(Limit { tcp_us, read_us })
+    Ok(b)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1341,7 +1477,10 @@ fn ratio(a: u64, b: u64) -> String {
 struct CaseResult {
     case: Case,
     runs: BTreeMap<Side, Vec<Measured>>,
-    limit: Option<Vec<Limit>>,
+    /// Paused cases: the lower bound of every repetition.
+    bound: Option<Vec<Bound>>,
+    /// Connections that carry pages (the lower bound's count).
+    channels: u32,
 }
 
 /// The Markdown table of one case.
@@ -1367,20 +1506,29 @@ fn case_table(c: &CaseResult) -> String {
             s.dst_cpu_us as f64 / 1e6
         );
     }
-    let limit = c.limit.as_ref().map(|l| {
-        (
-            median(l.iter().map(|x| x.tcp_us).collect()),
-            median(l.iter().map(|x| x.read_us).collect()),
-        )
-    });
-    if let (Some((tcp, read)), Kind::Paused { image }) = (limit, &c.case.kind) {
+    let bound = c
+        .bound
+        .as_ref()
+        .map(|b| median(b.iter().map(Bound::us).collect()));
+    if let (Some(us), Some(bs), Kind::Paused { image }) = (bound, &c.bound, &c.case.kind) {
+        let best = bs
+            .iter()
+            .flat_map(|b| b.copies.iter())
+            .min_by_key(|c| c.us)
+            .map_or(String::new(), floor::Copy::label);
         t += &format!(
-            "| physical limit (TCP {:.2} s + read {:.2} s) | {:.2} | – | {:.1} | – | – |\n",
-            tcp as f64 / 1e6,
-            read as f64 / 1e6,
-            (tcp + read) as f64 / 1e6,
+            "| lower bound ({} connection(s); fastest: {best}) | {:.2} | – | {:.1} | – | – |\n",
+            c.channels,
+            us as f64 / 1e6,
             image.nonzero_bytes as f64 / MIB as f64
         );
+        for (side, s) in &sums {
+            t += &format!(
+                "| {} / lower bound | {} | – | – | – | – |\n",
+                side.label(),
+                ratio(s.total_us, us)
+            );
+        }
     }
     if let Some(l) = sums.get(&Side::Livemig) {
         for (q, s) in sums.iter().filter(|(q, _)| **q != Side::Livemig) {
@@ -1398,12 +1546,6 @@ fn case_table(c: &CaseResult) -> String {
                     ratio(l.dst_cpu_us, s.dst_cpu_us)
                 );
             }
-        }
-        if let Some((tcp, read)) = limit {
-            t += &format!(
-                "| livemig / physical limit | {} | – | – | – | – |\n",
-                ratio(l.total_us, tcp + read)
-            );
         }
     }
     t
@@ -1503,6 +1645,7 @@ pub fn bench_peer(o: &Options) -> Result<()> {
     std::fs::create_dir_all(&tmp)?;
     let livemig = build_livemig(o)?;
     let load_start = loadavg();
+    let (copy_warm, copy_fresh) = floor::memcpy_bandwidth();
     let kvm = kvm_works();
     // As the KVM tests: under CI=true a KVM that does not work fails, unless skipped
     // explicitly (LIVEMIG_SKIP_KVM=1); elsewhere QEMU runs under TCG and livemig not at all.
@@ -1597,24 +1740,44 @@ pub fn bench_peer(o: &Options) -> Result<()> {
         }
     }
 
-    for &size in &o.sizes {
-        let path = out.join(format!("image-{}.raw", size_name(size).replace(' ', "")));
-        files.paths.push(path.clone());
-        let need = size + size * u64::from(o.nonzero) / 100;
-        if mem_available() < need {
-            let note = format!(
-                "{}: {} MiB available, about {} MiB wanted (the image in the page cache and \
-                 the destination's non-zero pages): parts of the image may be read from disk",
-                size_name(size),
-                mem_available() / MIB,
-                need / MIB
+    let mut refused: Vec<Value> = Vec::new();
+    for &(size, fill) in &o.paused {
+        let name = format!("Paused VM, {} ({})", size_name(size), fill.words());
+        let path = out.join(format!(
+            "image-{}-{}.raw",
+            size_name(size).replace(' ', ""),
+            match fill {
+                Fill::Dense => "dense".to_string(),
+                Fill::Percent(p) => format!("{p}pct"),
+            }
+        ));
+        // The image's data in the page cache, one destination's copy of it (a destination
+        // never touches a zero page) and room for the processes themselves.
+        let data = runs_wanted(size, fill) * RUN;
+        let need = 2 * data + GIB;
+        let avail = mem_available();
+        if avail < need {
+            let why = format!(
+                "{name}: refused: it needs about {} MiB (the image's {} MiB of data in the page \
+                 cache, the same again in the destination, 1 GiB for the processes) and \
+                 MemAvailable is {} MiB",
+                need / MIB,
+                data / MIB,
+                avail / MIB
             );
-            eprintln!("bench-peer: warning: {note}");
-            notes.push(note);
+            eprintln!("bench-peer: {why}");
+            notes.push(why.clone());
+            refused.push(json!({"case": name, "need_bytes": need, "mem_available_bytes": avail}));
+            continue;
         }
-        eprintln!("bench-peer: writing the {} image", size_name(size));
+        files.paths.push(path.clone());
+        eprintln!(
+            "bench-peer: writing the {} image ({})",
+            size_name(size),
+            fill.words()
+        );
         let t = Instant::now();
-        let image = make_image(&path, size, o.nonzero, 0x6c69_7665 ^ size)?;
+        let image = make_image(&path, size, fill, 0x6c69_7665 ^ size)?;
         eprintln!(
             "bench-peer: {} image, {} MiB non-zero in {} runs of 2 MiB, written in {:.1} s",
             size_name(size),
@@ -1623,7 +1786,7 @@ pub fn bench_peer(o: &Options) -> Result<()> {
             t.elapsed().as_secs_f64()
         );
         let case = Case {
-            name: format!("Paused VM, {} ({}% non-zero)", size_name(size), o.nonzero),
+            name,
             kind: Kind::Paused {
                 image: image.clone(),
             },
@@ -1631,25 +1794,33 @@ pub fn bench_peer(o: &Options) -> Result<()> {
         let mut r = CaseResult {
             case,
             runs: BTreeMap::new(),
-            limit: Some(Vec::new()),
+            bound: Some(Vec::new()),
+            channels: livemig_ch,
         };
         for rep in 0..o.reps {
-            let l = physical_limit(&image)?;
+            // Reading the image for its digest also puts it in the page cache, where every
+            // copy and migration below finds it.
+            let want = image_digest(&image)?;
             if rep == 0 {
                 // The first destination would otherwise pay for reclaiming the page cache the
-                // image write and reads left (measured: 2-3x the time of the later repetitions
-                // at 16 GiB). After the reads, so the image's pages are the recently used ones.
+                // image write left (measured: 2-3x the time of the later repetitions at
+                // 16 GiB). After the read, so the image's pages are the recently used ones.
                 make_room(image.nonzero_bytes + 512 * MIB);
             }
+            let b = lower_bound(&image, livemig_ch, &want, &tmp)?;
             eprintln!(
-                "bench-peer: {} rep {}: physical limit: TCP {:.2} s + read {:.2} s",
-                size_name(size),
+                "bench-peer: {} rep {}: lower bound {:.2} s ({})",
+                r.case.name,
                 rep + 1,
-                l.tcp_us as f64 / 1e6,
-                l.read_us as f64 / 1e6
+                b.us() as f64 / 1e6,
+                b.copies
+                    .iter()
+                    .map(|c| format!("{} {:.2} s", c.label(), c.us as f64 / 1e6))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
-            if let Some(v) = r.limit.as_mut() {
-                v.push(l);
+            if let Some(v) = r.bound.as_mut() {
+                v.push(b);
             }
             run_sides(&mut ctx, &mut r, &sides, rep)?;
         }
@@ -1675,7 +1846,8 @@ pub fn bench_peer(o: &Options) -> Result<()> {
         let mut r = CaseResult {
             case,
             runs: BTreeMap::new(),
-            limit: None,
+            bound: None,
+            channels: livemig_ch,
         };
         make_room(2 * o.running_mem);
         for rep in 0..o.reps {
@@ -1691,6 +1863,7 @@ pub fn bench_peer(o: &Options) -> Result<()> {
     let mut m = machine();
     m["loadavg_start"] = json!(load_start);
     m["loadavg_end"] = json!(loadavg());
+    m["memcpy_bytes_per_s"] = json!({"touched": copy_warm, "fresh": copy_fresh});
     let settings = json!({
         "qemu_accel": accel,
         "qemu_machine": "q35, -cpu qemu64, -nodefaults",
@@ -1713,6 +1886,12 @@ pub fn bench_peer(o: &Options) -> Result<()> {
         m["qemu"].as_str().unwrap_or("?"),
         m["loadavg_start"].as_str().unwrap_or("?"),
         m["loadavg_end"].as_str().unwrap_or("?")
+    );
+    md += &format!(
+        "Memory copy, one thread: {:.1} GB/s into touched memory, {:.1} GB/s into fresh \
+         anonymous memory (page faults included).\n\n",
+        copy_warm / 1e9,
+        copy_fresh / 1e9
     );
     md += &format!(
         "QEMU settings: `-accel {accel}`, q35, `-cpu qemu64`, `max-bandwidth` {} GB/s, \
@@ -1739,11 +1918,22 @@ pub fn bench_peer(o: &Options) -> Result<()> {
     }
     md += "Total: migration start to the destination holding everything (QEMU: `migrate` sent to \
            the destination's MIGRATION `completed` event; livemig: the engine's `total_us`). \
-           Downtime: source vCPUs stop to destination vCPUs run (QEMU: `STOP` to `RESUME` event \
-           timestamps; livemig: `downtime_us`); none for a paused VM. CPU: user + system time \
+           Downtime, on one clock (CLOCK_REALTIME, both processes on this machine): the source's \
+           vCPUs all stopped to the destination's vCPUs running (QEMU: its `STOP` event, sent \
+           once every vCPU is paused, to its `RESUME` event, sent just before its vCPUs are \
+           resumed; livemig: the source's stop with every vCPU parked to the destination's first \
+           vCPU entry, so livemig's figure includes its first `KVM_RUN` and QEMU's does not); \
+           none for a paused VM. The phases are the engine's own (`downtime_phases`). CPU: user + system time \
            of each process during the migration (QEMU: /proc/PID/stat before and after; \
-           livemig: getrusage in the process). Physical limit: one loopback TCP stream of the \
-           image's non-zero bytes plus one read of the whole (cached) image file.\n";
+           livemig: getrusage in the process). Lower bound: the fastest copy of the image's data \
+           between two processes over as many loopback connections as carry pages (livemig's \
+           page channels), pipelined, into fresh anonymous memory (the best of eight: sendfile or \
+           write from a mapping; received in place or through a 256 KiB buffer; receiver memory \
+           with or without THP), first byte to last byte in \
+           memory on CLOCK_MONOTONIC; it leaves out everything else a migration does, so no \
+           migration can beat it. Every paused run's destination RAM was digested per 2 MiB and \
+           equal to the source's (`peer.json`: `verified`); the running case's bytes are \
+           checked by the guest on livemig's destination only (256 pages).\n";
     if !notes.is_empty() {
         md += "\nNotes:\n";
         for n in &notes {
@@ -1774,6 +1964,7 @@ pub fn bench_peer(o: &Options) -> Result<()> {
                                 "bytes": m.bytes, "source_cpu_us": m.src_cpu_us,
                                 "destination_cpu_us": m.dst_cpu_us, "timeline": m.timeline,
                                 "downtime_phases": m.phases, "raw": m.raw,
+                                "verified": m.verified,
                             })).collect::<Vec<_>>(),
                         }),
                     )
@@ -1784,13 +1975,19 @@ pub fn bench_peer(o: &Options) -> Result<()> {
                     json!({"size": image.size, "nonzero_bytes": image.nonzero_bytes,
                            "runs_2mib": image.runs, "pattern": "first 32 MiB zero; seeded \
                            random 2 MiB runs of pseudo-random bytes, the rest holes"}),
-                    json!(r.limit.as_ref().map(|l| {
-                        l.iter()
-                            .map(|x| {
-                                json!({
-                        "tcp_us": x.tcp_us, "read_us": x.read_us})
-                            })
-                            .collect::<Vec<_>>()
+                    json!(r.bound.as_ref().map(|bs| {
+                        json!({
+                            "connections": r.channels,
+                            "median_us": median(bs.iter().map(Bound::us).collect()),
+                            "runs": bs.iter().map(|b| json!({
+                                "us": b.us(),
+                                "variants": b.copies.iter().map(|c| json!({
+                                    "send": format!("{:?}", c.send).to_lowercase(),
+                                    "receive": format!("{:?}", c.recv).to_lowercase(),
+                                    "receiver_thp": c.thp, "us": c.us, "bytes": c.bytes,
+                                })).collect::<Vec<_>>(),
+                            })).collect::<Vec<_>>(),
+                        })
                     })),
                 ),
                 Kind::Running { mem, append } => (
@@ -1799,10 +1996,11 @@ pub fn bench_peer(o: &Options) -> Result<()> {
                     Value::Null,
                 ),
             };
-            json!({"case": r.case.name, "memory": image, "physical_limit": limit, "sides": sides})
+            json!({"case": r.case.name, "memory": image, "lower_bound": limit, "sides": sides})
         })
         .collect();
-    let doc = json!({"machine": m, "settings": settings, "notes": notes, "cases": raw});
+    let doc = json!({"machine": m, "settings": settings, "notes": notes, "cases": raw,
+                     "refused": refused});
     std::fs::write(
         out.join("peer.json"),
         serde_json::to_string_pretty(&doc)? + "\n",
@@ -1826,11 +2024,10 @@ pub fn bench_peer(o: &Options) -> Result<()> {
                     })
                 })
                 .collect();
-            if let (Some(l), Kind::Paused { image }) = (&r.limit, &r.case.kind) {
-                // As the table: the median TCP time plus the median read time.
-                let us = median(l.iter().map(|x| x.tcp_us).collect())
-                    + median(l.iter().map(|x| x.read_us).collect());
-                traces.push(json!({"label": "physical limit", "timeline": [[0, 0], [us, image.nonzero_bytes]]}));
+            if let (Some(bs), Kind::Paused { image }) = (&r.bound, &r.case.kind) {
+                // As the table: the median of the repetitions' bounds.
+                let us = median(bs.iter().map(Bound::us).collect());
+                traces.push(json!({"label": "lower bound", "timeline": [[0, 0], [us, image.nonzero_bytes]]}));
             }
             json!({"title": r.case.name, "traces": traces})
         })
@@ -1896,7 +2093,31 @@ fn run_sides(ctx: &mut Ctx<'_>, r: &mut CaseResult, sides: &[Side], rep: u32) ->
             Side::QemuMultifd(n) => ctx.run_qemu(&r.case, Some(n)),
         }
         .with_context(|| format!("{}: {}", r.case.name, side.label()))?;
+        let mut m = m;
         if let Kind::Paused { image } = &r.case.kind {
+            // Every byte: the source's RAM is the image file (a shared mapping on both
+            // sides), as it was when the migration ended.
+            let want = image_digest(image)?;
+            let got = m
+                .dest_digest
+                .take()
+                .context("no destination digest for a paused case")?;
+            if let Some(d) = floor::compare(&want, &got) {
+                bail!(
+                    "{}: {}: the destination's RAM is not the source's: {d}",
+                    r.case.name,
+                    side.label()
+                );
+            }
+            let sum = |v: &[u64]| {
+                let b: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                format!(
+                    "{:016x}",
+                    crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Nvme, &b)
+                )
+            };
+            m.verified = json!({"pieces_2mib": want.len(), "equal": true,
+                                "source_digest": sum(&want), "destination_digest": sum(&got)});
             ensure!(
                 m.bytes >= image.nonzero_bytes,
                 "{}: {} sent {} bytes, less than the image's {} non-zero bytes",
@@ -1936,14 +2157,33 @@ mod tests {
 
     #[test]
     fn options_parse_and_bad_values_are_named() {
-        let o = parse_options(&args("--sizes 4GiB,16GiB --channels 2 --reps 3")).unwrap();
-        assert_eq!(o.sizes, [4 * GIB, 16 * GIB]);
-        assert_eq!((o.channels, o.reps, o.nonzero, o.smoke), (2, 3, 25, false));
+        let o =
+            parse_options(&args("--paused 4GiB:dense,16GiB:25% --channels 2 --reps 3")).unwrap();
+        assert_eq!(
+            o.paused,
+            [(4 * GIB, Fill::Dense), (16 * GIB, Fill::Percent(25))]
+        );
+        assert_eq!((o.channels, o.reps, o.smoke), (2, 3, false));
+        let d = parse_options(&[]).unwrap();
+        assert_eq!(
+            d.paused,
+            [
+                (4 * GIB, Fill::Dense),
+                (8 * GIB, Fill::Dense),
+                (4 * GIB, Fill::Percent(25)),
+                (16 * GIB, Fill::Percent(25))
+            ],
+            "the issue's four paused cases by default"
+        );
         let s = parse_options(&args("--smoke --out /tmp/x --keep --rig-binary")).unwrap();
         assert!(s.rig_binary);
         assert_eq!(
-            (s.sizes.as_slice(), s.reps, s.running_mem),
-            (&[64 * MIB][..], 1, 64 * MIB)
+            (s.paused.as_slice(), s.reps, s.running_mem),
+            (
+                &[(64 * MIB, Fill::Percent(25)), (64 * MIB, Fill::Dense)][..],
+                1,
+                64 * MIB
+            )
         );
         assert_eq!(s.out, PathBuf::from("/tmp/x"));
         assert!(s.keep);
@@ -1951,17 +2191,18 @@ mod tests {
             ("--channels 0", "--channels 0"),
             ("--channels two", "--channels \"two\""),
             (
-                "--sizes 99MiB",
+                "--paused 99MiB:dense",
                 "size 103809024 bytes is not a multiple of 2 MiB",
             ),
-            ("--sizes 32MiB", "is below 64 MiB"),
-            ("--sizes 4GiB,3Gb", "unknown unit \"Gb\""),
-            ("--sizes 4.5GiB", "size \"4.5GiB\""),
-            ("--nonzero 101", "--nonzero 101"),
+            ("--paused 32MiB:dense", "is below 64 MiB"),
+            ("--paused 4GiB:25%,3Gb:25%", "unknown unit \"Gb\""),
+            ("--paused 4.5GiB:dense", "size \"4.5GiB\""),
+            ("--paused 4GiB", "expected SIZE:dense or SIZE:PCT%"),
             (
-                "--nonzero 60 --sizes 64MiB",
-                "at most 50% of a 64 MiB image",
+                "--paused 4GiB:25",
+                "\"25\" is neither `dense` nor a whole percentage",
             ),
+            ("--paused 64MiB:60%", "at most 50% of a 64 MiB image"),
             ("--reps 0", "--reps 0"),
             ("--frobnicate", "unknown option \"--frobnicate\""),
             ("--out", "--out needs a value"),
@@ -1979,7 +2220,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("img");
         let size = 96 * MIB;
-        let img = make_image(&path, size, 25, 42).unwrap();
+        let img = make_image(&path, size, Fill::Percent(25), 42).unwrap();
         // 48 runs of 2 MiB, 25% = 12 runs, all after the guest's 32 MiB.
         assert_eq!((img.runs, img.nonzero_bytes), (12, 24 * MIB));
         let data = std::fs::read(&path).unwrap();
@@ -1996,7 +2237,7 @@ mod tests {
             "the guest's area stays zero"
         );
         // Whole 2 MiB runs, the ones image_runs chose, spread (not one block).
-        let runs = image_runs(size, 25, 42);
+        let runs = image_runs(size, Fill::Percent(25), 42);
         let mut from_data: Vec<u64> = nonzero_pages.iter().map(|&p| p as u64 / 512).collect();
         from_data.dedup();
         assert_eq!(from_data, runs);
@@ -2005,15 +2246,20 @@ mod tests {
             "{runs:?}"
         );
         // Seeded: the same runs again, other ones for another seed.
-        assert_eq!(image_runs(size, 25, 42), runs);
-        assert_ne!(image_runs(size, 25, 43), runs);
+        assert_eq!(image_runs(size, Fill::Percent(25), 42), runs);
+        assert_ne!(image_runs(size, Fill::Percent(25), 43), runs);
         // Runs are distinct pages of data (no two 2 MiB runs equal).
         let r0 = &data[(runs[0] * RUN) as usize..][..RUN as usize];
         let r1 = &data[(runs[1] * RUN) as usize..][..RUN as usize];
         assert_ne!(r0, r1);
         std::fs::remove_dir_all(&dir).unwrap();
-        assert_eq!(runs_wanted(16 * GIB, 25), 2048);
-        assert_eq!(runs_wanted(64 * MIB, 0), 0);
+        assert_eq!(runs_wanted(16 * GIB, Fill::Percent(25)), 2048);
+        assert_eq!(
+            runs_wanted(4 * GIB, Fill::Dense),
+            2032,
+            "all but the guest's 16 runs"
+        );
+        assert_eq!(runs_wanted(64 * MIB, Fill::Percent(0)), 0);
     }
 
     #[test]

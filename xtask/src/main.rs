@@ -18,7 +18,7 @@
 //!   every kernel of its matrix.
 //! * `cargo xtask hw-test [--config FILE] [--dry-run] [--nested] [--filter SUBSTRING]` — the
 //!   hardware tests on a lab host.
-//! * `cargo xtask bench-peer [--sizes LIST] [--nonzero PCT] [--channels N] [--reps R]
+//! * `cargo xtask bench-peer [--paused SIZE:FILL,...] [--channels N] [--reps R]
 //!   [--downtime MS] [--smoke] [--out DIR] [--keep]` — livemig against QEMU 10.0 on this
 //!   machine (`bench_peer`).
 //! * `cargo xtask soak [--migrations N] [--seed S] [--debug]` — the ping-pong soak
@@ -30,6 +30,7 @@ mod cpio;
 mod cycles;
 mod deps;
 mod examples;
+mod floor;
 mod hwtest;
 mod qemu;
 mod rig;
@@ -85,14 +86,16 @@ commands:
                                  hw-tests inside it
               --filter TEXT      run only cases whose name contains TEXT
   bench-peer  QEMU 10.0 and livemig migrate the same guest memory image over loopback TCP
-              (paused VM per size, a running test guest, the physical limit); writes
-              DIR/peer.md, DIR/peer.json, DIR/peer.svg
-              --sizes LIST       paused-case image sizes                [4GiB,16GiB]
-              --nonzero PCT      percent of the image that is non-zero  [25]
+              (paused VM cases, a running test guest, each paused case's measured lower
+              bound; every destination's RAM digested and compared with the source's);
+              writes DIR/peer.md, DIR/peer.json, DIR/peer.svg
+              --paused LIST      paused cases, SIZE:dense or SIZE:PCT%
+                                 [4GiB:dense,8GiB:dense,4GiB:25%,16GiB:25%]
               --channels N       QEMU multifd channels (livemig's too, if it has them) [2]
               --reps R           repetitions; medians are reported      [3]
               --downtime MS      downtime limit for both, ms            [300]
-              --smoke            64 MiB image, 1 repetition, small running case
+              --smoke            64 MiB images (25% and dense), 1 repetition, small
+                                 running case
               --out DIR          output directory                       [target/bench-peer]
               --keep             keep the image files
               --rig-binary       use the rig's static release livemig (as the CI step does)
@@ -162,6 +165,9 @@ fn run() -> Result<()> {
             let rest: Vec<String> = it.cloned().collect();
             bench_peer::bench_peer(&bench_peer::parse_options(&rest)?)
         }
+        // bench-peer's lower-bound processes (not for direct use).
+        "floor-send" => floor::send_main(&it.cloned().collect::<Vec<_>>()),
+        "floor-recv" => floor::recv_main(&it.cloned().collect::<Vec<_>>()),
         "soak" => {
             let rest: Vec<String> = it.cloned().collect();
             soak::soak(&soak::parse_options(&rest)?)
@@ -480,7 +486,27 @@ fn ci_rest(step: &mut Step<'_>) -> Result<()> {
     step("bench-peer-smoke", &mut || {
         let mut o = bench_peer::parse_options(&["--smoke".into(), "--rig-binary".into()])?;
         o.out = rig::target_dir().join("bench-peer-smoke");
-        bench_peer::bench_peer(&o)
+        bench_peer::bench_peer(&o)?;
+        // The byte check's negative control: one flipped byte in QEMU's destination fails it.
+        let mut c = bench_peer::parse_options(&[
+            "--smoke".into(),
+            "--rig-binary".into(),
+            "--paused".into(),
+            "64MiB:dense".into(),
+            "--x-corrupt-destination".into(),
+        ])?;
+        c.out = rig::target_dir().join("bench-peer-control");
+        match bench_peer::bench_peer(&c) {
+            Ok(()) => anyhow::bail!(
+                "bench-peer with one byte of QEMU's destination flipped passed: the byte check \
+                 checks nothing"
+            ),
+            Err(e) if format!("{e:#}").contains("the destination's RAM is not the source's") => {
+                eprintln!("bench-peer control: failed as it must: {e:#}");
+                Ok(())
+            }
+            Err(e) => Err(e.context("bench-peer's control failed for another reason")),
+        }
     })?;
     eprintln!("==> ci: all steps passed");
     Ok(())

@@ -122,6 +122,30 @@ pub(crate) fn dump_ram(memory: &livemig_kvm::VmMemory, path: &std::path::Path) -
         .with_context(|| format!("writing {}", path.display()))
 }
 
+/// Writes the digest of guest RAM to `path`: one CRC-64/NVME per 2 MiB (the last piece of a
+/// region may be shorter), little-endian u64, the regions in GPA order (`vm incoming
+/// --ram-digest`; `cargo xtask bench-peer` digests the source's RAM and QEMU's the same way).
+pub(crate) fn ram_digest(memory: &livemig_kvm::VmMemory, path: &std::path::Path) -> Result<()> {
+    use anyhow::Context;
+    use livemig::memory::GuestMemory;
+    const PIECE: u64 = 2 << 20;
+    let mut buf = vec![0u8; PIECE as usize];
+    let mut out = Vec::new();
+    for r in memory.regions() {
+        let mut at = 0;
+        while at < r.size {
+            let n = (r.size - at).min(PIECE) as usize;
+            memory
+                .read(r.gpa + at, &mut buf[..n])
+                .map_err(|e| anyhow::anyhow!("reading guest RAM at {:#x}: {e}", r.gpa + at))?;
+            let c = crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Nvme, &buf[..n]);
+            out.extend_from_slice(&c.to_le_bytes());
+            at += n as u64;
+        }
+    }
+    std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))
+}
+
 /// The destination's vCPU start with guest RAM written to a file first (`--dump-ram`).
 pub(crate) struct DumpThenStart {
     pub(crate) inner: Box<dyn livemig::platform::VcpuStart>,

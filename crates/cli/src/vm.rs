@@ -50,6 +50,12 @@ pub enum VmCmd {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// After the migration, before the guest verifies, write a digest of guest RAM to
+        /// FILE: one CRC-64/NVME (little-endian u64) per 2 MiB, the regions in GPA order, as
+        /// `cargo xtask bench-peer` compares with the source's. Only with `--idle`, whose
+        /// guest writes nothing once booted (a running guest would change RAM under it).
+        #[arg(long, value_name = "FILE", requires = "idle")]
+        ram_digest: Option<std::path::PathBuf>,
     },
     /// Boot the test VM and migrate it, running, to `livemig vm incoming` over TCP.
     Migrate {
@@ -349,6 +355,9 @@ struct IncomingJson {
     cpu_us: u64,
     /// Steps per vCPU right after the destination started (the sequence continues).
     resumed_steps: Vec<u64>,
+    /// When a vCPU first entered the guest after the start, CLOCK_REALTIME ns (the end of
+    /// the downtime as `cargo xtask bench-peer` measures it).
+    first_vcpu_entry_ns: Option<u64>,
     verification: Verification,
 }
 
@@ -372,6 +381,7 @@ fn incoming(
     (vm, dev, faults): (&VmArgs, &VmDeviceArgs, &DestFaults),
     chan: &crate::secure::ChannelArgs,
     json: bool,
+    ram_digest: Option<&std::path::Path>,
 ) -> Result<()> {
     let sec = &chan.security()?;
     faults.check()?;
@@ -449,6 +459,9 @@ fn incoming(
     // The vCPUs run from here: the guest carries on where the source stopped (an idle guest
     // makes no progress to wait for; its verification below shows it runs).
     let resumed = if vm.idle {
+        if let Some(path) = ram_digest {
+            crate::testvm::ram_digest(t.vm.memory(), path)?;
+        }
         t.monitor.steps()
     } else {
         t.wait_progress(&vec![0; vm.vcpus as usize], Duration::from_secs(30))
@@ -470,6 +483,7 @@ fn incoming(
                 received,
                 cpu_us,
                 resumed_steps: resumed,
+                first_vcpu_entry_ns: t.vm.first_entry_after_start_ns(),
                 verification: v,
             })?
         );
@@ -502,6 +516,9 @@ struct MigrateJson {
     paused: bool,
     ring_full_exits: u64,
     steps_at_stop: Vec<u64>,
+    /// When the engine's stop had every vCPU parked, CLOCK_REALTIME ns (the start of the
+    /// downtime as `cargo xtask bench-peer` measures it).
+    vcpus_paused_at_ns: Option<u64>,
     report: MigrationReport,
 }
 
@@ -703,6 +720,7 @@ fn migrate(
         paused: mig.paused,
         ring_full_exits: t.vm.ring_full_exits(),
         steps_at_stop: t.monitor.steps(),
+        vcpus_paused_at_ns: t.vm.engine_paused_at_ns(),
         report,
     };
     if !json {
@@ -822,7 +840,14 @@ pub fn main(cmd: VmCmd, fallback: fn(bool) -> Result<()>) -> Result<()> {
             faults,
             chan,
             json,
-        } => incoming(&listen, (&vm, &dev, &faults), &chan, json),
+            ram_digest,
+        } => incoming(
+            &listen,
+            (&vm, &dev, &faults),
+            &chan,
+            json,
+            ram_digest.as_deref(),
+        ),
         VmCmd::Migrate {
             to,
             vm,

@@ -13,6 +13,7 @@
 //! ```
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use livemig::device::{DeviceCompat, MigDevice};
 use livemig::engine::Vcpus;
@@ -36,6 +37,9 @@ impl KvmVcpus {
 impl Vcpus for KvmVcpus {
     fn pause(&mut self) {
         self.0.pause(pause::ENGINE, true);
+        self.0
+            .engine_paused_at
+            .store(crate::vm::realtime_ns(), Ordering::SeqCst);
     }
     fn resume(&mut self) {
         self.0.unpause(pause::ENGINE);
@@ -71,6 +75,9 @@ impl KvmStart {
 
 impl livemig::platform::VcpuStart for KvmStart {
     fn start(&mut self) -> Result<(), String> {
+        // The first guest entry from here on is stamped (the end of the downtime).
+        self.shared.first_entry_at.store(0, Ordering::SeqCst);
+        self.shared.stamp_entry.store(true, Ordering::SeqCst);
         if self.autostart {
             self.shared.unpause(pause::START);
         }

@@ -9,7 +9,7 @@
 //!                  performing a live migration"), then the thread waits without the vCPU fd
 //! ```
 
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -207,6 +207,21 @@ pub(crate) struct Shared {
     pub(crate) spilled: Mutex<Vec<(u32, u64)>>,
     io: Mutex<Option<Arc<dyn PortIo>>>,
     throttle: AtomicU8,
+    /// CLOCK_REALTIME ns when the engine's last pause had every vCPU parked (0: never).
+    pub(crate) engine_paused_at: AtomicU64,
+    /// Set by the destination's start: the next guest entry of any vCPU stamps
+    /// `first_entry_at`.
+    pub(crate) stamp_entry: AtomicBool,
+    /// CLOCK_REALTIME ns of the first guest entry after the start (0: none yet).
+    pub(crate) first_entry_at: AtomicU64,
+}
+
+/// Nanoseconds since the Unix epoch (CLOCK_REALTIME): one clock for every process on a host,
+/// as QEMU's QMP event timestamps.
+pub(crate) fn realtime_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 impl std::fmt::Debug for Shared {
@@ -555,6 +570,9 @@ impl Vm {
             spilled: Mutex::new(Vec::new()),
             io: Mutex::new(None),
             throttle: AtomicU8::new(0),
+            engine_paused_at: AtomicU64::new(0),
+            stamp_entry: AtomicBool::new(false),
+            first_entry_at: AtomicU64::new(0),
         });
         let saveable_msrs = match shared.vcpus.first() {
             Some(v) => {
@@ -675,6 +693,19 @@ impl Vm {
     /// Exits from KVM_RUN to this VMM so far (all vCPUs).
     pub fn exits(&self) -> u64 {
         self.shared.exits.load(Ordering::Relaxed)
+    }
+
+    /// When the engine's last pause (stop-and-copy) had every vCPU parked, CLOCK_REALTIME
+    /// nanoseconds; the start of the downtime `cargo xtask bench-peer` measures.
+    pub fn engine_paused_at_ns(&self) -> Option<u64> {
+        Some(self.shared.engine_paused_at.load(Ordering::SeqCst)).filter(|&t| t != 0)
+    }
+
+    /// When a vCPU first entered the guest after the destination's start
+    /// ([`KvmStart`](crate::device::KvmStart)), CLOCK_REALTIME nanoseconds; the end of that
+    /// downtime.
+    pub fn first_entry_after_start_ns(&self) -> Option<u64> {
+        Some(self.shared.first_entry_at.load(Ordering::SeqCst)).filter(|&t| t != 0)
     }
 
     /// What went wrong in vCPU threads (unexpected exits, failed ioctls).
@@ -816,6 +847,13 @@ fn vcpu_loop(s: &Shared, v: &Vcpu) {
         let mut fd = v.fd();
         // Counted before the call: a call that may have run guest code is an entry.
         v.entries.fetch_add(1, Ordering::SeqCst);
+        if s.stamp_entry.load(Ordering::Relaxed)
+            && s.first_entry_at
+                .compare_exchange(0, realtime_ns(), Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        {
+            s.stamp_entry.store(false, Ordering::Relaxed);
+        }
         let r = fd.run();
         s.exits.fetch_add(1, Ordering::Relaxed);
         match r {
