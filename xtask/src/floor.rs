@@ -3,8 +3,8 @@
 //! connections, into fresh anonymous memory, pipelined across the connections.
 //!
 //! Two processes of this binary, started by bench-peer (`xtask floor-recv`, `xtask floor-send`):
-//! - the receiver maps fresh anonymous memory of the image's size (with `MADV_HUGEPAGE` or
-//!   without), listens, accepts the connections, and on each reads records
+//! - the receiver maps anonymous memory of the image's size (fresh, fresh with `MADV_HUGEPAGE`,
+//!   or with the data's pages written once before the clock starts), listens, accepts the connections, and on each reads records
 //!   `offset u64 | length u64 | bytes` (little-endian) with `recv(2)`, either straight into
 //!   the mapping at the offset (one copy, its page faults taken inside the socket read) or
 //!   through a 256 KiB buffer and a copy into place (the faults taken outside the socket, as a
@@ -18,8 +18,12 @@
 //! sender's first byte to the receiver's last byte in memory. Everything a VMM does besides
 //! moving those bytes (finding the data while it migrates, its framing, dirty tracking, device
 //! and vCPU state, the handover, its connection set-up) is left out, so no migration of that
-//! image over that many connections can take less; bench-peer runs all eight variants (two
-//! senders, two ways to receive, two kinds of memory) and takes the fastest as the bound.
+//! image over that many connections into fresh memory can take less; bench-peer runs ten
+//! variants (two senders; in place or through a buffer into fresh memory with or without THP,
+//! or in place into memory touched beforehand) and takes the fastest as the bound. The
+//! touched-memory copies are what makes it a bound: whether fresh memory gets huge pages
+//! quickly depends on the machine's state at that moment (QEMU's THP-backed destination once
+//! beat every fresh-memory copy of the same run).
 //!
 //! After the clock stops the receiver writes a digest of every 2 MiB of what it holds
 //! ([`digest_bytes`]); bench-peer compares it with the image's, so the bound is a copy that
@@ -75,6 +79,36 @@ impl Recv {
     }
 }
 
+/// The receiver's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mem {
+    /// Fresh anonymous memory, 4 KiB pages (as livemig's destination).
+    Fresh,
+    /// Fresh anonymous memory with `MADV_HUGEPAGE` (as QEMU's destination).
+    FreshThp,
+    /// The data's pages written once before the clock starts: no fault, no zeroing during
+    /// the copy, which no destination with fresh memory can match; the hard bound.
+    Touched,
+}
+
+impl Mem {
+    fn name(self) -> &'static str {
+        match self {
+            Mem::Fresh => "fresh",
+            Mem::FreshThp => "thp",
+            Mem::Touched => "touched",
+        }
+    }
+
+    fn words(self) -> &'static str {
+        match self {
+            Mem::Fresh => "fresh 4 KiB-page memory",
+            Mem::FreshThp => "fresh THP memory",
+            Mem::Touched => "memory touched beforehand",
+        }
+    }
+}
+
 /// The bounce buffer of [`Recv::Bounce`].
 const BOUNCE: usize = 256 << 10;
 
@@ -83,8 +117,7 @@ const BOUNCE: usize = 256 << 10;
 pub struct Copy {
     pub send: Send,
     pub recv: Recv,
-    /// The receiver's memory had `MADV_HUGEPAGE`.
-    pub thp: bool,
+    pub mem: Mem,
     /// First byte sent to last byte in memory, microseconds.
     pub us: u64,
     /// Bytes moved.
@@ -97,11 +130,7 @@ impl Copy {
             "{} → {} recv → {}",
             self.send.name(),
             self.recv.name(),
-            if self.thp {
-                "THP memory"
-            } else {
-                "4 KiB-page memory"
-            }
+            self.mem.words()
         )
     }
 }
@@ -337,19 +366,29 @@ pub fn send_main(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// `xtask floor-recv --size BYTES --channels N [--thp] [--bounce] --digest FILE`: prints `listening
+/// `xtask floor-recv --size BYTES --channels N [--memory fresh|thp|touched --image F]
+/// [--bounce] --digest FILE`: prints `listening
 /// ADDR`, then, once every connection ended, `end NS BYTES` (CLOCK_MONOTONIC at the last byte
 /// in memory), and writes the digest of all `--size` bytes to FILE.
 pub fn recv_main(args: &[String]) -> Result<()> {
-    let (mut size, mut channels, mut thp, mut digest) = (None, 1usize, false, None);
+    let (mut size, mut channels, mut thp, mut digest) = (None, 1usize, Mem::Fresh, None);
     let mut mode = Recv::Direct;
+    let mut image: Option<PathBuf> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut v = || it.next().with_context(|| format!("{a} needs a value"));
         match a.as_str() {
             "--size" => size = Some(v()?.parse::<u64>().context("--size")?),
             "--channels" => channels = v()?.parse().context("--channels")?,
-            "--thp" => thp = true,
+            "--memory" => {
+                thp = match v()?.as_str() {
+                    "fresh" => Mem::Fresh,
+                    "thp" => Mem::FreshThp,
+                    "touched" => Mem::Touched,
+                    m => bail!("--memory {m:?}: fresh, thp or touched"),
+                }
+            }
+            "--image" => image = Some(PathBuf::from(v()?)),
             "--bounce" => mode = Recv::Bounce,
             "--digest" => digest = Some(PathBuf::from(v()?)),
             other => bail!("floor-recv: unknown option {other:?}"),
@@ -377,7 +416,7 @@ pub fn recv_main(args: &[String]) -> Result<()> {
         "mmap {size} bytes: {}",
         std::io::Error::last_os_error()
     );
-    if thp {
+    if thp == Mem::FreshThp {
         // SAFETY: advice on the mapping just made.
         let r = unsafe { libc::madvise(p, size as usize, libc::MADV_HUGEPAGE) };
         ensure!(
@@ -387,6 +426,21 @@ pub fn recv_main(args: &[String]) -> Result<()> {
         );
     }
     let base = p as usize;
+    if thp == Mem::Touched {
+        // The pages the data will land in, written once before the clock (the sender's clock
+        // starts after this process says it listens).
+        let image = image.context("--memory touched needs --image")?;
+        let f = File::open(&image).with_context(|| format!("opening {}", image.display()))?;
+        for (off, len) in data_pieces(&f, size)? {
+            let mut at = off;
+            while at < off + len {
+                // SAFETY: `at` lies inside the mapping (the pieces lie below `size`); a
+                // volatile byte write, no reference kept.
+                unsafe { ((base + at as usize) as *mut u8).write_volatile(1) };
+                at += 4096;
+            }
+        }
+    }
     let l = TcpListener::bind("127.0.0.1:0")?;
     println!("listening {}", l.local_addr()?);
     std::io::stdout().flush()?;
@@ -511,7 +565,7 @@ pub fn measure(
     channels: u32,
     send: Send,
     recv: Recv,
-    thp: bool,
+    mem: Mem,
     want: &[u64],
     tmp: &Path,
 ) -> Result<Copy> {
@@ -522,9 +576,7 @@ pub fn measure(
     rc.args(["floor-recv", "--size", &size.to_string()])
         .args(["--channels", &channels.to_string(), "--digest"])
         .arg(&dfile);
-    if thp {
-        rc.arg("--thp");
-    }
+    rc.args(["--memory", mem.name(), "--image"]).arg(image);
     if recv == Recv::Bounce {
         rc.arg("--bounce");
     }
@@ -560,7 +612,7 @@ pub fn measure(
         Ok(Copy {
             send,
             recv,
-            thp,
+            mem,
             us: end.saturating_sub(start) / 1000,
             bytes: sent,
         })
