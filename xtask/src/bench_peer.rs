@@ -2239,6 +2239,20 @@ mod tests {
     }
 
     #[test]
+    fn gpa2hva_answers_parse_and_others_are_named() {
+        assert_eq!(
+            parse_gpa2hva("Host virtual address for 0x0 (ram) is 0x7f12a0000000\r\n").unwrap(),
+            0x7f12_a000_0000
+        );
+        let e = format!(
+            "{:#}",
+            parse_gpa2hva("Memory at address 0x0 is not RAM").unwrap_err()
+        );
+        assert!(e.contains("not \"... is 0xADDRESS\""), "{e}");
+        assert!(parse_gpa2hva("... is 0xzz").is_err());
+    }
+
+    #[test]
     fn the_image_has_exactly_the_chosen_non_zero_bytes() {
         let dir = std::env::temp_dir().join(format!("bench-peer-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

@@ -592,7 +592,10 @@ pub fn measure(
         .args(["--mode", send.name()]);
     let (mut tx, mut tout) = spawn_line(&mut sc, "floor-send")?;
     let result = (|| -> Result<Copy> {
-        let start: u64 = line(&mut tout, "floor-send", "start")?[1].parse()?;
+        let start: u64 = line(&mut tout, "floor-send", "start")?
+            .get(1)
+            .context("floor-send's start line has no time")?
+            .parse()?;
         let sent: u64 = line(&mut tout, "floor-send", "sent")?
             .get(1)
             .context("sent")?
