@@ -1358,7 +1358,7 @@ impl PipeFile for PathBuf {
 /// bound.
 #[derive(Debug, Clone, Default)]
 struct Bound {
-    copies: Vec<floor::Copy>,
+    copies: Vec<floor::Sample>,
 }
 
 impl Bound {
@@ -1398,14 +1398,14 @@ fn image_digest(image: &Image) -> Result<Vec<u64>> {
 /// Every variant of the floor over `channels` connections, each copy checked against `want`.
 fn lower_bound(image: &Image, channels: u32, want: &[u64], tmp: &Path) -> Result<Bound> {
     let mut b = Bound::default();
-    use floor::{Mem, Recv};
-    for send in [floor::Send::Sendfile, floor::Send::Write] {
+    use floor::{Mem, RecvMode};
+    for send in [floor::SendMode::Sendfile, floor::SendMode::Write] {
         for (recv, mem) in [
-            (Recv::Direct, Mem::Fresh),
-            (Recv::Direct, Mem::FreshThp),
-            (Recv::Bounce, Mem::Fresh),
-            (Recv::Bounce, Mem::FreshThp),
-            (Recv::Direct, Mem::Touched),
+            (RecvMode::Direct, Mem::Fresh),
+            (RecvMode::Direct, Mem::FreshThp),
+            (RecvMode::Bounce, Mem::Fresh),
+            (RecvMode::Bounce, Mem::FreshThp),
+            (RecvMode::Direct, Mem::Touched),
         ] {
             b.copies.push(
                 floor::measure(
@@ -1521,16 +1521,13 @@ fn case_table(c: &CaseResult) -> String {
             s.dst_cpu_us as f64 / 1e6
         );
     }
-    let bound = c
-        .bound
-        .as_ref()
-        .map(|b| median(b.iter().map(Bound::us).collect()));
-    if let (Some(us), Some(bs), Kind::Paused { image }) = (bound, &c.bound, &c.case.kind) {
+    if let (Some(bs), Kind::Paused { image }) = (&c.bound, &c.case.kind) {
+        let us = median(bs.iter().map(Bound::us).collect());
         let best = bs
             .iter()
             .flat_map(|b| b.copies.iter())
             .min_by_key(|c| c.us)
-            .map_or(String::new(), floor::Copy::label);
+            .map_or(String::new(), floor::Sample::label);
         t += &format!(
             "| lower bound ({} connection(s); fastest: {best}) | {:.2} | – | {:.1} | – | – |\n",
             c.channels,

@@ -43,25 +43,25 @@ pub const PIECE: u64 = 2 << 20;
 
 /// How the sender moves the bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Send {
+pub enum SendMode {
     /// `sendfile(2)` from the file (page cache to socket, no user copy).
     Sendfile,
     /// `write(2)` from a populated `MAP_SHARED` mapping of the file.
     Write,
 }
 
-impl Send {
+impl SendMode {
     fn name(self) -> &'static str {
         match self {
-            Send::Sendfile => "sendfile",
-            Send::Write => "write",
+            SendMode::Sendfile => "sendfile",
+            SendMode::Write => "write",
         }
     }
 }
 
 /// How the receiver puts the bytes in place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Recv {
+pub enum RecvMode {
     /// `recv(2)` straight into the destination memory (one copy; its page faults are taken
     /// inside the socket read, with the socket locked).
     Direct,
@@ -70,11 +70,11 @@ pub enum Recv {
     Bounce,
 }
 
-impl Recv {
+impl RecvMode {
     fn name(self) -> &'static str {
         match self {
-            Recv::Direct => "direct",
-            Recv::Bounce => "bounce",
+            RecvMode::Direct => "direct",
+            RecvMode::Bounce => "bounce",
         }
     }
 }
@@ -109,14 +109,14 @@ impl Mem {
     }
 }
 
-/// The bounce buffer of [`Recv::Bounce`].
+/// The bounce buffer of [`RecvMode::Bounce`].
 const BOUNCE: usize = 256 << 10;
 
 /// One measured copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Copy {
-    pub send: Send,
-    pub recv: Recv,
+pub struct Sample {
+    pub send: SendMode,
+    pub recv: RecvMode,
     pub mem: Mem,
     /// First byte sent to last byte in memory, microseconds.
     pub us: u64,
@@ -124,7 +124,7 @@ pub struct Copy {
     pub bytes: u64,
 }
 
-impl Copy {
+impl Sample {
     pub fn label(&self) -> String {
         format!(
             "{} → {} recv → {}",
@@ -248,7 +248,7 @@ fn data_pieces(f: &File, size: u64) -> Result<Vec<(u64, u64)>> {
 /// `xtask floor-send --image F --to ADDR --channels N --mode sendfile|write`: prints
 /// `start NS` (CLOCK_MONOTONIC) before its first byte, then `sent BYTES`.
 pub fn send_main(args: &[String]) -> Result<()> {
-    let (mut image, mut to, mut channels, mut mode) = (None, None, 1usize, Send::Sendfile);
+    let (mut image, mut to, mut channels, mut mode) = (None, None, 1usize, SendMode::Sendfile);
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut v = || it.next().with_context(|| format!("{a} needs a value"));
@@ -258,8 +258,8 @@ pub fn send_main(args: &[String]) -> Result<()> {
             "--channels" => channels = v()?.parse().context("--channels")?,
             "--mode" => {
                 mode = match v()?.as_str() {
-                    "sendfile" => Send::Sendfile,
-                    "write" => Send::Write,
+                    "sendfile" => SendMode::Sendfile,
+                    "write" => SendMode::Write,
                     m => bail!("--mode {m:?}: sendfile or write"),
                 }
             }
@@ -273,7 +273,7 @@ pub fn send_main(args: &[String]) -> Result<()> {
     let size = f.metadata()?.len();
     let pieces = data_pieces(&f, size)?;
     let map = match mode {
-        Send::Write if size > 0 => {
+        SendMode::Write if size > 0 => {
             // SAFETY: a fresh read-only shared mapping of the whole file; checked below and
             // unmapped at exit.
             let p = unsafe {
@@ -321,7 +321,7 @@ pub fn send_main(args: &[String]) -> Result<()> {
                         };
                         ensure!(r == 16, "send header: {}", std::io::Error::last_os_error());
                         match mode {
-                            Send::Sendfile => {
+                            SendMode::Sendfile => {
                                 let mut o = off as i64;
                                 let mut left = len as usize;
                                 while left > 0 {
@@ -334,7 +334,7 @@ pub fn send_main(args: &[String]) -> Result<()> {
                                     left -= r as usize;
                                 }
                             }
-                            Send::Write => {
+                            SendMode::Write => {
                                 // SAFETY: [off, off+len) lies inside the file's mapping (the
                                 // pieces come from its extents below its size), mapped until
                                 // this process ends.
@@ -354,13 +354,7 @@ pub fn send_main(args: &[String]) -> Result<()> {
                 })
             })
             .collect();
-        let mut total = 0;
-        for h in hs {
-            total += h
-                .join()
-                .map_err(|_| anyhow::anyhow!("a sending thread panicked"))??;
-        }
-        Ok(total)
+        join_sum(hs, "sending")
     })?;
     println!("sent {sent}");
     Ok(())
@@ -371,8 +365,8 @@ pub fn send_main(args: &[String]) -> Result<()> {
 /// ADDR`, then, once every connection ended, `end NS BYTES` (CLOCK_MONOTONIC at the last byte
 /// in memory), and writes the digest of all `--size` bytes to FILE.
 pub fn recv_main(args: &[String]) -> Result<()> {
-    let (mut size, mut channels, mut thp, mut digest) = (None, 1usize, Mem::Fresh, None);
-    let mut mode = Recv::Direct;
+    let (mut size, mut channels, mut mem, mut digest) = (None, 1usize, Mem::Fresh, None);
+    let mut mode = RecvMode::Direct;
     let mut image: Option<PathBuf> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -381,7 +375,7 @@ pub fn recv_main(args: &[String]) -> Result<()> {
             "--size" => size = Some(v()?.parse::<u64>().context("--size")?),
             "--channels" => channels = v()?.parse().context("--channels")?,
             "--memory" => {
-                thp = match v()?.as_str() {
+                mem = match v()?.as_str() {
                     "fresh" => Mem::Fresh,
                     "thp" => Mem::FreshThp,
                     "touched" => Mem::Touched,
@@ -389,7 +383,7 @@ pub fn recv_main(args: &[String]) -> Result<()> {
                 }
             }
             "--image" => image = Some(PathBuf::from(v()?)),
-            "--bounce" => mode = Recv::Bounce,
+            "--bounce" => mode = RecvMode::Bounce,
             "--digest" => digest = Some(PathBuf::from(v()?)),
             other => bail!("floor-recv: unknown option {other:?}"),
         }
@@ -416,7 +410,7 @@ pub fn recv_main(args: &[String]) -> Result<()> {
         "mmap {size} bytes: {}",
         std::io::Error::last_os_error()
     );
-    if thp == Mem::FreshThp {
+    if mem == Mem::FreshThp {
         // SAFETY: advice on the mapping just made.
         let r = unsafe { libc::madvise(p, size as usize, libc::MADV_HUGEPAGE) };
         ensure!(
@@ -426,7 +420,7 @@ pub fn recv_main(args: &[String]) -> Result<()> {
         );
     }
     let base = p as usize;
-    if thp == Mem::Touched {
+    if mem == Mem::Touched {
         // The pages the data will land in, written once before the clock (the sender's clock
         // starts after this process says it listens).
         let image = image.context("--memory touched needs --image")?;
@@ -454,8 +448,8 @@ pub fn recv_main(args: &[String]) -> Result<()> {
                 s.spawn(move || -> Result<u64> {
                     let mut n = 0;
                     let mut bounce = match mode {
-                        Recv::Bounce => vec![0u8; BOUNCE],
-                        Recv::Direct => Vec::new(),
+                        RecvMode::Bounce => vec![0u8; BOUNCE],
+                        RecvMode::Direct => Vec::new(),
                     };
                     loop {
                         let mut hdr = [0u8; 16];
@@ -473,12 +467,12 @@ pub fn recv_main(args: &[String]) -> Result<()> {
                         while at < len {
                             let dst = (base + (off + at) as usize) as *mut u8;
                             let want = match mode {
-                                Recv::Direct => (len - at) as usize,
-                                Recv::Bounce => ((len - at) as usize).min(BOUNCE),
+                                RecvMode::Direct => (len - at) as usize,
+                                RecvMode::Bounce => ((len - at) as usize).min(BOUNCE),
                             };
                             let into = match mode {
-                                Recv::Direct => dst,
-                                Recv::Bounce => bounce.as_mut_ptr(),
+                                RecvMode::Direct => dst,
+                                RecvMode::Bounce => bounce.as_mut_ptr(),
                             };
                             // SAFETY: `into` is either [off+at, off+at+want) inside the mapping
                             // (checked above) or the bounce buffer of at least `want` bytes;
@@ -496,7 +490,7 @@ pub fn recv_main(args: &[String]) -> Result<()> {
                                     std::io::Error::last_os_error().to_string()
                                 }
                             );
-                            if mode == Recv::Bounce {
+                            if mode == RecvMode::Bounce {
                                 // SAFETY: `r` bytes were received into the buffer; the target
                                 // range lies inside the mapping (checked above) and does not
                                 // overlap the buffer.
@@ -511,13 +505,7 @@ pub fn recv_main(args: &[String]) -> Result<()> {
                 })
             })
             .collect();
-        let mut total = 0;
-        for h in hs {
-            total += h
-                .join()
-                .map_err(|_| anyhow::anyhow!("a receiving thread panicked"))??;
-        }
-        Ok(total)
+        join_sum(hs, "receiving")
     })?;
     let end = monotonic_ns();
     println!("end {end} {got}");
@@ -526,6 +514,17 @@ pub fn recv_main(args: &[String]) -> Result<()> {
     let all = unsafe { std::slice::from_raw_parts(base as *const u8, size as usize) };
     write_digest(&digest, &digest_bytes(all))?;
     Ok(())
+}
+
+/// Joins the threads and sums their byte counts; the first error (or panic) wins.
+fn join_sum(hs: Vec<std::thread::ScopedJoinHandle<'_, Result<u64>>>, what: &str) -> Result<u64> {
+    let mut total = 0;
+    for h in hs {
+        total += h
+            .join()
+            .map_err(|_| anyhow::anyhow!("a {what} thread panicked"))??;
+    }
+    Ok(total)
 }
 
 fn spawn_line(
@@ -563,12 +562,12 @@ pub fn measure(
     image: &Path,
     size: u64,
     channels: u32,
-    send: Send,
-    recv: Recv,
+    send: SendMode,
+    recv: RecvMode,
     mem: Mem,
     want: &[u64],
     tmp: &Path,
-) -> Result<Copy> {
+) -> Result<Sample> {
     let exe = std::env::current_exe().context("finding the xtask binary")?;
     let dfile = tmp.join("floor-digest.bin");
     let _ = std::fs::remove_file(&dfile);
@@ -577,7 +576,7 @@ pub fn measure(
         .args(["--channels", &channels.to_string(), "--digest"])
         .arg(&dfile);
     rc.args(["--memory", mem.name(), "--image"]).arg(image);
-    if recv == Recv::Bounce {
+    if recv == RecvMode::Bounce {
         rc.arg("--bounce");
     }
     let (mut rx, mut rout) = spawn_line(&mut rc, "floor-recv")?;
@@ -591,7 +590,7 @@ pub fn measure(
         .args(["--to", &addr, "--channels", &channels.to_string()])
         .args(["--mode", send.name()]);
     let (mut tx, mut tout) = spawn_line(&mut sc, "floor-send")?;
-    let result = (|| -> Result<Copy> {
+    let result = (|| -> Result<Sample> {
         let start: u64 = line(&mut tout, "floor-send", "start")?
             .get(1)
             .context("floor-send's start line has no time")?
@@ -612,7 +611,7 @@ pub fn measure(
         if let Some(d) = compare(want, &got) {
             bail!("the lower-bound copy is not the image: {d}");
         }
-        Ok(Copy {
+        Ok(Sample {
             send,
             recv,
             mem,

@@ -97,28 +97,49 @@ impl VmDeviceArgs {
     }
 }
 
-/// Writes guest RAM to `path` (see `VmDeviceArgs::dump_ram`).
-pub(crate) fn dump_ram(memory: &livemig_kvm::VmMemory, path: &std::path::Path) -> Result<()> {
-    use anyhow::Context;
+/// Reads every region of guest RAM in GPA order, in pieces of `piece` bytes (a region's last
+/// piece may be shorter): `region(gpa, size)` before each region, `each(bytes)` per piece.
+fn read_ram(
+    memory: &livemig_kvm::VmMemory,
+    piece: usize,
+    mut region: impl FnMut(u64, u64) -> Result<()>,
+    mut each: impl FnMut(&[u8]) -> Result<()>,
+) -> Result<()> {
     use livemig::memory::GuestMemory;
-    use std::io::Write;
-    let f = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    let mut w = std::io::BufWriter::new(f);
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; piece];
     for r in memory.regions() {
-        w.write_all(&r.gpa.to_le_bytes())?;
-        w.write_all(&r.size.to_le_bytes())?;
+        region(r.gpa, r.size)?;
         let mut at = 0;
         while at < r.size {
-            let n = (r.size - at).min(buf.len() as u64) as usize;
+            let n = (r.size - at).min(piece as u64) as usize;
             memory
                 .read(r.gpa + at, &mut buf[..n])
                 .map_err(|e| anyhow::anyhow!("reading guest RAM at {:#x}: {e}", r.gpa + at))?;
-            w.write_all(&buf[..n])?;
+            each(&buf[..n])?;
             at += n as u64;
         }
     }
-    w.flush()
+    Ok(())
+}
+
+/// Writes guest RAM to `path` (see `VmDeviceArgs::dump_ram`).
+pub(crate) fn dump_ram(memory: &livemig_kvm::VmMemory, path: &std::path::Path) -> Result<()> {
+    use anyhow::Context;
+    use std::io::Write;
+    let f = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let w = std::cell::RefCell::new(std::io::BufWriter::new(f));
+    read_ram(
+        memory,
+        1 << 20,
+        |gpa, size| {
+            let mut w = w.borrow_mut();
+            w.write_all(&gpa.to_le_bytes())?;
+            Ok(w.write_all(&size.to_le_bytes())?)
+        },
+        |bytes| Ok(w.borrow_mut().write_all(bytes)?),
+    )?;
+    w.into_inner()
+        .flush()
         .with_context(|| format!("writing {}", path.display()))
 }
 
@@ -127,22 +148,17 @@ pub(crate) fn dump_ram(memory: &livemig_kvm::VmMemory, path: &std::path::Path) -
 /// --ram-digest`; `cargo xtask bench-peer` digests the source's RAM and QEMU's the same way).
 pub(crate) fn ram_digest(memory: &livemig_kvm::VmMemory, path: &std::path::Path) -> Result<()> {
     use anyhow::Context;
-    use livemig::memory::GuestMemory;
-    const PIECE: u64 = 2 << 20;
-    let mut buf = vec![0u8; PIECE as usize];
     let mut out = Vec::new();
-    for r in memory.regions() {
-        let mut at = 0;
-        while at < r.size {
-            let n = (r.size - at).min(PIECE) as usize;
-            memory
-                .read(r.gpa + at, &mut buf[..n])
-                .map_err(|e| anyhow::anyhow!("reading guest RAM at {:#x}: {e}", r.gpa + at))?;
-            let c = crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Nvme, &buf[..n]);
+    read_ram(
+        memory,
+        2 << 20,
+        |_, _| Ok(()),
+        |bytes| {
+            let c = crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Nvme, bytes);
             out.extend_from_slice(&c.to_le_bytes());
-            at += n as u64;
-        }
-    }
+            Ok(())
+        },
+    )?;
     std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))
 }
 
