@@ -134,12 +134,19 @@ fn a_vcpu_stopped_by_a_triple_fault_on_the_source_is_reported_not_migrated_silen
         .args(["--vcpus", "2", "--warmup", "300ms", "--x-guest-shutdown"])
         .output()
         .unwrap();
+    // One host: the source process has ended (its VM with it) and the destination holds the
+    // VM, as the source's message says.
+    let dst_alive = dst.try_wait().unwrap().is_none();
     let _ = dst.kill();
     let _ = dst.wait();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success(),
         "the source said it migrated cleanly: {err}"
+    );
+    assert!(
+        err.contains("the VM runs on the destination") && dst_alive,
+        "the VM must be on the destination alone (destination alive: {dst_alive}): {err}"
     );
     // The first vCPU to triple-fault stops the VM; which one it is depends on timing.
     for want in [
