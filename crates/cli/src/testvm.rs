@@ -43,6 +43,11 @@ pub struct VmArgs {
     /// own boot wrote memory), as a benchmark's paused workload.
     #[arg(long)]
     pub(crate) idle: bool,
+    /// How vCPUs 1.. start: `sipi` (they wait for vCPU 0's INIT-SIPI-SIPI through the
+    /// in-kernel local APIC, as on a real machine and under QEMU) or `direct` (set up in
+    /// 64-bit mode and made runnable by livemig-kvm).
+    #[arg(long, value_enum, default_value_t = ApStartArg::Sipi)]
+    pub(crate) ap_start: ApStartArg,
     /// Clear XSAVE (CPUID.1:ECX bit 26) from the VM's CPUID: another CPU model, for the rig's
     /// check that a destination without XSAVE refuses an XSAVE record at compat.
     #[arg(long, hide = true)]
@@ -51,6 +56,15 @@ pub struct VmArgs {
     /// written into the vCPUs, so the guest's own check must fail on the destination.
     #[arg(long, hide = true)]
     pub(crate) x_drop_vcpu_state: bool,
+}
+
+/// `--ap-start` (see [`livemig_kvm::ApStart`]).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApStartArg {
+    /// INIT-SIPI-SIPI from vCPU 0.
+    Sipi,
+    /// Runnable in 64-bit mode from the start.
+    Direct,
 }
 
 /// What the test VM owns besides its vCPUs and RAM (`vm migrate` and `vm incoming`; the two
@@ -207,6 +221,10 @@ impl VmArgs {
             cpuid_set: Vec::new(),
             idle: self.idle,
             uart: None,
+            ap_start: match self.ap_start {
+                ApStartArg::Sipi => livemig_kvm::ApStart::Sipi,
+                ApStartArg::Direct => livemig_kvm::ApStart::Direct,
+            },
         }
     }
 

@@ -86,12 +86,18 @@ pub enum VmCmd {
         /// Where to write it.
         #[arg(short, long)]
         output: std::path::PathBuf,
-        /// Also print the `-append` value that runs the workload of `vm run --vcpus 1 --pages
-        /// PAGES --rate RATE` under QEMU with KVM (the guest paces itself in TSC ticks; the
-        /// period comes from this host's KVM TSC frequency, which QEMU's vCPUs share when no
-        /// `tsc-frequency` is set). QEMU's multiboot loader starts one vCPU only.
+        /// Also print the `-append` value that runs the workload of `vm run --vcpus VCPUS
+        /// --pages PAGES --rate RATE` under QEMU with KVM (the guest paces itself in TSC ticks;
+        /// the period comes from this host's KVM TSC frequency, which QEMU's vCPUs share when
+        /// no `tsc-frequency` is set). QEMU's multiboot loader starts vCPU 0 only; with more
+        /// than one vCPU (QEMU's `-smp` must match) vCPU 0 starts the others with
+        /// INIT-SIPI-SIPI.
         #[arg(long)]
         print_append: bool,
+        /// vCPUs for `--print-append`.
+        #[arg(long, default_value_t = 1, requires = "print_append",
+              value_parser = clap::value_parser!(u32).range(1..=8))]
+        vcpus: u32,
         /// Working-set pages for `--print-append`.
         #[arg(long, default_value_t = 4096, requires = "print_append")]
         pages: u32,
@@ -889,21 +895,24 @@ pub fn main(cmd: VmCmd, fallback: fn(bool) -> Result<()>) -> Result<()> {
             print_append,
             pages,
             rate,
+            vcpus,
         } => {
             std::fs::write(&output, livemig_kvm::guest::IMAGE)
                 .with_context(|| format!("writing {}", output.display()))?;
             if print_append {
                 kvm_ok()?;
                 let khz = livemig_kvm::guest::host_tsc_khz().map_err(|e| anyhow::anyhow!("{e}"))?;
-                println!(
-                    "{}",
-                    livemig_kvm::guest::cmdline(
-                        1,
-                        pages,
-                        livemig_kvm::guest::period_ticks(khz, rate),
-                        false
-                    )
+                let mut append = livemig_kvm::guest::cmdline(
+                    vcpus,
+                    pages,
+                    livemig_kvm::guest::period_ticks(khz, rate),
+                    false,
                 );
+                if vcpus > 1 {
+                    // QEMU's APs wait for INIT-SIPI-SIPI; vCPU 0 sends it.
+                    append += &livemig_kvm::guest::cmdline_sipi(khz);
+                }
+                println!("{append}");
             }
             Ok(())
         }

@@ -91,11 +91,13 @@ _start64:
     je 5f
 0:  hlt
     jmp 0b
-4:  movl %ebx, %edi          /* multiboot information */
-    xorl %esi, %esi          /* vCPU 0 */
-    jmp 6f
 5:  movl %ebx, %esi          /* vCPU index */
     xorl %edi, %edi
+    jmp 6f
+4:  movl %ebx, %edi          /* multiboot information */
+    xorl %esi, %esi          /* vCPU 0 */
+    movq %cr3, %rax          /* the tables the APs' trampoline loads (see ap_tramp) */
+    movl %eax, boot_cr3(%rip)
 6:  cmpl $8, %esi
     jae 0b
     movl %esi, %eax
@@ -153,6 +155,95 @@ _start64:
 8:  pause
     jmp 8b
 
+    /*
+     * The application processors' start under INIT-SIPI-SIPI (the guest's `sipi=1`; Intel SDM
+     * vol. 3A, 9.4.4 and 10.6.1; AMD APM vol. 2, 16.5): vCPU 0 copies ap_tramp..ap_tramp_end to
+     * AP_TRAMP (guest.c) and sends the start-up IPI with vector AP_TRAMP >> 12. Each AP begins
+     * in real mode at CS = AP_TRAMP >> 4, IP 0, enters protected mode, then long mode with the
+     * BSP's page tables (boot_cr3), loads its own 64-bit TSS and joins _start64 as an AP with
+     * its local APIC ID as index. Code and data here are addressed at their copy:
+     * AP_TRAMP + (label - ap_tramp).
+     */
+    .set AP_TRAMP, 0x10000
+    .section .rodata.tramp, "a"
+    .align 16
+    .globl ap_tramp, ap_tramp_end
+    .code16
+ap_tramp:
+    cli
+    cld
+    movw %cs, %ax
+    movw %ax, %ds
+    lgdtl tramp_gdt_desc - ap_tramp
+    movl %cr0, %eax
+    orl $1, %eax                 /* PE */
+    movl %eax, %cr0
+    ljmpl $0x28, $(AP_TRAMP + tramp32 - ap_tramp)
+    .code32
+tramp32:
+    movl $0x10, %eax
+    movl %eax, %ds
+    movl %eax, %es
+    movl %eax, %ss
+    movl 0xfee00020, %ebx        /* local APIC ID register: the ID in bits 31:24 */
+    shrl $24, %ebx
+    movl %cr4, %eax
+    orl $0x20, %eax              /* PAE */
+    movl %eax, %cr4
+    movl boot_cr3, %eax
+    movl %eax, %cr3
+    movl $0xc0000080, %ecx       /* IA32_EFER */
+    rdmsr
+    orl $0x100, %eax             /* LME */
+    wrmsr
+    movl %cr0, %eax
+    orl $0x80000000, %eax        /* PG */
+    movl %eax, %cr0
+    ljmpl $0x08, $(AP_TRAMP + tramp64 - ap_tramp)
+    .code64
+tramp64:
+    cmpl $8, %ebx
+    jae 2f
+    movl %ebx, %eax              /* this AP's TSS descriptor: 0x30 + 16 * index */
+    shll $4, %eax
+    addl $0x30, %eax
+    ltr %ax
+    movl $0x4C4D4150, %eax
+    movabsq $_start64, %rcx
+    jmp *%rcx
+2:  hlt
+    jmp 2b
+    .align 8
+    /*
+     * The same layout as gdt below (0x08 64-bit code, 0x10 data, 0x18/0x20 user), a 32-bit
+     * code segment at 0x28 for the protected-mode step, then one 64-bit TSS descriptor per vCPU
+     * (base 0x100 * index, as livemig-kvm places them; the guest fills in their I/O bitmap
+     * offset, see guest.c). Its limit covers the shared I/O permission bitmap at 0x1000.
+     */
+tramp_gdt:
+    .quad 0
+    .quad 0x00af9a000000ffff
+    .quad 0x00cf92000000ffff
+    .quad 0x00affa000000ffff
+    .quad 0x00cff2000000ffff
+    .quad 0x00cf9a000000ffff
+    .irp i, 0,1,2,3,4,5,6,7
+    .word 0x1000 - 0x100 * \i + 0x2000     /* limit 15:0: the bitmap's last byte */
+    .word 0x100 * \i                       /* base 15:0 */
+    .byte 0                                /* base 23:16 */
+    .byte 0x89                             /* present, DPL 0, available 64-bit TSS */
+    .byte 0                                /* limit 19:16, flags */
+    .byte 0                                /* base 31:24 */
+    .long 0                                /* base 63:32 */
+    .long 0
+    .endr
+tramp_gdt_end:
+tramp_gdt_desc:
+    .word tramp_gdt_end - tramp_gdt - 1
+    .long AP_TRAMP + tramp_gdt - ap_tramp
+ap_tramp_end:
+
+    .section .text
     /* Exception stubs, 16 bytes apart: an error code (or 0), the vector, the common path. */
     .macro ISR vec
     .align 16
@@ -194,6 +285,12 @@ gdt_desc:
 idt_desc:
     .word 32 * 16 - 1
     .quad idt
+
+    .section .data
+    .align 4
+    .globl boot_cr3
+boot_cr3:
+    .long 0
 
     .section .bss
     .align 4096

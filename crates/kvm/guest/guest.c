@@ -97,6 +97,9 @@ static volatile u32 cfg_ready;
 static u32 cfg_cpus = 1, cfg_pages = 1024;
 static u64 cfg_period; /* TSC ticks per page write; 0 = as fast as possible */
 static u32 cfg_uart;   /* the UART's port base; 0 = none */
+static u32 cfg_sipi;   /* vCPU 0 starts the others with INIT-SIPI-SIPI (they wait for it) */
+static volatile u32 aps_up; /* APs that reached guest_main */
+static u32 cfg_tsc_khz = 3000000; /* the TSC's rate, for the waits of the AP start */
 
 /* What vCPU 0 programmed into the UART (in guest RAM, so it migrates with the pages). */
 static struct {
@@ -302,9 +305,80 @@ static void parse_cmdline(u32 mbi)
             cfg_idle = (u32)v;
         else if (key_is(k, "uart"))
             cfg_uart = (u32)v;
+        else if (key_is(k, "sipi"))
+            cfg_sipi = (u32)v;
+        else if (key_is(k, "tsc_khz") && v)
+            cfg_tsc_khz = (u32)v;
         while (*s && *s != ' ')
             s++;
     }
+}
+
+/*
+ * Starting the APs (cfg_sipi). The local APIC is at its reset base 0xfee00000, which the
+ * identity tables map user-accessible, so ring 3 programs it with plain stores: the
+ * spurious-interrupt register (0xf0) to enable it, then the interrupt command register
+ * (0x300, destination 0x310) with the all-excluding-self shorthand: INIT, then the start-up
+ * IPI twice (Intel SDM vol. 3A, 10.6.1 and 9.4.4.1; the waits are the SDM's 10 ms and 200 us,
+ * in TSC ticks at the rate the VMM passes as `tsc_khz`, 3 GHz if it passes none).
+ */
+#define APIC_BASE 0xfee00000u
+#define AP_TRAMP 0x10000u
+extern const char ap_tramp[], ap_tramp_end[];
+
+static void apic_write(u32 reg, u32 v) { *(volatile u32 *)(uptr)(APIC_BASE + reg) = v; }
+static u32 apic_read(u32 reg) { return *(volatile u32 *)(uptr)(APIC_BASE + reg); }
+
+static void wait_us(u64 us)
+{
+    u64 end = rdtsc() + us * cfg_tsc_khz / 1000;
+    while (rdtsc() < end)
+        pause();
+}
+
+static void send_ipi(u32 low)
+{
+    apic_write(0x310, 0);
+    apic_write(0x300, low);
+    for (u32 i = 0; i < 1000000 && (apic_read(0x300) & (1u << 12)); i++) /* delivery status */
+        pause();
+}
+
+static void start_aps(void)
+{
+    /* Each AP's TSS (0x100 * index, see entry64.S): its I/O bitmap offset at 0x66 pointing at
+     * the shared all-clear bitmap at 0x1000, closed by an all-ones byte at 0x3000. */
+    for (u32 c = 1; c < cfg_cpus; c++)
+        *(volatile unsigned short *)(uptr)(0x100u * c + 0x66) = (unsigned short)(0x1000u - 0x100u * c);
+    for (u32 a = 0x1000; a < 0x3000; a += 4)
+        *(volatile u32 *)(uptr)a = 0;
+    *(volatile unsigned char *)(uptr)0x3000 = 0xff;
+    for (uptr i = 0; i < (uptr)(ap_tramp_end - ap_tramp); i++)
+        ((volatile char *)(uptr)AP_TRAMP)[i] = ap_tramp[i];
+    apic_write(0xf0, apic_read(0xf0) | 0x1ffu); /* software-enable, spurious vector 0xff */
+    send_ipi(0x000c4500u);                       /* all but self, level assert, INIT */
+    wait_us(10000);
+    for (u32 n = 0; n < 2; n++) {
+        send_ipi(0x000c4600u | (AP_TRAMP >> 12)); /* all but self, start-up */
+        wait_us(200);
+    }
+    u64 end = rdtsc() + 2000000ull * cfg_tsc_khz / 1000; /* 2 s */
+    while (aps_up < cfg_cpus - 1 && rdtsc() < end)
+        pause();
+    if (aps_up < cfg_cpus - 1) {
+        u32 w[2] = {cfg_cpus, aps_up + 1};
+        event(EV_CONFIG, 0, w, 2);
+        puts("livemig-guest: only ");
+        putu(aps_up + 1);
+        puts(" of ");
+        putu(cfg_cpus);
+        puts(" cpus started\n");
+        for (;;)
+            pause();
+    }
+    puts("livemig-guest: ");
+    putu(cfg_cpus - 1);
+    puts(" AP(s) started by INIT-SIPI-SIPI\n");
 }
 
 /* One page: write it, log it, advance the counter; report progress now and then. */
@@ -448,9 +522,13 @@ void guest_main(u32 mbi, u32 cpu)
         putu(cfg_pages);
         puts(" pages each\n");
         cfg_ready = 1;
+        if (cfg_sipi && cfg_cpus > 1)
+            start_aps();
     } else {
         while (!cfg_ready)
             pause();
+        if (cpu < cfg_cpus)
+            __atomic_fetch_add(&aps_up, 1, __ATOMIC_SEQ_CST);
         if (cpu >= cfg_cpus)
             for (;;)
                 __asm__ volatile("pause");

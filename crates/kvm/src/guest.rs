@@ -684,6 +684,13 @@ pub fn cmdline(vcpus: u32, pages: u32, period: u64, idle: bool) -> String {
     )
 }
 
+/// What the command line adds for vCPU 0 to start the others with INIT-SIPI-SIPI
+/// ([`ApStart::Sipi`]; always so under QEMU, whose APs wait for it): ` sipi=1 tsc_khz=N`, the
+/// TSC rate timing the waits between the IPIs.
+pub fn cmdline_sipi(tsc_khz: u32) -> String {
+    format!(" sipi=1 tsc_khz={tsc_khz}")
+}
+
 /// The TSC frequency (kHz) KVM gives a new vCPU on this host: what the test guest's `period`
 /// counts in under livemig-kvm, and under QEMU with KVM when no `tsc-frequency` is set.
 pub fn host_tsc_khz() -> Result<u32, Error> {
@@ -723,6 +730,21 @@ pub struct TestVmConfig {
     /// The port base of a 16550-style UART vCPU 0 programs and checks (`None`: no UART).
     /// The VMM routes `base..base + 8` ([`GuestMonitor::route`]) before [`TestVm::start`].
     pub uart: Option<u16>,
+    /// How the vCPUs other than vCPU 0 start.
+    pub ap_start: ApStart,
+}
+
+/// How the test guest's application processors (every vCPU but 0) start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ApStart {
+    /// As on a real machine: they wait in KVM's wait-for-SIPI state until vCPU 0 sends
+    /// INIT-SIPI-SIPI through its in-kernel local APIC; each starts in real mode at the guest's
+    /// trampoline and makes its own way to long mode (what the guest does under QEMU).
+    #[default]
+    Sipi,
+    /// livemig-kvm sets every vCPU up in 64-bit mode at the image's entry and makes it
+    /// runnable directly.
+    Direct,
 }
 
 impl Default for TestVmConfig {
@@ -738,6 +760,7 @@ impl Default for TestVmConfig {
             cpuid_set: Vec::new(),
             idle: false,
             uart: None,
+            ap_start: ApStart::default(),
         }
     }
 }
@@ -861,6 +884,10 @@ impl TestVm {
         if let Some(base) = cfg.uart {
             cmdline += &format!(" uart={base}");
         }
+        let sipi = cfg.ap_start == ApStart::Sipi && cfg.vcpus > 1;
+        if sipi {
+            cmdline += &cmdline_sipi(tsc_khz);
+        }
         cmdline.push('\0');
         let mut mbi = [0u8; 32];
         mbi[0..4].copy_from_slice(&4u32.to_le_bytes()); // flags: cmdline valid
@@ -905,6 +932,23 @@ impl TestVm {
                     source: std::io::Error::from_raw_os_error(e.errno()),
                 }
             };
+            // MTRRs enabled with write-back as the default type (IA32_MTRR_DEF_TYPE, MSR 0x2ff:
+            // bit 11 E, bits 7:0 type 6 = WB; Intel SDM vol. 3A, 12.11.2.1). At reset E is 0,
+            // which makes all memory uncacheable, as firmware would otherwise fix. INIT keeps
+            // the MTRRs (SDM vol. 3A, table 9-1), so an AP started by SIPI has them too.
+            let mtrr = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+                index: 0x2ff,
+                data: (1 << 11) | 6,
+                ..Default::default()
+            }])
+            .map_err(|e| Error::Config(format!("MSR list: {e:?}")))?;
+            fd.set_msrs(&mtrr)
+                .map_err(kerr("KVM_SET_MSRS (IA32_MTRR_DEF_TYPE)"))?;
+            if sipi && v.index != 0 {
+                // Left as KVM created it: an AP in wait-for-SIPI (KVM_MP_STATE_UNINITIALIZED),
+                // which only the in-kernel local APIC's INIT and start-up IPIs move on.
+                continue;
+            }
             let mut s = fd.get_sregs().map_err(kerr("KVM_GET_SREGS"))?;
             s.gdt.base = GDT;
             s.gdt.limit = 39;
@@ -958,17 +1002,6 @@ impl TestVm {
                 r.rbx = u64::from(v.index);
             }
             fd.set_regs(&r).map_err(kerr("KVM_SET_REGS"))?;
-            // MTRRs enabled with write-back as the default type (IA32_MTRR_DEF_TYPE, MSR 0x2ff:
-            // bit 11 E, bits 7:0 type 6 = WB; Intel SDM vol. 3A, 12.11.2.1). At reset E is 0,
-            // which makes all memory uncacheable, as firmware would otherwise fix.
-            let mtrr = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
-                index: 0x2ff,
-                data: (1 << 11) | 6,
-                ..Default::default()
-            }])
-            .map_err(|e| Error::Config(format!("MSR list: {e:?}")))?;
-            fd.set_msrs(&mtrr)
-                .map_err(kerr("KVM_SET_MSRS (IA32_MTRR_DEF_TYPE)"))?;
             make_runnable(&fd).map_err(kerr("KVM_SET_MP_STATE"))?;
         }
         t.vm.unpause(pause::START);

@@ -43,7 +43,7 @@ pub mod vm;
 
 pub use device::{KvmStart, KvmVcpus, VcpuStateDevice};
 pub use dirty::KvmDirtyLog;
-pub use guest::{GuestEvent, TestVm, TestVmConfig};
+pub use guest::{ApStart, GuestEvent, TestVm, TestVmConfig};
 pub use memory::{Backing, VmMemory};
 pub use vm::{DirtyMode, Mechanism, Vm, VmConfig, kvm_usable};
 

@@ -13,7 +13,7 @@ use livemig::engine::{AutoConverge, Event, SourceConfig};
 use livemig::link::LinkConfig;
 use livemig::memory::GuestMemory;
 use livemig::{Error, Phase};
-use livemig_kvm::{DirtyMode, GuestEvent, KvmDirtyLog, Mechanism, TestVm};
+use livemig_kvm::{ApStart, DirtyMode, GuestEvent, KvmDirtyLog, Mechanism, TestVm, TestVmConfig};
 
 fn run_and_check(dirty: DirtyMode, expect_ring: bool) {
     let mut cfg = config();
@@ -722,4 +722,47 @@ fn a_guest_exception_is_reported_with_its_vector_and_address_not_a_silent_reset(
         "each vCPU names itself and the faulting rip in the image"
     );
     assert!(vm.vm.failures().is_empty(), "{:?}", vm.vm.failures());
+}
+
+#[test]
+fn the_aps_wait_for_init_sipi_sipi_and_start_only_when_vcpu0_sends_it() {
+    let Some(_one_at_a_time) = kvm() else {
+        return;
+    };
+    let mp = |vm: &TestVm, i: usize| vm.vm.vcpus()[i].fd().get_mp_state().unwrap().mp_state;
+    // The default: vCPU 1 is left in wait-for-SIPI until the guest's vCPU 0 sends the IPIs.
+    let cfg = config();
+    assert_eq!(cfg.ap_start, ApStart::Sipi);
+    let vm = TestVm::prepare(&cfg).unwrap();
+    assert_eq!(
+        mp(&vm, 1),
+        kvm_bindings::KVM_MP_STATE_UNINITIALIZED,
+        "an AP waits for INIT/SIPI before the guest runs"
+    );
+    vm.start().unwrap();
+    let steps = vm.wait_progress(&[0, 0], Duration::from_secs(10)).unwrap();
+    assert!(steps[1] > 0, "vCPU 1 writes its working set: {steps:?}");
+    assert!(
+        vm.monitor
+            .text()
+            .contains("1 AP(s) started by INIT-SIPI-SIPI"),
+        "{}",
+        vm.monitor.text()
+    );
+    let bad = vm.verify(Duration::from_secs(10)).unwrap();
+    assert!(bad.is_empty(), "{bad:?}");
+    drop(vm);
+    // Control: started directly, the same check sees no IPI sent (the line is the guest's
+    // own report of the start, not something every boot prints).
+    let vm = TestVm::boot(&TestVmConfig {
+        ap_start: ApStart::Direct,
+        ..config()
+    })
+    .unwrap();
+    vm.wait_progress(&[0, 0], Duration::from_secs(10)).unwrap();
+    assert!(
+        !vm.monitor.text().contains("INIT-SIPI-SIPI"),
+        "{}",
+        vm.monitor.text()
+    );
 }
