@@ -14,9 +14,13 @@
 //!   test VM boots idle (`--idle`: the guest's own boot writes its image, page tables and
 //!   per-vCPU state into the first MiBs of the image, then nothing) and is paused before the
 //!   migration (`--paused`, as QEMU's `-S`), so no vCPU spins on a core the migration needs.
-//! * **running**: the test guest (the same multiboot image under both) writes its working set
-//!   at the same rate: livemig `--rate R` pages/s, QEMU `period=` TSC ticks computed by
-//!   `livemig vm image --print-append` from the host's KVM TSC frequency. Downtime is vCPU stop
+//! * **running** (per `--running`): the test guest (the same multiboot image under both) on two
+//!   vCPUs, the second started by the first with INIT-SIPI-SIPI under both VMMs, each writing
+//!   its own working set at a rate that is a share of this run's lower-bound bandwidth (25, 90
+//!   and 150% by default): livemig `--rate R` pages/s, QEMU `period=` TSC ticks computed by
+//!   `livemig vm image --print-append` from the host's KVM TSC frequency. Auto-converge on
+//!   both with QEMU's defaults (20%, +10%, at most 99%, when the guest dirtied more than half
+//!   of what was sent twice in a row: livemig's rule is the same). Downtime is vCPU stop
 //!   on the source to run on the destination: QMP `STOP` (source) to `RESUME` (destination)
 //!   event timestamps for QEMU; for livemig the source's stop with every vCPU parked
 //!   (`vcpus_paused_at_ns`) to the destination's first vCPU entry (`first_vcpu_entry_ns`), all
@@ -26,11 +30,16 @@
 //!   (livemig's `--channels`), pipelined, into fresh anonymous memory; four variants
 //!   (`sendfile` or `write` from a mapping, receiver memory with or without THP), the fastest
 //!   is the bound. Each side's total is reported as a ratio to it.
-//! * **every byte** (paused cases): after each run the destination's guest RAM is digested
-//!   per 2 MiB (CRC-64/NVME; livemig: `vm incoming --ram-digest`, QEMU: `/proc/PID/mem` at
-//!   the host addresses `gpa2hva` gives) and compared with the source's RAM, the image file
-//!   both sources map; a difference fails the run. The lower bound's copies are checked the
-//!   same way.
+//! * **every byte**: after each run the destination's guest RAM is digested per 2 MiB
+//!   (CRC-64/NVME; livemig: `--ram-digest`, QEMU: `/proc/PID/mem` at the host addresses
+//!   `gpa2hva` gives). Paused cases compare it with the source's RAM, the image file both
+//!   sources map. Running cases: the guest checks every page of its working sets against its
+//!   log on the destination (QEMU's guest takes the command from its mailbox word in RAM,
+//!   written through `/proc/PID/mem`, and answers on its console), and the RAM beyond the
+//!   working sets, which the guest never writes, must equal the stopped source's digest. A
+//!   difference fails the benchmark at the end, naming every run. The lower bound's copies
+//!   are checked the same way. `--x-corrupt-destination` damages every QEMU destination
+//!   before its checks (the CI control: each must fail).
 //! * **memory copy**: one thread's `memcpy` bandwidth into touched and into fresh memory.
 //!
 //! The image: the first 32 MiB stay zero (the test guest's code, tables, logs and working set,
@@ -65,6 +74,11 @@ const GIB: u64 = 1 << 30;
 const RUN: u64 = 2 * MIB;
 /// The image's first bytes stay zero: the test guest's own memory.
 const GUEST_AREA: u64 = 32 * MIB;
+/// Where the test guest's working sets begin (`crates/kvm/guest/guest.c`, WS_BASE); below
+/// are its image, logs and state, all of which it writes.
+const GUEST_WS_BASE: u64 = 16 * MIB;
+/// The test guest's command mailbox: one u32 per vCPU (guest.c, MAILBOX).
+const GUEST_MAILBOX: u64 = 0x6000;
 /// QEMU's `max-bandwidth`: far above loopback (its default, 128 MiB/s, would be the limit).
 const QEMU_MAX_BANDWIDTH: u64 = 100_000_000_000;
 /// How often QEMU's `query-migrate` is polled for the timeline.
@@ -121,14 +135,20 @@ pub struct Options {
     pub keep: bool,
     /// Downtime limit for both (livemig `--downtime`, QEMU `downtime-limit`), ms.
     pub downtime_ms: u64,
-    /// Guest RAM of the running case.
+    /// Guest RAM of the running cases.
     pub running_mem: u64,
-    /// Working-set pages of the running case's one vCPU.
+    /// vCPUs of the running cases (each writes its own working set; vCPU 0 starts the others
+    /// with INIT-SIPI-SIPI under both VMMs).
+    pub running_vcpus: u32,
+    /// Working-set pages of each vCPU in the running cases.
     pub running_pages: u32,
-    /// Pages per second the running case's vCPU writes.
-    pub running_rate: u64,
-    /// Negative control of the byte check: flip one byte of the first data run in each QEMU
-    /// destination's RAM (through /proc/PID/mem) before its digest; the run must fail.
+    /// The running cases: the guest's write rate as a percentage of this run's lower-bound
+    /// bandwidth (bytes/s of the fastest copy in the paused cases).
+    pub running: Vec<u32>,
+    /// Negative control of the byte checks: every QEMU destination's RAM is damaged (through
+    /// /proc/PID/mem) before it is checked: a paused case's first data run, a running case's
+    /// vCPU 0 log (the guest's own check) and a page no guest writes (the digest); every such
+    /// run must fail, and the benchmark fails naming each.
     pub x_corrupt_destination: bool,
     /// Use the static release `livemig` the rig builds (CI, after the rig step) instead of
     /// `cargo build --release -p livemig-cli`.
@@ -151,8 +171,9 @@ impl Options {
             keep: false,
             downtime_ms: 300,
             running_mem: GIB,
-            running_pages: 16384,
-            running_rate: 20_000,
+            running_vcpus: 2,
+            running_pages: 65536,
+            running: vec![25, 90, 150],
             rig_binary: false,
             x_corrupt_destination: false,
         }
@@ -193,6 +214,7 @@ pub fn parse_options(args: &[String]) -> Result<Options> {
     let mut o = Options::defaults();
     let mut paused_given = false;
     let mut reps_given = false;
+    let mut running_given = false;
     let mut it = args.iter();
     let value = |it: &mut std::slice::Iter<'_, String>, flag: &str| -> Result<String> {
         it.next()
@@ -229,6 +251,24 @@ pub fn parse_options(args: &[String]) -> Result<Options> {
                     .parse()
                     .with_context(|| format!("--downtime {v:?} is not a whole number of ms"))?;
             }
+            "--running" => {
+                let v = value(&mut it, a)?;
+                o.running = if v == "none" {
+                    Vec::new()
+                } else {
+                    v.split(',')
+                        .map(|p| {
+                            p.trim_end_matches('%').parse().with_context(|| {
+                                format!(
+                                    "--running {v:?}: {p:?} is not a whole percentage of the \
+                                     lower-bound bandwidth like 90%"
+                                )
+                            })
+                        })
+                        .collect::<Result<_>>()?
+                };
+                running_given = true;
+            }
             "--out" => o.out = value(&mut it, a)?.into(),
             "--smoke" => o.smoke = true,
             "--keep" => o.keep = true,
@@ -245,7 +285,10 @@ pub fn parse_options(args: &[String]) -> Result<Options> {
             o.reps = 1;
         }
         o.running_mem = 64 * MIB;
-        o.running_pages = 1024;
+        o.running_pages = 4096;
+        if !running_given {
+            o.running = vec![25];
+        }
     }
     o.check()?;
     Ok(o)
@@ -269,7 +312,24 @@ impl Options {
             "--downtime {}: at least 1 ms",
             self.downtime_ms
         );
-        ensure!(!self.paused.is_empty(), "--paused: at least one case");
+        ensure!(
+            !self.paused.is_empty(),
+            "--paused: at least one case (the running cases' rates come from its lower bound)"
+        );
+        for &p in &self.running {
+            ensure!(
+                (1..=1000).contains(&p),
+                "--running {p}%: between 1% and 1000% of the lower-bound bandwidth"
+            );
+        }
+        let ws =
+            GUEST_WS_BASE + u64::from(self.running_vcpus) * u64::from(self.running_pages) * 4096;
+        ensure!(
+            ws <= self.running_mem,
+            "the running cases' working sets end at {} MiB, beyond their {} of RAM",
+            ws / MIB,
+            size_name(self.running_mem)
+        );
         for &(s, fill) in &self.paused {
             ensure!(
                 s >= 64 * MIB,
@@ -809,8 +869,34 @@ impl Side {
 enum Kind {
     /// The paused VM over the image.
     Paused { image: Image },
-    /// The test guest running (`append`: QEMU's `-append`).
-    Running { mem: u64, append: String },
+    /// The test guest running.
+    Running(Run),
+}
+
+/// A running case: the test guest writing its working sets at a rate derived from this run's
+/// lower bound.
+#[derive(Debug, Clone)]
+struct Run {
+    mem: u64,
+    vcpus: u32,
+    /// Working-set pages per vCPU.
+    pages: u32,
+    /// The guest's write rate as a percentage of the lower-bound bandwidth.
+    pct: u32,
+    /// That bandwidth, bytes/s.
+    bound_bps: u64,
+    /// Pages per second per vCPU asked of the guest (`pct` of `bound_bps`, shared out).
+    rate: u64,
+    /// QEMU's `-append` for the same workload.
+    append: String,
+}
+
+impl Run {
+    /// Where the working sets end: below, every byte is the guest's own (checked by the guest);
+    /// from here on the guest writes nothing (checked by digest).
+    fn guest_end(&self) -> u64 {
+        (GUEST_WS_BASE + u64::from(self.vcpus) * u64::from(self.pages) * 4096).next_multiple_of(RUN)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -823,7 +909,7 @@ impl Case {
     fn mem(&self) -> u64 {
         match &self.kind {
             Kind::Paused { image } => image.size,
-            Kind::Running { mem, .. } => *mem,
+            Kind::Running(r) => r.mem,
         }
     }
 }
@@ -838,9 +924,19 @@ struct Measured {
     timeline: Vec<(u64, u64)>,
     phases: Vec<(String, u64)>,
     raw: Value,
-    /// Paused cases: the digest of the destination's guest RAM once it held everything
-    /// (`floor::digest_bytes` layout: every 2 MiB, low RAM then high RAM).
+    /// The digest of the destination's guest RAM once it held everything (paused), or after
+    /// the guest's check (running) (`floor::digest_bytes` layout: every 2 MiB, low RAM then
+    /// high RAM).
     dest_digest: Option<Vec<u64>>,
+    /// Running cases: the digest of the source's guest RAM, stopped after the migration.
+    src_digest: Option<Vec<u64>>,
+    /// Running cases: the guest's own check of every working-set page on the destination
+    /// (`Ok(pages)` or what it reported).
+    guest_check: Option<std::result::Result<u64, String>>,
+    /// Running cases: the dirty rate the VMM measured during pre-copy, pages/s.
+    dirty_rate: Option<u64>,
+    /// Running cases: the highest vCPU throttle auto-converge applied, percent.
+    max_throttle: Option<u64>,
     /// The comparison with the source's RAM (filled in by `run_sides`).
     verified: Value,
 }
@@ -855,6 +951,8 @@ struct Ctx<'a> {
     logs: PathBuf,
     guest_image: PathBuf,
     seq: u32,
+    /// Runs whose bytes did not check out (each is named; the benchmark fails at the end).
+    failures: Vec<String>,
 }
 
 fn now_us() -> i64 {
@@ -869,10 +967,12 @@ fn deadline_for(mem: u64) -> Duration {
 }
 
 impl Ctx<'_> {
-    /// livemig's warm-up in the running case: one pass over the working set at the rate
-    /// (its first pass writes every page), then 500 ms.
-    fn running_warmup(&self) -> Duration {
-        let pass_ms = u64::from(self.o.running_pages) * 1000 / self.o.running_rate.max(1);
+    /// livemig's warm-up in a running case: one pass over the working set (its first pass
+    /// writes every page; at no more than 100,000 pages/s, about a third of what a vCPU of
+    /// the test guest writes at most, so that a rate it cannot reach still completes the
+    /// pass), then 500 ms. QEMU's waits for every vCPU's report of its first pass instead.
+    fn running_warmup(r: &Run) -> Duration {
+        let pass_ms = u64::from(r.pages) * 1000 / r.rate.clamp(1, 100_000);
         Duration::from_millis(pass_ms + 500)
     }
 
@@ -895,11 +995,11 @@ impl Ctx<'_> {
                     "--idle".into(),
                 ]
             }
-            Kind::Running { mem, .. } => vec![
-                "--vcpus=1".into(),
-                format!("--pages={}", self.o.running_pages),
-                format!("--rate={}", self.o.running_rate),
-                format!("--ram={mem}"),
+            Kind::Running(r) => vec![
+                format!("--vcpus={}", r.vcpus),
+                format!("--pages={}", r.pages),
+                format!("--rate={}", r.rate),
+                format!("--ram={}", r.mem),
                 "--high-ram=0".into(),
             ],
         }
@@ -925,10 +1025,10 @@ impl Ctx<'_> {
             dst_cmd.arg(format!("--channels={}", self.o.channels));
         }
         let digest_file = self.tmp.join("livemig-destination.digest");
+        let src_digest_file = self.tmp.join("livemig-source.digest");
         let _ = std::fs::remove_file(&digest_file);
-        if matches!(case.kind, Kind::Paused { .. }) {
-            dst_cmd.arg("--ram-digest").arg(&digest_file);
-        }
+        let _ = std::fs::remove_file(&src_digest_file);
+        dst_cmd.arg("--ram-digest").arg(&digest_file);
         let mut dst = Proc::spawn("livemig vm incoming", &mut dst_cmd)?;
         let mut out = BufReader::new(dst.child.stdout.take().context("stdout")?);
         let mut first = String::new();
@@ -960,9 +1060,18 @@ impl Ctx<'_> {
                     .arg(&image.path)
                     .args(["--paused", "--warmup=0s"]);
             }
-            Kind::Running { .. } => {
-                // As under QEMU: one whole pass over the working set, then 500 ms.
-                src_cmd.arg(format!("--warmup={}ms", self.running_warmup().as_millis()));
+            Kind::Running(r) => {
+                // As under QEMU: one whole pass over the working set, then 500 ms; the same
+                // auto-converge (QEMU's defaults: 20%, +10%, at most 99%, when the guest dirties
+                // more than half of what a round sent twice).
+                src_cmd
+                    .arg(format!(
+                        "--warmup={}ms",
+                        Self::running_warmup(r).as_millis()
+                    ))
+                    .arg("--auto-converge")
+                    .arg("--ram-digest")
+                    .arg(&src_digest_file);
             }
         }
         let mut src = Proc::spawn("livemig vm migrate", &mut src_cmd)?;
@@ -1054,11 +1163,29 @@ impl Ctx<'_> {
                 "source_process_cpu_us": src_life_cpu,
                 "destination_process_cpu_us": dst_life_cpu,
             }),
-            dest_digest: if matches!(case.kind, Kind::Paused { .. }) {
-                Some(floor::read_digest(&digest_file).context("livemig's --ram-digest")?)
+            dest_digest: Some(
+                floor::read_digest(&digest_file).context("livemig's destination --ram-digest")?,
+            ),
+            src_digest: if running {
+                Some(
+                    floor::read_digest(&src_digest_file)
+                        .context("livemig's source --ram-digest")?,
+                )
             } else {
                 None
             },
+            // `vm incoming` exits non-zero when the guest's check fails (checked above).
+            guest_check: running.then(|| Ok(d["verification"]["pages"].as_u64().unwrap_or(0))),
+            dirty_rate: running.then(|| r["dirty_rate"].as_u64().unwrap_or(0)),
+            max_throttle: running.then(|| {
+                r["rounds"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|x| x["throttle_percent"].as_u64())
+                    .max()
+                    .unwrap_or(0)
+            }),
             verified: Value::Null,
         })
     }
@@ -1089,13 +1216,15 @@ impl Ctx<'_> {
                 c.arg("-object")
                     .arg(format!("memory-backend-ram,id=ram,size={mem}"));
             }
-            (Kind::Running { append, .. }, _) => {
+            (Kind::Running(r), _) => {
                 c.arg("-object")
                     .arg(format!("memory-backend-ram,id=ram,size={mem}"))
+                    .arg("-smp")
+                    .arg(r.vcpus.to_string())
                     .arg("-kernel")
                     .arg(&self.guest_image)
                     .arg("-append")
-                    .arg(append)
+                    .arg(&r.append)
                     .args(["-device", "isa-debugcon,iobase=0xe9,chardev=d"])
                     .arg("-chardev")
                     .arg(format!(
@@ -1136,15 +1265,17 @@ impl Ctx<'_> {
                 size_name(image.size),
                 q35_split(image.size)
             );
-        } else {
-            // The guest wrote its whole working set once (its console says so at the end of
-            // the first pass), then runs 500 ms more: the steady state livemig's warm-up
-            // reaches too (a pass at the rate, then 500 ms).
+        } else if let Kind::Running(r) = &case.kind {
+            // Every vCPU wrote its whole working set once (the console says so at the end of
+            // each one's first pass), then the guest runs 500 ms more: the steady state
+            // livemig's warm-up reaches too (a pass, then 500 ms).
             let log = self.logs.join("guest-source.log");
-            let end = Instant::now() + Duration::from_secs(30) + self.running_warmup();
-            while !std::fs::read_to_string(&log)
+            let end = Instant::now() + Duration::from_secs(30) + Self::running_warmup(r);
+            while std::fs::read_to_string(&log)
                 .unwrap_or_default()
-                .contains("wrote its working set once")
+                .matches("wrote its working set once")
+                .count()
+                < r.vcpus as usize
             {
                 ensure!(
                     Instant::now() < end,
@@ -1155,11 +1286,13 @@ impl Ctx<'_> {
             }
             std::thread::sleep(Duration::from_millis(500));
         }
+        let running = matches!(case.kind, Kind::Running(_));
         for q in [&mut s, &mut d] {
             q.execute(
                 "migrate-set-capabilities",
                 json!({"capabilities": [
                     {"capability": "events", "state": true},
+                    {"capability": "auto-converge", "state": running},
                     {"capability": "multifd", "state": multifd.is_some()}]}),
             )?;
             if let Some(channels) = multifd {
@@ -1173,6 +1306,14 @@ impl Ctx<'_> {
             "migrate-set-parameters",
             json!({"max-bandwidth": QEMU_MAX_BANDWIDTH, "downtime-limit": self.o.downtime_ms}),
         )?;
+        if running {
+            // Auto-converge as livemig's: QEMU's defaults, set explicitly.
+            s.execute(
+                "migrate-set-parameters",
+                json!({"cpu-throttle-initial": 20, "cpu-throttle-increment": 10,
+                       "max-cpu-throttle": 99, "throttle-trigger-threshold": 50}),
+            )?;
+        }
         let dst_cpu0 = proc_cpu_us(dst.pid())?;
         d.execute("migrate-incoming", json!({"uri": "tcp:127.0.0.1:0"}))?;
         let info = d.execute("query-migrate", json!({}))?;
@@ -1186,6 +1327,7 @@ impl Ctx<'_> {
         s.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))?;
         let mut timeline = vec![(0u64, 0u64)];
         let mut dirty_rate = Value::Null;
+        let mut max_throttle = 0u64;
         let last = loop {
             let q = s.execute("query-migrate", json!({}))?;
             let status = q["status"].as_str().unwrap_or("").to_string();
@@ -1194,6 +1336,9 @@ impl Ctx<'_> {
             }
             if !q["ram"]["dirty-pages-rate"].is_null() && status == "active" {
                 dirty_rate = q["ram"]["dirty-pages-rate"].clone();
+            }
+            if let Some(t) = q["cpu-throttle-percentage"].as_u64() {
+                max_throttle = max_throttle.max(t);
             }
             match status.as_str() {
                 "completed" => break q,
@@ -1215,7 +1360,6 @@ impl Ctx<'_> {
             "QEMU's destination: {:?}",
             done.data
         );
-        let running = matches!(case.kind, Kind::Running { .. });
         let downtime_us = if running {
             let stop = s.wait_event(deadline, "the source's STOP", |e| e.name == "STOP")?;
             let resume =
@@ -1237,6 +1381,7 @@ impl Ctx<'_> {
         let (src_life, dst_life) = (proc_cpu_us(src.pid())?, proc_cpu_us(dst.pid())?);
         // The destination stays paused (its source never ran): its RAM, read through
         // /proc/PID/mem at the host addresses its monitor gives, is what it received.
+        let (mut src_digest, mut guest_check) = (None, None);
         let dest_digest = match &case.kind {
             Kind::Paused { image } => {
                 if self.o.x_corrupt_destination {
@@ -1244,7 +1389,16 @@ impl Ctx<'_> {
                 }
                 Some(qemu_ram_digest(&mut d, dst.pid(), image.size)?)
             }
-            Kind::Running { .. } => None,
+            Kind::Running(r) => {
+                // The source stays stopped (`postmigrate`): its RAM is what it handed over.
+                src_digest = Some(qemu_ram_digest(&mut s, src.pid(), r.mem)?);
+                if self.o.x_corrupt_destination {
+                    corrupt_qemu_running(&mut d, dst.pid(), r)?;
+                }
+                let log = self.logs.join("guest-destination.log");
+                guest_check = Some(qemu_guest_check(&mut d, dst.pid(), r, &log, deadline)?);
+                Some(qemu_ram_digest(&mut d, dst.pid(), r.mem)?)
+            }
         };
         for q in [&mut s, &mut d] {
             let _ = q.execute("quit", json!({}));
@@ -1272,6 +1426,10 @@ impl Ctx<'_> {
                 "events_destination": d.events.iter().map(|e| json!([e.name, e.timestamp_us, e.data])).collect::<Vec<_>>(),
             }),
             dest_digest,
+            src_digest,
+            guest_check,
+            dirty_rate: dirty_rate.as_u64().filter(|&r| running && r > 0),
+            max_throttle: running.then_some(max_throttle),
             verified: Value::Null,
         })
     }
@@ -1339,6 +1497,84 @@ fn qemu_ram_digest(q: &mut Qmp, pid: i32, size: u64) -> Result<Vec<u64>> {
         );
     }
     Ok(out)
+}
+
+/// Writes `bytes` into a QEMU guest's RAM at `gpa` through `/proc/PID/mem`.
+fn qemu_write(q: &mut Qmp, pid: i32, gpa: u64, bytes: &[u8]) -> Result<()> {
+    let a = q.execute(
+        "human-monitor-command",
+        json!({"command-line": format!("gpa2hva {gpa:#x}")}),
+    )?;
+    let hva = parse_gpa2hva(a.as_str().unwrap_or(""))?;
+    let mem = File::options()
+        .write(true)
+        .open(format!("/proc/{pid}/mem"))
+        .with_context(|| format!("opening /proc/{pid}/mem for writing"))?;
+    mem.write_all_at(bytes, hva)
+        .with_context(|| format!("writing QEMU's RAM at GPA {gpa:#x} (host {hva:#x})"))
+}
+
+/// The control of a running case's checks: vCPU 0's log of what it wrote (8 MiB,
+/// guest.c LOG_BASE) overwritten, for the guest's own check, and one byte of the first 2 MiB
+/// the guest never writes, for the digest.
+fn corrupt_qemu_running(q: &mut Qmp, pid: i32, r: &Run) -> Result<()> {
+    let log = vec![0xa5u8; r.pages as usize * 4];
+    qemu_write(q, pid, 8 * MIB, &log)?;
+    if r.guest_end() < r.mem {
+        qemu_write(q, pid, r.guest_end() + 4096, &[0x5a])?;
+    }
+    eprintln!(
+        "bench-peer: control: overwrote vCPU 0's log and a byte at GPA {:#x} in QEMU's \
+         destination",
+        r.guest_end() + 4096
+    );
+    Ok(())
+}
+
+/// The guest's own check on a QEMU destination: the verify command in each vCPU's mailbox
+/// word (guest.c MAILBOX), then its console's verdict per vCPU. `Ok(pages checked)`, or the
+/// guest's report of what failed.
+fn qemu_guest_check(
+    q: &mut Qmp,
+    pid: i32,
+    r: &Run,
+    console: &Path,
+    deadline: Instant,
+) -> Result<std::result::Result<u64, String>> {
+    let before = std::fs::read_to_string(console).unwrap_or_default().len();
+    let verify: Vec<u8> = (0..r.vcpus).flat_map(|_| 1u32.to_le_bytes()).collect();
+    qemu_write(q, pid, GUEST_MAILBOX, &verify)?;
+    let end = deadline.min(Instant::now() + Duration::from_secs(60));
+    loop {
+        let text = std::fs::read_to_string(console).unwrap_or_default();
+        let new = text.get(before..).unwrap_or("");
+        let verdicts: Vec<&str> = new
+            .lines()
+            .filter(|l| {
+                l.starts_with("livemig-guest: cpu")
+                    && (l.ends_with(" verify ok") || l.ends_with(" verify FAILED"))
+            })
+            .collect();
+        if verdicts.len() >= r.vcpus as usize {
+            return Ok(if verdicts.iter().all(|l| l.contains(" verify ok")) {
+                Ok(u64::from(r.vcpus) * u64::from(r.pages))
+            } else {
+                Err(new
+                    .lines()
+                    .filter(|l| l.contains("FAILED") || l.contains("does not hold"))
+                    .take(4)
+                    .collect::<Vec<_>>()
+                    .join("; "))
+            });
+        }
+        ensure!(
+            Instant::now() < end,
+            "the guest on QEMU's destination did not answer the verify command within 60 s \
+             (console {}: {new:?})",
+            console.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 trait PipeFile {
@@ -1503,22 +1739,56 @@ fn case_table(c: &CaseResult) -> String {
     let mut t = String::new();
     let running = matches!(c.case.kind, Kind::Running { .. });
     t += &format!("### {}\n\n", c.case.name);
-    t += "| side | total (s) | downtime (ms) | bytes on the wire (MiB) | source CPU (s) | destination CPU (s) |\n";
-    t += "|---|---:|---:|---:|---:|---:|\n";
+    // Running cases add the VMM's own dirty-rate figure and the highest throttle applied.
+    let extra = if running {
+        " dirty rate (pages/s, the VMM's) | highest throttle (%) |"
+    } else {
+        ""
+    };
+    t += &format!(
+        "| side | total (s) | downtime (ms) | bytes on the wire (MiB) | source CPU (s) | \
+         destination CPU (s) | CPU s per GiB sent |{extra}\n"
+    );
+    t += &format!(
+        "|---|---:|---:|---:|---:|---:|---:|{}\n",
+        if running { "---:|---:|" } else { "" }
+    );
     let sums: BTreeMap<Side, Summary> = c.runs.iter().map(|(s, r)| (*s, summarize(r))).collect();
     let dt = |s: &Summary| {
         s.downtime_us
             .map_or("–".into(), |d| format!("{:.1}", d as f64 / 1e3))
     };
+    let dashes = if running { " – | – |" } else { "" };
     for (side, s) in &sums {
+        let runs = &c.runs[side];
+        // "–" where the VMM gave no figure (QEMU computes its dirty rate at a bitmap sync at
+        // most once a second, so a short migration has none).
+        let med = |f: &dyn Fn(&Measured) -> Option<u64>| {
+            let v: Vec<u64> = runs.iter().filter_map(f).collect();
+            if v.is_empty() {
+                "–".to_string()
+            } else {
+                median(v).to_string()
+            }
+        };
         t += &format!(
-            "| {} | {:.2} | {} | {:.1} | {:.2} | {:.2} |\n",
+            "| {} | {:.2} | {} | {:.1} | {:.2} | {:.2} | {:.2} |{}\n",
             side.label(),
             s.total_us as f64 / 1e6,
             dt(s),
             s.bytes as f64 / MIB as f64,
             s.src_cpu_us as f64 / 1e6,
-            s.dst_cpu_us as f64 / 1e6
+            s.dst_cpu_us as f64 / 1e6,
+            (s.src_cpu_us + s.dst_cpu_us) as f64 / 1e6 / (s.bytes.max(1) as f64 / GIB as f64),
+            if running {
+                format!(
+                    " {} | {} |",
+                    med(&|m| m.dirty_rate),
+                    med(&|m| m.max_throttle)
+                )
+            } else {
+                String::new()
+            }
         );
     }
     if let (Some(bs), Kind::Paused { image }) = (&c.bound, &c.case.kind) {
@@ -1529,19 +1799,19 @@ fn case_table(c: &CaseResult) -> String {
             .min_by_key(|c| c.us)
             .map_or(String::new(), floor::Sample::label);
         t += &format!(
-            "| lower bound ({} connection(s); fastest: {best}) | {:.2} | – | {:.1} | – | – |\n",
+            "| lower bound ({} connection(s); fastest: {best}) | {:.2} | – | {:.1} | – | – | – |\n",
             c.channels,
             us as f64 / 1e6,
             image.nonzero_bytes as f64 / MIB as f64
         );
         t += &format!(
-            "| fastest copy into fresh memory (not a bound) | {:.2} | – | {:.1} | – | – |\n",
+            "| fastest copy into fresh memory (not a bound) | {:.2} | – | {:.1} | – | – | – |\n",
             median(bs.iter().map(Bound::fresh_us).collect()) as f64 / 1e6,
             image.nonzero_bytes as f64 / MIB as f64
         );
         for (side, s) in &sums {
             t += &format!(
-                "| {} / lower bound | {} | – | – | – | – |\n",
+                "| {} / lower bound | {} | – | – | – | – | – |\n",
                 side.label(),
                 ratio(s.total_us, us)
             );
@@ -1550,8 +1820,10 @@ fn case_table(c: &CaseResult) -> String {
     if let Some(l) = sums.get(&Side::Livemig) {
         for (q, s) in sums.iter().filter(|(q, _)| **q != Side::Livemig) {
             {
+                let per_gib =
+                    |x: &Summary| (x.src_cpu_us + x.dst_cpu_us) * 1000 / (x.bytes / MIB).max(1);
                 t += &format!(
-                    "| livemig / {} | {} | {} | {} | {} | {} |\n",
+                    "| livemig / {} | {} | {} | {} | {} | {} | {} |{dashes}\n",
                     q.label(),
                     ratio(l.total_us, s.total_us),
                     match (l.downtime_us, s.downtime_us) {
@@ -1560,7 +1832,8 @@ fn case_table(c: &CaseResult) -> String {
                     },
                     ratio(l.bytes, s.bytes),
                     ratio(l.src_cpu_us, s.src_cpu_us),
-                    ratio(l.dst_cpu_us, s.dst_cpu_us)
+                    ratio(l.dst_cpu_us, s.dst_cpu_us),
+                    ratio(per_gib(l), per_gib(s))
                 );
             }
         }
@@ -1706,15 +1979,17 @@ pub fn bench_peer(o: &Options) -> Result<()> {
         logs: logs.clone(),
         guest_image: guest_image.clone(),
         seq: 0,
+        failures: Vec::new(),
     };
-    // The running case's workload under QEMU: the same image, the same rate in TSC ticks.
-    let append = if kvm {
+    // A running case's workload under QEMU: the same image, the same rate in TSC ticks.
+    let append = |rate: u64| -> Result<String> {
         let o2 = Command::new(&livemig)
             .args(["vm", "image", "-o"])
             .arg(&guest_image)
             .arg("--print-append")
+            .arg(format!("--vcpus={}", o.running_vcpus))
             .arg(format!("--pages={}", o.running_pages))
-            .arg(format!("--rate={}", o.running_rate))
+            .arg(format!("--rate={rate}"))
             .output()
             .context("running livemig vm image")?;
         ensure!(
@@ -1722,9 +1997,7 @@ pub fn bench_peer(o: &Options) -> Result<()> {
             "livemig vm image failed: {}",
             String::from_utf8_lossy(&o2.stderr)
         );
-        Some(String::from_utf8_lossy(&o2.stdout).trim().to_string())
-    } else {
-        None
+        Ok(String::from_utf8_lossy(&o2.stdout).trim().to_string())
     };
 
     let mut files = ImageFiles {
@@ -1848,33 +2121,63 @@ pub fn bench_peer(o: &Options) -> Result<()> {
             let _ = std::fs::remove_file(&path);
         }
     }
-    if let Some(append) = append {
-        let case = Case {
-            name: format!(
-                "Running test guest, {} RAM, 1 vCPU writing {} pages ({} MiB) at {} pages/s",
-                size_name(o.running_mem),
-                o.running_pages,
-                u64::from(o.running_pages) * 4096 / MIB,
-                o.running_rate
-            ),
-            kind: Kind::Running {
-                mem: o.running_mem,
-                append: append.clone(),
-            },
-        };
-        let mut r = CaseResult {
-            case,
-            runs: BTreeMap::new(),
-            bound: None,
-            channels: livemig_ch,
-        };
+    // The running cases' rates: shares of this run's lower-bound bandwidth (the first dense
+    // case's, else the first paused case's), bytes of data per second of the fastest copy.
+    let bound_bps = results
+        .iter()
+        .filter(|r| matches!(&r.case.kind, Kind::Paused { image } if image.fill == Fill::Dense))
+        .chain(results.iter())
+        .find_map(|r| match (&r.case.kind, &r.bound) {
+            (Kind::Paused { image }, Some(bs)) if !bs.is_empty() => {
+                let us = median(bs.iter().map(Bound::us).collect()).max(1);
+                Some(image.nonzero_bytes * 1_000_000 / us)
+            }
+            _ => None,
+        });
+    if kvm && !o.running.is_empty() {
+        let bound_bps = bound_bps.context(
+            "no paused case ran (refused for memory?), so there is no lower bound to derive the \
+             running cases' rates from",
+        )?;
         make_room(2 * o.running_mem);
-        for rep in 0..o.reps {
-            run_sides(&mut ctx, &mut r, &sides, rep)?;
+        for &pct in &o.running {
+            let rate =
+                (bound_bps * u64::from(pct) / 100 / 4096 / u64::from(o.running_vcpus)).max(1);
+            let run = Run {
+                mem: o.running_mem,
+                vcpus: o.running_vcpus,
+                pages: o.running_pages,
+                pct,
+                bound_bps,
+                rate,
+                append: append(rate)?,
+            };
+            let case = Case {
+                name: format!(
+                    "Running test guest, {} RAM, {} vCPUs writing {} MiB each at {pct}% of the \
+                     lower bound's {:.2} GB/s ({} pages/s per vCPU), auto-converge",
+                    size_name(run.mem),
+                    run.vcpus,
+                    u64::from(run.pages) * 4096 / MIB,
+                    bound_bps as f64 / 1e9,
+                    rate
+                ),
+                kind: Kind::Running(run),
+            };
+            let mut r = CaseResult {
+                case,
+                runs: BTreeMap::new(),
+                bound: None,
+                channels: livemig_ch,
+            };
+            for rep in 0..o.reps {
+                run_sides(&mut ctx, &mut r, &sides, rep)?;
+            }
+            results.push(r);
         }
-        results.push(r);
         notes.push(format!(
-            "QEMU's guest command line (running case): `{append}`"
+            "QEMU's guest command line (running cases, the period varying with the rate): `{}`",
+            append(u64::from(o.running_pages))?
         ));
     }
     drop(files);
@@ -1952,8 +2255,12 @@ pub fn bench_peer(o: &Options) -> Result<()> {
            memory can match), first byte to last byte in \
            memory on CLOCK_MONOTONIC; it leaves out everything else a migration does, so no \
            migration can beat it. Every paused run's destination RAM was digested per 2 MiB and \
-           equal to the source's (`peer.json`: `verified`); the running case's bytes are \
-           checked by the guest on livemig's destination only (256 pages).\n";
+           equal to the source's (`peer.json`: `verified`). In every running run the guest \
+           checked every page of its working sets against its own log on the destination (both \
+           VMMs), and the RAM beyond them was equal to the stopped source's. Running cases: \
+           both VMMs with auto-converge (initial 20%, +10%, at most 99%); CPU includes the \
+           guest's vCPU threads on both; the dirty rate is each VMM's own figure (QEMU's \
+           `dirty-pages-rate`, livemig's report), the throttle the highest either applied.\n";
     if !notes.is_empty() {
         md += "\nNotes:\n";
         for n in &notes {
@@ -1984,7 +2291,8 @@ pub fn bench_peer(o: &Options) -> Result<()> {
                                 "bytes": m.bytes, "source_cpu_us": m.src_cpu_us,
                                 "destination_cpu_us": m.dst_cpu_us, "timeline": m.timeline,
                                 "downtime_phases": m.phases, "raw": m.raw,
-                                "verified": m.verified,
+                                "verified": m.verified, "dirty_pages_per_s": m.dirty_rate,
+                                "max_throttle_percent": m.max_throttle,
                             })).collect::<Vec<_>>(),
                         }),
                     )
@@ -2011,9 +2319,12 @@ pub fn bench_peer(o: &Options) -> Result<()> {
                         })
                     })),
                 ),
-                Kind::Running { mem, append } => (
-                    json!({"size": mem, "qemu_append": append,
-                           "pages": o.running_pages, "rate": o.running_rate}),
+                Kind::Running(run) => (
+                    json!({"size": run.mem, "qemu_append": run.append, "vcpus": run.vcpus,
+                           "pages_per_vcpu": run.pages, "rate_pages_per_s_per_vcpu": run.rate,
+                           "percent_of_lower_bound": run.pct,
+                           "lower_bound_bytes_per_s": run.bound_bps,
+                           "guest_writes_below_gpa": run.guest_end()}),
                     Value::Null,
                 ),
             };
@@ -2090,6 +2401,13 @@ pub fn bench_peer(o: &Options) -> Result<()> {
         let len = std::fs::metadata(&p).map_or(0, |m| m.len());
         ensure!(len > 0, "{} is missing or empty", p.display());
     }
+    ensure!(
+        ctx.failures.is_empty(),
+        "{} run(s) moved bytes that did not check out (the results are in {}):\n{}",
+        ctx.failures.len(),
+        out.display(),
+        ctx.failures.join("\n")
+    );
     let svg_text = std::fs::read_to_string(&svg)?;
     ensure!(svg_text.contains("<svg"), "{} is not an SVG", svg.display());
     eprintln!(
@@ -2115,6 +2433,67 @@ fn run_sides(ctx: &mut Ctx<'_>, r: &mut CaseResult, sides: &[Side], rep: u32) ->
         }
         .with_context(|| format!("{}: {}", r.case.name, side.label()))?;
         let mut m = m;
+        let sum = |v: &[u64]| {
+            let b: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            format!(
+                "{:016x}",
+                crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Nvme, &b)
+            )
+        };
+        let what = format!("{}: {} (rep {})", r.case.name, side.label(), rep + 1);
+        if let Kind::Running(run) = &r.case.kind {
+            // Every byte, in two parts: below the end of the working sets the guest writes
+            // all the time (its image, logs, state and working sets), and its own check of
+            // every working-set page against its log is the proof; above, it never writes,
+            // and the destination's digest must equal the stopped source's.
+            let want = m
+                .src_digest
+                .take()
+                .context("no source digest for a running case")?;
+            let got = m
+                .dest_digest
+                .take()
+                .context("no destination digest for a running case")?;
+            let from = (run.guest_end() / RUN) as usize;
+            let mut problems = Vec::new();
+            match m.guest_check.take() {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => problems.push(format!(
+                    "the guest's check of its working sets failed on the destination: {e}"
+                )),
+                None => problems.push("the guest's check did not run".into()),
+            }
+            if want.len() != got.len() || want.len() < from {
+                problems.push(format!(
+                    "digests of {} and {} pieces of 2 MiB for {} of RAM",
+                    want.len(),
+                    got.len(),
+                    size_name(run.mem)
+                ));
+            } else {
+                // The guest's own pieces taken as equal, so offsets and counts stay whole-RAM.
+                let mut beyond = got.clone();
+                beyond[..from].copy_from_slice(&want[..from]);
+                if let Some(d) = floor::compare(&want, &beyond) {
+                    problems.push(format!(
+                        "beyond the guest's working sets (from GPA {:#x}; the {from} pieces \
+                         below are the guest's to check) the destination's RAM is not the \
+                         source's: {d}",
+                        run.guest_end()
+                    ));
+                }
+            }
+            m.verified = json!({"guest_checked_pages": u64::from(run.vcpus) * u64::from(run.pages),
+                                "digest_from_gpa": run.guest_end(),
+                                "pieces_2mib": want.len().saturating_sub(from),
+                                "equal": problems.is_empty(),
+                                "source_digest": sum(want.get(from..).unwrap_or(&[])),
+                                "destination_digest": sum(got.get(from..).unwrap_or(&[]))});
+            for p in problems {
+                eprintln!("bench-peer: {what}: {p}");
+                ctx.failures.push(format!("{what}: {p}"));
+            }
+        }
         if let Kind::Paused { image } = &r.case.kind {
             // Every byte: the source's RAM is the image file (a shared mapping on both
             // sides), as it was when the migration ended.
@@ -2123,22 +2502,14 @@ fn run_sides(ctx: &mut Ctx<'_>, r: &mut CaseResult, sides: &[Side], rep: u32) ->
                 .dest_digest
                 .take()
                 .context("no destination digest for a paused case")?;
-            if let Some(d) = floor::compare(&want, &got) {
-                bail!(
-                    "{}: {}: the destination's RAM is not the source's: {d}",
-                    r.case.name,
-                    side.label()
-                );
-            }
-            let sum = |v: &[u64]| {
-                let b: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-                format!(
-                    "{:016x}",
-                    crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Nvme, &b)
-                )
-            };
-            m.verified = json!({"pieces_2mib": want.len(), "equal": true,
+            let diff = floor::compare(&want, &got);
+            m.verified = json!({"pieces_2mib": want.len(), "equal": diff.is_none(),
                                 "source_digest": sum(&want), "destination_digest": sum(&got)});
+            if let Some(d) = diff {
+                let p = format!("the destination's RAM is not the source's: {d}");
+                eprintln!("bench-peer: {what}: {p}");
+                ctx.failures.push(format!("{what}: {p}"));
+            }
             ensure!(
                 m.bytes >= image.nonzero_bytes,
                 "{}: {} sent {} bytes, less than the image's {} non-zero bytes",
@@ -2196,6 +2567,21 @@ mod tests {
             ],
             "the issue's four paused cases by default"
         );
+        assert_eq!(
+            (d.running.as_slice(), d.running_vcpus),
+            (&[25, 90, 150][..], 2),
+            "and its three running rates, two vCPUs"
+        );
+        assert_eq!(
+            parse_options(&args("--running 50%,200")).unwrap().running,
+            [50, 200]
+        );
+        assert!(
+            parse_options(&args("--running none"))
+                .unwrap()
+                .running
+                .is_empty()
+        );
         let s = parse_options(&args("--smoke --out /tmp/x --keep --rig-binary")).unwrap();
         assert!(s.rig_binary);
         assert_eq!(
@@ -2206,6 +2592,7 @@ mod tests {
                 64 * MIB
             )
         );
+        assert_eq!(s.running, [25], "one running case in the smoke run");
         assert_eq!(s.out, PathBuf::from("/tmp/x"));
         assert!(s.keep);
         for (bad, named) in [
@@ -2225,6 +2612,8 @@ mod tests {
             ),
             ("--paused 64MiB:60%", "at most 50% of a 64 MiB image"),
             ("--reps 0", "--reps 0"),
+            ("--running 90,fast", "\"fast\" is not a whole percentage"),
+            ("--running 0", "--running 0%: between 1% and 1000%"),
             ("--frobnicate", "unknown option \"--frobnicate\""),
             ("--out", "--out needs a value"),
         ] {

@@ -95,6 +95,13 @@ pub struct VmDeviceArgs {
     /// (GPA, size; little-endian u64) and its bytes, for a page-by-page comparison.
     #[arg(long, value_name = "FILE")]
     pub(crate) dump_ram: Option<std::path::PathBuf>,
+    /// Write a digest of guest RAM to FILE: one CRC-64/NVME (little-endian u64) per 2 MiB,
+    /// the regions in GPA order, as `cargo xtask bench-peer` compares. On the source once the
+    /// migration completed (the VM stopped); on the destination after the migration: with
+    /// `--idle` before the guest verifies (it writes nothing), otherwise after its
+    /// verification, while it keeps running (only what the guest no longer writes compares).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) ram_digest: Option<std::path::PathBuf>,
     /// Negative control (destination): the first device's record is dropped and the device
     /// reset instead, so it runs with its own fresh state.
     #[arg(long, hide = true)]

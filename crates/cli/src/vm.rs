@@ -50,12 +50,6 @@ pub enum VmCmd {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
-        /// After the migration, before the guest verifies, write a digest of guest RAM to
-        /// FILE: one CRC-64/NVME (little-endian u64) per 2 MiB, the regions in GPA order, as
-        /// `cargo xtask bench-peer` compares with the source's. Only with `--idle`, whose
-        /// guest writes nothing once booted (a running guest would change RAM under it).
-        #[arg(long, value_name = "FILE", requires = "idle")]
-        ram_digest: Option<std::path::PathBuf>,
     },
     /// Boot the test VM and migrate it, running, to `livemig vm incoming` over TCP.
     Migrate {
@@ -387,7 +381,6 @@ fn incoming(
     (vm, dev, faults): (&VmArgs, &VmDeviceArgs, &DestFaults),
     chan: &crate::secure::ChannelArgs,
     json: bool,
-    ram_digest: Option<&std::path::Path>,
 ) -> Result<()> {
     let sec = &chan.security()?;
     faults.check()?;
@@ -465,7 +458,7 @@ fn incoming(
     // The vCPUs run from here: the guest carries on where the source stopped (an idle guest
     // makes no progress to wait for; its verification below shows it runs).
     let resumed = if vm.idle {
-        if let Some(path) = ram_digest {
+        if let Some(path) = &dev.ram_digest {
             crate::testvm::ram_digest(t.vm.memory(), path)?;
         }
         t.monitor.steps()
@@ -474,6 +467,11 @@ fn incoming(
             .map_err(|e| anyhow::anyhow!("{e}"))?
     };
     let mut v = verify(&t)?;
+    if !vm.idle
+        && let Some(path) = &dev.ram_digest
+    {
+        crate::testvm::ram_digest(t.vm.memory(), path)?;
+    }
     if let Some(e) = owned.as_ref().and_then(Owned::uart_errors) {
         v.ok = false;
         v.failures.push(e);
@@ -713,6 +711,9 @@ fn migrate(
         // The VM (vCPUs and DMA) is stopped: the engine does not resume a migrated source.
         crate::testvm::dump_ram(t.vm.memory(), path)?;
     }
+    if let Some(path) = &dev.ram_digest {
+        crate::testvm::ram_digest(t.vm.memory(), path)?;
+    }
     let uart_errors = owned.as_ref().and_then(Owned::uart_errors);
     drop(source);
     t.monitor.clear_routes();
@@ -846,14 +847,7 @@ pub fn main(cmd: VmCmd, fallback: fn(bool) -> Result<()>) -> Result<()> {
             faults,
             chan,
             json,
-            ram_digest,
-        } => incoming(
-            &listen,
-            (&vm, &dev, &faults),
-            &chan,
-            json,
-            ram_digest.as_deref(),
-        ),
+        } => incoming(&listen, (&vm, &dev, &faults), &chan, json),
         VmCmd::Migrate {
             to,
             vm,

@@ -10,6 +10,10 @@
  *   out 0xec (32-bit)  event data words
  *   in  0xeb (32-bit)  command for this vCPU: 0 (or all ones: no device) none, 1 verify, 2 halt,
  *                      3 one pass, 4 take a #GP, 5 triple-fault
+ *   mailbox            where the port has no command (0, or all ones under a VMM without the
+ *                      device, e.g. QEMU), the u32 at MAILBOX + 4 * cpu in guest RAM: a
+ *                      nonzero value is the command, and the guest clears it on taking it
+ *                      (a host writes it through the VMM's mapping of guest RAM)
  *
  * With `uart=PORT` on the command line, vCPU 0 also owns a 16550-style UART at that port base
  * (the VMM forwards the eight ports to an assigned device's I/O BAR, e.g. an mtty): at its
@@ -46,6 +50,8 @@ enum { CMD_NONE = 0, CMD_VERIFY = 1, CMD_HALT = 2, CMD_PASS = 3, CMD_FAULT = 4, 
 
 /* Set in ring 3 before the #GP of CMD_SHUTDOWN; the ring-0 handler then triple-faults. */
 static volatile u32 shutdown_requested;
+
+#define MAILBOX 0x6000u
 
 #define PROGRESS_EVERY 1024u
 #define POLL_EVERY 64u
@@ -108,6 +114,16 @@ static struct {
     unsigned char fifo[4];
 } uart;
 static u32 cfg_idle;   /* write only on CMD_PASS: one pass over the working set each */
+
+/* One line at a time on the console: the vCPUs write it byte by byte, so whoever holds this
+ * (in guest RAM, migrated with it) writes its whole line. */
+static volatile u32 console_busy;
+static void console_lock(void)
+{
+    while (__atomic_exchange_n(&console_busy, 1, __ATOMIC_ACQUIRE))
+        pause();
+}
+static void console_unlock(void) { __atomic_store_n(&console_busy, 0, __ATOMIC_RELEASE); }
 
 static void puts(const char *s)
 {
@@ -240,11 +256,13 @@ static void verify(struct cpu_state *s)
             if (failures < 16) {
                 u32 w[5] = {page_gpa(s->cpu, i), expect, found, log[i], why};
                 event(EV_VERIFY_FAIL, s->cpu, w, 5);
+                console_lock();
                 puts("livemig-guest: cpu");
                 putu(s->cpu);
                 puts(" page ");
                 putu(page_gpa(s->cpu, i));
                 puts(" does not hold what was last written\n");
+                console_unlock();
             }
             failures++;
         }
@@ -254,9 +272,11 @@ static void verify(struct cpu_state *s)
     s->verifies++;
     u32 w[4] = {cfg_pages, failures, (u32)s->steps, (u32)(s->steps >> 32)};
     event(EV_VERIFY_DONE, s->cpu, w, 4);
+    console_lock();
     puts("livemig-guest: cpu");
     putu(s->cpu);
     puts(failures ? " verify FAILED\n" : " verify ok\n");
+    console_unlock();
 }
 
 static int is_digit(char c) { return c >= '0' && c <= '9'; }
@@ -392,9 +412,11 @@ static void step(struct cpu_state *s, u32 *w)
         s->next = 0;
         s->gen++;
         if (s->gen == 2) {
+            console_lock();
             puts("livemig-guest: cpu");
             putu(s->cpu);
             puts(" wrote its working set once\n");
+            console_unlock();
         }
     }
     if (((u32)s->steps % PROGRESS_EVERY) == 0) {
@@ -404,6 +426,19 @@ static void step(struct cpu_state *s, u32 *w)
         w[3] = s->next;
         event(EV_PROGRESS, s->cpu, w, 4);
     }
+}
+
+/* This vCPU's next command: the VMM's port first, then its mailbox word. */
+static u32 command(u32 cpu)
+{
+    u32 cmd = inl(0xeb);
+    if (cmd != 0 && cmd != 0xffffffffu)
+        return cmd;
+    volatile u32 *m = (volatile u32 *)(uptr)(MAILBOX + 4u * cpu);
+    cmd = *m;
+    if (cmd)
+        *m = 0;
+    return cmd;
 }
 
 static void run(u32 cpu)
@@ -428,7 +463,7 @@ static void run(u32 cpu)
             /* Idle until told to write one pass (the harvest benchmark's workload). */
             for (u32 i = 0; i < 20000; i++)
                 pause();
-            u32 cmd = inl(0xeb);
+            u32 cmd = command(cpu);
             if (cmd == CMD_PASS) {
                 for (u32 n = 0; n < cfg_pages; n++)
                     step(s, w);
@@ -451,7 +486,7 @@ static void run(u32 cpu)
         }
         step(s, w);
         if (((u32)s->steps % POLL_EVERY) == 0) {
-            u32 cmd = inl(0xeb);
+            u32 cmd = command(cpu);
             if (cmd == CMD_VERIFY)
                 verify(s);
             else if (cmd == CMD_HALT) {
