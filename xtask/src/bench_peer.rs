@@ -79,6 +79,8 @@ const GUEST_AREA: u64 = 32 * MIB;
 const GUEST_WS_BASE: u64 = 16 * MIB;
 /// The test guest's command mailbox: one u32 per vCPU (guest.c, MAILBOX).
 const GUEST_MAILBOX: u64 = 0x6000;
+/// Where each vCPU of the test guest publishes its step count, a u64 (guest.c, STEPS).
+const GUEST_STEPS: u64 = GUEST_MAILBOX + 0x100;
 /// QEMU's `max-bandwidth`: far above loopback (its default, 128 MiB/s, would be the limit).
 const QEMU_MAX_BANDWIDTH: u64 = 100_000_000_000;
 /// How often QEMU's `query-migrate` is polled for the timeline.
@@ -145,6 +147,12 @@ pub struct Options {
     /// The running cases: the guest's write rate as a percentage of this run's lower-bound
     /// bandwidth (bytes/s of the fastest copy in the paused cases).
     pub running: Vec<u32>,
+    /// A running case on a link both VMMs pace to this many bytes/s, the guest writing as fast
+    /// as it can (`None`: no such case).
+    pub capped_link: Option<u64>,
+    /// Throttle levels (percent) at which both VMMs' throttles are measured: the guest's write
+    /// rate held there, against its rate unthrottled.
+    pub throttle: Vec<u8>,
     /// Negative control of the byte checks: every QEMU destination's RAM is damaged (through
     /// /proc/PID/mem) before it is checked: a paused case's first data run, a running case's
     /// vCPU 0 log (the guest's own check) and a page no guest writes (the digest); every such
@@ -174,6 +182,8 @@ impl Options {
             running_vcpus: 2,
             running_pages: 65536,
             running: vec![25, 90, 150],
+            throttle: vec![20, 50, 80],
+            capped_link: Some(100_000_000),
             rig_binary: false,
             x_corrupt_destination: false,
         }
@@ -215,6 +225,7 @@ pub fn parse_options(args: &[String]) -> Result<Options> {
     let mut paused_given = false;
     let mut reps_given = false;
     let mut running_given = false;
+    let mut throttle_given = false;
     let mut it = args.iter();
     let value = |it: &mut std::slice::Iter<'_, String>, flag: &str| -> Result<String> {
         it.next()
@@ -269,6 +280,42 @@ pub fn parse_options(args: &[String]) -> Result<Options> {
                 };
                 running_given = true;
             }
+            "--throttle" => {
+                let v = value(&mut it, a)?;
+                o.throttle = if v == "none" {
+                    Vec::new()
+                } else {
+                    v.split(',')
+                        .map(|p| {
+                            p.trim_end_matches('%')
+                                .parse()
+                                .ok()
+                                .filter(|n| (1..=99).contains(n))
+                                .with_context(|| {
+                                    format!(
+                                        "--throttle {v:?}: {p:?} is not a percentage from 1 to 99"
+                                    )
+                                })
+                        })
+                        .collect::<Result<_>>()?
+                };
+                throttle_given = true;
+            }
+            "--capped-link" => {
+                let v = value(&mut it, a)?;
+                o.capped_link = if v == "none" {
+                    None
+                } else {
+                    Some(
+                        v.parse()
+                            .ok()
+                            .filter(|&b: &u64| b >= 1_000_000)
+                            .with_context(|| {
+                                format!("--capped-link {v:?}: bytes/s, at least 1000000, or none")
+                            })?,
+                    )
+                };
+            }
             "--out" => o.out = value(&mut it, a)?.into(),
             "--smoke" => o.smoke = true,
             "--keep" => o.keep = true,
@@ -288,6 +335,9 @@ pub fn parse_options(args: &[String]) -> Result<Options> {
         o.running_pages = 4096;
         if !running_given {
             o.running = vec![25];
+        }
+        if !throttle_given {
+            o.throttle = vec![50];
         }
     }
     o.check()?;
@@ -885,8 +935,12 @@ struct Run {
     pct: u32,
     /// That bandwidth, bytes/s.
     bound_bps: u64,
-    /// Pages per second per vCPU asked of the guest (`pct` of `bound_bps`, shared out).
+    /// Pages per second per vCPU asked of the guest (`pct` of `bound_bps`, shared out; 0: as
+    /// fast as it can).
     rate: u64,
+    /// Both VMMs paced to this many bytes/s (QEMU `max-bandwidth`, livemig
+    /// `--max-bandwidth`), the guest writing as fast as it can: auto-converge must engage.
+    cap: Option<u64>,
     /// QEMU's `-append` for the same workload.
     append: String,
 }
@@ -933,6 +987,8 @@ struct Measured {
     /// Running cases: the guest's own check of every working-set page on the destination
     /// (`Ok(pages)` or what it reported).
     guest_check: Option<std::result::Result<u64, String>>,
+    /// Running cases: the guest's write rate (all vCPUs) just before the migration, pages/s.
+    guest_rate: Option<u64>,
     /// Running cases: the dirty rate the VMM measured during pre-copy, pages/s.
     dirty_rate: Option<u64>,
     /// Running cases: the highest vCPU throttle auto-converge applied, percent.
@@ -970,9 +1026,15 @@ impl Ctx<'_> {
     /// livemig's warm-up in a running case: one pass over the working set (its first pass
     /// writes every page; at no more than 100,000 pages/s, about a third of what a vCPU of
     /// the test guest writes at most, so that a rate it cannot reach still completes the
-    /// pass), then 500 ms. QEMU's waits for every vCPU's report of its first pass instead.
+    /// pass; so too a rate of 0, as fast as it can), then 500 ms. QEMU's waits for every vCPU's
+    /// report of its first pass instead.
     fn running_warmup(r: &Run) -> Duration {
-        let pass_ms = u64::from(r.pages) * 1000 / r.rate.clamp(1, 100_000);
+        let rate = if r.rate == 0 {
+            100_000
+        } else {
+            r.rate.min(100_000)
+        };
+        let pass_ms = u64::from(r.pages) * 1000 / rate;
         Duration::from_millis(pass_ms + 500)
     }
 
@@ -1072,6 +1134,9 @@ impl Ctx<'_> {
                     .arg("--auto-converge")
                     .arg("--ram-digest")
                     .arg(&src_digest_file);
+                if let Some(cap) = r.cap {
+                    src_cmd.arg(format!("--max-bandwidth={cap}"));
+                }
             }
         }
         let mut src = Proc::spawn("livemig vm migrate", &mut src_cmd)?;
@@ -1174,6 +1239,7 @@ impl Ctx<'_> {
             } else {
                 None
             },
+            guest_rate: running.then(|| s["write_rate_before"].as_u64().unwrap_or(0)),
             // `vm incoming` exits non-zero when the guest's check fails (checked above).
             guest_check: running.then(|| Ok(d["verification"]["pages"].as_u64().unwrap_or(0))),
             dirty_rate: running.then(|| r["dirty_rate"].as_u64().unwrap_or(0)),
@@ -1188,6 +1254,150 @@ impl Ctx<'_> {
             }),
             verified: Value::Null,
         })
+    }
+
+    /// livemig's throttle (item 6 of the benchmark): the test guest, one vCPU writing as
+    /// fast as it can, held at `pct` for `window` (`vm run --throttle`); its write rate.
+    fn livemig_throttled_rate(&mut self, pct: u8, window: Duration) -> Result<u64> {
+        let out = Command::new(&self.livemig)
+            .args([
+                "vm",
+                "run",
+                "--json",
+                "--vcpus=1",
+                "--rate=0",
+                "--pages=8192",
+            ])
+            .args(["--ram=256MiB", "--high-ram=0"])
+            .arg(format!("--throttle={pct}"))
+            .arg(format!(
+                "--time={}ms",
+                (window + Duration::from_millis(500)).as_millis()
+            ))
+            .stderr(self.log("livemig-throttle")?)
+            .output()
+            .context("running livemig vm run --throttle")?;
+        ensure!(
+            out.status.success(),
+            "livemig vm run --throttle {pct} failed ({}; logs in {})",
+            out.status,
+            self.logs.display()
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).context("livemig vm run's JSON")?;
+        ensure!(
+            v["verification"]["ok"] == json!(true),
+            "the guest's check failed after livemig vm run --throttle {pct}: {}",
+            v["verification"]
+        );
+        v["pages_per_s"][0]
+            .as_u64()
+            .with_context(|| format!("livemig vm run's JSON has no pages_per_s: {v}"))
+    }
+
+    /// QEMU's throttle: the same guest under QEMU, first unthrottled, then with auto-converge
+    /// held at `pct` (initial = maximum = `pct`) by a migration that cannot converge
+    /// (`exec:cat >/dev/null` at 64 MB/s with a 1 ms downtime limit), its write rate read from
+    /// the step count it publishes in RAM while QEMU reports the throttle at `pct`; the
+    /// migration is then cancelled. (unthrottled, throttled) pages/s.
+    fn qemu_throttled_rate(
+        &mut self,
+        pct: u8,
+        window: Duration,
+        append: &str,
+    ) -> Result<(u64, u64)> {
+        let run = Run {
+            mem: 256 * MIB,
+            vcpus: 1,
+            pages: 8192,
+            pct: 0,
+            bound_bps: 0,
+            rate: 0,
+            cap: None,
+            append: append.to_string(),
+        };
+        let case = Case {
+            name: format!("throttle {pct}%"),
+            kind: Kind::Running(run.clone()),
+        };
+        let qmp = self.tmp.join("throttle.qmp");
+        let _ = std::fs::remove_file(&qmp);
+        let mut qemu = Proc::spawn(
+            "QEMU (throttle)",
+            &mut self.qemu_cmd(&case, "source", &qmp)?,
+        )?;
+        let (mut q, _) = Qmp::connect("QEMU (throttle)", &qmp, &mut qemu)?;
+        let log = self.logs.join("guest-source.log");
+        let end = Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("wrote its working set once")
+        {
+            ensure!(
+                Instant::now() < end,
+                "the test guest did not start under QEMU in time ({})",
+                log.display()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let at = |q: &mut Qmp| -> Result<u64> {
+            let m = q.execute("query-migrate", json!({}))?;
+            ensure!(
+                m["status"] == json!("active") || m["status"] == json!("setup"),
+                "QEMU's throttle run is neither setting up nor active: {m}"
+            );
+            Ok(m["cpu-throttle-percentage"].as_u64().unwrap_or(0))
+        };
+        let cancel = |q: &mut Qmp| -> Result<()> {
+            q.execute("migrate_cancel", json!({}))?;
+            let end = Instant::now() + Duration::from_secs(30);
+            while q.execute("query-migrate", json!({}))?["status"] != json!("cancelled") {
+                ensure!(Instant::now() < end, "QEMU's migration did not cancel within 30 s");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(())
+        };
+        q.execute(
+            "migrate-set-parameters",
+            json!({"cpu-throttle-initial": pct, "cpu-throttle-increment": 1,
+                   "max-cpu-throttle": pct, "max-bandwidth": 64_000_000u64,
+                   "downtime-limit": 1}),
+        )?;
+        // The unthrottled rate with the same migration running (dirty logging costs the guest
+        // a fault per page written after each sync; the throttled rate pays it too).
+        q.execute("migrate", json!({"uri": "exec:cat >/dev/null"}))?;
+        at(&mut q)?;
+        std::thread::sleep(Duration::from_secs(1));
+        let a = qemu_steps(&mut q, qemu.pid())?;
+        std::thread::sleep(window);
+        let free = steps_rate(a, qemu_steps(&mut q, qemu.pid())?);
+        ensure!(at(&mut q)? == 0, "QEMU throttled a migration without auto-converge");
+        cancel(&mut q)?;
+        q.execute(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "auto-converge", "state": true}]}),
+        )?;
+        q.execute("migrate", json!({"uri": "exec:cat >/dev/null"}))?;
+        let end = Instant::now() + Duration::from_secs(60);
+        while at(&mut q)? != u64::from(pct) {
+            ensure!(
+                Instant::now() < end,
+                "QEMU's auto-converge did not reach {pct}% within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // A moment for the throttle to take hold on the vCPU, then the window.
+        std::thread::sleep(Duration::from_millis(200));
+        let a = qemu_steps(&mut q, qemu.pid())?;
+        std::thread::sleep(window);
+        let b = qemu_steps(&mut q, qemu.pid())?;
+        ensure!(
+            at(&mut q)? == u64::from(pct),
+            "QEMU's throttle left {pct}% during the measurement"
+        );
+        cancel(&mut q)?;
+        let _ = q.execute("quit", json!({}));
+        let _ = qemu.wait(Duration::from_secs(10));
+        Ok((free, steps_rate(a, b)))
     }
 
     fn qemu_cmd(&self, case: &Case, role: &str, qmp: &Path) -> Result<Command> {
@@ -1251,6 +1461,7 @@ impl Ctx<'_> {
         let mut src = Proc::spawn("QEMU source", &mut self.qemu_cmd(case, "source", &sq)?)?;
         let (mut d, _) = Qmp::connect("QEMU destination", &dq, &mut dst)?;
         let (mut s, version) = Qmp::connect("QEMU source", &sq, &mut src)?;
+        let mut guest_rate = None;
         if let Kind::Paused { image } = &case.kind {
             // The layout livemig was given must be QEMU's: same bytes of the same file.
             let mtree = s.execute(
@@ -1284,7 +1495,19 @@ impl Ctx<'_> {
                 );
                 std::thread::sleep(Duration::from_millis(10));
             }
+            // The 500 ms also measure the guest's write rate (the step counts it publishes).
+            let steps = |q: &mut Qmp| -> Result<(u64, Instant)> {
+                let b = qemu_read(q, src.pid(), GUEST_STEPS, 8 * r.vcpus as usize)?;
+                Ok((
+                    b.chunks_exact(8)
+                        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                        .sum(),
+                    Instant::now(),
+                ))
+            };
+            let a = steps(&mut s)?;
             std::thread::sleep(Duration::from_millis(500));
+            guest_rate = Some(steps_rate(a, steps(&mut s)?));
         }
         let running = matches!(case.kind, Kind::Running(_));
         for q in [&mut s, &mut d] {
@@ -1302,9 +1525,14 @@ impl Ctx<'_> {
                 )?;
             }
         }
+        let cap = match &case.kind {
+            Kind::Running(r) => r.cap,
+            Kind::Paused { .. } => None,
+        };
         s.execute(
             "migrate-set-parameters",
-            json!({"max-bandwidth": QEMU_MAX_BANDWIDTH, "downtime-limit": self.o.downtime_ms}),
+            json!({"max-bandwidth": cap.unwrap_or(QEMU_MAX_BANDWIDTH),
+                   "downtime-limit": self.o.downtime_ms}),
         )?;
         if running {
             // Auto-converge as livemig's: QEMU's defaults, set explicitly.
@@ -1428,6 +1656,7 @@ impl Ctx<'_> {
             dest_digest,
             src_digest,
             guest_check,
+            guest_rate,
             dirty_rate: dirty_rate.as_u64().filter(|&r| running && r > 0),
             max_throttle: running.then_some(max_throttle),
             verified: Value::Null,
@@ -1574,6 +1803,40 @@ fn qemu_guest_check(
             console.display()
         );
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Reads `len` bytes of a QEMU guest's RAM at `gpa` through `/proc/PID/mem`.
+fn qemu_read(q: &mut Qmp, pid: i32, gpa: u64, len: usize) -> Result<Vec<u8>> {
+    let a = q.execute(
+        "human-monitor-command",
+        json!({"command-line": format!("gpa2hva {gpa:#x}")}),
+    )?;
+    let hva = parse_gpa2hva(a.as_str().unwrap_or(""))?;
+    let mem = File::open(format!("/proc/{pid}/mem"))
+        .with_context(|| format!("opening /proc/{pid}/mem"))?;
+    let mut b = vec![0u8; len];
+    mem.read_exact_at(&mut b, hva)
+        .with_context(|| format!("reading QEMU's RAM at GPA {gpa:#x} (host {hva:#x})"))?;
+    Ok(b)
+}
+
+/// vCPU 0's published step count in a QEMU guest, and when it was read.
+fn qemu_steps(q: &mut Qmp, pid: i32) -> Result<(u64, Instant)> {
+    let b = qemu_read(q, pid, GUEST_STEPS, 8)?;
+    Ok((
+        u64::from_le_bytes(b.try_into().unwrap_or([0; 8])),
+        Instant::now(),
+    ))
+}
+
+/// Pages per second between two step readings.
+fn steps_rate(a: (u64, Instant), b: (u64, Instant)) -> u64 {
+    let dt = b.1.duration_since(a.1).as_secs_f64();
+    if dt <= 0.0 {
+        0
+    } else {
+        (b.0.saturating_sub(a.0) as f64 / dt) as u64
     }
 }
 
@@ -1741,7 +2004,7 @@ fn case_table(c: &CaseResult) -> String {
     t += &format!("### {}\n\n", c.case.name);
     // Running cases add the VMM's own dirty-rate figure and the highest throttle applied.
     let extra = if running {
-        " dirty rate (pages/s, the VMM's) | highest throttle (%) |"
+        " guest writes before (pages/s) | dirty rate (pages/s, the VMM's) | highest throttle (%) |"
     } else {
         ""
     };
@@ -1751,14 +2014,14 @@ fn case_table(c: &CaseResult) -> String {
     );
     t += &format!(
         "|---|---:|---:|---:|---:|---:|---:|{}\n",
-        if running { "---:|---:|" } else { "" }
+        if running { "---:|---:|---:|" } else { "" }
     );
     let sums: BTreeMap<Side, Summary> = c.runs.iter().map(|(s, r)| (*s, summarize(r))).collect();
     let dt = |s: &Summary| {
         s.downtime_us
             .map_or("–".into(), |d| format!("{:.1}", d as f64 / 1e3))
     };
-    let dashes = if running { " – | – |" } else { "" };
+    let dashes = if running { " – | – | – |" } else { "" };
     for (side, s) in &sums {
         let runs = &c.runs[side];
         // "–" where the VMM gave no figure (QEMU computes its dirty rate at a bitmap sync at
@@ -1782,7 +2045,8 @@ fn case_table(c: &CaseResult) -> String {
             (s.src_cpu_us + s.dst_cpu_us) as f64 / 1e6 / (s.bytes.max(1) as f64 / GIB as f64),
             if running {
                 format!(
-                    " {} | {} |",
+                    " {} | {} | {} |",
+                    med(&|m| m.guest_rate),
                     med(&|m| m.dirty_rate),
                     med(&|m| m.max_throttle)
                 )
@@ -2150,6 +2414,7 @@ pub fn bench_peer(o: &Options) -> Result<()> {
                 pct,
                 bound_bps,
                 rate,
+                cap: None,
                 append: append(rate)?,
             };
             let case = Case {
@@ -2175,12 +2440,85 @@ pub fn bench_peer(o: &Options) -> Result<()> {
             }
             results.push(r);
         }
+    }
+    if kvm && let Some(cap) = o.capped_link {
+        let run = Run {
+            mem: o.running_mem,
+            vcpus: o.running_vcpus,
+            pages: o.running_pages,
+            pct: 0,
+            bound_bps: 0,
+            rate: 0,
+            cap: Some(cap),
+            append: append(0)?,
+        };
+        let mut r = CaseResult {
+            case: Case {
+                name: format!(
+                    "Running test guest, {} RAM, {} vCPUs writing {} MiB each as fast as they \
+                     can, the link paced to {} MB/s on both, auto-converge",
+                    size_name(run.mem),
+                    run.vcpus,
+                    u64::from(run.pages) * 4096 / MIB,
+                    cap / 1_000_000
+                ),
+                kind: Kind::Running(run),
+            },
+            runs: BTreeMap::new(),
+            bound: None,
+            channels: livemig_ch,
+        };
+        make_room(2 * o.running_mem);
+        for rep in 0..o.reps {
+            run_sides(&mut ctx, &mut r, &sides, rep)?;
+        }
+        results.push(r);
+    }
+    if kvm && !o.running.is_empty() {
         notes.push(format!(
             "QEMU's guest command line (running cases, the period varying with the rate): `{}`",
             append(u64::from(o.running_pages))?
         ));
     }
     drop(files);
+
+    // Auto-converge's lever, measured on both: the guest (one vCPU writing as fast as it can)
+    // unthrottled and held at each level; the effective throttle is 1 - throttled / free.
+    let mut throttle_rows: Vec<Value> = Vec::new();
+    if kvm && !o.throttle.is_empty() {
+        let window = if o.smoke {
+            Duration::from_millis(500)
+        } else {
+            Duration::from_secs(2)
+        };
+        let one = Command::new(&livemig)
+            .args(["vm", "image", "-o"])
+            .arg(&guest_image)
+            .args(["--print-append", "--vcpus=1", "--pages=8192", "--rate=0"])
+            .output()
+            .context("running livemig vm image")?;
+        ensure!(one.status.success(), "livemig vm image failed");
+        let one = String::from_utf8_lossy(&one.stdout).trim().to_string();
+        let livemig_free = ctx.livemig_throttled_rate(0, window)?;
+        for &pct in &o.throttle {
+            let l = ctx.livemig_throttled_rate(pct, window)?;
+            let (qfree, q) = ctx.qemu_throttled_rate(pct, window, &one)?;
+            let eff = |rate: u64, free: u64| 100.0 * (1.0 - rate as f64 / free.max(1) as f64);
+            eprintln!(
+                "bench-peer: throttle {pct}%: livemig {l} pages/s of {livemig_free} ({:.0}% \
+                 effective), QEMU {q} of {qfree} ({:.0}% effective)",
+                eff(l, livemig_free),
+                eff(q, qfree)
+            );
+            throttle_rows.push(json!({
+                "percent": pct,
+                "livemig": {"pages_per_s": l, "unthrottled_pages_per_s": livemig_free,
+                            "effective_percent": eff(l, livemig_free)},
+                "qemu": {"pages_per_s": q, "unthrottled_pages_per_s": qfree,
+                         "effective_percent": eff(q, qfree)},
+            }));
+        }
+    }
 
     let mut m = machine();
     m["loadavg_start"] = json!(load_start);
@@ -2238,6 +2576,29 @@ pub fn bench_peer(o: &Options) -> Result<()> {
         md += &case_table(r);
         md += "\n";
     }
+    if !throttle_rows.is_empty() {
+        md += "### Auto-converge's throttle: the guest's write rate held at each level\n\n";
+        md += "| throttle | livemig (pages/s) | livemig effective | QEMU (pages/s) | QEMU effective |\n";
+        md += "|---:|---:|---:|---:|---:|\n";
+        for t in &throttle_rows {
+            md += &format!(
+                "| {}% | {} of {} | {:.0}% | {} of {} | {:.0}% |\n",
+                t["percent"],
+                t["livemig"]["pages_per_s"],
+                t["livemig"]["unthrottled_pages_per_s"],
+                t["livemig"]["effective_percent"].as_f64().unwrap_or(0.0),
+                t["qemu"]["pages_per_s"],
+                t["qemu"]["unthrottled_pages_per_s"],
+                t["qemu"]["effective_percent"].as_f64().unwrap_or(0.0)
+            );
+        }
+        md += "\nOne vCPU writing as fast as it can (8192 pages), unthrottled and then held at \
+               each level: livemig `vm run --throttle` (livemig-kvm parks the vCPUs for that \
+               share of every 10 ms), QEMU through auto-converge with initial = maximum = the \
+               level during a migration that cannot converge (`exec:cat >/dev/null` at 64 MB/s), \
+               its rate read from the step count the guest publishes in RAM while QEMU reports \
+               the level. Effective: 1 - throttled / unthrottled.\n\n";
+    }
     md += "Total: migration start to the destination holding everything (QEMU: `migrate` sent to \
            the destination's MIGRATION `completed` event; livemig: the engine's `total_us`). \
            Downtime, on one clock (CLOCK_REALTIME, both processes on this machine): the source's \
@@ -2292,6 +2653,7 @@ pub fn bench_peer(o: &Options) -> Result<()> {
                                 "destination_cpu_us": m.dst_cpu_us, "timeline": m.timeline,
                                 "downtime_phases": m.phases, "raw": m.raw,
                                 "verified": m.verified, "dirty_pages_per_s": m.dirty_rate,
+                                "guest_pages_per_s_before": m.guest_rate,
                                 "max_throttle_percent": m.max_throttle,
                             })).collect::<Vec<_>>(),
                         }),
@@ -2332,7 +2694,7 @@ pub fn bench_peer(o: &Options) -> Result<()> {
         })
         .collect();
     let doc = json!({"machine": m, "settings": settings, "notes": notes, "cases": raw,
-                     "refused": refused});
+                     "refused": refused, "throttle": throttle_rows});
     std::fs::write(
         out.join("peer.json"),
         serde_json::to_string_pretty(&doc)? + "\n",

@@ -275,6 +275,11 @@ pub struct VmMigArgs {
     /// channels beside the main connection (QEMU's multifd layout).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub(crate) channels: u32,
+    /// Pace the migration to this bandwidth (e.g. 100MiB/s; 0: as fast as TCP goes), as
+    /// QEMU's `max-bandwidth`: the main connection is paced to it and each page channel to
+    /// its share.
+    #[arg(long, default_value = "0", value_parser = crate::args::parse_bandwidth)]
+    pub(crate) max_bandwidth: u64,
     /// Negative control (source): after the warm-up the vCPUs are told to triple-fault (the
     /// guest's SHUTDOWN command); the first KVM_EXIT_SHUTDOWN stops the VM before it migrates,
     /// and `vm migrate` must report that rather than a clean migration.

@@ -29,6 +29,11 @@ pub enum VmCmd {
         /// How long the guest runs before it verifies.
         #[arg(long, default_value = "2s", value_parser = parse_duration)]
         time: Duration,
+        /// Throttle the vCPUs throughout as auto-converge does (each parked for PCT% of every
+        /// 10 ms); the output gives the guest's write rate, measured from 0.5 s into the run
+        /// to its end (`cargo xtask bench-peer` compares it with QEMU's throttle).
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=99))]
+        throttle: u8,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -300,22 +305,43 @@ fn mock_dma_writer(t: &TestVm, o: &Owned, rate: u64) -> Result<Workload> {
 struct RunJson {
     config: String,
     dirty_logging: String,
+    /// The throttle held throughout (`--throttle`).
+    throttle_percent: u8,
+    /// Pages each vCPU wrote per second, from 0.5 s into the run to its end.
+    pages_per_s: Vec<u64>,
     verification: Verification,
 }
 
-fn run(vm: &VmArgs, time: Duration, json: bool) -> Result<()> {
+fn run(vm: &VmArgs, time: Duration, throttle: u8, json: bool) -> Result<()> {
     kvm_ok()?;
     let t = TestVm::boot(&vm.config()).map_err(|e| anyhow::anyhow!("{e}"))?;
     if !json {
         eprintln!(
-            "test VM running: {} vCPUs x {} pages at {} pages/s; {}",
+            "test VM running: {} vCPUs x {} pages at {} pages/s{}; {}",
             vm.vcpus,
             vm.pages,
             vm.rate,
+            if throttle > 0 {
+                format!(", throttled {throttle}%")
+            } else {
+                String::new()
+            },
             t.vm.dirty_choice().reason
         );
     }
-    std::thread::sleep(time);
+    t.vm.set_throttle(throttle);
+    // The write rate: steps (from the guest's progress reports) from 0.5 s in to the end.
+    let settle = Duration::from_millis(500).min(time / 2);
+    std::thread::sleep(settle);
+    let (t0, s0) = (Instant::now(), t.monitor.steps());
+    std::thread::sleep(time - settle);
+    let (dt, s1) = (t0.elapsed().as_secs_f64(), t.monitor.steps());
+    t.vm.set_throttle(0);
+    let pages_per_s: Vec<u64> = s1
+        .iter()
+        .zip(&s0)
+        .map(|(b, a)| (b.saturating_sub(*a) as f64 / dt) as u64)
+        .collect();
     let v = verify(&t)?;
     if json {
         println!(
@@ -323,10 +349,13 @@ fn run(vm: &VmArgs, time: Duration, json: bool) -> Result<()> {
             serde_json::to_string_pretty(&RunJson {
                 config: format!("{vm:?}"),
                 dirty_logging: t.vm.dirty_choice().reason.clone(),
+                throttle_percent: throttle,
+                pages_per_s,
                 verification: v,
             })?
         );
     } else {
+        eprintln!("write rate per vCPU (pages/s): {pages_per_s:?}");
         say_verification(&v, "test VM");
         if !v.ok {
             bail!("the guest's verification failed");
@@ -520,6 +549,8 @@ struct MigrateJson {
     paused: bool,
     ring_full_exits: u64,
     steps_at_stop: Vec<u64>,
+    /// Pages per second the guest wrote (all vCPUs) over the warm-up's last half second.
+    write_rate_before: u64,
     /// When the engine's stop had every vCPU parked, CLOCK_REALTIME ns (the start of the
     /// downtime as `cargo xtask bench-peer` measures it).
     vcpus_paused_at_ns: Option<u64>,
@@ -576,7 +607,13 @@ fn migrate(
         Some(o) if dev.mock_dma => Some(mock_dma_writer(&t, o, dev.dma_rate)?),
         _ => None,
     };
-    std::thread::sleep(mig.warmup);
+    // The guest's write rate over the warm-up's last half second (at most half of it).
+    let window = Duration::from_millis(500).min(mig.warmup / 2);
+    std::thread::sleep(mig.warmup - window);
+    let (t0, s0) = (Instant::now(), t.monitor.steps());
+    std::thread::sleep(window);
+    let write_rate = (t.monitor.steps().iter().sum::<u64>() - s0.iter().sum::<u64>()) as f64
+        / t0.elapsed().as_secs_f64().max(1e-9);
     if mig.x_guest_shutdown {
         t.monitor.command_all(livemig_kvm::guest::command::SHUTDOWN);
         let end = std::time::Instant::now() + Duration::from_secs(10);
@@ -627,7 +664,18 @@ fn migrate(
     let cpu0 = process_cpu_us();
     let fds_before = livemig_host::open_fds().map_err(|e| anyhow::anyhow!("{e}"))?;
     let conn = crate::secure::dial(to, sec)?;
-    let r = source.migrate_channels(conn, &mut crate::net::page_channels(to, 0, sec));
+    // `--max-bandwidth`: the main connection paced to it, the page channels to their share.
+    let bw = mig.max_bandwidth;
+    let conn = crate::secure::Conn {
+        data: Box::new(livemig::link::Paced::new(
+            conn.data,
+            bw,
+            livemig::link::Cut::new(),
+        )),
+        ..conn
+    };
+    let page_bw = bw / u64::from(mig.channels);
+    let r = source.migrate_channels(conn, &mut crate::net::page_channels(to, page_bw, sec));
     let cpu_us = process_cpu_us() - cpu0;
     pb.finish_and_clear();
     let report = match r {
@@ -727,6 +775,7 @@ fn migrate(
         paused: mig.paused,
         ring_full_exits: t.vm.ring_full_exits(),
         steps_at_stop: t.monitor.steps(),
+        write_rate_before: write_rate as u64,
         vcpus_paused_at_ns: t.vm.engine_paused_at_ns(),
         report,
     };
@@ -839,7 +888,12 @@ fn demo(vm: &VmArgs, mig: &VmMigArgs, json: bool, fallback: fn(bool) -> Result<(
 /// (`livemig simulate` with its defaults, which `main` passes).
 pub fn main(cmd: VmCmd, fallback: fn(bool) -> Result<()>) -> Result<()> {
     match cmd {
-        VmCmd::Run { vm, time, json } => run(&vm, time, json),
+        VmCmd::Run {
+            vm,
+            time,
+            throttle,
+            json,
+        } => run(&vm, time, throttle, json),
         VmCmd::Incoming {
             listen,
             vm,

@@ -14,6 +14,9 @@
  *                      device, e.g. QEMU), the u32 at MAILBOX + 4 * cpu in guest RAM: a
  *                      nonzero value is the command, and the guest clears it on taking it
  *                      (a host writes it through the VMM's mapping of guest RAM)
+ *   steps              every POLL_EVERY pages each vCPU stores its step count (u64) at
+ *                      STEPS + 8 * cpu, for a host that reads guest RAM (the write rate
+ *                      under another VMM)
  *
  * With `uart=PORT` on the command line, vCPU 0 also owns a 16550-style UART at that port base
  * (the VMM forwards the eight ports to an assigned device's I/O BAR, e.g. an mtty): at its
@@ -52,6 +55,7 @@ enum { CMD_NONE = 0, CMD_VERIFY = 1, CMD_HALT = 2, CMD_PASS = 3, CMD_FAULT = 4, 
 static volatile u32 shutdown_requested;
 
 #define MAILBOX 0x6000u
+#define STEPS (MAILBOX + 0x100u)
 
 #define PROGRESS_EVERY 1024u
 #define POLL_EVERY 64u
@@ -419,6 +423,8 @@ static void step(struct cpu_state *s, u32 *w)
             console_unlock();
         }
     }
+    if (((u32)s->steps % POLL_EVERY) == 0)
+        *(volatile u64 *)(uptr)(STEPS + 8u * s->cpu) = s->steps;
     if (((u32)s->steps % PROGRESS_EVERY) == 0) {
         w[0] = (u32)s->steps;
         w[1] = (u32)(s->steps >> 32);
