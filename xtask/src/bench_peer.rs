@@ -1351,7 +1351,10 @@ impl Ctx<'_> {
             q.execute("migrate_cancel", json!({}))?;
             let end = Instant::now() + Duration::from_secs(30);
             while q.execute("query-migrate", json!({}))?["status"] != json!("cancelled") {
-                ensure!(Instant::now() < end, "QEMU's migration did not cancel within 30 s");
+                ensure!(
+                    Instant::now() < end,
+                    "QEMU's migration did not cancel within 30 s"
+                );
                 std::thread::sleep(Duration::from_millis(20));
             }
             Ok(())
@@ -1370,7 +1373,10 @@ impl Ctx<'_> {
         let a = qemu_steps(&mut q, qemu.pid())?;
         std::thread::sleep(window);
         let free = steps_rate(a, qemu_steps(&mut q, qemu.pid())?);
-        ensure!(at(&mut q)? == 0, "QEMU throttled a migration without auto-converge");
+        ensure!(
+            at(&mut q)? == 0,
+            "QEMU throttled a migration without auto-converge"
+        );
         cancel(&mut q)?;
         q.execute(
             "migrate-set-capabilities",

@@ -533,7 +533,10 @@ fn migrate(
             }
         });
         let conn = crate::secure::dial(to, sec)?;
-        let result = source.migrate_channels(conn, &mut crate::net::page_channels(to, 0, sec));
+        let result = source.migrate_channels(
+            conn,
+            &mut crate::net::page_channels(to, 0, &livemig::link::Unpace::new(), sec),
+        );
         let writes_then = workload.writes();
         out.cpu_writes = writes_then;
         match result {

@@ -173,7 +173,7 @@ fn simulate(sim: &SimArgs, mig: &MigArgs, link: LinkConfig, json: bool) -> Resul
     let (host, dhost) = (src.host.clone(), dst.host.clone());
     let mut source = Source::new(src.platform, cfg);
     let mut dest = Destination::new(dst.platform);
-    let pb = progress(json, &mut source);
+    let pb = progress(json, &mut source, |_| {});
     if !json {
         eprintln!(
             "simulating: {} IOMMU model, {} GiB RAM ({} MiB populated), {} QM VF(s), {} logging device(s), link {:.2} Gbit/s {:?}",
@@ -280,7 +280,7 @@ fn migrate(
     let src = sim::source(&spec, cfg.precopy).map_err(anyhow::Error::msg)?;
     let host = src.host.clone();
     let mut source = Source::new(src.platform, cfg);
-    let pb = progress(json, &mut source);
+    let pb = progress(json, &mut source, |_| {});
     let conn = secure::dial(to, sec)?;
     std::thread::sleep(Duration::from_millis(200));
     let page_bw = bandwidth / u64::from(mig.channels);
@@ -288,7 +288,9 @@ fn migrate(
         data: Box::new(Paced::new(conn.data, bandwidth, Cut::new())),
         ..conn
     };
-    let r = source.migrate_channels(main, &mut page_channels(to, page_bw, sec));
+    // The pacing emulates a slower network: it holds through the switchover too.
+    let keep = livemig::link::Unpace::new();
+    let r = source.migrate_channels(main, &mut page_channels(to, page_bw, &keep, sec));
     pb.finish_and_clear();
     drop(src.workload);
     let report = r.map_err(|e| {

@@ -7,22 +7,25 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use livemig::engine::Destination;
-use livemig::link::{Cut, DataSink, Paced};
+use livemig::link::{Cut, DataSink, Paced, Unpace};
 use livemig::transport::Abort;
 
 use crate::secure;
 
-/// Opens page channel connections to `to` (each paced to `bandwidth`, 0 for none, and secured
-/// as `sec` says), for [`Source::migrate_channels`](livemig::engine::Source::migrate_channels).
+/// Opens page channel connections to `to` (each paced to `bandwidth`, 0 for none, until
+/// `unpace` is thrown, and secured as `sec` says), for
+/// [`Source::migrate_channels`](livemig::engine::Source::migrate_channels).
 pub(crate) fn page_channels<'a>(
     to: &'a str,
     bandwidth: u64,
+    unpace: &'a Unpace,
     sec: &'a secure::Security,
 ) -> impl FnMut(u32) -> std::io::Result<(Box<dyn DataSink>, Abort)> + 'a {
     move |_index| {
         let c = secure::dial(to, sec).map_err(std::io::Error::other)?;
         Ok((
-            Box::new(Paced::new(c.data, bandwidth, Cut::new())) as Box<dyn DataSink>,
+            Box::new(Paced::new(c.data, bandwidth, Cut::new()).unpaced_by(unpace.clone()))
+                as Box<dyn DataSink>,
             c.abort,
         ))
     }

@@ -37,11 +37,19 @@ impl Drop for LiveBar {
     }
 }
 
-pub(crate) fn progress(quiet: bool, source: &mut Source) -> LiveBar {
+/// The live progress display of `source` (hidden when `quiet` or stderr is no terminal);
+/// `also` sees every engine event as well (the VMM's own reactions, e.g. lifting a bandwidth
+/// cap at stop-and-copy).
+pub(crate) fn progress(
+    quiet: bool,
+    source: &mut Source,
+    mut also: impl FnMut(&Event<'_>) + Send + 'static,
+) -> LiveBar {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
     let stop = Arc::new(AtomicBool::new(false));
     if quiet || !std::io::stderr().is_terminal() {
+        source.on_event(also);
         return LiveBar {
             pb: ProgressBar::hidden(),
             stop,
@@ -57,7 +65,9 @@ pub(crate) fn progress(quiet: bool, source: &mut Source) -> LiveBar {
     );
     let phase = Arc::new(Mutex::new(String::from("starting")));
     let (p, bar) = (Arc::clone(&phase), pb.clone());
-    source.on_event(move |e| match e {
+    source.on_event(move |e| {
+        also(e);
+        match e {
         Event::Phase(ph) => *p.lock().unwrap_or_else(|e| e.into_inner()) = ph.to_string(),
         Event::Round(r) => bar.println(format!(
             "round {:>3}: {:>8} dirty, {:>8} pages, {:>6} zero, {:>9} device bytes, {:>6.1} MiB, {:>6.1} ms",
@@ -69,6 +79,7 @@ pub(crate) fn progress(quiet: bool, source: &mut Source) -> LiveBar {
             r.bytes as f64 / 1048576.0,
             r.elapsed_us as f64 / 1e3
         )),
+        }
     });
     let view = source.progress_view();
     let (bar, halt) = (pb.clone(), Arc::clone(&stop));

@@ -660,22 +660,32 @@ fn migrate(
         });
     }
     let mut source = Source::new(sp, mig.config());
-    let pb = crate::report::progress(json, &mut source);
+    // `--max-bandwidth` holds while the VM runs; with the VM stopped the rest goes unpaced,
+    // as QEMU lifts max-bandwidth at its switchover (see `livemig::link::Unpace`).
+    let unpace = livemig::link::Unpace::new();
+    let lift = unpace.clone();
+    let pb = crate::report::progress(json, &mut source, move |e| {
+        if matches!(e, livemig::engine::Event::Phase(livemig::Phase::StopCopy)) {
+            lift.lift();
+        }
+    });
     let cpu0 = process_cpu_us();
     let fds_before = livemig_host::open_fds().map_err(|e| anyhow::anyhow!("{e}"))?;
     let conn = crate::secure::dial(to, sec)?;
     // `--max-bandwidth`: the main connection paced to it, the page channels to their share.
     let bw = mig.max_bandwidth;
     let conn = crate::secure::Conn {
-        data: Box::new(livemig::link::Paced::new(
-            conn.data,
-            bw,
-            livemig::link::Cut::new(),
-        )),
+        data: Box::new(
+            livemig::link::Paced::new(conn.data, bw, livemig::link::Cut::new())
+                .unpaced_by(unpace.clone()),
+        ),
         ..conn
     };
     let page_bw = bw / u64::from(mig.channels);
-    let r = source.migrate_channels(conn, &mut crate::net::page_channels(to, page_bw, sec));
+    let r = source.migrate_channels(
+        conn,
+        &mut crate::net::page_channels(to, page_bw, &unpace, sec),
+    );
     let cpu_us = process_cpu_us() - cpu0;
     pb.finish_and_clear();
     let report = match r {

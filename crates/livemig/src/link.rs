@@ -44,6 +44,32 @@ impl Cut {
     }
 }
 
+/// A switch that lifts the pacing of [`Paced`] links when thrown; clones share it.
+///
+/// A bandwidth cap set as policy (QEMU's `max-bandwidth`) protects the network while the VM
+/// runs; once the VM is stopped for the switchover, the downtime is the only cost, and QEMU
+/// sends the rest unlimited (`migration_completion_precopy` sets `RATE_LIMIT_DISABLED` after
+/// stopping the VM, QEMU 10.0 `migration/migration.c`). A VMM throws this when the source's
+/// engine enters [`Phase::StopCopy`](crate::Phase::StopCopy). A link paced to emulate a slower
+/// network keeps an unthrown one.
+#[derive(Debug, Clone, Default)]
+pub struct Unpace(Arc<AtomicBool>);
+
+impl Unpace {
+    /// A switch not thrown.
+    pub fn new() -> Unpace {
+        Unpace::default()
+    }
+    /// Lifts the pacing of every link using this switch.
+    pub fn lift(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    /// Whether it was thrown.
+    pub fn is_lifted(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
 fn dropped() -> io::Error {
     io::Error::new(io::ErrorKind::ConnectionReset, "link dropped")
 }
@@ -268,6 +294,7 @@ pub struct Paced<W> {
     inner: W,
     pacer: Pacer,
     cut: Cut,
+    unpace: Unpace,
 }
 
 impl<W: DataSink> Paced<W> {
@@ -277,7 +304,14 @@ impl<W: DataSink> Paced<W> {
             inner,
             pacer: Pacer::new(bandwidth),
             cut,
+            unpace: Unpace::new(),
         }
+    }
+
+    /// The same link, unpaced from the moment `unpace` is thrown (see [`Unpace`]).
+    pub fn unpaced_by(mut self, unpace: Unpace) -> Paced<W> {
+        self.unpace = unpace;
+        self
     }
 }
 
@@ -287,7 +321,9 @@ impl<W: DataSink> Write for Paced<W> {
             return Err(io::Error::new(io::ErrorKind::BrokenPipe, "link dropped"));
         }
         let n = buf.len().min(BURST);
-        self.pacer.pace(n);
+        if !self.unpace.is_lifted() {
+            self.pacer.pace(n);
+        }
         self.inner.write(&buf[..n])
     }
 
@@ -340,6 +376,30 @@ pub use crate::transport::DataSink;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lifted_unpace_ends_the_pacing_and_an_unthrown_one_keeps_it() {
+        // 256 KiB at 1 MiB/s: a quarter second paced; the same bytes after the lift go at
+        // once (the pacer's slack lets the first 64 KiB burst through either way).
+        let data = vec![7u8; 256 << 10];
+        let unpace = Unpace::new();
+        let mut paced = Paced::new(Vec::new(), 1 << 20, Cut::new()).unpaced_by(unpace.clone());
+        let t = Instant::now();
+        paced.write_all(&data).unwrap();
+        let held = t.elapsed();
+        assert!(held >= Duration::from_millis(150), "paced: {held:?}");
+        unpace.lift();
+        assert!(unpace.is_lifted());
+        let t = Instant::now();
+        paced.write_all(&data).unwrap();
+        paced.write_all(&data).unwrap();
+        let free = t.elapsed();
+        assert!(
+            free < held,
+            "512 KiB after the lift took {free:?}, 256 KiB before it {held:?}"
+        );
+        assert_eq!(paced.inner.len(), 3 * data.len());
+    }
 
     #[test]
     fn pipe_delivers_in_order_with_latency_and_bandwidth() {
