@@ -2001,6 +2001,8 @@ struct CaseResult {
     bound: Option<Vec<Bound>>,
     /// Connections that carry pages (the lower bound's count).
     channels: u32,
+    /// A repetition failed (see `Ctx::failures`); the case has fewer runs.
+    failed: bool,
 }
 
 /// The Markdown table of one case.
@@ -2252,13 +2254,13 @@ pub fn bench_peer(o: &Options) -> Result<()> {
         failures: Vec::new(),
     };
     // A running case's workload under QEMU: the same image, the same rate in TSC ticks.
-    let append = |rate: u64| -> Result<String> {
+    let append = |rate: u64, pages: u32| -> Result<String> {
         let o2 = Command::new(&livemig)
             .args(["vm", "image", "-o"])
             .arg(&guest_image)
             .arg("--print-append")
             .arg(format!("--vcpus={}", o.running_vcpus))
-            .arg(format!("--pages={}", o.running_pages))
+            .arg(format!("--pages={pages}"))
             .arg(format!("--rate={rate}"))
             .output()
             .context("running livemig vm image")?;
@@ -2358,6 +2360,7 @@ pub fn bench_peer(o: &Options) -> Result<()> {
             runs: BTreeMap::new(),
             bound: Some(Vec::new()),
             channels: livemig_ch,
+            failed: false,
         };
         for rep in 0..o.reps {
             // Reading the image for its digest also puts it in the page cache, where every
@@ -2384,7 +2387,9 @@ pub fn bench_peer(o: &Options) -> Result<()> {
             if let Some(v) = r.bound.as_mut() {
                 v.push(b);
             }
-            run_sides(&mut ctx, &mut r, &sides, rep)?;
+            if !try_sides(&mut ctx, &mut r, &sides, rep) {
+                break;
+            }
         }
         results.push(r);
         if !o.keep {
@@ -2421,7 +2426,7 @@ pub fn bench_peer(o: &Options) -> Result<()> {
                 bound_bps,
                 rate,
                 cap: None,
-                append: append(rate)?,
+                append: append(rate, o.running_pages)?,
             };
             let case = Case {
                 name: format!(
@@ -2440,23 +2445,32 @@ pub fn bench_peer(o: &Options) -> Result<()> {
                 runs: BTreeMap::new(),
                 bound: None,
                 channels: livemig_ch,
+                failed: false,
             };
             for rep in 0..o.reps {
-                run_sides(&mut ctx, &mut r, &sides, rep)?;
+                if !try_sides(&mut ctx, &mut r, &sides, rep) {
+                    break;
+                }
             }
             results.push(r);
         }
     }
     if kvm && let Some(cap) = o.capped_link {
+        // Working sets just above what the link moves within the downtime limit (10% more),
+        // so that only the throttle lets the migration converge; a larger set never would
+        // (at 100 MB/s a round over 512 MiB takes 5 s, in which even a guest held at 99%
+        // dirties more than the limit allows).
+        let budget = cap * o.downtime_ms / 1000;
+        let pages = (budget * 11 / 10 / 4096 / u64::from(o.running_vcpus)).max(1) as u32;
         let run = Run {
             mem: o.running_mem,
             vcpus: o.running_vcpus,
-            pages: o.running_pages,
+            pages,
             pct: 0,
             bound_bps: 0,
             rate: 0,
             cap: Some(cap),
-            append: append(0)?,
+            append: append(0, pages)?,
         };
         let mut r = CaseResult {
             case: Case {
@@ -2473,17 +2487,20 @@ pub fn bench_peer(o: &Options) -> Result<()> {
             runs: BTreeMap::new(),
             bound: None,
             channels: livemig_ch,
+            failed: false,
         };
         make_room(2 * o.running_mem);
         for rep in 0..o.reps {
-            run_sides(&mut ctx, &mut r, &sides, rep)?;
+            if !try_sides(&mut ctx, &mut r, &sides, rep) {
+                break;
+            }
         }
         results.push(r);
     }
     if kvm && !o.running.is_empty() {
         notes.push(format!(
             "QEMU's guest command line (running cases, the period varying with the rate): `{}`",
-            append(u64::from(o.running_pages))?
+            append(u64::from(o.running_pages), o.running_pages)?
         ));
     }
     drop(files);
@@ -2754,7 +2771,7 @@ pub fn bench_peer(o: &Options) -> Result<()> {
 
     // Every side completed every case (each run above checked its own outcome); the outputs
     // are there.
-    for r in &results {
+    for r in results.iter().filter(|r| !r.failed) {
         for s in &sides {
             ensure!(
                 r.runs.get(s).is_some_and(|v| v.len() == o.reps as usize),
@@ -2771,7 +2788,7 @@ pub fn bench_peer(o: &Options) -> Result<()> {
     }
     ensure!(
         ctx.failures.is_empty(),
-        "{} run(s) moved bytes that did not check out (the results are in {}):\n{}",
+        "{} run(s) failed or moved bytes that did not check out (the results are in {}):\n{}",
         ctx.failures.len(),
         out.display(),
         ctx.failures.join("\n")
@@ -2785,6 +2802,20 @@ pub fn bench_peer(o: &Options) -> Result<()> {
         svg.display()
     );
     Ok(())
+}
+
+/// One repetition of a case; a failure is recorded (named, with its cause) and ends the case,
+/// the other cases still run and every result is written before the benchmark fails.
+fn try_sides(ctx: &mut Ctx<'_>, r: &mut CaseResult, sides: &[Side], rep: u32) -> bool {
+    match run_sides(ctx, r, sides, rep) {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("bench-peer: {e:#}");
+            ctx.failures.push(format!("{e:#}"));
+            r.failed = true;
+            false
+        }
+    }
 }
 
 fn run_sides(ctx: &mut Ctx<'_>, r: &mut CaseResult, sides: &[Side], rep: u32) -> Result<()> {

@@ -490,12 +490,17 @@ fn ci_rest(step: &mut Step<'_>) -> Result<()> {
         let mut o = bench_peer::parse_options(&["--smoke".into(), "--rig-binary".into()])?;
         o.out = rig::target_dir().join("bench-peer-smoke");
         bench_peer::bench_peer(&o)?;
-        // The byte check's negative control: one flipped byte in QEMU's destination fails it.
+        // The byte checks' negative control (one paused and one running case; the capped link
+        // and the throttle levels check nothing more): damaged QEMU destinations fail them.
         let mut c = bench_peer::parse_options(&[
             "--smoke".into(),
             "--rig-binary".into(),
             "--paused".into(),
             "64MiB:dense".into(),
+            "--capped-link".into(),
+            "none".into(),
+            "--throttle".into(),
+            "none".into(),
             "--x-corrupt-destination".into(),
         ])?;
         c.out = rig::target_dir().join("bench-peer-control");

@@ -7,11 +7,13 @@
  * mode (EAX = 0x2BADB002, EBX = multiboot information). _start32 builds identity page tables
  * (4 GiB in 2 MiB pages), enables long mode and continues in 64-bit code.
  *
- * livemig-kvm starts every vCPU directly in 64-bit mode at _start64 (named by the "LM64"
+ * livemig-kvm starts vCPU 0 directly in 64-bit mode at _start64 (named by the "LM64"
  * field after the header) with its own identical page tables: some hypervisors emulate
  * 32-bit guests instruction by instruction (KVM's PVM flavour, which these machines run,
  * executes only 64-bit guests natively). vCPU 0 gets EAX = 0x2BADB002 and EBX = the
- * multiboot information; the others EAX = 0x4C4D4150 ("LMAP") and EBX = their index.
+ * multiboot information. The others wait for vCPU 0's INIT-SIPI-SIPI and come through
+ * ap_tramp below (under QEMU too), or, with livemig-kvm's direct start, begin at _start64
+ * like vCPU 0 with EAX = 0x4C4D4150 ("LMAP") and EBX = their index.
  */
     .section .multiboot, "a"
     .align 4
