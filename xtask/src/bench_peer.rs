@@ -1296,7 +1296,7 @@ impl Ctx<'_> {
 
     /// QEMU's throttle: the same guest under QEMU, first unthrottled, then with auto-converge
     /// held at `pct` (initial = maximum = `pct`) by a migration that cannot converge
-    /// (`exec:cat >/dev/null` at 64 MB/s with a 1 ms downtime limit), its write rate read from
+    /// (`exec:cat >/dev/null` at 16 MB/s with a 1 ms downtime limit), its write rate read from
     /// the step count it publishes in RAM while QEMU reports the throttle at `pct`; the
     /// migration is then cancelled. (unthrottled, throttled) pages/s.
     fn qemu_throttled_rate(
@@ -1362,7 +1362,7 @@ impl Ctx<'_> {
         q.execute(
             "migrate-set-parameters",
             json!({"cpu-throttle-initial": pct, "cpu-throttle-increment": 1,
-                   "max-cpu-throttle": pct, "max-bandwidth": 64_000_000u64,
+                   "max-cpu-throttle": pct, "max-bandwidth": 16_000_000u64,
                    "downtime-limit": 1}),
         )?;
         // The unthrottled rate with the same migration running (dirty logging costs the guest
@@ -2524,8 +2524,19 @@ pub fn bench_peer(o: &Options) -> Result<()> {
         let one = String::from_utf8_lossy(&one.stdout).trim().to_string();
         let livemig_free = ctx.livemig_throttled_rate(0, window)?;
         for &pct in &o.throttle {
-            let l = ctx.livemig_throttled_rate(pct, window)?;
-            let (qfree, q) = ctx.qemu_throttled_rate(pct, window, &one)?;
+            let measured = ctx.livemig_throttled_rate(pct, window).and_then(|l| {
+                ctx.qemu_throttled_rate(pct, window, &one)
+                    .map(|(qfree, q)| (l, qfree, q))
+            });
+            let (l, qfree, q) = match measured {
+                Ok(m) => m,
+                Err(e) => {
+                    let e = format!("throttle {pct}%: {e:#}");
+                    eprintln!("bench-peer: {e}");
+                    ctx.failures.push(e);
+                    continue;
+                }
+            };
             let eff = |rate: u64, free: u64| 100.0 * (1.0 - rate as f64 / free.max(1) as f64);
             eprintln!(
                 "bench-peer: throttle {pct}%: livemig {l} pages/s of {livemig_free} ({:.0}% \
@@ -2618,9 +2629,10 @@ pub fn bench_peer(o: &Options) -> Result<()> {
         md += "\nOne vCPU writing as fast as it can (8192 pages), unthrottled and then held at \
                each level: livemig `vm run --throttle` (livemig-kvm parks the vCPUs for that \
                share of every 10 ms), QEMU through auto-converge with initial = maximum = the \
-               level during a migration that cannot converge (`exec:cat >/dev/null` at 64 MB/s), \
+               level during a migration that cannot converge (`exec:cat >/dev/null` at 16 MB/s), \
                its rate read from the step count the guest publishes in RAM while QEMU reports \
-               the level. Effective: 1 - throttled / unthrottled.\n\n";
+               the level (the unthrottled rate under the same migration without auto-converge). \
+               Effective: 1 - throttled / unthrottled.\n\n";
     }
     md += "Total: migration start to the destination holding everything (QEMU: `migrate` sent to \
            the destination's MIGRATION `completed` event; livemig: the engine's `total_us`). \
