@@ -2888,7 +2888,7 @@ fn run_sides(ctx: &mut Ctx<'_>, r: &mut CaseResult, sides: &[Side], rep: u32) ->
                 if let Some(d) = floor::compare(&want, &beyond) {
                     problems.push(format!(
                         "beyond the guest's working sets (from GPA {:#x}; the {from} pieces \
-                         below are the guest's to check) the destination's RAM is not the \
+                         below are the guest's to check) the destination's RAM differs from the \
                          source's: {d}",
                         run.guest_end()
                     ));
