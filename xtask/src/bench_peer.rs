@@ -218,6 +218,27 @@ fn size_name(b: u64) -> String {
     }
 }
 
+/// A comma-separated list of percentages (`90` or `90%`), or `none` for an empty list; an
+/// entry that does not parse or fails `ok` is refused with `bad(entry)`.
+fn percent_list<T: std::str::FromStr>(
+    v: &str,
+    ok: impl Fn(&T) -> bool,
+    bad: impl Fn(&str) -> String,
+) -> Result<Vec<T>> {
+    if v == "none" {
+        return Ok(Vec::new());
+    }
+    v.split(',')
+        .map(|p| {
+            p.trim_end_matches('%')
+                .parse()
+                .ok()
+                .filter(|n| ok(n))
+                .with_context(|| bad(p))
+        })
+        .collect()
+}
+
 /// Parses `cargo xtask bench-peer` options; every bad value is refused, named, before
 /// anything starts.
 pub fn parse_options(args: &[String]) -> Result<Options> {
@@ -264,41 +285,25 @@ pub fn parse_options(args: &[String]) -> Result<Options> {
             }
             "--running" => {
                 let v = value(&mut it, a)?;
-                o.running = if v == "none" {
-                    Vec::new()
-                } else {
-                    v.split(',')
-                        .map(|p| {
-                            p.trim_end_matches('%').parse().with_context(|| {
-                                format!(
-                                    "--running {v:?}: {p:?} is not a whole percentage of the \
-                                     lower-bound bandwidth like 90%"
-                                )
-                            })
-                        })
-                        .collect::<Result<_>>()?
-                };
+                o.running = percent_list(
+                    &v,
+                    |_| true,
+                    |p| {
+                        format!(
+                            "--running {v:?}: {p:?} is not a whole percentage of the lower-bound \
+                         bandwidth like 90%"
+                        )
+                    },
+                )?;
                 running_given = true;
             }
             "--throttle" => {
                 let v = value(&mut it, a)?;
-                o.throttle = if v == "none" {
-                    Vec::new()
-                } else {
-                    v.split(',')
-                        .map(|p| {
-                            p.trim_end_matches('%')
-                                .parse()
-                                .ok()
-                                .filter(|n| (1..=99).contains(n))
-                                .with_context(|| {
-                                    format!(
-                                        "--throttle {v:?}: {p:?} is not a percentage from 1 to 99"
-                                    )
-                                })
-                        })
-                        .collect::<Result<_>>()?
-                };
+                o.throttle = percent_list(
+                    &v,
+                    |n| (1..=99).contains(n),
+                    |p| format!("--throttle {v:?}: {p:?} is not a percentage from 1 to 99"),
+                )?;
                 throttle_given = true;
             }
             "--capped-link" => {
