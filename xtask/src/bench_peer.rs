@@ -1675,6 +1675,15 @@ impl Ctx<'_> {
     }
 }
 
+/// The host address of guest physical address `gpa` in QEMU (HMP `gpa2hva`).
+fn qemu_hva(q: &mut Qmp, gpa: u64) -> Result<u64> {
+    let a = q.execute(
+        "human-monitor-command",
+        json!({"command-line": format!("gpa2hva {gpa:#x}")}),
+    )?;
+    parse_gpa2hva(a.as_str().unwrap_or(""))
+}
+
 /// Parses HMP `gpa2hva`'s answer: "Host virtual address for 0x0 (ram) is 0x7f...".
 pub fn parse_gpa2hva(s: &str) -> Result<u64> {
     let hex = s
@@ -1696,11 +1705,7 @@ fn corrupt_qemu_ram(q: &mut Qmp, pid: i32, image: &Image) -> Result<()> {
     let gpa = run * RUN;
     let (lo, _) = q35_split(image.size);
     let gpa = if gpa < lo { gpa } else { 4 * GIB + gpa - lo };
-    let a = q.execute(
-        "human-monitor-command",
-        json!({"command-line": format!("gpa2hva {gpa:#x}")}),
-    )?;
-    let hva = parse_gpa2hva(a.as_str().unwrap_or(""))?;
+    let hva = qemu_hva(q, gpa)?;
     let mem = File::options()
         .read(true)
         .write(true)
@@ -1726,11 +1731,7 @@ fn qemu_ram_digest(q: &mut Qmp, pid: i32, size: u64) -> Result<Vec<u64>> {
         if len == 0 {
             continue;
         }
-        let a = q.execute(
-            "human-monitor-command",
-            json!({"command-line": format!("gpa2hva {gpa:#x}")}),
-        )?;
-        let hva = parse_gpa2hva(a.as_str().unwrap_or(""))?;
+        let hva = qemu_hva(q, gpa)?;
         out.extend(
             floor::digest_reader(&mem, hva, len)
                 .with_context(|| format!("QEMU's RAM at GPA {gpa:#x} (host {hva:#x})"))?,
@@ -1741,11 +1742,7 @@ fn qemu_ram_digest(q: &mut Qmp, pid: i32, size: u64) -> Result<Vec<u64>> {
 
 /// Writes `bytes` into a QEMU guest's RAM at `gpa` through `/proc/PID/mem`.
 fn qemu_write(q: &mut Qmp, pid: i32, gpa: u64, bytes: &[u8]) -> Result<()> {
-    let a = q.execute(
-        "human-monitor-command",
-        json!({"command-line": format!("gpa2hva {gpa:#x}")}),
-    )?;
-    let hva = parse_gpa2hva(a.as_str().unwrap_or(""))?;
+    let hva = qemu_hva(q, gpa)?;
     let mem = File::options()
         .write(true)
         .open(format!("/proc/{pid}/mem"))
@@ -1819,11 +1816,7 @@ fn qemu_guest_check(
 
 /// Reads `len` bytes of a QEMU guest's RAM at `gpa` through `/proc/PID/mem`.
 fn qemu_read(q: &mut Qmp, pid: i32, gpa: u64, len: usize) -> Result<Vec<u8>> {
-    let a = q.execute(
-        "human-monitor-command",
-        json!({"command-line": format!("gpa2hva {gpa:#x}")}),
-    )?;
-    let hva = parse_gpa2hva(a.as_str().unwrap_or(""))?;
+    let hva = qemu_hva(q, gpa)?;
     let mem = File::open(format!("/proc/{pid}/mem"))
         .with_context(|| format!("opening /proc/{pid}/mem"))?;
     let mut b = vec![0u8; len];
