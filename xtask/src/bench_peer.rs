@@ -2727,7 +2727,8 @@ pub fn bench_peer(o: &Options) -> Result<()> {
         })
         .collect();
     let doc = json!({"machine": m, "settings": settings, "notes": notes, "cases": raw,
-                     "refused": refused, "throttle": throttle_rows});
+                     "refused": refused, "throttle": throttle_rows,
+                     "failures": ctx.failures});
     std::fs::write(
         out.join("peer.json"),
         serde_json::to_string_pretty(&doc)? + "\n",

@@ -26,6 +26,7 @@
 
 mod apt;
 mod bench_peer;
+mod bench_readme;
 mod cpio;
 mod cycles;
 mod deps;
@@ -96,12 +97,20 @@ commands:
                                  lower bound's bandwidth, or none       [25,90,150]
               --channels N       QEMU multifd channels (livemig's too, if it has them) [2]
               --reps R           repetitions; medians are reported      [3]
+              --capped-link B    one more running case, the link paced to B bytes/s
+                                 on both, or none                       [100000000]
+              --throttle LIST    auto-converge's throttle levels to measure, % or
+                                 none                                   [20,50,80]
               --downtime MS      downtime limit for both, ms            [300]
-              --smoke            64 MiB images (25% and dense), 1 repetition, one small
-                                 running case (25%)
+              --smoke            64 MiB images (25% and dense), 1 repetition, small
+                                 running cases (25% and the capped link), throttle 50%
               --out DIR          output directory                       [target/bench-peer]
               --keep             keep the image files
               --rig-binary       use the rig's static release livemig (as the CI step does)
+  bench-readme  put one bench-peer run's peer.md into README.md (between its marker
+            lines) and its peer.svg at docs/bench/peer.svg; refuses a run with a missing
+            repetition, a failed byte check or a recorded failure
+              --from DIR         the run's output directory             [target/bench-peer]
   soak      the ping-pong soak for longer: the running KVM test VM migrated back and forth
             between two processes over TLS with a seeded fault every 3-5 migrations
             (crates/cli/tests/soak.rs, which `cargo test` runs with 50); needs /dev/kvm
@@ -167,6 +176,21 @@ fn run() -> Result<()> {
         "bench-peer" => {
             let rest: Vec<String> = it.cloned().collect();
             bench_peer::bench_peer(&bench_peer::parse_options(&rest)?)
+        }
+        "bench-readme" => {
+            let mut from = rig::target_dir().join("bench-peer");
+            while let Some(a) = it.next() {
+                match a.as_str() {
+                    "--from" => from = value(&mut it, a)?.into(),
+                    other => bail!("bench-readme: unknown option {other:?}\n\n{USAGE}"),
+                }
+            }
+            let root = rig::workspace_root();
+            bench_readme::bench_readme(
+                &from,
+                &root.join("README.md"),
+                &root.join("docs/bench/peer.svg"),
+            )
         }
         // bench-peer's lower-bound processes (not for direct use).
         "floor-send" => floor::send_main(&it.cloned().collect::<Vec<_>>()),
