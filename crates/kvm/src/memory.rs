@@ -65,9 +65,11 @@ pub struct VmMemory {
 
 /// Asks for transparent huge pages on anonymous guest RAM, as QEMU does for every RAM block it
 /// allocates (`ram_block_add` in its `system/physmem.c` advises `QEMU_MADV_HUGEPAGE`): with
-/// 4 KiB host pages every guest access to a new page costs a second-level TLB miss, and on
-/// this project's machines the test guest wrote its 256 MiB working sets 3-5x slower than
-/// under QEMU for that reason alone (`cargo xtask bench-peer`, issue 31). Advice only: a kernel
+/// 4 KiB host pages KVM's second-level (EPT/NPT) mappings are 4 KiB too, so a guest sweeping
+/// a large working set misses the TLB on every page, and on this project's machines the test
+/// guest wrote its 256 MiB working sets 4-6x slower than with THP (`vm run --rate 0`: 58,000-
+/// 85,000 pages/s per vCPU against about 360,000; `cargo xtask bench-peer`, issue 31). Advice
+/// only: a kernel
 /// without THP, or with `transparent_hugepage=never`, leaves 4 KiB pages and the VM works the
 /// same. Dirty logging still reports 4 KiB pages (KVM maps a logged slot at 4 KiB).
 fn advise_huge_pages(host: u64, len: usize) {
