@@ -1028,6 +1028,13 @@ fn deadline_for(mem: u64) -> Duration {
 }
 
 impl Ctx<'_> {
+    /// Records a failed run or check: printed now, named again when the benchmark fails after
+    /// writing every result.
+    fn fail(&mut self, e: String) {
+        eprintln!("bench-peer: {e}");
+        self.failures.push(e);
+    }
+
     /// livemig's warm-up in a running case: one pass over the working set (its first pass
     /// writes every page; at no more than 100,000 pages/s, about a third of what a vCPU of
     /// the test guest writes at most, so that a rate it cannot reach still completes the
@@ -2529,9 +2536,7 @@ pub fn bench_peer(o: &Options) -> Result<()> {
             let (l, qfree, q) = match measured {
                 Ok(m) => m,
                 Err(e) => {
-                    let e = format!("throttle {pct}%: {e:#}");
-                    eprintln!("bench-peer: {e}");
-                    ctx.failures.push(e);
+                    ctx.fail(format!("throttle {pct}%: {e:#}"));
                     continue;
                 }
             };
@@ -2821,8 +2826,7 @@ fn try_sides(ctx: &mut Ctx<'_>, r: &mut CaseResult, sides: &[Side], rep: u32) ->
     match run_sides(ctx, r, sides, rep) {
         Ok(()) => true,
         Err(e) => {
-            eprintln!("bench-peer: {e:#}");
-            ctx.failures.push(format!("{e:#}"));
+            ctx.fail(format!("{e:#}"));
             r.failed = true;
             false
         }
@@ -2900,8 +2904,7 @@ fn run_sides(ctx: &mut Ctx<'_>, r: &mut CaseResult, sides: &[Side], rep: u32) ->
                                 "source_digest": sum(want.get(from..).unwrap_or(&[])),
                                 "destination_digest": sum(got.get(from..).unwrap_or(&[]))});
             for p in problems {
-                eprintln!("bench-peer: {what}: {p}");
-                ctx.failures.push(format!("{what}: {p}"));
+                ctx.fail(format!("{what}: {p}"));
             }
         }
         if let Kind::Paused { image } = &r.case.kind {
@@ -2916,9 +2919,9 @@ fn run_sides(ctx: &mut Ctx<'_>, r: &mut CaseResult, sides: &[Side], rep: u32) ->
             m.verified = json!({"pieces_2mib": want.len(), "equal": diff.is_none(),
                                 "source_digest": sum(&want), "destination_digest": sum(&got)});
             if let Some(d) = diff {
-                let p = format!("the destination's RAM is not the source's: {d}");
-                eprintln!("bench-peer: {what}: {p}");
-                ctx.failures.push(format!("{what}: {p}"));
+                ctx.fail(format!(
+                    "{what}: the destination's RAM is not the source's: {d}"
+                ));
             }
             ensure!(
                 m.bytes >= image.nonzero_bytes,
