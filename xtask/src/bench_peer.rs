@@ -40,6 +40,10 @@
 //!   difference fails the benchmark at the end, naming every run. The lower bound's copies
 //!   are checked the same way. `--x-corrupt-destination` damages every QEMU destination
 //!   before its checks (the CI control: each must fail).
+//! * **one host**: after each QEMU run the source must be `postmigrate` and the destination
+//!   running (a running case) or not (a paused case); livemig's source exits on handover.
+//!   `--x-resume-source` resumes every QEMU source of a running case (`cont`) before that
+//!   check (the CI control: each must fail).
 //! * **memory copy**: one thread's `memcpy` bandwidth into touched and into fresh memory.
 //!
 //! The image: the first 32 MiB stay zero (the test guest's code, tables, logs and working set,
@@ -158,6 +162,10 @@ pub struct Options {
     /// vCPU 0 log (the guest's own check) and a page no guest writes (the digest); every such
     /// run must fail, and the benchmark fails naming each.
     pub x_corrupt_destination: bool,
+    /// Negative control of the one-host check: every QEMU source of a running case is resumed
+    /// (`cont`) after its migration completed, so the guest runs on both sides; every such run
+    /// must fail.
+    pub x_resume_source: bool,
     /// Use the static release `livemig` the rig builds (CI, after the rig step) instead of
     /// `cargo build --release -p livemig-cli`.
     pub rig_binary: bool,
@@ -186,6 +194,7 @@ impl Options {
             capped_link: Some(100_000_000),
             rig_binary: false,
             x_corrupt_destination: false,
+            x_resume_source: false,
         }
     }
 }
@@ -326,6 +335,7 @@ pub fn parse_options(args: &[String]) -> Result<Options> {
             "--keep" => o.keep = true,
             "--rig-binary" => o.rig_binary = true,
             "--x-corrupt-destination" => o.x_corrupt_destination = true,
+            "--x-resume-source" => o.x_resume_source = true,
             other => bail!("bench-peer: unknown option {other:?}\n\n{}", crate::USAGE),
         }
     }
@@ -1000,6 +1010,9 @@ struct Measured {
     max_throttle: Option<u64>,
     /// The comparison with the source's RAM (filled in by `run_sides`).
     verified: Value,
+    /// Where the guest ran after the migration when that was not on the destination alone
+    /// (QEMU's run states; livemig's source exits once the destination has its guest).
+    two_hosts: Option<String>,
 }
 
 struct Ctx<'a> {
@@ -1265,6 +1278,7 @@ impl Ctx<'_> {
                     .unwrap_or(0)
             }),
             verified: Value::Null,
+            two_hosts: None,
         })
     }
 
@@ -1624,6 +1638,24 @@ impl Ctx<'_> {
         timeline.retain(|p| p.0 < total_us);
         timeline.push((total_us, bytes));
         let status = d.execute("query-status", json!({}))?;
+        if running && self.o.x_resume_source {
+            s.execute("cont", json!({}))?;
+        }
+        let src_status = s.execute("query-status", json!({}))?;
+        // One host runs the guest: the source has handed over (`postmigrate`), the destination
+        // runs a running case's guest and holds a paused case's as its source did.
+        let (src_state, dst_state) = (
+            src_status["status"].as_str().unwrap_or(""),
+            status["status"].as_str().unwrap_or(""),
+        );
+        let two_hosts =
+            (src_state != "postmigrate" || (dst_state == "running") != running).then(|| {
+                format!(
+                    "QEMU's guest after the migration: the source is {src_state:?} (postmigrate \
+                     is due), the destination {dst_state:?} ({} is due)",
+                    if running { "running" } else { "not running" }
+                )
+            });
         let (src_life, dst_life) = (proc_cpu_us(src.pid())?, proc_cpu_us(dst.pid())?);
         // The destination stays paused (its source never ran): its RAM, read through
         // /proc/PID/mem at the host addresses its monitor gives, is what it received.
@@ -1666,6 +1698,7 @@ impl Ctx<'_> {
                 "query_migrate": last,
                 "dirty_pages_rate": dirty_rate,
                 "destination_status": status,
+                "source_status": src_status,
                 "source_process_cpu_us": src_life,
                 "destination_process_cpu_us": dst_life,
                 "events_source": s.events.iter().map(|e| json!([e.name, e.timestamp_us, e.data])).collect::<Vec<_>>(),
@@ -1678,6 +1711,7 @@ impl Ctx<'_> {
             dirty_rate: dirty_rate.as_u64().filter(|&r| running && r > 0),
             max_throttle: running.then_some(max_throttle),
             verified: Value::Null,
+            two_hosts,
         })
     }
 }
@@ -2855,6 +2889,9 @@ fn run_sides(ctx: &mut Ctx<'_>, r: &mut CaseResult, sides: &[Side], rep: u32) ->
             )
         };
         let what = format!("{}: {} (rep {})", r.case.name, side.label(), rep + 1);
+        if let Some(e) = m.two_hosts.take() {
+            ctx.fail(format!("{what}: {e}"));
+        }
         if let Kind::Running(run) = &r.case.kind {
             // Every byte, in two parts: below the end of the working sets the guest writes
             // all the time (its image, logs, state and working sets), and its own check of

@@ -546,12 +546,46 @@ fn ci_rest(step: &mut Step<'_>) -> Result<()> {
                 ];
                 if want.iter().all(|w| runs(w) == 2) && runs(": livemig (rep") == 0 {
                     eprintln!("bench-peer control: failed as it must: {msg}");
-                    Ok(())
                 } else {
-                    Err(e.context(format!(
+                    return Err(e.context(format!(
                         "bench-peer's control did not fail as it must (each of {want:?} for \
                          both QEMU sides, none for livemig)"
-                    )))
+                    )));
+                }
+            }
+        }
+        // The one-host check's negative control: each QEMU source resumed after handing its
+        // running guest over must fail the run (both QEMU sides), livemig's runs pass.
+        let mut c = bench_peer::parse_options(&[
+            "--smoke".into(),
+            "--rig-binary".into(),
+            "--paused".into(),
+            "64MiB:dense".into(),
+            "--capped-link".into(),
+            "none".into(),
+            "--throttle".into(),
+            "none".into(),
+            "--x-resume-source".into(),
+        ])?;
+        c.out = rig::target_dir().join("bench-peer-control-one-host");
+        match bench_peer::bench_peer(&c) {
+            Ok(()) => anyhow::bail!(
+                "bench-peer with QEMU's source resumed after the migration passed: the one-host \
+                 check checks nothing"
+            ),
+            Err(e) => {
+                let msg = format!("{e:#}");
+                let runs = |what: &str| msg.lines().filter(|l| l.contains(what)).count();
+                if runs("the source is \"running\" (postmigrate is due)") == 2
+                    && runs(": livemig (rep") == 0
+                {
+                    eprintln!("bench-peer one-host control: failed as it must: {msg}");
+                    Ok(())
+                } else {
+                    Err(e.context(
+                        "bench-peer's one-host control did not fail as it must (a resumed \
+                         source for both QEMU sides, none for livemig)",
+                    ))
                 }
             }
         }
