@@ -43,7 +43,7 @@
 //! * **one host**: after each QEMU run the source must be `postmigrate` and the destination
 //!   running (a running case) or not (a paused case); livemig's source exits on handover.
 //!   `--x-resume-source` resumes every QEMU source of a running case (`cont`) before that
-//!   check (the CI control: each must fail).
+//!   check (CI's control run sets it with `--x-corrupt-destination`: each must fail).
 //! * **memory copy**: one thread's `memcpy` bandwidth into touched and into fresh memory.
 //!
 //! The image: the first 32 MiB stay zero (the test guest's code, tables, logs and working set,
