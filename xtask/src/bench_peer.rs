@@ -2665,8 +2665,9 @@ pub fn bench_peer(o: &Options) -> Result<()> {
         }
         md += "\nOne vCPU writing as fast as it can (8192 pages), unthrottled and then held at \
                each level: livemig `vm run --throttle` (livemig-kvm parks the vCPUs for that \
-               share of the time, in periods of about 10 ms of running), QEMU through auto-converge with initial = maximum = the \
-               level during a migration that cannot converge (`exec:cat >/dev/null` at 16 MB/s), \
+               share of the time, in periods of about 10 ms of running), QEMU through \
+               auto-converge with initial = maximum = the level during a migration that cannot \
+               converge (`exec:cat >/dev/null` at 16 MB/s), \
                its rate read from the step count the guest publishes in RAM while QEMU reports \
                the level (the unthrottled rate under the same migration without auto-converge). \
                Effective: 1 - throttled / unthrottled.\n\n";

@@ -990,7 +990,14 @@ fn throttle_loop(s: &Shared) {
         // the request).
         let parked = s.parked_by(asked + SLICE).unwrap_or(asked);
         let ran = parked.saturating_duration_since(since);
-        sleep_until(parked + (ran * pct / (100 - pct)).min(MAX_PARK));
+        // In slices, so that an exit or a throttle set to 0 ends a long park within 10 ms.
+        let until = parked + (ran * pct / (100 - pct)).min(MAX_PARK);
+        while Instant::now() < until
+            && s.park().reasons & pause::EXIT == 0
+            && s.throttle.load(Ordering::SeqCst) != 0
+        {
+            sleep_until(until.min(Instant::now() + SLICE));
+        }
         s.unpause(pause::THROTTLE);
         running_since = Some(Instant::now());
     }
