@@ -69,9 +69,8 @@ pub struct VmMemory {
 /// a large working set misses the TLB on every page, and on this project's machines the test
 /// guest wrote its 256 MiB working sets 4-6x slower than with THP (`vm run --rate 0`: 58,000-
 /// 85,000 pages/s per vCPU against about 360,000; `cargo xtask bench-peer`, issue 31). Advice
-/// only: a kernel
-/// without THP, or with `transparent_hugepage=never`, leaves 4 KiB pages and the VM works the
-/// same. Dirty logging still reports 4 KiB pages (KVM maps a logged slot at 4 KiB).
+/// only: a kernel without THP, or with `transparent_hugepage=never`, leaves 4 KiB pages and the
+/// VM works the same. Dirty logging still reports 4 KiB pages (KVM maps a logged slot at 4 KiB).
 fn advise_huge_pages(host: u64, len: usize) {
     // SAFETY: madvise on a mapping this object just created and owns; MADV_HUGEPAGE changes
     // only how the kernel backs it, never its contents.

@@ -260,23 +260,19 @@ impl Shared {
             kick(v);
         }
         if wait {
-            let mut g = self.park();
-            while !g.parked.iter().all(|&p| p) {
-                let (ng, _) = self
-                    .park_cv
-                    .wait_timeout(g, Duration::from_millis(10))
-                    .unwrap_or_else(|p| p.into_inner());
-                g = ng;
-                if !g.parked.iter().all(|&p| p) {
-                    // A kick that raced with the thread's own checks: kick again.
+            while self
+                .parked_by(Instant::now() + Duration::from_millis(10))
+                .is_none()
+            {
+                // A kick that raced with the thread's own checks: kick again.
+                {
+                    let _g = self.park();
                     for v in &self.vcpus {
                         v.immediate_exit().store(1, Ordering::SeqCst);
                     }
-                    drop(g);
-                    for v in &self.vcpus {
-                        kick(v);
-                    }
-                    g = self.park();
+                }
+                for v in &self.vcpus {
+                    kick(v);
                 }
             }
         }
